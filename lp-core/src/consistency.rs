@@ -1,0 +1,1 @@
+//! TODO: consistency (being written).

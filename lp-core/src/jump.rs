@@ -1,0 +1,1 @@
+//! TODO: jump (being written).

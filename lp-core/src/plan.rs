@@ -1,0 +1,1 @@
+//! TODO: plan (being written).

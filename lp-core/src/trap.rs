@@ -1,0 +1,1 @@
+//! TODO: trap (being written).

@@ -1,0 +1,1 @@
+//! Python bindings for livepatch; built by maturin with the `python` feature.

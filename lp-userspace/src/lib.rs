@@ -1,0 +1,1 @@
+//! livepatch's userspace adapter: patches running processes through ptrace.
