@@ -1,1 +1,3 @@
 //! livepatch's userspace adapter: patches running processes through ptrace.
+
+pub mod process;

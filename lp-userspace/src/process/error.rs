@@ -1,0 +1,80 @@
+//! Errors of process control. Each one names the process/thread and the problem in one line.
+
+use std::io;
+
+/// What can go wrong while controlling a target process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The PID does not name a running process.
+    #[error("process {0} does not exist")]
+    NoSuchProcess(i32),
+    /// The kernel refused to let us trace or read the process.
+    #[error("no permission to trace process {0} (needs root or CAP_SYS_PTRACE; see /proc/sys/kernel/yama/ptrace_scope)")]
+    Permission(i32),
+    /// Every thread of the target went away while we worked on it.
+    #[error("process {0} exited while being patched")]
+    Exited(i32),
+    /// A ptrace request failed for another reason.
+    #[error("ptrace {op} on thread {tid} failed: {err}")]
+    Ptrace {
+        /// The request (e.g. "SEIZE").
+        op: &'static str,
+        /// The thread.
+        tid: i32,
+        /// The OS error.
+        err: io::Error,
+    },
+    /// Reading or writing the target's memory failed.
+    #[error("cannot {op} {len} bytes at {addr:#x} in process {pid}: {err}")]
+    Memory {
+        /// "read" or "write".
+        op: &'static str,
+        /// The process.
+        pid: i32,
+        /// Start address.
+        addr: u64,
+        /// Length of the access.
+        len: usize,
+        /// The OS error.
+        err: io::Error,
+    },
+    /// A system call run inside the target returned an error.
+    #[error("{name} inside process {pid} failed: {err}")]
+    RemoteSyscall {
+        /// The system call's name.
+        name: &'static str,
+        /// The process.
+        pid: i32,
+        /// The errno the target got.
+        err: io::Error,
+    },
+    /// No `syscall` instruction could be found in the target's executable mappings.
+    #[error("no syscall instruction found in process {0}'s code")]
+    NoSyscallInstruction(i32),
+    /// A thread did not stop where we expected it to.
+    #[error("thread {tid} of process {pid}: {what}")]
+    Unexpected {
+        /// The process.
+        pid: i32,
+        /// The thread.
+        tid: i32,
+        /// What happened instead.
+        what: String,
+    },
+}
+
+impl ProcessError {
+    /// Maps a ptrace failure to the error a user understands.
+    pub(crate) fn from_ptrace(op: &'static str, pid: i32, tid: i32, err: io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::EPERM) => ProcessError::Permission(pid),
+            Some(libc::ESRCH) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                ProcessError::NoSuchProcess(pid)
+            }
+            _ => ProcessError::Ptrace { op, tid, err },
+        }
+    }
+}
+
+/// Result alias of process control.
+pub type Result<T> = std::result::Result<T, ProcessError>;

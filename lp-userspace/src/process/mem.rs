@@ -1,0 +1,72 @@
+//! The target's memory through `/proc/PID/mem`: the kernel writes with FOLL_FORCE, so code pages
+//! that are never writable (W^X targets) can be patched without mprotect.
+
+use super::error::{ProcessError, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+/// An open handle on a process's address space.
+#[derive(Debug)]
+pub struct Memory {
+    pid: i32,
+    file: File,
+}
+
+impl Memory {
+    /// Opens `/proc/PID/mem` for reading and writing.
+    pub fn open(pid: i32) -> Result<Memory> {
+        let path = format!("/proc/{pid}/mem");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ESRCH) => ProcessError::NoSuchProcess(pid),
+                Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::Permission(pid),
+                _ => ProcessError::Memory {
+                    op: "open",
+                    pid,
+                    addr: 0,
+                    len: 0,
+                    err,
+                },
+            })?;
+        Ok(Memory { pid, file })
+    }
+
+    /// Fills `buf` from the target's address `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, addr).map_err(|err| ProcessError::Memory {
+            op: "read",
+            pid: self.pid,
+            addr,
+            len: buf.len(),
+            err,
+        })
+    }
+
+    /// Reads `len` bytes at `addr`.
+    pub fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.read(addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads a little-endian u64 at `addr`.
+    pub fn read_u64(&self, addr: u64) -> Result<u64> {
+        let mut b = [0; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes `bytes` at the target's address `addr` (also on read-only code pages).
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, addr).map_err(|err| ProcessError::Memory {
+            op: "write",
+            pid: self.pid,
+            addr,
+            len: bytes.len(),
+            err,
+        })
+    }
+}

@@ -1,0 +1,560 @@
+//! Process control: seize every thread of a target, stop them all at one synchronization
+//! point, read and write their registers and the target's memory, run system calls inside the
+//! target, and detach leaving every thread running as it was.
+//!
+//! The target is never stopped by [`Tracee::attach`]: threads are seized (traced without a
+//! stop) so that allocation and other slow preparation can borrow one thread at a time, and the
+//! whole-process stop ([`Tracee::stop_all`]) lasts only as long as the switch itself.
+
+mod error;
+mod gaps;
+mod mem;
+pub mod ptrace;
+mod syscall;
+
+pub use error::{ProcessError, Result};
+pub use gaps::find_free_near;
+pub use mem::Memory;
+pub use ptrace::Regs;
+
+use ptrace::WaitStatus;
+use std::collections::BTreeMap;
+use std::io;
+
+/// Decides what to do with a thread that stopped on an `int3` at `addr` (the address of the
+/// int3 byte): `Some(new_rip)` to send it there, `None` when the trap is not ours.
+pub type TrapHook = Box<dyn FnMut(u64) -> Option<u64>>;
+
+#[derive(Debug, Default)]
+struct Thread {
+    stopped: bool,
+    /// Signals that arrived while we had the thread busy; delivered when we let it go.
+    deferred: Vec<i32>,
+}
+
+/// A traced process.
+pub struct Tracee {
+    pid: i32,
+    mem: Memory,
+    threads: BTreeMap<i32, Thread>,
+    syscall_insn: Option<u64>,
+    trap_hook: Option<TrapHook>,
+    /// Number of int3 traps redirected by the hook (for reporting).
+    pub traps_handled: usize,
+    detached: bool,
+}
+
+impl std::fmt::Debug for Tracee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracee")
+            .field("pid", &self.pid)
+            .field("threads", &self.threads.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Memory protection / mapping flags re-exported for callers of [`Tracee::mmap`].
+pub mod prot {
+    /// PROT_READ
+    pub const READ: u64 = libc::PROT_READ as u64;
+    /// PROT_WRITE
+    pub const WRITE: u64 = libc::PROT_WRITE as u64;
+    /// PROT_EXEC
+    pub const EXEC: u64 = libc::PROT_EXEC as u64;
+}
+
+fn list_tasks(pid: i32) -> Result<Vec<i32>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|err| {
+        match err.raw_os_error() {
+            Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::Permission(pid),
+            _ => ProcessError::NoSuchProcess(pid),
+        }
+    })?;
+    let mut tids: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    Ok(tids)
+}
+
+impl Tracee {
+    /// Seizes every thread of `pid` (threads keep running). Threads created while we seize
+    /// are picked up by rescanning until the set is stable.
+    pub fn attach(pid: i32) -> Result<Tracee> {
+        if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(ProcessError::NoSuchProcess(pid));
+        }
+        if is_zombie(pid) {
+            return Err(ProcessError::Exited(pid));
+        }
+        let mem = Memory::open(pid)?;
+        let mut t = Tracee {
+            pid,
+            mem,
+            threads: BTreeMap::new(),
+            syscall_insn: None,
+            trap_hook: None,
+            traps_handled: 0,
+            detached: false,
+        };
+        while t.seize_new()? > 0 {}
+        if t.threads.is_empty() {
+            return Err(ProcessError::NoSuchProcess(pid));
+        }
+        Ok(t)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The target's memory.
+    pub fn mem(&self) -> &Memory {
+        &self.mem
+    }
+
+    /// Thread ids currently traced.
+    pub fn threads(&self) -> Vec<i32> {
+        self.threads.keys().copied().collect()
+    }
+
+    /// Installs the handler for `int3` traps taken by traced threads (nonstop mode).
+    pub fn set_trap_hook(&mut self, hook: Option<TrapHook>) {
+        self.trap_hook = hook;
+    }
+
+    fn seize_new(&mut self) -> Result<usize> {
+        let mut added = 0;
+        for tid in list_tasks(self.pid)? {
+            if self.threads.contains_key(&tid) {
+                continue;
+            }
+            match ptrace::seize(tid) {
+                Ok(()) => {
+                    self.threads.insert(tid, Thread::default());
+                    added += 1;
+                }
+                // The thread exited between the listing and the seize.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(ProcessError::from_ptrace("SEIZE", self.pid, tid, e)),
+            }
+        }
+        Ok(added)
+    }
+
+    fn thread_gone(&mut self, tid: i32) -> Result<()> {
+        self.threads.remove(&tid);
+        if self.threads.is_empty() || !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        {
+            self.threads.clear();
+            return Err(ProcessError::Exited(self.pid));
+        }
+        Ok(())
+    }
+
+    /// Handles one wait report of `tid`. Returns true when the thread is now stopped for us.
+    fn handle_report(&mut self, tid: i32, status: WaitStatus) -> Result<bool> {
+        match status {
+            WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.stopped = true;
+                }
+                Ok(true)
+            }
+            WaitStatus::Gone => {
+                self.thread_gone(tid)?;
+                Ok(false)
+            }
+            WaitStatus::Signal(libc::SIGTRAP) if self.redirect_trap(tid)? => Ok(false),
+            WaitStatus::Signal(sig) => {
+                // Not ours: deliver it now, as if we had never been there.
+                ptrace::cont(tid, sig)
+                    .map_err(|e| ProcessError::from_ptrace("CONT", self.pid, tid, e))?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// A thread stopped with SIGTRAP: if it is one of our int3 sites, move it on and resume
+    /// it with the signal suppressed.
+    fn redirect_trap(&mut self, tid: i32) -> Result<bool> {
+        let Some(hook) = self.trap_hook.as_mut() else {
+            return Ok(false);
+        };
+        let mut regs = match ptrace::get_regs(tid) {
+            Ok(r) => r,
+            Err(_) => return Ok(false),
+        };
+        let Some(dest) = hook(regs.rip.wrapping_sub(1)) else {
+            return Ok(false);
+        };
+        regs.rip = dest;
+        ptrace::set_regs(tid, &regs)
+            .map_err(|e| ProcessError::from_ptrace("SETREGS", self.pid, tid, e))?;
+        ptrace::cont(tid, 0).map_err(|e| ProcessError::from_ptrace("CONT", self.pid, tid, e))?;
+        self.traps_handled += 1;
+        Ok(true)
+    }
+
+    fn wait_stopped(&mut self, tid: i32) -> Result<()> {
+        while self.threads.get(&tid).is_some_and(|t| !t.stopped) {
+            match ptrace::wait(tid, false) {
+                Ok(Some((_, st))) => {
+                    self.handle_report(tid, st)?;
+                }
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => self.thread_gone(tid)?,
+                Err(e) => return Err(ProcessError::from_ptrace("WAIT", self.pid, tid, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops one thread (for borrowing it to run system calls).
+    pub fn stop_thread(&mut self, tid: i32) -> Result<()> {
+        let Some(t) = self.threads.get(&tid) else {
+            return Err(ProcessError::Unexpected {
+                pid: self.pid,
+                tid,
+                what: "not traced".into(),
+            });
+        };
+        if t.stopped {
+            return Ok(());
+        }
+        match ptrace::interrupt(tid) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                // Exited meanwhile: reap it.
+            }
+            Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
+        }
+        self.wait_stopped(tid)
+    }
+
+    /// Stops one thread, preferring the main thread; returns its tid.
+    pub fn stop_any(&mut self) -> Result<i32> {
+        loop {
+            let tid = if self.threads.contains_key(&self.pid) {
+                self.pid
+            } else {
+                match self.threads.keys().next() {
+                    Some(&t) => t,
+                    None => return Err(ProcessError::Exited(self.pid)),
+                }
+            };
+            self.stop_thread(tid)?;
+            if self.threads.contains_key(&tid) {
+                return Ok(tid);
+            }
+        }
+    }
+
+    /// Stops every thread of the process at one point, including threads created meanwhile.
+    pub fn stop_all(&mut self) -> Result<()> {
+        loop {
+            let running: Vec<i32> = self
+                .threads
+                .iter()
+                .filter(|(_, t)| !t.stopped)
+                .map(|(&tid, _)| tid)
+                .collect();
+            for &tid in &running {
+                match ptrace::interrupt(tid) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) => {
+                        return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e))
+                    }
+                }
+            }
+            for tid in running {
+                self.wait_stopped(tid)?;
+            }
+            // A thread may have cloned before it stopped: seize and stop the newcomers too.
+            if self.seize_new()? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Lets one stopped thread run again.
+    pub fn resume_thread(&mut self, tid: i32) -> Result<()> {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
+        if !t.stopped {
+            return Ok(());
+        }
+        t.stopped = false;
+        match ptrace::cont(tid, 0) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => self.thread_gone(tid),
+            Err(e) => Err(ProcessError::from_ptrace("CONT", self.pid, tid, e)),
+        }
+    }
+
+    /// Lets every stopped thread run again.
+    pub fn resume_all(&mut self) -> Result<()> {
+        let mut first_err = None;
+        for tid in self.threads() {
+            if let Err(e) = self.resume_thread(tid) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Services pending reports without blocking: int3 traps (nonstop mode) and signals to
+    /// forward. Returns how many reports were handled.
+    pub fn poll_events(&mut self) -> Result<usize> {
+        let mut n = 0;
+        loop {
+            match ptrace::wait(-1, true) {
+                Ok(Some((tid, st))) => {
+                    n += 1;
+                    if !self.threads.contains_key(&tid) {
+                        continue;
+                    }
+                    self.handle_report(tid, st)?;
+                }
+                Ok(None) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(n),
+                Err(e) => return Err(ProcessError::from_ptrace("WAIT", self.pid, -1, e)),
+            }
+        }
+    }
+
+    /// Whether thread `tid` has a SIGTRAP queued that it has not taken yet (nonstop mode uses
+    /// this to know that no thread is between an int3 and its report).
+    pub fn sigtrap_pending(&self, tid: i32) -> bool {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid))
+        else {
+            return false;
+        };
+        let bit = 1u64 << (libc::SIGTRAP - 1);
+        status.lines().any(|l| {
+            (l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+                && u64::from_str_radix(l[7..].trim(), 16).is_ok_and(|m| m & bit != 0)
+        })
+    }
+
+    /// Registers of a stopped thread.
+    pub fn regs(&self, tid: i32) -> Result<Regs> {
+        ptrace::get_regs(tid).map_err(|e| ProcessError::from_ptrace("GETREGS", self.pid, tid, e))
+    }
+
+    /// Sets registers of a stopped thread.
+    pub fn set_regs(&self, tid: i32, regs: &Regs) -> Result<()> {
+        ptrace::set_regs(tid, regs)
+            .map_err(|e| ProcessError::from_ptrace("SETREGS", self.pid, tid, e))
+    }
+
+    /// Runs system call `nr` inside the target on a stopped thread; returns the raw result.
+    pub fn syscall_raw(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let insn = match self.syscall_insn {
+            Some(a) => a,
+            None => {
+                let a = syscall::find_syscall_instruction(self.pid, &self.mem)?;
+                self.syscall_insn = Some(a);
+                a
+            }
+        };
+        let tid = match self.threads.iter().find(|(_, t)| t.stopped) {
+            Some((&tid, _)) => tid,
+            None => self.stop_any()?,
+        };
+        let mut deferred = Vec::new();
+        let r = syscall::run(self.pid, tid, insn, nr, args, &mut deferred);
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.deferred.extend(deferred);
+        }
+        match r {
+            Err(ProcessError::Exited(_)) => {
+                self.threads.clear();
+                Err(ProcessError::Exited(self.pid))
+            }
+            r => r,
+        }
+    }
+
+    /// Runs a system call inside the target and turns a negative result into an error.
+    pub fn syscall(&mut self, name: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let r = self.syscall_raw(nr, args)?;
+        if (-4095..0).contains(&r) {
+            return Err(ProcessError::RemoteSyscall {
+                name,
+                pid: self.pid,
+                err: io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        Ok(r as u64)
+    }
+
+    /// `mmap` inside the target. `fixed_noreplace` puts the mapping exactly at `addr` or fails.
+    pub fn mmap(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u64,
+        flags: i32,
+        fd: i64,
+        offset: u64,
+    ) -> Result<u64> {
+        self.syscall(
+            "mmap",
+            libc::SYS_mmap,
+            [addr, len, prot, flags as u64, fd as u64, offset],
+        )
+    }
+
+    /// `munmap` inside the target.
+    pub fn munmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.syscall("munmap", libc::SYS_munmap, [addr, len, 0, 0, 0, 0])
+            .map(drop)
+    }
+
+    /// `mprotect` inside the target.
+    pub fn mprotect(&mut self, addr: u64, len: u64, prot: u64) -> Result<()> {
+        self.syscall("mprotect", libc::SYS_mprotect, [addr, len, prot, 0, 0, 0])
+            .map(drop)
+    }
+
+    /// Creates a memfd named `name` inside the target, sized `len`, maps it shared
+    /// read/write there, closes the descriptor, and returns the mapping's address.
+    pub fn map_memfd(&mut self, name: &str, len: u64) -> Result<u64> {
+        let tid = self.stop_any()?;
+        // Scratch space for the name: below the stopped thread's stack pointer, past the red
+        // zone; the bytes there are restored afterwards.
+        let rsp = self.regs(tid)?.rsp;
+        let scratch = (rsp - 1024) & !15;
+        let mut name_bytes = name.as_bytes().to_vec();
+        name_bytes.push(0);
+        let saved = self.mem.read_vec(scratch, name_bytes.len())?;
+        self.mem.write(scratch, &name_bytes)?;
+        let fd = self.syscall(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            [scratch, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0],
+        );
+        self.mem.write(scratch, &saved)?;
+        let fd = fd?;
+        let close = |t: &mut Tracee| t.syscall("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+        if let Err(e) = self.syscall("ftruncate", libc::SYS_ftruncate, [fd, len, 0, 0, 0, 0]) {
+            let _ = close(self);
+            return Err(e);
+        }
+        let addr = self.mmap(
+            0,
+            len,
+            prot::READ | prot::WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd as i64,
+            0,
+        );
+        let _ = close(self);
+        addr
+    }
+
+    /// Makes every thread execute a serializing instruction (membarrier SYNC_CORE run inside
+    /// the target), so that code written meanwhile is seen by all of them. Falls back to a
+    /// plain membarrier when SYNC_CORE is unavailable.
+    pub fn sync_cores(&mut self) -> Result<()> {
+        const REGISTER_SYNC_CORE: u64 = 1 << 6; // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE
+        const SYNC_CORE: u64 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+        let r = self.syscall_raw(libc::SYS_membarrier, [SYNC_CORE, 0, 0, 0, 0, 0])?;
+        if r == -(libc::EPERM as i64) {
+            self.syscall(
+                "membarrier",
+                libc::SYS_membarrier,
+                [REGISTER_SYNC_CORE, 0, 0, 0, 0, 0],
+            )?;
+            self.syscall(
+                "membarrier",
+                libc::SYS_membarrier,
+                [SYNC_CORE, 0, 0, 0, 0, 0],
+            )?;
+        } else if r < 0 {
+            return Err(ProcessError::RemoteSyscall {
+                name: "membarrier",
+                pid: self.pid,
+                err: io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        Ok(())
+    }
+
+    /// Lets every thread go: stopped ones are detached where they are, running ones are
+    /// stopped briefly first (ptrace can only detach a stopped thread). Signals that arrived
+    /// while we held a thread are re-queued to it.
+    pub fn detach(mut self) -> Result<()> {
+        self.detach_all()
+    }
+
+    fn detach_all(&mut self) -> Result<()> {
+        if self.detached {
+            return Ok(());
+        }
+        self.detached = true;
+        let mut first_err = None;
+        for tid in self.threads() {
+            let t = self.threads.get(&tid).map(|t| t.stopped).unwrap_or(true);
+            let mut sig = 0;
+            if !t {
+                if ptrace::interrupt(tid).is_err() {
+                    continue;
+                }
+                loop {
+                    match ptrace::wait(tid, false) {
+                        Ok(Some((_, WaitStatus::Signal(s)))) => {
+                            sig = s;
+                            break;
+                        }
+                        Ok(Some((_, WaitStatus::Gone))) | Err(_) => {
+                            sig = -1;
+                            break;
+                        }
+                        Ok(_) => break,
+                    }
+                }
+                if sig < 0 {
+                    continue;
+                }
+            }
+            let deferred = self
+                .threads
+                .get_mut(&tid)
+                .map(|t| std::mem::take(&mut t.deferred))
+                .unwrap_or_default();
+            for s in deferred {
+                // SAFETY: tgkill only sends a signal to a thread of the target.
+                unsafe {
+                    libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
+                }
+            }
+            if let Err(e) = ptrace::detach(tid, sig) {
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    first_err.get_or_insert(ProcessError::from_ptrace("DETACH", self.pid, tid, e));
+                }
+            }
+        }
+        self.threads.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        let _ = self.detach_all();
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(true)
+}
