@@ -1,3 +1,6 @@
 //! livepatch's userspace adapter: patches running processes through ptrace.
 
 pub mod process;
+pub mod elf;
+pub mod maps;
+pub mod patchfile;

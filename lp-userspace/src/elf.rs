@@ -1,0 +1,602 @@
+//! ELF files of a target: symbols (`.symtab` and `.dynsym`, file-local ones with the source file
+//! they come from), build-id, load segments and unwind sections.
+//!
+//! A [`Module`] owns the file's bytes; everything else is an index into them, so a module can be
+//! kept around (the unwinder caches one per mapped file) without re-reading the file.
+//!
+//! Symbol specifications, as users write them on the command line and as patch files store them:
+//! - `name` — the only symbol of that name (several symbols at one address count as one);
+//! - `name@file.c` — the symbol defined in source file `file.c` (from the `STT_FILE` entries that
+//!   precede local symbols in `.symtab`; a bare basename matches a full path too);
+//! - `name,N` — the N-th symbol of that name in `.symtab` order, 1-based (the kernel's
+//!   `name,position`).
+
+use std::path::{Path, PathBuf};
+
+use goblin::elf::{header, program_header, section_header, sym, Elf};
+use thiserror::Error;
+
+/// Errors reading an ELF file.
+#[derive(Debug, Error)]
+pub enum ElfError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file does not start with the ELF magic.
+    #[error("{0}: not an ELF file")]
+    NotElf(String),
+    /// The file is ELF but not something we handle (32-bit, big-endian, another machine).
+    #[error("{path}: unsupported ELF: {reason}")]
+    Unsupported {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The ELF structures are broken.
+    #[error("{path}: malformed ELF: {reason}")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// What goblin said.
+        reason: String,
+    },
+}
+
+/// Errors looking a symbol up by a specification (`name`, `name@file.c`, `name,N`).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LookupError {
+    /// No symbol matches.
+    #[error("symbol `{spec}` not found in {module}")]
+    NotFound {
+        /// What was asked for.
+        spec: String,
+        /// The module searched.
+        module: String,
+    },
+    /// Several different symbols match a bare name.
+    #[error("symbol `{name}` is ambiguous in {module}: candidates {}", .candidates.join(", "))]
+    Ambiguous {
+        /// The bare name.
+        name: String,
+        /// The module searched.
+        module: String,
+        /// Each candidate as an unambiguous spec, with its address.
+        candidates: Vec<String>,
+    },
+    /// The specification itself is malformed (e.g. `name,0`).
+    #[error("bad symbol specification `{0}` (expected name, name@file.c or name,N with N >= 1)")]
+    BadSpec(String),
+}
+
+/// What a symbol names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SymbolKind {
+    /// `STT_FUNC` (and `STT_GNU_IFUNC`).
+    Function,
+    /// `STT_OBJECT` / `STT_COMMON` / `STT_TLS`.
+    Object,
+    /// Anything else (`STT_NOTYPE`, sections, ...).
+    Other,
+}
+
+/// A defined symbol of a module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    /// The symbol name (no version suffix).
+    pub name: String,
+    /// Its address in the file (vaddr; add the load bias for the runtime address).
+    pub value: u64,
+    /// `st_size`.
+    pub size: u64,
+    /// Function, object, other.
+    pub kind: SymbolKind,
+    /// `STB_LOCAL` (a `static` in C).
+    pub local: bool,
+    /// `STT_GNU_IFUNC`: the value is a resolver, not the function.
+    pub ifunc: bool,
+    /// The source file a local symbol comes from (the preceding `STT_FILE` in `.symtab`).
+    pub file: Option<String>,
+    /// 1-based position among the `.symtab`/`.dynsym` symbols of the same name (`name,N`).
+    pub position: usize,
+    /// Found only in `.dynsym` (stripped file).
+    pub dynamic_only: bool,
+}
+
+impl Symbol {
+    /// `[value, value + size)`.
+    pub fn contains(&self, vaddr: u64) -> bool {
+        vaddr >= self.value && vaddr < self.value.saturating_add(self.size.max(1))
+    }
+
+    /// An unambiguous specification for this symbol: `name@file` for a local with a file,
+    /// else `name,position` when there are several, else `name`.
+    pub fn spec(&self, ambiguous: bool) -> String {
+        match (&self.file, ambiguous) {
+            (_, false) => self.name.clone(),
+            (Some(f), true) if self.local => format!("{}@{}", self.name, f),
+            _ => format!("{},{}", self.name, self.position),
+        }
+    }
+}
+
+/// A `PT_LOAD` segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// `p_vaddr`.
+    pub vaddr: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+    /// `p_offset`.
+    pub offset: u64,
+    /// `p_filesz`.
+    pub filesz: u64,
+    /// `p_align`.
+    pub align: u64,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+}
+
+/// Where a section lives in the file and in the address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectionRef {
+    /// `sh_addr` (file vaddr; 0 in relocatable objects).
+    pub vaddr: u64,
+    /// `sh_offset`.
+    pub offset: u64,
+    /// `sh_size`.
+    pub size: u64,
+}
+
+/// A parsed ELF file: an executable, a shared library or a relocatable object.
+#[derive(Clone, Debug)]
+pub struct Module {
+    name: String,
+    data: Vec<u8>,
+    /// ET_EXEC, ET_DYN or ET_REL.
+    elf_type: u16,
+    symbols: Vec<Symbol>,
+    build_id: Option<Vec<u8>>,
+    segments: Vec<Segment>,
+    eh_frame: Option<SectionRef>,
+    eh_frame_hdr: Option<SectionRef>,
+    text: Option<SectionRef>,
+}
+
+/// A parsed symbol specification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SymbolSpec<'a> {
+    /// `name`.
+    Name(&'a str),
+    /// `name@file`.
+    InFile(&'a str, &'a str),
+    /// `name,N` (1-based).
+    Position(&'a str, usize),
+}
+
+impl<'a> SymbolSpec<'a> {
+    /// Parses `name`, `name@file.c` or `name,N`.
+    pub fn parse(spec: &'a str) -> Result<Self, LookupError> {
+        let bad = || LookupError::BadSpec(spec.to_string());
+        if let Some((name, pos)) = spec.rsplit_once(',') {
+            let n: usize = pos.trim().parse().map_err(|_| bad())?;
+            if n == 0 || name.is_empty() {
+                return Err(bad());
+            }
+            return Ok(SymbolSpec::Position(name, n));
+        }
+        if let Some((name, file)) = spec.split_once('@') {
+            if name.is_empty() || file.is_empty() {
+                return Err(bad());
+            }
+            return Ok(SymbolSpec::InFile(name, file));
+        }
+        if spec.is_empty() {
+            return Err(bad());
+        }
+        Ok(SymbolSpec::Name(spec))
+    }
+
+    /// The symbol name part.
+    pub fn name(&self) -> &'a str {
+        match *self {
+            SymbolSpec::Name(n) | SymbolSpec::InFile(n, _) | SymbolSpec::Position(n, _) => n,
+        }
+    }
+}
+
+/// `file` as recorded in STT_FILE matches what the user wrote: equal, or equal basenames.
+fn file_matches(recorded: &str, wanted: &str) -> bool {
+    if recorded == wanted {
+        return true;
+    }
+    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+    base(recorded) == base(wanted) && !wanted.contains('/')
+}
+
+impl Module {
+    /// Reads and parses the file at `path`.
+    pub fn open(path: &Path) -> Result<Module, ElfError> {
+        let data = std::fs::read(path).map_err(|source| ElfError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Module::parse(&path.display().to_string(), data)
+    }
+
+    /// Parses ELF bytes; `name` is used in error messages and as [`Module::name`].
+    pub fn parse(name: &str, data: Vec<u8>) -> Result<Module, ElfError> {
+        if data.len() < 4 || &data[..4] != b"\x7fELF" {
+            return Err(ElfError::NotElf(name.to_string()));
+        }
+        let unsupported = |reason: &str| ElfError::Unsupported {
+            path: name.to_string(),
+            reason: reason.to_string(),
+        };
+        if data.len() < 64 || data[4] != 2 {
+            return Err(unsupported("not a 64-bit ELF"));
+        }
+        if data[5] != 1 {
+            return Err(unsupported("not little-endian"));
+        }
+        let elf = Elf::parse(&data).map_err(|e| ElfError::Malformed {
+            path: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        if elf.header.e_machine != header::EM_X86_64 {
+            return Err(unsupported("not an x86-64 file"));
+        }
+        let elf_type = elf.header.e_type;
+        if !matches!(elf_type, header::ET_EXEC | header::ET_DYN | header::ET_REL) {
+            return Err(unsupported("not an executable, shared library or object"));
+        }
+
+        let segments = elf
+            .program_headers
+            .iter()
+            .filter(|p| p.p_type == program_header::PT_LOAD)
+            .map(|p| Segment {
+                vaddr: p.p_vaddr,
+                memsz: p.p_memsz,
+                offset: p.p_offset,
+                filesz: p.p_filesz,
+                align: p.p_align,
+                read: p.p_flags & program_header::PF_R != 0,
+                write: p.p_flags & program_header::PF_W != 0,
+                exec: p.p_flags & program_header::PF_X != 0,
+            })
+            .collect();
+
+        let section = |wanted: &str| {
+            elf.section_headers.iter().find_map(|sh| {
+                let n = elf.shdr_strtab.get_at(sh.sh_name)?;
+                (n == wanted && sh.sh_type != section_header::SHT_NOBITS).then_some(SectionRef {
+                    vaddr: sh.sh_addr,
+                    offset: sh.sh_offset,
+                    size: sh.sh_size,
+                })
+            })
+        };
+        let in_file = |s: &SectionRef| {
+            s.offset
+                .checked_add(s.size)
+                .is_some_and(|e| e <= data.len() as u64)
+        };
+        let eh_frame = section(".eh_frame").filter(in_file);
+        let eh_frame_hdr = section(".eh_frame_hdr").filter(in_file);
+        let text = section(".text").filter(in_file);
+
+        let build_id = Self::find_build_id(&elf, &data);
+        let symbols = Self::collect_symbols(&elf);
+        Ok(Module {
+            name: name.to_string(),
+            elf_type,
+            symbols,
+            build_id,
+            segments,
+            eh_frame,
+            eh_frame_hdr,
+            text,
+            data,
+        })
+    }
+
+    fn find_build_id(elf: &Elf, data: &[u8]) -> Option<Vec<u8>> {
+        let from = |it: Option<goblin::elf::note::NoteIterator>| -> Option<Vec<u8>> {
+            for note in it?.flatten() {
+                if note.n_type == goblin::elf::note::NT_GNU_BUILD_ID && note.name == "GNU" {
+                    return Some(note.desc.to_vec());
+                }
+            }
+            None
+        };
+        from(elf.iter_note_headers(data)).or_else(|| from(elf.iter_note_sections(data, None)))
+    }
+
+    fn collect_symbols(elf: &Elf) -> Vec<Symbol> {
+        let mut out: Vec<Symbol> = Vec::new();
+        // .symtab first: it has the locals and the STT_FILE markers.
+        let mut current_file: Option<String> = None;
+        for s in elf.syms.iter() {
+            let ty = s.st_type();
+            if ty == sym::STT_FILE {
+                current_file = elf.strtab.get_at(s.st_name).map(str::to_string);
+                continue;
+            }
+            let bind = s.st_bind();
+            let local = bind == sym::STB_LOCAL;
+            if !local {
+                // Globals come after all locals; STT_FILE scope ends there.
+                current_file = None;
+            }
+            if let Some(symbol) = Self::make_symbol(&elf.strtab, &s, current_file.clone(), false) {
+                out.push(symbol);
+            }
+        }
+        for s in elf.dynsyms.iter() {
+            let Some(symbol) = Self::make_symbol(&elf.dynstrtab, &s, None, true) else {
+                continue;
+            };
+            let dup = out
+                .iter()
+                .any(|o| o.name == symbol.name && o.value == symbol.value && !o.local);
+            if !dup {
+                out.push(symbol);
+            }
+        }
+        // Positions: order of appearance among symbols of the same name.
+        let mut counts: std::collections::HashMap<String, usize> = Default::default();
+        for s in &mut out {
+            let c = counts.entry(s.name.clone()).or_insert(0);
+            *c += 1;
+            s.position = *c;
+        }
+        out
+    }
+
+    fn make_symbol(
+        strtab: &goblin::strtab::Strtab,
+        s: &sym::Sym,
+        file: Option<String>,
+        dynamic: bool,
+    ) -> Option<Symbol> {
+        let ty = s.st_type();
+        if s.st_shndx == section_header::SHN_UNDEF as usize
+            || ty == sym::STT_SECTION
+            || ty == sym::STT_FILE
+        {
+            return None;
+        }
+        let name = strtab.get_at(s.st_name)?;
+        if name.is_empty() {
+            return None;
+        }
+        let kind = match ty {
+            sym::STT_FUNC | sym::STT_GNU_IFUNC => SymbolKind::Function,
+            sym::STT_OBJECT | sym::STT_COMMON | sym::STT_TLS => SymbolKind::Object,
+            _ => SymbolKind::Other,
+        };
+        let local = s.st_bind() == sym::STB_LOCAL;
+        Some(Symbol {
+            name: name.to_string(),
+            value: s.st_value,
+            size: s.st_size,
+            kind,
+            local,
+            ifunc: ty == sym::STT_GNU_IFUNC,
+            file: if local { file } else { None },
+            position: 0,
+            dynamic_only: dynamic,
+        })
+    }
+
+    /// The name given at open/parse time (usually the path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The raw file bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// All defined symbols (`.symtab` then the `.dynsym` ones not already seen).
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.symbols
+    }
+
+    /// The `NT_GNU_BUILD_ID` note's bytes.
+    pub fn build_id(&self) -> Option<&[u8]> {
+        self.build_id.as_deref()
+    }
+
+    /// The build-id as lowercase hex.
+    pub fn build_id_hex(&self) -> Option<String> {
+        self.build_id.as_deref().map(hex)
+    }
+
+    /// `ET_DYN` (a PIE executable or a shared library: loaded at a bias).
+    pub fn is_position_independent(&self) -> bool {
+        self.elf_type == header::ET_DYN
+    }
+
+    /// `ET_EXEC` (loaded at its link addresses).
+    pub fn is_fixed_executable(&self) -> bool {
+        self.elf_type == header::ET_EXEC
+    }
+
+    /// `ET_REL` (a `.o`).
+    pub fn is_relocatable(&self) -> bool {
+        self.elf_type == header::ET_REL
+    }
+
+    /// The `PT_LOAD` segments.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// `.eh_frame`, if present.
+    pub fn eh_frame(&self) -> Option<SectionRef> {
+        self.eh_frame
+    }
+
+    /// `.eh_frame_hdr`, if present.
+    pub fn eh_frame_hdr(&self) -> Option<SectionRef> {
+        self.eh_frame_hdr
+    }
+
+    /// `.text`, if present.
+    pub fn text(&self) -> Option<SectionRef> {
+        self.text
+    }
+
+    /// The bytes of a section found by [`Module::eh_frame`] etc.
+    pub fn section_data(&self, s: SectionRef) -> &[u8] {
+        // Bounds were checked at parse time.
+        &self.data[s.offset as usize..(s.offset + s.size) as usize]
+    }
+
+    /// File offset of a file vaddr, through the `PT_LOAD` segment holding it (file-backed part).
+    pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
+        self.segments.iter().find_map(|s| {
+            (vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz).then(|| vaddr - s.vaddr + s.offset)
+        })
+    }
+
+    /// `len` bytes of the file image at `vaddr` (as they are loaded, before relocation).
+    pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let off = self.vaddr_to_offset(vaddr)?;
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)?;
+        if vaddr + len > seg.vaddr + seg.filesz {
+            return None;
+        }
+        self.data.get(off as usize..(off + len) as usize)
+    }
+
+    /// The lowest `PT_LOAD` vaddr, rounded down to a page (where the image starts).
+    pub fn min_vaddr(&self) -> u64 {
+        self.segments.iter().map(|s| s.vaddr).min().unwrap_or(0) & !0xfff
+    }
+
+    /// The load bias given where file offset `offset` (page aligned) is mapped at runtime
+    /// address `start` (a line of `/proc/PID/maps`): runtime = file vaddr + bias.
+    pub fn load_bias(&self, start: u64, offset: u64) -> Option<u64> {
+        let seg = self.segments.iter().find(|s| {
+            let o = s.offset & !0xfff;
+            offset >= o && offset < s.offset + s.filesz.max(1)
+        })?;
+        let vaddr_of_offset = (seg.vaddr & !0xfff) + (offset - (seg.offset & !0xfff));
+        Some(start.wrapping_sub(vaddr_of_offset))
+    }
+
+    /// Every symbol named `name`.
+    pub fn by_name(&self, name: &str) -> Vec<&Symbol> {
+        self.symbols.iter().filter(|s| s.name == name).collect()
+    }
+
+    /// The symbol containing file vaddr `vaddr` (functions first).
+    pub fn symbol_at(&self, vaddr: u64) -> Option<&Symbol> {
+        self.symbols
+            .iter()
+            .filter(|s| s.kind == SymbolKind::Function && s.contains(vaddr))
+            .chain(
+                self.symbols
+                    .iter()
+                    .filter(|s| s.kind != SymbolKind::Function && s.contains(vaddr)),
+            )
+            .next()
+    }
+
+    /// Looks a symbol up by specification (`name`, `name@file.c`, `name,N`). A bare name that
+    /// matches several symbols at different addresses is [`LookupError::Ambiguous`].
+    pub fn lookup(&self, spec: &str) -> Result<&Symbol, LookupError> {
+        let parsed = SymbolSpec::parse(spec)?;
+        let not_found = || LookupError::NotFound {
+            spec: spec.to_string(),
+            module: self.name.clone(),
+        };
+        match parsed {
+            SymbolSpec::Position(name, n) => {
+                self.by_name(name).get(n - 1).copied().ok_or_else(not_found)
+            }
+            SymbolSpec::InFile(name, file) => {
+                let found: Vec<&Symbol> = self
+                    .by_name(name)
+                    .into_iter()
+                    .filter(|s| s.file.as_deref().is_some_and(|f| file_matches(f, file)))
+                    .collect();
+                match found.as_slice() {
+                    [] => Err(not_found()),
+                    [one] => Ok(one),
+                    many => Err(self.ambiguous(name, many)),
+                }
+            }
+            SymbolSpec::Name(name) => {
+                let found: Vec<&Symbol> = self.by_name(name);
+                let Some(first) = found.first() else {
+                    return Err(not_found());
+                };
+                if found.iter().all(|s| s.value == first.value) {
+                    // Aliases of one address: prefer the sized, global one.
+                    return Ok(found
+                        .iter()
+                        .max_by_key(|s| (s.size > 0, !s.local))
+                        .copied()
+                        .unwrap_or(first));
+                }
+                Err(self.ambiguous(name, &found))
+            }
+        }
+    }
+
+    /// The global (or weak) definition of `name`, ignoring file-local symbols: what the
+    /// dynamic linker would bind a reference to.
+    pub fn global(&self, name: &str) -> Option<&Symbol> {
+        self.symbols.iter().find(|s| s.name == name && !s.local)
+    }
+
+    fn ambiguous(&self, name: &str, found: &[&Symbol]) -> LookupError {
+        let mut candidates: Vec<String> = Vec::new();
+        for s in found {
+            // `name@file` only when it singles this symbol out, else `name,N`.
+            let same_file = found.iter().filter(|o| o.local && o.file == s.file).count();
+            let spec = if s.local && s.file.is_some() && same_file == 1 {
+                s.spec(true)
+            } else {
+                format!("{},{}", s.name, s.position)
+            };
+            let c = format!("{spec} (0x{:x})", s.value);
+            if !candidates.contains(&c) {
+                candidates.push(c);
+            }
+        }
+        LookupError::Ambiguous {
+            name: name.to_string(),
+            module: self.name.clone(),
+            candidates,
+        }
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
