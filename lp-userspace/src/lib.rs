@@ -4,3 +4,4 @@ pub mod process;
 pub mod elf;
 pub mod maps;
 pub mod patchfile;
+pub mod link;

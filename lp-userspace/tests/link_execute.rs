@@ -1,0 +1,242 @@
+//! The patch linker on real gcc output: link an object into memory of this test process, make it
+//! executable and call it — through libc and through a function the resolver supplies.
+
+#[path = "elf_support/mod.rs"]
+mod support;
+
+use std::ffi::{CStr, CString};
+
+use lp_userspace::link::{Layout, LinkError, LinkedImage, Protection};
+use lp_userspace::maps;
+
+#[no_mangle]
+pub extern "C" fn lp_test_host_callback(x: i32) -> i32 {
+    1000 + x
+}
+
+#[no_mangle]
+pub static mut LP_TEST_HOST_VALUE: i32 = 500_000;
+
+fn resolver(name: &str) -> Option<u64> {
+    match name {
+        "host_callback" => Some(lp_test_host_callback as *const () as usize as u64),
+        "host_value" => Some(std::ptr::addr_of!(LP_TEST_HOST_VALUE) as u64),
+        _ => {
+            let c = CString::new(name).ok()?;
+            // SAFETY: dlsym with RTLD_DEFAULT and a valid C string only reads the symbol tables.
+            let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+            (!p.is_null()).then_some(p as u64)
+        }
+    }
+}
+
+/// Memory mapped in this process for an image; unmapped on drop.
+struct Mapped {
+    addr: u64,
+    len: usize,
+}
+
+impl Mapped {
+    fn new(len: u64, hint: u64) -> Mapped {
+        // SAFETY: anonymous private mapping; the hint is only a hint (no MAP_FIXED).
+        let p = unsafe {
+            libc::mmap(
+                hint as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Mapped {
+            addr: p as u64,
+            len: len as usize,
+        }
+    }
+
+    fn load(&self, image: &LinkedImage) {
+        assert!(image.bytes.len() <= self.len);
+        // SAFETY: the mapping is ours, writable and at least image.bytes.len() long.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                image.bytes.as_ptr(),
+                self.addr as *mut u8,
+                image.bytes.len(),
+            )
+        };
+        for r in &image.regions {
+            let prot = match r.prot {
+                Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
+                Protection::Read => libc::PROT_READ,
+                Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+            };
+            // SAFETY: the region lies inside our mapping (page aligned by the layout).
+            let rc = unsafe {
+                libc::mprotect(
+                    (self.addr + r.offset) as *mut libc::c_void,
+                    r.len as usize,
+                    prot,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the region we mapped.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+fn expected_entry(x: i32, scale: i32) -> i32 {
+    let op = if x & 1 == 0 { 2 * x } else { 3 * x };
+    let inner = op + [10, 20, 30, 40][(x & 3) as usize];
+    // SAFETY: read of a plain static no thread writes.
+    let host_value = unsafe { std::ptr::addr_of!(LP_TEST_HOST_VALUE).read() };
+    inner * scale + 1000 + x + host_value
+}
+
+fn run_linked(obj: &[u8], hint: u64) -> (LinkedImage, u64) {
+    let layout = Layout::of(obj).expect("layout");
+    assert!(layout.size() > 0 && layout.size() % 4096 == 0);
+    let mapped = Mapped::new(layout.size(), hint);
+    let image = layout.link(mapped.addr, &resolver).expect("link");
+    mapped.load(&image);
+    let entry = image.symbol("lp_entry").expect("lp_entry linked");
+    let calls = image.symbol("lp_calls").expect("lp_calls linked");
+    let format = image.symbol("lp_format").expect("lp_format linked");
+    // SAFETY: the image was linked for this address and its text made executable; the C
+    // signatures are those of tests/fixtures/elf/patch_obj.c.
+    unsafe {
+        let entry: extern "C" fn(i32) -> i32 = std::mem::transmute(entry as usize);
+        let calls: extern "C" fn() -> i32 = std::mem::transmute(calls as usize);
+        let format: extern "C" fn(i32) -> *const libc::c_char =
+            std::mem::transmute(format as usize);
+        for x in 0..8 {
+            assert_eq!(entry(x), expected_entry(x, 3), "lp_entry({x})");
+        }
+        assert_eq!(calls(), 8, "bss counter counts the calls");
+        let s = CStr::from_ptr(format(42)).to_str().unwrap().to_string();
+        assert_eq!(s, "value=42 len=6");
+    }
+    let addr = mapped.addr;
+    std::mem::forget(mapped); // keep code alive until the end of the test process
+    (image, addr)
+}
+
+#[test]
+fn link_executes_far_from_callees_through_stubs() {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = std::fs::read(support::object(dir.path(), "patch_obj.c", "p.o", &[])).unwrap();
+    // A fresh mmap lands near the libraries, far (> 2 GiB) from this PIE test binary, so the
+    // call to host_callback must go through a stub.
+    let (image, addr) = run_linked(&obj, 0);
+    let cb = lp_test_host_callback as *const () as usize as u64;
+    let far = (cb as i64 - addr as i64).unsigned_abs() > (1 << 31);
+    assert!(
+        far,
+        "mmap placed the image near the test binary; the stub path is not exercised"
+    );
+    assert!(
+        image.text_ranges.len() >= 2,
+        "a stub range exists for far callees"
+    );
+    assert!(image.eh_frame.is_some());
+    let eh = image.eh_frame_bytes().unwrap();
+    assert_eq!(
+        &eh[eh.len() - 4..],
+        &[0, 0, 0, 0],
+        "eh_frame is zero-terminated"
+    );
+}
+
+#[test]
+fn link_executes_near_callees_directly_with_function_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = std::fs::read(support::object(
+        dir.path(),
+        "patch_obj.c",
+        "p.o",
+        &["-ffunction-sections", "-fdata-sections"],
+    ))
+    .unwrap();
+    // Place the image within ±2 GiB of this test binary (found through our own maps).
+    let all = maps::read(std::process::id() as i32).unwrap();
+    let cb = lp_test_host_callback as *const () as usize as u64;
+    let me = maps::modules(&all)
+        .into_iter()
+        .find(|m| m.contains(cb))
+        .expect("test binary mapped");
+    let size = Layout::of(&obj).unwrap().size();
+    let hint =
+        maps::find_free_near(&all, me.start(), me.end(), size).expect("room near the binary");
+    let (image, addr) = run_linked(&obj, hint);
+    assert_eq!(addr, hint, "the kernel honours a free hint");
+    let entry = image.symbol("lp_entry").unwrap();
+    assert!((entry as i64 - cb as i64).unsigned_abs() < (1 << 31));
+    assert!(
+        image.text_ranges.len() >= 4,
+        "one range per function section"
+    );
+}
+
+#[test]
+fn link_refuses_tls_undefined_and_non_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = std::fs::read(support::object(dir.path(), "tls_obj.c", "tls.o", &[])).unwrap();
+    let err = Layout::of(&tls).unwrap_err();
+    assert!(matches!(err, LinkError::UnsupportedSection { .. }), "{err}");
+    assert!(err.to_string().contains("thread-local"), "{err}");
+
+    let undef = std::fs::read(support::object(dir.path(), "undef_obj.c", "u.o", &[])).unwrap();
+    let layout = Layout::of(&undef).unwrap();
+    assert_eq!(
+        layout.undefined_symbols(),
+        vec!["nowhere_to_be_found".to_string()]
+    );
+    let err = layout.link(0x7000_0000_0000, &resolver).unwrap_err();
+    assert_eq!(err, LinkError::Undefined("nowhere_to_be_found".into()));
+    assert!(
+        layout.link(0x7000_0000_0001, &resolver).is_err(),
+        "unaligned load address"
+    );
+
+    let exe = std::fs::read(support::executable(
+        dir.path(),
+        &["dup_a.c", "dup_b.c"],
+        "app",
+        &[],
+    ))
+    .unwrap();
+    let err = Layout::of(&exe).unwrap_err();
+    assert!(
+        err.to_string().contains("not a relocatable object"),
+        "{err}"
+    );
+    let err = Layout::of(b"#!/bin/sh\necho hello\n").unwrap_err();
+    assert!(err.to_string().contains("not an ELF"), "{err}");
+}
+
+#[test]
+fn link_non_pic_object_is_refused_out_of_range_high_up() {
+    // Non-PIC code uses R_X86_64_32 / 32S absolute addresses: fine below 2 GiB, an error with
+    // the relocation named when the image lives high in the address space.
+    let dir = tempfile::tempdir().unwrap();
+    let obj = std::fs::read(support::object(
+        dir.path(),
+        "patch_obj.c",
+        "np.o",
+        &["-fno-pic", "-mcmodel=small"],
+    ))
+    .unwrap();
+    let layout = Layout::of(&obj).unwrap();
+    match layout.link(0x7f00_0000_0000, &resolver) {
+        Err(LinkError::OutOfRange { kind, .. }) => assert!(kind.contains("32"), "{kind}"),
+        Ok(_) => panic!("absolute 32-bit relocations linked at a 47-bit address"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
