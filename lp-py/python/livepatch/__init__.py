@@ -5,13 +5,15 @@ running process, revert it, report status — plus the processes that map a give
 read-only access to lp-core's site validation and write planning (:mod:`livepatch.core`).
 
 The work is done by the same Rust code the CLI runs (``lp-userspace`` and ``lp-core``); this
-package only converts arguments and results.
+package only converts arguments and results. Errors are :class:`livepatch.Error` subclasses whose
+``str()`` is the CLI's one-line message.
 """
 
-from . import _livepatch
+from . import _livepatch, core
 from ._errors import *  # noqa: F401,F403  (the exception hierarchy is part of the API)
 from ._errors import __all__ as _error_names
+from ._livepatch import Function, Patch
 
 __version__: str = _livepatch.__version__
 
-__all__ = list(_error_names)
+__all__ = ["Patch", "Function", "core", *_error_names]

@@ -50,6 +50,14 @@ class RefusedError(Error):
     """The patch cannot be applied safely (e.g. a site that cannot take a redirect)."""
 
 
+class SiteError(RefusedError, ValueError):
+    """lp-core refuses a function entry as a patch site (``livepatch.core.validate_site``)."""
+
+
+class PlanError(Error, ValueError):
+    """lp-core cannot plan the write (``livepatch.core.plan_*``): wrong lengths, bytes not as expected."""
+
+
 class InternalError(Error):
     """A bug in livepatch itself (a Rust panic caught at the boundary). Please report it."""
 
@@ -66,5 +74,7 @@ __all__ = [
     "AlreadyAppliedError",
     "NotTopError",
     "RefusedError",
+    "SiteError",
+    "PlanError",
     "InternalError",
 ]

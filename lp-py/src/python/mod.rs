@@ -4,7 +4,9 @@
 // inside the macro output, not in our code.
 #![allow(clippy::useless_conversion)]
 
+mod core;
 mod errors;
+mod patch;
 
 use pyo3::prelude::*;
 
@@ -13,5 +15,7 @@ use pyo3::prelude::*;
 fn _livepatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
+    core::register(m)?;
+    patch::register(m)?;
     Ok(())
 }

@@ -1,0 +1,230 @@
+//! `livepatch.core`: lp-core's site validation and write planning, read-only, for scripts that
+//! inspect a binary. Nothing here touches a process; it converts lp-core's values.
+use lp_core::jump::REL32_JUMP_LEN;
+use lp_core::plan::{self, Step, WritePlan};
+use lp_core::site::{self, Site};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyIterator, PyList};
+
+use super::errors::{guarded, raise};
+
+/// A validated patch site (`lp_core::site::Site`): where the redirect goes and what it displaces.
+#[pyclass(module = "livepatch.core", name = "Site", frozen)]
+pub(crate) struct PySite(Site);
+
+#[pymethods]
+impl PySite {
+    /// The function's first byte (its symbol address).
+    #[getter]
+    fn entry(&self) -> u64 {
+        self.0.entry
+    }
+    /// Where the redirect is written: the entry, or just after its `endbr64`.
+    #[getter]
+    fn patch_addr(&self) -> u64 {
+        self.0.patch_addr
+    }
+    /// Offset of the patch address from the entry (0, or 4 after `endbr64`).
+    #[getter]
+    fn patch_offset(&self) -> usize {
+        self.0.patch_offset()
+    }
+    /// Bytes of the whole instructions the redirect covers.
+    #[getter]
+    fn displaced_len(&self) -> usize {
+        self.0.displaced_len
+    }
+    /// Number of instructions the redirect covers.
+    #[getter]
+    fn displaced_count(&self) -> usize {
+        self.0.displaced_count
+    }
+    /// The original bytes of the displaced instructions.
+    #[getter]
+    fn displaced<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new_bound(py, self.0.displaced())
+    }
+    /// The first original instruction after the displaced ones (where a trampoline returns).
+    #[getter]
+    fn resume_addr(&self) -> u64 {
+        self.0.resume_addr()
+    }
+    /// The jump length the site was validated for.
+    #[getter]
+    fn jump_len(&self) -> usize {
+        self.0.jump_len
+    }
+    /// The entry starts with `endbr64` (kept intact; the redirect follows it).
+    #[getter]
+    fn endbr64(&self) -> bool {
+        self.0.endbr64
+    }
+    /// Bytes of NOP padding right at the patch address.
+    #[getter]
+    fn entry_nops(&self) -> usize {
+        self.0.entry_nops
+    }
+    /// Branches in the function that target the patch address itself.
+    #[getter]
+    fn branches_to_patch_addr(&self) -> usize {
+        self.0.branches_to_patch_addr
+    }
+    /// Displaced instructions that are RIP-relative (re-encoded in a trampoline).
+    #[getter]
+    fn relative_in_displaced(&self) -> usize {
+        self.0.relative_in_displaced
+    }
+    /// The function contains indirect jumps, whose targets cannot be checked from its bytes.
+    #[getter]
+    fn indirect_branches(&self) -> bool {
+        self.0.indirect_branches
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Site(entry={:#x}, patch_addr={:#x}, displaced_len={}, endbr64={})",
+            self.0.entry,
+            self.0.patch_addr,
+            self.0.displaced_len,
+            if self.0.endbr64 { "True" } else { "False" }
+        )
+    }
+}
+
+/// One step of a write plan: `kind` is `"write"` (store `data` at `addr`) or `"sync"`
+/// (serialise every thread that may execute the site before going on).
+#[pyclass(module = "livepatch.core", name = "Step", frozen)]
+pub(crate) struct PyStep(Step);
+
+#[pymethods]
+impl PyStep {
+    /// `"write"` or `"sync"`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        match self.0 {
+            Step::Write { .. } => "write",
+            Step::Sync => "sync",
+        }
+    }
+    /// The first byte written, or `None` for a sync.
+    #[getter]
+    fn addr(&self) -> Option<u64> {
+        self.0.data().map(|(addr, _)| addr)
+    }
+    /// The bytes written, or `None` for a sync.
+    #[getter]
+    fn data<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.0.data().map(|(_, data)| PyBytes::new_bound(py, data))
+    }
+    fn __eq__(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+    fn __repr__(&self) -> String {
+        match self.0.data() {
+            Some((addr, data)) => format!("Step.write({addr:#x}, {})", hex(data)),
+            None => "Step.sync()".to_string(),
+        }
+    }
+}
+
+/// The ordered steps that rewrite `expected` into `result` at `addr` (int3 → sync → tail → sync
+/// → first byte → sync). Iterating over a plan, or `len()`, goes through its steps.
+#[pyclass(module = "livepatch.core", name = "WritePlan", frozen)]
+pub(crate) struct PyWritePlan(WritePlan);
+
+#[pymethods]
+impl PyWritePlan {
+    /// The steps in order.
+    #[getter]
+    fn steps(&self) -> Vec<PyStep> {
+        self.0.steps().iter().copied().map(PyStep).collect()
+    }
+    /// Address of the first byte the plan covers.
+    #[getter]
+    fn addr(&self) -> u64 {
+        self.0.addr()
+    }
+    /// What must be at `addr` before the first step (anything else: refuse).
+    #[getter]
+    fn expected<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new_bound(py, self.0.expected())
+    }
+    /// What is at `addr` after the last step.
+    #[getter]
+    fn result<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new_bound(py, self.0.result())
+    }
+    fn __len__(&self) -> usize {
+        self.0.steps().len()
+    }
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        let steps = self.steps().into_iter().map(|s| s.into_py(py));
+        PyList::new_bound(py, steps).as_any().iter()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "WritePlan(addr={:#x}, expected={}, result={}, steps={})",
+            self.0.addr(),
+            hex(self.0.expected()),
+            hex(self.0.result()),
+            self.0.steps().len()
+        )
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Validates the patch site of the function whose bytes `code` (its whole symbol size, as in
+/// memory) start at `address`, for a redirect of `jump_len` bytes. Raises `livepatch.SiteError`
+/// with lp-core's reason when the entry cannot take a redirect.
+#[pyfunction]
+#[pyo3(signature = (code, address, jump_len = REL32_JUMP_LEN))]
+fn validate_site(py: Python<'_>, code: &[u8], address: u64, jump_len: usize) -> PyResult<PySite> {
+    match guarded(|| site::validate_site(code, address, jump_len)) {
+        Ok(Ok(site)) => Ok(PySite(site)),
+        Ok(Err(e)) => Err(raise(py, "SiteError", e.to_string())),
+        Err(panic) => Err(panic.into_pyerr(py)),
+    }
+}
+
+/// The write plan redirecting `site` to `target`; `current` is what is at `site.patch_addr` now
+/// (its original bytes, or a redirect of an earlier patch when stacking).
+#[pyfunction]
+fn plan_apply(py: Python<'_>, site: &PySite, current: &[u8], target: u64) -> PyResult<PyWritePlan> {
+    planned(py, || plan::plan_apply(&site.0, current, target))
+}
+
+/// The write plan rewriting `current` (the bytes now at `addr`) into `new` (1..=16 bytes each).
+#[pyfunction]
+fn plan_write(py: Python<'_>, addr: u64, current: &[u8], new: &[u8]) -> PyResult<PyWritePlan> {
+    planned(py, || plan::plan_write(addr, current, new))
+}
+
+/// The plan that takes an applied plan back: the same protocol, from its result to its expected.
+#[pyfunction]
+fn plan_revert(py: Python<'_>, applied: &PyWritePlan) -> PyResult<PyWritePlan> {
+    planned(py, || Ok(plan::plan_revert(&applied.0)))
+}
+
+fn planned(
+    py: Python<'_>,
+    make: impl FnOnce() -> Result<WritePlan, plan::PlanError>,
+) -> PyResult<PyWritePlan> {
+    match guarded(make) {
+        Ok(Ok(plan)) => Ok(PyWritePlan(plan)),
+        Ok(Err(e)) => Err(raise(py, "PlanError", e.to_string())),
+        Err(panic) => Err(panic.into_pyerr(py)),
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySite>()?;
+    m.add_class::<PyStep>()?;
+    m.add_class::<PyWritePlan>()?;
+    m.add_function(wrap_pyfunction!(validate_site, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_write, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_revert, m)?)?;
+    Ok(())
+}
