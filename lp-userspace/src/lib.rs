@@ -5,3 +5,9 @@ pub mod elf;
 pub mod maps;
 pub mod patchfile;
 pub mod link;
+pub mod apply;
+pub mod revert;
+pub mod state;
+pub mod status;
+
+pub use apply::{Error, ErrorKind};

@@ -1,0 +1,327 @@
+//! `livepatch apply`: put a patch into a running process.
+//!
+//! Order matters, and is the whole safety story:
+//! 1. read-only checks — the target module is mapped, its build-id is the patch's, every old
+//!    function's bytes in memory are what the patch expects (or our own earlier redirect), the
+//!    patch is not applied yet, lp-core accepts every site. Any failure: nothing was touched.
+//! 2. preparation while every thread runs — patch memory mapped within ±2 GiB of the module
+//!    (remote mmap, prefaulted), the object linked there against the target's symbols,
+//!    trampolines and register-preserving thunks built, everything written and protected, the
+//!    code pages to be patched pre-faulted (copy-on-write done now, not during the stop).
+//! 3. the switch ([`switch`]) in stop or nonstop mode, recording the state in the target.
+//! Any failure after step 2 began unmaps the patch memory: the target is left as it was.
+
+mod error;
+mod stacks;
+pub(crate) mod switch;
+pub(crate) mod target;
+
+pub use error::{Error, ErrorKind};
+pub use switch::{Mode, SwitchStats};
+
+use crate::link::{Layout, Protection};
+use crate::patchfile::Patch;
+use crate::process::{prot, Tracee};
+use crate::state::{AppliedFunction, AppliedPatch, StateMap};
+use lp_core::consistency::CodeRange;
+use lp_core::jump::{Jump, REL32_JUMP_LEN};
+use lp_core::plan::plan_apply;
+use lp_core::site::{validate_site, Site};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+use switch::{BusyRange, SiteSwitch};
+
+/// Options of an apply.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    /// Switch mode.
+    pub mode: Mode,
+    /// How long stop mode retries while a thread is busy in a switched function.
+    pub timeout: Duration,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            mode: Mode::Stop,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A function as redirected by an apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedFunctionReport {
+    /// The old function.
+    pub name: String,
+    /// Its entry.
+    pub old: u64,
+    /// The new function's entry.
+    pub new: u64,
+    /// Through a register-preserving thunk.
+    pub thunk: bool,
+}
+
+/// What the CLI reports after a successful apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    /// The process.
+    pub pid: i32,
+    /// The patch id.
+    pub id: String,
+    /// The patched module.
+    pub module: String,
+    /// The mode used.
+    pub mode: Mode,
+    /// The redirected functions.
+    pub functions: Vec<AppliedFunctionReport>,
+    /// Figures of the switch.
+    pub stats: SwitchStats,
+    /// Wall time of the whole apply, microseconds.
+    pub total_us: u64,
+}
+
+/// Bytes reserved per function for its trampoline and thunk.
+const PER_FUNCTION_EXTRA: u64 = 128;
+const PAGE: u64 = 4096;
+
+/// Applies `patch` to process `pid`.
+pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
+    let t0 = Instant::now();
+    // 1. Read-only checks.
+    let target = target::locate(pid, patch)?;
+    let existing = crate::state::read(pid)?;
+    if existing.patches.iter().any(|p| p.id == patch.id) {
+        return Err(Error::AlreadyApplied {
+            id: patch.id.clone(),
+            pid,
+        });
+    }
+    let mem = crate::process::Memory::open(pid)?;
+    target::verify_bytes(pid, &mem, &target, patch, &existing)?;
+    let mut sites: Vec<Site> = Vec::new();
+    for f in &patch.functions {
+        let old = target.bias + f.old_vaddr;
+        let site = validate_site(&f.old_bytes, old, REL32_JUMP_LEN)
+            .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
+        sites.push(site);
+    }
+    let layout = Layout::of(&patch.object)
+        .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
+    let resolver = target::Resolver::new(pid, &target, patch)?;
+
+    // 2. Preparation; threads keep running.
+    let mut t = Tracee::attach(pid)?;
+    let statemap = StateMap::open_or_create(&mut t)?;
+    let image_len = layout.size().div_ceil(PAGE) * PAGE;
+    let extra_len = (PER_FUNCTION_EXTRA * patch.functions.len() as u64).div_ceil(PAGE) * PAGE;
+    let total_len = image_len + extra_len;
+    let code_addr = map_near(&mut t, &target, total_len)?;
+    let prepared = prepare(
+        &mut t, patch, &layout, &resolver, &sites, code_addr, image_len, &existing,
+    );
+    let (switches, busy, functions) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = t.munmap(code_addr, total_len);
+            return Err(e);
+        }
+    };
+
+    // 3. The switch.
+    let record = AppliedPatch {
+        id: patch.id.clone(),
+        applied_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        module: target.module.path.clone(),
+        build_id: patch.target_build_id_hex(),
+        mode: opts.mode.to_string(),
+        code_addr,
+        code_len: total_len,
+        functions: functions.clone(),
+    };
+    let mut new_state = existing.clone();
+    new_state.patches.push(record);
+    let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
+        statemap.store(m, &new_state)?;
+        Ok(())
+    };
+    let stats = match switch::run(&mut t, opts.mode, &switches, &busy, opts.timeout, &mut commit) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing redirects into the patch memory: give it back.
+            if !matches!(e, Error::Process(crate::process::ProcessError::Exited(_))) {
+                let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
+            }
+            return Err(e);
+        }
+    };
+    t.detach()?;
+    Ok(Applied {
+        pid,
+        id: patch.id.clone(),
+        module: target.module.path.clone(),
+        mode: opts.mode,
+        functions: functions
+            .iter()
+            .map(|f| AppliedFunctionReport {
+                name: f.name.clone(),
+                old: f.old,
+                new: f.new,
+                thunk: f.via != f.new,
+            })
+            .collect(),
+        stats,
+        total_us: t0.elapsed().as_micros() as u64,
+    })
+}
+
+/// Maps `len` bytes of read-write anonymous memory within reach of the target module.
+fn map_near(t: &mut Tracee, target: &target::LoadedTarget, len: u64) -> Result<u64, Error> {
+    let mappings = crate::maps::read(t.pid())?;
+    let lo = target.module.start();
+    let hi = target.module.end();
+    let addr = crate::maps::find_free_near(&mappings, lo, hi, len).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "no free address space within 2 GiB of {}",
+            target.module.path
+        ))
+    })?;
+    let got = t.mmap(
+        addr,
+        len,
+        prot::READ | prot::WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE,
+        -1,
+        0,
+    )?;
+    if got != addr {
+        let _ = t.munmap(got, len);
+        return Err(Error::Other(format!(
+            "mmap placed patch memory at {got:#x} instead of {addr:#x}"
+        )));
+    }
+    Ok(addr)
+}
+
+type Prepared = (Vec<SiteSwitch>, Vec<BusyRange>, Vec<AppliedFunction>);
+
+/// Links, writes and protects the patch code; plans every site.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    t: &mut Tracee,
+    patch: &Patch,
+    layout: &Layout,
+    resolver: &target::Resolver<'_>,
+    sites: &[Site],
+    code_addr: u64,
+    image_len: u64,
+    existing: &crate::state::State,
+) -> Result<Prepared, Error> {
+    let image = layout
+        .link(code_addr, &|name| resolver.resolve(name))
+        .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
+    t.mem().write(code_addr, &image.bytes)?;
+    let mut extra = Vec::new();
+    let extra_addr = code_addr + image_len;
+    let mut switches = Vec::new();
+    let mut busy = Vec::new();
+    let mut functions = Vec::new();
+    for (f, site) in patch.functions.iter().zip(sites) {
+        let new = image.symbol(&f.new_name).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "patch {}: new function {} is not defined by its object",
+                patch.id, f.new_name
+            ))
+        })?;
+        // Trampoline: the original's displaced instructions, then a jump back past them.
+        let tramp = extra_addr + extra.len() as u64;
+        extra.extend_from_slice(&build_trampoline(site, tramp).map_err(|e| {
+            Error::Unsupported(format!("function {}: {e}", f.old_name))
+        })?);
+        pad16(&mut extra);
+        let via = new;
+        let current = t.mem().read_vec(site.patch_addr, site.displaced_len)?;
+        let plan = plan_apply(site, &current, via)
+            .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
+        let below = target::top_redirect(existing, site.entry).map(|p| p.via);
+        switches.push(SiteSwitch {
+            name: f.old_name.clone(),
+            plan: plan.clone(),
+            top: via,
+            below,
+            resume: tramp,
+            reverting: false,
+        });
+        busy.push(BusyRange {
+            range: CodeRange::new(site.entry, site.entry + f.old_size.max(1)),
+            name: f.old_name.clone(),
+        });
+        // A version we stack on is replaced too: no thread may be in it either.
+        if let Some(prev) = target::top_redirect(existing, site.entry) {
+            busy.push(BusyRange {
+                range: CodeRange::new(prev.new, prev.new + prev.new_size.max(1)),
+                name: format!("{} (previous patch)", f.old_name),
+            });
+        }
+        let new_size = image
+            .symbol_list
+            .iter()
+            .find(|s| s.addr == new && s.function)
+            .map(|s| s.size)
+            .unwrap_or(1);
+        functions.push(AppliedFunction {
+            name: f.old_name.clone(),
+            old: site.entry,
+            new,
+            new_size,
+            via,
+            patch_addr: site.patch_addr,
+            saved: plan.expected().to_vec(),
+            written: plan.result().to_vec(),
+            trampoline: tramp,
+        });
+    }
+    if !extra.is_empty() {
+        t.mem().write(extra_addr, &extra)?;
+    }
+    // Final protections: image regions as the linker says, trampolines/thunks r-x.
+    for r in &image.regions {
+        let p = match r.prot {
+            Protection::ReadExec => prot::READ | prot::EXEC,
+            Protection::Read => prot::READ,
+            Protection::ReadWrite => prot::READ | prot::WRITE,
+        };
+        t.mprotect(code_addr + r.offset, r.len, p)?;
+    }
+    let extra_len = (extra.len() as u64).div_ceil(PAGE) * PAGE;
+    if extra_len > 0 {
+        t.mprotect(extra_addr, extra_len, prot::READ | prot::EXEC)?;
+    }
+    // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
+    // copy-on-write now, while threads run, instead of during the stop.
+    for s in &switches {
+        let cur = t.mem().read_vec(s.plan.addr(), s.plan.expected().len())?;
+        t.mem().write(s.plan.addr(), &cur)?;
+    }
+    Ok((switches, busy, functions))
+}
+
+fn pad16(v: &mut Vec<u8>) {
+    while v.len() % 16 != 0 {
+        v.push(0xcc);
+    }
+}
+
+/// The original's displaced instructions relocated to `at`, then a jump back.
+fn build_trampoline(site: &Site, at: u64) -> Result<Vec<u8>, String> {
+    if site.relative_in_displaced > 0 {
+        return Err("RIP-relative instruction in the displaced bytes (trampoline not built)".into());
+    }
+    let mut out = site.displaced().to_vec();
+    let back = Jump::to(at + out.len() as u64, site.resume_addr());
+    out.extend_from_slice(back.as_bytes());
+    Ok(out)
+}

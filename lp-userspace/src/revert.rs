@@ -1,0 +1,138 @@
+//! `livepatch revert`: take a patch back out of a running process — the newest by default.
+//! The same consistency check as apply, on the new functions (and the whole patch memory,
+//! which is freed afterwards); the original bytes (or the redirect of the patch below, when
+//! patches stack) are restored exactly.
+
+use crate::apply::switch::{self, BusyRange, Mode, SiteSwitch};
+use crate::apply::{Error, SwitchStats};
+use crate::process::Tracee;
+use crate::state::{self, StateMap};
+use lp_core::consistency::CodeRange;
+use lp_core::plan::plan_write;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// What a revert did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reverted {
+    /// The process.
+    pub pid: i32,
+    /// The patch id taken out.
+    pub id: String,
+    /// Functions restored.
+    pub functions: Vec<String>,
+    /// Figures of the switch.
+    pub stats: SwitchStats,
+    /// Wall time, microseconds.
+    pub total_us: u64,
+}
+
+/// Reverts patch `id` (or the newest when `None`; an id prefix is accepted) of process `pid`.
+pub fn revert(
+    pid: i32,
+    id: Option<&str>,
+    mode: Mode,
+    timeout: Duration,
+) -> Result<Reverted, Error> {
+    let t0 = Instant::now();
+    let current = state::read(pid)?;
+    let index = match id {
+        None => current.patches.len().checked_sub(1).ok_or_else(|| {
+            Error::NotFound(format!("process {pid} has no livepatch applied"))
+        })?,
+        Some(id) => {
+            let found: Vec<usize> = (0..current.patches.len())
+                .filter(|&i| current.patches[i].id.starts_with(id))
+                .collect();
+            match found.as_slice() {
+                [i] => *i,
+                [] => {
+                    return Err(Error::NotFound(format!(
+                        "patch {id} is not applied to process {pid}"
+                    )))
+                }
+                _ => {
+                    return Err(Error::NotFound(format!(
+                        "patch id {id} is ambiguous in process {pid}: give more digits"
+                    )))
+                }
+            }
+        }
+    };
+    let patch = current.patches[index].clone();
+    // A later patch on one of the same functions stacks on this one: it must go first.
+    for later in &current.patches[index + 1..] {
+        if let Some(f) = later
+            .functions
+            .iter()
+            .find(|f| patch.functions.iter().any(|g| g.old == f.old))
+        {
+            return Err(Error::NotTop(format!(
+                "cannot revert patch {}: patch {} is stacked on it (function {}); revert that one first",
+                patch.id, later.id, f.name
+            )));
+        }
+    }
+    let mut t = Tracee::attach(pid)?;
+    // Verify, before anything is written, that our redirects are still what we wrote.
+    for f in &patch.functions {
+        let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;
+        if cur != f.written {
+            return Err(Error::Mismatch(format!(
+                "function {} at {:#x} no longer holds patch {}'s redirect: changed by someone else; nothing reverted",
+                f.name, f.patch_addr, patch.id
+            )));
+        }
+    }
+    let mut switches = Vec::new();
+    let mut busy = Vec::new();
+    for f in &patch.functions {
+        let plan = plan_write(f.patch_addr, &f.written, &f.saved)
+            .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.name)))?;
+        let below = current.patches[..index]
+            .iter()
+            .rev()
+            .flat_map(|p| p.functions.iter())
+            .find(|g| g.old == f.old)
+            .map(|g| g.via);
+        switches.push(SiteSwitch {
+            name: f.name.clone(),
+            plan,
+            top: f.via,
+            below,
+            resume: f.trampoline,
+            reverting: true,
+        });
+        busy.push(BusyRange {
+            range: CodeRange::new(f.new, f.new + f.new_size.max(1)),
+            name: format!("{} (new version)", f.name),
+        });
+    }
+    busy.push(BusyRange {
+        range: CodeRange::new(patch.code_addr, patch.code_addr + patch.code_len),
+        name: format!("patch {} code", short(&patch.id)),
+    });
+    let statemap = StateMap::open(pid)
+        .ok_or_else(|| Error::Other(format!("livepatch state of process {pid} vanished")))?;
+    let mut new_state = current.clone();
+    new_state.patches.remove(index);
+    let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
+        statemap.store(m, &new_state)?;
+        Ok(())
+    };
+    let stats = switch::run(&mut t, mode, &switches, &busy, timeout, &mut commit)?;
+    // Nothing leads into the patch memory any more, and no thread is inside it.
+    t.munmap(patch.code_addr, patch.code_len)?;
+    t.detach()?;
+    Ok(Reverted {
+        pid,
+        id: patch.id.clone(),
+        functions: patch.functions.iter().map(|f| f.name.clone()).collect(),
+        stats,
+        total_us: t0.elapsed().as_micros() as u64,
+    })
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}

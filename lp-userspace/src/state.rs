@@ -1,0 +1,203 @@
+//! The patch state kept *inside* the target: a memfd mapping named `livepatch-state` holding
+//! the list of applied patches (ids, times, target module, old → new addresses, the bytes each
+//! redirect replaced, where the patch code lives). Any later invocation of the tool finds it
+//! through `/proc/PID/maps` and reads it through `/proc/PID/mem`, so `status` and `revert` work
+//! after the tool that applied the patch has exited or crashed; the state dies with the process.
+//!
+//! Layout: a 64-byte header (magic, version, active slot, lengths) followed by two slots. A new
+//! state is written to the inactive slot and then published by rewriting the header, so a tool
+//! killed in the middle of an update leaves the previous state readable.
+
+use crate::process::{Memory, ProcessError, Tracee};
+use serde::{Deserialize, Serialize};
+
+/// The memfd name; /proc/PID/maps shows it as `/memfd:livepatch-state (deleted)`.
+pub const MEMFD_NAME: &str = "livepatch-state";
+/// Size of the mapping.
+pub const STATE_SIZE: u64 = 256 * 1024;
+const HEADER: u64 = 64;
+const SLOT: u64 = (STATE_SIZE - HEADER) / 2;
+const MAGIC: &[u8; 8] = b"LPSTATE\0";
+const VERSION: u32 = 1;
+
+/// One function redirected by an applied patch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppliedFunction {
+    /// The old function's name (as in the patch).
+    pub name: String,
+    /// Entry address of the old function in the target.
+    pub old: u64,
+    /// Entry address of the new function in the target.
+    pub new: u64,
+    /// Size of the new function (for the consistency check when it is replaced or reverted).
+    pub new_size: u64,
+    /// Where control actually goes: `new`, or a register-preserving thunk calling it.
+    pub via: u64,
+    /// Address where the redirect was written.
+    pub patch_addr: u64,
+    /// Bytes at `patch_addr` before this patch (restored by revert).
+    pub saved: Vec<u8>,
+    /// Bytes this patch wrote at `patch_addr`.
+    pub written: Vec<u8>,
+    /// Trampoline running the original's displaced instructions (0: none).
+    pub trampoline: u64,
+}
+
+/// One patch applied to the process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppliedPatch {
+    /// The patch id (content hash).
+    pub id: String,
+    /// Seconds since the epoch when the patch went live.
+    pub applied_at: u64,
+    /// The patched module's path.
+    pub module: String,
+    /// Its build-id (hex).
+    pub build_id: String,
+    /// Switch mode used ("stop" or "nonstop").
+    pub mode: String,
+    /// Patch memory: start address.
+    pub code_addr: u64,
+    /// Patch memory: length in bytes.
+    pub code_len: u64,
+    /// The redirected functions.
+    pub functions: Vec<AppliedFunction>,
+}
+
+/// Everything applied to one process, oldest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    /// Applied patches, oldest first (the last one is the top of every stack it touches).
+    pub patches: Vec<AppliedPatch>,
+}
+
+/// Errors of the in-target state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing the target failed.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// The mapping exists but does not hold a state we understand.
+    #[error("livepatch state of process {pid} is corrupt: {why}")]
+    Corrupt {
+        /// The process.
+        pid: i32,
+        /// What is wrong.
+        why: String,
+    },
+    /// The state does not fit in the mapping.
+    #[error("livepatch state of process {0} is full")]
+    Full(i32),
+}
+
+/// Where a process's state mapping is, if it has one.
+pub fn locate(pid: i32) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let needle = format!("/memfd:{MEMFD_NAME}");
+    maps.lines()
+        .find(|l| l.contains(&needle) && l.split_whitespace().nth(1).is_some_and(|p| p.starts_with("rw")))
+        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+}
+
+/// Reads the state of `pid` (an empty state when the process has none).
+pub fn read(pid: i32) -> Result<State, StateError> {
+    let Some(addr) = locate(pid) else {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(ProcessError::NoSuchProcess(pid).into());
+        }
+        return Ok(State::default());
+    };
+    read_at(pid, &Memory::open(pid)?, addr)
+}
+
+fn read_at(pid: i32, mem: &Memory, addr: u64) -> Result<State, StateError> {
+    let corrupt = |why: &str| StateError::Corrupt {
+        pid,
+        why: why.to_string(),
+    };
+    let header = mem.read_vec(addr, HEADER as usize)?;
+    if header.iter().all(|&b| b == 0) {
+        return Ok(State::default());
+    }
+    if &header[..8] != MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if version != VERSION {
+        return Err(corrupt(&format!("unknown version {version}")));
+    }
+    let active = u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64;
+    let len = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    if active > 1 || len > SLOT {
+        return Err(corrupt("bad header"));
+    }
+    let body = mem.read_vec(addr + HEADER + active * SLOT, len as usize)?;
+    serde_json::from_slice(&body).map_err(|e| corrupt(&e.to_string()))
+}
+
+/// The state mapping of a traced process, created on first use.
+#[derive(Debug)]
+pub struct StateMap {
+    addr: u64,
+    pid: i32,
+}
+
+impl StateMap {
+    /// Finds the state mapping of the target, or creates it (remote memfd_create + mmap).
+    pub fn open_or_create(t: &mut Tracee) -> Result<StateMap, StateError> {
+        let addr = match locate(t.pid()) {
+            Some(a) => a,
+            None => t.map_memfd(MEMFD_NAME, STATE_SIZE)?,
+        };
+        Ok(StateMap {
+            addr,
+            pid: t.pid(),
+        })
+    }
+
+    /// Finds an existing state mapping.
+    pub fn open(pid: i32) -> Option<StateMap> {
+        locate(pid).map(|addr| StateMap { addr, pid })
+    }
+
+    /// Reads the state.
+    pub fn load(&self, mem: &Memory) -> Result<State, StateError> {
+        read_at(self.pid, mem, self.addr)
+    }
+
+    /// Writes `state`: body into the inactive slot, then the header that publishes it.
+    pub fn store(&self, mem: &Memory, state: &State) -> Result<(), StateError> {
+        let body = serde_json::to_vec(state).expect("state serializes");
+        if body.len() as u64 > SLOT {
+            return Err(StateError::Full(self.pid));
+        }
+        let header = mem.read_vec(self.addr, HEADER as usize)?;
+        let active = if &header[..8] == MAGIC {
+            u32::from_le_bytes(header[12..16].try_into().unwrap()) & 1
+        } else {
+            1
+        };
+        let next = 1 - active;
+        mem.write(self.addr + HEADER + next as u64 * SLOT, &body)?;
+        let mut h = [0u8; HEADER as usize];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&next.to_le_bytes());
+        h[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        mem.write(self.addr, &h)?;
+        Ok(())
+    }
+}
+
+/// Every process (pid) that has a livepatch state mapping.
+pub fn processes_with_state() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| locate(pid).is_some())
+        .collect();
+    pids.sort();
+    pids
+}
