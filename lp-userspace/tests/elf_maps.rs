@@ -1,0 +1,99 @@
+//! /proc/PID/maps parsing: deleted files through map_files, anonymous regions, free space near a
+//! module.
+
+#[path = "elf_support/mod.rs"]
+mod support;
+
+use std::process::Command;
+
+use lp_userspace::elf::Module;
+use lp_userspace::maps::{self, find_free_near, Mapping};
+
+#[test]
+fn elf_maps_parses_special_lines() {
+    let text = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234                       /usr/bin/my app
+55d0c0a01000-55d0c0a02000 r-xp 00001000 08:01 1234                       /usr/bin/my app
+7f0000000000-7f0000001000 rw-p 00000000 00:00 0 
+7f0000001000-7f0000002000 r-xp 00002000 08:01 99                         /tmp/lib.so (deleted)
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+";
+    let all = maps::parse(text).unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[0].path.as_deref(), Some("/usr/bin/my app"));
+    assert!(all[1].exec && !all[1].write && all[1].offset == 0x1000);
+    assert!(all[2].is_anonymous() && all[2].path.is_none());
+    assert!(all[3].deleted && all[3].path.as_deref() == Some("/tmp/lib.so"));
+    assert!(all[4].is_anonymous());
+    let mods = maps::modules(&all);
+    assert_eq!(mods.len(), 2);
+    assert_eq!(mods[0].mappings.len(), 2);
+    assert_eq!(mods[0].base(), 0x55d0c0a00000);
+    assert_eq!(mods[1].base(), 0x7f0000001000 - 0x2000);
+    assert_eq!(
+        mods[1].open_path(42).to_str(),
+        Some("/proc/42/map_files/7f0000001000-7f0000002000")
+    );
+    assert!(maps::parse("garbage line\n").is_err());
+    assert!(maps::parse("1000-0 r-xp 0 0:0 0\n").is_err());
+}
+
+#[test]
+fn elf_maps_free_range_is_within_reach_and_free() {
+    let m = |start: u64, end: u64| Mapping {
+        start,
+        end,
+        read: true,
+        write: false,
+        exec: false,
+        shared: false,
+        offset: 0,
+        dev: "0:0".into(),
+        inode: 0,
+        path: None,
+        deleted: false,
+    };
+    let all = vec![
+        m(0x5555_0000_0000, 0x5555_0010_0000),
+        m(0x5555_0010_0000 + 0x1000, 0x5555_0020_0000),
+    ];
+    let a = find_free_near(&all, 0x5555_0000_0000, 0x5555_0020_0000, 0x3000).unwrap();
+    assert!(
+        all.iter()
+            .all(|x| a + 0x3000 + 0x1000 <= x.start || a >= x.end + 0x1000),
+        "{a:x}"
+    );
+    let span = (a + 0x3000).max(0x5555_0020_0000) - a.min(0x5555_0000_0000);
+    assert!(span <= 1 << 31, "{a:x} out of rel32 reach");
+    // Everything around the module taken: nothing.
+    let full = vec![m(0x1_0000_0000 - (1 << 32), 0x1_0000_0000 + (1 << 32))];
+    assert_eq!(
+        find_free_near(&full, 0x1_0000_0000, 0x1_0001_0000, 0x1000),
+        None
+    );
+}
+
+#[test]
+fn elf_maps_deleted_executable_opens_through_map_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.c");
+    std::fs::write(&src, "#include <unistd.h>\nint main(){pause();}\n").unwrap();
+    let exe = support::gcc(dir.path(), "gone", &["-O2", src.to_str().unwrap()]);
+    let id = Module::open(&exe).unwrap().build_id_hex();
+    let mut child = Command::new(&exe).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::fs::remove_file(&exe).unwrap();
+    let pid = child.id() as i32;
+    let mods = maps::modules(&maps::read(pid).unwrap());
+    let gone = mods
+        .iter()
+        .find(|m| m.file_name() == "gone")
+        .expect("mapped");
+    assert!(gone.deleted);
+    let path = gone.open_path(pid);
+    assert!(path.to_str().unwrap().contains("/map_files/"));
+    assert_eq!(Module::open(&path).unwrap().build_id_hex(), id);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(maps::read(i32::MAX).is_err());
+}
