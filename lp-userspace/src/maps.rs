@@ -16,6 +16,14 @@ pub enum MapsError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The file asked about in [`processes_mapping`] cannot be examined.
+    #[error("cannot stat {path}: {source}")]
+    Stat {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A line does not have the maps format.
     #[error("malformed maps line {line}: `{text}`")]
     Malformed {
@@ -285,4 +293,50 @@ pub fn find_free_near(mappings: &[Mapping], lo: u64, hi: u64, size: u64) -> Opti
     }
     consider(cursor, u64::MAX);
     best.map(|(_, a)| a)
+}
+
+/// `major:minor` as shown in maps (hex) → the numbers.
+fn parse_dev(dev: &str) -> Option<(u64, u64)> {
+    let (maj, min) = dev.split_once(':')?;
+    Some((
+        u64::from_str_radix(maj, 16).ok()?,
+        u64::from_str_radix(min, 16).ok()?,
+    ))
+}
+
+/// The processes that map `path` (compared by device and inode, so symlinks and other names of
+/// the same file count). Processes that vanish or deny access meanwhile are skipped.
+pub fn processes_mapping(path: &std::path::Path) -> Result<Vec<i32>, MapsError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| MapsError::Stat {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let want_dev = (
+        libc::major(meta.dev()) as u64,
+        libc::minor(meta.dev()) as u64,
+    );
+    let want_ino = meta.ino();
+    let mut pids = Vec::new();
+    let dir = std::fs::read_dir("/proc").map_err(|source| MapsError::Io { pid: 0, source })?;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(mappings) = read(pid) else {
+            continue;
+        };
+        if mappings
+            .iter()
+            .any(|m| m.inode == want_ino && parse_dev(&m.dev) == Some(want_dev))
+        {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
 }

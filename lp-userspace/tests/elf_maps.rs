@@ -82,6 +82,12 @@ fn elf_maps_deleted_executable_opens_through_map_files() {
     let id = Module::open(&exe).unwrap().build_id_hex();
     let mut child = Command::new(&exe).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
+    // Found by file identity, through a symlink too.
+    let link = dir.path().join("alias");
+    std::os::unix::fs::symlink(&exe, &link).unwrap();
+    let pids = maps::processes_mapping(&link).unwrap();
+    assert_eq!(pids, vec![child.id() as i32]);
+    assert!(maps::processes_mapping(&dir.path().join("nope")).is_err());
     std::fs::remove_file(&exe).unwrap();
     let pid = child.id() as i32;
     let mods = maps::modules(&maps::read(pid).unwrap());
