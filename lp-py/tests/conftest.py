@@ -10,15 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def gcc(out: Path, *args: str) -> Path:
-    """Runs gcc; the test fails with gcc's message if it does not compile."""
-    cmd = ["gcc", *args, "-o", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr}"
-    return out
+from procs import FIXTURES, Running, gcc  # noqa: E402
 
 
 def function_code(obj: Path, name: str) -> "tuple[bytes, int]":
@@ -40,6 +32,36 @@ def function_code(obj: Path, name: str) -> "tuple[bytes, int]":
     subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", str(obj), str(text)],
                    check=True)
     return text.read_bytes()[offset:offset + size], offset
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, have_gcc):
+    """counter (two builds that differ only in their build-id) and the patch objects."""
+    d = tmp_path_factory.mktemp("built")
+    (d / "a").mkdir()
+    (d / "b").mkdir()
+    common = ["-O2", "-Wl,--build-id"]
+    return {
+        "counter": gcc(d / "a" / "counter", *common, str(FIXTURES / "counter.c")),
+        # same file name, another build: what a patch made for the first must refuse
+        "counter_other": gcc(d / "b" / "counter", *common, "-DSTEP_US=10001",
+                             str(FIXTURES / "counter.c")),
+        "value2": gcc(d / "value2.o", "-c", "-fPIC", "-O2", "-DVALUE=2",
+                      str(FIXTURES / "value_fix.c")),
+        "value3": gcc(d / "value3.o", "-c", "-fPIC", "-O2", "-DVALUE=3",
+                      str(FIXTURES / "value_fix.c")),
+        "run": gcc(d / "run.o", "-c", "-fPIC", "-O2", str(FIXTURES / "run_fix.c")),
+        "dir": d,
+    }
+
+
+@pytest.fixture
+def counter(built):
+    """A running counter process printing value=1 every 10 ms; killed after the test."""
+    proc = Running([str(built["counter"])])
+    proc.wait_for("value=1")
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,21 @@ read-only access to lp-core's site validation and write planning (:mod:`livepatc
 The work is done by the same Rust code the CLI runs (``lp-userspace`` and ``lp-core``); this
 package only converts arguments and results. Errors are :class:`livepatch.Error` subclasses whose
 ``str()`` is the CLI's one-line message.
+
+>>> import livepatch
+>>> patch = livepatch.pack("./server", "fix.o", "fix.lpp")        # doctest: +SKIP
+>>> livepatch.apply(pid, patch)                                    # doctest: +SKIP
+>>> livepatch.status(pid)[0]["patches"][0]["id"] == patch.id       # doctest: +SKIP
+True
+>>> livepatch.revert(pid)                                          # doctest: +SKIP
 """
 
 from . import _livepatch, core
+from ._api import apply, pack, revert, status
 from ._errors import *  # noqa: F401,F403  (the exception hierarchy is part of the API)
 from ._errors import __all__ as _error_names
 from ._livepatch import Function, Patch
 
 __version__: str = _livepatch.__version__
 
-__all__ = ["Patch", "Function", "core", *_error_names]
+__all__ = ["Patch", "Function", "pack", "apply", "revert", "status", "core", *_error_names]

@@ -34,6 +34,10 @@ class InputError(Error, ValueError):
     """Bad input other than a patch file: not an ELF file, no such function, bad argument."""
 
 
+class IoError(Error, OSError):
+    """Reading or writing a file failed (other than for lack of permission)."""
+
+
 class NotFoundError(Error, LookupError):
     """No such patch is applied to the process (or nothing is applied at all)."""
 
@@ -70,6 +74,7 @@ __all__ = [
     "ProcessGoneError",
     "PatchFormatError",
     "InputError",
+    "IoError",
     "NotFoundError",
     "AlreadyAppliedError",
     "NotTopError",

@@ -4,9 +4,11 @@
 // inside the macro output, not in our code.
 #![allow(clippy::useless_conversion)]
 
+mod convert;
 mod core;
 mod errors;
 mod patch;
+mod process;
 
 use pyo3::prelude::*;
 
@@ -17,5 +19,6 @@ fn _livepatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     core::register(m)?;
     patch::register(m)?;
+    process::register(m)?;
     Ok(())
 }

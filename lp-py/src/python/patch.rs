@@ -1,6 +1,8 @@
 //! `livepatch.Patch`: a patch file, as `lp_userspace::patchfile` reads and writes it.
 use std::path::PathBuf;
 
+use lp_userspace::elf::ElfError;
+use lp_userspace::pack::{self, PackError, Replacement};
 use lp_userspace::patchfile::{FunctionPatch, Patch, PatchFileError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -126,7 +128,53 @@ fn patchfile_class(e: &PatchFileError) -> &'static str {
 pub(crate) fn io_class(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::PermissionDenied => "AccessError",
+        _ => "IoError",
+    }
+}
+
+/// The exception class for a pack error: bad input, except I/O and objects that cannot be linked.
+fn pack_class(e: &PackError) -> &'static str {
+    match e {
+        PackError::Target(ElfError::Io { source, .. })
+        | PackError::Object(ElfError::Io { source, .. }) => io_class(source),
+        PackError::Link(_) => "RefusedError",
         _ => "InputError",
+    }
+}
+
+/// Packs a patch for `target` (an executable or shared library) from the new functions in
+/// `object` (`gcc -c -fPIC`), writes it to `out` unless `out` is `None`, and returns it.
+/// `replace` holds `OLD[=NEW]` specifications, as the CLI's `--replace`.
+#[pyfunction]
+#[pyo3(signature = (target, object, out, replace = Vec::new()))]
+fn pack_patch(
+    py: Python<'_>,
+    target: PathBuf,
+    object: PathBuf,
+    out: Option<PathBuf>,
+    replace: Vec<String>,
+) -> PyResult<PyPatch> {
+    let made = py.allow_threads(|| {
+        guarded(|| -> Result<Patch, (&'static str, String)> {
+            let failed = |e: PackError| (pack_class(&e), e.to_string());
+            let replace = replace
+                .iter()
+                .map(|r| r.parse::<Replacement>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(failed)?;
+            let patch = pack::pack(&target, &object, &replace).map_err(failed)?;
+            if let Some(out) = &out {
+                patch
+                    .save(out)
+                    .map_err(|e| (patchfile_class(&e), e.to_string()))?;
+            }
+            Ok(patch)
+        })
+    });
+    match made {
+        Ok(Ok(patch)) => Ok(PyPatch(patch)),
+        Ok(Err((class, message))) => Err(raise(py, class, message)),
+        Err(panic) => Err(panic.into_pyerr(py)),
     }
 }
 
@@ -144,5 +192,6 @@ fn into_py_result<T>(
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPatch>()?;
     m.add_class::<PyFunction>()?;
+    m.add_function(wrap_pyfunction!(pack_patch, m)?)?;
     Ok(())
 }

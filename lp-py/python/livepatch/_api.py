@@ -1,0 +1,86 @@
+"""The process operations: thin wrappers that normalise arguments for the native module."""
+
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from . import _livepatch
+from ._livepatch import Patch
+
+PathLike = Union[str, "os.PathLike[str]"]
+Replace = Union[None, str, Mapping[str, str], Iterable[Union[str, Tuple[str, str]]]]
+
+
+def _replace_specs(replace: Replace) -> List[str]:
+    """``OLD[=NEW]`` strings, as the CLI's ``--replace``, from the forms scripts find natural."""
+    if replace is None:
+        return []
+    if isinstance(replace, str):
+        return [replace]
+    if isinstance(replace, Mapping):
+        return [f"{old}={new}" for old, new in replace.items()]
+    specs = []
+    for item in replace:
+        if isinstance(item, str):
+            specs.append(item)
+        else:
+            old, new = item
+            specs.append(f"{old}={new}")
+    return specs
+
+
+def pack(target: PathLike, object: PathLike, out: Optional[PathLike],
+         replace: Replace = None) -> Patch:
+    """Packs a patch, like ``livepatch pack --target TARGET --object OBJECT -o OUT``.
+
+    ``target`` is the executable or shared library to patch, ``object`` a relocatable object
+    (``gcc -c -fPIC``) with the new functions. A function of the object with the name of a
+    function of the target replaces it, unless ``replace`` maps names explicitly: an ``"OLD=NEW"``
+    string, a list of them or of ``(old, new)`` pairs, or a ``{old: new}`` dict (``OLD`` may be
+    ``name``, ``name@file.c`` or ``name,N``). The patch is written to ``out`` unless it is None.
+
+    Raises :class:`InputError` (not an ELF, no such function, ambiguous name...),
+    :class:`IoError`, :class:`AccessError` or :class:`RefusedError` (object cannot be linked).
+    """
+    out_path = None if out is None else os.fspath(out)
+    return _livepatch.pack_patch(os.fspath(target), os.fspath(object), out_path,
+                                 _replace_specs(replace))
+
+
+def _as_patch(patch: Union[Patch, PathLike]) -> Patch:
+    return patch if isinstance(patch, Patch) else Patch.load(os.fspath(patch))
+
+
+def apply(pid: int, patch: Union[Patch, PathLike], mode: str = "stop",
+          timeout: float = 5.0) -> Dict[str, Any]:
+    """Applies ``patch`` (a :class:`Patch` or a patch file's path) to process ``pid``.
+
+    Returns only once the patch is fully in place, with what ``livepatch apply`` reports (pid,
+    id, module, mode, functions with their old and new addresses, switch figures). ``mode`` is
+    ``"stop"`` (every thread stopped and its stack checked; retried with backoff until
+    ``timeout`` seconds) or ``"nonstop"``. The GIL is released meanwhile.
+
+    On any error the process is left exactly as it was: :class:`BusyError`,
+    :class:`MismatchError`, :class:`AlreadyAppliedError`, :class:`ProcessGoneError`,
+    :class:`AccessError`, :class:`RefusedError`, :class:`PatchFormatError`...
+    """
+    return _livepatch.apply_patch(int(pid), _as_patch(patch), mode, float(timeout))
+
+
+def revert(pid: int, patch_id: Union[None, str, Patch] = None, mode: str = "stop",
+           timeout: float = 5.0) -> Dict[str, Any]:
+    """Takes a patch back out of process ``pid``: the newest by default, else ``patch_id`` (an id,
+    a unique prefix of one, or a :class:`Patch`). Only the top of a stack may be reverted
+    (:class:`NotTopError` otherwise). Returns what ``livepatch revert`` reports.
+    """
+    if isinstance(patch_id, Patch):
+        patch_id = patch_id.id
+    return _livepatch.revert_patch(int(pid), patch_id, mode, float(timeout))
+
+
+def status(pid: Optional[int] = None) -> List[Dict[str, Any]]:
+    """What is applied: for ``pid``, or for every process with livepatch state when None.
+
+    The same records as ``livepatch status --json``: ``{"pid", "comm", "patches": [{"id",
+    "applied_at", "module", "build_id", "mode", "functions": [{"name", "old", "new"}]}]}``.
+    """
+    return _livepatch.status_of(None if pid is None else int(pid))
