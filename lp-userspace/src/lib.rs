@@ -9,6 +9,8 @@ pub mod pack;
 pub mod apply;
 pub mod cli;
 pub mod demo;
+pub mod cli;
+pub mod demo;
 pub mod revert;
 pub mod state;
 pub mod status;

@@ -24,7 +24,8 @@ use crate::patchfile::Patch;
 use crate::process::{prot, Tracee};
 use crate::state::{AppliedFunction, AppliedPatch, StateMap};
 use lp_core::consistency::CodeRange;
-use lp_core::jump::{Jump, REL32_JUMP_LEN};
+use lp_core::jump::REL32_JUMP_LEN;
+use lp_core::trampoline::MAX_TRAMPOLINE_LEN;
 use lp_core::plan::plan_apply;
 use lp_core::site::{validate_site, Site};
 use serde::Serialize;
@@ -82,7 +83,7 @@ pub struct Applied {
 }
 
 /// Bytes reserved per function for its trampoline and thunk.
-const PER_FUNCTION_EXTRA: u64 = 128;
+const PER_FUNCTION_EXTRA: u64 = MAX_TRAMPOLINE_LEN as u64 + 16 + 128;
 const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
@@ -315,13 +316,10 @@ fn pad16(v: &mut Vec<u8>) {
     }
 }
 
-/// The original's displaced instructions relocated to `at`, then a jump back.
+/// The original's displaced instructions relocated to `at`, then a jump back (lp-core).
 fn build_trampoline(site: &Site, at: u64) -> Result<Vec<u8>, String> {
-    if site.relative_in_displaced > 0 {
-        return Err("RIP-relative instruction in the displaced bytes (trampoline not built)".into());
-    }
-    let mut out = site.displaced().to_vec();
-    let back = Jump::to(at + out.len() as u64, site.resume_addr());
-    out.extend_from_slice(back.as_bytes());
+    let mut out = vec![0u8; MAX_TRAMPOLINE_LEN];
+    let n = lp_core::trampoline::build_trampoline(site, at, &mut out).map_err(|e| e.to_string())?;
+    out.truncate(n);
     Ok(out)
 }

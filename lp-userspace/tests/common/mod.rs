@@ -1,0 +1,247 @@
+//! Helpers shared by the end-to-end tests: compile C fixtures with gcc at test time, run them
+//! with their output captured line by line, run the `livepatch` binary, and poll for output
+//! with generous timeouts (the machine is small and shared: never sleep-and-hope).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Generous default for waiting on a target's output.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The fixtures directory of process tests.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/proc")
+        .join(name)
+}
+
+/// Runs gcc (or g++ when `cmd` says so) with `args`, panicking with its stderr on failure.
+pub fn cc(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect("run gcc");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Compiles fixture sources into an executable `dir/name` with extra flags.
+pub fn executable(dir: &Path, sources: &[&str], name: &str, flags: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut args: Vec<String> = vec!["-O2".into(), "-g".into(), "-Wl,--build-id".into()];
+    // Libraries (-l...) go after the sources, or the linker drops them.
+    args.extend(flags.iter().filter(|f| !f.starts_with("-l")).map(|s| s.to_string()));
+    args.extend(sources.iter().map(|s| fixture(s).display().to_string()));
+    args.extend(flags.iter().filter(|f| f.starts_with("-l")).map(|s| s.to_string()));
+    args.extend(["-o".into(), out.display().to_string(), "-lpthread".into(), "-ldl".into()]);
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    cc("gcc", &refs);
+    out
+}
+
+/// Compiles a fixture into a relocatable object `dir/name` (gcc -c -fPIC -O2).
+pub fn object(dir: &Path, source: &str, name: &str, flags: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let src = fixture(source).display().to_string();
+    let dst = out.display().to_string();
+    let mut args = vec!["-O2", "-c", "-fPIC"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[src.as_str(), "-o", dst.as_str()]);
+    cc("gcc", &args);
+    out
+}
+
+/// The `livepatch` binary built for these tests.
+pub fn livepatch_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_livepatch")
+}
+
+/// Runs `livepatch args...`.
+pub fn livepatch(args: &[&str]) -> Output {
+    Command::new(livepatch_bin())
+        .args(args)
+        .output()
+        .expect("run livepatch")
+}
+
+/// Runs `livepatch args...` and asserts success; returns stdout.
+pub fn livepatch_ok(args: &[&str]) -> String {
+    let out = livepatch(args);
+    assert!(
+        out.status.success(),
+        "livepatch {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `livepatch args...`, asserts it fails with a one-line error on stderr; returns
+/// (exit code, that line).
+pub fn livepatch_err(args: &[&str]) -> (i32, String) {
+    let out = livepatch(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "livepatch {args:?} unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "error must be one line, got: {stderr}"
+    );
+    assert!(stderr.starts_with("livepatch: error: "), "got: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr.trim_end().to_string())
+}
+
+/// A running fixture whose stdout lines are collected as they come.
+pub struct Target {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Target {
+    /// Starts `exe args...` with stdout captured; waits for its first line.
+    pub fn spawn(exe: &Path, args: &[&str]) -> Target {
+        Self::spawn_env(exe, args, &[])
+    }
+
+    /// Like [`Target::spawn`] with extra environment variables.
+    pub fn spawn_env(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Target {
+        let mut cmd = Command::new(exe);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start fixture");
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let t = Target { child, lines };
+        t.wait_line(|l| l.starts_with("ready"));
+        t
+    }
+
+    /// The process id, as a string for command lines.
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Lines printed so far.
+    pub fn count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// All lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a line (any, from the start) satisfies `pred`; returns it.
+    pub fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_line_after(0, pred)
+    }
+
+    /// Waits until a line printed after the first `mark` lines satisfies `pred`.
+    pub fn wait_line_after(&self, mark: usize, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                if let Some(l) = lines.iter().skip(mark).find(|l| pred(l)) {
+                    return l.clone();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no matching output line after line {mark} within {PATIENCE:?}; last lines: {:?}",
+                    self.lines().iter().rev().take(5).collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for `n` more lines after now, and asserts every one satisfies `pred`
+    /// (the output is steady in this state).
+    pub fn expect_steady(&self, n: usize, pred: impl Fn(&str) -> bool) {
+        let mark = self.count();
+        let deadline = Instant::now() + PATIENCE;
+        while self.count() < mark + n {
+            assert!(Instant::now() < deadline, "target stopped printing");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for l in self.lines().iter().skip(mark) {
+            assert!(pred(l), "unexpected line {l:?}");
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `livepatch pack` of `object` against `target` into `dir/name`; returns the patch path and id.
+pub fn pack(dir: &Path, target: &Path, object: &Path, replace: &[&str], name: &str) -> (PathBuf, String) {
+    let out = dir.join(name);
+    let mut args = vec![
+        "pack".to_string(),
+        "--target".into(),
+        target.display().to_string(),
+        "--object".into(),
+        object.display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    for r in replace {
+        args.push("--replace".into());
+        args.push(r.to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let stdout = livepatch_ok(&refs);
+    let id = stdout
+        .split_whitespace()
+        .nth(2)
+        .expect("pack prints the id")
+        .to_string();
+    (out, id)
+}
+
+/// `livepatch status PID --json`, parsed.
+pub fn status_json(pid: &str) -> serde_json::Value {
+    let out = livepatch_ok(&["status", pid, "--json"]);
+    serde_json::from_str(&out).expect("status --json is JSON")
+}
+
+/// Compiles a fixture into a shared library `dir/name` (gcc -shared -fPIC -O2).
+pub fn shared_lib(dir: &Path, source: &str, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let src = fixture(source).display().to_string();
+    let dst = out.display().to_string();
+    cc(
+        "gcc",
+        &["-O2", "-g", "-shared", "-fPIC", "-Wl,--build-id", &src, "-o", &dst],
+    );
+    out
+}
