@@ -9,8 +9,6 @@ pub mod pack;
 pub mod apply;
 pub mod cli;
 pub mod demo;
-pub mod cli;
-pub mod demo;
 pub mod revert;
 pub mod state;
 pub mod status;
