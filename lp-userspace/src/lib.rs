@@ -6,6 +6,7 @@ pub mod maps;
 pub mod patchfile;
 pub mod link;
 pub mod pack;
+pub mod unwind;
 pub mod apply;
 pub mod cli;
 pub mod demo;

@@ -1,0 +1,511 @@
+//! Stack unwinding of a stopped thread with `.eh_frame` CFI (compiled C has no frame pointers).
+//!
+//! The consistency check needs, for every thread, the return addresses on its stack; it runs
+//! while all threads are stopped, so it must be fast: CFI sources are prepared once
+//! ([`Unwinder::for_process`] reads and parses every module before the stop), FDEs are found
+//! through `.eh_frame_hdr`'s binary-search table, and the unwind row of each address is cached.
+//!
+//! The unwinder never guesses: when an address has no CFI, a register rule cannot be evaluated
+//! or memory cannot be read, it stops and reports the backtrace as incomplete (the caller
+//! decides; the stop-mode check treats an incomplete stack as "cannot prove safe").
+
+use std::collections::HashMap;
+use std::io;
+
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult,
+    LittleEndian, Location, Register, RegisterRule, UnwindContext, UnwindSection, UnwindTableRow,
+    Value,
+};
+
+use crate::elf::Module;
+use crate::link::LinkedImage;
+use crate::maps;
+
+/// Reads memory of the stopped process (user-proc implements it with `/proc/PID/mem`).
+pub trait MemoryReader {
+    /// Fills `buf` with the bytes at `addr`; an error if any byte is unreadable.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Reads this very process's memory (tests, and unwinding ourselves).
+pub struct SelfMemory;
+
+impl MemoryReader for SelfMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        // /proc/self/mem checks the mapping and returns EIO instead of faulting.
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open("/proc/self/mem")?.read_exact_at(buf, addr)
+    }
+}
+
+/// A `MemoryReader` over `/proc/PID/mem` (the process must be stopped or traced by us).
+pub struct ProcMemory {
+    file: std::fs::File,
+}
+
+impl ProcMemory {
+    /// Opens `/proc/PID/mem` for reading.
+    pub fn open(pid: i32) -> io::Result<ProcMemory> {
+        Ok(ProcMemory {
+            file: std::fs::File::open(format!("/proc/{pid}/mem"))?,
+        })
+    }
+}
+
+impl MemoryReader for ProcMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, addr)
+    }
+}
+
+/// DWARF register numbers on x86-64.
+pub mod reg {
+    /// %rbx.
+    pub const RBX: u16 = 3;
+    /// %rbp.
+    pub const RBP: u16 = 6;
+    /// %rsp.
+    pub const RSP: u16 = 7;
+    /// The return address column (%rip).
+    pub const RA: u16 = 16;
+}
+
+const NREGS: usize = 17;
+
+/// Register values of a frame, indexed by DWARF number (0 rax, 1 rdx, 2 rcx, 3 rbx, 4 rsi,
+/// 5 rdi, 6 rbp, 7 rsp, 8–15 r8–r15, 16 rip). `None` = unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Registers(pub [Option<u64>; NREGS]);
+
+impl Registers {
+    /// All general-purpose registers of a stopped thread (from `PTRACE_GETREGS`).
+    pub fn from_user_regs(r: &libc::user_regs_struct) -> Registers {
+        Registers([
+            Some(r.rax),
+            Some(r.rdx),
+            Some(r.rcx),
+            Some(r.rbx),
+            Some(r.rsi),
+            Some(r.rdi),
+            Some(r.rbp),
+            Some(r.rsp),
+            Some(r.r8),
+            Some(r.r9),
+            Some(r.r10),
+            Some(r.r11),
+            Some(r.r12),
+            Some(r.r13),
+            Some(r.r14),
+            Some(r.r15),
+            Some(r.rip),
+        ])
+    }
+
+    /// Only what unwinding strictly needs to start; other registers unknown.
+    pub fn minimal(rip: u64, rsp: u64, rbp: u64) -> Registers {
+        let mut r = Registers::default();
+        r.0[reg::RA as usize] = Some(rip);
+        r.0[reg::RSP as usize] = Some(rsp);
+        r.0[reg::RBP as usize] = Some(rbp);
+        r
+    }
+
+    fn get(&self, r: u16) -> Option<u64> {
+        self.0.get(r as usize).copied().flatten()
+    }
+}
+
+/// Why the unwind stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The outermost frame (return address column undefined, or zero): the stack is complete.
+    End,
+    /// No known module contains this address.
+    NoModule(u64),
+    /// The module has no CFI for this address.
+    NoCfi(u64),
+    /// A rule or a memory read failed at this address.
+    Failed(u64, String),
+    /// The depth limit was reached.
+    DepthLimit,
+}
+
+/// The result of unwinding one thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backtrace {
+    /// The instruction pointer the unwind started from.
+    pub ip: u64,
+    /// Return addresses, innermost first (the ip itself is not included).
+    pub return_addresses: Vec<u64>,
+    /// Why it stopped.
+    pub stop: StopReason,
+}
+
+impl Backtrace {
+    /// The whole chain was walked up to the outermost frame.
+    pub fn complete(&self) -> bool {
+        self.stop == StopReason::End
+    }
+}
+
+/// One region of code with its CFI: a mapped ELF module or a linked patch image.
+#[derive(Clone, Debug)]
+pub struct CfiSource {
+    /// For messages.
+    pub name: String,
+    /// Runtime code range covered, `[start, end)`.
+    pub start: u64,
+    /// End of the range.
+    pub end: u64,
+    eh_frame: Vec<u8>,
+    eh_frame_addr: u64,
+    hdr: Option<(Vec<u8>, u64)>,
+    text_addr: u64,
+}
+
+impl CfiSource {
+    /// The CFI of an ELF module loaded with `bias`, covering runtime code `[start, end)`.
+    /// `None` when the module has no `.eh_frame`.
+    pub fn from_module(module: &Module, bias: u64, start: u64, end: u64) -> Option<CfiSource> {
+        let eh = module.eh_frame()?;
+        let hdr = module
+            .eh_frame_hdr()
+            .map(|h| (module.section_data(h).to_vec(), h.vaddr.wrapping_add(bias)));
+        Some(CfiSource {
+            name: module.name().to_string(),
+            start,
+            end,
+            eh_frame: module.section_data(eh).to_vec(),
+            eh_frame_addr: eh.vaddr.wrapping_add(bias),
+            hdr,
+            text_addr: module.text().map_or(start, |t| t.vaddr.wrapping_add(bias)),
+        })
+    }
+
+    /// The CFI of a linked patch image (its relocated `.eh_frame`), so threads inside new code
+    /// unwind too. `None` when the object had no `.eh_frame`.
+    pub fn from_image(image: &LinkedImage) -> Option<CfiSource> {
+        let eh = image.eh_frame.clone()?;
+        let bytes = image.eh_frame_bytes()?;
+        let start = image.text_ranges.iter().map(|r| r.start).min()?;
+        let end = image.text_ranges.iter().map(|r| r.end).max()?;
+        Some(CfiSource {
+            name: format!("patch image at 0x{:x}", image.load_addr),
+            start,
+            end,
+            // Drop the zero terminator: gimli stops on it anyway, keep the section exact.
+            eh_frame: bytes[..bytes.len().saturating_sub(4)].to_vec(),
+            eh_frame_addr: eh.start,
+            hdr: None,
+            text_addr: start,
+        })
+    }
+
+    fn bases(&self) -> BaseAddresses {
+        let b = BaseAddresses::default()
+            .set_eh_frame(self.eh_frame_addr)
+            .set_text(self.text_addr);
+        match &self.hdr {
+            Some((_, addr)) => b.set_eh_frame_hdr(*addr),
+            None => b,
+        }
+    }
+}
+
+type Slice<'a> = EndianSlice<'a, LittleEndian>;
+type Row = UnwindTableRow<usize>;
+
+/// Cached unwind information of one address.
+#[derive(Clone)]
+struct Cached {
+    source: usize,
+    row: Row,
+    signal: bool,
+}
+
+/// Unwinds threads of one process. Build it before stopping the threads.
+pub struct Unwinder {
+    sources: Vec<CfiSource>,
+    ctx: Box<UnwindContext<usize>>,
+    cache: HashMap<u64, Option<Cached>>,
+}
+
+impl Default for Unwinder {
+    fn default() -> Self {
+        Unwinder::new()
+    }
+}
+
+/// Largest number of frames walked.
+pub const DEFAULT_MAX_DEPTH: usize = 256;
+
+impl Unwinder {
+    /// An unwinder with no CFI yet.
+    pub fn new() -> Unwinder {
+        Unwinder {
+            sources: Vec::new(),
+            ctx: Box::new(UnwindContext::new()),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Adds a module or patch image.
+    pub fn add(&mut self, source: CfiSource) {
+        self.sources.push(source);
+        self.sources.sort_by_key(|s| s.start);
+        self.cache.clear();
+    }
+
+    /// The CFI sources known.
+    pub fn sources(&self) -> &[CfiSource] {
+        &self.sources
+    }
+
+    /// Reads the CFI of every module mapped executable in `pid`. Modules that cannot be read
+    /// are skipped (unwinding through them stops, reported incomplete).
+    pub fn for_process(pid: i32) -> Result<Unwinder, maps::MapsError> {
+        let mut u = Unwinder::new();
+        let all = maps::read(pid)?;
+        for m in maps::modules(&all) {
+            let (Some(start), Some(end)) = (
+                m.exec_ranges().map(|r| r.0).min(),
+                m.exec_ranges().map(|r| r.1).max(),
+            ) else {
+                continue;
+            };
+            let Ok(module) = Module::open(&m.open_path(pid)) else {
+                continue;
+            };
+            let Some(bias) = m.load_bias(&module) else {
+                continue;
+            };
+            if let Some(src) = CfiSource::from_module(&module, bias, start, end) {
+                u.add(src);
+            }
+        }
+        Ok(u)
+    }
+
+    fn source_for(&self, addr: u64) -> Option<usize> {
+        let i = self.sources.partition_point(|s| s.start <= addr);
+        (i > 0 && addr < self.sources[i - 1].end).then(|| i - 1)
+    }
+
+    fn row_for(&mut self, addr: u64) -> Result<Option<Cached>, StopReason> {
+        if let Some(c) = self.cache.get(&addr) {
+            return Ok(c.clone());
+        }
+        let Some(si) = self.source_for(addr) else {
+            return Err(StopReason::NoModule(addr));
+        };
+        let src = &self.sources[si];
+        let eh = EhFrame::new(&src.eh_frame, LittleEndian);
+        let bases = src.bases();
+        let fde = match &src.hdr {
+            Some((hdr, _)) => EhFrameHdr::new(hdr, LittleEndian)
+                .parse(&bases, 8)
+                .ok()
+                .and_then(|p| {
+                    p.table()?
+                        .fde_for_address(&eh, &bases, addr, EhFrame::cie_from_offset)
+                        .ok()
+                }),
+            None => None,
+        };
+        let fde = match fde {
+            Some(f) => Some(f),
+            None => eh
+                .fde_for_address(&bases, addr, EhFrame::cie_from_offset)
+                .ok(),
+        };
+        let cached = fde.and_then(|fde| {
+            let row = fde
+                .unwind_info_for_address(&eh, &bases, &mut self.ctx, addr)
+                .ok()?
+                .clone();
+            Some(Cached {
+                source: si,
+                row,
+                signal: fde.cie().is_signal_trampoline(),
+            })
+        });
+        self.cache.insert(addr, cached.clone());
+        Ok(cached)
+    }
+
+    /// Unwinds one stopped thread from `regs`, at most `max_depth` frames.
+    pub fn unwind(
+        &mut self,
+        regs: &Registers,
+        mem: &dyn MemoryReader,
+        max_depth: usize,
+    ) -> Backtrace {
+        let ip = regs.get(reg::RA).unwrap_or(0);
+        let mut bt = Backtrace {
+            ip,
+            return_addresses: Vec::new(),
+            stop: StopReason::End,
+        };
+        let mut regs = *regs;
+        let mut pc = ip;
+        // In the innermost frame (and after a signal frame) pc is the interrupted instruction;
+        // elsewhere it is a return address, which may lie past the end of the caller's FDE.
+        let mut exact = true;
+        loop {
+            if bt.return_addresses.len() >= max_depth {
+                bt.stop = StopReason::DepthLimit;
+                return bt;
+            }
+            let lookup = if exact { pc } else { pc.wrapping_sub(1) };
+            let cached = match self.row_for(lookup) {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    bt.stop = StopReason::NoCfi(pc);
+                    return bt;
+                }
+                Err(e) => {
+                    bt.stop = e;
+                    return bt;
+                }
+            };
+            let src = &self.sources[cached.source];
+            match step(src, &cached.row, &regs, mem) {
+                Ok(None) => {
+                    bt.stop = StopReason::End;
+                    return bt;
+                }
+                Ok(Some(next)) => {
+                    let ra = next.get(reg::RA).unwrap_or(0);
+                    let (old_sp, new_sp) = (regs.get(reg::RSP), next.get(reg::RSP));
+                    if ra == 0 {
+                        bt.stop = StopReason::End;
+                        return bt;
+                    }
+                    // The stack grows down: a caller's frame is above. Equal CFA and pc = a loop.
+                    if new_sp <= old_sp && ra == pc {
+                        bt.stop = StopReason::Failed(pc, "unwinding does not progress".into());
+                        return bt;
+                    }
+                    bt.return_addresses.push(ra);
+                    exact = cached.signal;
+                    regs = next;
+                    pc = ra;
+                }
+                Err(why) => {
+                    bt.stop = StopReason::Failed(pc, why);
+                    return bt;
+                }
+            }
+        }
+    }
+}
+
+fn read_u64(mem: &dyn MemoryReader, addr: u64) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    mem.read(addr, &mut b)
+        .map_err(|e| format!("cannot read stack at 0x{addr:x}: {e}"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The caller's registers, or `None` at the outermost frame.
+fn step(
+    src: &CfiSource,
+    row: &Row,
+    regs: &Registers,
+    mem: &dyn MemoryReader,
+) -> Result<Option<Registers>, String> {
+    let eh = EhFrame::new(&src.eh_frame, LittleEndian);
+    let cfa = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => regs
+            .get(register.0)
+            .ok_or_else(|| format!("CFA register {} unknown", register.0))?
+            .wrapping_add(*offset as u64),
+        CfaRule::Expression(e) => {
+            let expr = e.get(&eh).map_err(|e| e.to_string())?;
+            evaluate(expr, None, regs, mem)?
+        }
+    };
+    // The return address column undefined: the outermost frame (_start, clone's child).
+    if matches!(row.register(Register(reg::RA)), RegisterRule::Undefined) {
+        return Ok(None);
+    }
+    let mut next = *regs;
+    for (r, rule) in row.registers() {
+        let value = match rule {
+            RegisterRule::Undefined => None,
+            RegisterRule::SameValue => regs.get(r.0),
+            RegisterRule::Offset(n) => Some(read_u64(mem, cfa.wrapping_add(*n as u64))?),
+            RegisterRule::ValOffset(n) => Some(cfa.wrapping_add(*n as u64)),
+            RegisterRule::Register(other) => regs.get(other.0),
+            RegisterRule::Expression(e) => {
+                let expr = e.get(&eh).map_err(|e| e.to_string())?;
+                Some(read_u64(mem, evaluate(expr, Some(cfa), regs, mem)?)?)
+            }
+            RegisterRule::ValExpression(e) => {
+                let expr = e.get(&eh).map_err(|e| e.to_string())?;
+                Some(evaluate(expr, Some(cfa), regs, mem)?)
+            }
+            RegisterRule::Constant(v) => Some(*v),
+            other => return Err(format!("unsupported register rule {other:?}")),
+        };
+        if let Some(slot) = next.0.get_mut(r.0 as usize) {
+            *slot = value;
+        }
+    }
+    next.0[reg::RSP as usize] = Some(cfa);
+    Ok(Some(next))
+}
+
+/// Evaluates a DWARF expression of the CFI (`initial` is pushed first for register rules).
+fn evaluate(
+    expr: gimli::Expression<Slice<'_>>,
+    initial: Option<u64>,
+    regs: &Registers,
+    mem: &dyn MemoryReader,
+) -> Result<u64, String> {
+    let encoding = gimli::Encoding {
+        address_size: 8,
+        format: gimli::Format::Dwarf32,
+        version: 4,
+    };
+    let mut eval: Evaluation<Slice<'_>> = expr.evaluation(encoding);
+    if let Some(v) = initial {
+        eval.set_initial_value(v);
+    }
+    let mut state = eval.evaluate().map_err(|e| e.to_string())?;
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        if steps > 64 {
+            return Err("CFI expression does not terminate".into());
+        }
+        state = match state {
+            EvaluationResult::Complete => break,
+            EvaluationResult::RequiresMemory { address, size, .. } => {
+                let mut b = [0u8; 8];
+                let n = (size as usize).min(8);
+                mem.read(address, &mut b[..n])
+                    .map_err(|e| format!("cannot read 0x{address:x}: {e}"))?;
+                eval.resume_with_memory(Value::Generic(u64::from_le_bytes(b)))
+                    .map_err(|e| e.to_string())?
+            }
+            EvaluationResult::RequiresRegister { register, .. } => {
+                let v = regs
+                    .get(register.0)
+                    .ok_or_else(|| format!("register {} unknown", register.0))?;
+                eval.resume_with_register(Value::Generic(v))
+                    .map_err(|e| e.to_string())?
+            }
+            other => return Err(format!("unsupported CFI expression step {other:?}")),
+        };
+    }
+    match eval.as_result().first().map(|p| &p.location) {
+        Some(Location::Address { address }) => Ok(*address),
+        Some(Location::Value {
+            value: Value::Generic(v),
+        }) => Ok(*v),
+        other => Err(format!("unsupported CFI expression result {other:?}")),
+    }
+}
