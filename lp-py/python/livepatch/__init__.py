@@ -17,11 +17,11 @@ True
 """
 
 from . import _livepatch, core
-from ._api import apply, pack, revert, status
+from ._api import apply, pack, processes_mapping, revert, status
 from ._errors import *  # noqa: F401,F403  (the exception hierarchy is part of the API)
 from ._errors import __all__ as _error_names
 from ._livepatch import Function, Patch
 
 __version__: str = _livepatch.__version__
 
-__all__ = ["Patch", "Function", "pack", "apply", "revert", "status", "core", *_error_names]
+__all__ = ["Patch", "Function", "pack", "apply", "revert", "status", "processes_mapping", "core", *_error_names]

@@ -84,3 +84,11 @@ def status(pid: Optional[int] = None) -> List[Dict[str, Any]]:
     "applied_at", "module", "build_id", "mode", "functions": [{"name", "old", "new"}]}]}``.
     """
     return _livepatch.status_of(None if pid is None else int(pid))
+
+
+def processes_mapping(path: PathLike) -> List[int]:
+    """The pids of the processes that map the file ``path`` (an executable or a shared library),
+    compared by device and inode so another name of the same file counts. For scripts that patch
+    every process using a library. Processes that exit or deny access meanwhile are skipped.
+    """
+    return _livepatch.processes_mapping(os.fspath(path))

@@ -1,14 +1,16 @@
 //! apply / revert / status on running processes: `lp_userspace`'s library functions, called with
 //! the GIL released (stop mode may retry for the whole timeout), errors mapped by their kind.
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lp_userspace::apply::{self, ApplyOptions, Mode};
+use lp_userspace::maps::{self, MapsError};
 use lp_userspace::{revert, status, Error, ErrorKind};
 use pyo3::prelude::*;
 
 use super::convert::to_py;
 use super::errors::{guarded, raise, Panic};
-use super::patch::PyPatch;
+use super::patch::{io_class, PyPatch};
 
 /// The exception class (in `livepatch._errors`) for an error of this kind.
 pub(crate) fn class_of(kind: ErrorKind) -> &'static str {
@@ -105,9 +107,26 @@ fn status_of(py: Python<'_>, pid: Option<i32>) -> PyResult<PyObject> {
     to_py(py, serde_json::to_value(finish(py, done)?))
 }
 
+/// The pids of the processes that map the file at `path` (by device and inode).
+#[pyfunction]
+fn processes_mapping(py: Python<'_>, path: PathBuf) -> PyResult<Vec<i32>> {
+    match py.allow_threads(|| guarded(|| maps::processes_mapping(&path))) {
+        Ok(Ok(pids)) => Ok(pids),
+        Ok(Err(e)) => {
+            let class = match &e {
+                MapsError::Stat { source, .. } | MapsError::Io { source, .. } => io_class(source),
+                MapsError::Malformed { .. } => "Error",
+            };
+            Err(raise(py, class, e.to_string()))
+        }
+        Err(panic) => Err(panic.into_pyerr(py)),
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_patch, m)?)?;
     m.add_function(wrap_pyfunction!(revert_patch, m)?)?;
     m.add_function(wrap_pyfunction!(status_of, m)?)?;
+    m.add_function(wrap_pyfunction!(processes_mapping, m)?)?;
     Ok(())
 }
