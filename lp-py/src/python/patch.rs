@@ -105,7 +105,12 @@ impl PyPatch {
         self.0 == other.0
     }
     fn __repr__(&self) -> String {
-        let names: Vec<&str> = self.0.functions.iter().map(|f| f.old_name.as_str()).collect();
+        let names: Vec<&str> = self
+            .0
+            .functions
+            .iter()
+            .map(|f| f.old_name.as_str())
+            .collect();
         format!(
             "Patch(id={:?}, target_name={:?}, target_build_id={:?}, functions={:?})",
             self.0.id,

@@ -92,9 +92,8 @@ fn revert_patch(
 ) -> PyResult<PyObject> {
     let mode = parse_mode(py, mode)?;
     let timeout = parse_timeout(py, timeout)?;
-    let done = py.allow_threads(|| {
-        guarded(|| revert::revert(pid, patch_id.as_deref(), mode, timeout))
-    });
+    let done =
+        py.allow_threads(|| guarded(|| revert::revert(pid, patch_id.as_deref(), mode, timeout)));
     to_py(py, serde_json::to_value(finish(py, done)?))
 }
 
