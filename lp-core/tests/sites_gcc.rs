@@ -55,6 +55,7 @@ has_garbage:                # 0x06 (push es) does not exist in 64-bit mode
     pop %rbp
     ret
     .size has_garbage, .-has_garbage
+    .section .note.GNU-stack,"",@progbits
 "#;
 
 fn compile(flags: &[&str]) -> Compiled {

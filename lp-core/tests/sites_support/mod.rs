@@ -119,3 +119,24 @@ pub fn expected_displaced(boundaries: &[u64], size: usize, patch_off: u64, jump_
         .map(|b| b - patch_off)
         .expect("function long enough")
 }
+
+/// Compile several sources (C and/or `.s`) together into one output with `flags`.
+pub fn gcc_files(files: &[(&str, &str)], flags: &[&str]) -> Compiled {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = Command::new("gcc");
+    cmd.args(flags);
+    for (name, source) in files {
+        let src = dir.path().join(name);
+        std::fs::write(&src, source).expect("write source");
+        cmd.arg(&src);
+    }
+    let out = dir.path().join("out.bin");
+    let status = cmd.arg("-o").arg(&out).status().expect("run gcc");
+    assert!(status.success(), "gcc {flags:?} failed");
+    let bytes = std::fs::read(&out).expect("read gcc output");
+    Compiled {
+        _dir: dir,
+        path: out,
+        bytes,
+    }
+}
