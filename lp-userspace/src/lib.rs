@@ -7,6 +7,7 @@ pub mod patchfile;
 pub mod link;
 pub mod pack;
 pub mod unwind;
+pub mod perf_map;
 pub mod apply;
 pub mod cli;
 pub mod demo;

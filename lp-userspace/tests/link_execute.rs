@@ -240,3 +240,36 @@ fn link_non_pic_object_is_refused_out_of_range_high_up() {
         Err(e) => panic!("unexpected error {e}"),
     }
 }
+
+#[test]
+fn link_perf_map_names_linked_functions() {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = std::fs::read(support::object(dir.path(), "patch_obj.c", "p.o", &[])).unwrap();
+    let image = Layout::of(&obj)
+        .unwrap()
+        .link(0x7000_0000_0000, &resolver)
+        .unwrap();
+    // A pid that cannot exist (above pid_max) so no real process's map is touched.
+    let pid = 1 << 30;
+    let _ = std::fs::remove_file(lp_userspace::perf_map::path(pid));
+    lp_userspace::perf_map::record(pid, &image.symbol_list, "abc").unwrap();
+    let text = std::fs::read_to_string(lp_userspace::perf_map::path(pid)).unwrap();
+    let entry = image
+        .symbol_list
+        .iter()
+        .find(|s| s.name == "lp_entry")
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "{:x} {:x} lp_entry [livepatch abc]\n",
+            entry.addr, entry.size
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains(" scale "),
+        "data symbols are not listed: {text}"
+    );
+    lp_userspace::perf_map::forget(pid, "abc").unwrap();
+    assert!(!lp_userspace::perf_map::path(pid).exists());
+}

@@ -1,0 +1,62 @@
+//! Names for patch code in `perf` and other profilers: the JIT map convention, one
+//! `START SIZE name` line (hex, no 0x) per function in `/tmp/perf-PID.map`.
+//!
+//! perf reads the file when it resolves samples of an anonymous executable mapping in process
+//! PID, so the lines must exist while the patch is applied; [`forget`] removes them on revert.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::link::LinkedSymbol;
+
+/// The map file of process `pid`.
+pub fn path(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/tmp/perf-{pid}.map"))
+}
+
+/// The lines for `symbols` (functions with a size only), each tagged `[livepatch <tag>]`.
+pub fn lines(symbols: &[LinkedSymbol], tag: &str) -> String {
+    let mut out = String::new();
+    for s in symbols.iter().filter(|s| s.function && s.size > 0) {
+        out.push_str(&format!(
+            "{:x} {:x} {} [livepatch {}]\n",
+            s.addr, s.size, s.name, tag
+        ));
+    }
+    out
+}
+
+/// Appends the functions of a linked patch to `/tmp/perf-PID.map`.
+pub fn record(pid: i32, symbols: &[LinkedSymbol], tag: &str) -> std::io::Result<()> {
+    let text = lines(symbols, tag);
+    if text.is_empty() {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path(pid))?;
+    // One write: concurrent appenders (another JIT in the process) never interleave within it.
+    f.write_all(text.as_bytes())
+}
+
+/// Removes the lines a [`record`] with the same `tag` wrote (after a revert). Missing file: Ok.
+pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
+    let p = path(pid);
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let marker = format!("[livepatch {tag}]");
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.ends_with(&marker))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.is_empty() {
+        std::fs::remove_file(&p)
+    } else {
+        std::fs::write(&p, kept)
+    }
+}
