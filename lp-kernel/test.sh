@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# lp-kernel's test: builds lpcore.ko (C shim + lp-core in Rust) and the test modules against the
+# pinned Debian 6.1 kernel's headers, boots that kernel under QEMU (TCG) with a busybox
+# initramfs whose /init (tests/vm-init.sh) runs every scenario, and reads the verdicts from the
+# serial console. Fails if any verdict is FAIL, if the VM does not finish, or if too few ran.
+# Usage: bash lp-kernel/test.sh        (scripts/test.sh calls it; works on a fresh machine)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+KVER=6.1.0-50-cloud-amd64
+out=$here/build
+VM_TIMEOUT=${VM_TIMEOUT:-300}
+
+# Prerequisites: the apt packages (kernel image + headers, qemu, busybox, cpio) and nightly Rust
+# with the standard library's source (build-std).
+bash "$root/scripts/install-deps.sh"
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  rustup toolchain install nightly --profile minimal --component rust-src
+fi
+rustup component list --toolchain nightly --installed | grep -q '^rust-src' ||
+  rustup component add rust-src --toolchain nightly
+
+bash "$here/build.sh"
+
+# The initramfs: static busybox, the modules, /init.
+rootfs=$out/rootfs
+rm -rf "$rootfs"
+mkdir -p "$rootfs"/{bin,proc,sys,dev,lib/lp}
+cp /bin/busybox "$rootfs/bin/busybox"
+cp "$out"/core/lpcore.ko "$out"/tests/*.ko "$rootfs/lib/lp/"
+cp "$here/tests/vm-init.sh" "$rootfs/init"
+chmod +x "$rootfs/init"
+if [ -n "${LP_EXTRA_SCRIPT:-}" ]; then cp "$LP_EXTRA_SCRIPT" "$rootfs/lib/lp/extra.sh"; chmod +x "$rootfs/lib/lp/extra.sh"; fi
+(cd "$rootfs" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.cpio.gz"
+
+log=$out/vm.log
+echo "lp-kernel/test.sh: booting $KVER under QEMU (TCG), log in $log"
+set +e
+timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 512 -nographic -no-reboot \
+  -kernel "/boot/vmlinuz-$KVER" -initrd "$out/initramfs.cpio.gz" \
+  -append "console=ttyS0 panic=-1 quiet loglevel=3" </dev/null >"$log" 2>&1
+qemu_rc=$?
+set -e
+tr -d '\r' <"$log" | grep -E '^LP(TEST|STATUS|DMESG|BENCH)' || true
+
+if [ "$qemu_rc" = 124 ]; then
+  echo "lp-kernel/test.sh: FAIL: the VM did not finish within ${VM_TIMEOUT}s" >&2
+  exit 1
+fi
+done_line=$(tr -d '\r' <"$log" | grep -E '^LPTEST DONE' || true)
+if [ -z "$done_line" ]; then
+  echo "lp-kernel/test.sh: FAIL: the VM stopped before the end of the scenarios (qemu exit $qemu_rc); last lines:" >&2
+  tr -d '\r' <"$log" | tail -30 >&2
+  exit 1
+fi
+npass=$(echo "$done_line" | sed -n 's/.*pass=\([0-9]*\).*/\1/p')
+nfail=$(tr -d '\r' <"$log" | grep -c 'LPTEST FAIL' || true)
+# The scenario script has this many checks; fewer passes means some were silently skipped.
+MIN_PASS=59
+if [ "$nfail" != 0 ] || [ "$npass" -lt "$MIN_PASS" ]; then
+  echo "lp-kernel/test.sh: FAIL: $nfail failed, $npass passed (want 0 failed, >= $MIN_PASS passed)" >&2
+  exit 1
+fi
+echo "lp-kernel/test.sh: all $npass kernel checks passed"

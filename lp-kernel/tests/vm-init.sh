@@ -1,0 +1,146 @@
+#!/bin/busybox sh
+# /init of the test VM: runs every scenario against the real kernel and prints one verdict line
+# per check on the serial console ("LPTEST PASS name" / "LPTEST FAIL name: why"), then
+# "LPTEST DONE pass=N fail=M" and powers off. lp-kernel/test.sh reads these lines.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+M=/lib/lp
+PASS=0
+FAIL=0
+# Keep the console for verdicts: kernel messages are read with dmesg.
+echo 1 > /proc/sys/kernel/printk
+
+pass() { PASS=$((PASS + 1)); echo "LPTEST PASS $1"; }
+fail() { FAIL=$((FAIL + 1)); echo "LPTEST FAIL $1: $2"; }
+# expect NAME ACTUAL EXPECTED
+expect() {
+  if [ "$2" = "$3" ]; then pass "$1"; else fail "$1" "got '$2', want '$3'"; fi
+}
+# expect_fail NAME COMMAND... : the command must fail
+expect_fail() {
+  n=$1; shift
+  if "$@" 2>/dev/null; then fail "$n" "'$*' succeeded"; else pass "$n"; fi
+}
+# dmesg_has NAME TEXT : the kernel log mentions TEXT
+dmesg_has() {
+  if dmesg | grep -q "$2"; then pass "$1"; else fail "$1" "no '$2' in dmesg"; fi
+}
+disable() { echo 0 > /sys/kernel/lp/$1/enabled; }
+field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/lp_target; }
+
+# ---- the core module -----------------------------------------------------------------------
+if insmod $M/lpcore.ko switch_timeout_ms=1000; then pass core-loads; else fail core-loads "insmod lpcore.ko"; fi
+CMDLINE=$(cat /proc/cmdline)
+VERSION=$(cat /proc/version)
+
+# ---- 1. the function behind a /proc file ----------------------------------------------------
+expect proc-before "$(cat /proc/cmdline)" "$CMDLINE"
+insmod $M/p_cmdline.ko || fail proc-insmod "insmod p_cmdline.ko"
+expect proc-during "$(cat /proc/cmdline)" "LPTEST cmdline patched"
+expect proc-sysfs-enabled "$(cat /sys/kernel/lp/p_cmdline/enabled)" 1
+grep -q "^cmdline_proc_show 0x[0-9a-f]* -> new_cmdline_proc_show.* active depth=1" \
+  /sys/kernel/lp/p_cmdline/functions && pass proc-sysfs-functions ||
+  fail proc-sysfs-functions "$(cat /sys/kernel/lp/p_cmdline/functions)"
+cat /sys/kernel/lp/p_cmdline/functions | sed 's/^/LPSTATUS p_cmdline /'
+expect_fail proc-rmmod-while-enabled rmmod p_cmdline
+expect proc-still-during "$(cat /proc/cmdline)" "LPTEST cmdline patched"
+disable p_cmdline && pass proc-disable || fail proc-disable "echo 0 > enabled"
+expect proc-after "$(cat /proc/cmdline)" "$CMDLINE"
+rmmod p_cmdline && pass proc-rmmod || fail proc-rmmod "rmmod after disable"
+expect proc-gone "$(ls /sys/kernel/lp/)" ""
+
+# ---- 2. static function and static variable of vmlinux --------------------------------------
+expect static-before "$(cat /proc/version)" "$VERSION"
+insmod $M/p_version.ko || fail static-insmod "insmod p_version.ko"
+expect static-during "$(cat /proc/version)" "LPV2 ngroups=$(cat /proc/sys/kernel/ngroups_max) $CMDLINE"
+disable p_version && rmmod p_version
+expect static-after "$(cat /proc/version)" "$VERSION"
+
+# ---- 3. a function of a module loaded before the patch --------------------------------------
+insmod $M/lp_target.ko || fail target-insmod "insmod lp_target.ko"
+expect module-before "$(field value)" 1
+insmod $M/p_target.ko || fail module-insmod "insmod p_target.ko"
+expect module-during "$(field value)" 2
+disable p_target && rmmod p_target
+expect module-after "$(field value)" 1
+
+# ---- 4. a function of a module loaded after the patch ---------------------------------------
+insmod $M/p_late.ko || fail late-insmod "insmod p_late.ko (module absent)"
+grep -q "^lp_late:lp_late_value 0x0 -> .* waiting" /sys/kernel/lp/p_late/functions &&
+  pass late-waiting || fail late-waiting "$(cat /sys/kernel/lp/p_late/functions)"
+insmod $M/lp_late.ko || fail late-target-insmod "insmod lp_late.ko"
+expect late-during "$(cat /proc/lp_late)" "late=20"
+dmesg_has late-init-patched "lp_late: init sees 20"
+rmmod lp_late
+grep -q "waiting" /sys/kernel/lp/p_late/functions && pass late-waits-again ||
+  fail late-waits-again "$(cat /sys/kernel/lp/p_late/functions)"
+insmod $M/lp_late.ko
+expect late-reload-during "$(cat /proc/lp_late)" "late=20"
+disable p_late && rmmod p_late
+expect late-after "$(cat /proc/lp_late)" "late=10"
+rmmod lp_late
+
+# ---- 5. stacking and ordered removal --------------------------------------------------------
+expect stack-before "$(field value)" 1
+insmod $M/p_stack_a.ko
+expect stack-a "$(field value)" 101
+insmod $M/p_stack_b.ko
+expect stack-b-wins "$(field value)" 102
+grep -q "overridden depth=2" /sys/kernel/lp/p_stack_a/functions && pass stack-a-overridden ||
+  fail stack-a-overridden "$(cat /sys/kernel/lp/p_stack_a/functions)"
+expect_fail stack-remove-a-refused disable p_stack_a
+dmesg_has stack-refusal-reason "patch p_stack_b is stacked on top of it"
+expect stack-still-b "$(field value)" 102
+expect stack-a-still-enabled "$(cat /sys/kernel/lp/p_stack_a/enabled)" 1
+disable p_stack_b && pass stack-remove-b || fail stack-remove-b "disable p_stack_b"
+expect stack-back-to-a "$(field value)" 101
+disable p_stack_a && pass stack-remove-a || fail stack-remove-a "disable p_stack_a"
+expect stack-after "$(field value)" 1
+rmmod p_stack_b p_stack_a
+
+# ---- 6. a function kept busy by a sleeping task ---------------------------------------------
+echo hold > /proc/lp_target
+expect busy-before "$(field sleeping)" 1
+expect_fail busy-refused insmod $M/p_busy.ko
+dmesg_has busy-reason "patch p_busy refused: task [0-9]* (lp_sleeper) stayed inside lp_target_sleeper"
+expect busy-not-switched "$(ls /sys/kernel/lp/)" ""
+expect busy-still-inside "$(field sleeping)" 1
+echo release > /proc/lp_target
+expect busy-old-code-ran "$(field sleeper)" 1
+insmod $M/p_busy.ko && pass busy-applies-when-free || fail busy-applies-when-free "insmod p_busy.ko"
+sleep 1
+expect busy-during "$(field sleeper)" 2
+disable p_busy && rmmod p_busy
+sleep 1
+expect busy-after "$(field sleeper)" 1
+
+# ---- 7. malformed and mismatched patch modules ----------------------------------------------
+expect_fail bad-abi insmod $M/p_bad_abi.ko
+dmesg_has bad-abi-reason "patch p_bad_abi refused: built for patch ABI 99, lpcore speaks 1"
+expect_fail bad-sym insmod $M/p_bad_sym.ko
+dmesg_has bad-sym-reason "patch p_bad_sym refused: symbol lp_no_such_function_in_this_kernel not found"
+expect_fail bad-notrace insmod $M/p_bad_notrace.ko
+dmesg_has bad-notrace-reason "patch p_bad_notrace refused: entry_SYSCALL_64 .* has no ftrace entry"
+expect_fail bad-ambiguous insmod $M/p_bad_ambiguous.ko
+dmesg_has bad-ambiguous-reason "symbol _compound_head is ambiguous"
+expect bad-unharmed-cmdline "$(cat /proc/cmdline)" "$CMDLINE"
+expect bad-nothing-registered "$(ls /sys/kernel/lp/)" ""
+expect bad-no-module-left "$(grep -c '^p_bad' /proc/modules)" 0
+insmod $M/p_cmdline.ko && expect bad-then-good "$(cat /proc/cmdline)" "LPTEST cmdline patched"
+disable p_cmdline && rmmod p_cmdline
+expect bad-then-good-after "$(cat /proc/cmdline)" "$CMDLINE"
+
+# ---- the end ---------------------------------------------------------------------------------
+rmmod lp_target
+rmmod lpcore && pass core-unloads || fail core-unloads "rmmod lpcore"
+if dmesg | grep -qE "BUG:|WARNING:|Oops|general protection"; then
+  fail kernel-clean "$(dmesg | grep -E 'BUG:|WARNING:|Oops|general protection' | head -3)"
+else
+  pass kernel-clean
+fi
+dmesg | grep -E "lpcore|lp_late|lp_target" | sed 's/^/LPDMESG /'
+[ -x /lib/lp/extra.sh ] && . /lib/lp/extra.sh
+echo "LPTEST DONE pass=$PASS fail=$FAIL"
+poweroff -f
