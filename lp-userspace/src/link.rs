@@ -537,7 +537,7 @@ impl Layout {
         load_addr: u64,
         resolver: &dyn Fn(&str) -> Option<u64>,
     ) -> Result<LinkedImage, LinkError> {
-        if load_addr % PAGE != 0 {
+        if !load_addr.is_multiple_of(PAGE) {
             return Err(LinkError::Unaligned(load_addr));
         }
         let elf = parse_object(&self.object)?;

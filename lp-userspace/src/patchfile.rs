@@ -313,7 +313,7 @@ impl<'a> Reader<'a> {
 
 /// Parses lowercase or uppercase hex; `None` if odd length or a non-hex digit.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()
