@@ -170,6 +170,8 @@ pub struct Module {
     eh_frame: Option<SectionRef>,
     eh_frame_hdr: Option<SectionRef>,
     text: Option<SectionRef>,
+    /// (symbol name, vaddr of the GOT slot the dynamic linker fills for it).
+    imports: Vec<(String, u64)>,
 }
 
 /// A parsed symbol specification.
@@ -297,7 +299,9 @@ impl Module {
 
         let build_id = Self::find_build_id(&elf, &data);
         let symbols = Self::collect_symbols(&elf);
+        let imports = Self::collect_imports(&elf);
         Ok(Module {
+            imports,
             name: name.to_string(),
             elf_type,
             symbols,
@@ -320,6 +324,24 @@ impl Module {
             None
         };
         from(elf.iter_note_headers(data)).or_else(|| from(elf.iter_note_sections(data, None)))
+    }
+
+    fn collect_imports(elf: &Elf) -> Vec<(String, u64)> {
+        const R_X86_64_GLOB_DAT: u32 = 6;
+        const R_X86_64_JUMP_SLOT: u32 = 7;
+        let mut out = Vec::new();
+        for r in elf.pltrelocs.iter().chain(elf.dynrelas.iter()) {
+            if !matches!(r.r_type, R_X86_64_GLOB_DAT | R_X86_64_JUMP_SLOT) || r.r_sym == 0 {
+                continue;
+            }
+            let Some(s) = elf.dynsyms.get(r.r_sym) else {
+                continue;
+            };
+            if let Some(name) = elf.dynstrtab.get_at(s.st_name) {
+                out.push((name.to_string(), r.r_offset));
+            }
+        }
+        out
     }
 
     fn collect_symbols(elf: &Elf) -> Vec<Symbol> {
@@ -559,6 +581,18 @@ impl Module {
                 Err(self.ambiguous(name, &found))
             }
         }
+    }
+
+    /// The file vaddr of the GOT slot through which this module calls or reads the imported
+    /// symbol `name` (a `JUMP_SLOT` or `GLOB_DAT` dynamic relocation). Reading the slot in the
+    /// running process gives the address the dynamic linker bound — for an `STT_GNU_IFUNC`
+    /// such as libc's `strlen`, the implementation chosen for this CPU (with lazy binding, a
+    /// not-yet-bound slot holds the PLT path, which also works as a call target).
+    pub fn import_slot(&self, name: &str) -> Option<u64> {
+        self.imports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     /// The global (or weak) definition of `name`, ignoring file-local symbols: what the

@@ -143,7 +143,7 @@ fn elf_load_bias_from_maps_matches_a_running_process() {
     let src = dir.path().join("sleeper.c");
     std::fs::write(
         &src,
-        "#include <unistd.h>\nint compute(int x){return x;}\nint main(){pause();}\n",
+        "#include <string.h>\n#include <unistd.h>\nint compute(int x){return x;}\nint main(int c, char **v){ (void)c; if (strlen(v[0]) == 1) return 1; pause(); }\n",
     )
     .unwrap();
     let exe = support::gcc(dir.path(), "sleeper", &["-O2", src.to_str().unwrap()]);
@@ -165,6 +165,35 @@ fn elf_load_bias_from_maps_matches_a_running_process() {
     file.read_exact_at(&mut buf, f.value + bias).unwrap();
     assert_eq!(buf, module.bytes_at(f.value, f.size).unwrap());
     assert!(mods.iter().any(|m| m.file_name().starts_with("libc.so")));
+    // The GOT slot of an imported IFUNC (pause is plain; use the libc module's own view too).
+    let slot = module
+        .import_slot("pause")
+        .expect("the sleeper imports pause");
+    let mut got = [0u8; 8];
+    file.read_exact_at(&mut got, slot + bias).unwrap();
+    let bound = u64::from_le_bytes(got);
+    let libc = mods
+        .iter()
+        .find(|m| m.file_name().starts_with("libc.so"))
+        .unwrap();
+    let libc_elf = Module::open(&libc.open_path(pid)).unwrap();
+    let libc_bias = libc.load_bias(&libc_elf).unwrap();
+    let pause = libc_elf.global("pause").unwrap();
+    // Bound now (BIND_NOW) or after the first call (pause was called): libc's pause.
+    assert_eq!(bound, libc_bias + pause.value);
+    assert!(module.import_slot("no_such_import").is_none());
+    // strlen is an IFUNC in libc: its symbol is the resolver; the GOT slot holds the chosen
+    // implementation, somewhere else in libc's code.
+    let strlen = libc_elf.global("strlen").unwrap();
+    assert!(strlen.ifunc);
+    let slot = module.import_slot("strlen").expect("imports strlen");
+    file.read_exact_at(&mut got, slot + bias).unwrap();
+    let chosen = u64::from_le_bytes(got);
+    assert_ne!(chosen, libc_bias + strlen.value);
+    assert!(
+        libc.exec_ranges().any(|(s, e)| chosen >= s && chosen < e),
+        "{chosen:x}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
