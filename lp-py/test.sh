@@ -31,4 +31,4 @@ fi
 
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero exit is.
 cd "$here"
-"$venv/bin/python" -m pytest -ra "$@" tests
+"$venv/bin/python" -m pytest -ra -p no:cacheprovider "$@" tests
