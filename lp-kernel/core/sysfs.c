@@ -13,6 +13,7 @@
 
 #include <linux/kobject.h>
 #include <linux/slab.h>
+#include <linux/string.h>
 #include <linux/sysfs.h>
 #include "lp.h"
 
@@ -57,9 +58,13 @@ static ssize_t functions_show(struct kobject *k, struct kobj_attribute *a, char 
 	mutex_lock(&lp_mutex);
 	for (i = 0; i < p->nfuncs; i++) {
 		const struct lp_func *f = &p->funcs[i];
+		char new_name[KSYM_SYMBOL_LEN];
 
-		len += sysfs_emit_at(buf, len, "%s %#lx -> %ps %#lx %s depth=%u\n", f->old_name,
-				     f->live ? f->old_addr : 0, (void *)f->new_addr, f->new_addr,
+		/* "%ps" appends " [module]": keep the bare name so fields stay space-separated. */
+		snprintf(new_name, sizeof(new_name), "%ps", (void *)f->new_addr);
+		new_name[strcspn(new_name, " ")] = '\0';
+		len += sysfs_emit_at(buf, len, "%s %#lx -> %s %#lx %s depth=%u\n", f->old_name,
+				     f->live ? f->old_addr : 0, new_name, f->new_addr,
 				     lp_func_state(f), f->live ? lp_rs_depth(f->old_addr) : 0);
 	}
 	mutex_unlock(&lp_mutex);

@@ -2,7 +2,8 @@
 /*
  * Scenario "static": the new /proc/version calls a static function of vmlinux
  * (cmdline_proc_show, fs/proc/cmdline.c) and reads a static variable (ngroups_max,
- * kernel/sysctl.c) — neither is exported.
+ * kernel/sysctl.c, named with its position: "name,N" is the N-th symbol of that name in
+ * kallsyms order) — neither is exported.
  */
 #include "livepatch.h"
 
@@ -17,4 +18,4 @@ static int new_version_proc_show(struct seq_file *m, void *v)
 
 LP_PATCH_MODULE(LP_FUNCS(LP_PATCH(version_proc_show, new_version_proc_show)),
 		LP_SYMBOLS(LP_SYMBOL(static_cmdline_proc_show, "cmdline_proc_show"),
-			   LP_SYMBOL(static_ngroups_max, "ngroups_max")));
+			   LP_SYMBOL(static_ngroups_max, "ngroups_max,1")));

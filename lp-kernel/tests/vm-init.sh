@@ -132,6 +132,21 @@ insmod $M/p_cmdline.ko && expect bad-then-good "$(cat /proc/cmdline)" "LPTEST cm
 disable p_cmdline && rmmod p_cmdline
 expect bad-then-good-after "$(cat /proc/cmdline)" "$CMDLINE"
 
+# ---- 8. calls racing the switch: a reader hammers /proc/cmdline through 20 apply/revert cycles
+mkdir -p /tmp
+( while :; do cat /proc/cmdline; done ) > /tmp/reads 2>&1 &
+reader=$!
+cycles=0
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  insmod $M/p_cmdline.ko && disable p_cmdline && rmmod p_cmdline && cycles=$((cycles + 1))
+done
+kill $reader; wait $reader 2>/dev/null
+expect race-cycles "$cycles" 20
+odd=$(sort -u /tmp/reads | grep -vxF "$CMDLINE" | grep -vxF "LPTEST cmdline patched" | head -3)
+expect race-only-old-or-new "$odd" ""
+expect race-reads "$(sort -u /tmp/reads | wc -l)" 2
+expect race-after "$(cat /proc/cmdline)" "$CMDLINE"
+
 # ---- the end ---------------------------------------------------------------------------------
 rmmod lp_target
 rmmod lpcore && pass core-unloads || fail core-unloads "rmmod lpcore"

@@ -14,5 +14,6 @@ pub mod demo;
 pub mod revert;
 pub mod state;
 pub mod status;
+pub mod kernel;
 
 pub use apply::{Error, ErrorKind};
