@@ -25,10 +25,13 @@ fi
 
 [ "$install_only" = 1 ] && exit 0
 
-# The workspace lint builds lp-py without the `python` feature; lint the bindings themselves here.
-(cd "$root" && PYO3_PYTHON="$venv/bin/python" \
-  cargo clippy -p lp-py --features python --all-targets -- -D warnings)
+# The CLI, for the tests that check the Python API says what the CLI says.
+(cd "$root" && cargo build --quiet -p lp-userspace --bin livepatch)
+export LIVEPATCH="${CARGO_TARGET_DIR:-$root/target}/debug/livepatch"
 
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero exit is.
-cd "$here"
-"$venv/bin/python" -m pytest -ra -p no:cacheprovider "$@" tests
+(cd "$here" && "$venv/bin/python" -m pytest -ra -p no:cacheprovider "$@" tests)
+
+# The workspace lint builds lp-py without the `python` feature; lint the bindings themselves here.
+cd "$root"
+PYO3_PYTHON="$venv/bin/python" cargo clippy --quiet -p lp-py --features python --all-targets -- -D warnings
