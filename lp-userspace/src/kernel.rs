@@ -439,4 +439,98 @@ mod tests {
             "/tmp/x/p.c:3:1: error: unknown type name 'foo'"
         );
     }
+
+    /// The kernel the project pins (scripts/install-deps.sh installs its headers).
+    const KDIR: &str = "/usr/src/linux-headers-6.1.0-50-cloud-amd64";
+
+    fn modinfo(ko: &Path) -> Vec<String> {
+        let bytes = fs::read(ko).unwrap();
+        let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+        let sh = elf
+            .section_headers
+            .iter()
+            .find(|sh| elf.shdr_strtab.get_at(sh.sh_name) == Some(".modinfo"))
+            .expect(".modinfo section");
+        let data = &bytes[sh.sh_offset as usize..(sh.sh_offset + sh.sh_size) as usize];
+        data.split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn packs_the_example_against_the_pinned_headers() {
+        assert!(
+            Path::new(KDIR).is_dir(),
+            "{KDIR} missing: run scripts/install-deps.sh"
+        );
+        let out = tempfile::tempdir().unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/kernel-cmdline/redact_cmdline.c");
+        let ko = pack(&PackOptions {
+            source: example,
+            name: Some("lp_redact".into()),
+            output: Some(out.path().join("lp_redact.ko")),
+            kdir: Some(KDIR.into()),
+        })
+        .unwrap();
+        let info = modinfo(&ko);
+        assert!(info.contains(&"name=lp_redact".to_string()), "{info:?}");
+        assert!(info.contains(&"livepatch_lp=Y".to_string()), "{info:?}");
+        assert!(info.contains(&"license=GPL".to_string()), "{info:?}");
+        assert!(
+            info.iter()
+                .any(|l| l.starts_with("vermagic=6.1.0-50-cloud-amd64 SMP")),
+            "{info:?}"
+        );
+    }
+
+    #[test]
+    fn a_compile_error_is_one_line_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("broken.c");
+        fs::write(
+            &src,
+            "#include \"livepatch.h\"\nstatic int f(void) { return undefined_thing; }\n",
+        )
+        .unwrap();
+        let out = dir.path().join("broken.ko");
+        let err = pack(&PackOptions {
+            source: src,
+            name: None,
+            output: Some(out.clone()),
+            kdir: Some(KDIR.into()),
+        })
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, KernelError::Build(_)), "{msg}");
+        assert!(
+            msg.contains("undefined_thing") && !msg.contains('\n'),
+            "{msg}"
+        );
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn missing_headers_and_bad_names_are_refused_before_building() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("p.c");
+        fs::write(&src, "").unwrap();
+        let opts = |name: Option<&str>, kdir: &str| PackOptions {
+            source: src.clone(),
+            name: name.map(String::from),
+            output: Some(dir.path().join("p.ko")),
+            kdir: Some(kdir.into()),
+        };
+        let err = pack(&opts(None, "/nonexistent/kdir")).unwrap_err();
+        assert!(matches!(err, KernelError::NoHeaders(_)), "{err}");
+        let err = pack(&opts(Some("bad-name"), KDIR)).unwrap_err();
+        assert!(matches!(err, KernelError::BadName(_)), "{err}");
+        let err = pack(&PackOptions {
+            source: dir.path().join("missing.c"),
+            ..opts(None, KDIR)
+        })
+        .unwrap_err();
+        assert!(matches!(err, KernelError::Source { .. }), "{err}");
+    }
 }
