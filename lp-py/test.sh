@@ -17,7 +17,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "maturin>=1.5,<2.0" "pytest>=7"
+"$venv/bin/python" -m pip install --quiet "maturin>=1.5,<2.0" "pytest>=7" "mypy>=1.8"
 
 # Exactly what a user runs. pip builds in the source tree, so the workspace's Cargo.lock and
 # target directory (or $CARGO_TARGET_DIR) are reused and a rebuild is incremental.

@@ -160,3 +160,21 @@ def test_process_killed_right_after_apply_leaves_nothing_behind(built, patches):
     proc.stop()
     with pytest.raises(livepatch.ProcessGoneError):
         livepatch.status(proc.pid)
+
+
+def keys_of(typed_dict):
+    return set(typed_dict.__annotations__)
+
+
+def test_results_have_exactly_the_documented_fields(counter, patches):
+    """The TypedDicts in the stubs describe what the functions really return."""
+    applied = livepatch.apply(counter.pid, patches["v2"])
+    assert set(applied) == keys_of(livepatch.Applied)
+    assert set(applied["stats"]) == keys_of(livepatch.SwitchStats)
+    assert set(applied["functions"][0]) == keys_of(livepatch.AppliedFunction)
+    [record] = livepatch.status(counter.pid)
+    assert set(record) == keys_of(livepatch.ProcessStatus)
+    assert set(record["patches"][0]) == keys_of(livepatch.PatchStatus)
+    assert set(record["patches"][0]["functions"][0]) == keys_of(livepatch.FunctionStatus)
+    reverted = livepatch.revert(counter.pid)
+    assert set(reverted) == keys_of(livepatch.Reverted)

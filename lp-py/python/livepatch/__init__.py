@@ -17,11 +17,70 @@ True
 """
 
 from . import _livepatch, core
-from ._api import apply, pack, processes_mapping, revert, status
-from ._errors import *  # noqa: F401,F403  (the exception hierarchy is part of the API)
-from ._errors import __all__ as _error_names
+from ._api import (
+    Applied,
+    AppliedFunction,
+    FunctionStatus,
+    PatchStatus,
+    ProcessStatus,
+    Reverted,
+    SwitchStats,
+    apply,
+    pack,
+    processes_mapping,
+    revert,
+    status,
+)
+from ._errors import (
+    AccessError,
+    AlreadyAppliedError,
+    BusyError,
+    Error,
+    InputError,
+    InternalError,
+    IoError,
+    MismatchError,
+    NotFoundError,
+    NotTopError,
+    PatchFormatError,
+    PlanError,
+    ProcessGoneError,
+    RefusedError,
+    SiteError,
+)
 from ._livepatch import Function, Patch
 
 __version__: str = _livepatch.__version__
 
-__all__ = ["Patch", "Function", "pack", "apply", "revert", "status", "processes_mapping", "core", *_error_names]
+__all__ = [
+    "Patch",
+    "Function",
+    "pack",
+    "apply",
+    "revert",
+    "status",
+    "processes_mapping",
+    "core",
+    "Applied",
+    "AppliedFunction",
+    "Reverted",
+    "SwitchStats",
+    "ProcessStatus",
+    "PatchStatus",
+    "FunctionStatus",
+    "Error",
+    "BusyError",
+    "MismatchError",
+    "AccessError",
+    "ProcessGoneError",
+    "PatchFormatError",
+    "InputError",
+    "IoError",
+    "NotFoundError",
+    "AlreadyAppliedError",
+    "NotTopError",
+    "RefusedError",
+    "SiteError",
+    "PlanError",
+    "InternalError",
+]

@@ -1,13 +1,79 @@
 """The process operations: thin wrappers that normalise arguments for the native module."""
 
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Tuple, TypedDict, Union, cast
 
 from . import _livepatch
 from ._livepatch import Patch
 
 PathLike = Union[str, "os.PathLike[str]"]
 Replace = Union[None, str, Mapping[str, str], Iterable[Union[str, Tuple[str, str]]]]
+
+
+class SwitchStats(TypedDict):
+    """Figures of one switch."""
+
+    stall_us: int  #: longest time all threads were stopped (stop) / one thread paused (nonstop)
+    attempts: int  #: attempts until no thread was busy (stop mode)
+    traps: int  #: threads redirected at the temporary int3 (nonstop mode)
+
+
+class AppliedFunction(TypedDict):
+    """A function as redirected by :func:`apply`."""
+
+    name: str
+    old: int  #: the old function's entry in the process
+    new: int  #: the new function's entry
+    thunk: bool  #: reached through a register-preserving thunk
+
+
+class Applied(TypedDict):
+    """What :func:`apply` returns (``livepatch apply --json``)."""
+
+    pid: int
+    id: str
+    module: str
+    mode: str
+    functions: List[AppliedFunction]
+    stats: SwitchStats
+    total_us: int
+
+
+class Reverted(TypedDict):
+    """What :func:`revert` returns (``livepatch revert --json``)."""
+
+    pid: int
+    id: str
+    functions: List[str]
+    stats: SwitchStats
+    total_us: int
+
+
+class FunctionStatus(TypedDict):
+    """One redirected function in :func:`status` (addresses as hex strings, like the CLI)."""
+
+    name: str
+    old: str
+    new: str
+
+
+class PatchStatus(TypedDict):
+    """One applied patch in :func:`status`."""
+
+    id: str
+    applied_at: int  #: seconds since the epoch
+    module: str  #: path of the patched module
+    build_id: str
+    mode: str
+    functions: List[FunctionStatus]
+
+
+class ProcessStatus(TypedDict):
+    """One process in :func:`status` (``livepatch status --json``)."""
+
+    pid: int
+    comm: str
+    patches: List[PatchStatus]  #: oldest first
 
 
 def _replace_specs(replace: Replace) -> List[str]:
@@ -51,7 +117,7 @@ def _as_patch(patch: Union[Patch, PathLike]) -> Patch:
 
 
 def apply(pid: int, patch: Union[Patch, PathLike], mode: str = "stop",
-          timeout: float = 5.0) -> Dict[str, Any]:
+          timeout: float = 5.0) -> Applied:
     """Applies ``patch`` (a :class:`Patch` or a patch file's path) to process ``pid``.
 
     Returns only once the patch is fully in place, with what ``livepatch apply`` reports (pid,
@@ -63,27 +129,27 @@ def apply(pid: int, patch: Union[Patch, PathLike], mode: str = "stop",
     :class:`MismatchError`, :class:`AlreadyAppliedError`, :class:`ProcessGoneError`,
     :class:`AccessError`, :class:`RefusedError`, :class:`PatchFormatError`...
     """
-    return _livepatch.apply_patch(int(pid), _as_patch(patch), mode, float(timeout))
+    return cast(Applied, _livepatch.apply_patch(int(pid), _as_patch(patch), mode, float(timeout)))
 
 
 def revert(pid: int, patch_id: Union[None, str, Patch] = None, mode: str = "stop",
-           timeout: float = 5.0) -> Dict[str, Any]:
+           timeout: float = 5.0) -> Reverted:
     """Takes a patch back out of process ``pid``: the newest by default, else ``patch_id`` (an id,
     a unique prefix of one, or a :class:`Patch`). Only the top of a stack may be reverted
     (:class:`NotTopError` otherwise). Returns what ``livepatch revert`` reports.
     """
     if isinstance(patch_id, Patch):
         patch_id = patch_id.id
-    return _livepatch.revert_patch(int(pid), patch_id, mode, float(timeout))
+    return cast(Reverted, _livepatch.revert_patch(int(pid), patch_id, mode, float(timeout)))
 
 
-def status(pid: Optional[int] = None) -> List[Dict[str, Any]]:
+def status(pid: Optional[int] = None) -> List[ProcessStatus]:
     """What is applied: for ``pid``, or for every process with livepatch state when None.
 
     The same records as ``livepatch status --json``: ``{"pid", "comm", "patches": [{"id",
     "applied_at", "module", "build_id", "mode", "functions": [{"name", "old", "new"}]}]}``.
     """
-    return _livepatch.status_of(None if pid is None else int(pid))
+    return cast(List[ProcessStatus], _livepatch.status_of(None if pid is None else int(pid)))
 
 
 def processes_mapping(path: PathLike) -> List[int]:

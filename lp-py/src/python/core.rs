@@ -180,6 +180,7 @@ fn hex(bytes: &[u8]) -> String {
 /// with lp-core's reason when the entry cannot take a redirect.
 #[pyfunction]
 #[pyo3(signature = (code, address, jump_len = REL32_JUMP_LEN))]
+#[pyo3(text_signature = "(code, address, jump_len=5)")]
 fn validate_site(py: Python<'_>, code: &[u8], address: u64, jump_len: usize) -> PyResult<PySite> {
     match guarded(|| site::validate_site(code, address, jump_len)) {
         Ok(Ok(site)) => Ok(PySite(site)),
