@@ -136,3 +136,10 @@ def test_bad_argument_types_raise_type_error_not_crash():
         core.validate_site("not bytes", 0x1000)
     with pytest.raises(OverflowError):
         core.validate_site(b"\x90" * 8, -1)
+
+
+def test_module_docstring_examples_run():
+    import doctest
+
+    failed, attempted = doctest.testmod(core)
+    assert attempted > 0 and failed == 0
