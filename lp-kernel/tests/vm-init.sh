@@ -147,6 +147,14 @@ expect race-only-old-or-new "$odd" ""
 expect race-reads "$(sort -u /tmp/reads | wc -l)" 2
 expect race-after "$(cat /proc/cmdline)" "$CMDLINE"
 
+# ---- 9. the example (examples/kernel-cmdline, built by `livepatch kernel pack`) ---------------
+case "$CMDLINE" in *lp_demo_secret=hunter2*) pass example-before ;; *) fail example-before "$CMDLINE" ;; esac
+REDACTED=$(echo "$CMDLINE" | sed 's/lp_demo_secret=[^ ]*/lp_demo_secret=***/')
+insmod $M/lp_redact.ko && pass example-insmod || fail example-insmod "insmod lp_redact.ko"
+expect example-during "$(cat /proc/cmdline)" "$REDACTED"
+disable lp_redact && rmmod lp_redact
+expect example-after "$(cat /proc/cmdline)" "$CMDLINE"
+
 # ---- the end ---------------------------------------------------------------------------------
 rmmod lp_target
 rmmod lpcore && pass core-unloads || fail core-unloads "rmmod lpcore"
