@@ -39,11 +39,14 @@ echo "cmd_$out/core/lp_rust.o := cp lp_rust.o_shipped lp_rust.o" > "$out/core/.l
 # 3. The C shim and the modules, built out of a copy so the source tree stays clean.
 cp "$here"/core/*.c "$here"/core/*.h "$here"/core/Kbuild "$out/core/"
 cp "$here/include/livepatch.h" "$out/core/"
-make -s -C "$KDIR" M="$out/core" modules
+make -s -C "$KDIR" M="$out/core" modules 2>&1 | grep -v "Skipping BTF generation" || true
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "build.sh: building lpcore.ko failed" >&2; exit 1; }
 
-if [ -f "$here/tests/Kbuild" ]; then
-  mkdir -p "$out/tests"
-  cp "$here"/tests/*.c "$here"/tests/Kbuild "$here/include/livepatch.h" "$out/tests/"
-  make -s -C "$KDIR" M="$out/tests" modules
-fi
-echo "build.sh: built $(ls "$out"/core/*.ko "$out"/tests/*.ko | wc -l) modules in $out"
+# Test and benchmark modules.
+for dir in tests bench; do
+  mkdir -p "$out/$dir"
+  cp "$here/$dir"/*.c "$here/$dir"/Kbuild "$here/include/livepatch.h" "$out/$dir/"
+  make -s -C "$KDIR" M="$out/$dir" modules 2>&1 | grep -v "Skipping BTF generation" || true
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "build.sh: building $dir failed" >&2; exit 1; }
+done
+echo "build.sh: built $(ls "$out"/core/*.ko "$out"/tests/*.ko "$out"/bench/*.ko | wc -l) modules in $out"

@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 KVER=6.1.0-50-cloud-amd64
 out=$here/build
-VM_TIMEOUT=${VM_TIMEOUT:-300}
+export VM_TIMEOUT=${VM_TIMEOUT:-300}
 
 # Prerequisites: the apt packages (kernel image + headers, qemu, busybox, cpio) and nightly Rust
 # with the standard library's source (build-std).
@@ -40,29 +40,18 @@ else
     LP_INCLUDE="$here/include"
 fi
 
-# The initramfs: static busybox, the modules, /init.
-rootfs=$out/rootfs
-rm -rf "$rootfs"
-mkdir -p "$rootfs"/{bin,proc,sys,dev,lib/lp}
-cp /bin/busybox "$rootfs/bin/busybox"
-cp "$out"/core/lpcore.ko "$out"/tests/*.ko "$out/examples/lp_redact.ko" "$rootfs/lib/lp/"
-cp "$here/tests/vm-init.sh" "$rootfs/init"
-chmod +x "$rootfs/init"
-if [ -n "${LP_EXTRA_SCRIPT:-}" ]; then cp "$LP_EXTRA_SCRIPT" "$rootfs/lib/lp/extra.sh"; chmod +x "$rootfs/lib/lp/extra.sh"; fi
-(cd "$rootfs" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.cpio.gz"
-
 log=$out/vm.log
 echo "lp-kernel/test.sh: booting $KVER under QEMU (TCG), log in $log"
 set +e
-timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 512 -nographic -no-reboot \
-  -kernel "/boot/vmlinuz-$KVER" -initrd "$out/initramfs.cpio.gz" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=3 lp_demo_secret=hunter2" </dev/null >"$log" 2>&1
+VM_APPEND="lp_demo_secret=hunter2" bash "$here/vm.sh" "$here/tests/vm-init.sh" "$log" \
+  "$out"/core/lpcore.ko "$out"/tests/*.ko "$out/examples/lp_redact.ko"
 qemu_rc=$?
 set -e
 tr -d '\r' <"$log" | grep -E '^LP(TEST|STATUS|DMESG|BENCH)' || true
 
 if [ "$qemu_rc" = 124 ]; then
   echo "lp-kernel/test.sh: FAIL: the VM did not finish within ${VM_TIMEOUT}s" >&2
+  tr -d '\r' <"$log" | tail -30 >&2
   exit 1
 fi
 done_line=$(tr -d '\r' <"$log" | grep -E '^LPTEST DONE' || true)

@@ -55,6 +55,7 @@ struct lp_switch {
 	size_t busy_range;
 	u64 busy_addr;
 	unsigned int attempts;
+	u64 stop_ns;            /* how long the last stop_machine held every CPU */
 };
 int lp_switch_run(struct lp_switch *sw);
 

@@ -9,6 +9,8 @@
 
 #include <linux/slab.h>
 #include <linux/string.h>
+#include <linux/ktime.h>
+#include <linux/math64.h>
 #include "lp.h"
 
 #define LP_MAX_FUNCS 64
@@ -199,8 +201,9 @@ static int lp_switch_patch(struct lp_patch *p, bool apply, char *err, size_t len
 	else if (ret)
 		snprintf(err, len, "switch failed: %s", c.msg[0] ? c.msg : "stop_machine error");
 	else
-		pr_info("patch %s: %s after %u attempt(s) at the synchronization point\n", p->name,
-			apply ? "switched" : "reverted", sw.attempts);
+		pr_info("patch %s: %s after %u attempt(s) at the synchronization point (stop_machine %llu us)\n",
+			p->name, apply ? "switched" : "reverted", sw.attempts,
+			div_u64(sw.stop_ns, NSEC_PER_USEC));
 	kfree(ranges);
 	return ret;
 }
@@ -359,6 +362,7 @@ int lp_register_patch(const struct lp_patch_desc *d)
 {
 	char err[LP_ERR_LEN] = "";
 	const char *name = d && d->name ? d->name : "?";
+	u64 t0 = ktime_get_ns();
 	struct lp_patch *p, *q;
 	u32 i;
 	int ret;
@@ -419,7 +423,8 @@ int lp_register_patch(const struct lp_patch_desc *d)
 	ret = lp_sysfs_add_patch(p);
 	if (ret)
 		pr_warn("patch %s: no sysfs entry (%d); the patch is live\n", p->name, ret);
-	pr_info("patch %s (id %u): live, %u function(s)\n", p->name, p->id, p->nfuncs);
+	pr_info("patch %s (id %u): live, %u function(s), registered in %llu us\n", p->name, p->id,
+		p->nfuncs, div_u64(ktime_get_ns() - t0, NSEC_PER_USEC));
 	return 0;
 unlock:
 	mutex_unlock(&lp_mutex);

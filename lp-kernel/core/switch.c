@@ -9,6 +9,7 @@
 
 #include <linux/delay.h>
 #include <linux/jiffies.h>
+#include <linux/ktime.h>
 #include <linux/sched/signal.h>
 #include <linux/sched/task.h>
 #include <linux/stop_machine.h>
@@ -69,10 +70,14 @@ int lp_switch_run(struct lp_switch *sw)
 	unsigned long deadline = jiffies + msecs_to_jiffies(lp_switch_timeout_ms);
 	int ret;
 
+	u64 t0;
+
 	sw->attempts = 0;
 	for (;;) {
 		sw->attempts++;
+		t0 = ktime_get_ns();
 		ret = stop_machine(lp_switch_in_stop_machine, sw, NULL);
+		sw->stop_ns = ktime_get_ns() - t0;
 		if (ret != -EBUSY || time_after(jiffies, deadline))
 			return ret;
 		msleep(lp_switch_retry_ms);

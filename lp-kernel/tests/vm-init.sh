@@ -164,6 +164,5 @@ else
   pass kernel-clean
 fi
 dmesg | grep -E "lpcore|lp_late|lp_target" | sed 's/^/LPDMESG /'
-[ -x /lib/lp/extra.sh ] && . /lib/lp/extra.sh
 echo "LPTEST DONE pass=$PASS fail=$FAIL"
 poweroff -f

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Boots the pinned Debian kernel under QEMU (TCG; KVM hangs on these machines) with a busybox
+# initramfs holding INIT as /init and the given modules in /lib/lp/; the serial console goes to
+# LOG. Exit status: QEMU's, or 124 when the VM did not finish within VM_TIMEOUT seconds.
+# Usage: vm.sh INIT LOG MODULE.ko...      (env: VM_TIMEOUT, VM_APPEND, VM_SMP)
+set -euo pipefail
+init=$1 log=$2
+shift 2
+KVER=6.1.0-50-cloud-amd64
+here=$(cd "$(dirname "$0")" && pwd)
+rootfs=$(mktemp -d "$here/build/rootfs.XXXXXX")
+trap 'rm -rf "$rootfs"' EXIT
+mkdir -p "$rootfs"/{bin,proc,sys,dev,tmp,lib/lp}
+cp /bin/busybox "$rootfs/bin/busybox"
+cp "$@" "$rootfs/lib/lp/"
+cp "$init" "$rootfs/init"
+chmod +x "$rootfs/init"
+(cd "$rootfs" && find . | cpio -o -H newc --quiet | gzip -1) >"$rootfs.cpio.gz"
+set +e
+timeout "${VM_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg -cpu max -smp "${VM_SMP:-2}" -m 512 \
+  -nographic -no-reboot -kernel "/boot/vmlinuz-$KVER" -initrd "$rootfs.cpio.gz" \
+  -append "console=ttyS0 panic=-1 quiet loglevel=3 ${VM_APPEND:-}" </dev/null >"$log" 2>&1
+rc=$?
+rm -f "$rootfs.cpio.gz"
+exit $rc
