@@ -13,25 +13,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 from procs import FIXTURES, Running, gcc  # noqa: E402
 
 
-def function_code(obj: Path, name: str) -> "tuple[bytes, int]":
-    """The bytes of function `name` in a relocatable object's .text, and its offset there.
+def function_code(elf: Path, name: str) -> "tuple[bytes, int]":
+    """The bytes of function `name` in an object, executable or shared library, and its address.
 
-    Read with binutils (nm for the symbol, objcopy for the section) so the bytes are exactly
-    what gcc emitted.
+    Read with binutils (nm for the symbol, objdump for where .text starts, objcopy for its
+    bytes) so the bytes are exactly what gcc and ld produced.
     """
-    nm = subprocess.run(["nm", "-S", "--defined-only", str(obj)], capture_output=True,
+    nm = subprocess.run(["nm", "-S", "--defined-only", str(elf)], capture_output=True,
                         text=True, check=True).stdout
     for line in nm.splitlines():
         fields = line.split()
         if len(fields) == 4 and fields[3] == name:
-            offset, size = int(fields[0], 16), int(fields[1], 16)
+            addr, size = int(fields[0], 16), int(fields[1], 16)
             break
     else:
-        raise AssertionError(f"{name} not in {obj}")
-    text = obj.with_suffix(".text.bin")
-    subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", str(obj), str(text)],
+        raise AssertionError(f"{name} not in {elf}")
+    headers = subprocess.run(["objdump", "-h", str(elf)], capture_output=True, text=True,
+                             check=True).stdout
+    [text_vma] = [int(line.split()[3], 16) for line in headers.splitlines()
+                  if line.split()[1:2] == [".text"]]
+    text = elf.with_name(elf.name + ".text.bin")
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", str(elf), str(text)],
                    check=True)
-    return text.read_bytes()[offset:offset + size], offset
+    offset = addr - text_vma
+    return text.read_bytes()[offset:offset + size], addr
 
 
 @pytest.fixture(scope="session")

@@ -143,3 +143,34 @@ def test_module_docstring_examples_run():
 
     failed, attempted = doctest.testmod(core)
     assert attempted > 0 and failed == 0
+
+
+CLOBBER_SOURCE = r"""
+int helper(int);
+int add_one(int x) { return x + 1; }
+int keeps_rbx(int x) { return helper(x) + x; }
+"""
+
+
+def test_clobbered_registers_of_real_functions(tmp_path, have_gcc):
+    src = tmp_path / "clobber.c"
+    src.write_text(CLOBBER_SOURCE)
+    # Linked (helper stays undefined: a call through the PLT), so calls have their real targets.
+    lib = gcc(tmp_path / "libclobber.so", "-shared", "-fPIC", "-O2", "-fcf-protection=none",
+              str(src))
+
+    code, addr = function_code(lib, "add_one")  # lea eax,[rdi+1]; ret
+    assert core.clobbered_registers(code, addr) == {"rax"}
+
+    # A call elsewhere may change every caller-saved register; rbx is saved and restored.
+    code, addr = function_code(lib, "keeps_rbx")
+    regs = core.clobbered_registers(code, addr)
+    assert regs >= {"rax", "rcx", "rdx", "rsi", "rdi", "r8", "r11", "flags", "xmm0"}
+    assert "rbx" not in regs and "rsp" not in regs
+    assert regs == core.SYSV_CALLER_SAVED
+    assert "rbx" not in core.SYSV_CALLER_SAVED
+
+
+def test_clobber_analysis_of_nothing_is_an_error():
+    with pytest.raises(core.SiteError, match="no bytes"):
+        core.clobbered_registers(b"", 0x1000)

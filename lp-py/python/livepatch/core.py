@@ -14,6 +14,9 @@ module run.
 ['write', 'sync', 'write', 'sync', 'write', 'sync']
 """
 
+from typing import FrozenSet, Union
+
+from . import _livepatch
 from ._errors import PlanError, SiteError
 from ._livepatch import Site, Step, WritePlan, plan_apply, plan_revert, plan_write, validate_site
 
@@ -21,6 +24,23 @@ from ._livepatch import Site, Step, WritePlan, plan_apply, plan_revert, plan_wri
 REL32_JUMP_LEN = 5
 #: Length of the absolute redirect used when the target is out of ±2 GiB reach.
 ABS_JUMP_LEN = 14
+
+#: Registers a SysV x86-64 callee may change without restoring them (lower-case names).
+SYSV_CALLER_SAVED: FrozenSet[str] = frozenset(_livepatch.sysv_caller_saved())
+
+
+def clobbered_registers(code: Union[bytes, bytearray], address: int) -> FrozenSet[str]:
+    """The registers the function whose bytes ``code`` start at ``address`` may leave changed
+    for its caller, as lower-case names (``"rax"``, ``"flags"``, ``"xmm0"``...).
+
+    lp-core follows the function's own control flow (a register saved and restored does not
+    count; a call elsewhere counts as every caller-saved register). Callers compiled with gcc's
+    ``-fipa-ra`` may rely on every register *not* in this set surviving the call: a replacement
+    must preserve them too (``livepatch.apply`` adds a register-saving thunk when it does not).
+    Raises :class:`SiteError` when the bytes cannot be decoded.
+    """
+    return frozenset(_livepatch.clobbered_registers(bytes(code), address))
+
 
 __all__ = [
     "Site",
@@ -32,6 +52,8 @@ __all__ = [
     "plan_apply",
     "plan_write",
     "plan_revert",
+    "clobbered_registers",
+    "SYSV_CALLER_SAVED",
     "REL32_JUMP_LEN",
     "ABS_JUMP_LEN",
 ]

@@ -1,5 +1,6 @@
 //! `livepatch.core`: lp-core's site validation and write planning, read-only, for scripts that
 //! inspect a binary. Nothing here touches a process; it converts lp-core's values.
+use lp_core::clobber::{self, Regs, SYSV_CALLER_SAVED};
 use lp_core::jump::REL32_JUMP_LEN;
 use lp_core::plan::{self, Step, WritePlan};
 use lp_core::site::{self, Site};
@@ -219,6 +220,31 @@ fn planned(
     }
 }
 
+/// Lower-case register names (`"rax"`, `"flags"`, `"xmm0"`, `"x87"`...) of a register set.
+fn register_names(regs: Regs) -> Vec<String> {
+    regs.iter_names()
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect()
+}
+
+/// The registers the function whose bytes `code` start at `address` may leave changed for its
+/// caller (following its own control flow; a call elsewhere counts as every caller-saved
+/// register). Raises `livepatch.SiteError` when the bytes cannot be decoded.
+#[pyfunction]
+fn clobbered_registers(py: Python<'_>, code: &[u8], address: u64) -> PyResult<Vec<String>> {
+    match guarded(|| clobber::clobbered_registers(code, address)) {
+        Ok(Ok(regs)) => Ok(register_names(regs)),
+        Ok(Err(e)) => Err(raise(py, "SiteError", e.to_string())),
+        Err(panic) => Err(panic.into_pyerr(py)),
+    }
+}
+
+/// The registers a SysV x86-64 callee may change without restoring them.
+#[pyfunction]
+fn sysv_caller_saved() -> Vec<String> {
+    register_names(SYSV_CALLER_SAVED)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySite>()?;
     m.add_class::<PyStep>()?;
@@ -227,5 +253,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_apply, m)?)?;
     m.add_function(wrap_pyfunction!(plan_write, m)?)?;
     m.add_function(wrap_pyfunction!(plan_revert, m)?)?;
+    m.add_function(wrap_pyfunction!(clobbered_registers, m)?)?;
+    m.add_function(wrap_pyfunction!(sysv_caller_saved, m)?)?;
     Ok(())
 }
