@@ -150,7 +150,10 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             };
             let applied = apply::apply(pid, &patch, opts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&applied).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&applied).unwrap_or_default()
+                );
             } else {
                 println!(
                     "applied patch {} to process {} ({} mode, stall {} us, total {} us)",
@@ -162,7 +165,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                         f.name,
                         f.old,
                         f.new,
-                        if f.thunk { " (via register-saving thunk)" } else { "" }
+                        if f.thunk {
+                            " (via register-saving thunk)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }
@@ -192,7 +199,10 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Status { pid, json } => {
             let list = crate::status::status(pid)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
             } else {
                 print!("{}", crate::status::render(&list));
             }

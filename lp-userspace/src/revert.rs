@@ -36,29 +36,30 @@ pub fn revert(
 ) -> Result<Reverted, Error> {
     let t0 = Instant::now();
     let current = state::read(pid)?;
-    let index = match id {
-        None => current.patches.len().checked_sub(1).ok_or_else(|| {
-            Error::NotFound(format!("process {pid} has no livepatch applied"))
-        })?,
-        Some(id) => {
-            let found: Vec<usize> = (0..current.patches.len())
-                .filter(|&i| current.patches[i].id.starts_with(id))
-                .collect();
-            match found.as_slice() {
-                [i] => *i,
-                [] => {
-                    return Err(Error::NotFound(format!(
-                        "patch {id} is not applied to process {pid}"
-                    )))
-                }
-                _ => {
-                    return Err(Error::NotFound(format!(
-                        "patch id {id} is ambiguous in process {pid}: give more digits"
-                    )))
+    let index =
+        match id {
+            None => current.patches.len().checked_sub(1).ok_or_else(|| {
+                Error::NotFound(format!("process {pid} has no livepatch applied"))
+            })?,
+            Some(id) => {
+                let found: Vec<usize> = (0..current.patches.len())
+                    .filter(|&i| current.patches[i].id.starts_with(id))
+                    .collect();
+                match found.as_slice() {
+                    [i] => *i,
+                    [] => {
+                        return Err(Error::NotFound(format!(
+                            "patch {id} is not applied to process {pid}"
+                        )))
+                    }
+                    _ => {
+                        return Err(Error::NotFound(format!(
+                            "patch id {id} is ambiguous in process {pid}: give more digits"
+                        )))
+                    }
                 }
             }
-        }
-    };
+        };
     let patch = current.patches[index].clone();
     // A later patch on one of the same functions stacks on this one: it must go first.
     for later in &current.patches[index + 1..] {

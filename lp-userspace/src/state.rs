@@ -95,7 +95,12 @@ pub fn locate(pid: i32) -> Option<u64> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let needle = format!("/memfd:{MEMFD_NAME}");
     maps.lines()
-        .find(|l| l.contains(&needle) && l.split_whitespace().nth(1).is_some_and(|p| p.starts_with("rw")))
+        .find(|l| {
+            l.contains(&needle)
+                && l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with("rw"))
+        })
         .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
 }
 
@@ -140,24 +145,38 @@ fn read_at(pid: i32, mem: &Memory, addr: u64) -> Result<State, StateError> {
 pub struct StateMap {
     addr: u64,
     pid: i32,
+    /// Created by this invocation (an apply that fails removes it again).
+    pub created: bool,
 }
 
 impl StateMap {
     /// Finds the state mapping of the target, or creates it (remote memfd_create + mmap).
     pub fn open_or_create(t: &mut Tracee) -> Result<StateMap, StateError> {
-        let addr = match locate(t.pid()) {
-            Some(a) => a,
-            None => t.map_memfd(MEMFD_NAME, STATE_SIZE)?,
+        let (addr, created) = match locate(t.pid()) {
+            Some(a) => (a, false),
+            None => (t.map_memfd(MEMFD_NAME, STATE_SIZE)?, true),
         };
         Ok(StateMap {
             addr,
             pid: t.pid(),
+            created,
         })
     }
 
     /// Finds an existing state mapping.
     pub fn open(pid: i32) -> Option<StateMap> {
-        locate(pid).map(|addr| StateMap { addr, pid })
+        locate(pid).map(|addr| StateMap {
+            addr,
+            pid,
+            created: false,
+        })
+    }
+
+    /// Removes a mapping this invocation created (after a failed apply).
+    pub fn remove_if_created(&self, t: &mut Tracee) {
+        if self.created {
+            let _ = t.munmap(self.addr, STATE_SIZE);
+        }
     }
 
     /// Reads the state.

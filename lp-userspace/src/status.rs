@@ -102,7 +102,11 @@ pub fn render(list: &[ProcessStatus]) -> String {
         for pa in &p.patches {
             out.push_str(&format!(
                 "  patch {}  applied {}  mode {}\n    module {} (build-id {})\n",
-                pa.id, fmt_time(pa.applied_at), pa.mode, pa.module, pa.build_id
+                pa.id,
+                fmt_time(pa.applied_at),
+                pa.mode,
+                pa.module,
+                pa.build_id
             ));
             for f in &pa.functions {
                 out.push_str(&format!("    {} {} -> {}\n", f.name, f.old, f.new));

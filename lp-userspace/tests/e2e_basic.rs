@@ -98,7 +98,12 @@ fn e2e_shared_library_through_plt_and_pointer() {
     let d = dir.path().display().to_string();
     let rpath = format!("-Wl,-rpath,{d}");
     let ldir = format!("-L{d}");
-    let exe = executable(dir.path(), &["uses_lib.c"], "uses_lib", &[&ldir, &rpath, "-lcompute"]);
+    let exe = executable(
+        dir.path(),
+        &["uses_lib.c"],
+        "uses_lib",
+        &[&ldir, &rpath, "-lcompute"],
+    );
     let obj = object(dir.path(), "new_lib_compute.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &lib, &obj, &[], "p.lp");
     let target = Target::spawn(&exe, &[]);

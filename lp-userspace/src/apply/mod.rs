@@ -25,9 +25,9 @@ use crate::process::{prot, Tracee};
 use crate::state::{AppliedFunction, AppliedPatch, StateMap};
 use lp_core::consistency::CodeRange;
 use lp_core::jump::REL32_JUMP_LEN;
-use lp_core::trampoline::MAX_TRAMPOLINE_LEN;
 use lp_core::plan::plan_apply;
 use lp_core::site::{validate_site, Site};
+use lp_core::trampoline::MAX_TRAMPOLINE_LEN;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use switch::{BusyRange, SiteSwitch};
@@ -117,7 +117,13 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
     let image_len = layout.size().div_ceil(PAGE) * PAGE;
     let extra_len = (PER_FUNCTION_EXTRA * patch.functions.len() as u64).div_ceil(PAGE) * PAGE;
     let total_len = image_len + extra_len;
-    let code_addr = map_near(&mut t, &target, total_len)?;
+    let code_addr = match map_near(&mut t, &target, total_len) {
+        Ok(a) => a,
+        Err(e) => {
+            statemap.remove_if_created(&mut t);
+            return Err(e);
+        }
+    };
     let prepared = prepare(
         &mut t, patch, &layout, &resolver, &sites, code_addr, image_len, &existing,
     );
@@ -125,6 +131,7 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
+            statemap.remove_if_created(&mut t);
             return Err(e);
         }
     };
@@ -149,12 +156,20 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
         statemap.store(m, &new_state)?;
         Ok(())
     };
-    let stats = match switch::run(&mut t, opts.mode, &switches, &busy, opts.timeout, &mut commit) {
+    let stats = match switch::run(
+        &mut t,
+        opts.mode,
+        &switches,
+        &busy,
+        opts.timeout,
+        &mut commit,
+    ) {
         Ok(s) => s,
         Err(e) => {
             // Nothing redirects into the patch memory: give it back.
             if !matches!(e, Error::Process(crate::process::ProcessError::Exited(_))) {
                 let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
+                statemap.remove_if_created(&mut t);
             }
             return Err(e);
         }
@@ -239,9 +254,10 @@ fn prepare(
         })?;
         // Trampoline: the original's displaced instructions, then a jump back past them.
         let tramp = extra_addr + extra.len() as u64;
-        extra.extend_from_slice(&build_trampoline(site, tramp).map_err(|e| {
-            Error::Unsupported(format!("function {}: {e}", f.old_name))
-        })?);
+        extra.extend_from_slice(
+            &build_trampoline(site, tramp)
+                .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?,
+        );
         pad16(&mut extra);
         let via = new;
         let current = t.mem().read_vec(site.patch_addr, site.displaced_len)?;

@@ -38,7 +38,10 @@ fn scan(t: &Tracee, maps: &str, rsp: u64, ranges: &[CodeRange]) -> Vec<u64> {
         .lines()
         .filter_map(|l| {
             let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
         })
         .find(|&(s, e)| s <= rsp && rsp < e)
         .map(|(_, e)| e);

@@ -199,11 +199,13 @@ fn nonstop_mode(
         let tb = table.borrow();
         let addr = s.plan.addr();
         if let Some(below) = s.below {
-            tb.push(addr, s.resume, below, below_id(i)).map_err(table_err)?;
+            tb.push(addr, s.resume, below, below_id(i))
+                .map_err(table_err)?;
             tb.set_state(addr, below_id(i), EntryState::Active)
                 .map_err(table_err)?;
         }
-        tb.push(addr, s.resume, s.top, top_id(i)).map_err(table_err)?;
+        tb.push(addr, s.resume, s.top, top_id(i))
+            .map_err(table_err)?;
         if s.reverting {
             tb.set_state(addr, top_id(i), EntryState::Reverting)
                 .map_err(table_err)?;
@@ -238,7 +240,11 @@ fn nonstop_steps(
 ) -> Result<(), Error> {
     // All sites go through the protocol together: every int3 first, then every tail, then
     // every first byte, so the process switches all functions at one commit point.
-    let max_steps = sites.iter().map(|s| s.plan.steps().len()).max().unwrap_or(0);
+    let max_steps = sites
+        .iter()
+        .map(|s| s.plan.steps().len())
+        .max()
+        .unwrap_or(0);
     let mut committed = false;
     for i in 0..max_steps {
         let mut sync = false;

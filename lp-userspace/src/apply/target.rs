@@ -39,7 +39,10 @@ pub(crate) fn locate(pid: i32, patch: &Patch) -> Result<LoadedTarget, Error> {
         )));
     }
     let bias = module.load_bias(&elf).ok_or_else(|| {
-        Error::Other(format!("cannot compute the load address of {}", module.path))
+        Error::Other(format!(
+            "cannot compute the load address of {}",
+            module.path
+        ))
     })?;
     Ok(LoadedTarget {
         mappings,
@@ -121,7 +124,12 @@ impl<'a> Resolver<'a> {
         let replaced = patch
             .functions
             .iter()
-            .map(|f| (bare_name(&f.old_name).to_string(), target.bias + f.old_vaddr))
+            .map(|f| {
+                (
+                    bare_name(&f.old_name).to_string(),
+                    target.bias + f.old_vaddr,
+                )
+            })
             .collect();
         Ok(Resolver {
             target_bias: target.bias,

@@ -13,7 +13,10 @@ pub fn find_free_near(maps: &str, lo: u64, hi: u64, len: u64) -> Vec<u64> {
         .lines()
         .filter_map(|l| {
             let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
         })
         .collect();
     used.sort();

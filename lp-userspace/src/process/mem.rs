@@ -36,13 +36,15 @@ impl Memory {
 
     /// Fills `buf` from the target's address `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, addr).map_err(|err| ProcessError::Memory {
-            op: "read",
-            pid: self.pid,
-            addr,
-            len: buf.len(),
-            err,
-        })
+        self.file
+            .read_exact_at(buf, addr)
+            .map_err(|err| ProcessError::Memory {
+                op: "read",
+                pid: self.pid,
+                addr,
+                len: buf.len(),
+                err,
+            })
     }
 
     /// Reads `len` bytes at `addr`.
@@ -61,12 +63,14 @@ impl Memory {
 
     /// Writes `bytes` at the target's address `addr` (also on read-only code pages).
     pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
-        self.file.write_all_at(bytes, addr).map_err(|err| ProcessError::Memory {
-            op: "write",
-            pid: self.pid,
-            addr,
-            len: bytes.len(),
-            err,
-        })
+        self.file
+            .write_all_at(bytes, addr)
+            .map_err(|err| ProcessError::Memory {
+                op: "write",
+                pid: self.pid,
+                addr,
+                len: bytes.len(),
+                err,
+            })
     }
 }

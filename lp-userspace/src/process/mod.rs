@@ -64,12 +64,11 @@ pub mod prot {
 }
 
 fn list_tasks(pid: i32) -> Result<Vec<i32>> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|err| {
-        match err.raw_os_error() {
+    let dir =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|err| match err.raw_os_error() {
             Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::Permission(pid),
             _ => ProcessError::NoSuchProcess(pid),
-        }
-    })?;
+        })?;
     let mut tids: Vec<i32> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
@@ -197,16 +196,29 @@ impl Tracee {
         Ok(true)
     }
 
-    fn wait_stopped(&mut self, tid: i32) -> Result<()> {
-        while self.threads.get(&tid).is_some_and(|t| !t.stopped) {
-            match ptrace::wait(tid, false) {
-                Ok(Some((_, st))) => {
-                    self.handle_report(tid, st)?;
+    /// Waits for the next report of `tid`. Reports of other threads that arrive meanwhile are
+    /// handled on the spot: waiting on one tid alone can deadlock when the process dies (a
+    /// thread-group leader's exit is reported only after every other thread was reaped).
+    fn wait_for(&mut self, tid: i32) -> Result<WaitStatus> {
+        loop {
+            match ptrace::wait(-1, false) {
+                Ok(Some((who, st))) if who == tid => return Ok(st),
+                Ok(Some((who, st))) => {
+                    if self.threads.contains_key(&who) {
+                        self.handle_report(who, st)?;
+                    }
                 }
                 Ok(None) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => self.thread_gone(tid)?,
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(WaitStatus::Gone),
                 Err(e) => return Err(ProcessError::from_ptrace("WAIT", self.pid, tid, e)),
             }
+        }
+    }
+
+    fn wait_stopped(&mut self, tid: i32) -> Result<()> {
+        while self.threads.get(&tid).is_some_and(|t| !t.stopped) {
+            let st = self.wait_for(tid)?;
+            self.handle_report(tid, st)?;
         }
         Ok(())
     }
@@ -264,9 +276,7 @@ impl Tracee {
                 match ptrace::interrupt(tid) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                    Err(e) => {
-                        return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e))
-                    }
+                    Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
                 }
             }
             for tid in running {
@@ -365,17 +375,59 @@ impl Tracee {
             Some((&tid, _)) => tid,
             None => self.stop_any()?,
         };
-        let mut deferred = Vec::new();
-        let r = syscall::run(self.pid, tid, insn, nr, args, &mut deferred);
-        if let Some(t) = self.threads.get_mut(&tid) {
-            t.deferred.extend(deferred);
+        let r = self.run_syscall_on(tid, insn, nr, args);
+        if matches!(r, Err(ProcessError::Exited(_))) {
+            self.threads.clear();
         }
-        match r {
-            Err(ProcessError::Exited(_)) => {
-                self.threads.clear();
-                Err(ProcessError::Exited(self.pid))
+        r
+    }
+
+    fn run_syscall_on(&mut self, tid: i32, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let saved = self.regs(tid)?;
+        self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
+        let stepped = self.step_past(tid, insn);
+        // Restore whatever happened: the thread must continue exactly where it was.
+        let after = stepped.and_then(|()| self.regs(tid));
+        if self.threads.contains_key(&tid) {
+            self.set_regs(tid, &saved)?;
+        }
+        Ok(after?.rax as i64)
+    }
+
+    /// Single-steps `tid` until it has executed the `syscall` instruction at `insn`.
+    fn step_past(&mut self, tid: i32, insn: u64) -> Result<()> {
+        loop {
+            ptrace::single_step(tid)
+                .map_err(|e| ProcessError::from_ptrace("SINGLESTEP", self.pid, tid, e))?;
+            match self.wait_for(tid)? {
+                WaitStatus::Signal(libc::SIGTRAP) => {
+                    let rip = self.regs(tid)?.rip;
+                    if rip == insn + 2 {
+                        return Ok(());
+                    }
+                    if rip != insn {
+                        return Err(ProcessError::Unexpected {
+                            pid: self.pid,
+                            tid,
+                            what: format!(
+                                "remote syscall ended at {rip:#x}, expected {:#x}",
+                                insn + 2
+                            ),
+                        });
+                    }
+                }
+                // A signal arrived before our instruction ran: keep it for later.
+                WaitStatus::Signal(sig) => {
+                    if let Some(t) = self.threads.get_mut(&tid) {
+                        t.deferred.push(sig);
+                    }
+                }
+                WaitStatus::Gone => {
+                    self.thread_gone(tid)?;
+                    return Err(ProcessError::Exited(self.pid));
+                }
+                WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {}
             }
-            r => r,
         }
     }
 
@@ -505,18 +557,10 @@ impl Tracee {
                 if ptrace::interrupt(tid).is_err() {
                     continue;
                 }
-                loop {
-                    match ptrace::wait(tid, false) {
-                        Ok(Some((_, WaitStatus::Signal(s)))) => {
-                            sig = s;
-                            break;
-                        }
-                        Ok(Some((_, WaitStatus::Gone))) | Err(_) => {
-                            sig = -1;
-                            break;
-                        }
-                        Ok(_) => break,
-                    }
+                match self.wait_for(tid) {
+                    Ok(WaitStatus::Signal(s)) => sig = s,
+                    Ok(WaitStatus::Gone) | Err(_) => sig = -1,
+                    Ok(_) => {}
                 }
                 if sig < 0 {
                     continue;

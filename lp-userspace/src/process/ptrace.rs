@@ -48,17 +48,14 @@ pub fn get_regs(tid: i32) -> io::Result<Regs> {
     // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
     let mut regs: Regs = unsafe { std::mem::zeroed() };
     // SAFETY: `data` points to a properly sized, writable user_regs_struct.
-    check(unsafe {
-        libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut Regs)
-    })?;
+    check(unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut Regs) })?;
     Ok(regs)
 }
 
 /// Writes the general-purpose registers of a stopped thread.
 pub fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
     // SAFETY: `data` points to a valid user_regs_struct that the kernel only reads.
-    check(unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, 0usize, regs as *const Regs) })
-        .map(drop)
+    check(unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, 0usize, regs as *const Regs) }).map(drop)
 }
 
 /// Why a thread reported to `waitpid`.

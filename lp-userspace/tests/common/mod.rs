@@ -34,10 +34,25 @@ pub fn executable(dir: &Path, sources: &[&str], name: &str, flags: &[&str]) -> P
     let out = dir.join(name);
     let mut args: Vec<String> = vec!["-O2".into(), "-g".into(), "-Wl,--build-id".into()];
     // Libraries (-l...) go after the sources, or the linker drops them.
-    args.extend(flags.iter().filter(|f| !f.starts_with("-l")).map(|s| s.to_string()));
+    args.extend(
+        flags
+            .iter()
+            .filter(|f| !f.starts_with("-l"))
+            .map(|s| s.to_string()),
+    );
     args.extend(sources.iter().map(|s| fixture(s).display().to_string()));
-    args.extend(flags.iter().filter(|f| f.starts_with("-l")).map(|s| s.to_string()));
-    args.extend(["-o".into(), out.display().to_string(), "-lpthread".into(), "-ldl".into()]);
+    args.extend(
+        flags
+            .iter()
+            .filter(|f| f.starts_with("-l"))
+            .map(|s| s.to_string()),
+    );
+    args.extend([
+        "-o".into(),
+        out.display().to_string(),
+        "-lpthread".into(),
+        "-ldl".into(),
+    ]);
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     cc("gcc", &refs);
     out
@@ -98,7 +113,10 @@ pub fn livepatch_err(args: &[&str]) -> (i32, String) {
     );
     assert!(stderr.starts_with("livepatch: error: "), "got: {stderr}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr.trim_end().to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        stderr.trim_end().to_string(),
+    )
 }
 
 /// A running fixture whose stdout lines are collected as they come.
@@ -116,7 +134,9 @@ impl Target {
     /// Like [`Target::spawn`] with extra environment variables.
     pub fn spawn_env(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Target {
         let mut cmd = Command::new(exe);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -203,7 +223,13 @@ impl Drop for Target {
 }
 
 /// `livepatch pack` of `object` against `target` into `dir/name`; returns the patch path and id.
-pub fn pack(dir: &Path, target: &Path, object: &Path, replace: &[&str], name: &str) -> (PathBuf, String) {
+pub fn pack(
+    dir: &Path,
+    target: &Path,
+    object: &Path,
+    replace: &[&str],
+    name: &str,
+) -> (PathBuf, String) {
     let out = dir.join(name);
     let mut args = vec![
         "pack".to_string(),
@@ -241,7 +267,16 @@ pub fn shared_lib(dir: &Path, source: &str, name: &str) -> PathBuf {
     let dst = out.display().to_string();
     cc(
         "gcc",
-        &["-O2", "-g", "-shared", "-fPIC", "-Wl,--build-id", &src, "-o", &dst],
+        &[
+            "-O2",
+            "-g",
+            "-shared",
+            "-fPIC",
+            "-Wl,--build-id",
+            &src,
+            "-o",
+            &dst,
+        ],
     );
     out
 }
