@@ -2,6 +2,7 @@
 //! check.
 
 use crate::process::{ProcessError, Tracee};
+use crate::unwind::{Registers, Unwinder};
 use lp_core::consistency::CodeRange;
 
 /// One thread's stack as lp-core wants it (owned).
@@ -14,14 +15,28 @@ pub(crate) struct Stack {
 /// Largest stack depth scanned by the conservative fallback.
 const SCAN_LIMIT: u64 = 256 * 1024;
 
-/// Collects the stacks of all (stopped) threads.
-pub(crate) fn collect(t: &Tracee, ranges: &[CodeRange]) -> Result<Vec<Stack>, ProcessError> {
+/// Deepest stack unwound.
+const MAX_DEPTH: usize = 512;
+
+/// Collects the stacks of all (stopped) threads: unwound with `.eh_frame` CFI; where the CFI
+/// walk cannot reach the outermost frame (code without CFI, e.g. patch code of an earlier
+/// invocation), the rest of the stack is scanned conservatively as well.
+pub(crate) fn collect(
+    t: &Tracee,
+    unwinder: &mut Unwinder,
+    ranges: &[CodeRange],
+) -> Result<Vec<Stack>, ProcessError> {
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))
         .map_err(|_| ProcessError::Exited(t.pid()))?;
     let mut out = Vec::new();
     for tid in t.threads() {
         let regs = t.regs(tid)?;
-        let returns = scan(t, &maps, regs.rsp, ranges);
+        let bt = unwinder.unwind(&Registers::from_user_regs(&regs), t.mem(), MAX_DEPTH);
+        let complete = bt.complete();
+        let mut returns = bt.return_addresses;
+        if !complete {
+            returns.extend(scan(t, &maps, regs.rsp, ranges));
+        }
         out.push(Stack {
             tid: tid as u32,
             ip: regs.rip,

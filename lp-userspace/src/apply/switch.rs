@@ -112,6 +112,8 @@ fn stop_mode(
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     let ranges: Vec<CodeRange> = busy.iter().map(|b| b.range).collect();
+    // CFI of every module is read now, while threads still run.
+    let mut unwinder = crate::unwind::Unwinder::for_process(t.pid())?;
     let start = Instant::now();
     let mut delay = Duration::from_millis(1);
     let mut stats = SwitchStats::default();
@@ -119,7 +121,7 @@ fn stop_mode(
         stats.attempts += 1;
         t.stop_all()?;
         let stopped_at = Instant::now();
-        let owned = stacks::collect(t, &ranges)?;
+        let owned = stacks::collect(t, &mut unwinder, &ranges)?;
         let views: Vec<ThreadStack<'_>> = owned
             .iter()
             .map(|s| ThreadStack {

@@ -74,3 +74,9 @@ impl Memory {
             })
     }
 }
+
+impl crate::unwind::MemoryReader for Memory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, addr)
+    }
+}
