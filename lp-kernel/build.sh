@@ -9,13 +9,14 @@ KDIR=${KDIR:-/usr/src/linux-headers-$KVER}
 out=$here/build
 mkdir -p "$out"
 
-# 1. Rust: lp-core + the FFI layer for x86_64-unknown-none, built with a core (and alloc) that
+# 1. Rust: lp-core + the FFI layer (returns and indirect calls through the kernel's
+# __x86_return_thunk / __x86_indirect_thunk_*, like the C of this RETHUNK+RETPOLINE kernel) for x86_64-unknown-none, built with a core (and alloc) that
 # is compiled with the same flags (the prebuilt one leaves GOTPCREL relocations, which the 6.1
 # module loader rejects).
 # LP_RUST_SRC: build the crate from another checkout (e.g. a snapshot of a committed lp-core).
 (
   cd "${LP_RUST_SRC:-$here/rust}"
-  RUSTFLAGS="-C relocation-model=static -C code-model=kernel -Z plt=yes" \
+  RUSTFLAGS="-C relocation-model=static -C code-model=kernel -Z plt=yes -Z function-return=thunk-extern -C target-feature=+retpoline-external-thunk" \
     CARGO_TARGET_DIR="$out/rust" \
     cargo +nightly build --release --quiet \
     -Z build-std=core,alloc,compiler_builtins -Z build-std-features=compiler-builtins-mem \

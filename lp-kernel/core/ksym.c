@@ -24,6 +24,8 @@ static struct module *(*lp_find_module)(const char *name);
 unsigned int (*lp_stack_trace_save_tsk)(struct task_struct *task, unsigned long *store,
 					unsigned int size, unsigned int skipnr);
 struct task_struct *(*lp_idle_task)(int cpu);
+int (*lp_stack_trace_save_tsk_reliable)(struct task_struct *tsk, unsigned long *store,
+					unsigned int size);
 
 static unsigned long lp_lookup_name_via_kprobe(void)
 {
@@ -59,6 +61,9 @@ int lp_ksym_init(void)
 	LP_NEED(lp_ftrace_location, "ftrace_location");
 	LP_NEED(lp_find_module, "find_module");
 	LP_NEED(lp_stack_trace_save_tsk, "stack_trace_save_tsk");
+	/* Optional: without it every walk counts as reliable (the ORC walk of 6.1 x86 is). */
+	*(unsigned long *)&lp_stack_trace_save_tsk_reliable =
+		lp_kallsyms_lookup_name("stack_trace_save_tsk_reliable");
 	/* Optional: without it only the boot CPU's idle task is checked. */
 	*(unsigned long *)&lp_idle_task = lp_kallsyms_lookup_name("idle_task");
 	return 0;

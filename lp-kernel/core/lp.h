@@ -37,6 +37,8 @@ bool lp_is_ftrace_site(unsigned long addr);
 extern unsigned int (*lp_stack_trace_save_tsk)(struct task_struct *task, unsigned long *store,
 					       unsigned int size, unsigned int skipnr);
 extern struct task_struct *(*lp_idle_task)(int cpu);
+extern int (*lp_stack_trace_save_tsk_reliable)(struct task_struct *tsk, unsigned long *store,
+					       unsigned int size);
 
 /* site.c: one ftrace_ops per patched function entry; its handler asks lp-core. */
 int lp_site_get(unsigned long addr, char *err, size_t len);
@@ -49,7 +51,10 @@ struct lp_switch {
 	/* Runs inside stop_machine once no task is inside a range; must not sleep. */
 	int (*commit)(void *data);
 	void *data;
-	/* Out: who was in the way at the last attempt. */
+	/* Out: who was in the way at the last attempt (unreliable: its stack could not be walked
+	 * to the end, which counts as busy, as in upstream livepatch).
+	 */
+	bool unreliable;
 	pid_t busy_pid;
 	char busy_comm[TASK_COMM_LEN];
 	size_t busy_range;

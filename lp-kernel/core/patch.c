@@ -194,7 +194,10 @@ static int lp_switch_patch(struct lp_patch *p, bool apply, char *err, size_t len
 	sw.commit = apply ? lp_commit_apply : lp_commit_revert;
 	sw.data = &c;
 	ret = lp_switch_run(&sw);
-	if (ret == -EBUSY)
+	if (ret == -EBUSY && sw.unreliable)
+		snprintf(err, len, "the stack of task %d (%s) could not be walked reliably for %u ms (%u attempts); the old code stays",
+			 sw.busy_pid, sw.busy_comm, lp_switch_timeout_ms, sw.attempts);
+	else if (ret == -EBUSY)
 		snprintf(err, len, "task %d (%s) stayed inside %ps (at %pS) for %u ms (%u attempts); the old code stays",
 			 sw.busy_pid, sw.busy_comm, (void *)(unsigned long)ranges[sw.busy_range].start,
 			 (void *)(unsigned long)sw.busy_addr, lp_switch_timeout_ms, sw.attempts);

@@ -16,27 +16,48 @@
 #include <linux/cpumask.h>
 #include "lp.h"
 
-#define LP_MAX_STACK 64
+#define LP_MAX_STACK 128
 
 /* Only used inside stop_machine, which runs one callback at a time. */
 static unsigned long lp_stack_buf[LP_MAX_STACK];
 static u64 lp_stack_u64[LP_MAX_STACK];
 
-/* Returns true when `t` is inside one of the ranges (and records where). */
-static bool lp_task_busy(struct lp_switch *sw, struct task_struct *t)
+static void lp_note_busy(struct lp_switch *sw, struct task_struct *t)
 {
-	unsigned int n, i;
-	size_t range = 0;
-	u64 addr = 0;
-
-	n = lp_stack_trace_save_tsk(t, lp_stack_buf, LP_MAX_STACK, 0);
-	for (i = 0; i < n; i++)
-		lp_stack_u64[i] = lp_stack_buf[i];
-	/* Every entry of a saved stack is a return address, except a running task's first. */
-	if (!lp_rs_check_task(t->pid, 0, lp_stack_u64, n, sw->ranges, sw->nranges, &range, &addr))
-		return false;
 	sw->busy_pid = t->pid;
 	memcpy(sw->busy_comm, t->comm, TASK_COMM_LEN);
+}
+
+/* Returns true when `t` is inside one of the ranges, or its stack cannot be trusted. */
+static bool lp_task_busy(struct lp_switch *sw, struct task_struct *t)
+{
+	size_t range = 0;
+	u64 addr = 0;
+	int n, i;
+
+	/*
+	 * The other CPUs' stopper threads are running multi_cpu_stop() right now: they are not in
+	 * patchable code, and a running task's stack cannot be walked.
+	 */
+	if (t != current && READ_ONCE(t->on_cpu))
+		return false;
+	if (lp_stack_trace_save_tsk_reliable) {
+		n = lp_stack_trace_save_tsk_reliable(t, lp_stack_buf, LP_MAX_STACK);
+		if (n < 0) {
+			sw->unreliable = true;
+			lp_note_busy(sw, t);
+			return true;
+		}
+	} else {
+		n = lp_stack_trace_save_tsk(t, lp_stack_buf, LP_MAX_STACK, 0);
+	}
+	for (i = 0; i < n; i++)
+		lp_stack_u64[i] = lp_stack_buf[i];
+	/* Every entry of a saved stack is a return address (no task runs here but current). */
+	if (!lp_rs_check_task(t->pid, 0, lp_stack_u64, n, sw->ranges, sw->nranges, &range, &addr))
+		return false;
+	sw->unreliable = false;
+	lp_note_busy(sw, t);
 	sw->busy_range = range;
 	sw->busy_addr = addr;
 	return true;

@@ -63,8 +63,13 @@ insmod $M/lp_target.ko || fail target-insmod "insmod lp_target.ko"
 expect module-before "$(field value)" 1
 insmod $M/p_target.ko || fail module-insmod "insmod p_target.ko"
 expect module-during "$(field value)" 2
-disable p_target && rmmod p_target
+disable p_target
 expect module-after "$(field value)" 1
+echo 1 > /sys/kernel/lp/p_target/enabled && pass module-reenable || fail module-reenable "echo 1 > enabled"
+expect module-reenabled "$(field value)" 2
+expect_fail module-rmmod-reenabled rmmod p_target
+disable p_target && rmmod p_target
+expect module-after-rmmod "$(field value)" 1
 
 # ---- 4. a function of a module loaded after the patch ---------------------------------------
 insmod $M/p_late.ko || fail late-insmod "insmod p_late.ko (module absent)"
