@@ -34,7 +34,9 @@ pub(crate) fn apply(buf: &mut [Slot], len: usize, edit: &Edit) -> usize {
     }
 }
 
-/// Index of `old` in the sorted entries, or where it would go.
+/// Index of `old` in the sorted entries, or where it would go. A binary search: measured
+/// against an 8-ary search over the same 152-byte slots, it was faster both with hot caches and
+/// for random sites among 100,000 (the k-ary probes touch more cache lines).
 pub(crate) fn find(entries: &[Slot], old: u64) -> Result<usize, usize> {
     entries.binary_search_by_key(&old, Slot::old)
 }
