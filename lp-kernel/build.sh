@@ -16,7 +16,7 @@ mkdir -p "$out"
 # LP_RUST_SRC: build the crate from another checkout (e.g. a snapshot of a committed lp-core).
 (
   cd "${LP_RUST_SRC:-$here/rust}"
-  RUSTFLAGS="-C relocation-model=static -C code-model=kernel -Z plt=yes -Z function-return=thunk-extern -C target-feature=+retpoline-external-thunk" \
+  RUSTFLAGS="-C relocation-model=static -C code-model=kernel -Z plt=yes -Z function-return=thunk-extern -Z retpoline-external-thunk" \
     CARGO_TARGET_DIR="$out/rust" \
     cargo +nightly build --release --quiet \
     -Z build-std=core,alloc,compiler_builtins -Z build-std-features=compiler-builtins-mem \

@@ -20,6 +20,8 @@ fi
 rustup component list --toolchain nightly --installed | grep -q '^rust-src' ||
   rustup component add rust-src --toolchain nightly
 
+# The Rust half's interface to C, on the host (unit tests; the kernel build comes next).
+(cd "$here/rust" && CARGO_TARGET_DIR="$out/rust-host" cargo +nightly test -q)
 bash "$here/build.sh"
 
 # The example patch (examples/kernel-cmdline), built the way a user builds one: with

@@ -47,3 +47,18 @@ pub unsafe fn report(what: &dyn fmt::Display, msg: *mut u8, len: usize) {
     let end = out.len;
     out.buf[end] = 0;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_truncates_and_terminates() {
+        let mut buf = [0xffu8; 8];
+        // SAFETY: `buf` is 8 writable bytes.
+        unsafe { report(&"a long message", buf.as_mut_ptr(), buf.len()) };
+        assert_eq!(&buf, b"a long \0");
+        // SAFETY: a null buffer is ignored.
+        unsafe { report(&"x", core::ptr::null_mut(), 4) };
+    }
+}

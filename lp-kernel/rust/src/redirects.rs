@@ -75,7 +75,13 @@ pub extern "C" fn lp_rs_redirect(ip: u64) -> u64 {
 /// # Safety
 /// `msg` is null or points to `len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn lp_rs_push(old: u64, new_fn: u64, patch_id: u32, msg: *mut u8, len: usize) -> i32 {
+pub unsafe extern "C" fn lp_rs_push(
+    old: u64,
+    new_fn: u64,
+    patch_id: u32,
+    msg: *mut u8,
+    len: usize,
+) -> i32 {
     // The original code resumes at the site itself: the ftrace handler just returns.
     // SAFETY: forwarded from the caller.
     unsafe { answer(TABLE.push(old, old, new_fn, patch_id), msg, len) }
@@ -130,4 +136,64 @@ pub extern "C" fn lp_rs_top_patch(old: u64) -> u32 {
 #[no_mangle]
 pub extern "C" fn lp_rs_depth(old: u64) -> u32 {
     TABLE.lookup(old).map_or(0, |r| r.depth as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg_of(buf: &[u8]) -> &str {
+        let end = buf.iter().position(|&b| b == 0).unwrap();
+        core::str::from_utf8(&buf[..end]).unwrap()
+    }
+
+    // One test walks the whole life of two stacked patches: the table is one static.
+    #[test]
+    fn stacked_patches_through_the_c_interface() {
+        let mut msg = [0u8; 128];
+        let (m, l) = (msg.as_mut_ptr(), msg.len());
+        let old = 0xffff_ffff_8100_1000;
+        // SAFETY (all calls below): `msg` is a writable buffer of `l` bytes.
+        unsafe {
+            assert_eq!(lp_rs_push(old, 0xa000, 1, m, l), 0);
+            assert_eq!(lp_rs_redirect(old), 0, "pending: the original runs");
+            assert_eq!(lp_rs_set_state(old, 1, m, l), 0);
+            assert_eq!(lp_rs_redirect(old), 0xa000);
+            assert_eq!(lp_rs_push(old, 0xb000, 2, m, l), 0);
+            assert_eq!(
+                lp_rs_redirect(old),
+                0xa000,
+                "patch 2 pending: patch 1 still runs"
+            );
+            assert_eq!(lp_rs_set_state(old, 1, m, l), 0);
+            assert_eq!(
+                (lp_rs_redirect(old), lp_rs_top_patch(old), lp_rs_depth(old)),
+                (0xb000, 2, 2)
+            );
+
+            assert_eq!(lp_rs_pop(old, 1, m, l), -errno::EBUSY);
+            assert!(
+                msg_of(&msg).contains("patch 2 is stacked on it"),
+                "{}",
+                msg_of(&msg)
+            );
+            assert_eq!(lp_rs_redirect(old), 0xb000, "a refused pop changes nothing");
+
+            assert_eq!(
+                lp_rs_pop(old, 2, m, l),
+                0,
+                "active top: through reverting, then out"
+            );
+            assert_eq!(lp_rs_redirect(old), 0xa000);
+            assert_eq!(lp_rs_pop(old, 1, m, l), 0);
+            assert_eq!(
+                (lp_rs_redirect(old), lp_rs_top_patch(old), lp_rs_depth(old)),
+                (0, 0, 0)
+            );
+
+            assert_eq!(lp_rs_set_state(old, 1, m, l), -errno::ENOENT);
+            assert_eq!(lp_rs_set_state(old, 7, m, l), -errno::EINVAL);
+            assert_eq!(lp_rs_redirect(0x1234), 0, "not ours");
+        }
+    }
 }

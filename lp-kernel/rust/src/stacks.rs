@@ -59,3 +59,54 @@ pub unsafe extern "C" fn lp_rs_check_task(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_one(addrs: &[u64], ranges: &[LpRange]) -> Option<(usize, u64)> {
+        let (mut range, mut addr) = (usize::MAX, 0);
+        // SAFETY: slices and out pointers are valid for the call.
+        let busy = unsafe {
+            lp_rs_check_task(
+                7,
+                0,
+                addrs.as_ptr(),
+                addrs.len(),
+                ranges.as_ptr(),
+                ranges.len(),
+                &mut range,
+                &mut addr,
+            )
+        };
+        (busy == 1).then_some((range, addr))
+    }
+
+    #[test]
+    fn a_return_address_inside_a_range_is_busy() {
+        let ranges = [
+            LpRange {
+                start: 0x1000,
+                end: 0x1100,
+            },
+            LpRange {
+                start: 0x2000,
+                end: 0x2040,
+            },
+        ];
+        assert_eq!(
+            check_one(&[0x5000, 0x2010, 0x6000], &ranges),
+            Some((1, 0x2010))
+        );
+        assert_eq!(
+            check_one(&[0x5000, 0x1100], &ranges),
+            None,
+            "end is outside"
+        );
+        assert_eq!(
+            check_one(&[], &ranges),
+            None,
+            "an empty stack (zombie) is idle"
+        );
+    }
+}
