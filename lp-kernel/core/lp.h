@@ -34,6 +34,8 @@ int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *a
 bool lp_module_loaded(const char *name);
 unsigned long lp_symbol_size(unsigned long addr);
 bool lp_is_ftrace_site(unsigned long addr);
+/* Both addresses in the same loaded module (trap path: call with preemption off). */
+bool lp_same_module(unsigned long a, unsigned long b);
 extern unsigned int (*lp_stack_trace_save_tsk)(struct task_struct *task, unsigned long *store,
 					       unsigned int size, unsigned int skipnr);
 extern struct task_struct *(*lp_idle_task)(int cpu);

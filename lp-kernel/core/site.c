@@ -30,7 +30,11 @@ static void notrace lp_ftrace_handler(unsigned long ip, unsigned long parent_ip,
 	if (WARN_ON_ONCE(bit < 0))
 		return;
 	target = lp_rs_redirect(ip);
-	if (target)
+	/*
+	 * A call made by the replacement's own module (the new function calling the one it
+	 * replaces, through LP_SYMBOL) runs the original code: redirecting it would recurse.
+	 */
+	if (target && !lp_same_module(parent_ip, target))
 		ftrace_instruction_pointer_set(fregs, target);
 	ftrace_test_recursion_unlock(bit);
 }

@@ -71,6 +71,16 @@ expect_fail module-rmmod-reenabled rmmod p_target
 disable p_target && rmmod p_target
 expect module-after-rmmod "$(field value)" 1
 
+# ---- 3b. the new function calls the one it replaces (runs the original, no recursion) ---------
+insmod $M/p_wrap.ko || fail wrap-insmod "insmod p_wrap.ko"
+expect wrap-during "$(field value)" 105
+insmod $M/p_stack_a.ko
+expect wrap-stacked-under "$(field value)" 101
+disable p_stack_a && rmmod p_stack_a
+expect wrap-again "$(field value)" 105
+disable p_wrap && rmmod p_wrap
+expect wrap-after "$(field value)" 1
+
 # ---- 4. a function of a module loaded after the patch ---------------------------------------
 insmod $M/p_late.ko || fail late-insmod "insmod p_late.ko (module absent)"
 grep -q "^lp_late:lp_late_value 0x0 -> .* waiting" /sys/kernel/lp/p_late/functions &&
