@@ -80,6 +80,10 @@ disable p_stack_a && rmmod p_stack_a
 expect wrap-again "$(field value)" 105
 disable p_wrap && rmmod p_wrap
 expect wrap-after "$(field value)" 1
+insmod $M/p_tailwrap.ko || fail tailwrap-insmod "insmod p_tailwrap.ko"
+expect tailwrap-during "$(field value)" 1
+expect tailwrap-enabled "$(cat /sys/kernel/lp/p_tailwrap/enabled)" 1
+disable p_tailwrap && rmmod p_tailwrap
 
 # ---- 4. a function of a module loaded after the patch ---------------------------------------
 insmod $M/p_late.ko || fail late-insmod "insmod p_late.ko (module absent)"

@@ -178,8 +178,13 @@ pub fn pack(opts: &PackOptions) -> Result<PathBuf, KernelError> {
     }
     fs::write(dir.join("livepatch.h"), LIVEPATCH_H).map_err(io("cannot write livepatch.h"))?;
     fs::write(dir.join(format!("{name}.c")), code).map_err(io("cannot write the source copy"))?;
-    fs::write(dir.join("Kbuild"), format!("obj-m := {name}.o\n"))
-        .map_err(io("cannot write Kbuild"))?;
+    // No sibling calls: `return orig(x);` to the replaced function must stay a call, so the
+    // ftrace handler sees the patch module as the caller and runs the original.
+    fs::write(
+        dir.join("Kbuild"),
+        format!("obj-m := {name}.o\nccflags-y += -fno-optimize-sibling-calls\n"),
+    )
+    .map_err(io("cannot write Kbuild"))?;
 
     let out = Command::new("make")
         .arg("-C")
