@@ -31,6 +31,7 @@ def test_different_code_different_id_same_code_same_id(built):
     again = livepatch.pack(built["counter"], built["value2"], None)
     assert a.id != b.id
     assert a.id == again.id
+    assert len({a, b, again}) == 2 and hash(a) == hash(again)
 
 
 def test_explicit_replacement_forms_agree(built):

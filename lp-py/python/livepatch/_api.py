@@ -45,6 +45,7 @@ class Reverted(TypedDict):
     pid: int
     id: str
     functions: List[str]
+    code_freed: bool  #: patch memory unmapped (False: a thread was still inside it, left mapped)
     stats: SwitchStats
     total_us: int
 

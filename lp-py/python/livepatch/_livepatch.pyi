@@ -78,6 +78,7 @@ class Patch:
     def object(self) -> bytes:
         """The relocatable object holding the new code."""
     def __eq__(self, value: builtins.object, /) -> bool: ...
+    def __hash__(self) -> int: ...
 
 @final
 class Site:

@@ -104,6 +104,10 @@ impl PyPatch {
     fn __eq__(&self, other: &Self) -> bool {
         self.0 == other.0
     }
+    /// Patches hash by id (equal content, equal id), so they can key dicts and sets.
+    fn __hash__(&self) -> u64 {
+        u64::from_str_radix(self.0.id.get(..16).unwrap_or(&self.0.id), 16).unwrap_or(0)
+    }
     fn __repr__(&self) -> String {
         let names: Vec<&str> = self
             .0
