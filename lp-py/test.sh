@@ -14,7 +14,12 @@ if [ "${1:-}" = "--install-only" ]; then install_only=1; shift; fi
 
 python=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
-  "$python" -m venv "$venv"
+  if ! "$python" -m venv "$venv"; then
+    # Debian's python3 ships venv separately.
+    rm -rf "$venv"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv
+    "$python" -m venv "$venv"
+  fi
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "maturin>=1.5,<2.0" "pytest>=7" "mypy>=1.8"
