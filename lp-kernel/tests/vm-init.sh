@@ -135,6 +135,22 @@ disable p_busy && rmmod p_busy
 sleep 1
 expect busy-after "$(field sleeper)" 1
 
+# ---- 6b. delayed, not refused: the sleeper leaves while lpcore retries -------------------------
+echo 10000 > /sys/module/lpcore/parameters/switch_timeout_ms
+echo hold > /proc/lp_target
+( insmod $M/p_busy.ko; echo $? > /tmp/busy_rc ) &
+sleep 1
+expect delayed-not-yet "$(field sleeping) $(ls /sys/kernel/lp/)" "1 "
+echo release > /proc/lp_target
+wait
+expect delayed-applied "$(cat /tmp/busy_rc)" 0
+attempts=$(dmesg | sed -n 's/.*patch p_busy: switched after \([0-9]*\) attempt(s).*/\1/p' | tail -1)
+[ "${attempts:-0}" -gt 1 ] && pass delayed-retried || fail delayed-retried "attempts=$attempts"
+sleep 1
+expect delayed-during "$(field sleeper)" 2
+disable p_busy && rmmod p_busy
+echo 1000 > /sys/module/lpcore/parameters/switch_timeout_ms
+
 # ---- 7. malformed and mismatched patch modules ----------------------------------------------
 expect_fail bad-abi insmod $M/p_bad_abi.ko
 dmesg_has bad-abi-reason "patch p_bad_abi refused: built for patch ABI 99, lpcore speaks 1"
