@@ -122,12 +122,29 @@ bitflags::bitflags! {
 }
 
 /// All sixteen general-purpose registers.
+///
+/// ```
+/// use lp_core::clobber::{Regs, GPRS};
+/// assert!(GPRS.contains(Regs::RAX | Regs::R15) && !GPRS.contains(Regs::FLAGS));
+/// ```
 pub const GPRS: Regs = Regs::from_bits_truncate(0xffff);
 /// `xmm0`–`xmm15`.
+///
+/// ```
+/// use lp_core::clobber::{Regs, XMMS};
+/// assert_eq!(XMMS.bits().count_ones(), 16);
+/// assert!(XMMS.contains(Regs::XMM0 | Regs::XMM15));
+/// ```
 pub const XMMS: Regs = Regs::from_bits_truncate(0xffff << 17);
 
 /// Registers a SysV x86-64 callee may change without restoring them: `rax rcx rdx rsi rdi
 /// r8–r11`, the flags, every vector register and the x87 state.
+///
+/// ```
+/// use lp_core::clobber::{Regs, SYSV_CALLER_SAVED};
+/// assert!(SYSV_CALLER_SAVED.contains(Regs::RAX | Regs::R11 | Regs::XMM15 | Regs::FLAGS));
+/// assert!(!SYSV_CALLER_SAVED.intersects(Regs::RBX | Regs::R12));
+/// ```
 pub const SYSV_CALLER_SAVED: Regs = Regs::RAX
     .union(Regs::RCX)
     .union(Regs::RDX)
@@ -143,6 +160,11 @@ pub const SYSV_CALLER_SAVED: Regs = Regs::RAX
     .union(Regs::OTHER_VECTOR);
 
 /// Registers a SysV x86-64 callee must give back unchanged: `rbx rsp rbp r12–r15`.
+///
+/// ```
+/// use lp_core::clobber::{GPRS, SYSV_CALLEE_SAVED, SYSV_CALLER_SAVED};
+/// assert_eq!(SYSV_CALLEE_SAVED | (SYSV_CALLER_SAVED & GPRS), GPRS);
+/// ```
 pub const SYSV_CALLEE_SAVED: Regs = Regs::RBX
     .union(Regs::RSP)
     .union(Regs::RBP)
@@ -203,6 +225,13 @@ impl Regs {
 }
 
 /// Why the analysis cannot run. `Display` is one line naming the problem.
+///
+/// ```
+/// use lp_core::clobber::{clobbered_registers, ClobberError};
+/// let err = clobbered_registers(&[0x90, 0xb8, 0x01], 0x1000).unwrap_err(); // mov eax,imm32 cut short
+/// assert_eq!(err, ClobberError::TruncatedInstruction { addr: 0x1001 });
+/// assert_eq!(err.to_string(), "instruction at 0x1001 runs past the end of the function");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum ClobberError {
     /// No bytes were given.

@@ -9,10 +9,25 @@
 //! carries one of our redirects" (stacking) from "this site holds something unexpected".
 
 /// Length of `jmp rel32` (`e9 <rel32>`).
+///
+/// ```
+/// use lp_core::jump::{Jump, REL32_JUMP_LEN};
+/// assert_eq!(Jump::rel32(0, 0x100).unwrap().len(), REL32_JUMP_LEN);
+/// ```
 pub const REL32_JUMP_LEN: usize = 5;
 /// Length of the absolute form `jmp [rip+0]; .quad target` (`ff 25 00 00 00 00 <abs64>`).
+///
+/// ```
+/// use lp_core::jump::{Jump, ABS_JUMP_LEN};
+/// assert_eq!(Jump::absolute(0x100).len(), ABS_JUMP_LEN);
+/// ```
 pub const ABS_JUMP_LEN: usize = 14;
 /// The longest redirect this module produces.
+///
+/// ```
+/// use lp_core::jump::{Jump, MAX_JUMP_LEN};
+/// assert!(Jump::to(0, u64::MAX / 2).len() <= MAX_JUMP_LEN);
+/// ```
 pub const MAX_JUMP_LEN: usize = ABS_JUMP_LEN;
 
 const REL32_OPCODE: u8 = 0xe9;

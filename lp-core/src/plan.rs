@@ -24,8 +24,19 @@ use crate::jump::Jump;
 use crate::site::{Site, INT3};
 
 /// The longest byte run a plan can rewrite.
+///
+/// ```
+/// use lp_core::plan::{plan_write, MAX_WRITE_LEN};
+/// assert!(plan_write(0, &[0; MAX_WRITE_LEN], &[1; MAX_WRITE_LEN]).is_ok());
+/// assert!(plan_write(0, &[0; MAX_WRITE_LEN + 1], &[1; MAX_WRITE_LEN + 1]).is_err());
+/// ```
 pub const MAX_WRITE_LEN: usize = 16;
 /// The most steps a plan has (three writes, each followed by a sync).
+///
+/// ```
+/// use lp_core::plan::{plan_write, MAX_STEPS};
+/// assert_eq!(plan_write(0, &[0x90, 0x90], &[0xc3, 0xc3]).unwrap().steps().len(), MAX_STEPS);
+/// ```
 pub const MAX_STEPS: usize = 6;
 
 /// One step of a [`WritePlan`].
@@ -206,6 +217,17 @@ impl WritePlan {
 }
 
 /// Why a plan cannot be made. `Display` is one line naming the problem.
+///
+/// ```
+/// use lp_core::{plan::{plan_apply, PlanError}, site::validate_site};
+/// let code = [0x55, 0x48, 0x89, 0xe5, 0x31, 0xc0, 0x5d, 0xc3];
+/// let site = validate_site(&code, 0x1000, 5).unwrap();
+/// let mut now = code;
+/// now[0] = 0xcc; // someone's breakpoint
+/// let err = plan_apply(&site, &now, 0x2000).unwrap_err();
+/// assert_eq!(err, PlanError::UnexpectedBytes { addr: 0x1000, found: 0xcc, expected: 0x55 });
+/// assert!(err.to_string().starts_with("unexpected byte 0xcc at 0x1000"));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum PlanError {
     /// `current` and `new` differ in length.

@@ -42,13 +42,31 @@ use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, 
 use crate::jump::{Jump, MAX_JUMP_LEN};
 
 /// Encoding of `endbr64`, the CET indirect-branch landing pad.
+///
+/// ```
+/// use lp_core::site::{validate_site, ENDBR64};
+/// let mut code = ENDBR64.to_vec();
+/// code.extend([0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3]); // push rbp; mov rbp,rsp; pop rbp; ret
+/// assert!(validate_site(&code, 0x1000, 5).unwrap().endbr64);
+/// ```
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
 /// The most bytes a redirect can displace: the longest jump plus the rest of one maximal
 /// (15-byte) instruction, rounded up.
+///
+/// ```
+/// use lp_core::{jump::MAX_JUMP_LEN, site::MAX_DISPLACED_LEN};
+/// assert!(MAX_DISPLACED_LEN >= MAX_JUMP_LEN + 14);
+/// ```
 pub const MAX_DISPLACED_LEN: usize = 32;
 
 /// The opcode of `int3`.
+///
+/// ```
+/// use lp_core::{plan::plan_write, site::INT3};
+/// let plan = plan_write(0x1000, &[0x55, 0x48], &[0xe9, 0x00]).unwrap();
+/// assert_eq!(plan.steps()[0].data(), Some((0x1000, &[INT3][..])));
+/// ```
 pub const INT3: u8 = 0xcc;
 
 /// A validated patch site: where the redirect goes and which instructions it displaces.
@@ -144,6 +162,15 @@ impl Site {
 }
 
 /// Why a function's entry cannot be patched. `Display` is one line naming the problem.
+///
+/// ```
+/// use lp_core::site::{validate_site, SiteError};
+/// // 0: xor eax,eax; 2: add eax,1; 5: cmp eax,edi; 7: jne 2; 9: ret — the loop head is 2 bytes in
+/// let code = [0x31, 0xc0, 0x83, 0xc0, 0x01, 0x39, 0xf8, 0x75, 0xf9, 0xc3];
+/// let err = validate_site(&code, 0x1000, 5).unwrap_err();
+/// assert_eq!(err, SiteError::BranchIntoPatchedBytes { from: 0x1007, to: 0x1002 });
+/// assert_eq!(err.to_string(), "branch at 0x1007 lands at 0x1002, inside the bytes the redirect overwrites");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum SiteError {
     /// The function ends before the jump does.

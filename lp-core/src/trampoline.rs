@@ -28,9 +28,24 @@ use crate::site::{Site, MAX_DISPLACED_LEN};
 /// An output buffer of this size always holds a trampoline: at most 32 displaced bytes, i.e. at
 /// most 16 relative branches of 2 bytes that each grow to 18 bytes (`loop`/`jrcxz` rewritten to
 /// reach an absolute jump), plus the 14-byte jump back.
+///
+/// ```
+/// use lp_core::trampoline::MAX_TRAMPOLINE_LEN;
+/// let buffer = [0u8; MAX_TRAMPOLINE_LEN]; // what callers allocate per trampoline
+/// assert_eq!(buffer.len(), 304);
+/// ```
 pub const MAX_TRAMPOLINE_LEN: usize = 16 * 18 + 14 + 2;
 
 /// Why a trampoline cannot be built. `Display` is one line naming the problem.
+///
+/// ```
+/// use lp_core::{site::validate_site, trampoline::{build_trampoline, TrampolineError}};
+/// let code = [0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0xc3]; // mov eax,[rip+0x100]; ret
+/// let site = validate_site(&code, 0x1000, 5).unwrap();
+/// let mut out = [0u8; 64];
+/// let err = build_trampoline(&site, 0x7f00_0000_0000, &mut out).unwrap_err();
+/// assert!(matches!(err, TrampolineError::OutOfReach { target: 0x1106, .. }));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum TrampolineError {
     /// A displaced instruction reads or writes memory beyond ±2 GiB of the trampoline.
@@ -194,6 +209,25 @@ mod tests {
                 at: 0x7f00_0000_0000
             })
         );
+    }
+
+    #[test]
+    fn worst_case_fits_the_promised_length() {
+        // 14 bytes of 2-byte `loop`/`jrcxz`/`jcc` whose targets are far from the trampoline: each
+        // becomes a branch over an absolute jump; the bound must still hold.
+        for op in [0xe2u8, 0xe3, 0x74] {
+            let mut code = [0x90u8; 40];
+            for i in 0..7 {
+                code[2 * i] = op;
+                code[2 * i + 1] = 0x10;
+            }
+            code[39] = 0xc3;
+            let site = validate_site(&code, 0x1000, 14).unwrap();
+            assert_eq!(site.displaced_count, 7);
+            let mut out = [0u8; 4 * MAX_TRAMPOLINE_LEN];
+            let n = build_trampoline(&site, 0x7f00_0000_0000, &mut out).unwrap();
+            assert!(n <= MAX_TRAMPOLINE_LEN, "{n}");
+        }
     }
 
     #[test]
