@@ -2,7 +2,7 @@
 # Boots the pinned Debian kernel under QEMU (TCG; KVM hangs on these machines) with a busybox
 # initramfs holding INIT as /init and the given modules in /lib/lp/; the serial console goes to
 # LOG. Exit status: QEMU's, or 124 when the VM did not finish within VM_TIMEOUT seconds.
-# Usage: vm.sh INIT LOG MODULE.ko...      (env: VM_TIMEOUT, VM_APPEND, VM_SMP)
+# Usage: vm.sh INIT LOG MODULE.ko...      (env: VM_TIMEOUT, VM_APPEND, VM_SMP, VM_FILES)
 set -euo pipefail
 init=$1 log=$2
 shift 2
@@ -14,6 +14,12 @@ mkdir -p "$rootfs"/{bin,proc,sys,dev,tmp,lib/lp}
 cp /bin/busybox "$rootfs/bin/busybox"
 cp "$@" "$rootfs/lib/lp/"
 cp "$init" "$rootfs/init"
+# VM_FILES: host files copied to the same path inside (a dynamically linked program and the
+# libraries `ldd` lists for it, for instance).
+for f in ${VM_FILES:-}; do
+  mkdir -p "$rootfs$(dirname "$f")"
+  cp -L "$f" "$rootfs$f"
+done
 chmod +x "$rootfs/init"
 (cd "$rootfs" && find . | cpio -o -H newc --quiet | gzip -1) >"$rootfs.cpio.gz"
 set +e

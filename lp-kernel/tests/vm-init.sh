@@ -119,6 +119,30 @@ disable p_stack_a && pass stack-remove-a || fail stack-remove-a "disable p_stack
 expect stack-after "$(field value)" 1
 rmmod p_stack_b p_stack_a
 
+# ---- 5b. `livepatch kernel status` (the CLI, when test.sh could put it in the VM) ------------
+CLI=$(sed -n 's/.*lp_cli=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$CLI" ] && [ -x "$CLI" ]; then
+  expect cli-status-empty "$($CLI kernel status)" "no kernel patches registered"
+  insmod $M/p_stack_a.ko
+  insmod $M/p_stack_b.ko
+  out=$($CLI kernel status)
+  echo "$out" | sed 's/^/LPSTATUS cli /'
+  echo "$out" | grep -q "^p_stack_a (id [0-9]*): enabled" && pass cli-status-patch || fail cli-status-patch "$out"
+  echo "$out" | grep -q "lp_target:lp_target_value 0x[0-9a-f]* -> new_lp_target_value_a 0x[0-9a-f]*  overridden (depth 2)" &&
+    pass cli-status-overridden || fail cli-status-overridden "$out"
+  echo "$out" | grep -q "new_lp_target_value_b 0x[0-9a-f]*  active (depth 2)" &&
+    pass cli-status-active || fail cli-status-active "$out"
+  json=$($CLI kernel status --json)
+  echo "$json" | tr -d ' \n' | grep -q '"name":"p_stack_b","id":[0-9]*,"enabled":true' &&
+    pass cli-status-json || fail cli-status-json "$json"
+  disable p_stack_b; disable p_stack_a; rmmod p_stack_b p_stack_a
+  rmmod lpcore
+  out=$($CLI kernel status 2>&1); rc=$?
+  [ $rc != 0 ] && echo "$out" | grep -q "lpcore is not loaded" && pass cli-status-not-loaded ||
+    fail cli-status-not-loaded "rc=$rc $out"
+  insmod $M/lpcore.ko switch_timeout_ms=1000
+fi
+
 # ---- 6. a function kept busy by a sleeping task ---------------------------------------------
 echo hold > /proc/lp_target
 expect busy-before "$(field sleeping)" 1
