@@ -2,8 +2,15 @@
 //!
 //! gcc's `-fipa-ra` lets a caller keep values in caller-saved registers across a call when it can
 //! see that the callee never touches them. A replacement function may touch more, so the adapter
-//! wraps it in a thunk that saves and restores `(new - old) ∩ caller-saved`. This module computes
-//! the sets, from the function's bytes only.
+//! wraps it in a thunk that saves and restores `(new - old) ∩ caller-saved`
+//! ([`registers_to_preserve`]). This module computes the sets, from the functions' bytes only.
+//!
+//! The two sides need opposite approximations. For the replacement, [`clobbered_registers`] is an
+//! *upper* bound of what it may change (calls count as the whole caller-saved set). For the
+//! function being replaced, what matters is what gcc *believed* when it compiled the callers; gcc
+//! may know a local callee's exact set, so assuming "a call clobbers everything" there would hide
+//! registers callers rely on. [`written_registers`] is a *lower* bound instead: the writes of the
+//! old function's own reachable instructions.
 //!
 //! The analysis follows the function's own control flow from the entry (only reachable
 //! instructions count; jumps and conditional branches within the function are followed) and
@@ -280,6 +287,57 @@ pub fn clobbered_registers(code: &[u8], entry: u64) -> Result<Regs, ClobberError
     }
 }
 
+/// The registers the function's own reachable instructions write, calls' effects left out: a
+/// *lower* bound of the clobber set gcc recorded for it under `-fipa-ra` (gcc counts every
+/// register its instructions set, plus its callees' sets). Use it for the function being
+/// replaced, and [`clobbered_registers`] (an upper bound) for the replacement; see
+/// [`registers_to_preserve`].
+///
+/// ```
+/// use lp_core::clobber::{written_registers, Regs};
+/// // mov edx,1; call elsewhere; ret
+/// let code = [0xba, 1, 0, 0, 0, 0xe8, 0x00, 0x10, 0x00, 0x00, 0xc3];
+/// assert_eq!(written_registers(&code, 0x1000).unwrap(), Regs::RDX);
+/// ```
+pub fn written_registers(code: &[u8], entry: u64) -> Result<Regs, ClobberError> {
+    if code.is_empty() {
+        return Err(ClobberError::Empty { entry });
+    }
+    let instrs = decode_all(code, entry)?;
+    let mut analysis = Analysis::new(&instrs);
+    // giving up (an indirect jump) leaves the instructions seen so far: still reachable, still
+    // a lower bound
+    let _ = analysis.run();
+    Ok(analysis.own_writes - Regs::RSP)
+}
+
+/// The caller-saved registers a thunk around the replacement must save and restore so that
+/// callers of the old function compiled with `-fipa-ra` keep what they rely on:
+/// `(clobbered_registers(new) - written_registers(old)) ∩ SYSV_CALLER_SAVED`.
+///
+/// Over-approximating the new function's clobbers and under-approximating the old one's both err
+/// towards saving more.
+///
+/// ```
+/// use lp_core::clobber::{registers_to_preserve, Regs};
+/// let old = [0x8d, 0x04, 0x37, 0xc3];         // lea eax,[rdi+rsi]; ret
+/// let new = [0x89, 0xf8, 0x31, 0xd2, 0xc3];   // mov eax,edi; xor edx,edx; ret
+/// assert_eq!(
+///     registers_to_preserve(&old, 0x1000, &new, 0x2000).unwrap(),
+///     Regs::RDX | Regs::FLAGS
+/// );
+/// ```
+pub fn registers_to_preserve(
+    old_code: &[u8],
+    old_entry: u64,
+    new_code: &[u8],
+    new_entry: u64,
+) -> Result<Regs, ClobberError> {
+    let old = written_registers(old_code, old_entry)?;
+    let new = clobbered_registers(new_code, new_entry)?;
+    Ok((new - old) & SYSV_CALLER_SAVED)
+}
+
 fn decode_all(code: &[u8], entry: u64) -> Result<Vec<Instruction>, ClobberError> {
     let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut out = Vec::new();
@@ -408,6 +466,8 @@ struct Analysis<'a> {
     states: Vec<Option<State>>,
     factory: InstructionInfoFactory,
     writes: Regs,
+    /// Writes by the function's own reachable instructions (no call effects).
+    own_writes: Regs,
     /// Meet of the states at every exit (return or tail call); `None` before any exit is seen.
     at_exit: Option<Regs>,
 }
@@ -419,6 +479,7 @@ impl<'a> Analysis<'a> {
             states: alloc::vec![None; instrs.len()],
             factory: InstructionInfoFactory::new(),
             writes: Regs::empty(),
+            own_writes: Regs::empty(),
             at_exit: None,
         }
     }
@@ -531,6 +592,7 @@ impl<'a> Analysis<'a> {
     fn transfer(&mut self, instr: &Instruction, s: &mut State) {
         let w = written(&mut self.factory, instr);
         self.writes |= w;
+        self.own_writes |= w;
         let reg0 = if instr.op_count() > 0 && instr.op0_kind() == OpKind::Register {
             instr.op0_register()
         } else {

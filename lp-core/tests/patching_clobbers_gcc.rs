@@ -7,7 +7,10 @@ mod sites_support;
 
 use std::ffi::CString;
 
-use lp_core::clobber::{clobbered_registers, Regs, GPRS, SYSV_CALLEE_SAVED, SYSV_CALLER_SAVED};
+use lp_core::clobber::{
+    clobbered_registers, registers_to_preserve, written_registers, Regs, GPRS, SYSV_CALLEE_SAVED,
+    SYSV_CALLER_SAVED,
+};
 use sites_support::{function, gcc_files, Compiled};
 
 const C_SOURCE: &str = r#"
@@ -161,7 +164,26 @@ fn check(lib: &Lib, name: &str, args: &[u64]) -> Regs {
         "{name}: changed {observed:?} but the analysis says {analysis:?}"
     );
     assert!(!analysis.contains(Regs::RSP));
+    // the lower bound (own writes) never exceeds the upper bound on caller-saved registers
+    let f = function(&lib.obj.bytes, name);
+    let written = written_registers(&f.code, lib.addr(name)).unwrap();
+    assert!(
+        analysis.contains(written & SYSV_CALLER_SAVED),
+        "{name}: writes {written:?}, may change {analysis:?}"
+    );
     analysis
+}
+
+/// For a function that calls nothing, every register it really changed is one its own
+/// instructions wrote: the lower bound must contain what execution shows.
+fn check_call_free(lib: &Lib, name: &str, args: &[u64]) {
+    let f = function(&lib.obj.bytes, name);
+    let written = written_registers(&f.code, lib.addr(name)).unwrap();
+    let observed = lib.observed(name, args);
+    assert!(
+        written.contains(observed),
+        "{name}: changed {observed:?}, own writes {written:?}"
+    );
 }
 
 fn all_functions(lib: &Lib) {
@@ -191,6 +213,32 @@ fn all_functions(lib: &Lib) {
     assert!(!sum.contains(Regs::XMM0));
     assert!((sum & GPRS).bits().count_ones() < 8, "sum: {sum:?}");
     let _ = pick;
+    check_call_free(lib, "add", &[2, 3]);
+    check_call_free(lib, "sum", &[p, 8]);
+    check_call_free(lib, "many", &[1, 2, 7, 4, 5, 6]);
+
+    // replacing `add` by `keep` (which calls out) must preserve every caller-saved register
+    // `add` provably left alone
+    let code = |n: &str| function(&lib.obj.bytes, n).code;
+    let preserve = registers_to_preserve(
+        &code("add"),
+        lib.addr("add"),
+        &code("keep"),
+        lib.addr("keep"),
+    )
+    .unwrap();
+    assert!(preserve.contains(Regs::RCX | Regs::RSI | Regs::R8 | Regs::R11 | Regs::XMM0));
+    assert!(
+        !preserve.contains(Regs::RAX),
+        "add returns in rax: callers expect it changed"
+    );
+    assert!(!preserve.intersects(SYSV_CALLEE_SAVED));
+    // replacing a function by itself needs nothing saved
+    assert_eq!(
+        registers_to_preserve(&code("sum"), lib.addr("sum"), &code("sum"), lib.addr("sum"))
+            .unwrap(),
+        Regs::empty()
+    );
 }
 
 #[test]
