@@ -217,6 +217,43 @@ fn patchable_function_entry_nops_give_room() {
 }
 
 #[test]
+fn kernel_style_fentry_entries() {
+    // the kernel's ftrace entry: `call __fentry__` (5 bytes, unrelocated here) heads every
+    // function; with -mnop-mcount it is a 5-byte NOP. Either is exactly one displaced instruction,
+    // which makes even gcc -O2's 4-byte `lea; ret` patchable.
+    let obj = compile(&[
+        "-O2",
+        "-fno-pic",
+        "-mcmodel=kernel",
+        "-pg",
+        "-mfentry",
+        "-fcf-protection=none",
+    ]);
+    for name in ["add", "fact", "sum"] {
+        let f = function(&obj.bytes, name);
+        assert_eq!(f.code[0], 0xe8, "{name} starts with call __fentry__");
+        let site = assert_ok(&obj, name, REL32_JUMP_LEN, 0);
+        assert_eq!(site.displaced_len, 5);
+        assert_eq!(site.displaced_count, 1);
+        assert_eq!(
+            site.relative_in_displaced, 1,
+            "the call is relocated in a trampoline"
+        );
+    }
+    let obj = compile(&[
+        "-O2",
+        "-fno-pic",
+        "-pg",
+        "-mfentry",
+        "-mnop-mcount",
+        "-fcf-protection=none",
+    ]);
+    let site = assert_ok(&obj, "add", REL32_JUMP_LEN, 0);
+    assert_eq!(site.entry_nops, 5);
+    assert_eq!(site.displaced_len, 5);
+}
+
+#[test]
 fn loops_into_the_entry() {
     let obj = gcc("loops.s", ASM_SOURCE, &["-c"]);
     let site = assert_ok(&obj, "loop_to_entry", REL32_JUMP_LEN, 0);
