@@ -8,6 +8,8 @@ use std::process::Command;
 
 use goblin::elf::Elf;
 
+pub mod live;
+
 /// A compiled file kept alive with its temporary directory.
 pub struct Compiled {
     _dir: tempfile::TempDir,
