@@ -178,3 +178,38 @@ def test_results_have_exactly_the_documented_fields(counter, patches):
     assert set(record["patches"][0]["functions"][0]) == keys_of(livepatch.FunctionStatus)
     reverted = livepatch.revert(counter.pid)
     assert set(reverted) == keys_of(livepatch.Reverted)
+
+
+def test_threads_patching_in_parallel(built, patches):
+    """Script threads may call apply at once: on different processes, and on one process (the
+    second patch stacks on the first; the state records both)."""
+    procs = [Running([str(built["counter"])]) for _ in range(3)]
+    try:
+        for p in procs:
+            p.wait_for("value=1")
+        results = {}
+
+        def apply(key, pid, patch):
+            try:
+                results[key] = livepatch.apply(pid, patch)["id"]
+            except livepatch.Error as err:  # pragma: no cover - reported by the assert below
+                results[key] = repr(err)
+
+        jobs = [(i, p.pid, patches["v2"]) for i, p in enumerate(procs)]
+        jobs.append(("same", procs[0].pid, patches["v3"]))
+        threads = [threading.Thread(target=apply, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        assert results == {0: patches["v2"].id, 1: patches["v2"].id, 2: patches["v2"].id,
+                           "same": patches["v3"].id}
+        stacked = [x["id"] for x in livepatch.status(procs[0].pid)[0]["patches"]]
+        assert sorted(stacked) == sorted([patches["v2"].id, patches["v3"].id])
+        procs[0].wait_for(f"value={2 if stacked[-1] == patches['v2'].id else 3}")
+        for p in procs[1:]:
+            p.wait_for("value=2")
+    finally:
+        for p in procs:
+            p.stop()

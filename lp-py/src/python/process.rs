@@ -1,6 +1,7 @@
 //! apply / revert / status on running processes: `lp_userspace`'s library functions, called with
 //! the GIL released (stop mode may retry for the whole timeout), errors mapped by their kind.
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use lp_userspace::apply::{self, ApplyOptions, Mode};
@@ -28,6 +29,19 @@ pub(crate) fn class_of(kind: ErrorKind) -> &'static str {
         ErrorKind::Io => "IoError",
         ErrorKind::Other => "Error",
     }
+}
+
+/// Held by every apply and revert of this Python process. With the GIL released, script threads
+/// may patch in parallel; lp-userspace reads a target's state before it attaches, so two changes
+/// of one target at once could each record over the other. One at a time keeps the in-target
+/// state exact; other Python threads (and status, pack) still run meanwhile.
+static CHANGING: Mutex<()> = Mutex::new(());
+
+fn one_change_at_a_time() -> MutexGuard<'static, ()> {
+    // A panic while held was caught by `guarded` and reported; the lock protects no data.
+    CHANGING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The Python result of an lp-userspace call made under [`guarded`].
@@ -76,7 +90,10 @@ fn apply_patch(
         timeout: parse_timeout(py, timeout)?,
     };
     let patch = &patch.0;
-    let done = py.allow_threads(|| guarded(|| apply::apply(pid, patch, opts)));
+    let done = py.allow_threads(|| {
+        let _changing = one_change_at_a_time();
+        guarded(|| apply::apply(pid, patch, opts))
+    });
     to_py(py, serde_json::to_value(finish(py, done)?))
 }
 
@@ -92,8 +109,10 @@ fn revert_patch(
 ) -> PyResult<PyObject> {
     let mode = parse_mode(py, mode)?;
     let timeout = parse_timeout(py, timeout)?;
-    let done =
-        py.allow_threads(|| guarded(|| revert::revert(pid, patch_id.as_deref(), mode, timeout)));
+    let done = py.allow_threads(|| {
+        let _changing = one_change_at_a_time();
+        guarded(|| revert::revert(pid, patch_id.as_deref(), mode, timeout))
+    });
     to_py(py, serde_json::to_value(finish(py, done)?))
 }
 
