@@ -171,6 +171,24 @@ def test_clobbered_registers_of_real_functions(tmp_path, have_gcc):
     assert "rbx" not in core.SYSV_CALLER_SAVED
 
 
+def test_registers_a_replacement_must_preserve(tmp_path, have_gcc):
+    # The -fipa-ra case: the old function only writes eax, so callers may keep values in every
+    # other caller-saved register across the call; a replacement that calls out clobbers them.
+    src = tmp_path / "preserve.c"
+    src.write_text(CLOBBER_SOURCE)
+    lib = gcc(tmp_path / "libpreserve.so", "-shared", "-fPIC", "-O2", "-fcf-protection=none",
+              str(src))
+    old, old_addr = function_code(lib, "add_one")
+    new, new_addr = function_code(lib, "keeps_rbx")
+    assert core.written_registers(old, old_addr) == {"rax"}
+    # keeps_rbx's own instructions write rbx (and eax, and flags), whatever its callee does
+    assert {"rax", "rbx"} <= core.written_registers(new, new_addr)
+    preserve = core.registers_to_preserve(old, old_addr, new, new_addr)
+    assert preserve == core.SYSV_CALLER_SAVED - {"rax"}
+    # the other way round nothing needs saving: add_one writes nothing keeps_rbx's callers lack
+    assert core.registers_to_preserve(new, new_addr, old, old_addr) == frozenset()
+
+
 def test_clobber_analysis_of_nothing_is_an_error():
     with pytest.raises(core.SiteError, match="no bytes"):
         core.clobbered_registers(b"", 0x1000)

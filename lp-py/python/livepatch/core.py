@@ -42,6 +42,26 @@ def clobbered_registers(code: Union[bytes, bytearray], address: int) -> FrozenSe
     return frozenset(_livepatch.clobbered_registers(bytes(code), address))
 
 
+
+def written_registers(code: Union[bytes, bytearray], address: int) -> FrozenSet[str]:
+    """The registers the function's own reachable instructions write, calls' effects left out:
+    a *lower* bound of the clobber set gcc's ``-fipa-ra`` recorded for it. Use it for the
+    function being replaced and :func:`clobbered_registers` (an upper bound) for the new one.
+    """
+    return frozenset(_livepatch.written_registers(bytes(code), address))
+
+
+def registers_to_preserve(old_code: Union[bytes, bytearray], old_address: int,
+                          new_code: Union[bytes, bytearray], new_address: int) -> FrozenSet[str]:
+    """The caller-saved registers a thunk around the replacement must save and restore so that
+    callers of the old function compiled with ``-fipa-ra`` keep what they rely on:
+    ``(clobbered_registers(new) - written_registers(old)) & SYSV_CALLER_SAVED``. Empty: the new
+    function can be jumped to directly.
+    """
+    return frozenset(_livepatch.registers_to_preserve(bytes(old_code), old_address,
+                                                      bytes(new_code), new_address))
+
+
 __all__ = [
     "Site",
     "Step",
@@ -53,6 +73,8 @@ __all__ = [
     "plan_write",
     "plan_revert",
     "clobbered_registers",
+    "written_registers",
+    "registers_to_preserve",
     "SYSV_CALLER_SAVED",
     "REL32_JUMP_LEN",
     "ABS_JUMP_LEN",

@@ -239,6 +239,36 @@ fn clobbered_registers(py: Python<'_>, code: &[u8], address: u64) -> PyResult<Ve
     }
 }
 
+/// The registers the function's own reachable instructions write, calls' effects left out: a
+/// lower bound of what gcc's `-fipa-ra` assumed the function clobbers.
+#[pyfunction]
+fn written_registers(py: Python<'_>, code: &[u8], address: u64) -> PyResult<Vec<String>> {
+    match guarded(|| clobber::written_registers(code, address)) {
+        Ok(Ok(regs)) => Ok(register_names(regs)),
+        Ok(Err(e)) => Err(raise(py, "SiteError", e.to_string())),
+        Err(panic) => Err(panic.into_pyerr(py)),
+    }
+}
+
+/// The caller-saved registers a thunk around the replacement must save and restore so that
+/// callers of the old function compiled with `-fipa-ra` keep what they rely on.
+#[pyfunction]
+fn registers_to_preserve(
+    py: Python<'_>,
+    old_code: &[u8],
+    old_address: u64,
+    new_code: &[u8],
+    new_address: u64,
+) -> PyResult<Vec<String>> {
+    let computed =
+        guarded(|| clobber::registers_to_preserve(old_code, old_address, new_code, new_address));
+    match computed {
+        Ok(Ok(regs)) => Ok(register_names(regs)),
+        Ok(Err(e)) => Err(raise(py, "SiteError", e.to_string())),
+        Err(panic) => Err(panic.into_pyerr(py)),
+    }
+}
+
 /// The registers a SysV x86-64 callee may change without restoring them.
 #[pyfunction]
 fn sysv_caller_saved() -> Vec<String> {
@@ -254,6 +284,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_write, m)?)?;
     m.add_function(wrap_pyfunction!(plan_revert, m)?)?;
     m.add_function(wrap_pyfunction!(clobbered_registers, m)?)?;
+    m.add_function(wrap_pyfunction!(written_registers, m)?)?;
+    m.add_function(wrap_pyfunction!(registers_to_preserve, m)?)?;
     m.add_function(wrap_pyfunction!(sysv_caller_saved, m)?)?;
     Ok(())
 }
