@@ -131,6 +131,10 @@ def test_plan_write_rejects_mismatched_lengths():
         core.plan_write(0x1000, b"\x90\x90", b"\xcc")
 
 
+def test_jump_lengths_are_lp_cores():
+    assert (core.REL32_JUMP_LEN, core.ABS_JUMP_LEN) == (5, 14)
+
+
 def test_bad_argument_types_raise_type_error_not_crash():
     with pytest.raises(TypeError):
         core.validate_site("not bytes", 0x1000)

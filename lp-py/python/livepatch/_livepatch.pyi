@@ -5,9 +5,13 @@ import os
 from typing import Any, Dict, Iterator, List, Optional, Union, final
 
 __version__: str
+REL32_JUMP_LEN: int
+ABS_JUMP_LEN: int
 __all__ = [
     "__version__",
     "_panic_for_test",
+    "REL32_JUMP_LEN",
+    "ABS_JUMP_LEN",
     "Site",
     "Step",
     "WritePlan",

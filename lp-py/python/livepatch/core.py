@@ -21,9 +21,9 @@ from ._errors import PlanError, SiteError
 from ._livepatch import Site, Step, WritePlan, plan_apply, plan_revert, plan_write, validate_site
 
 #: Length of the ``jmp rel32`` redirect (the default ``jump_len`` of :func:`validate_site`).
-REL32_JUMP_LEN = 5
+REL32_JUMP_LEN: int = _livepatch.REL32_JUMP_LEN
 #: Length of the absolute redirect used when the target is out of ±2 GiB reach.
-ABS_JUMP_LEN = 14
+ABS_JUMP_LEN: int = _livepatch.ABS_JUMP_LEN
 
 #: Registers a SysV x86-64 callee may change without restoring them (lower-case names).
 SYSV_CALLER_SAVED: FrozenSet[str] = frozenset(_livepatch.sysv_caller_saved())

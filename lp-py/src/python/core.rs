@@ -1,7 +1,7 @@
 //! `livepatch.core`: lp-core's site validation and write planning, read-only, for scripts that
 //! inspect a binary. Nothing here touches a process; it converts lp-core's values.
 use lp_core::clobber::{self, Regs, SYSV_CALLER_SAVED};
-use lp_core::jump::REL32_JUMP_LEN;
+use lp_core::jump::{ABS_JUMP_LEN, REL32_JUMP_LEN};
 use lp_core::plan::{self, Step, WritePlan};
 use lp_core::site::{self, Site};
 use pyo3::prelude::*;
@@ -276,6 +276,8 @@ fn sysv_caller_saved() -> Vec<String> {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("REL32_JUMP_LEN", REL32_JUMP_LEN)?;
+    m.add("ABS_JUMP_LEN", ABS_JUMP_LEN)?;
     m.add_class::<PySite>()?;
     m.add_class::<PyStep>()?;
     m.add_class::<PyWritePlan>()?;
