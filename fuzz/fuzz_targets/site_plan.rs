@@ -7,7 +7,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lp_core::clobber::{clobbered_registers, Regs};
+use lp_core::clobber::{
+    clobbered_registers, registers_to_preserve, written_registers, Regs, SYSV_CALLER_SAVED,
+};
 use lp_core::jump::{Jump, REL32_JUMP_LEN};
 use lp_core::plan::{plan_apply, plan_revert, plan_write, Step, WritePlan, MAX_STEPS};
 use lp_core::site::{validate_site, Site, ENDBR64, INT3, MAX_DISPLACED_LEN};
@@ -71,6 +73,9 @@ fuzz_target!(|data: &[u8]| {
     let code = data.get(32..).unwrap_or(&[]);
 
     let _ = clobbered_registers(code, entry).map(|r| assert!(!r.contains(Regs::RSP)));
+    let _ = written_registers(code, entry).map(|r| assert!(!r.contains(Regs::RSP)));
+    let _ = registers_to_preserve(code, entry, code, entry)
+        .map(|r| assert!(SYSV_CALLER_SAVED.contains(r)));
 
     // raw plans over arbitrary byte pairs
     if code.len() >= 2 {
