@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for a bounded time (FUZZ_SECONDS each, default 30) on top of the
-# committed corpus in fuzz/corpus/<target>. Needs nightly and cargo-fuzz (installed here).
+# Runs every fuzz target for a bounded time (FUZZ_SECONDS each, default 30), starting from the
+# committed seed corpus in fuzz/corpus/<target>. New inputs go to a scratch directory, so a run
+# never changes the committed corpus. Needs nightly and cargo-fuzz (installed here if missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${FUZZ_SECONDS:-30}
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 for target in $(cargo +nightly fuzz list); do
-  mkdir -p "corpus/$target"
+  mkdir -p "corpus/$target" "$scratch/$target"
   echo "fuzzing $target for ${secs}s"
-  cargo +nightly fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
+  # The first corpus directory receives new inputs; the committed one is only read.
+  cargo +nightly fuzz run "$target" "$scratch/$target" "corpus/$target" -- \
+    -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
 done
