@@ -62,6 +62,12 @@ enum FuzzOp {
     Lookup {
         old: Addr,
     },
+    /// Push then commit: reaches deep stacks (and `StackFull`) in few steps.
+    PushActive {
+        old: Addr,
+        new: u64,
+        patch: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -72,9 +78,10 @@ struct Input {
     ops: Vec<FuzzOp>,
 }
 
-fn op(f: FuzzOp) -> Op {
+fn ops(f: FuzzOp) -> Vec<Op> {
     // a small patch-id space (more ids than MAX_DEPTH) makes stacks, duplicates and NotTop common
     let id = |p: u8| u32::from(p % 12);
+    let resume_of = |old: u64| old.wrapping_add(0x10_0000);
     match f {
         FuzzOp::Push {
             old,
@@ -83,19 +90,18 @@ fn op(f: FuzzOp) -> Op {
             patch,
         } => {
             let old = old.get();
-            let resume = old.wrapping_add(0x10_0000) ^ u64::from(wrong_resume);
-            Op::Push {
+            vec![Op::Push {
                 old,
-                resume,
+                resume: resume_of(old) ^ u64::from(wrong_resume),
                 new,
                 patch_id: id(patch),
-            }
+            }]
         }
-        FuzzOp::Pop { old, patch } => Op::Pop {
+        FuzzOp::Pop { old, patch } => vec![Op::Pop {
             old: old.get(),
             patch_id: id(patch),
-        },
-        FuzzOp::SetState { old, patch, state } => Op::SetState {
+        }],
+        FuzzOp::SetState { old, patch, state } => vec![Op::SetState {
             old: old.get(),
             patch_id: id(patch),
             state: match state {
@@ -103,8 +109,24 @@ fn op(f: FuzzOp) -> Op {
                 State::Active => EntryState::Active,
                 State::Reverting => EntryState::Reverting,
             },
-        },
-        FuzzOp::Lookup { old } => Op::Lookup { old: old.get() },
+        }],
+        FuzzOp::Lookup { old } => vec![Op::Lookup { old: old.get() }],
+        FuzzOp::PushActive { old, new, patch } => {
+            let old = old.get();
+            vec![
+                Op::Push {
+                    old,
+                    resume: resume_of(old),
+                    new,
+                    patch_id: id(patch),
+                },
+                Op::SetState {
+                    old,
+                    patch_id: id(patch),
+                    state: EntryState::Active,
+                },
+            ]
+        }
     }
 }
 
@@ -116,8 +138,8 @@ fuzz_target!(|input: Input| {
     let (mut a, mut b) = (vec![Slot::EMPTY; ca], vec![Slot::EMPTY; cb]);
     let table = RedirectTable::new(&mut a, &mut b);
     let mut model = Model::new(ca.min(cb));
-    for f in input.ops.into_iter().take(512) {
-        if let Err(e) = step(&table, &mut model, op(f), input.probe) {
+    for op in input.ops.into_iter().take(512).flat_map(ops) {
+        if let Err(e) = step(&table, &mut model, op, input.probe) {
             panic!("table and model disagree: {e}");
         }
     }
