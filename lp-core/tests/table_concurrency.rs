@@ -152,3 +152,20 @@ fn readers_see_only_whole_entries_in_order_while_writers_run() {
         assert!(hits > 100, "only {hits} hits in {lookups} lookups");
     }
 }
+
+/// A reader that panics inside `read` must not leave its buffer marked busy: writers after it
+/// would wait forever.
+#[test]
+fn a_panicking_reader_does_not_block_writers() {
+    let (mut a, mut b) = ([Slot::EMPTY; 4], [Slot::EMPTY; 4]);
+    let table = RedirectTable::new(&mut a, &mut b);
+    table.push(0x1000, 0x9000, 0x2000, 1).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        table.read(|_| panic!("reader bug"));
+    }));
+    assert!(caught.is_err());
+    // both buffers get rewritten by each edit; with a leaked count this would spin forever
+    table.set_state(0x1000, 1, EntryState::Active).unwrap();
+    table.push(0x2000, 0x9100, 0x2100, 1).unwrap();
+    assert_eq!(table.len(), 2);
+}

@@ -95,14 +95,15 @@ impl<'s> LeftRight<'s> {
             // A writer published between our two loads; buffer `i` may be rewritten: retry.
             self.readers[i].fetch_sub(1, SeqCst);
         };
+        // Decrements on every exit, unwinding included: a panicking closure must not leave a
+        // count behind that would make every later writer spin forever.
+        let _reading = Departure(&self.readers[i]);
         let len = self.lens[i].load(SeqCst);
         // SAFETY: buffer `i` holds `capacity >= len` initialised slots (constructor contract;
         // writers keep `len <= capacity`), and no writer touches it until our decrement (module
         // comment). The shared slice lives only inside this call.
         let slots = unsafe { core::slice::from_raw_parts(self.bufs[i], len) };
-        let result = f(slots);
-        self.readers[i].fetch_sub(1, SeqCst);
-        result
+        f(slots)
     }
 
     /// Apply one edit: `check` looks at the current entries and returns the edit to make (or
@@ -142,5 +143,14 @@ impl<'s> LeftRight<'s> {
         while self.readers[buffer].load(SeqCst) != 0 {
             core::hint::spin_loop();
         }
+    }
+}
+
+/// A reader's departure from a buffer: decrements its count when dropped.
+struct Departure<'a>(&'a AtomicUsize);
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
     }
 }
