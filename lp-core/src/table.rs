@@ -25,6 +25,10 @@
 //! Readers ([`read`](RedirectTable::read), [`lookup`](RedirectTable::lookup)) never take the lock
 //! and never wait for a writer. The argument is in the `left_right` submodule's comment.
 //!
+//! A writer does wait (spinning) for readers that are inside a read. So a reader must not be
+//! preempted mid-read while a writer runs with everything else stopped (`stop_machine`): in a
+//! kernel, read with preemption disabled or under the mutex such a writer holds.
+//!
 //! ```
 //! use lp_core::table::{EntryState, RedirectTable, Slot};
 //!
