@@ -198,6 +198,17 @@ impl<'a> Snapshot<'a> {
 /// The redirect table over caller-supplied storage. See the [module documentation](self).
 ///
 /// `Sync`: share it between the trap path and writers (`&RedirectTable` or a `static`).
+///
+/// ```
+/// use lp_core::table::{RedirectTable, Slot};
+/// let (mut a, mut b) = (vec![Slot::EMPTY; 16], vec![Slot::EMPTY; 16]);
+/// let table = RedirectTable::new(&mut a, &mut b);
+/// std::thread::scope(|s| {
+///     s.spawn(|| table.push(0x1000, 0x9000, 0x2000, 1).unwrap());
+///     s.spawn(|| table.lookup(0x1000)); // never blocks: sees the entry or not, never half of it
+/// });
+/// assert_eq!(table.len(), 1);
+/// ```
 pub struct RedirectTable<'s> {
     inner: LeftRight<'s>,
 }

@@ -34,7 +34,11 @@
 
 use crate::table::{EntryState, Redirect, RedirectTable, Snapshot};
 
-/// Length of the `int3` instruction.
+/// Length of the `int3` instruction (`cc`).
+///
+/// ```
+/// assert_eq!(lp_core::trap::trap_address(0x1000 + lp_core::trap::INT3_LEN), 0x1000);
+/// ```
 pub const INT3_LEN: u64 = 1;
 
 /// The address of the `int3` byte, from the instruction pointer saved when it trapped (`ip` is

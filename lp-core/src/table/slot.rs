@@ -8,6 +8,18 @@ use core::fmt;
 /// How many versions may be stacked on one site (the original code is not counted).
 ///
 /// Fixed so that a [`Slot`] has a fixed size and the table needs no allocator.
+///
+/// ```
+/// use lp_core::table::{EntryState, RedirectTable, Slot, TableError, MAX_DEPTH};
+/// let (mut a, mut b) = ([Slot::EMPTY; 1], [Slot::EMPTY; 1]);
+/// let table = RedirectTable::new(&mut a, &mut b);
+/// for id in 0..MAX_DEPTH as u32 {
+///     table.push(0x1000, 0x9000, 0x2000 + u64::from(id), id).unwrap();
+///     table.set_state(0x1000, id, EntryState::Active).unwrap();
+/// }
+/// let err = table.push(0x1000, 0x9000, 0x3000, 99).unwrap_err();
+/// assert_eq!(err, TableError::StackFull { old: 0x1000, max: MAX_DEPTH });
+/// ```
 pub const MAX_DEPTH: usize = 8;
 
 /// Size in bytes of one [`Slot`]: what a C shim multiplies its capacity by.
