@@ -50,7 +50,8 @@ mod slot;
 pub use error::TableError;
 pub use slot::{EntryState, Slot, Version, MAX_DEPTH, SLOT_ALIGN, SLOT_SIZE};
 
-use left_right::LeftRight;
+use left_right::{Entries, LeftRight};
+use slot::Record;
 
 /// What the table says about one site: a copy taken from one published snapshot.
 ///
@@ -84,16 +85,16 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    fn of(slot: &Slot) -> Redirect {
-        let top = slot.top().unwrap_or_default();
+    fn of(old: u64, rec: &Record) -> Redirect {
+        let top = rec.top().unwrap_or_default();
         Redirect {
-            old: slot.old(),
+            old,
             new: top.new,
             patch_id: top.patch_id,
-            state: slot.state(),
-            depth: slot.depth(),
-            resume: slot.resume(),
-            below: slot.below_top(),
+            state: rec.state(),
+            depth: rec.depth(),
+            resume: rec.resume(),
+            below: rec.below_top(),
         }
     }
 }
@@ -114,11 +115,11 @@ impl Redirect {
 /// ```
 #[derive(Clone, Copy, Debug)]
 pub struct Snapshot<'a> {
-    slots: &'a [Slot],
+    entries: Entries<'a>,
 }
 
 impl<'a> Snapshot<'a> {
-    /// The entry for site `old` (binary search).
+    /// A copy of the entry for site `old` (binary search).
     ///
     /// ```
     /// # use lp_core::table::{RedirectTable, Slot};
@@ -127,8 +128,8 @@ impl<'a> Snapshot<'a> {
     /// table.push(0x1000, 0x9100, 0x5100, 1).unwrap();
     /// assert!(table.read(|snap| snap.get(0x1000).is_some() && snap.get(0x2000).is_none()));
     /// ```
-    pub fn get(&self, old: u64) -> Option<&'a Slot> {
-        edit::find(self.slots, old).ok().map(|i| &self.slots[i])
+    pub fn get(&self, old: u64) -> Option<Slot> {
+        self.entries.find(old).ok().map(|i| self.entries.slot(i))
     }
 
     /// The [`Redirect`] for site `old`.
@@ -141,7 +142,8 @@ impl<'a> Snapshot<'a> {
     /// assert_eq!(table.read(|snap| snap.lookup(0x1000)).unwrap().new, 0x5100);
     /// ```
     pub fn lookup(&self, old: u64) -> Option<Redirect> {
-        self.get(old).map(Redirect::of)
+        let i = self.entries.find(old).ok()?;
+        Some(Redirect::of(self.entries.key(i), self.entries.record(i)))
     }
 
     /// Number of sites.
@@ -153,7 +155,7 @@ impl<'a> Snapshot<'a> {
     /// assert_eq!(table.read(|snap| snap.len()), 0);
     /// ```
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.entries.len()
     }
 
     /// Whether no site is in the table.
@@ -165,10 +167,10 @@ impl<'a> Snapshot<'a> {
     /// assert!(table.read(|snap| snap.is_empty()));
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.entries.len() == 0
     }
 
-    /// The entries, in ascending site-address order.
+    /// Copies of the entries, in ascending site-address order.
     ///
     /// ```
     /// # use lp_core::table::{RedirectTable, Slot};
@@ -177,21 +179,9 @@ impl<'a> Snapshot<'a> {
     /// table.push(0x1000, 0x9100, 0x5100, 1).unwrap();
     /// assert_eq!(table.read(|snap| snap.iter().count()), 1);
     /// ```
-    pub fn iter(&self) -> core::slice::Iter<'a, Slot> {
-        self.slots.iter()
-    }
-
-    /// The entries as a slice, in ascending site-address order.
-    ///
-    /// ```
-    /// # use lp_core::table::{RedirectTable, Slot};
-    /// # let (mut a, mut b) = ([Slot::EMPTY; 4], [Slot::EMPTY; 4]);
-    /// # let table = RedirectTable::new(&mut a, &mut b);
-    /// table.push(0x1000, 0x9100, 0x5100, 1).unwrap();
-    /// assert_eq!(table.read(|snap| snap.as_slice()[0].old()), 0x1000);
-    /// ```
-    pub fn as_slice(&self) -> &'a [Slot] {
-        self.slots
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Slot> + 'a {
+        let entries = self.entries;
+        (0..entries.len()).map(move |i| entries.slot(i))
     }
 }
 
@@ -234,9 +224,10 @@ impl<'s> RedirectTable<'s> {
     /// initialise a `static`.
     ///
     /// # Safety
-    /// `a` and `b` must each point to `capacity` slots of memory that is initialised as `Slot`s
-    /// (zero-filled memory is: all-zero bytes are [`Slot::EMPTY`]), aligned to [`SLOT_ALIGN`],
-    /// not overlapping, used by nothing else while the table exists, and valid for `'s`.
+    /// `a` and `b` must each point to `capacity` slots of memory (`capacity * SLOT_SIZE`
+    /// bytes), aligned to [`SLOT_ALIGN`], not overlapping, used by nothing else while the table
+    /// exists, and valid for `'s`. Their contents do not matter: the table never reads a byte it
+    /// did not write. (Zeroed static arrays, or arrays of [`Slot::EMPTY`], are the usual choice.)
     ///
     /// ```
     /// use core::ptr::addr_of_mut;
@@ -290,7 +281,7 @@ impl<'s> RedirectTable<'s> {
     /// assert_eq!(table.read(|snap| snap.len()), 1);
     /// ```
     pub fn read<R>(&self, f: impl FnOnce(Snapshot<'_>) -> R) -> R {
-        self.inner.read(|slots| f(Snapshot { slots }))
+        self.inner.read(|entries| f(Snapshot { entries }))
     }
 
     /// The trap-path lookup: the entry for site `old`, copied out of the current snapshot.
@@ -413,7 +404,7 @@ impl<'s> RedirectTable<'s> {
         self.inner
             .write(
                 |entries, _| edit::check_pop(entries, old, patch_id),
-                |buf, len, (e, _)| edit::apply(buf, len, e),
+                |buf, (e, _)| edit::apply(buf, e),
             )
             .map(|(_, v)| v)
     }

@@ -106,13 +106,10 @@ fn reader(table: &RedirectTable<'_>, done: &AtomicBool, seed: u64) -> (u64, u64)
         }
         if lookups % 64 == 0 {
             table.read(|snap| {
-                let s = snap.as_slice();
-                assert!(
-                    s.windows(2).all(|w| w[0].old() < w[1].old()),
-                    "unsorted snapshot"
-                );
-                for slot in s {
-                    well_formed(&snap.lookup(slot.old()).unwrap()).unwrap();
+                let olds: Vec<u64> = snap.iter().map(|s| s.old()).collect();
+                assert!(olds.windows(2).all(|w| w[0] < w[1]), "unsorted snapshot");
+                for old in olds {
+                    well_formed(&snap.lookup(old).unwrap()).unwrap();
                 }
             });
         }

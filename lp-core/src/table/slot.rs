@@ -1,7 +1,10 @@
-//! One entry of the redirect table as it sits in caller-supplied storage.
+//! One entry of the redirect table, and the unit of caller-supplied storage.
 //!
 //! [`Slot`] is `#[repr(C)]` and all-zero bytes are a valid empty slot, so a C shim can hand the
-//! table zero-initialised static arrays (`.bss`) of [`SLOT_SIZE`]-byte elements.
+//! table zero-initialised static arrays (`.bss`) of [`SLOT_SIZE`]-byte elements. Inside a buffer
+//! the table does not keep whole slots side by side: it splits the memory into a dense column of
+//! site addresses (8 bytes per slot) followed by a column of [`Record`]s (the other 144 bytes), so
+//! the binary search walks 8-byte keys instead of 152-byte slots (see `left_right.rs`).
 
 use core::fmt;
 
@@ -118,10 +121,58 @@ impl Version {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
     old: u64,
+    rec: Record,
+}
+
+/// Everything of a slot but its site address: the second column of a buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
     resume: u64,
     versions: [Version; MAX_DEPTH],
     depth: u32,
     state: EntryState,
+}
+
+// The two columns of a buffer of N slots take exactly N slots' worth of memory, and the record
+// column (after N 8-byte keys) stays 8-aligned.
+const _: () = assert!(core::mem::size_of::<Slot>() == 8 + core::mem::size_of::<Record>());
+const _: () = assert!(core::mem::align_of::<Record>() == 8 && core::mem::align_of::<Slot>() == 8);
+
+impl Record {
+    pub(crate) const EMPTY: Record = Record {
+        resume: 0,
+        versions: [Version::new(0, 0); MAX_DEPTH],
+        depth: 0,
+        state: EntryState::Pending,
+    };
+
+    pub(crate) const fn resume(&self) -> u64 {
+        self.resume
+    }
+
+    pub(crate) const fn depth(&self) -> usize {
+        self.depth as usize
+    }
+
+    pub(crate) const fn state(&self) -> EntryState {
+        self.state
+    }
+
+    pub(crate) fn versions(&self) -> &[Version] {
+        // `depth` is only ever set by the table to a value <= MAX_DEPTH; `min` keeps a corrupted
+        // record (foreign storage) from turning into an out-of-bounds panic.
+        &self.versions[..self.depth().min(MAX_DEPTH)]
+    }
+
+    pub(crate) fn top(&self) -> Option<Version> {
+        self.versions().last().copied()
+    }
+
+    pub(crate) fn below_top(&self) -> Option<Version> {
+        let v = self.versions();
+        v.len().checked_sub(2).map(|i| v[i])
+    }
 }
 
 impl Slot {
@@ -133,20 +184,27 @@ impl Slot {
     /// ```
     pub const EMPTY: Slot = Slot {
         old: 0,
-        resume: 0,
-        versions: [Version::new(0, 0); MAX_DEPTH],
-        depth: 0,
-        state: EntryState::Pending,
+        rec: Record::EMPTY,
     };
 
     /// A new entry for site `old` whose original code resumes at `resume`, holding `first`.
     pub(crate) const fn first(old: u64, resume: u64, first: Version) -> Slot {
         let mut slot = Slot::EMPTY;
         slot.old = old;
-        slot.resume = resume;
-        slot.versions[0] = first;
-        slot.depth = 1;
+        slot.rec.resume = resume;
+        slot.rec.versions[0] = first;
+        slot.rec.depth = 1;
         slot
+    }
+
+    /// The slot made of a key and its record.
+    pub(crate) const fn from_parts(old: u64, rec: Record) -> Slot {
+        Slot { old, rec }
+    }
+
+    /// The record column's part.
+    pub(crate) const fn record(&self) -> Record {
+        self.rec
     }
 
     /// The site address: where the redirect is written (the int3 lands on this byte).
@@ -172,7 +230,7 @@ impl Slot {
     /// assert_eq!(table.read(|s| s.get(0x1000).unwrap().resume()), 0x9000);
     /// ```
     pub const fn resume(&self) -> u64 {
-        self.resume
+        self.rec.resume
     }
 
     /// How many versions are stacked (at least 1 for a slot inside a snapshot).
@@ -181,7 +239,7 @@ impl Slot {
     /// assert_eq!(lp_core::table::Slot::EMPTY.depth(), 0);
     /// ```
     pub const fn depth(&self) -> usize {
-        self.depth as usize
+        self.rec.depth as usize
     }
 
     /// State of the top version.
@@ -194,7 +252,7 @@ impl Slot {
     /// assert_eq!(table.read(|s| s.get(0x1000).unwrap().state()), EntryState::Pending);
     /// ```
     pub const fn state(&self) -> EntryState {
-        self.state
+        self.rec.state
     }
 
     /// The stacked versions, oldest first (the last one is the top).
@@ -210,9 +268,7 @@ impl Slot {
     /// assert_eq!(ids, [1, 2]);
     /// ```
     pub fn versions(&self) -> &[Version] {
-        // `depth` is only ever set by the table to a value <= MAX_DEPTH; `min` keeps a corrupted
-        // slot (foreign storage) from turning into an out-of-bounds panic.
-        &self.versions[..self.depth().min(MAX_DEPTH)]
+        self.rec.versions()
     }
 
     /// The top version (the newest), or `None` for an empty slot.
@@ -221,7 +277,7 @@ impl Slot {
     /// assert!(lp_core::table::Slot::EMPTY.top().is_none());
     /// ```
     pub fn top(&self) -> Option<Version> {
-        self.versions().last().copied()
+        self.rec.top()
     }
 
     /// The version right below the top, or `None` when the top is the only one (below it is the
@@ -231,26 +287,25 @@ impl Slot {
     /// assert!(lp_core::table::Slot::EMPTY.below_top().is_none());
     /// ```
     pub fn below_top(&self) -> Option<Version> {
-        let v = self.versions();
-        v.len().checked_sub(2).map(|i| v[i])
+        self.rec.below_top()
     }
 
     pub(crate) fn set_state(&mut self, state: EntryState) {
-        self.state = state;
+        self.rec.state = state;
     }
 
     /// Stack `v` on top (caller checked there is room); the new top starts pending.
     pub(crate) fn push(&mut self, v: Version) {
-        self.versions[self.depth()] = v;
-        self.depth += 1;
-        self.state = EntryState::Pending;
+        self.rec.versions[self.depth()] = v;
+        self.rec.depth += 1;
+        self.rec.state = EntryState::Pending;
     }
 
     /// Drop the top (caller checked depth >= 2); the re-exposed version is active.
     pub(crate) fn pop(&mut self) {
-        self.depth -= 1;
-        self.versions[self.depth()] = Version::default();
-        self.state = EntryState::Active;
+        self.rec.depth -= 1;
+        self.rec.versions[self.depth()] = Version::default();
+        self.rec.state = EntryState::Active;
     }
 }
 
