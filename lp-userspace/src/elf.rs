@@ -316,7 +316,12 @@ impl Module {
 
     fn find_build_id(elf: &Elf, data: &[u8]) -> Option<Vec<u8>> {
         let from = |it: Option<goblin::elf::note::NoteIterator>| -> Option<Vec<u8>> {
-            for note in it?.flatten() {
+            // goblin's note iterator keeps yielding the same error on a malformed note: stop
+            // at the first one (found by fuzzing), and bound the walk.
+            for note in it?.take(4096) {
+                let Ok(note) = note else {
+                    break;
+                };
                 if note.n_type == goblin::elf::note::NT_GNU_BUILD_ID && note.name == "GNU" {
                     return Some(note.desc.to_vec());
                 }
@@ -484,13 +489,16 @@ impl Module {
     /// The bytes of a section found by [`Module::eh_frame`] etc.
     pub fn section_data(&self, s: SectionRef) -> &[u8] {
         // Bounds were checked at parse time.
-        &self.data[s.offset as usize..(s.offset + s.size) as usize]
+        self.data
+            .get(s.offset as usize..s.offset.saturating_add(s.size) as usize)
+            .unwrap_or(&[])
     }
 
     /// File offset of a file vaddr, through the `PT_LOAD` segment holding it (file-backed part).
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         self.segments.iter().find_map(|s| {
-            (vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz).then(|| vaddr - s.vaddr + s.offset)
+            (vaddr >= s.vaddr && vaddr - s.vaddr < s.filesz)
+                .then(|| s.offset.wrapping_add(vaddr - s.vaddr))
         })
     }
 
@@ -500,11 +508,13 @@ impl Module {
         let seg = self
             .segments
             .iter()
-            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)?;
-        if vaddr + len > seg.vaddr + seg.filesz {
+            .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.filesz)?;
+        if vaddr - seg.vaddr > seg.filesz || len > seg.filesz - (vaddr - seg.vaddr) {
             return None;
         }
-        self.data.get(off as usize..(off + len) as usize)
+        let end = off.checked_add(len)?;
+        self.data
+            .get(usize::try_from(off).ok()?..usize::try_from(end).ok()?)
     }
 
     /// The lowest `PT_LOAD` vaddr, rounded down to a page (where the image starts).
@@ -517,9 +527,9 @@ impl Module {
     pub fn load_bias(&self, start: u64, offset: u64) -> Option<u64> {
         let seg = self.segments.iter().find(|s| {
             let o = s.offset & !0xfff;
-            offset >= o && offset < s.offset + s.filesz.max(1)
+            offset >= o && offset < s.offset.saturating_add(s.filesz.max(1))
         })?;
-        let vaddr_of_offset = (seg.vaddr & !0xfff) + (offset - (seg.offset & !0xfff));
+        let vaddr_of_offset = (seg.vaddr & !0xfff).wrapping_add(offset - (seg.offset & !0xfff));
         Some(start.wrapping_sub(vaddr_of_offset))
     }
 

@@ -34,6 +34,8 @@ use thiserror::Error;
 
 const PAGE: u64 = 0x1000;
 const STUB_LEN: u64 = 8;
+/// Largest image accepted (a patch is a handful of functions; this bounds hostile input).
+pub const MAX_IMAGE: u64 = 256 << 20;
 
 /// Relocation types (System V x86-64 psABI).
 pub mod reloc {
@@ -119,6 +121,9 @@ pub enum LinkError {
         /// The computed value.
         value: i128,
     },
+    /// The image would wrap around the end of the address space.
+    #[error("an image at 0x{0:x} would wrap around the address space")]
+    AddressOverflow(u64),
     /// The load address is not page aligned.
     #[error("load address 0x{0:x} is not page aligned")]
     Unaligned(u64),
@@ -394,6 +399,37 @@ impl Layout {
             }
         }
 
+        // Bound everything before any arithmetic on offsets: a hostile object must not make the
+        // layout overflow or the image allocation explode.
+        let mut total: u64 = ((got_syms.len() + stub_syms.len()) as u64) * 16 + 4 * PAGE;
+        for &(idx, _) in &kinds {
+            let s = &elf.section_headers[idx];
+            let name = section_name(&elf, idx);
+            if s.sh_addralign > PAGE {
+                return Err(LinkError::UnsupportedSection {
+                    section: name,
+                    reason: "alignment above 4096",
+                });
+            }
+            if s.sh_type != sh::SHT_NOBITS
+                && s.sh_offset
+                    .checked_add(s.sh_size)
+                    .is_none_or(|e| e > object.len() as u64)
+            {
+                return Err(LinkError::BadObject(format!(
+                    "section `{name}` outside the file"
+                )));
+            }
+            total = total
+                .saturating_add(s.sh_size)
+                .saturating_add(s.sh_addralign);
+        }
+        if total > MAX_IMAGE {
+            return Err(LinkError::BadObject(format!(
+                "image of {total} bytes is larger than the {MAX_IMAGE} accepted"
+            )));
+        }
+
         let mut placed: Vec<Placed> = Vec::new();
         let mut cursor = 0u64;
         let place = |cursor: &mut u64, kind: Kind, placed: &mut Vec<Placed>| {
@@ -540,6 +576,9 @@ impl Layout {
         if !load_addr.is_multiple_of(PAGE) {
             return Err(LinkError::Unaligned(load_addr));
         }
+        if load_addr.checked_add(self.size).is_none() {
+            return Err(LinkError::AddressOverflow(load_addr));
+        }
         let elf = parse_object(&self.object)?;
         let mut image = vec![0u8; self.size as usize];
         for p in &self.placed {
@@ -577,7 +616,7 @@ impl Layout {
             } else {
                 self.by_shndx
                     .get(&s.st_shndx)
-                    .map(|&pi| load_addr + self.placed[pi].offset + s.st_value)
+                    .map(|&pi| (load_addr + self.placed[pi].offset).wrapping_add(s.st_value))
             };
             values[i] = value;
             let ty = s.st_type();
@@ -638,6 +677,17 @@ impl Layout {
                 continue;
             }
             for r in relocs.iter() {
+                let len: u64 = match r.r_type {
+                    reloc::NONE => continue,
+                    reloc::R64 | reloc::PC64 | reloc::GOTOFF64 => 8,
+                    _ => 4,
+                };
+                if r.r_offset.checked_add(len).is_none_or(|e| e > placed.size) {
+                    return Err(LinkError::BadObject(format!(
+                        "relocation at 0x{:x} outside section `{}`",
+                        r.r_offset, placed.name
+                    )));
+                }
                 let a = r.r_addend.unwrap_or(0) as i128;
                 let p = (load_addr + placed.offset + r.r_offset) as i128;
                 let field_at = placed.offset + r.r_offset;
@@ -683,13 +733,6 @@ impl Layout {
                         })
                     }
                 };
-                let len = if width == 64 { 8 } else { 4 };
-                if r.r_offset + len > placed.size {
-                    return Err(LinkError::BadObject(format!(
-                        "relocation at 0x{:x} outside section `{}`",
-                        r.r_offset, placed.name
-                    )));
-                }
                 let o = field_at as usize;
                 match width {
                     64 => image[o..o + 8].copy_from_slice(&(value as u64).to_le_bytes()),

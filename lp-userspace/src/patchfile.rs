@@ -170,16 +170,7 @@ impl Patch {
             object_sha256: hex(&Sha256::digest(&self.object)),
         };
         let json = serde_json::to_vec(&header).unwrap_or_default();
-        let mut out = Vec::with_capacity(24 + json.len() + self.object.len() + CHECKSUM_LEN);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        out.extend_from_slice(&json);
-        out.extend_from_slice(&(self.object.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.object);
-        let sum = Sha256::digest(&out);
-        out.extend_from_slice(&sum);
-        out
+        encode_raw(VERSION, &json, &self.object)
     }
 
     /// Parses patch file bytes. Never panics: any malformed input is an error.
@@ -278,6 +269,22 @@ impl Patch {
             source,
         })
     }
+}
+
+/// The container around an arbitrary header and object, with a valid checksum: what
+/// [`Patch::to_bytes`] writes. Public for tests and fuzzing, which need well-formed envelopes
+/// around content that is not.
+pub fn encode_raw(version: u32, header: &[u8], object: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + header.len() + object.len() + CHECKSUM_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(&(object.len() as u64).to_le_bytes());
+    out.extend_from_slice(object);
+    let sum = Sha256::digest(&out);
+    out.extend_from_slice(&sum);
+    out
 }
 
 struct Reader<'a> {
