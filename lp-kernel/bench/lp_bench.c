@@ -1,7 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Benchmark helper. /proc/lp_bench_now prints ktime_get_ns(); reading /proc/lp_bench_calls
- * calls lp_bench_target() LP_BENCH_CALLS times and prints "<calls> <total ns>".
+ * Benchmark helper. /proc/lp_bench_now prints ktime_get_ns(). Reading /proc/lp_bench_calls
+ * calls three identical functions LP_BENCH_CALLS times each, interleaved in chunks so that a
+ * change of host load hits all three alike, and prints
+ * "<calls> <ns lp_bench_plain> <ns lp_bench_target> <ns lp_bench_klp_target>":
+ * bench.sh leaves the first alone, patches the second with lpcore and the third with the
+ * kernel's livepatch.
  */
 #include <linux/ktime.h>
 #include <linux/module.h>
@@ -9,10 +13,31 @@
 #include <linux/seq_file.h>
 
 #define LP_BENCH_CALLS 200000
+#define LP_BENCH_CHUNK 1000
+
+noinline __attribute__((noipa)) int lp_bench_plain(int x)
+{
+	return x + 1;
+}
 
 noinline __attribute__((noipa)) int lp_bench_target(int x)
 {
 	return x + 1;
+}
+
+noinline __attribute__((noipa)) int lp_bench_klp_target(int x)
+{
+	return x + 1;
+}
+
+static u64 lp_bench_chunk(int (*fn)(int), int *acc)
+{
+	u64 t0 = ktime_get_ns();
+	int i;
+
+	for (i = 0; i < LP_BENCH_CHUNK; i++)
+		*acc = fn(*acc);
+	return ktime_get_ns() - t0;
 }
 
 static int now_show(struct seq_file *m, void *v)
@@ -23,14 +48,15 @@ static int now_show(struct seq_file *m, void *v)
 
 static int calls_show(struct seq_file *m, void *v)
 {
-	u64 t0, t1;
+	u64 plain = 0, lp = 0, klp = 0;
 	int i, acc = 0;
 
-	t0 = ktime_get_ns();
-	for (i = 0; i < LP_BENCH_CALLS; i++)
-		acc = lp_bench_target(acc);
-	t1 = ktime_get_ns();
-	seq_printf(m, "%d %llu %d\n", LP_BENCH_CALLS, t1 - t0, acc);
+	for (i = 0; i < LP_BENCH_CALLS / LP_BENCH_CHUNK; i++) {
+		plain += lp_bench_chunk(lp_bench_plain, &acc);
+		lp += lp_bench_chunk(lp_bench_target, &acc);
+		klp += lp_bench_chunk(lp_bench_klp_target, &acc);
+	}
+	seq_printf(m, "%d %llu %llu %llu %d\n", LP_BENCH_CALLS, plain, lp, klp, acc);
 	return 0;
 }
 

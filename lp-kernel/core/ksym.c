@@ -21,7 +21,6 @@ static int (*lp_kallsyms_lookup_size_offset)(unsigned long addr, unsigned long *
 					     unsigned long *offset);
 static unsigned long (*lp_ftrace_location)(unsigned long ip);
 static struct module *(*lp_find_module)(const char *name);
-static struct module *(*lp_module_address)(unsigned long addr);
 unsigned int (*lp_stack_trace_save_tsk)(struct task_struct *task, unsigned long *store,
 					unsigned int size, unsigned int skipnr);
 struct task_struct *(*lp_idle_task)(int cpu);
@@ -61,7 +60,6 @@ int lp_ksym_init(void)
 	LP_NEED(lp_kallsyms_lookup_size_offset, "kallsyms_lookup_size_offset");
 	LP_NEED(lp_ftrace_location, "ftrace_location");
 	LP_NEED(lp_find_module, "find_module");
-	LP_NEED(lp_module_address, "__module_address");
 	LP_NEED(lp_stack_trace_save_tsk, "stack_trace_save_tsk");
 	/* Optional: without it every walk counts as reliable (the ORC walk of 6.1 x86 is). */
 	*(unsigned long *)&lp_stack_trace_save_tsk_reliable =
@@ -189,14 +187,6 @@ unsigned long lp_symbol_size(unsigned long addr)
 	if (!lp_kallsyms_lookup_size_offset(addr, &size, &offset) || offset)
 		return 0;
 	return size;
-}
-
-/* Preemption is off (ftrace handler): the module tree may be read. */
-bool notrace lp_same_module(unsigned long a, unsigned long b)
-{
-	struct module *m = lp_module_address(b);
-
-	return m && m == lp_module_address(a);
 }
 
 /* The function starts with its ftrace call site (fentry, no endbr64: IBT is off in 6.1). */

@@ -34,8 +34,6 @@ int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *a
 bool lp_module_loaded(const char *name);
 unsigned long lp_symbol_size(unsigned long addr);
 bool lp_is_ftrace_site(unsigned long addr);
-/* Both addresses in the same loaded module (trap path: call with preemption off). */
-bool lp_same_module(unsigned long a, unsigned long b);
 extern unsigned int (*lp_stack_trace_save_tsk)(struct task_struct *task, unsigned long *store,
 					       unsigned int size, unsigned int skipnr);
 extern struct task_struct *(*lp_idle_task)(int cpu);
@@ -43,8 +41,9 @@ extern int (*lp_stack_trace_save_tsk_reliable)(struct task_struct *tsk, unsigned
 					       unsigned int size);
 
 /* site.c: one ftrace_ops per patched function entry; its handler asks lp-core. */
-int lp_site_get(unsigned long addr, char *err, size_t len);
-void lp_site_put(unsigned long addr);
+/* `owner`: the patch module adding/removing a version (its calls to addr are not redirected). */
+int lp_site_get(unsigned long addr, struct module *owner, char *err, size_t len);
+void lp_site_put(unsigned long addr, struct module *owner);
 
 /* switch.c: the synchronization point. */
 struct lp_switch {

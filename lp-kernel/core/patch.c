@@ -80,7 +80,7 @@ void lp_unhook_func(struct lp_func *f)
 	    lp_rs_pop(f->old_addr, f->patch->id, msg, sizeof(msg)))
 		pr_err("patch %s: cannot take %s out of the table: %s\n", f->patch->name,
 		       f->old_name, msg);
-	lp_site_put(f->old_addr);
+	lp_site_put(f->old_addr, f->patch->owner);
 	f->live = false;
 }
 
@@ -107,7 +107,7 @@ int lp_hook_func(struct lp_func *f, char *err, size_t len)
 	ret = lp_rs_push(addr, f->new_addr, f->patch->id, err, len);
 	if (ret)
 		return ret;
-	ret = lp_site_get(addr, err, len);
+	ret = lp_site_get(addr, f->patch->owner, err, len);
 	if (ret) {
 		char msg[LP_ERR_LEN];
 
@@ -284,7 +284,7 @@ int lp_patch_disable(struct lp_patch *p)
 		struct lp_func *f = &p->funcs[i];
 
 		if (f->live) {
-			lp_site_put(f->old_addr);
+			lp_site_put(f->old_addr, p->owner);
 			f->live = false;
 		}
 	}
