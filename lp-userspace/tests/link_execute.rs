@@ -102,7 +102,7 @@ fn expected_entry(x: i32, scale: i32) -> i32 {
 
 fn run_linked(obj: &[u8], hint: u64) -> (LinkedImage, u64) {
     let layout = Layout::of(obj).expect("layout");
-    assert!(layout.size() > 0 && layout.size() % 4096 == 0);
+    assert!(layout.size() > 0 && layout.size().is_multiple_of(4096));
     let mapped = Mapped::new(layout.size(), hint);
     let image = layout.link(mapped.addr, &resolver).expect("link");
     mapped.load(&image);
