@@ -219,6 +219,9 @@ pub struct LinkedImage {
     pub regions: Vec<Region>,
     /// Runtime range of the relocated `.eh_frame` (terminator included), if the object has one.
     pub eh_frame: Option<Range<u64>>,
+    /// Runtime address of every loaded section of the object, by name (for debuggers:
+    /// `add-symbol-file OBJECT -s NAME ADDR ...`).
+    pub sections: Vec<(String, u64)>,
 }
 
 impl LinkedImage {
@@ -790,6 +793,11 @@ impl Layout {
             text_ranges,
             regions: self.regions.clone(),
             eh_frame: self.eh_frame.map(|(o, l)| load_addr + o..load_addr + o + l),
+            sections: self
+                .placed
+                .iter()
+                .map(|p| (p.name.clone(), load_addr + p.offset))
+                .collect(),
         })
     }
 }

@@ -1,13 +1,17 @@
-//! Names for patch code in `perf` and other profilers: the JIT map convention, one
-//! `START SIZE name` line (hex, no 0x) per function in `/tmp/perf-PID.map`.
+//! Names for patch code in profilers and debuggers.
 //!
-//! perf reads the file when it resolves samples of an anonymous executable mapping in process
-//! PID, so the lines must exist while the patch is applied; [`forget`] removes them on revert.
+//! perf: the JIT map convention, one `START SIZE name` line (hex, no 0x) per function in
+//! `/tmp/perf-PID.map`. perf reads the file when it resolves samples of an anonymous executable
+//! mapping in process PID, so the lines must exist while the patch is applied; [`forget`]
+//! removes them on revert.
+//!
+//! gdb: the patch object itself carries the symbols and debug info; [`gdb_add_symbol_file`]
+//! gives the `add-symbol-file` command that places each of its sections where it was linked.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::link::LinkedSymbol;
+use crate::link::{LinkedImage, LinkedSymbol};
 
 /// The map file of process `pid`.
 pub fn path(pid: i32) -> PathBuf {
@@ -59,4 +63,14 @@ pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
     } else {
         std::fs::write(&p, kept)
     }
+}
+
+/// The gdb command that loads the symbols (and debug info, if compiled with -g) of the patch
+/// object saved at `object_path`, with every section at the address it was linked to.
+pub fn gdb_add_symbol_file(object_path: &std::path::Path, image: &LinkedImage) -> String {
+    let mut cmd = format!("add-symbol-file {}", object_path.display());
+    for (name, addr) in &image.sections {
+        cmd.push_str(&format!(" -s {name} 0x{addr:x}"));
+    }
+    cmd
 }

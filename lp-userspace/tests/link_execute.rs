@@ -273,3 +273,37 @@ fn link_perf_map_names_linked_functions() {
     lp_userspace::perf_map::forget(pid, "abc").unwrap();
     assert!(!lp_userspace::perf_map::path(pid).exists());
 }
+
+#[test]
+fn link_gdb_names_linked_functions_from_the_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = support::object(
+        dir.path(),
+        "patch_obj.c",
+        "p.o",
+        &["-ffunction-sections", "-g"],
+    );
+    let obj = std::fs::read(&path).unwrap();
+    let image = Layout::of(&obj)
+        .unwrap()
+        .link(0x7000_0000_0000, &resolver)
+        .unwrap();
+    let cmd = lp_userspace::perf_map::gdb_add_symbol_file(&path, &image);
+    let entry = image.symbol("lp_entry").unwrap();
+    let inner = image.symbol("lp_inner").unwrap();
+    let out = std::process::Command::new("gdb")
+        .args(["-nx", "-batch", "-ex", &cmd])
+        .args(["-ex", &format!("info symbol 0x{:x}", entry + 3)])
+        .args(["-ex", &format!("info symbol 0x{:x}", inner)])
+        .output()
+        .expect("gdb runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("lp_entry + 3 in section .text.lp_entry"),
+        "{cmd}\n{text}"
+    );
+    assert!(
+        text.contains("lp_inner in section .text.lp_inner"),
+        "{cmd}\n{text}"
+    );
+}
