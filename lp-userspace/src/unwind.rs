@@ -203,6 +203,27 @@ impl CfiSource {
         })
     }
 
+    /// CFI from raw `.eh_frame` bytes that live at runtime address `eh_frame_addr`, covering
+    /// code `[start, end)` — e.g. read back from a target's memory for patch code applied by an
+    /// earlier invocation (a trailing zero terminator is harmless).
+    pub fn from_eh_frame(
+        name: &str,
+        start: u64,
+        end: u64,
+        eh_frame_addr: u64,
+        eh_frame: Vec<u8>,
+    ) -> CfiSource {
+        CfiSource {
+            name: name.to_string(),
+            start,
+            end,
+            eh_frame,
+            eh_frame_addr,
+            hdr: None,
+            text_addr: start,
+        }
+    }
+
     fn bases(&self) -> BaseAddresses {
         let b = BaseAddresses::default()
             .set_eh_frame(self.eh_frame_addr)

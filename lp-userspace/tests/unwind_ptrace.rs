@@ -211,6 +211,23 @@ fn unwind_through_linked_patch_code_with_its_own_eh_frame() {
         entry(1);
         CAPTURED.lock().unwrap().take().unwrap()
     };
+    // The image's CFI as user-proc rebuilds it in a later invocation: read back from memory.
+    let eh = image.eh_frame.clone().expect("the object has .eh_frame");
+    let mut eh_bytes = vec![0u8; (eh.end - eh.start) as usize];
+    lp_userspace::unwind::MemoryReader::read(&SelfMemory, eh.start, &mut eh_bytes).unwrap();
+    let text_start = image.text_ranges.iter().map(|r| r.start).min().unwrap();
+    let text_end = image.text_ranges.iter().map(|r| r.end).max().unwrap();
+    let from_memory = CfiSource::from_eh_frame("patch", text_start, text_end, eh.start, eh_bytes);
+    let mut u2 = Unwinder::for_process(std::process::id() as i32).unwrap();
+    u2.add(from_memory);
+    *UNWINDER.lock().unwrap() = Some(u2);
+    // SAFETY: as above.
+    let entry2: extern "C" fn(i32) -> i32 =
+        unsafe { std::mem::transmute(image.symbol("lp_entry").unwrap() as usize) };
+    entry2(1);
+    let with_memory = CAPTURED.lock().unwrap().take().unwrap();
+    assert!(with_memory.complete(), "{with_memory:?}");
+
     u.add(CfiSource::from_image(&image).expect("the object has .eh_frame"));
     *UNWINDER.lock().unwrap() = Some(u);
     // SAFETY: as above.
