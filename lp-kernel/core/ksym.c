@@ -150,8 +150,8 @@ static int lp_match_modules(void *data, const char *name, struct module *mod, un
 	return mod ? lp_match_one(data, name, mod, addr) : 0;
 }
 
-int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *addr, char *err,
-	       size_t len)
+int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *addr,
+	       struct module **pin, char *err, size_t len)
 {
 	struct lp_match m = { .n = n, .exclude = exclude };
 
@@ -177,6 +177,18 @@ int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *a
 		return -ENOENT;
 	}
 	*addr = m.addr;
+	if (!pin || !strcmp(m.where, "vmlinux"))
+		return 0;
+	/* find_module wants module_mutex or preemption off; the reference keeps it afterwards. */
+	preempt_disable();
+	*pin = lp_find_module(m.where);
+	if (*pin && (!within_module(m.addr, *pin) || !try_module_get(*pin)))
+		*pin = NULL;
+	preempt_enable();
+	if (!*pin) {
+		snprintf(err, len, "module %s of symbol %s is going away", m.where, n->sym);
+		return -ENXIO;
+	}
 	return 0;
 }
 

@@ -28,9 +28,12 @@ struct lp_name {
 };
 int lp_ksym_init(void);
 int lp_parse_name(const char *s, struct lp_name *n, char *err, size_t len);
-/* 0 and *addr, or -ENOENT / -EINVAL (ambiguous) / -ENXIO (module not loaded), with `err`. */
-int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *addr, char *err,
-	       size_t len);
+/*
+ * 0 and *addr, or -ENOENT / -EINVAL (ambiguous) / -ENXIO (module not loaded), with `err`.
+ * With `pin`, a symbol of a module takes a reference on it (*pin; NULL for vmlinux).
+ */
+int lp_resolve(const struct lp_name *n, struct module *exclude, unsigned long *addr,
+	       struct module **pin, char *err, size_t len);
 bool lp_module_loaded(const char *name);
 unsigned long lp_symbol_size(unsigned long addr);
 bool lp_is_ftrace_site(unsigned long addr);
@@ -87,6 +90,8 @@ struct lp_patch {
 	u64 enable_seq;         /* order of enabling: the stacking order */
 	bool enabled;
 	bool in_sysfs;          /* kobj added: freed by its release */
+	struct module **pins;   /* modules LP_SYMBOLs point into, held while registered */
+	u32 npins;
 	u32 nfuncs;
 	struct lp_func funcs[];
 };

@@ -90,7 +90,7 @@ int lp_hook_func(struct lp_func *f, char *err, size_t len)
 	unsigned long addr;
 	int ret;
 
-	ret = lp_resolve(&f->name, f->patch->owner, &addr, err, len);
+	ret = lp_resolve(&f->name, f->patch->owner, &addr, NULL, err, len);
 	if (ret)
 		return ret;
 	f->old_size = lp_symbol_size(addr);
@@ -339,25 +339,49 @@ static int lp_check_desc(const struct lp_patch_desc *d, char *err, size_t len)
 	return 0;
 }
 
-static int lp_fill_symbols(const struct lp_patch_desc *d, char *err, size_t len)
+static void lp_release_pins(struct lp_patch *p)
 {
+	while (p->npins)
+		module_put(p->pins[--p->npins]);
+	kfree(p->pins);
+	p->pins = NULL;
+}
+
+/*
+ * Resolve the LP_SYMBOLs. A symbol inside a module pins that module while the patch is
+ * registered: the new code holds a pointer into it.
+ */
+static int lp_fill_symbols(struct lp_patch *p, char *err, size_t len)
+{
+	const struct lp_patch_desc *d = p->desc;
 	unsigned long *addrs;
+	struct module *pin;
 	struct lp_name n;
 	u32 i;
 	int ret = 0;
 
 	addrs = kcalloc(d->nsyms ?: 1, sizeof(*addrs), GFP_KERNEL);
-	if (!addrs)
+	p->pins = kcalloc(d->nsyms ?: 1, sizeof(*p->pins), GFP_KERNEL);
+	if (!addrs || !p->pins) {
+		kfree(addrs);
+		kfree(p->pins);
+		p->pins = NULL;
 		return -ENOMEM;
+	}
 	for (i = 0; i < d->nsyms && !ret; i++) {
+		pin = NULL;
 		ret = lp_parse_name(d->syms[i].name, &n, err, len);
 		if (!ret)
-			ret = lp_resolve(&n, d->owner, &addrs[i], err, len);
+			ret = lp_resolve(&n, d->owner, &addrs[i], &pin, err, len);
+		if (pin)
+			p->pins[p->npins++] = pin;
 	}
 	/* All or nothing: the slots are written only once every name resolved. */
 	for (i = 0; i < d->nsyms && !ret; i++)
 		*d->syms[i].slot = (void *)addrs[i];
 	kfree(addrs);
+	if (ret)
+		lp_release_pins(p);
 	return ret;
 }
 
@@ -410,13 +434,14 @@ int lp_register_patch(const struct lp_patch_desc *d)
 			goto unlock;
 		}
 	}
-	ret = lp_fill_symbols(d, err, sizeof(err));
+	ret = lp_fill_symbols(p, err, sizeof(err));
 	if (ret)
 		goto unlock;
 	p->id = lp_next_id++;
 	list_add_tail(&p->node, &lp_patches);
 	ret = lp_patch_enable(p); /* logs its own refusal */
 	if (ret) {
+		lp_release_pins(p);
 		list_del(&p->node);
 		mutex_unlock(&lp_mutex);
 		kfree(p);
@@ -455,6 +480,7 @@ void lp_unregister_patch(const struct lp_patch_desc *d)
 		if (WARN_ON(found->enabled))
 			lp_patch_disable(found);
 		list_del(&found->node);
+		lp_release_pins(found);
 	}
 	mutex_unlock(&lp_mutex);
 	if (found) {
