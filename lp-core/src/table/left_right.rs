@@ -1,4 +1,4 @@
-//! Two copies of a sorted slot array, published so that readers never take a lock and never
+//! Two copies of the sorted entries, published so that readers never take a lock and never
 //! wait for a writer ("left-right" publication).
 //!
 //! # The scheme
@@ -7,7 +7,7 @@
 //!
 //! Reader (the trap path):
 //! 1. `i = active` ; 2. `readers[i] += 1` ; 3. if `active != i` now: `readers[i] -= 1`, go to 1;
-//! 4. read buffer `i` (its first `lens[i]` slots) ; 5. `readers[i] -= 1`.
+//! 4. read buffer `i` (its first `lens[i]` entries) ; 5. `readers[i] -= 1`.
 //!
 //! Writer (serialised by `writer`, a spin mutex; writers may wait, readers never do):
 //! 1. check the edit against the active buffer `a` (nobody writes `a` now) ;
@@ -28,9 +28,11 @@
 //!   which includes R's increment. So R reads `i` only when it is complete and stays so until R
 //!   decrements.
 //!
-//! Memory visibility follows the same edges: slot writes → flip (`SeqCst` store, release) → a
-//! reader's index load (acquire) → its slot reads; and a reader's slot reads → its decrement
-//! (release) → the writer's zero load (acquire) → the next slot writes.
+//! Memory visibility follows the same edges: entry writes → flip (`SeqCst` store, release) → a
+//! reader's index load (acquire) → its entry reads; and a reader's entry reads → its decrement
+//! (release) → the writer's zero load (acquire) → the next entry writes. The length of a buffer
+//! is stored before the flip that publishes it, and changed only while the buffer is inactive
+//! and unread.
 //!
 //! # Layout of a buffer
 //! A caller's buffer of `capacity` slots is used as two columns: `capacity` site addresses
