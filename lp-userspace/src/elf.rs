@@ -52,12 +52,15 @@ pub enum ElfError {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LookupError {
     /// No symbol matches.
-    #[error("symbol `{spec}` not found in {module}")]
+    #[error("symbol `{spec}` not found in {module}{}", clones_hint(.clones))]
     NotFound {
         /// What was asked for.
         spec: String,
         /// The module searched.
         module: String,
+        /// gcc clones of that name (`name.isra.0`, `name.constprop.0`...), if any: the function
+        /// exists only in specialised copies.
+        clones: Vec<String>,
     },
     /// Several different symbols match a bare name.
     #[error("symbol `{name}` is ambiguous in {module}: candidates {}", .candidates.join(", "))]
@@ -72,6 +75,17 @@ pub enum LookupError {
     /// The specification itself is malformed (e.g. `name,0`).
     #[error("bad symbol specification `{0}` (expected name, name@file.c or name,N with N >= 1)")]
     BadSpec(String),
+}
+
+fn clones_hint(clones: &[String]) -> String {
+    if clones.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (gcc made specialised copies of it: {})",
+            clones.join(", ")
+        )
+    }
 }
 
 /// What a symbol names.
@@ -558,6 +572,7 @@ impl Module {
         let not_found = || LookupError::NotFound {
             spec: spec.to_string(),
             module: self.name.clone(),
+            clones: self.clones_of(parsed.name()),
         };
         match parsed {
             SymbolSpec::Position(name, n) => {
@@ -603,6 +618,38 @@ impl Module {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+    }
+
+    /// gcc's specialised copies of function `name` (`name.isra.0`, `name.constprop.1`,
+    /// `name.part.0`, `name.lto_priv.0`...), excluding `.cold` parts.
+    pub fn clones_of(&self, name: &str) -> Vec<String> {
+        let prefix = format!("{name}.");
+        let mut out: Vec<String> = self
+            .symbols
+            .iter()
+            .filter(|s| s.kind == SymbolKind::Function && s.name.starts_with(&prefix))
+            .filter(|s| !s.name.ends_with(".cold") && !s.name.contains(".cold."))
+            .map(|s| s.name.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The `.cold` part of function `sym` (`name.cold`, code gcc moved out of line for unlikely
+    /// paths). It is reached by a jump, not a call: a thread running it has no return address
+    /// in `sym`, so a consistency check must treat `[cold.value, cold.value + cold.size)` as part
+    /// of the function.
+    pub fn cold_parts(&self, sym: &Symbol) -> Vec<&Symbol> {
+        let cold = format!("{}.cold", sym.name);
+        self.symbols
+            .iter()
+            .filter(|s| {
+                s.kind == SymbolKind::Function
+                    && (s.name == cold || s.name.starts_with(&format!("{cold}.")))
+                    && (s.file == sym.file || !s.local || !sym.local)
+            })
+            .collect()
     }
 
     /// The global (or weak) definition of `name`, ignoring file-local symbols: what the

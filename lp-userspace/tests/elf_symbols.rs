@@ -197,3 +197,28 @@ fn elf_load_bias_from_maps_matches_a_running_process() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn elf_cold_parts_and_gcc_clones() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = support::executable(dir.path(), &["cold_clone.c"], "cold", &[]);
+    let m = Module::open(&exe).unwrap();
+    let checked = m.lookup("checked").unwrap();
+    let cold = m.cold_parts(checked);
+    assert_eq!(cold.len(), 1, "gcc split checked: {cold:?}");
+    assert_eq!(cold[0].name, "checked.cold");
+    assert!(cold[0].size > 0 && !checked.contains(cold[0].value));
+    assert!(m.cold_parts(m.lookup("main").unwrap()).is_empty());
+
+    // `scale` exists only as a specialised copy: the error says so.
+    let err = m.lookup("scale").unwrap_err();
+    match &err {
+        LookupError::NotFound { clones, .. } => {
+            assert!(clones.iter().any(|c| c.starts_with("scale.")), "{clones:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("specialised copies"), "{err}");
+    let clone = m.clones_of("scale").remove(0);
+    assert!(m.lookup(&clone).is_ok(), "the clone itself can be named");
+}
