@@ -306,7 +306,27 @@ impl Unwinder {
                 u.add(src);
             }
         }
+        // The vDSO has no file: its ELF image is in memory (clock_gettime & co. run there, and
+        // a thread stopped inside must still unwind).
+        if let Some(v) = all.iter().find(|m| m.path.as_deref() == Some("[vdso]")) {
+            if let Some(src) = Self::vdso_source(pid, v) {
+                u.add(src);
+            }
+        }
         Ok(u)
+    }
+
+    fn vdso_source(pid: i32, v: &maps::Mapping) -> Option<CfiSource> {
+        let mem = ProcMemory::open(pid).ok()?;
+        let len = usize::try_from(v.end - v.start).ok()?;
+        if len > 1 << 20 {
+            return None;
+        }
+        let mut image = vec![0u8; len];
+        mem.read(v.start, &mut image).ok()?;
+        let module = Module::parse("[vdso]", image).ok()?;
+        let bias = module.load_bias(v.start, 0)?;
+        CfiSource::from_module(&module, bias, v.start, v.end)
     }
 
     fn source_for(&self, addr: u64) -> Option<usize> {

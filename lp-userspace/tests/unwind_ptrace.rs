@@ -253,3 +253,75 @@ fn unwind_through_linked_patch_code_with_its_own_eh_frame() {
     // And beyond it: this test function's frames (in the test binary), i.e. the unwind went on.
     assert!(with.return_addresses.len() > pos + 2, "{with:?}");
 }
+
+#[test]
+fn unwind_from_inside_the_vdso() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = support::executable(dir.path(), &["vdso_loop.c"], "vdso_loop", &[]);
+    let mut child = Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = child.id() as i32;
+    let all = maps::read(pid).unwrap();
+    let vdso = all
+        .iter()
+        .find(|m| m.path.as_deref() == Some("[vdso]"))
+        .expect("a vDSO");
+    let mut unwinder = Unwinder::for_process(pid).unwrap();
+    assert!(
+        unwinder.sources().iter().any(|s| s.name == "[vdso]"),
+        "vDSO CFI read from memory"
+    );
+    let mods = maps::modules(&all);
+    let me = maps::find_module(&mods, "vdso_loop").unwrap();
+    let module = Module::open(&me.open_path(pid)).unwrap();
+    let bias = me.load_bias(&module).unwrap();
+    let mem = ProcMemory::open(pid).unwrap();
+
+    assert_eq!(ptrace(libc::PTRACE_SEIZE, pid, std::ptr::null_mut()), 0);
+    let mut inside = 0;
+    for _ in 0..2000 {
+        assert_eq!(ptrace(libc::PTRACE_INTERRUPT, pid, std::ptr::null_mut()), 0);
+        let mut status = 0;
+        // SAFETY: waiting for our traced child.
+        assert_eq!(
+            unsafe { libc::waitpid(pid, &mut status, libc::__WALL) },
+            pid
+        );
+        // SAFETY: zeroed plain-old-data.
+        let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            ptrace(
+                libc::PTRACE_GETREGS,
+                pid,
+                &mut regs as *mut _ as *mut libc::c_void
+            ),
+            0
+        );
+        if vdso.contains(regs.rip) {
+            let bt = unwinder.unwind(&Registers::from_user_regs(&regs), &mem, DEFAULT_MAX_DEPTH);
+            assert!(bt.complete(), "{bt:?}");
+            let names: Vec<String> = bt
+                .return_addresses
+                .iter()
+                .filter_map(|&ra| function_of(&module, bias, ra))
+                .collect();
+            // spin may be entered directly from the vDSO or through libc's clock_gettime.
+            let at = names
+                .iter()
+                .position(|n| n == "spin")
+                .unwrap_or_else(|| panic!("{names:?}"));
+            assert_eq!(&names[at..at + 3], &["spin", "loop", "main"], "{names:?}");
+            inside += 1;
+        }
+        assert_eq!(ptrace(libc::PTRACE_CONT, pid, std::ptr::null_mut()), 0);
+        if inside >= 5 {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(inside >= 1, "never stopped inside the vDSO in 2000 tries");
+}
