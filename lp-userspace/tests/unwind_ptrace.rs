@@ -325,3 +325,46 @@ fn unwind_from_inside_the_vdso() {
     child.wait().unwrap();
     assert!(inside >= 1, "never stopped inside the vDSO in 2000 tries");
 }
+
+#[test]
+fn unwind_across_a_signal_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = support::executable(dir.path(), &["signal_sleep.c"], "signal_sleep", &[]);
+    let mut child = Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(30)); // g reaches pause()
+                                                              // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "in handler");
+    std::thread::sleep(std::time::Duration::from_millis(30)); // sleeper reaches nanosleep
+
+    let mut unwinder = Unwinder::for_process(pid).unwrap();
+    let mods = maps::modules(&maps::read(pid).unwrap());
+    let me = maps::find_module(&mods, "signal_sleep").unwrap();
+    let module = Module::open(&me.open_path(pid)).unwrap();
+    let bias = me.load_bias(&module).unwrap();
+    let regs = stop_thread(pid);
+    let mem = ProcMemory::open(pid).unwrap();
+    let bt = unwinder.unwind(&Registers::from_user_regs(&regs), &mem, DEFAULT_MAX_DEPTH);
+    ptrace(libc::PTRACE_DETACH, pid, std::ptr::null_mut());
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let names: Vec<String> = bt
+        .return_addresses
+        .iter()
+        .filter_map(|&ra| function_of(&module, bias, ra))
+        .collect();
+    assert!(bt.complete(), "{:?} {names:?}", bt.stop);
+    assert_eq!(
+        names,
+        ["sleeper", "handler", "g", "f", "main", "_start"],
+        "{bt:?}"
+    );
+}
