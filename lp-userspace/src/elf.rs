@@ -186,6 +186,10 @@ pub struct Module {
     text: Option<SectionRef>,
     /// (symbol name, vaddr of the GOT slot the dynamic linker fills for it).
     imports: Vec<(String, u64)>,
+    /// The file has a `.symtab` (not stripped).
+    has_symtab: bool,
+    /// Separate debug file the symbols came from.
+    debug_file: Option<PathBuf>,
 }
 
 /// A parsed symbol specification.
@@ -241,12 +245,72 @@ fn file_matches(recorded: &str, wanted: &str) -> bool {
 
 impl Module {
     /// Reads and parses the file at `path`.
+    ///
+    /// A stripped file (no `.symtab`, so no `static` symbols) gets the symbols of its separate
+    /// debug file when one is installed: `<dir>/.build-id/xx/yyyy.debug` for each directory of
+    /// `LIVEPATCH_DEBUG_DIRS` (colon-separated) or `/usr/lib/debug` (Debian's `-dbgsym` packages),
+    /// checked to carry the same build-id.
     pub fn open(path: &Path) -> Result<Module, ElfError> {
         let data = std::fs::read(path).map_err(|source| ElfError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Module::parse(&path.display().to_string(), data)
+        let mut module = Module::parse(&path.display().to_string(), data)?;
+        if !module.has_symtab {
+            module.merge_debug_file();
+        }
+        Ok(module)
+    }
+
+    /// Where separate debug files are looked for.
+    pub fn debug_dirs() -> Vec<PathBuf> {
+        match std::env::var_os("LIVEPATCH_DEBUG_DIRS") {
+            Some(v) => std::env::split_paths(&v).collect(),
+            None => vec![PathBuf::from("/usr/lib/debug")],
+        }
+    }
+
+    /// The separate debug file whose symbols were merged, if any.
+    pub fn debug_file(&self) -> Option<&Path> {
+        self.debug_file.as_deref()
+    }
+
+    fn merge_debug_file(&mut self) {
+        let Some(id) = self.build_id_hex().filter(|id| id.len() > 2) else {
+            return;
+        };
+        for dir in Self::debug_dirs() {
+            let candidate = dir
+                .join(".build-id")
+                .join(&id[..2])
+                .join(format!("{}.debug", &id[2..]));
+            let Ok(bytes) = std::fs::read(&candidate) else {
+                continue;
+            };
+            let Ok(debug) = Module::parse(&candidate.display().to_string(), bytes) else {
+                continue;
+            };
+            if debug.build_id() != self.build_id() || !debug.has_symtab {
+                continue;
+            }
+            let mut merged: Vec<Symbol> = debug
+                .symbols
+                .into_iter()
+                .filter(|s| !s.dynamic_only)
+                .collect();
+            for s in self.symbols.drain(..) {
+                if !merged
+                    .iter()
+                    .any(|m| m.name == s.name && m.value == s.value)
+                {
+                    merged.push(s);
+                }
+            }
+            number_positions(&mut merged);
+            self.symbols = merged;
+            self.debug_file = Some(candidate);
+            return;
+        }
     }
 
     /// Parses ELF bytes; `name` is used in error messages and as [`Module::name`].
@@ -314,8 +378,11 @@ impl Module {
         let build_id = Self::find_build_id(&elf, &data);
         let symbols = Self::collect_symbols(&elf);
         let imports = Self::collect_imports(&elf);
+        let has_symtab = !elf.syms.is_empty();
         Ok(Module {
             imports,
+            has_symtab,
+            debug_file: None,
             name: name.to_string(),
             elf_type,
             symbols,
@@ -394,13 +461,7 @@ impl Module {
                 out.push(symbol);
             }
         }
-        // Positions: order of appearance among symbols of the same name.
-        let mut counts: std::collections::HashMap<String, usize> = Default::default();
-        for s in &mut out {
-            let c = counts.entry(s.name.clone()).or_insert(0);
-            *c += 1;
-            s.position = *c;
-        }
+        number_positions(&mut out);
         out
     }
 
@@ -678,6 +739,16 @@ impl Module {
             module: self.name.clone(),
             candidates,
         }
+    }
+}
+
+/// Positions (`name,N`): order of appearance among symbols of the same name.
+fn number_positions(symbols: &mut [Symbol]) {
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    for s in symbols {
+        let c = counts.entry(s.name.clone()).or_insert(0);
+        *c += 1;
+        s.position = *c;
     }
 }
 
