@@ -22,6 +22,10 @@
 //! Relocations: `R_X86_64_64`, `PC32`, `PLT32`, `GOTPCREL`, `GOTPCRELX`, `REX_GOTPCRELX`,
 //! `32`, `32S`, `PC64`, `GOTPC32`, `GOTOFF64`, `NONE`.
 //!
+//! `GOTPCRELX`/`REX_GOTPCRELX` loads whose target is in rel32 reach are relaxed as the psABI
+//! allows (`mov foo@GOTPCREL(%rip)` → `lea foo(%rip)`, `call *foo@GOTPCREL(%rip)` →
+//! `addr32 call foo`), so patched code pays no extra memory load for the GOT.
+//!
 //! Symbol resolution: a symbol the object defines (global or local) always binds to the
 //! object's own definition — so calls between replaced functions go to the new versions; an
 //! undefined one is asked to the resolver.
@@ -219,6 +223,8 @@ pub struct LinkedImage {
     pub regions: Vec<Region>,
     /// Runtime range of the relocated `.eh_frame` (terminator included), if the object has one.
     pub eh_frame: Option<Range<u64>>,
+    /// How many GOT loads were rewritten into direct references (target in rel32 reach).
+    pub relaxed: usize,
     /// Runtime address of every loaded section of the object, by name (for debuggers:
     /// `add-symbol-file OBJECT -s NAME ADDR ...`).
     pub sections: Vec<(String, u64)>,
@@ -584,6 +590,7 @@ impl Layout {
         }
         let elf = parse_object(&self.object)?;
         let mut image = vec![0u8; self.size as usize];
+        let mut relaxed = 0usize;
         for p in &self.placed {
             if p.kind == Kind::Bss || p.size == 0 {
                 continue;
@@ -720,9 +727,35 @@ impl Layout {
                             _ => (direct, 31),
                         }
                     }
-                    reloc::GOTPCREL | reloc::GOTPCRELX | reloc::REX_GOTPCRELX => {
-                        (got_slot(r.r_sym) + a - p, 31)
+                    reloc::GOTPCRELX | reloc::REX_GOTPCRELX => {
+                        // The psABI lets a linker rewrite a GOT load into a direct reference
+                        // when the target is in reach: one memory load less per access.
+                        let o = field_at as usize;
+                        let s = sym_value(r.r_sym)?;
+                        let direct = s as i128 + a - p;
+                        let relaxable = r.r_offset >= 2 && s != 0 && i32::try_from(direct).is_ok();
+                        match (
+                            relaxable,
+                            image[o.saturating_sub(2)],
+                            image[o.saturating_sub(1)],
+                        ) {
+                            // mov foo@GOTPCREL(%rip), %reg  →  lea foo(%rip), %reg
+                            (true, 0x8b, _) => {
+                                image[o - 2] = 0x8d;
+                                relaxed += 1;
+                                (direct, 31)
+                            }
+                            // call *foo@GOTPCREL(%rip)  →  addr32 call foo
+                            (true, 0xff, 0x15) => {
+                                image[o - 2] = 0x67;
+                                image[o - 1] = 0xe8;
+                                relaxed += 1;
+                                (direct, 31)
+                            }
+                            _ => (got_slot(r.r_sym) + a - p, 31),
+                        }
                     }
+                    reloc::GOTPCREL => (got_slot(r.r_sym) + a - p, 31),
                     reloc::GOTPC32 => (got_base as i128 + a - p, 31),
                     reloc::GOTOFF64 => (sym_value(r.r_sym)? as i128 + a - got_base as i128, 64),
                     reloc::R32 => (sym_value(r.r_sym)? as i128 + a, 32),
@@ -793,6 +826,7 @@ impl Layout {
             text_ranges,
             regions: self.regions.clone(),
             eh_frame: self.eh_frame.map(|(o, l)| load_addr + o..load_addr + o + l),
+            relaxed,
             sections: self
                 .placed
                 .iter()

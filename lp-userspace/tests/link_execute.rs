@@ -176,6 +176,8 @@ fn link_executes_near_callees_directly_with_function_sections() {
         maps::find_free_near(&all, me.start(), me.end(), size).expect("room near the binary");
     let (image, addr) = run_linked(&obj, hint);
     assert_eq!(addr, hint, "the kernel honours a free hint");
+    // host_value (in this binary, in reach) and scale (in the object) are read without the GOT.
+    assert!(image.relaxed >= 2, "relaxed {}", image.relaxed);
     let entry = image.symbol("lp_entry").unwrap();
     assert!((entry as i64 - cb as i64).unsigned_abs() < (1 << 31));
     assert!(
@@ -305,5 +307,35 @@ fn link_gdb_names_linked_functions_from_the_object() {
     assert!(
         text.contains("lp_inner in section .text.lp_inner"),
         "{cmd}\n{text}"
+    );
+}
+
+#[test]
+fn link_executes_no_plt_calls_relaxed_near_and_through_the_got_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = std::fs::read(support::object(
+        dir.path(),
+        "patch_obj.c",
+        "p.o",
+        &["-fno-plt"],
+    ))
+    .unwrap();
+    let (far_image, _) = run_linked(&obj, 0);
+    let all = maps::read(std::process::id() as i32).unwrap();
+    let cb = lp_test_host_callback as *const () as usize as u64;
+    let me = maps::modules(&all)
+        .into_iter()
+        .find(|m| m.contains(cb))
+        .unwrap();
+    let size = Layout::of(&obj).unwrap().size();
+    let hint = maps::find_free_near(&all, me.start(), me.end(), size).unwrap();
+    let (near_image, addr) = run_linked(&obj, hint);
+    assert_eq!(addr, hint);
+    // call *host_callback@GOTPCREL(%rip) became a direct call near, stayed indirect far.
+    assert!(
+        near_image.relaxed > far_image.relaxed,
+        "{} vs {}",
+        near_image.relaxed,
+        far_image.relaxed
     );
 }
