@@ -185,6 +185,8 @@ expect_fail bad-notrace insmod $M/p_bad_notrace.ko
 dmesg_has bad-notrace-reason "patch p_bad_notrace refused: entry_SYSCALL_64 .* has no ftrace entry"
 expect_fail bad-ambiguous insmod $M/p_bad_ambiguous.ko
 dmesg_has bad-ambiguous-reason "symbol _compound_head is ambiguous"
+expect_fail bad-crc insmod $M/p_bad_crc.ko
+dmesg_has bad-crc-reason "p_cmdline: disagrees about version of symbol module_layout"
 expect bad-unharmed-cmdline "$(cat /proc/cmdline)" "$CMDLINE"
 expect bad-nothing-registered "$(ls /sys/kernel/lp/)" ""
 expect bad-no-module-left "$(grep -c '^p_bad' /proc/modules)" 0
