@@ -43,6 +43,14 @@
 //! Only the first `len` entries of each column are ever read, and only after a writer wrote
 //! them, so whatever bytes the caller's slots held (padding included) are never read.
 //!
+//! # Striped reader counts
+//! `readers[i]` is really [`STRIPES`] counters, each on its own cache line; a reader uses the one
+//! picked by a hash of its stack address (each thread, and in a kernel each task and each CPU's
+//! interrupt stack, has its own stack), and a writer waits until every stripe of the buffer is
+//! zero. The argument above holds per stripe: replace `readers[i]` by the reader's stripe and
+//! Z by the moment the writer read that stripe as zero. Striping keeps CPUs that call patched
+//! functions at the same time from bouncing one counter's cache line between them.
+//!
 //! # Progress
 //! A reader does a bounded amount of work per attempt and retries only when the index changed
 //! between its two loads, that is when a writer published in between: readers are lock-free and
@@ -54,6 +62,27 @@ use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 use super::slot::Record;
 use super::Slot;
+
+/// Reader-count stripes per buffer.
+pub(crate) const STRIPES: usize = 8;
+
+/// One reader count on a cache line of its own.
+#[repr(align(64))]
+struct PaddedCount(AtomicUsize);
+
+/// Zeroed counts for one buffer.
+const fn zero_counts() -> [PaddedCount; STRIPES] {
+    [const { PaddedCount(AtomicUsize::new(0)) }; STRIPES]
+}
+
+/// The stripe for the calling thread: a hash of an address on its stack. Threads' stacks are
+/// far apart (often a multiple of a large power of two), so the page number is mixed by a
+/// multiplicative hash and its high bits are used.
+fn my_stripe() -> usize {
+    let marker = 0u8;
+    let page = (core::ptr::addr_of!(marker) as usize as u64) >> 12;
+    (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % STRIPES
+}
 
 /// The published entries of one buffer: sorted keys and their records, `len` of each.
 #[derive(Clone, Copy, Debug)]
@@ -148,7 +177,7 @@ pub(crate) struct LeftRight<'s> {
     capacity: usize,
     lens: [AtomicUsize; 2],
     active: AtomicUsize,
-    readers: [AtomicUsize; 2],
+    readers: [[PaddedCount; STRIPES]; 2],
     writer: spin::Mutex<()>,
     _storage: PhantomData<&'s mut [Slot]>,
 }
@@ -172,7 +201,7 @@ impl<'s> LeftRight<'s> {
             capacity,
             lens: [AtomicUsize::new(0), AtomicUsize::new(0)],
             active: AtomicUsize::new(0),
-            readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            readers: [zero_counts(), zero_counts()],
             writer: spin::Mutex::new(()),
             _storage: PhantomData,
         }
@@ -195,18 +224,16 @@ impl<'s> LeftRight<'s> {
 
     /// Run `f` over the current published entries. Never blocks, never allocates.
     pub(crate) fn read<R>(&self, f: impl FnOnce(Entries<'_>) -> R) -> R {
+        let stripe = my_stripe();
         let i = loop {
             let i = self.active.load(SeqCst);
-            self.readers[i].fetch_add(1, SeqCst);
-            if self.active.load(SeqCst) == i {
+            if self.enter(i, stripe) {
                 break i;
             }
-            // A writer published between our two loads; buffer `i` may be rewritten: retry.
-            self.readers[i].fetch_sub(1, SeqCst);
         };
         // Decrements on every exit, unwinding included: a panicking closure must not leave a
         // count behind that would make every later writer spin forever.
-        let _reading = Departure(&self.readers[i]);
+        let _reading = Departure(&self.readers[i][stripe].0);
         let len = self.lens[i].load(SeqCst);
         let (keys, recs) = self.columns(i);
         // SAFETY: the first `len <= capacity` keys and records of buffer `i` were written by a
@@ -219,6 +246,18 @@ impl<'s> LeftRight<'s> {
             }
         };
         f(entries)
+    }
+
+    /// Reader steps 2–3 for buffer `i`, whose index the reader loaded: count in, re-check. On
+    /// `false` a writer published in between; the count is undone and the reader must retry.
+    fn enter(&self, i: usize, stripe: usize) -> bool {
+        let count = &self.readers[i][stripe].0;
+        count.fetch_add(1, SeqCst);
+        if self.active.load(SeqCst) == i {
+            return true;
+        }
+        count.fetch_sub(1, SeqCst);
+        false
     }
 
     /// Apply one edit: `check` looks at the current entries and returns the edit to make (or
@@ -276,8 +315,10 @@ impl<'s> LeftRight<'s> {
     }
 
     fn wait_for_readers(&self, buffer: usize) {
-        while self.readers[buffer].load(SeqCst) != 0 {
-            core::hint::spin_loop();
+        for stripe in &self.readers[buffer] {
+            while stripe.0.load(SeqCst) != 0 {
+                core::hint::spin_loop();
+            }
         }
     }
 }
@@ -288,5 +329,67 @@ struct Departure<'a>(&'a AtomicUsize);
 impl Drop for Departure<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::table::{RedirectTable, Slot};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reader_that_loaded_the_index_before_a_publication_retries() {
+        let (mut a, mut b) = ([Slot::EMPTY; 2], [Slot::EMPTY; 2]);
+        let t = RedirectTable::new(&mut a, &mut b);
+        let lr = &t.inner;
+        let stale = lr.active.load(SeqCst);
+        // the reader is delayed here, between loading the index and counting itself in
+        t.push(0x1000, 0x9000, 0x2000, 1).unwrap();
+        assert_ne!(
+            lr.active.load(SeqCst),
+            stale,
+            "a write publishes the other buffer"
+        );
+        assert!(
+            !lr.enter(stale, 3),
+            "the stale buffer may be rewritten: retry"
+        );
+        assert_eq!(
+            lr.readers[stale][3].0.load(SeqCst),
+            0,
+            "the count is undone"
+        );
+        let fresh = lr.active.load(SeqCst);
+        assert!(lr.enter(fresh, 3));
+        lr.readers[fresh][3].0.fetch_sub(1, SeqCst);
+    }
+
+    #[test]
+    fn a_writer_waits_for_a_reader_inside_a_read() {
+        let (mut a, mut b) = ([Slot::EMPTY; 2], [Slot::EMPTY; 2]);
+        let t = RedirectTable::new(&mut a, &mut b);
+        let written = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            t.read(|snap| {
+                let writer = s.spawn(|| {
+                    t.push(0x1000, 0x9000, 0x2000, 1).unwrap();
+                    written.store(true, SeqCst);
+                });
+                std::thread::sleep(Duration::from_millis(100));
+                // the writer published the other buffer but cannot replay the edit on ours
+                assert!(
+                    !written.load(SeqCst),
+                    "writer finished while a reader was inside"
+                );
+                assert!(snap.is_empty(), "our snapshot did not change under us");
+                drop(writer);
+            });
+        });
+        assert!(written.load(SeqCst));
+        assert_eq!(t.len(), 1);
     }
 }
