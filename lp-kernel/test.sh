@@ -87,7 +87,7 @@ fi
 npass=$(echo "$done_line" | sed -n 's/.*pass=\([0-9]*\).*/\1/p')
 nfail=$(tr -d '\r' <"$log" | grep -c 'LPTEST FAIL' || true)
 # The scenario script has this many checks; fewer passes means some were silently skipped.
-MIN_PASS=$((85 + 6 * cli_checks))
+MIN_PASS=$((88 + 6 * cli_checks))
 if [ "$nfail" != 0 ] || [ "$npass" -lt "$MIN_PASS" ]; then
   echo "lp-kernel/test.sh: FAIL: $nfail failed, $npass passed (want 0 failed, >= $MIN_PASS passed)" >&2
   exit 1

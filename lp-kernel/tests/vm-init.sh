@@ -151,6 +151,9 @@ expect_fail busy-refused insmod $M/p_busy.ko
 dmesg_has busy-reason "patch p_busy refused: task [0-9]* (lp_sleeper) stayed inside lp_target_sleeper"
 expect busy-not-switched "$(ls /sys/kernel/lp/)" ""
 expect busy-still-inside "$(field sleeping)" 1
+expect_fail busy-pair-refused insmod $M/p_busy_pair.ko
+expect busy-pair-value-not-switched "$(field value)" 1
+dmesg_has busy-pair-reason "patch p_busy_pair refused: task [0-9]* (lp_sleeper) stayed inside lp_target_sleeper"
 echo release > /proc/lp_target
 expect busy-old-code-ran "$(field sleeper)" 1
 insmod $M/p_busy.ko && pass busy-applies-when-free || fail busy-applies-when-free "insmod p_busy.ko"
