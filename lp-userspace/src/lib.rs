@@ -1,19 +1,19 @@
 //! livepatch's userspace adapter: patches running processes through ptrace.
 
-pub mod process;
-pub mod elf;
-pub mod maps;
-pub mod patchfile;
-pub mod link;
-pub mod pack;
-pub mod unwind;
-pub mod perf_map;
 pub mod apply;
 pub mod cli;
 pub mod demo;
+pub mod elf;
+pub mod kernel;
+pub mod link;
+pub mod maps;
+pub mod pack;
+pub mod patchfile;
+pub mod perf_map;
+pub mod process;
 pub mod revert;
 pub mod state;
 pub mod status;
-pub mod kernel;
+pub mod unwind;
 
 pub use apply::{Error, ErrorKind};
