@@ -21,6 +21,9 @@ pub struct Reverted {
     pub id: String,
     /// Functions restored.
     pub functions: Vec<String>,
+    /// The patch memory was unmapped (false: a thread stayed inside it in nonstop mode, and
+    /// it is left mapped, unreferenced).
+    pub code_freed: bool,
     /// Figures of the switch.
     pub stats: SwitchStats,
     /// Wall time, microseconds.
@@ -29,6 +32,16 @@ pub struct Reverted {
 
 /// Reverts patch `id` (or the newest when `None`; an id prefix is accepted) of process `pid`.
 pub fn revert(
+    pid: i32,
+    id: Option<&str>,
+    mode: Mode,
+    timeout: Duration,
+) -> Result<Reverted, Error> {
+    crate::process::with_tracer_thread(|| revert_here(pid, id, mode, timeout))
+}
+
+/// [`revert`] on the calling thread, which must exit afterwards (see `with_tracer_thread`).
+fn revert_here(
     pid: i32,
     id: Option<&str>,
     mode: Mode,
@@ -75,6 +88,7 @@ pub fn revert(
         }
     }
     let mut t = Tracee::attach(pid)?;
+    t.release_on_drop();
     // Verify, before anything is written, that our redirects are still what we wrote.
     for f in &patch.functions {
         let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;
@@ -122,13 +136,29 @@ pub fn revert(
         Ok(())
     };
     let stats = switch::run(&mut t, mode, &switches, &busy, timeout, &mut commit)?;
-    // Nothing leads into the patch memory any more, and no thread is inside it.
-    t.munmap(patch.code_addr, patch.code_len)?;
-    t.detach()?;
+    // Nothing leads into the patch memory any more. In stop mode no thread was inside it; in
+    // nonstop mode threads that were running the new code must leave it first (each thread is
+    // checked on its own). One that does not within the timeout keeps the memory mapped.
+    let area = [CodeRange::new(
+        patch.code_addr,
+        patch.code_addr + patch.code_len,
+    )];
+    let free = match mode {
+        Mode::Stop => true,
+        Mode::Nonstop => {
+            let mut u = crate::unwind::Unwinder::for_process(pid)?;
+            switch::wait_threads_outside(&mut t, &area, Some(&mut u), timeout).is_ok()
+        }
+    };
+    if free {
+        t.munmap(patch.code_addr, patch.code_len)?;
+    }
+    t.release()?;
     Ok(Reverted {
         pid,
         id: patch.id.clone(),
         functions: patch.functions.iter().map(|f| f.name.clone()).collect(),
+        code_freed: free,
         stats,
         total_us: t0.elapsed().as_micros() as u64,
     })

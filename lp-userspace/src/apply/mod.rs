@@ -88,7 +88,21 @@ const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
 pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
+    crate::process::with_tracer_thread(|| apply_here(pid, patch, opts))
+}
+
+/// [`apply`] on the calling thread, which must exit afterwards (see `with_tracer_thread`).
+fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
     let t0 = Instant::now();
+    let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
+    let phase = |what: &str| {
+        if trace {
+            eprintln!(
+                "livepatch: trace: {what} at {} us",
+                t0.elapsed().as_micros()
+            );
+        }
+    };
     // 1. Read-only checks.
     let target = target::locate(pid, patch)?;
     let existing = crate::state::read(pid)?;
@@ -110,10 +124,14 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
     let layout = Layout::of(&patch.object)
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
     let resolver = target::Resolver::new(pid, &target, patch)?;
+    phase("checks and symbols done");
 
     // 2. Preparation; threads keep running.
     let mut t = Tracee::attach(pid)?;
+    t.release_on_drop();
+    phase("attached");
     let statemap = StateMap::open_or_create(&mut t)?;
+    phase("state mapped");
     let image_len = layout.size().div_ceil(PAGE) * PAGE;
     let extra_len = (PER_FUNCTION_EXTRA * patch.functions.len() as u64).div_ceil(PAGE) * PAGE;
     let total_len = image_len + extra_len;
@@ -136,6 +154,7 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
         }
     };
 
+    phase("code written");
     // 3. The switch.
     let record = AppliedPatch {
         id: patch.id.clone(),
@@ -174,7 +193,9 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
             return Err(e);
         }
     };
-    t.detach()?;
+    phase("switched");
+    t.release()?;
+    phase("detached");
     Ok(Applied {
         pid,
         id: patch.id.clone(),

@@ -11,7 +11,7 @@
 use super::error::Error;
 use super::stacks;
 use crate::process::{Memory, Tracee};
-use lp_core::consistency::{self, CodeRange, ThreadStack, Verdict};
+use lp_core::consistency::{self, CodeRange, Frame, ThreadStack, Verdict};
 use lp_core::plan::{Step, WritePlan};
 use lp_core::table::{EntryState, RedirectTable, Slot};
 use lp_core::trap::{self, TrapDecision};
@@ -115,22 +115,36 @@ fn stop_mode(
     // CFI of every module is read now, while threads still run.
     let mut unwinder = crate::unwind::Unwinder::for_process(t.pid())?;
     let start = Instant::now();
-    let mut delay = Duration::from_millis(1);
+    let mut delay = Duration::from_micros(500);
     let mut stats = SwitchStats::default();
     loop {
         stats.attempts += 1;
         t.stop_all()?;
         let stopped_at = Instant::now();
-        let owned = stacks::collect(t, &mut unwinder, &ranges)?;
-        let views: Vec<ThreadStack<'_>> = owned
-            .iter()
-            .map(|s| ThreadStack {
-                tid: s.tid,
-                ip: s.ip,
-                return_addresses: &s.returns,
-            })
-            .collect();
-        match consistency::check(&views, &ranges) {
+        let mut stepped = 0;
+        let verdict = loop {
+            let owned = stacks::collect(t, &mut unwinder, &ranges)?;
+            let views: Vec<ThreadStack<'_>> = owned
+                .iter()
+                .map(|s| ThreadStack {
+                    tid: s.tid,
+                    ip: s.ip,
+                    return_addresses: &s.returns,
+                })
+                .collect();
+            match consistency::check(&views, &ranges) {
+                // A thread executing a switched function (not deeper in its stack) usually
+                // leaves it within a few instructions: step it out while the others wait.
+                Verdict::Busy(b) if b.frame == Frame::Ip && stepped < MAX_STEP_OUT_THREADS => {
+                    stepped += 1;
+                    if !step_out(t, b.tid as i32, &ranges)? {
+                        break Verdict::Busy(b);
+                    }
+                }
+                v => break v,
+            }
+        };
+        match verdict {
             Verdict::Safe => {
                 let r = write_all_stopped(t, sites, commit);
                 let stall = stopped_at.elapsed();
@@ -148,11 +162,40 @@ fn stop_mode(
                         waited_ms: start.elapsed().as_millis() as u64,
                     });
                 }
-                std::thread::sleep(delay.min(timeout.saturating_sub(start.elapsed())));
-                delay = (delay * 2).min(Duration::from_millis(200));
+                // Short, jittered retries first (a hot function is left quickly), longer
+                // ones for a thread that sleeps inside a function.
+                let jitter =
+                    Duration::from_micros(u64::from(stats.attempts.wrapping_mul(2654435761) % 500));
+                std::thread::sleep((delay + jitter).min(timeout.saturating_sub(start.elapsed())));
+                delay = (delay * 3 / 2).min(Duration::from_millis(50));
             }
         }
     }
+}
+
+/// Threads stepped out of a switched function per attempt, at most.
+const MAX_STEP_OUT_THREADS: usize = 16;
+/// Instructions stepped per thread, at most.
+const MAX_STEP_OUT_INSNS: usize = 64;
+
+/// Single-steps thread `tid` until its ip is outside every range. Gives up (false) at a
+/// `syscall` or `call` (the thread could block, or go deeper) or after a few instructions.
+fn step_out(t: &mut Tracee, tid: i32, ranges: &[CodeRange]) -> Result<bool, Error> {
+    for _ in 0..MAX_STEP_OUT_INSNS {
+        let rip = t.regs(tid)?.rip;
+        if !ranges.iter().any(|r| r.contains(rip)) {
+            return Ok(true);
+        }
+        let mut insn = [0u8; 2];
+        t.mem().read(rip, &mut insn)?;
+        let is_syscall = insn == [0x0f, 0x05];
+        let is_call = insn[0] == 0xe8 || (insn[0] == 0xff && (insn[1] >> 3) & 7 == 2);
+        if is_syscall || is_call {
+            return Ok(false);
+        }
+        t.single_step(tid)?;
+    }
+    Ok(false)
 }
 
 /// All threads are stopped: write every plan's bytes (the syncs are implied: no thread runs,
@@ -248,6 +291,7 @@ fn nonstop_steps(
         .max()
         .unwrap_or(0);
     let mut committed = false;
+    let mut settled = false;
     for i in 0..max_steps {
         let mut sync = false;
         for s in sites {
@@ -271,6 +315,18 @@ fn nonstop_steps(
             t.sync_cores()?;
             t.resume_all()?;
             t.poll_events()?;
+            if !settled {
+                // Every int3 is in place and seen: no thread can enter a site any more. One
+                // that was already past an int3, inside the instructions the tail will
+                // overwrite, must leave them first.
+                let inside: Vec<CodeRange> = sites
+                    .iter()
+                    .filter(|s| s.plan.len() > 1)
+                    .map(|s| CodeRange::new(s.plan.addr() + 1, s.plan.addr() + s.plan.len() as u64))
+                    .collect();
+                wait_threads_outside(t, &inside, None, Duration::from_secs(2))?;
+                settled = true;
+            }
         }
     }
     if !committed {
@@ -323,4 +379,55 @@ fn drain_traps(t: &mut Tracee) -> Result<(), Error> {
         }
         std::thread::sleep(Duration::from_micros(50));
     }
+}
+
+/// Checks the threads one at a time (each stopped only for its own check) until none of them
+/// executes in `ranges` — nor, when an unwinder is given, will return into them. Threads found
+/// outside stay outside: the caller has already made the ranges unreachable.
+pub(crate) fn wait_threads_outside(
+    t: &mut Tracee,
+    ranges: &[CodeRange],
+    mut unwinder: Option<&mut crate::unwind::Unwinder>,
+    timeout: Duration,
+) -> Result<(), Error> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + timeout;
+    let mut pending = t.threads();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for tid in pending {
+            if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
+                continue; // exited meanwhile
+            }
+            let regs = t.regs(tid)?;
+            let mut addrs = vec![regs.rip];
+            if let Some(u) = unwinder.as_deref_mut() {
+                let bt = u.unwind(
+                    &crate::unwind::Registers::from_user_regs(&regs),
+                    t.mem(),
+                    512,
+                );
+                addrs.extend(bt.return_addresses);
+            }
+            t.resume_thread(tid)?;
+            t.poll_events()?;
+            if addrs.iter().any(|a| ranges.iter().any(|r| r.contains(*a))) {
+                still.push(tid);
+            }
+        }
+        if !still.is_empty() {
+            if Instant::now() > deadline {
+                return Err(Error::Busy {
+                    tid: still[0] as u32,
+                    function: "the code being switched".into(),
+                    waited_ms: timeout.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        pending = still;
+    }
+    Ok(())
 }

@@ -68,9 +68,8 @@ impl ProcessError {
     pub(crate) fn from_ptrace(op: &'static str, pid: i32, tid: i32, err: io::Error) -> Self {
         match err.raw_os_error() {
             Some(libc::EPERM) => ProcessError::Permission(pid),
-            Some(libc::ESRCH) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-                ProcessError::NoSuchProcess(pid)
-            }
+            // The thread vanished under us: the process was killed or exited.
+            Some(libc::ESRCH) if super::is_gone_or_zombie(pid) => ProcessError::Exited(pid),
             _ => ProcessError::Ptrace { op, tid, err },
         }
     }

@@ -42,6 +42,7 @@ pub struct Tracee {
     /// Number of int3 traps redirected by the hook (for reporting).
     pub traps_handled: usize,
     detached: bool,
+    release_on_drop: bool,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -95,6 +96,7 @@ impl Tracee {
             trap_hook: None,
             traps_handled: 0,
             detached: false,
+            release_on_drop: false,
         };
         while t.seize_new()? > 0 {}
         if t.threads.is_empty() {
@@ -383,10 +385,11 @@ impl Tracee {
     }
 
     fn run_syscall_on(&mut self, tid: i32, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
-        let saved = self.regs(tid)?;
+        let mut saved = self.regs(tid)?;
         self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
-        let stepped = self.step_past(tid, insn);
-        // Restore whatever happened: the thread must continue exactly where it was.
+        let stepped = self.step_past(tid, insn, &mut saved);
+        // Restore whatever happened: the thread must continue exactly where it was (or where
+        // a trap it took meanwhile sends it).
         let after = stepped.and_then(|()| self.regs(tid));
         if self.threads.contains_key(&tid) {
             self.set_regs(tid, &saved)?;
@@ -394,8 +397,34 @@ impl Tracee {
         Ok(after?.rax as i64)
     }
 
-    /// Single-steps `tid` until it has executed the `syscall` instruction at `insn`.
-    fn step_past(&mut self, tid: i32, insn: u64) -> Result<()> {
+    /// Executes one instruction of the stopped thread `tid` (it stays stopped). Used with no
+    /// int3 of ours in place (stop mode): a SIGTRAP the thread had pending is kept for later.
+    pub fn single_step(&mut self, tid: i32) -> Result<()> {
+        let before = self.regs(tid)?.rip;
+        loop {
+            ptrace::single_step(tid)
+                .map_err(|e| ProcessError::from_ptrace("SINGLESTEP", self.pid, tid, e))?;
+            match self.wait_for(tid)? {
+                WaitStatus::Signal(libc::SIGTRAP) if self.regs(tid)?.rip != before => return Ok(()),
+                WaitStatus::Signal(sig) => {
+                    if let Some(t) = self.threads.get_mut(&tid) {
+                        t.deferred.push(sig);
+                    }
+                }
+                WaitStatus::Gone => {
+                    self.thread_gone(tid)?;
+                    return Err(ProcessError::Exited(self.pid));
+                }
+                WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {}
+            }
+        }
+    }
+
+    /// Single-steps `tid` until it has executed the `syscall` instruction at `insn`. A signal
+    /// that was pending on the thread is delivered before the step: it belongs to the thread's
+    /// own context `saved`. A SIGTRAP of one of our int3 sites is redirected there (the thread
+    /// took the trap before we borrowed it); any other signal is kept for later delivery.
+    fn step_past(&mut self, tid: i32, insn: u64, saved: &mut Regs) -> Result<()> {
         loop {
             ptrace::single_step(tid)
                 .map_err(|e| ProcessError::from_ptrace("SINGLESTEP", self.pid, tid, e))?;
@@ -414,6 +443,22 @@ impl Tracee {
                                 insn + 2
                             ),
                         });
+                    }
+                    // Not our step: a SIGTRAP the thread had pending.
+                    let dest = self
+                        .trap_hook
+                        .as_mut()
+                        .and_then(|hook| hook(saved.rip.wrapping_sub(1)));
+                    match dest {
+                        Some(d) => {
+                            saved.rip = d;
+                            self.traps_handled += 1;
+                        }
+                        None => {
+                            if let Some(t) = self.threads.get_mut(&tid) {
+                                t.deferred.push(libc::SIGTRAP);
+                            }
+                        }
                     }
                 }
                 // A signal arrived before our instruction ran: keep it for later.
@@ -544,6 +589,51 @@ impl Tracee {
         self.detach_all()
     }
 
+    /// Lets every thread go without stopping the running ones again: stopped threads are
+    /// detached where they are; running threads stay traced until the calling thread exits,
+    /// when the kernel detaches them (exit_ptrace). Only for a thread that exits right after:
+    /// see [`with_tracer_thread`]. Much faster than [`Tracee::detach`] on a busy process,
+    /// whose running threads would each have to be stopped first.
+    pub fn release(mut self) -> Result<()> {
+        self.release_all()
+    }
+
+    /// Makes dropping this tracee [`Tracee::release`] it instead of detaching (for use inside
+    /// [`with_tracer_thread`]).
+    pub fn release_on_drop(&mut self) {
+        self.release_on_drop = true;
+    }
+
+    fn release_all(&mut self) -> Result<()> {
+        if self.detached {
+            return Ok(());
+        }
+        self.detached = true;
+        let mut first_err = None;
+        for tid in self.threads() {
+            let Some(t) = self.threads.get_mut(&tid) else {
+                continue;
+            };
+            let deferred = std::mem::take(&mut t.deferred);
+            for s in deferred {
+                // SAFETY: tgkill only sends a signal to a thread of the target.
+                unsafe {
+                    libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
+                }
+            }
+            if t.stopped {
+                if let Err(e) = ptrace::detach(tid, 0) {
+                    if e.raw_os_error() != Some(libc::ESRCH) {
+                        first_err
+                            .get_or_insert(ProcessError::from_ptrace("DETACH", self.pid, tid, e));
+                    }
+                }
+            }
+        }
+        self.threads.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+
     fn detach_all(&mut self) -> Result<()> {
         if self.detached {
             return Ok(());
@@ -588,10 +678,32 @@ impl Tracee {
     }
 }
 
+/// Runs `f` (which creates, uses and releases a [`Tracee`]) on a thread of its own that exits
+/// when `f` returns, so that the kernel detaches every thread still traced by it.
+pub fn with_tracer_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("livepatch-tracer".into())
+            .spawn_scoped(s, f)
+            .expect("spawn tracer thread")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 impl Drop for Tracee {
     fn drop(&mut self) {
-        let _ = self.detach_all();
+        if self.release_on_drop {
+            let _ = self.release_all();
+        } else {
+            let _ = self.detach_all();
+        }
     }
+}
+
+/// The process no longer runs: gone, or a zombie waiting to be reaped.
+pub(crate) fn is_gone_or_zombie(pid: i32) -> bool {
+    is_zombie(pid)
 }
 
 fn is_zombie(pid: i32) -> bool {

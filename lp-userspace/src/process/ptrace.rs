@@ -75,7 +75,9 @@ pub enum WaitStatus {
 /// nothing is pending.
 pub fn wait(tid: i32, nohang: bool) -> io::Result<Option<(i32, WaitStatus)>> {
     let mut status = 0;
-    let flags = libc::__WALL | if nohang { libc::WNOHANG } else { 0 };
+    // __WNOTHREAD: only our own tracees. Without it, another thread of this process that
+    // traces another target (tests, the Python bindings) would steal our reports and we theirs.
+    let flags = libc::__WALL | libc::__WNOTHREAD | if nohang { libc::WNOHANG } else { 0 };
     loop {
         // SAFETY: `status` is a valid, writable int.
         let ret = unsafe { libc::waitpid(tid, &mut status, flags) };

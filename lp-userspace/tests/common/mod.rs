@@ -134,9 +134,20 @@ impl Target {
     /// Like [`Target::spawn`] with extra environment variables.
     pub fn spawn_env(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Target {
         let mut cmd = Command::new(exe);
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args);
+        Self::spawn_cmd(cmd, env)
+    }
+
+    /// Starts a CPU-hungry fixture at the lowest priority (`nice -n 19`, which execs it: same
+    /// pid), so that on a small machine the tool under test still gets CPU time.
+    pub fn spawn_niced(exe: &Path, args: &[&str]) -> Target {
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "19"]).arg(exe).args(args);
+        Self::spawn_cmd(cmd, &[])
+    }
+
+    fn spawn_cmd(mut cmd: Command, env: &[(&str, &str)]) -> Target {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -195,10 +206,11 @@ impl Target {
         }
     }
 
-    /// Waits for `n` more lines after now, and asserts every one satisfies `pred`
-    /// (the output is steady in this state).
+    /// Waits for `n` more lines after now, and asserts every one satisfies `pred` (the output
+    /// is steady in this state). The first line after now is skipped: it may have been
+    /// computed before the change that the caller just made.
     pub fn expect_steady(&self, n: usize, pred: impl Fn(&str) -> bool) {
-        let mark = self.count();
+        let mark = self.count() + 1;
         let deadline = Instant::now() + PATIENCE;
         while self.count() < mark + n {
             assert!(Instant::now() < deadline, "target stopped printing");
