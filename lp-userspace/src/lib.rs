@@ -14,6 +14,7 @@ pub mod process;
 pub mod revert;
 pub mod state;
 pub mod status;
+pub mod thunk;
 pub mod unwind;
 
 pub use apply::{Error, ErrorKind};

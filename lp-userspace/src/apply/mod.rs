@@ -83,7 +83,7 @@ pub struct Applied {
 }
 
 /// Bytes reserved per function for its trampoline and thunk.
-const PER_FUNCTION_EXTRA: u64 = MAX_TRAMPOLINE_LEN as u64 + 16 + 128;
+const PER_FUNCTION_EXTRA: u64 = MAX_TRAMPOLINE_LEN as u64 + 512;
 const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
@@ -280,7 +280,22 @@ fn prepare(
                 .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?,
         );
         pad16(&mut extra);
-        let via = new;
+        let new_size = image
+            .symbol_list
+            .iter()
+            .find(|s| s.addr == new && s.function)
+            .map(|s| s.size)
+            .unwrap_or(0);
+        // -fipa-ra: callers may keep values in registers the old function never writes.
+        let via = match register_thunk(f, site, &image, new, new_size, extra_addr + extra.len() as u64)? {
+            Some(thunk) => {
+                let at = extra_addr + extra.len() as u64;
+                extra.extend_from_slice(&thunk);
+                pad16(&mut extra);
+                at
+            }
+            None => new,
+        };
         let current = t.mem().read_vec(site.patch_addr, site.displaced_len)?;
         let plan = plan_apply(site, &current, via)
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
@@ -304,12 +319,6 @@ fn prepare(
                 name: format!("{} (previous patch)", f.old_name),
             });
         }
-        let new_size = image
-            .symbol_list
-            .iter()
-            .find(|s| s.addr == new && s.function)
-            .map(|s| s.size)
-            .unwrap_or(1);
         functions.push(AppliedFunction {
             name: f.old_name.clone(),
             old: site.entry,
@@ -345,6 +354,34 @@ fn prepare(
         t.mem().write(s.plan.addr(), &cur)?;
     }
     Ok((switches, busy, functions))
+}
+
+/// A thunk preserving the registers the new version may change and the old one did not
+/// (lp-core's clobber analysis of both), or `None` when the new version changes no more.
+fn register_thunk(
+    f: &crate::patchfile::FunctionPatch,
+    site: &Site,
+    image: &crate::link::LinkedImage,
+    new: u64,
+    new_size: u64,
+    at: u64,
+) -> Result<Option<Vec<u8>>, Error> {
+    use lp_core::clobber::{clobbered_registers, SYSV_CALLER_SAVED};
+    let old = clobbered_registers(&f.old_bytes, site.entry).unwrap_or(SYSV_CALLER_SAVED);
+    let off = (new - image.load_addr) as usize;
+    let new_regs = image
+        .bytes
+        .get(off..off + new_size as usize)
+        .filter(|b| !b.is_empty())
+        .and_then(|b| clobbered_registers(b, new).ok())
+        .unwrap_or(SYSV_CALLER_SAVED);
+    let extra = crate::thunk::extra_clobbers(old, new_regs);
+    if extra.is_empty() {
+        return Ok(None);
+    }
+    crate::thunk::build(at, new, extra)
+        .map(Some)
+        .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))
 }
 
 fn pad16(v: &mut Vec<u8>) {
