@@ -146,7 +146,7 @@ fn revert_here(
     let free = match mode {
         Mode::Stop => true,
         Mode::Nonstop => {
-            let mut u = crate::unwind::Unwinder::for_process(pid)?;
+            let mut u = crate::apply::unwinder(pid)?;
             switch::wait_threads_outside(&mut t, &area, Some(&mut u), timeout).is_ok()
         }
     };

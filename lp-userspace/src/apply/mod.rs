@@ -12,12 +12,14 @@
 //! Any failure after step 2 began unmaps the patch memory: the target is left as it was.
 
 mod error;
+mod modules;
 mod stacks;
 pub(crate) mod switch;
 pub(crate) mod target;
 
 pub use error::{Error, ErrorKind};
 pub use switch::{Mode, SwitchStats};
+pub(crate) use modules::unwinder;
 
 use crate::link::{Layout, Protection};
 use crate::patchfile::Patch;

@@ -113,7 +113,7 @@ fn stop_mode(
 ) -> Result<SwitchStats, Error> {
     let ranges: Vec<CodeRange> = busy.iter().map(|b| b.range).collect();
     // CFI of every module is read now, while threads still run.
-    let mut unwinder = crate::unwind::Unwinder::for_process(t.pid())?;
+    let mut unwinder = super::modules::unwinder(t.pid())?;
     let start = Instant::now();
     let mut delay = Duration::from_micros(500);
     let mut stats = SwitchStats::default();

@@ -8,12 +8,13 @@ use crate::patchfile::Patch;
 use crate::process::Memory;
 use crate::state::State;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The patch's target module as loaded in the process.
 pub(crate) struct LoadedTarget {
     pub mappings: Vec<Mapping>,
     pub module: MappedModule,
-    pub elf: Module,
+    pub elf: Arc<Module>,
     pub bias: u64,
 }
 
@@ -29,7 +30,7 @@ pub(crate) fn locate(pid: i32, patch: &Patch) -> Result<LoadedTarget, Error> {
             ))
         })?
         .clone();
-    let elf = Module::open(&module.open_path(pid))?;
+    let elf = super::modules::open(&module.open_path(pid))?;
     let found = elf.build_id_hex().unwrap_or_else(|| "none".into());
     let want = patch.target_build_id_hex();
     if elf.build_id() != Some(&patch.target_build_id[..]) {
@@ -98,7 +99,7 @@ pub(crate) fn top_redirect(state: &State, old: u64) -> Option<&crate::state::App
 pub(crate) struct Resolver<'a> {
     target_bias: u64,
     target: &'a Module,
-    others: Vec<(u64, Module)>,
+    others: Vec<(u64, Arc<Module>)>,
     /// Replaced function name → its old entry (which jumps to the newest version).
     replaced: HashMap<String, u64>,
 }
@@ -109,18 +110,11 @@ impl<'a> Resolver<'a> {
         target: &'a LoadedTarget,
         patch: &Patch,
     ) -> Result<Resolver<'a>, Error> {
-        let mut others = Vec::new();
-        for m in maps::modules(&target.mappings) {
-            if m.path == target.module.path || m.path.starts_with("/memfd:") {
-                continue;
-            }
-            let Ok(elf) = Module::open(&m.open_path(pid)) else {
-                continue;
-            };
-            if let Some(bias) = m.load_bias(&elf) {
-                others.push((bias, elf));
-            }
-        }
+        let others = super::modules::loaded(pid, &target.mappings)
+            .into_iter()
+            .filter(|(m, _, _)| m.path != target.module.path)
+            .map(|(_, elf, bias)| (bias, elf))
+            .collect();
         let replaced = patch
             .functions
             .iter()
