@@ -390,6 +390,9 @@ impl Unwinder {
             stop: StopReason::End,
         };
         let mut regs = *regs;
+        // Stack reads come in small pieces close together: fetch them by blocks (one syscall
+        // for several frames instead of one per saved register).
+        let mem = &BlockCache::new(mem);
         let mut pc = ip;
         // In the innermost frame (and after a signal frame) pc is the interrupted instruction;
         // elsewhere it is a return address, which may lie past the end of the caller's FDE.
@@ -440,6 +443,49 @@ impl Unwinder {
                 }
             }
         }
+    }
+}
+
+/// Reads through `inner` in aligned blocks, remembering the last few.
+struct BlockCache<'a> {
+    inner: &'a dyn MemoryReader,
+    blocks: std::cell::RefCell<Vec<(u64, Box<[u8; BLOCK]>)>>,
+}
+
+const BLOCK: usize = 512;
+
+impl<'a> BlockCache<'a> {
+    fn new(inner: &'a dyn MemoryReader) -> Self {
+        BlockCache {
+            inner,
+            blocks: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl MemoryReader for BlockCache<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        let base = addr & !(BLOCK as u64 - 1);
+        let off = (addr - base) as usize;
+        if off + buf.len() > BLOCK {
+            return self.inner.read(addr, buf); // straddles blocks: rare, read directly
+        }
+        let mut blocks = self.blocks.borrow_mut();
+        if let Some((_, b)) = blocks.iter().find(|(a, _)| *a == base) {
+            buf.copy_from_slice(&b[off..off + buf.len()]);
+            return Ok(());
+        }
+        let mut block = Box::new([0u8; BLOCK]);
+        if self.inner.read(base, &mut block[..]).is_err() {
+            // The block may cross into an unmapped page: read just what was asked.
+            return self.inner.read(addr, buf);
+        }
+        buf.copy_from_slice(&block[off..off + buf.len()]);
+        if blocks.len() >= 16 {
+            blocks.remove(0);
+        }
+        blocks.push((base, block));
+        Ok(())
     }
 }
 
