@@ -208,11 +208,14 @@ impl<'a> SymbolSpec<'a> {
     pub fn parse(spec: &'a str) -> Result<Self, LookupError> {
         let bad = || LookupError::BadSpec(spec.to_string());
         if let Some((name, pos)) = spec.rsplit_once(',') {
-            let n: usize = pos.trim().parse().map_err(|_| bad())?;
-            if n == 0 || name.is_empty() {
-                return Err(bad());
+            match pos.trim().parse::<usize>() {
+                Ok(n) if n > 0 && !name.is_empty() && !name.contains('@') => {
+                    return Ok(SymbolSpec::Position(name, n));
+                }
+                // `name@dir,with,commas/file.c` is a file name, not a position.
+                Err(_) if spec.contains('@') => {}
+                _ => return Err(bad()),
             }
-            return Ok(SymbolSpec::Position(name, n));
         }
         if let Some((name, file)) = spec.split_once('@') {
             if name.is_empty() || file.is_empty() {

@@ -222,3 +222,27 @@ fn elf_cold_parts_and_gcc_clones() {
     let clone = m.clones_of("scale").remove(0);
     assert!(m.lookup(&clone).is_ok(), "the clone itself can be named");
 }
+
+#[test]
+fn elf_symbol_spec_syntax() {
+    use lp_userspace::elf::SymbolSpec;
+    assert_eq!(SymbolSpec::parse("f").unwrap(), SymbolSpec::Name("f"));
+    assert_eq!(
+        SymbolSpec::parse("f@a.c").unwrap(),
+        SymbolSpec::InFile("f", "a.c")
+    );
+    assert_eq!(
+        SymbolSpec::parse("f@src/a,b.c").unwrap(),
+        SymbolSpec::InFile("f", "src/a,b.c")
+    );
+    assert_eq!(
+        SymbolSpec::parse("f,2").unwrap(),
+        SymbolSpec::Position("f", 2)
+    );
+    for bad in ["", "f,0", ",1", "f,x", "@a.c", "f@", "f@a.c,2"] {
+        assert!(
+            matches!(SymbolSpec::parse(bad), Err(LookupError::BadSpec(_))),
+            "`{bad}` must be refused"
+        );
+    }
+}
