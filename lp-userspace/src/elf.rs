@@ -745,6 +745,29 @@ impl Module {
     }
 }
 
+/// The address a running process uses for imported symbol `name`, read from the GOT slot of the
+/// first module (with its load bias) that imports it. This is how an `STT_GNU_IFUNC` such as
+/// libc's `strlen` resolves to the implementation the dynamic linker picked, instead of its
+/// resolver function. `None` when no module imports it or the slot cannot be read.
+pub fn resolve_import<'m>(
+    modules: impl IntoIterator<Item = (u64, &'m Module)>,
+    name: &str,
+    mem: &dyn crate::unwind::MemoryReader,
+) -> Option<u64> {
+    for (bias, m) in modules {
+        if let Some(slot) = m.import_slot(name) {
+            let mut b = [0u8; 8];
+            if mem.read(bias.wrapping_add(slot), &mut b).is_ok() {
+                let v = u64::from_le_bytes(b);
+                if v != 0 {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Positions (`name,N`): order of appearance among symbols of the same name.
 fn number_positions(symbols: &mut [Symbol]) {
     let mut counts: std::collections::HashMap<String, usize> = Default::default();

@@ -194,6 +194,16 @@ fn elf_load_bias_from_maps_matches_a_running_process() {
         libc.exec_ranges().any(|(s, e)| chosen >= s && chosen < e),
         "{chosen:x}"
     );
+    let mem = lp_userspace::unwind::ProcMemory::open(pid).unwrap();
+    let modules = [(bias, &module), (libc_bias, &libc_elf)];
+    assert_eq!(
+        lp_userspace::elf::resolve_import(modules, "strlen", &mem),
+        Some(chosen)
+    );
+    assert_eq!(
+        lp_userspace::elf::resolve_import(modules, "not_imported", &mem),
+        None
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
