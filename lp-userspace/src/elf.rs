@@ -440,7 +440,11 @@ impl Module {
         for s in elf.syms.iter() {
             let ty = s.st_type();
             if ty == sym::STT_FILE {
-                current_file = elf.strtab.get_at(s.st_name).map(str::to_string);
+                current_file = elf
+                    .strtab
+                    .get_at(s.st_name)
+                    .filter(|f| !f.is_empty())
+                    .map(str::to_string);
                 continue;
             }
             let bind = s.st_bind();

@@ -76,6 +76,9 @@ fn elf_static_duplicates_are_ambiguous_and_resolved_by_file_or_position() {
     assert!(counter.local && counter.kind == SymbolKind::Object);
     assert_eq!(counter.file.as_deref(), Some("dup_a.c"));
     assert!(m.symbols().iter().any(|s| s.name == "main"));
+    // The linker's own locals follow an empty STT_FILE: they have no source file.
+    let dynamic = m.symbols().iter().find(|s| s.name == "_DYNAMIC").unwrap();
+    assert_eq!(dynamic.file, None);
 
     // The bytes recorded for a function are the file's bytes: compare with objdump's view.
     let bytes = m.bytes_at(compute.value, compute.size).unwrap();
