@@ -103,3 +103,97 @@ fn elf_maps_deleted_executable_opens_through_map_files() {
     child.wait().unwrap();
     assert!(maps::read(i32::MAX).is_err());
 }
+
+/// Random address spaces (a fixed-seed generator, so failures reproduce): whatever
+/// `find_free_near` returns is free, page aligned, a page away from every mapping and within
+/// rel32 reach of the whole module; when it returns nothing, no page-aligned hole near the module
+/// qualifies (checked against a brute force over candidate starts at every gap boundary).
+#[test]
+fn elf_maps_free_range_properties_on_random_layouts() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    const PAGE: u64 = 0x1000;
+    const REACH: u64 = 1 << 31;
+    let m = |start: u64, end: u64| Mapping {
+        start,
+        end,
+        read: true,
+        write: false,
+        exec: false,
+        shared: false,
+        offset: 0,
+        dev: "0:0".into(),
+        inode: 0,
+        path: None,
+        deleted: false,
+    };
+    let (mut found, mut none) = (0, 0);
+    for round in 0..300 {
+        // A module somewhere, and mappings dense around it (sometimes leaving no room).
+        let lo = (0x5555_0000_0000 + (next() % 0x1000_0000)) & !(PAGE - 1);
+        let hi = lo + PAGE * (1 + next() % 64);
+        let mut maps = vec![m(lo, hi)];
+        let spread = if round % 3 == 0 {
+            REACH * 2
+        } else {
+            REACH / 64
+        };
+        for _ in 0..(next() % 40) {
+            let center = lo - spread / 2 + next() % spread;
+            let start = center & !(PAGE - 1);
+            let len = PAGE * (1 + next() % (if round % 5 == 0 { 1 << 20 } else { 64 }));
+            maps.push(m(start, start + len));
+        }
+        if round % 4 == 0 {
+            // Everything in reach taken but one small hole below the module.
+            let gap = PAGE * (16 + next() % 64);
+            let hole = PAGE * (next() % 8);
+            maps = vec![
+                m(lo, hi),
+                m(hi, hi + REACH + PAGE),
+                m(lo - REACH - 16 * PAGE, lo - gap),
+                m(lo - gap + hole, lo),
+            ];
+        }
+        maps.sort_by_key(|x| x.start);
+        let size = PAGE * (1 + next() % 8);
+        let ok = |a: u64| {
+            a % PAGE == 0
+                && maps
+                    .iter()
+                    .all(|x| a + size + PAGE <= x.start || a >= x.end + PAGE)
+                && (a + size).max(hi) - a.min(lo) <= REACH
+        };
+        match find_free_near(&maps, lo, hi, size) {
+            Some(a) => {
+                assert!(ok(a), "round {round}: 0x{a:x} is not a valid place");
+                found += 1;
+            }
+            None => {
+                none += 1;
+                // Every valid placement can be slid to touch a guard boundary or a window edge.
+                let mut candidates = vec![
+                    hi.saturating_sub(REACH).div_ceil(PAGE) * PAGE,
+                    (lo + REACH - size) & !(PAGE - 1),
+                ];
+                for x in &maps {
+                    candidates.push(x.end + PAGE);
+                    candidates.push(x.start.saturating_sub(PAGE + size));
+                }
+                assert!(
+                    !candidates.into_iter().any(ok),
+                    "round {round}: a hole was missed"
+                );
+            }
+        }
+    }
+    assert!(
+        found > 0 && none > 0,
+        "both outcomes exercised: {found} found, {none} none"
+    );
+}
