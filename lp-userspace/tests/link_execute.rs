@@ -339,3 +339,37 @@ fn link_executes_no_plt_calls_relaxed_near_and_through_the_got_far() {
         far_image.relaxed
     );
 }
+
+#[test]
+fn link_unknown_relocation_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut obj = std::fs::read(support::object(dir.path(), "patch_obj.c", "p.o", &[])).unwrap();
+    // Rewrite the type of the first relocation of .rela.text to 23 (R_X86_64_TPOFF32, a TLS
+    // relocation gcc emits only for thread-local variables).
+    let (offset, name) = {
+        let elf = goblin::elf::Elf::parse(&obj).unwrap();
+        let sh = elf
+            .section_headers
+            .iter()
+            .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(".rela.text"))
+            .unwrap();
+        (sh.sh_offset as usize, ".text")
+    };
+    // Elf64_Rela: r_offset (8), r_info (8: type in the low 32 bits), r_addend (8).
+    obj[offset + 8..offset + 12].copy_from_slice(&23u32.to_le_bytes());
+    let err = Layout::of(&obj).unwrap_err();
+    match &err {
+        LinkError::UnsupportedRelocation {
+            code,
+            section,
+            kind,
+            ..
+        } => {
+            assert_eq!(*code, 23);
+            assert_eq!(section, name);
+            assert!(kind.contains("TPOFF32"), "{kind}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("unsupported relocation"), "{err}");
+}
