@@ -1,2 +1,243 @@
-// Placeholder until the benchmark is written.
-fn main() {}
+//! Process patching benchmark (harness = false; prints figures).
+//!
+//! (a) the longest stall a running thread sees while a 10-function patch is applied to an
+//!     8-thread process, per mode (the target's threads record the largest gap between two
+//!     iterations of their loop with clock_gettime; each iteration calls the 10 functions and
+//!     sleeps 50 µs, so the baseline gap is the sleep plus scheduling noise, shown alongside);
+//! (b) calls per second of a patched function / of the original (same code, reached through
+//!     the redirect);
+//! (c) wall time of apply and of revert (library calls, module cache warm), per mode.
+//!
+//! Run: `cargo bench -p lp-benches --bench process_patch` (root; gcc needed).
+
+use lp_userspace::apply::{apply, ApplyOptions, Mode};
+use lp_userspace::patchfile::Patch;
+use lp_userspace::revert::revert;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FUNCS: &str = r#"
+#define F(n) int __attribute__((noipa)) f##n(int x) { int r = x + n; if (x > 1000000) r = x * 3; return r; }
+F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7) F(8) F(9)
+"#;
+
+const TARGET: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+#include "funcs.h"
+static volatile int epoch;          /* bumped by SIGUSR1: start a new measurement window */
+static volatile sig_atomic_t report; /* set by SIGUSR2: print the window's largest gap */
+static long max_gap[64];
+static int seen[64];
+static long now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
+static void *worker(void *arg) {
+    long id = (long)arg; long last = now_ns(); unsigned acc = 0;
+    struct timespec pause = {0, 50000};
+    prctl(PR_SET_TIMERSLACK, 1);
+    for (;;) {
+        acc += f0(1) + f1(1) + f2(1) + f3(1) + f4(1) + f5(1) + f6(1) + f7(1) + f8(1) + f9(1);
+        if (acc == 7) puts("");
+        nanosleep(&pause, NULL);
+        long t = now_ns(), gap = t - last; last = t;
+        int e = epoch;
+        if (seen[id] != e) { seen[id] = e; max_gap[id] = 0; }
+        if (gap > max_gap[id]) max_gap[id] = gap;
+    }
+    return NULL;
+}
+static void on_usr1(int s) { (void)s; epoch++; }
+static void on_usr2(int s) { (void)s; report = 1; }
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc > 1 && !strcmp(argv[1], "throughput")) {
+        /* calls of f0 per second, one thread */
+        printf("ready %d\n", getpid());
+        for (;;) {
+            long start = now_ns(), n = 0; unsigned acc = 0;
+            while (now_ns() - start < 200000000L) { for (int i = 0; i < 1000; i++) acc += f0(i); n += 1000; }
+            printf("calls %ld %u\n", n * 5, acc & 1);
+        }
+    }
+    int threads = argc > 1 ? atoi(argv[1]) : 8;
+    signal(SIGUSR1, on_usr1); signal(SIGUSR2, on_usr2);
+    pthread_t t;
+    for (long i = 0; i < threads; i++) pthread_create(&t, NULL, worker, (void *)i);
+    printf("ready %d\n", getpid());
+    for (;;) {
+        usleep(1000);
+        if (report) {
+            report = 0; long m = 0;
+            for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_gap[i] > m) m = max_gap[i];
+            printf("gap %ld\n", m);
+        }
+    }
+}
+"#;
+
+fn gcc(args: &[&str]) {
+    let out = Command::new("gcc").args(args).output().expect("gcc");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+struct Target {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Target {
+    fn start(exe: &Path, args: &[&str]) -> Target {
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "{line}");
+        Target { child, out }
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} failed");
+    }
+    /// The largest loop gap (µs) seen by any thread while `f` runs.
+    fn gap_during(&mut self, f: impl FnOnce()) -> f64 {
+        self.signal("-USR1");
+        std::thread::sleep(Duration::from_millis(5));
+        f();
+        std::thread::sleep(Duration::from_millis(5));
+        self.signal("-USR2");
+        let l = self.line();
+        l.strip_prefix("gap ").unwrap().parse::<f64>().unwrap() / 1000.0
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().cloned().fold(0.0, f64::max)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let dir: PathBuf = std::env::temp_dir().join(format!("lp-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("funcs.h"), FUNCS).unwrap();
+    std::fs::write(dir.join("target.c"), TARGET).unwrap();
+    std::fs::write(dir.join("new.c"), FUNCS.replace("__attribute__((noipa)) ", "")).unwrap();
+    let d = |n: &str| dir.join(n).display().to_string();
+    gcc(&["-O2", "-pthread", &d("target.c"), "-o", &d("target")]);
+    gcc(&["-O2", "-c", "-fPIC", &d("new.c"), "-o", &d("new.o")]);
+    let patch: Patch = lp_userspace::pack::pack(&dir.join("target"), &dir.join("new.o"), &[]).unwrap();
+    assert_eq!(patch.functions.len(), 10);
+    let rounds = 30;
+    println!("process_patch: 10-function patch, 8-thread target, {rounds} rounds per mode");
+
+    // (a) + (c)
+    let mut t = Target::start(&dir.join("target"), &["8"]);
+    let baseline: Vec<f64> = (0..rounds)
+        .map(|_| t.gap_during(|| std::thread::sleep(Duration::from_millis(3))))
+        .collect();
+    println!(
+        "  baseline (no patching): largest loop gap median {:.0} us, max {:.0} us",
+        median(baseline.clone()),
+        max(&baseline)
+    );
+    for mode in [Mode::Stop, Mode::Nonstop] {
+        let opts = ApplyOptions {
+            mode,
+            timeout: Duration::from_secs(10),
+        };
+        // Warm the module cache (first apply parses libc and the target).
+        apply(t.pid(), &patch, opts).unwrap();
+        revert(t.pid(), None, mode, opts.timeout).unwrap();
+        let (mut gaps, mut rgaps, mut apply_ms, mut revert_ms, mut stalls) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            let pid = t.pid();
+            gaps.push(t.gap_during(|| {
+                let s = Instant::now();
+                let a = apply(pid, &patch, opts).unwrap();
+                apply_ms.push(s.elapsed().as_secs_f64() * 1e3);
+                stalls.push(a.stats.stall_us as f64);
+            }));
+            rgaps.push(t.gap_during(|| {
+                let s = Instant::now();
+                revert(pid, None, mode, opts.timeout).unwrap();
+                revert_ms.push(s.elapsed().as_secs_f64() * 1e3);
+            }));
+        }
+        println!("  mode {mode}:");
+        println!(
+            "    (a) largest loop gap during apply: median {:.0} us, max {:.0} us; during revert: median {:.0} us (tool-measured {}: median {:.0} us)",
+            median(gaps.clone()),
+            max(&gaps),
+            median(rgaps),
+            if mode == Mode::Stop { "stop window" } else { "pause" },
+            median(stalls)
+        );
+        println!(
+            "    (c) apply wall time median {:.2} ms, revert median {:.2} ms",
+            median(apply_ms),
+            median(revert_ms)
+        );
+    }
+    drop(t);
+
+    // (b)
+    let mut t = Target::start(&dir.join("target"), &["throughput"]);
+    let mut sample = |t: &mut Target| -> f64 {
+        (0..5)
+            .map(|_| {
+                let l = t.line();
+                l.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap()
+            })
+            .fold(0.0, f64::max)
+    };
+    let _ = sample(&mut t);
+    let original = sample(&mut t);
+    apply(t.pid(), &patch, ApplyOptions::default()).unwrap();
+    let _ = t.line();
+    let patched = sample(&mut t);
+    println!(
+        "  (b) f0 calls/s: original {:.3e}, patched {:.3e}, ratio {:.3}",
+        original,
+        patched,
+        patched / original
+    );
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -365,20 +365,32 @@ fn commit_all(
     Ok(())
 }
 
-/// After the last sync, a thread may still be between an int3 it hit and the report of its
-/// SIGTRAP: sync once more, then handle reports until no thread has a SIGTRAP pending.
+/// After the last sync no thread can hit one of our int3s any more, but one may still be
+/// between an int3 it hit and the report of its SIGTRAP; letting go of it then would deliver
+/// the SIGTRAP and kill the process. So each thread in turn is stopped (a trap report in
+/// flight arrives first and is redirected), checked for a queued SIGTRAP (resumed and stopped
+/// again until it has none), and resumed: one short pause per thread, never all at once.
 fn drain_traps(t: &mut Tracee) -> Result<(), Error> {
     t.sync_cores()?;
     t.resume_all()?;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        t.poll_events()?;
-        let pending = t.threads().into_iter().any(|tid| t.sigtrap_pending(tid));
-        if !pending || Instant::now() > deadline {
-            return Ok(());
+    t.poll_events()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for tid in t.threads() {
+        loop {
+            if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
+                break; // exited meanwhile
+            }
+            let pending = t.sigtrap_pending(tid);
+            t.resume_thread(tid)?;
+            if !pending || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+            t.poll_events()?;
         }
-        std::thread::sleep(Duration::from_micros(50));
     }
+    t.poll_events()?;
+    Ok(())
 }
 
 /// Checks the threads one at a time (each stopped only for its own check) until none of them
