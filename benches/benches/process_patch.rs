@@ -219,7 +219,7 @@ fn main() {
 
     // (b)
     let mut t = Target::start(&dir.join("target"), &["throughput"]);
-    let mut sample = |t: &mut Target| -> f64 {
+    let sample = |t: &mut Target| -> f64 {
         (0..5)
             .map(|_| {
                 let l = t.line();
