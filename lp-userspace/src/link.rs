@@ -575,6 +575,24 @@ impl Layout {
             .collect()
     }
 
+    /// Names of the data objects the object defines in writable memory (`.data`, `.bss`):
+    /// new state that starts from its initial value, not from the running program's.
+    pub fn defined_writable_objects(&self) -> Vec<String> {
+        let Ok(elf) = Elf::parse(&self.object) else {
+            return Vec::new();
+        };
+        elf.syms
+            .iter()
+            .filter(|s| s.st_type() == sym::STT_OBJECT && !is_undefined(s))
+            .filter(|s| {
+                self.by_shndx
+                    .get(&s.st_shndx)
+                    .is_some_and(|&i| matches!(self.placed[i].kind, Kind::Data | Kind::Bss))
+            })
+            .map(|s| symbol_name(&elf, &s))
+            .collect()
+    }
+
     /// Links the image to run at `load_addr` (page aligned). `resolver` gives the runtime
     /// address of each undefined symbol (called once per symbol).
     pub fn link(

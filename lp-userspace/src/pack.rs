@@ -7,6 +7,9 @@
 //!   candidates and says how to pick one with `--replace`);
 //! - with `--replace OLD[=NEW]` (repeatable): exactly the pairs given. `OLD` is a specification in
 //!   the target (`name`, `name@file.c`, `name,N`); `NEW` defaults to OLD's bare name.
+//!
+//! Refused as well: writable data of the object named like data of the target (the new code
+//! would get a fresh copy of state the running program keeps elsewhere).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -78,6 +81,10 @@ pub enum PackError {
     /// A default (same-name) replacement whose name is ambiguous in the target.
     #[error("{0}; pick one with --replace NAME@FILE.c=NEW or --replace NAME,N=NEW")]
     AmbiguousDefault(LookupError),
+    /// The object defines writable data named like data of the target: the new code would
+    /// silently get a fresh copy instead of the running program's state.
+    #[error("the object defines writable data `{0}` like the target does: new code would get a fresh copy, not the running program's state (declare it extern; for a static of the target use an asm label, see docs/patch-format.md)")]
+    ShadowedState(String),
     /// The old symbol is not a function with a size.
     #[error("`{0}` in the target is not a function with a known size")]
     NotAFunction(String),
@@ -169,6 +176,19 @@ pub fn pack(target: &Path, object: &Path, replace: &[Replacement]) -> Result<Pat
             old_bytes: bytes.to_vec(),
             new_name,
         });
+    }
+    // A patch's own writable variable named like one of the target (`counter`, or a function's
+    // `static` `calls.0` vs `calls.1`) is almost always a bug: the new code would count from
+    // scratch while the old state lives on unseen (the classic "static locals" trap).
+    let base = |n: &str| n.split('.').next().unwrap_or(n).to_string();
+    for var in layout.defined_writable_objects() {
+        let shadows = target_mod.symbols().iter().any(|s| {
+            s.kind == SymbolKind::Object
+                && (s.name == var || (var.contains('.') && base(&s.name) == base(&var)))
+        });
+        if shadows {
+            return Err(PackError::ShadowedState(var));
+        }
     }
     let target_name = target
         .file_name()

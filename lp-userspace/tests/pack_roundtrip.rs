@@ -137,3 +137,29 @@ fn pack_shared_library_target() {
     assert_eq!(patch.target_name, "libdup.so");
     assert_eq!(patch.functions[0].old_name, "compute");
 }
+
+#[test]
+fn pack_refuses_new_copies_of_the_targets_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = support::executable(dir.path(), &["dup_a.c", "dup_b.c"], "app", &[]);
+    let shadow = support::object(dir.path(), "shadow_state.c", "shadow.o", &[]);
+    let e = pack(&exe, &shadow, &[]).unwrap_err();
+    assert!(
+        matches!(&e, PackError::ShadowedState(v) if v == "counter"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("fresh copy"), "{e}");
+
+    // Function-local statics: `calls.0` in the fix, `calls.N` in the target.
+    let app = support::executable(dir.path(), &["tally_app.c"], "tally", &[]);
+    let local = support::object(dir.path(), "static_local.c", "local.o", &[]);
+    let e = pack(&app, &local, &[]).unwrap_err();
+    assert!(
+        matches!(&e, PackError::ShadowedState(v) if v.starts_with("calls.")),
+        "{e}"
+    );
+
+    // An object without same-named state packs.
+    let new_state = support::object(dir.path(), "dup_new.c", "new.o", &[]);
+    assert!(pack(&exe, &new_state, &[]).is_ok());
+}
