@@ -163,7 +163,7 @@ fn elf_maps_free_range_properties_on_random_layouts() {
         maps.sort_by_key(|x| x.start);
         let size = PAGE * (1 + next() % 8);
         let ok = |a: u64| {
-            a % PAGE == 0
+            a.is_multiple_of(PAGE)
                 && maps
                     .iter()
                     .all(|x| a + size + PAGE <= x.start || a >= x.end + PAGE)
