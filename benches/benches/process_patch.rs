@@ -84,7 +84,11 @@ int main(int argc, char **argv) {
 
 fn gcc(args: &[&str]) {
     let out = Command::new("gcc").args(args).output().expect("gcc");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct Target {
@@ -157,11 +161,16 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("funcs.h"), FUNCS).unwrap();
     std::fs::write(dir.join("target.c"), TARGET).unwrap();
-    std::fs::write(dir.join("new.c"), FUNCS.replace("__attribute__((noipa)) ", "")).unwrap();
+    std::fs::write(
+        dir.join("new.c"),
+        FUNCS.replace("__attribute__((noipa)) ", ""),
+    )
+    .unwrap();
     let d = |n: &str| dir.join(n).display().to_string();
     gcc(&["-O2", "-pthread", &d("target.c"), "-o", &d("target")]);
     gcc(&["-O2", "-c", "-fPIC", &d("new.c"), "-o", &d("new.o")]);
-    let patch: Patch = lp_userspace::pack::pack(&dir.join("target"), &dir.join("new.o"), &[]).unwrap();
+    let patch: Patch =
+        lp_userspace::pack::pack(&dir.join("target"), &dir.join("new.o"), &[]).unwrap();
     assert_eq!(patch.functions.len(), 10);
     let rounds = 30;
     println!("process_patch: 10-function patch, 8-thread target, {rounds} rounds per mode");

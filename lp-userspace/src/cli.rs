@@ -97,6 +97,37 @@ pub enum Command {
     },
     /// Show live patching on a bundled program: before, patched, reverted.
     Demo,
+    /// Kernel live patches (see docs).
+    Kernel {
+        /// The kernel subcommand.
+        #[command(subcommand)]
+        command: KernelCommand,
+    },
+}
+
+/// `livepatch kernel ...`
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Build a kernel patch module from a C file with the new functions.
+    Pack {
+        /// The C file (with LP_PATCH_MODULE(...)).
+        source: PathBuf,
+        /// Module name (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output .ko (default: NAME.ko here).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// Kernel build directory.
+        #[arg(long)]
+        kdir: Option<PathBuf>,
+    },
+    /// Show the kernel patches applied.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -115,7 +146,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                         .map_err(|e| Error::Format(e.to_string(), ErrorKind::Other))?,
                 );
             }
-            let patch = crate::pack::pack(&target, &object, &reps).map_err(pack_error)?;
+            let patch = crate::pack::pack(&target, &object, &reps)?;
             patch.save(&output)?;
             println!(
                 "packed patch {} for {} ({} function(s): {}) into {}",
@@ -209,6 +240,27 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Demo => crate::demo::run(),
+        Command::Kernel { command } => match command {
+            KernelCommand::Pack {
+                source,
+                name,
+                output,
+                kdir,
+            } => {
+                let ko = crate::kernel::pack(&crate::kernel::PackOptions {
+                    source,
+                    name,
+                    output,
+                    kdir,
+                })?;
+                println!("packed {}", ko.display());
+                Ok(())
+            }
+            KernelCommand::Status { json } => {
+                print!("{}", crate::kernel::status(None, json)?);
+                Ok(())
+            }
+        },
     }
 }
 
@@ -220,16 +272,4 @@ fn secs(s: f64) -> Result<Duration, Error> {
         ));
     }
     Ok(Duration::from_secs_f64(s))
-}
-
-fn pack_error(e: crate::pack::PackError) -> Error {
-    use crate::pack::PackError;
-    let kind = match &e {
-        PackError::Target(crate::elf::ElfError::NotElf(_))
-        | PackError::Object(crate::elf::ElfError::NotElf(_)) => ErrorKind::NotElf,
-        PackError::Target(crate::elf::ElfError::Io { .. })
-        | PackError::Object(crate::elf::ElfError::Io { .. }) => ErrorKind::Io,
-        _ => ErrorKind::Unsupported,
-    };
-    Error::Format(e.to_string(), kind)
 }

@@ -52,7 +52,10 @@ fn gcc(args: &[&str]) -> Result<(), Error> {
     if !out.status.success() {
         return Err(Error::Other(format!(
             "gcc failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
         )));
     }
     Ok(())
@@ -117,7 +120,14 @@ pub fn run() -> Result<(), Error> {
 
     println!();
     println!("2. The fix, compiled on its own: gcc -O2 -c -fPIC fix.c -o fix.o");
-    gcc(&["-O2", "-c", "-fPIC", path_str(&fix_src), "-o", path_str(&fix_obj)])?;
+    gcc(&[
+        "-O2",
+        "-c",
+        "-fPIC",
+        path_str(&fix_src),
+        "-o",
+        path_str(&fix_obj),
+    ])?;
     println!("   livepatch pack --target service --object fix.o -o fix.lpatch");
     let patch = crate::pack::pack(&exe, &fix_obj, &[]).map_err(|e| Error::Other(e.to_string()))?;
     patch.save(&patch_file)?;
@@ -153,7 +163,10 @@ pub fn run() -> Result<(), Error> {
     println!();
     println!("5. Taking the fix back out: livepatch revert {pid}");
     let reverted = crate::revert::revert(pid, None, Mode::Stop, Duration::from_secs(5))?;
-    println!("   Reverted patch {}; the original code runs again:", reverted.id);
+    println!(
+        "   Reverted patch {}; the original code runs again:",
+        reverted.id
+    );
     service.skip_pending();
     service.show(3)?;
 

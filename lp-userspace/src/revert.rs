@@ -48,6 +48,9 @@ fn revert_here(
     timeout: Duration,
 ) -> Result<Reverted, Error> {
     let t0 = Instant::now();
+    // Attached first: the state cannot change under us (one tracer at a time).
+    let mut t = Tracee::attach(pid)?;
+    t.release_on_drop();
     let current = state::read(pid)?;
     let index =
         match id {
@@ -87,8 +90,6 @@ fn revert_here(
             )));
         }
     }
-    let mut t = Tracee::attach(pid)?;
-    t.release_on_drop();
     // Verify, before anything is written, that our redirects are still what we wrote.
     for f in &patch.functions {
         let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;

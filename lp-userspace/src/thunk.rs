@@ -29,7 +29,7 @@ pub fn savable() -> Regs {
 /// The registers a thunk must preserve: written by the new function, not by the old one, and
 /// caller-saved (callee-saved ones the new function preserves itself, by the ABI).
 pub fn extra_clobbers(old: Regs, new: Regs) -> Regs {
-    (new - old) & lp_core::clobber::SYSV_CALLER_SAVED - Regs::FLAGS
+    ((new - old) & lp_core::clobber::SYSV_CALLER_SAVED) - Regs::FLAGS
 }
 
 /// Builds the thunk placed at `at` that calls `target` preserving `save`. Refuses (with the
@@ -57,7 +57,7 @@ pub fn build(at: u64, target: u64, save: Regs) -> Result<Vec<u8>, String> {
     // At entry rsp ≡ 8 (mod 16); before our call it must be ≡ 0.
     let pushed = 8 * gprs.len() as u32;
     let mut frame = 16 * xmms.len() as u32;
-    if (8 + pushed + frame) % 16 != 0 {
+    if !(8 + pushed + frame).is_multiple_of(16) {
         frame += 8;
     }
     if frame > 0 {
@@ -69,7 +69,8 @@ pub fn build(at: u64, target: u64, save: Regs) -> Result<Vec<u8>, String> {
     }
     let after_call = at + out.len() as u64 + 5;
     let rel = target.wrapping_sub(after_call) as i64;
-    let rel = i32::try_from(rel).map_err(|_| "thunk out of reach of the new function".to_string())?;
+    let rel =
+        i32::try_from(rel).map_err(|_| "thunk out of reach of the new function".to_string())?;
     out.push(0xe8);
     out.extend_from_slice(&rel.to_le_bytes());
     for (i, &x) in xmms.iter().enumerate() {

@@ -29,9 +29,18 @@ fn e2e_caller_saved_registers_survive_replacement() {
     // register, so its loop counter, bound and sum live in caller-saved registers across
     // the call — legal only because gcc saw that twice does not write them.
     let run_loop = disassemble(&exe, "run_loop");
-    assert!(run_loop.contains("call") && run_loop.contains("<twice>"), "{run_loop}");
-    assert!(!run_loop.contains("push"), "run_loop saves registers:\n{run_loop}");
-    assert!(!run_loop.contains("(%rsp)"), "run_loop uses the stack:\n{run_loop}");
+    assert!(
+        run_loop.contains("call") && run_loop.contains("<twice>"),
+        "{run_loop}"
+    );
+    assert!(
+        !run_loop.contains("push"),
+        "run_loop saves registers:\n{run_loop}"
+    );
+    assert!(
+        !run_loop.contains("(%rsp)"),
+        "run_loop uses the stack:\n{run_loop}"
+    );
     let replacement = object(dir.path(), "new_ipa_ra.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &exe, &replacement, &[], "p.lp");
 

@@ -128,6 +128,38 @@ impl From<crate::elf::ElfError> for Error {
     }
 }
 
+impl From<crate::pack::PackError> for Error {
+    fn from(e: crate::pack::PackError) -> Self {
+        use crate::elf::ElfError;
+        use crate::pack::PackError;
+        let kind = match &e {
+            PackError::Target(ElfError::NotElf(_)) | PackError::Object(ElfError::NotElf(_)) => {
+                ErrorKind::NotElf
+            }
+            PackError::Target(ElfError::Io { .. }) | PackError::Object(ElfError::Io { .. }) => {
+                ErrorKind::Io
+            }
+            PackError::Link(_) => ErrorKind::Unsupported,
+            // Bad input: wrong names, nothing to replace, not an object, no build-id.
+            _ => ErrorKind::PatchFormat,
+        };
+        Error::Format(e.to_string(), kind)
+    }
+}
+
+impl From<crate::kernel::KernelError> for Error {
+    fn from(e: crate::kernel::KernelError) -> Self {
+        use crate::kernel::KernelError as K;
+        let kind = match &e {
+            K::NoHeaders(_) | K::NotLoaded(_) => ErrorKind::NotFound,
+            K::Format { .. } => ErrorKind::PatchFormat,
+            K::Source { .. } | K::Io { .. } => ErrorKind::Io,
+            _ => ErrorKind::Other,
+        };
+        Error::Format(e.to_string(), kind)
+    }
+}
+
 impl From<crate::maps::MapsError> for Error {
     fn from(e: crate::maps::MapsError) -> Self {
         match e {
@@ -149,7 +181,7 @@ impl Error {
         match self {
             Error::Process(p) => match p {
                 ProcessError::NoSuchProcess(_) | ProcessError::Exited(_) => ErrorKind::ProcessGone,
-                ProcessError::Permission(_) => ErrorKind::Permission,
+                ProcessError::Permission(_) | ProcessError::IsSelf(_) => ErrorKind::Permission,
                 _ => ErrorKind::Other,
             },
             Error::State(_) => ErrorKind::Other,

@@ -9,6 +9,7 @@
 //!    trampolines and register-preserving thunks built, everything written and protected, the
 //!    code pages to be patched pre-faulted (copy-on-write done now, not during the stop).
 //! 3. the switch ([`switch`]) in stop or nonstop mode, recording the state in the target.
+//!
 //! Any failure after step 2 began unmaps the patch memory: the target is left as it was.
 
 mod error;
@@ -18,8 +19,8 @@ pub(crate) mod switch;
 pub(crate) mod target;
 
 pub use error::{Error, ErrorKind};
-pub use switch::{Mode, SwitchStats};
 pub(crate) use modules::unwinder;
+pub use switch::{Mode, SwitchStats};
 
 use crate::link::{Layout, Protection};
 use crate::patchfile::Patch;
@@ -107,6 +108,11 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     };
     // 1. Read-only checks.
     let target = target::locate(pid, patch)?;
+    // Attach first: ptrace admits one tracer, so from here on no other livepatch changes this
+    // process, and the state and bytes read below stay true until we write. (Seizing does not
+    // stop or change anything.)
+    let mut t = Tracee::attach(pid)?;
+    t.release_on_drop();
     let existing = crate::state::read(pid)?;
     if existing.patches.iter().any(|p| p.id == patch.id) {
         return Err(Error::AlreadyApplied {
@@ -114,8 +120,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
             pid,
         });
     }
-    let mem = crate::process::Memory::open(pid)?;
-    target::verify_bytes(pid, &mem, &target, patch, &existing)?;
+    target::verify_bytes(pid, t.mem(), &target, patch, &existing)?;
     let mut sites: Vec<Site> = Vec::new();
     for f in &patch.functions {
         let old = target.bias + f.old_vaddr;
@@ -125,12 +130,11 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     }
     let layout = Layout::of(&patch.object)
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
-    let resolver = target::Resolver::new(pid, &target, patch)?;
+    let symbol_mem = crate::process::Memory::open(pid)?;
+    let resolver = target::Resolver::new(pid, &target, patch, &symbol_mem)?;
     phase("checks and symbols done");
 
     // 2. Preparation; threads keep running.
-    let mut t = Tracee::attach(pid)?;
-    t.release_on_drop();
     phase("attached");
     let statemap = StateMap::open_or_create(&mut t)?;
     phase("state mapped");
@@ -147,7 +151,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     let prepared = prepare(
         &mut t, patch, &layout, &resolver, &sites, code_addr, image_len, &existing,
     );
-    let (switches, busy, functions) = match prepared {
+    let (switches, mut busy, functions) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -156,6 +160,19 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     };
 
+    // gcc moves unlikely paths of a function into NAME.cold, entered by a jump: a thread
+    // there has no return address in NAME, so those parts count as the function too.
+    for f in &patch.functions {
+        if let Ok(sym) = target.elf.lookup(&f.old_name) {
+            for cold in target.elf.cold_parts(sym) {
+                let start = target.bias + cold.value;
+                busy.push(BusyRange {
+                    range: CodeRange::new(start, start + cold.size.max(1)),
+                    name: f.old_name.clone(),
+                });
+            }
+        }
+    }
     phase("code written");
     // 3. The switch.
     let record = AppliedPatch {
@@ -289,7 +306,14 @@ fn prepare(
             .map(|s| s.size)
             .unwrap_or(0);
         // -fipa-ra: callers may keep values in registers the old function never writes.
-        let via = match register_thunk(f, site, &image, new, new_size, extra_addr + extra.len() as u64)? {
+        let via = match register_thunk(
+            f,
+            site,
+            &image,
+            new,
+            new_size,
+            extra_addr + extra.len() as u64,
+        )? {
             Some(thunk) => {
                 let at = extra_addr + extra.len() as u64;
                 extra.extend_from_slice(&thunk);
@@ -304,7 +328,7 @@ fn prepare(
         let below = target::top_redirect(existing, site.entry).map(|p| p.via);
         switches.push(SiteSwitch {
             name: f.old_name.clone(),
-            plan: plan.clone(),
+            plan,
             top: via,
             below,
             resume: tramp,
@@ -368,16 +392,20 @@ fn register_thunk(
     new_size: u64,
     at: u64,
 ) -> Result<Option<Vec<u8>>, Error> {
-    use lp_core::clobber::{clobbered_registers, SYSV_CALLER_SAVED};
-    let old = clobbered_registers(&f.old_bytes, site.entry).unwrap_or(SYSV_CALLER_SAVED);
+    use lp_core::clobber::{registers_to_preserve, SYSV_CALLER_SAVED};
     let off = (new - image.load_addr) as usize;
-    let new_regs = image
+    let new_code = image
         .bytes
         .get(off..off + new_size as usize)
-        .filter(|b| !b.is_empty())
-        .and_then(|b| clobbered_registers(b, new).ok())
-        .unwrap_or(SYSV_CALLER_SAVED);
-    let extra = crate::thunk::extra_clobbers(old, new_regs);
+        .filter(|b| !b.is_empty());
+    // lp-core: what the new code may write (upper bound) minus what the old code surely
+    // writes (lower bound), caller-saved only. Unknown new code: everything caller-saved.
+    let extra = match new_code {
+        Some(code) => {
+            registers_to_preserve(&f.old_bytes, site.entry, code, new).unwrap_or(SYSV_CALLER_SAVED)
+        }
+        None => SYSV_CALLER_SAVED,
+    } - ignored_for_thunks();
     if extra.is_empty() {
         return Ok(None);
     }
@@ -386,8 +414,17 @@ fn register_thunk(
         .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))
 }
 
+/// Registers no caller can keep a value in across a call, whatever it knows of the callee:
+/// flags, and the x87 stack (the ABI requires it empty at every call). AVX-512 state
+/// (zmm16-31, mask registers) is left out too: only AVX-512 builds could keep values there,
+/// and the thunk does not save it (documented limit).
+fn ignored_for_thunks() -> lp_core::clobber::Regs {
+    use lp_core::clobber::Regs;
+    Regs::FLAGS | Regs::X87 | Regs::OTHER_VECTOR
+}
+
 fn pad16(v: &mut Vec<u8>) {
-    while v.len() % 16 != 0 {
+    while !v.len().is_multiple_of(16) {
         v.push(0xcc);
     }
 }

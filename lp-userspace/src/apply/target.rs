@@ -102,6 +102,7 @@ pub(crate) struct Resolver<'a> {
     others: Vec<(u64, Arc<Module>)>,
     /// Replaced function name → its old entry (which jumps to the newest version).
     replaced: HashMap<String, u64>,
+    mem: &'a crate::process::Memory,
 }
 
 impl<'a> Resolver<'a> {
@@ -109,6 +110,7 @@ impl<'a> Resolver<'a> {
         pid: i32,
         target: &'a LoadedTarget,
         patch: &Patch,
+        mem: &'a crate::process::Memory,
     ) -> Result<Resolver<'a>, Error> {
         let others = super::modules::loaded(pid, &target.mappings)
             .into_iter()
@@ -130,6 +132,7 @@ impl<'a> Resolver<'a> {
             target: &target.elf,
             others,
             replaced,
+            mem,
         })
     }
 
@@ -147,6 +150,13 @@ impl<'a> Resolver<'a> {
             if let Some(s) = m.global(name) {
                 if !s.ifunc && s.value != 0 {
                     return Some(bias + s.value);
+                }
+                if s.ifunc {
+                    // An IFUNC (libc's strlen...): take what the dynamic linker chose, from
+                    // the GOT slot of a module that imports it.
+                    let modules = std::iter::once((self.target_bias, self.target))
+                        .chain(self.others.iter().map(|(b, m)| (*b, &**m)));
+                    return crate::elf::resolve_import(modules, name, self.mem);
                 }
             }
         }

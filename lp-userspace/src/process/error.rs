@@ -8,6 +8,9 @@ pub enum ProcessError {
     /// The PID does not name a running process.
     #[error("process {0} does not exist")]
     NoSuchProcess(i32),
+    /// The target is the calling process itself.
+    #[error("process {0} is livepatch itself: a process cannot patch itself through ptrace")]
+    IsSelf(i32),
     /// The kernel refused to let us trace or read the process.
     #[error("no permission to trace process {0} (needs root or CAP_SYS_PTRACE; see /proc/sys/kernel/yama/ptrace_scope)")]
     Permission(i32),

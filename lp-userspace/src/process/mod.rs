@@ -87,6 +87,9 @@ impl Tracee {
         if is_zombie(pid) {
             return Err(ProcessError::Exited(pid));
         }
+        if pid as u32 == std::process::id() {
+            return Err(ProcessError::IsSelf(pid));
+        }
         let mem = Memory::open(pid)?;
         let mut t = Tracee {
             pid,
