@@ -212,3 +212,41 @@ fn e2e_usage_errors_are_one_line() {
     let (code, _) = livepatch_err(&["frobnicate"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn e2e_tool_killed_mid_apply_leaves_target_running_and_patchable() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["busy.c"], "busy", &["-pthread"]);
+    let busy_obj = object(dir.path(), "new_busy.c", "busy.o", &[]);
+    let (busy_patch, _) = pack(dir.path(), &exe, &busy_obj, &[], "busy.lp");
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, id) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    // This apply retries for ever (sleepy is busy); the tool is killed while it holds the
+    // process (seized, patch memory mapped).
+    let mut tool = std::process::Command::new(livepatch_bin())
+        .args(["apply", &pid, busy_patch.to_str().unwrap(), "--timeout", "60"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .contains("livepatch-state")
+    {
+        assert!(Instant::now() < deadline, "livepatch never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    // The kernel detached the dead tracer: the target runs on, unpatched.
+    target.expect_steady(3, |l| l == "value=42");
+    assert!(target.alive());
+    assert!(livepatch_ok(&["status", &pid]).contains("no patches applied"));
+    // And a fresh invocation can patch it.
+    livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
+    target.expect_steady(3, |l| l == "value=1041");
+    assert_eq!(status_json(&pid)[0]["patches"][0]["id"], id.as_str());
+}
