@@ -5,7 +5,7 @@ set -euo pipefail
 
 KERNEL_VERSION=6.1.0-50-cloud-amd64
 KERNEL_PKG_VERSION=6.1.176-1
-apt_packages=(gcc make binutils gdb qemu-system-x86 busybox-static cpio
+apt_packages=(gcc g++ make binutils gdb qemu-system-x86 busybox-static cpio
   "linux-image-${KERNEL_VERSION}-unsigned=${KERNEL_PKG_VERSION}"
   "linux-headers-${KERNEL_VERSION}=${KERNEL_PKG_VERSION}")
 
