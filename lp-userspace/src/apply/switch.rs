@@ -265,7 +265,9 @@ fn nonstop_mode(
     })));
     let result = nonstop_steps(t, sites, &table, commit);
     // Drain: no thread may be left between our int3 and its report when we let go.
+    let s0 = Instant::now();
     let drained = drain_traps(t);
+    trace("drain", s0);
     t.set_trap_hook(None);
     let traps = t.traps_handled;
     result?;
@@ -275,6 +277,15 @@ fn nonstop_mode(
         attempts: 1,
         traps,
     })
+}
+
+fn trace(what: &str, since: Instant) {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!(
+            "livepatch: trace: nonstop {what} +{} us",
+            since.elapsed().as_micros()
+        );
+    }
 }
 
 fn nonstop_steps(
@@ -312,7 +323,9 @@ fn nonstop_steps(
             }
         }
         if sync {
+            let s0 = Instant::now();
             t.sync_cores()?;
+            trace("sync", s0);
             t.resume_all()?;
             t.poll_events()?;
             if !settled {
@@ -324,7 +337,9 @@ fn nonstop_steps(
                     .filter(|s| s.plan.len() > 1)
                     .map(|s| CodeRange::new(s.plan.addr() + 1, s.plan.addr() + s.plan.len() as u64))
                     .collect();
+                let s0 = Instant::now();
                 wait_threads_outside(t, &inside, None, Duration::from_secs(2))?;
+                trace("settle", s0);
                 settled = true;
             }
         }

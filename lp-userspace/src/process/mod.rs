@@ -10,6 +10,7 @@ mod error;
 mod gaps;
 mod mem;
 pub mod ptrace;
+pub mod remote_call;
 mod syscall;
 
 pub use error::{ProcessError, Result};
@@ -563,7 +564,14 @@ impl Tracee {
     pub fn sync_cores(&mut self) -> Result<()> {
         const REGISTER_SYNC_CORE: u64 = 1 << 6; // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE
         const SYNC_CORE: u64 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+        let t0 = std::time::Instant::now();
         let r = self.syscall_raw(libc::SYS_membarrier, [SYNC_CORE, 0, 0, 0, 0, 0])?;
+        if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+            eprintln!(
+                "livepatch: trace: membarrier -> {r} in {} us",
+                t0.elapsed().as_micros()
+            );
+        }
         if r == -(libc::EPERM as i64) {
             self.syscall(
                 "membarrier",
