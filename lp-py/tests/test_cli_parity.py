@@ -20,6 +20,8 @@ EXIT_CODES = {
     livepatch.NotFoundError: 9,
     livepatch.NotTopError: 9,
     livepatch.RefusedError: 10,
+    livepatch.InputError: 7,  # not an ELF file (bad mode/timeout are the CLI's usage errors)
+    livepatch.IoError: 1,
 }
 
 
@@ -114,3 +116,28 @@ def test_busy(counter, built, cli, tmp_path):
     assert done.returncode == 3
     # The message names the thread and the function; the waited time may differ by a few ms.
     assert str(err.value).split(" (gave up")[0] in done.stderr
+
+
+@pytest.mark.parametrize("case", ["missing function", "not elf", "missing object", "bad replace"])
+def test_pack_failures(built, cli, tmp_path, case):
+    target, obj, replace = built["counter"], built["value2"], []
+    if case == "missing function":
+        replace = ["nosuch=value"]
+    elif case == "not elf":
+        target = tmp_path / "notes.txt"
+        target.write_text("hello\n")
+    elif case == "missing object":
+        obj = tmp_path / "missing.o"
+    else:
+        replace = ["=value"]
+    out = tmp_path / "out.lpp"
+    args = ["pack", "--target", target, "--object", obj, "-o", out]
+    for r in replace:
+        args += ["--replace", r]
+    with pytest.raises(livepatch.Error) as err:
+        livepatch.pack(target, obj, out, replace=replace)
+    done = cli(*args)
+    assert done.stderr.strip() == f"livepatch: error: {err.value}"
+    if case != "bad replace":  # the CLI treats a malformed --replace as a usage error (exit 1)
+        assert done.returncode == EXIT_CODES[type(err.value)]
+    assert not out.exists()

@@ -40,8 +40,8 @@ def test_explicit_replacement_forms_agree(built):
         assert livepatch.pack(built["counter"], built["value2"], None, replace=replace) == by_default
 
 
-def test_replacing_a_missing_function_is_an_input_error(built):
-    with pytest.raises(livepatch.InputError, match="nosuch"):
+def test_replacing_a_missing_function_cannot_make_a_patch(built):
+    with pytest.raises(livepatch.PatchFormatError, match="nosuch"):
         livepatch.pack(built["counter"], built["value2"], None, replace="nosuch=value")
 
 

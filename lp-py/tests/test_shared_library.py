@@ -63,3 +63,20 @@ def test_patch_the_library_in_every_process_that_maps_it(lib, users, tmp_path):
         livepatch.revert(pid, patch.id)
     for p in users:
         p.wait_for("lib=10")
+
+
+def test_the_script_cannot_patch_itself(lib, tmp_path):
+    # A script that loaded the library shows up in processes_mapping; patching itself is refused
+    # with a clear error and the interpreter goes on. (A copy of the library, so the other tests'
+    # processes_mapping results are not affected by this process mapping it.)
+    import ctypes
+    import shutil
+
+    copy = tmp_path / "libshared.so"
+    shutil.copy(lib["so"], copy)
+    loaded = ctypes.CDLL(str(copy))
+    assert os.getpid() in livepatch.processes_mapping(copy)
+    patch = livepatch.pack(copy, lib["fix"], None)
+    with pytest.raises(livepatch.AccessError, match="itself"):
+        livepatch.apply(os.getpid(), patch)
+    assert loaded.lib_value() == 10

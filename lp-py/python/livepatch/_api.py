@@ -105,8 +105,9 @@ def pack(target: PathLike, object: PathLike, out: Optional[PathLike],
     string, a list of them or of ``(old, new)`` pairs, or a ``{old: new}`` dict (``OLD`` may be
     ``name``, ``name@file.c`` or ``name,N``). The patch is written to ``out`` unless it is None.
 
-    Raises :class:`InputError` (not an ELF, no such function, ambiguous name...),
-    :class:`IoError`, :class:`AccessError` or :class:`RefusedError` (object cannot be linked).
+    Raises :class:`PatchFormatError` (no such function, ambiguous name, nothing replaced, not a
+    relocatable object...), :class:`InputError` (not an ELF file), :class:`IoError` or
+    :class:`RefusedError` (the object cannot be linked, or shadows the target's data).
     """
     out_path = None if out is None else os.fspath(out)
     return _livepatch.pack_patch(os.fspath(target), os.fspath(object), out_path,

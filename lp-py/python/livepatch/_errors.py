@@ -27,11 +27,12 @@ class ProcessGoneError(Error, ProcessLookupError):
 
 
 class PatchFormatError(Error, ValueError):
-    """A patch file is truncated, corrupted, or of an unknown format version."""
+    """A patch file is truncated, corrupted, or of an unknown format version; or ``pack`` cannot
+    make a patch from its inputs (no such function, nothing replaced, not a relocatable object)."""
 
 
 class InputError(Error, ValueError):
-    """Bad input other than a patch file: not an ELF file, no such function, bad argument."""
+    """Bad input other than a patch file: not an ELF file, an unknown mode, a negative timeout."""
 
 
 class IoError(Error, OSError):
@@ -51,7 +52,8 @@ class NotTopError(Error):
 
 
 class RefusedError(Error):
-    """The patch cannot be applied safely (e.g. a site that cannot take a redirect)."""
+    """The patch cannot be applied safely (a site that cannot take a redirect, an object that
+    cannot be linked, writable data that would shadow the target's)."""
 
 
 class SiteError(RefusedError, ValueError):

@@ -1,13 +1,14 @@
 //! `livepatch.Patch`: a patch file, as `lp_userspace::patchfile` reads and writes it.
 use std::path::PathBuf;
 
-use lp_userspace::elf::ElfError;
-use lp_userspace::pack::{self, PackError, Replacement};
+use lp_userspace::pack::{self, Replacement};
 use lp_userspace::patchfile::{FunctionPatch, Patch, PatchFileError};
+use lp_userspace::Error;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::errors::{guarded, raise};
+use super::process::class_of;
 
 /// A live patch for one target module: the new code and the functions it replaces.
 ///
@@ -125,29 +126,18 @@ impl PyPatch {
     }
 }
 
-/// The exception class for a patch file error.
-fn patchfile_class(e: &PatchFileError) -> &'static str {
-    match e {
-        PatchFileError::Io { source, .. } => io_class(source),
-        _ => "PatchFormatError",
-    }
-}
-
-/// The exception class for an I/O error on a file the caller named.
-pub(crate) fn io_class(e: &std::io::Error) -> &'static str {
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied => "AccessError",
-        _ => "IoError",
-    }
-}
-
-/// The exception class for a pack error: bad input, except I/O and objects that cannot be linked.
-fn pack_class(e: &PackError) -> &'static str {
-    match e {
-        PackError::Target(ElfError::Io { source, .. })
-        | PackError::Object(ElfError::Io { source, .. }) => io_class(source),
-        PackError::Link(_) => "RefusedError",
-        _ => "InputError",
+/// The Python result of a patch file operation: errors classed as the CLI classes them.
+fn into_py_result<T>(
+    py: Python<'_>,
+    r: Result<Result<T, PatchFileError>, super::errors::Panic>,
+) -> PyResult<T> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            let e = Error::from(e);
+            Err(raise(py, class_of(e.kind()), e.to_string()))
+        }
+        Err(panic) => Err(panic.into_pyerr(py)),
     }
 }
 
@@ -164,36 +154,21 @@ fn pack_patch(
     replace: Vec<String>,
 ) -> PyResult<PyPatch> {
     let made = py.allow_threads(|| {
-        guarded(|| -> Result<Patch, (&'static str, String)> {
-            let failed = |e: PackError| (pack_class(&e), e.to_string());
+        guarded(|| -> Result<Patch, Error> {
             let replace = replace
                 .iter()
                 .map(|r| r.parse::<Replacement>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(failed)?;
-            let patch = pack::pack(&target, &object, &replace).map_err(failed)?;
+                .collect::<Result<Vec<_>, _>>()?;
+            let patch = pack::pack(&target, &object, &replace)?;
             if let Some(out) = &out {
-                patch
-                    .save(out)
-                    .map_err(|e| (patchfile_class(&e), e.to_string()))?;
+                patch.save(out)?;
             }
             Ok(patch)
         })
     });
     match made {
         Ok(Ok(patch)) => Ok(PyPatch(patch)),
-        Ok(Err((class, message))) => Err(raise(py, class, message)),
-        Err(panic) => Err(panic.into_pyerr(py)),
-    }
-}
-
-fn into_py_result<T>(
-    py: Python<'_>,
-    r: Result<Result<T, PatchFileError>, super::errors::Panic>,
-) -> PyResult<T> {
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(raise(py, patchfile_class(&e), e.to_string())),
+        Ok(Err(e)) => Err(raise(py, class_of(e.kind()), e.to_string())),
         Err(panic) => Err(panic.into_pyerr(py)),
     }
 }

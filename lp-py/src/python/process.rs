@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 
 use super::convert::to_py;
 use super::errors::{guarded, raise, Panic};
-use super::patch::{io_class, PyPatch};
+use super::patch::PyPatch;
 
 /// The exception class (in `livepatch._errors`) for an error of this kind.
 pub(crate) fn class_of(kind: ErrorKind) -> &'static str {
@@ -123,6 +123,14 @@ fn revert_patch(
 fn status_of(py: Python<'_>, pid: Option<i32>) -> PyResult<PyObject> {
     let done = py.allow_threads(|| guarded(|| status::status(pid)));
     to_py(py, serde_json::to_value(finish(py, done)?))
+}
+
+/// The exception class for an I/O error on a file the caller named.
+fn io_class(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "AccessError",
+        _ => "IoError",
+    }
 }
 
 /// The pids of the processes that map the file at `path` (by device and inode).
