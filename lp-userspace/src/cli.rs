@@ -141,10 +141,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let mut reps = Vec::new();
             for r in &replace {
-                reps.push(
-                    r.parse::<crate::pack::Replacement>()
-                        .map_err(|e| Error::Format(e.to_string(), ErrorKind::Other))?,
-                );
+                reps.push(r.parse::<crate::pack::Replacement>()?);
             }
             let patch = crate::pack::pack(&target, &object, &reps)?;
             patch.save(&output)?;
