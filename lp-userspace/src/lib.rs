@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod debug_info;
 pub mod demo;
 pub mod elf;
 pub mod kernel;

@@ -151,6 +151,7 @@ fn revert_here(
             switch::wait_threads_outside(&mut t, &area, Some(&mut u), timeout).is_ok()
         }
     };
+    let free = crate::debug_info::on_revert(&mut t, &patch, free);
     if free {
         t.munmap(patch.code_addr, patch.code_len)?;
     }

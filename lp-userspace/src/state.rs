@@ -62,6 +62,9 @@ pub struct AppliedPatch {
     pub code_len: u64,
     /// The redirected functions.
     pub functions: Vec<AppliedFunction>,
+    /// Unwind info and symbols registered for the new code (C++ runtime, perf, gdb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<crate::debug_info::DebugRecord>,
 }
 
 /// Everything applied to one process, oldest first.

@@ -187,6 +187,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         code_addr,
         code_len: total_len,
         functions: functions.clone(),
+        debug: None,
     };
     let mut new_state = existing.clone();
     new_state.patches.push(record);
@@ -213,6 +214,15 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     };
     phase("switched");
+    crate::debug_info::after_apply(
+        &mut t,
+        &statemap,
+        &mut new_state,
+        patch,
+        &layout,
+        &|n| resolver.resolve(n),
+        code_addr,
+    );
     t.release()?;
     phase("detached");
     Ok(Applied {

@@ -71,5 +71,6 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
             u.add(src);
         }
     }
+    crate::debug_info::add_patch_cfi(pid, &mut u);
     Ok(u)
 }

@@ -1,0 +1,279 @@
+//! What debuggers, profilers and the C++ runtime need to know about patch code, registered
+//! after an apply and withdrawn by the revert.
+//!
+//! - **C++ exceptions**: the unwinder of libgcc only finds frames of code it has CFI for. The
+//!   patch image's relocated `.eh_frame` is registered inside the target with libgcc_s's
+//!   `__register_frame` (a remote call), so an exception thrown by, or through, a new function
+//!   still reaches its handler. Targets without libgcc_s (plain C) have no unwinder to tell and
+//!   are skipped. Revert calls `__deregister_frame` before the patch memory is freed.
+//! - **perf**: `/tmp/perf-PID.map` gets one line per new function ([`crate::perf_map`]).
+//! - **gdb**: the patch object is saved as `/tmp/livepatch-PID-ID.o` and the `add-symbol-file`
+//!   command placing its sections where they were linked is appended to
+//!   `/tmp/livepatch-PID.gdb`: `gdb -p PID -x /tmp/livepatch-PID.gdb` names the new functions.
+//! - **stack checks**: the image's `.eh_frame` location is kept in the in-target state
+//!   ([`DebugRecord`]), so a later stop-mode check unwinds threads inside patch code with its
+//!   CFI ([`add_patch_cfi`]) instead of scanning their stacks conservatively.
+//!
+//! None of this decides whether a patch is live: a failure here is reported as a warning and
+//! the patch stays applied (or reverted).
+
+use crate::link::{Layout, LinkedImage, Protection};
+use crate::patchfile::Patch;
+use crate::process::Tracee;
+use crate::state::{AppliedPatch, State, StateMap};
+use crate::unwind::{CfiSource, Unwinder};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a remote `__register_frame`/`__deregister_frame` may take (it waits for
+/// libgcc's object lock, held only briefly by a thread that is unwinding).
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What an apply registered for a patch; kept in the in-target state with the patch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DebugRecord {
+    /// Runtime address of the image's `.eh_frame` (zero-terminated); 0 when it has none.
+    pub eh_frame: u64,
+    /// Its length in bytes, terminator included.
+    pub eh_frame_len: u64,
+    /// Code the `.eh_frame` describes: `[text_start, text_end)`.
+    pub text_start: u64,
+    /// End of that code.
+    pub text_end: u64,
+    /// An `int3` byte in the image's code pages, past its code: where remote calls return.
+    pub trap: u64,
+    /// `__register_frame` was called in the target (revert must deregister).
+    pub frame_registered: bool,
+    /// The gdb command naming the new functions (its object file is saved beside it).
+    pub gdb_command: String,
+}
+
+/// The object file saved for gdb.
+pub fn gdb_object_path(pid: i32, id: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/livepatch-{pid}-{id}.o"))
+}
+
+/// The gdb script holding one `add-symbol-file` command per applied patch.
+pub fn gdb_script_path(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/tmp/livepatch-{pid}.gdb"))
+}
+
+fn warn(what: &str) {
+    eprintln!("livepatch: warning: {what}");
+}
+
+/// After a successful switch: registers the newest patch of `state` (the one just applied,
+/// linked from `layout` at `code_addr` with `resolve`) with the C++ runtime, perf and gdb,
+/// and records that in the in-target state.
+pub fn after_apply(
+    t: &mut Tracee,
+    statemap: &StateMap,
+    state: &mut State,
+    patch: &Patch,
+    layout: &Layout,
+    resolve: &dyn Fn(&str) -> Option<u64>,
+    code_addr: u64,
+) {
+    // The layout fixes every address: linking again gives the image that was written.
+    let Ok(image) = layout.link(code_addr, resolve) else {
+        warn("patch image could not be linked again: no debug information registered");
+        return;
+    };
+    let pid = t.pid();
+    let mut record = describe(&image);
+    if let Err(e) = crate::perf_map::record(pid, &image.symbol_list, &patch.id) {
+        warn(&format!(
+            "cannot write {}: {e}",
+            crate::perf_map::path(pid).display()
+        ));
+    }
+    match save_gdb_command(pid, patch, &image) {
+        Ok(cmd) => record.gdb_command = cmd,
+        Err(e) => warn(&format!("cannot save the gdb symbol file: {e}")),
+    }
+    if record.eh_frame != 0 && record.trap != 0 {
+        match register_frame(t, &record) {
+            Ok(true) => record.frame_registered = true,
+            Ok(false) => {}
+            Err(e) => warn(&format!(
+                "C++ exceptions through the new code may not be caught: {e}"
+            )),
+        }
+    }
+    let Some(last) = state.patches.last_mut() else {
+        return;
+    };
+    last.debug = Some(record);
+    if let Err(e) = statemap.store(t.mem(), state) {
+        warn(&format!(
+            "cannot record debug information in the state: {e}"
+        ));
+    }
+}
+
+/// Where the image's CFI, code and spare code byte are.
+fn describe(image: &LinkedImage) -> DebugRecord {
+    let text_start = image.text_ranges.iter().map(|r| r.start).min().unwrap_or(0);
+    let text_end = image.text_ranges.iter().map(|r| r.end).max().unwrap_or(0);
+    // The last byte of the last code page, when no code reaches it: padding of ours.
+    let trap = image
+        .regions
+        .iter()
+        .filter(|r| r.prot == Protection::ReadExec)
+        .map(|r| image.load_addr + r.offset + r.len - 1)
+        .max()
+        .filter(|&last| last >= text_end)
+        .unwrap_or(0);
+    let (eh_frame, eh_frame_len) = image
+        .eh_frame
+        .as_ref()
+        .map_or((0, 0), |r| (r.start, r.end - r.start));
+    DebugRecord {
+        eh_frame,
+        eh_frame_len,
+        text_start,
+        text_end,
+        trap,
+        frame_registered: false,
+        gdb_command: String::new(),
+    }
+}
+
+/// Saves the patch object and appends its `add-symbol-file` command to the gdb script.
+fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Result<String> {
+    use std::io::Write;
+    let object = gdb_object_path(pid, &patch.id);
+    std::fs::write(&object, &patch.object)?;
+    let cmd = crate::perf_map::gdb_add_symbol_file(&object, image);
+    let mut script = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(gdb_script_path(pid))?;
+    script.write_all(format!("{cmd}\n").as_bytes())?;
+    Ok(cmd)
+}
+
+/// The address of `name` exported by the target's libgcc_s (or by the executable, when it
+/// carries libgcc statically). `None`: the target has no C++-style unwinder to inform.
+fn unwinder_function(pid: i32, name: &str) -> Option<u64> {
+    let mappings = crate::maps::read(pid).ok()?;
+    let modules = crate::maps::modules(&mappings);
+    let file_name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let mut candidates: Vec<_> = modules
+        .iter()
+        .filter(|m| file_name(&m.path).starts_with("libgcc_s"))
+        .collect();
+    candidates.extend(modules.first());
+    for m in candidates {
+        let Ok(elf) = crate::elf::Module::open(&m.open_path(pid)) else {
+            continue;
+        };
+        let (Some(sym), Some(bias)) = (elf.global(name), m.load_bias(&elf)) else {
+            continue;
+        };
+        if sym.value != 0 {
+            return Some(bias + sym.value);
+        }
+    }
+    None
+}
+
+/// Calls `__register_frame(eh_frame)` in the target. Ok(false): no libgcc_s there.
+fn register_frame(t: &mut Tracee, r: &DebugRecord) -> Result<bool, String> {
+    let Some(func) = unwinder_function(t.pid(), "__register_frame") else {
+        return Ok(false);
+    };
+    // The eh_frame in memory must be the one just linked (nothing else was checked).
+    remote_call(t, "__register_frame", func, r)?;
+    Ok(true)
+}
+
+fn remote_call(t: &mut Tracee, what: &str, func: u64, r: &DebugRecord) -> Result<(), String> {
+    t.mem()
+        .write(r.trap, &[0xcc])
+        .map_err(|e| format!("cannot place the return trap: {e}"))?;
+    t.call_function(what, func, &[r.eh_frame], r.trap, CALL_TIMEOUT)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// During a revert, once no thread runs the patch any more and before its memory is freed
+/// (`free`): withdraws what [`after_apply`] registered. Returns whether the memory may be
+/// freed: not while libgcc still holds a registration we could not withdraw.
+pub fn on_revert(t: &mut Tracee, patch: &AppliedPatch, free: bool) -> bool {
+    let pid = t.pid();
+    if let Err(e) = crate::perf_map::forget(pid, &patch.id) {
+        warn(&format!(
+            "cannot update {}: {e}",
+            crate::perf_map::path(pid).display()
+        ));
+    }
+    forget_gdb_command(pid, &patch.id);
+    let Some(r) = &patch.debug else {
+        return free;
+    };
+    if !free || !r.frame_registered {
+        return free;
+    }
+    let Some(func) = unwinder_function(pid, "__deregister_frame") else {
+        warn("libgcc_s is gone: the patch's unwind information stays registered, memory kept");
+        return false;
+    };
+    match remote_call(t, "__deregister_frame", func, r) {
+        Ok(()) => true,
+        Err(e) => {
+            warn(&format!(
+                "{e}; the patch's unwind information stays registered, its memory is kept"
+            ));
+            false
+        }
+    }
+}
+
+fn forget_gdb_command(pid: i32, id: &str) {
+    let object = gdb_object_path(pid, id);
+    let _ = std::fs::remove_file(&object);
+    let script = gdb_script_path(pid);
+    let Ok(text) = std::fs::read_to_string(&script) else {
+        return;
+    };
+    let needle = format!("add-symbol-file {} ", object.display());
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with(&needle))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let _ = if kept.is_empty() {
+        std::fs::remove_file(&script)
+    } else {
+        std::fs::write(&script, kept)
+    };
+}
+
+/// Adds the CFI of every patch applied to `pid` (read back from the target's memory) to an
+/// unwinder, so that threads inside patch code are unwound precisely.
+pub fn add_patch_cfi(pid: i32, unwinder: &mut Unwinder) {
+    let Ok(state) = crate::state::read(pid) else {
+        return;
+    };
+    let Ok(mem) = crate::process::Memory::open(pid) else {
+        return;
+    };
+    for p in &state.patches {
+        let Some(r) = &p.debug else { continue };
+        if r.eh_frame == 0 || r.text_start >= r.text_end {
+            continue;
+        }
+        let Ok(bytes) = mem.read_vec(r.eh_frame, r.eh_frame_len as usize) else {
+            continue;
+        };
+        unwinder.add(CfiSource::from_eh_frame(
+            &format!("patch {}", &p.id[..p.id.len().min(12)]),
+            r.text_start,
+            r.text_end,
+            r.eh_frame,
+            bytes,
+        ));
+    }
+}
