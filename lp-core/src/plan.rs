@@ -354,8 +354,11 @@ fn build(addr: u64, current: &[u8], new: &[u8]) -> WritePlan {
 
 /// Plan redirecting `site` to `target`. `current` is what is at `site.patch_addr` now (at least
 /// as many bytes as the jump; reading `site.displaced_len` bytes is always enough). It must be
-/// either the site's original bytes, or start with one of our redirects (stacking: a second
-/// patch replaces the first one's jump, and its revert puts that jump back).
+/// either the site's original bytes, or one of our redirects followed by the original bytes
+/// (stacking: a second patch replaces the first one's jump, and its revert puts that jump back).
+///
+/// The plan writes the new jump's bytes, or, when it replaces a longer jump of ours (an absolute
+/// one), that jump's length: the bytes past the new jump become the original ones again.
 ///
 /// ```
 /// use lp_core::{plan::plan_apply, site::validate_site, jump::Jump};
@@ -379,31 +382,37 @@ pub fn plan_apply(site: &Site, current: &[u8], target: u64) -> Result<WritePlan,
             room: site.displaced_len,
         });
     }
-    if current.len() < need {
+    // Stacking: the site starts with one of our jumps. A longer one (absolute) is replaced whole,
+    // so the bytes it covers past the new jump go back to the originals; the bytes past a shorter
+    // one must still be the originals, exactly like an unpatched site.
+    let existing = Jump::decode(addr, current)
+        .map(|(j, _)| j.len())
+        .filter(|&len| len <= site.displaced_len);
+    let write_len = need.max(existing.unwrap_or(0));
+    if current.len() < write_len {
         return Err(PlanError::CurrentTooShort {
             addr,
             have: current.len(),
-            need,
+            need: write_len,
         });
     }
-    let current = &current[..need];
-    let original = &site.displaced()[..need];
-    let ours = matches!(Jump::decode(addr, current), Some((j, _)) if j.len() <= site.displaced_len);
-    if current != original && !ours {
-        let (i, (found, expected)) = current
-            .iter()
-            .zip(original)
-            .enumerate()
-            .find(|(_, (a, b))| a != b)
-            .map(|(i, (a, b))| (i, (*a, *b)))
-            .unwrap_or((0, (current[0], original[0])));
+    let current = &current[..write_len];
+    let original = &site.displaced()[..write_len];
+    let verified_from = match existing {
+        Some(len) if current != original => len,
+        _ => 0,
+    };
+    if let Some(i) = (verified_from..write_len).find(|&i| current[i] != original[i]) {
         return Err(PlanError::UnexpectedBytes {
             addr: addr + i as u64,
-            found,
-            expected,
+            found: current[i],
+            expected: original[i],
         });
     }
-    plan_write(addr, current, jump.as_bytes())
+    let mut new = [0u8; MAX_WRITE_LEN];
+    new[..need].copy_from_slice(jump.as_bytes());
+    new[need..write_len].copy_from_slice(&original[need..]);
+    plan_write(addr, current, &new[..write_len])
 }
 
 /// The plan that takes an applied plan back: same protocol, from its result to its expected bytes.
@@ -511,5 +520,60 @@ mod tests {
         assert_eq!(run(&r2)[..5], *p1.result());
         let r1 = plan_revert(&p1);
         assert_eq!(run(&r1)[..5], code[..5]);
+    }
+
+    /// A 20-byte site (room for the absolute jump) at 0x1000.
+    fn long_site() -> ([u8; 21], Site) {
+        // 5x `mov eax,imm32` (b8 xx xx xx xx) then ret
+        let mut code = [0xc3u8; 21];
+        for (i, chunk) in code[..20].chunks_mut(5).enumerate() {
+            chunk.copy_from_slice(&[0xb8, i as u8, 0, 0, 0]);
+        }
+        let site = validate_site(&code, 0x1000, 14).unwrap();
+        assert_eq!(site.displaced_len, 15);
+        (code, site)
+    }
+
+    #[test]
+    fn stacking_verifies_the_bytes_past_a_shorter_jump() {
+        let (code, site) = long_site();
+        let p1 = plan_apply(&site, &code, 0x2000).unwrap();
+        assert_eq!(p1.len(), 5);
+        let mut current = code;
+        current[..5].copy_from_slice(p1.result());
+        // the rel32 jump of ours, then the originals: an absolute jump stacks on it
+        let far = 0x7fff_0000_0000;
+        let p2 = plan_apply(&site, &current, far).unwrap();
+        assert_eq!(p2.expected(), &current[..14]);
+        assert_eq!(p2.result(), Jump::absolute(far).as_bytes());
+        // someone changed a byte the rel32 jump does not cover: refused, naming it
+        current[9] = 0x90;
+        assert_eq!(
+            plan_apply(&site, &current, far),
+            Err(PlanError::UnexpectedBytes {
+                addr: 0x1009,
+                found: 0x90,
+                expected: code[9]
+            })
+        );
+    }
+
+    #[test]
+    fn a_near_jump_stacked_on_an_absolute_one_restores_the_bytes_it_no_longer_covers() {
+        let (code, site) = long_site();
+        let far = 0x7fff_0000_0000;
+        let p1 = plan_apply(&site, &code, far).unwrap();
+        let mut current = code;
+        current[..14].copy_from_slice(p1.result());
+        let p2 = plan_apply(&site, &current, 0x2000).unwrap();
+        assert_eq!(p2.len(), 14);
+        assert_eq!(&p2.result()[..5], Jump::to(0x1000, 0x2000).as_bytes());
+        assert_eq!(&p2.result()[5..], &code[5..14]);
+        let mut mem = [0u8; MAX_WRITE_LEN];
+        mem[..14].copy_from_slice(&current[..14]);
+        for s in p2.steps().iter().chain(plan_revert(&p2).steps()) {
+            assert!(s.apply(0x1000, &mut mem));
+        }
+        assert_eq!(&mem[..14], p1.result());
     }
 }
