@@ -74,6 +74,10 @@ pub mod reg {
 
 const NREGS: usize = 17;
 
+/// The SysV caller-saved general-purpose registers, by DWARF number: rax, rdx, rcx, rsi, rdi,
+/// r8–r11.
+const CALLER_SAVED: [u16; 9] = [0, 1, 2, 4, 5, 8, 9, 10, 11];
+
 /// Register values of a frame, indexed by DWARF number (0 rax, 1 rdx, 2 rcx, 3 rbx, 4 rsi,
 /// 5 rdi, 6 rbp, 7 rsp, 8–15 r8–r15, 16 rip). `None` = unknown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -519,6 +523,13 @@ fn step(
         return Ok(None);
     }
     let mut next = *regs;
+    // A register without a rule keeps its value only if the callee had to preserve it. The
+    // caller-saved ones may have been overwritten by the callee: unknown in the caller (a CFA
+    // rule that needs one then fails instead of computing a wrong frame). Signal frames give
+    // every register an explicit rule, applied below.
+    for r in CALLER_SAVED {
+        next.0[r as usize] = None;
+    }
     for (r, rule) in row.registers() {
         let value = match rule {
             RegisterRule::Undefined => None,
