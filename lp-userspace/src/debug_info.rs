@@ -20,7 +20,7 @@
 use crate::link::{Layout, LinkedImage, Protection};
 use crate::patchfile::Patch;
 use crate::process::Tracee;
-use crate::state::{AppliedPatch, State, StateMap};
+use crate::state::{AppliedFunction, AppliedPatch};
 use crate::unwind::{CfiSource, Unwinder};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -45,6 +45,22 @@ pub struct DebugRecord {
     pub trap: u64,
     /// `__register_frame` was called in the target (revert must deregister).
     pub frame_registered: bool,
+    /// Runtime address of the `.eh_frame` written for the register-preserving thunks (in the
+    /// image's spare code bytes, see [`crate::thunk_cfi`]); 0 when there is none.
+    #[serde(default)]
+    pub thunk_eh_frame: u64,
+    /// Its length in bytes, terminator included.
+    #[serde(default)]
+    pub thunk_eh_frame_len: u64,
+    /// The thunks it describes: `[thunks_start, thunks_end)`.
+    #[serde(default)]
+    pub thunks_start: u64,
+    /// End of the thunks.
+    #[serde(default)]
+    pub thunks_end: u64,
+    /// `__register_frame` was called for the thunks' `.eh_frame`.
+    #[serde(default)]
+    pub thunk_frame_registered: bool,
     /// The gdb command naming the new functions (its object file is saved beside it).
     pub gdb_command: String,
 }
@@ -63,22 +79,23 @@ fn warn(what: &str) {
     eprintln!("livepatch: warning: {what}");
 }
 
-/// After a successful switch: registers the newest patch of `state` (the one just applied,
-/// linked from `layout` at `code_addr` with `resolve`) with the C++ runtime, perf and gdb,
-/// and records that in the in-target state.
-pub fn after_apply(
+/// Before the switch, once the patch code is written (nothing runs it yet): registers the
+/// patch (linked from `layout` at `code_addr` with `resolve`) with the C++ runtime, perf and
+/// gdb. Registration must precede the switch: the first call of a new function may throw.
+/// The record goes into the in-target state with the patch; [`undo`] withdraws it when the
+/// switch fails.
+pub fn before_switch(
     t: &mut Tracee,
-    statemap: &StateMap,
-    state: &mut State,
     patch: &Patch,
+    functions: &[AppliedFunction],
     layout: &Layout,
     resolve: &dyn Fn(&str) -> Option<u64>,
     code_addr: u64,
-) {
+) -> Option<DebugRecord> {
     // The layout fixes every address: linking again gives the image that was written.
     let Ok(image) = layout.link(code_addr, resolve) else {
         warn("patch image could not be linked again: no debug information registered");
-        return;
+        return None;
     };
     let pid = t.pid();
     let mut record = describe(&image);
@@ -92,24 +109,40 @@ pub fn after_apply(
         Ok(cmd) => record.gdb_command = cmd,
         Err(e) => warn(&format!("cannot save the gdb symbol file: {e}")),
     }
+    if let Err(e) = write_thunk_cfi(t, functions, &mut record) {
+        warn(&format!(
+            "no unwind information for the register-preserving thunks: {e}"
+        ));
+    }
     if record.eh_frame != 0 && record.trap != 0 {
-        match register_frame(t, &record) {
-            Ok(true) => record.frame_registered = true,
-            Ok(false) => {}
+        let written = t
+            .mem()
+            .read_vec(record.eh_frame, record.eh_frame_len as usize);
+        if written.ok().as_deref() != image.eh_frame_bytes() {
+            warn(
+                "patch unwind information in memory differs from the linked image: not registered",
+            );
+        } else {
+            match register_frame(t, &record, record.eh_frame) {
+                Ok(registered) => record.frame_registered = registered,
+                Err(e) => warn(&format!(
+                    "C++ exceptions through the new code may not be caught: {e}"
+                )),
+            }
+        }
+    }
+    if record.thunk_eh_frame != 0 && record.frame_registered {
+        match register_frame(t, &record, record.thunk_eh_frame) {
+            Ok(registered) => record.thunk_frame_registered = registered,
             Err(e) => warn(&format!(
-                "C++ exceptions through the new code may not be caught: {e}"
+                "C++ exceptions through the register-preserving thunks may not be caught: {e}"
             )),
         }
     }
-    let Some(last) = state.patches.last_mut() else {
-        return;
-    };
-    last.debug = Some(record);
-    if let Err(e) = statemap.store(t.mem(), state) {
-        warn(&format!(
-            "cannot record debug information in the state: {e}"
-        ));
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!("livepatch: trace: debug info {record:x?}");
     }
+    Some(record)
 }
 
 /// Where the image's CFI, code and spare code byte are.
@@ -135,9 +168,42 @@ fn describe(image: &LinkedImage) -> DebugRecord {
         text_start,
         text_end,
         trap,
-        frame_registered: false,
         gdb_command: String::new(),
+        ..DebugRecord::default()
     }
+}
+
+/// Decodes the register-preserving thunks of `functions` from the target's memory and writes
+/// their `.eh_frame` into the image's spare code bytes (between its code and the trap byte).
+fn write_thunk_cfi(
+    t: &mut Tracee,
+    functions: &[AppliedFunction],
+    r: &mut DebugRecord,
+) -> Result<(), String> {
+    let mut frames = Vec::new();
+    for f in functions.iter().filter(|f| f.via != f.new) {
+        let code = t.mem().read_vec(f.via, 512).map_err(|e| e.to_string())?;
+        let frame = crate::thunk_cfi::decode(f.via, &code)
+            .ok_or_else(|| format!("thunk of {} at {:#x} not recognised", f.name, f.via))?;
+        frames.push(frame);
+    }
+    if frames.is_empty() {
+        return Ok(());
+    }
+    if r.trap == 0 {
+        return Err("no spare bytes in the patch's code pages".into());
+    }
+    let at = r.text_end.next_multiple_of(8);
+    let bytes = crate::thunk_cfi::eh_frame(&frames, at);
+    if at + bytes.len() as u64 > r.trap {
+        return Err("not enough spare bytes in the patch's code pages".into());
+    }
+    t.mem().write(at, &bytes).map_err(|e| e.to_string())?;
+    r.thunk_eh_frame = at;
+    r.thunk_eh_frame_len = bytes.len() as u64;
+    r.thunks_start = frames.iter().map(|f| f.start).min().unwrap_or(0);
+    r.thunks_end = frames.iter().map(|f| f.start + f.len).max().unwrap_or(0);
+    Ok(())
 }
 
 /// Saves the patch object and appends its `add-symbol-file` command to the gdb script.
@@ -180,55 +246,77 @@ fn unwinder_function(pid: i32, name: &str) -> Option<u64> {
 }
 
 /// Calls `__register_frame(eh_frame)` in the target. Ok(false): no libgcc_s there.
-fn register_frame(t: &mut Tracee, r: &DebugRecord) -> Result<bool, String> {
+fn register_frame(t: &mut Tracee, r: &DebugRecord, eh_frame: u64) -> Result<bool, String> {
     let Some(func) = unwinder_function(t.pid(), "__register_frame") else {
         return Ok(false);
     };
-    // The eh_frame in memory must be the one just linked (nothing else was checked).
-    remote_call(t, "__register_frame", func, r)?;
+    remote_call(t, "__register_frame", func, r, eh_frame)?;
     Ok(true)
 }
 
-fn remote_call(t: &mut Tracee, what: &str, func: u64, r: &DebugRecord) -> Result<(), String> {
+fn remote_call(
+    t: &mut Tracee,
+    what: &str,
+    func: u64,
+    r: &DebugRecord,
+    eh_frame: u64,
+) -> Result<(), String> {
     t.mem()
         .write(r.trap, &[0xcc])
         .map_err(|e| format!("cannot place the return trap: {e}"))?;
-    t.call_function(what, func, &[r.eh_frame], r.trap, CALL_TIMEOUT)
+    t.call_function(what, func, &[eh_frame], r.trap, CALL_TIMEOUT)
         .map(drop)
         .map_err(|e| e.to_string())
 }
 
 /// During a revert, once no thread runs the patch any more and before its memory is freed
-/// (`free`): withdraws what [`after_apply`] registered. Returns whether the memory may be
-/// freed: not while libgcc still holds a registration we could not withdraw.
+/// (when `free`): withdraws what [`before_switch`] registered. Returns whether the memory may
+/// be freed: not while libgcc still holds a registration that could not be withdrawn.
 pub fn on_revert(t: &mut Tracee, patch: &AppliedPatch, free: bool) -> bool {
+    if free {
+        undo(t, &patch.id, patch.debug.as_ref())
+    } else {
+        // The memory stays mapped (a thread may still run it): so does its registration.
+        forget_names(t.pid(), &patch.id);
+        false
+    }
+}
+
+/// Withdraws everything [`before_switch`] registered for patch `id` (a failed switch, or a
+/// revert). Returns whether the patch memory may be freed.
+pub fn undo(t: &mut Tracee, id: &str, debug: Option<&DebugRecord>) -> bool {
     let pid = t.pid();
-    if let Err(e) = crate::perf_map::forget(pid, &patch.id) {
+    forget_names(pid, id);
+    let Some(r) = debug.filter(|r| r.frame_registered) else {
+        return true;
+    };
+    let Some(func) = unwinder_function(pid, "__deregister_frame") else {
+        warn("libgcc_s is gone: the patch's unwind information stays registered, memory kept");
+        return false;
+    };
+    let mut frames = vec![r.eh_frame];
+    if r.thunk_frame_registered {
+        frames.push(r.thunk_eh_frame);
+    }
+    for eh_frame in frames {
+        if let Err(e) = remote_call(t, "__deregister_frame", func, r, eh_frame) {
+            warn(&format!(
+                "{e}; the patch's unwind information stays registered, its memory is kept"
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+fn forget_names(pid: i32, id: &str) {
+    if let Err(e) = crate::perf_map::forget(pid, id) {
         warn(&format!(
             "cannot update {}: {e}",
             crate::perf_map::path(pid).display()
         ));
     }
-    forget_gdb_command(pid, &patch.id);
-    let Some(r) = &patch.debug else {
-        return free;
-    };
-    if !free || !r.frame_registered {
-        return free;
-    }
-    let Some(func) = unwinder_function(pid, "__deregister_frame") else {
-        warn("libgcc_s is gone: the patch's unwind information stays registered, memory kept");
-        return false;
-    };
-    match remote_call(t, "__deregister_frame", func, r) {
-        Ok(()) => true,
-        Err(e) => {
-            warn(&format!(
-                "{e}; the patch's unwind information stays registered, its memory is kept"
-            ));
-            false
-        }
-    }
+    forget_gdb_command(pid, id);
 }
 
 fn forget_gdb_command(pid: i32, id: &str) {
@@ -262,18 +350,31 @@ pub fn add_patch_cfi(pid: i32, unwinder: &mut Unwinder) {
     };
     for p in &state.patches {
         let Some(r) = &p.debug else { continue };
-        if r.eh_frame == 0 || r.text_start >= r.text_end {
-            continue;
+        let name = format!("patch {}", &p.id[..p.id.len().min(12)]);
+        let parts = [
+            (r.eh_frame, r.eh_frame_len, r.text_start, r.text_end, ""),
+            (
+                r.thunk_eh_frame,
+                r.thunk_eh_frame_len,
+                r.thunks_start,
+                r.thunks_end,
+                " thunks",
+            ),
+        ];
+        for (eh_frame, len, start, end, what) in parts {
+            if eh_frame == 0 || start >= end {
+                continue;
+            }
+            let Ok(bytes) = mem.read_vec(eh_frame, len as usize) else {
+                continue;
+            };
+            unwinder.add(CfiSource::from_eh_frame(
+                &format!("{name}{what}"),
+                start,
+                end,
+                eh_frame,
+                bytes,
+            ));
         }
-        let Ok(bytes) = mem.read_vec(r.eh_frame, r.eh_frame_len as usize) else {
-            continue;
-        };
-        unwinder.add(CfiSource::from_eh_frame(
-            &format!("patch {}", &p.id[..p.id.len().min(12)]),
-            r.text_start,
-            r.text_end,
-            r.eh_frame,
-            bytes,
-        ));
     }
 }

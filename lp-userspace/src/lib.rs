@@ -16,6 +16,7 @@ pub mod revert;
 pub mod state;
 pub mod status;
 pub mod thunk;
+pub mod thunk_cfi;
 pub mod unwind;
 
 pub use apply::{Error, ErrorKind};

@@ -22,6 +22,7 @@ pub use error::{Error, ErrorKind};
 pub(crate) use modules::unwinder;
 pub use switch::{Mode, SwitchStats};
 
+use crate::debug_info;
 use crate::link::{Layout, Protection};
 use crate::patchfile::Patch;
 use crate::process::{prot, Tracee};
@@ -174,6 +175,14 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     }
     phase("code written");
+    let debug = debug_info::before_switch(
+        &mut t,
+        patch,
+        &functions,
+        &layout,
+        &|n| resolver.resolve(n),
+        code_addr,
+    );
     // 3. The switch.
     let record = AppliedPatch {
         id: patch.id.clone(),
@@ -187,7 +196,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         code_addr,
         code_len: total_len,
         functions: functions.clone(),
-        debug: None,
+        debug: debug.clone(),
     };
     let mut new_state = existing.clone();
     new_state.patches.push(record);
@@ -207,22 +216,15 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         Err(e) => {
             // Nothing redirects into the patch memory: give it back.
             if !matches!(e, Error::Process(crate::process::ProcessError::Exited(_))) {
-                let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
+                if debug_info::undo(&mut t, &patch.id, debug.as_ref()) {
+                    let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
+                }
                 statemap.remove_if_created(&mut t);
             }
             return Err(e);
         }
     };
     phase("switched");
-    crate::debug_info::after_apply(
-        &mut t,
-        &statemap,
-        &mut new_state,
-        patch,
-        &layout,
-        &|n| resolver.resolve(n),
-        code_addr,
-    );
     t.release()?;
     phase("detached");
     Ok(Applied {
