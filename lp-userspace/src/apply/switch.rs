@@ -263,7 +263,14 @@ fn nonstop_mode(
             TrapDecision::NotOurs => None,
         }
     })));
-    let result = nonstop_steps(t, sites, &table, commit);
+    let mut result = nonstop_steps(t, sites, &table, commit);
+    if result.is_err() {
+        // Put every site back as it was, with the same protocol, so that no int3 of ours is
+        // left behind when we let go.
+        if let Err(e) = nonstop_rollback(t, sites, &table) {
+            result = Err(e);
+        }
+    }
     // Drain: no thread may be left between our int3 and its report when we let go.
     let s0 = Instant::now();
     let drained = drain_traps(t);
@@ -350,6 +357,41 @@ fn nonstop_steps(
     commit(t.mem())
 }
 
+fn nonstop_rollback(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    table: &Rc<RefCell<RedirectTable<'static>>>,
+) -> Result<(), Error> {
+    // Trapping threads run what the restored bytes run: the old code (apply) or the version
+    // being kept (a failed revert).
+    for (i, s) in sites.iter().enumerate() {
+        let state = if s.reverting {
+            EntryState::Active
+        } else {
+            EntryState::Pending
+        };
+        let _ = table.borrow().set_state(s.plan.addr(), top_id(i), state);
+    }
+    for s in sites {
+        t.mem().write(s.plan.addr(), &[lp_core::site::INT3])?;
+    }
+    t.sync_cores()?;
+    t.resume_all()?;
+    t.poll_events()?;
+    for s in sites {
+        t.mem().write(s.plan.addr() + 1, &s.plan.expected()[1..])?;
+    }
+    t.sync_cores()?;
+    t.resume_all()?;
+    t.poll_events()?;
+    for s in sites {
+        t.mem().write(s.plan.addr(), &s.plan.expected()[..1])?;
+    }
+    t.sync_cores()?;
+    t.resume_all()?;
+    Ok(())
+}
+
 fn is_last_write(plan: &WritePlan, i: usize) -> bool {
     !plan.steps()[i + 1..].iter().any(|s| s.data().is_some())
 }
@@ -429,7 +471,10 @@ pub(crate) fn wait_threads_outside(
                 continue; // exited meanwhile
             }
             let regs = t.regs(tid)?;
-            let mut addrs = vec![regs.rip];
+            // Stopped right after one of our int3s with its SIGTRAP queued: it took the trap
+            // and the trap decision will move it; it is not executing the bytes behind it.
+            let trapped = ranges.iter().any(|r| r.start == regs.rip) && t.sigtrap_pending(tid);
+            let mut addrs = if trapped { vec![] } else { vec![regs.rip] };
             if let Some(u) = unwinder.as_deref_mut() {
                 let bt = u.unwind(
                     &crate::unwind::Registers::from_user_regs(&regs),

@@ -207,6 +207,14 @@ impl Tracee {
     /// thread-group leader's exit is reported only after every other thread was reaped).
     fn wait_for(&mut self, tid: i32) -> Result<WaitStatus> {
         loop {
+            // Our thread first: with many threads trapping (nonstop mode), a plain wait on any
+            // thread can keep returning theirs and starve the one we wait for.
+            match ptrace::wait(tid, true) {
+                Ok(Some((_, st))) => return Ok(st),
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {}
+                Err(e) => return Err(ProcessError::from_ptrace("WAIT", self.pid, tid, e)),
+            }
             match ptrace::wait(-1, false) {
                 Ok(Some((who, st))) if who == tid => return Ok(st),
                 Ok(Some((who, st))) => {
