@@ -180,9 +180,9 @@ mod tests {
             let expected = f
                 .steps
                 .iter()
-                .filter(|s| s.0 <= off)
+                .rev()
+                .find(|s| s.0 <= off)
                 .map(|s| s.1)
-                .last()
                 .unwrap_or(8);
             let row = eh
                 .unwind_info_for_address(&bases, &mut ctx, start + off, EhFrame::cie_from_offset)

@@ -224,21 +224,19 @@ impl Tracee {
     fn interrupt_call(&mut self, tid: i32) -> Result<()> {
         ptrace::interrupt(tid)
             .map_err(|e| ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e))?;
-        loop {
-            match self.wait_for(tid)? {
-                WaitStatus::EventStop | WaitStatus::OtherEvent(_) => break,
-                WaitStatus::Signal(sig) => {
-                    if !SYNCHRONOUS.contains(&sig) && sig != libc::SIGTRAP {
-                        if let Some(t) = self.threads.get_mut(&tid) {
-                            t.deferred.push(sig);
-                        }
+        // The first report is the stop: the interrupt's, or a signal that came before it.
+        match self.wait_for(tid)? {
+            WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {}
+            WaitStatus::Signal(sig) => {
+                if !SYNCHRONOUS.contains(&sig) && sig != libc::SIGTRAP {
+                    if let Some(t) = self.threads.get_mut(&tid) {
+                        t.deferred.push(sig);
                     }
-                    break;
                 }
-                WaitStatus::Gone => {
-                    self.thread_gone(tid)?;
-                    return Err(ProcessError::Exited(self.pid));
-                }
+            }
+            WaitStatus::Gone => {
+                self.thread_gone(tid)?;
+                return Err(ProcessError::Exited(self.pid));
             }
         }
         self.mark_stopped(tid);
