@@ -17,6 +17,7 @@
 //! None of this decides whether a patch is live: a failure here is reported as a warning and
 //! the patch stays applied (or reverted).
 
+use crate::apply::Error;
 use crate::link::{Layout, LinkedImage, Protection};
 use crate::patchfile::Patch;
 use crate::process::Tracee;
@@ -80,10 +81,14 @@ fn warn(what: &str) {
 }
 
 /// Before the switch, once the patch code is written (nothing runs it yet): registers the
-/// patch (linked from `layout` at `code_addr` with `resolve`) with the C++ runtime, perf and
-/// gdb. Registration must precede the switch: the first call of a new function may throw.
-/// The record goes into the in-target state with the patch; [`undo`] withdraws it when the
-/// switch fails.
+/// patch (linked from `layout` at `code_addr` with `resolve`; its thunks among `functions`)
+/// with the C++ runtime, perf and gdb. Registration must precede the switch: the first call of
+/// a new function may throw. The record goes into the in-target state with the patch;
+/// [`undo`] withdraws it when the switch fails.
+///
+/// Errors only when the target has libgcc's unwinder and it could not be told about the new
+/// code (an exception through it would terminate the process): the apply is then refused.
+/// perf and gdb files that cannot be written only give warnings.
 pub fn before_switch(
     t: &mut Tracee,
     patch: &Patch,
@@ -91,14 +96,26 @@ pub fn before_switch(
     layout: &Layout,
     resolve: &dyn Fn(&str) -> Option<u64>,
     code_addr: u64,
-) -> Option<DebugRecord> {
+) -> Result<Option<DebugRecord>, Error> {
     // The layout fixes every address: linking again gives the image that was written.
     let Ok(image) = layout.link(code_addr, resolve) else {
         warn("patch image could not be linked again: no debug information registered");
-        return None;
+        return Ok(None);
     };
     let pid = t.pid();
     let mut record = describe(&image);
+    let thunk_cfi = write_thunk_cfi(t, functions, &mut record);
+    if let Some(register) = unwinder_function(pid, "__register_frame") {
+        register_frames(t, &image, &mut record, register, thunk_cfi).map_err(|e| {
+            Error::Other(format!(
+                "cannot register the patch's unwind information in process {pid} (a C++ exception through the new code would terminate it): {e}"
+            ))
+        })?;
+    } else if let Err(e) = thunk_cfi {
+        warn(&format!(
+            "no unwind information for the register-preserving thunks: {e}"
+        ));
+    }
     if let Err(e) = crate::perf_map::record(pid, &image.symbol_list, &patch.id) {
         warn(&format!(
             "cannot write {}: {e}",
@@ -109,40 +126,44 @@ pub fn before_switch(
         Ok(cmd) => record.gdb_command = cmd,
         Err(e) => warn(&format!("cannot save the gdb symbol file: {e}")),
     }
-    if let Err(e) = write_thunk_cfi(t, functions, &mut record) {
-        warn(&format!(
-            "no unwind information for the register-preserving thunks: {e}"
-        ));
-    }
-    if record.eh_frame != 0 && record.trap != 0 {
-        let written = t
-            .mem()
-            .read_vec(record.eh_frame, record.eh_frame_len as usize);
-        if written.ok().as_deref() != image.eh_frame_bytes() {
-            warn(
-                "patch unwind information in memory differs from the linked image: not registered",
-            );
-        } else {
-            match register_frame(t, &record, record.eh_frame) {
-                Ok(registered) => record.frame_registered = registered,
-                Err(e) => warn(&format!(
-                    "C++ exceptions through the new code may not be caught: {e}"
-                )),
-            }
-        }
-    }
-    if record.thunk_eh_frame != 0 && record.frame_registered {
-        match register_frame(t, &record, record.thunk_eh_frame) {
-            Ok(registered) => record.thunk_frame_registered = registered,
-            Err(e) => warn(&format!(
-                "C++ exceptions through the register-preserving thunks may not be caught: {e}"
-            )),
-        }
-    }
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
         eprintln!("livepatch: trace: debug info {record:x?}");
     }
-    Some(record)
+    Ok(Some(record))
+}
+
+/// Registers the image's `.eh_frame` and the thunks' with `__register_frame` at `register`.
+/// On failure nothing stays registered.
+fn register_frames(
+    t: &mut Tracee,
+    image: &LinkedImage,
+    r: &mut DebugRecord,
+    register: u64,
+    thunk_cfi: Result<(), String>,
+) -> Result<(), String> {
+    if r.eh_frame == 0 {
+        return Ok(()); // compiled without unwind tables: nothing to tell
+    }
+    thunk_cfi.map_err(|e| format!("register-preserving thunks: {e}"))?;
+    if r.trap == 0 {
+        return Err("no spare byte in the patch's code pages for the call's return trap".into());
+    }
+    let written = t.mem().read_vec(r.eh_frame, r.eh_frame_len as usize);
+    if written.ok().as_deref() != image.eh_frame_bytes() {
+        return Err("the unwind information in memory differs from the linked image".into());
+    }
+    remote_call(t, "__register_frame", register, r, r.eh_frame)?;
+    r.frame_registered = true;
+    if r.thunk_eh_frame != 0 {
+        if let Err(e) = remote_call(t, "__register_frame", register, r, r.thunk_eh_frame) {
+            if !undo_frames(t, r) {
+                return Err(format!("{e}; and the patch's own could not be withdrawn"));
+            }
+            return Err(e);
+        }
+        r.thunk_frame_registered = true;
+    }
+    Ok(())
 }
 
 /// Where the image's CFI, code and spare code byte are.
@@ -245,15 +266,6 @@ fn unwinder_function(pid: i32, name: &str) -> Option<u64> {
     None
 }
 
-/// Calls `__register_frame(eh_frame)` in the target. Ok(false): no libgcc_s there.
-fn register_frame(t: &mut Tracee, r: &DebugRecord, eh_frame: u64) -> Result<bool, String> {
-    let Some(func) = unwinder_function(t.pid(), "__register_frame") else {
-        return Ok(false);
-    };
-    remote_call(t, "__register_frame", func, r, eh_frame)?;
-    Ok(true)
-}
-
 fn remote_call(
     t: &mut Tracee,
     what: &str,
@@ -285,19 +297,29 @@ pub fn on_revert(t: &mut Tracee, patch: &AppliedPatch, free: bool) -> bool {
 /// Withdraws everything [`before_switch`] registered for patch `id` (a failed switch, or a
 /// revert). Returns whether the patch memory may be freed.
 pub fn undo(t: &mut Tracee, id: &str, debug: Option<&DebugRecord>) -> bool {
-    let pid = t.pid();
-    forget_names(pid, id);
-    let Some(r) = debug.filter(|r| r.frame_registered) else {
-        return true;
-    };
-    let Some(func) = unwinder_function(pid, "__deregister_frame") else {
-        warn("libgcc_s is gone: the patch's unwind information stays registered, memory kept");
-        return false;
-    };
-    let mut frames = vec![r.eh_frame];
+    forget_names(t.pid(), id);
+    match debug {
+        Some(r) => undo_frames(t, r),
+        None => true,
+    }
+}
+
+/// Deregisters what [`register_frames`] registered; false when libgcc could not be told.
+fn undo_frames(t: &mut Tracee, r: &DebugRecord) -> bool {
+    let mut frames = Vec::new();
+    if r.frame_registered {
+        frames.push(r.eh_frame);
+    }
     if r.thunk_frame_registered {
         frames.push(r.thunk_eh_frame);
     }
+    if frames.is_empty() {
+        return true;
+    }
+    let Some(func) = unwinder_function(t.pid(), "__deregister_frame") else {
+        warn("libgcc_s is gone: the patch's unwind information stays registered, memory kept");
+        return false;
+    };
     for eh_frame in frames {
         if let Err(e) = remote_call(t, "__deregister_frame", func, r, eh_frame) {
             warn(&format!(

@@ -175,14 +175,16 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     }
     phase("code written");
-    let debug = debug_info::before_switch(
-        &mut t,
-        patch,
-        &functions,
-        &layout,
-        &|n| resolver.resolve(n),
-        code_addr,
-    );
+    let resolve = |n: &str| resolver.resolve(n);
+    let debug =
+        match debug_info::before_switch(&mut t, patch, &functions, &layout, &resolve, code_addr) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = t.munmap(code_addr, total_len);
+                statemap.remove_if_created(&mut t);
+                return Err(e);
+            }
+        };
     // 3. The switch.
     let record = AppliedPatch {
         id: patch.id.clone(),

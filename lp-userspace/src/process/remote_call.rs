@@ -117,7 +117,7 @@ impl Tracee {
         timeout: Duration,
     ) -> Result<u64> {
         assert!(args.len() <= 6, "at most 6 register arguments");
-        let tid = self.stop_any()?;
+        let tid = self.borrowable_thread()?;
         let saved = self.regs(tid)?;
         let xstate = get_xstate(tid)
             .map_err(|e| ProcessError::from_ptrace("GETREGSET", self.pid, tid, e))?;
@@ -132,6 +132,37 @@ impl Tracee {
                 .map_err(|e| ProcessError::from_ptrace("SETREGSET", self.pid, tid, e))?;
         }
         outcome
+    }
+
+    /// A thread to run a call on, left stopped. Preferred: one blocked in a system call other
+    /// than futex (sleeping, reading...): it holds no lock of libc's or libgcc's that our call
+    /// could need (a thread stopped inside malloc would deadlock on itself when the callee
+    /// allocates). Threads looked at and not chosen are let go again.
+    fn borrowable_thread(&mut self) -> Result<i32> {
+        let first = self.stop_any()?;
+        if self.idle_in_syscall(first) {
+            return Ok(first);
+        }
+        for tid in self.threads() {
+            let was_stopped = self.threads.get(&tid).is_some_and(|t| t.stopped);
+            if tid == first || self.stop_thread(tid).is_err() {
+                continue;
+            }
+            if self.idle_in_syscall(tid) {
+                return Ok(tid);
+            }
+            if !was_stopped {
+                self.resume_thread(tid)?;
+            }
+        }
+        Ok(first)
+    }
+
+    fn idle_in_syscall(&self, tid: i32) -> bool {
+        self.regs(tid).is_ok_and(|r| {
+            let nr = r.orig_rax as i64;
+            nr >= 0 && nr != libc::SYS_futex
+        })
     }
 
     /// Lets `tid` run until it stops on the `int3` at `trap`; returns its `rax` then. The
