@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds lpcore.ko (C shim + lp-core as a Rust staticlib), the test target modules and the test
-# patch modules into lp-kernel/build/. Needs: nightly with rust-src, the 6.1 headers package.
+# patch modules into lp-kernel/build/. Needs: the pinned nightly (scripts/nightly.sh) with rust-src, the 6.1 headers package.
 # Usage: bash lp-kernel/build.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -8,6 +8,7 @@ KVER=${KVER:-6.1.0-50-cloud-amd64}
 KDIR=${KDIR:-/usr/src/linux-headers-$KVER}
 out=$here/build
 mkdir -p "$out"
+. "$here/../scripts/nightly.sh"
 
 # 1. Rust: lp-core + the FFI layer (returns and indirect calls through the kernel's
 # __x86_return_thunk / __x86_indirect_thunk_*, like the C of this RETHUNK+RETPOLINE kernel) for x86_64-unknown-none, built with a core (and alloc) that
@@ -18,7 +19,7 @@ mkdir -p "$out"
   cd "${LP_RUST_SRC:-$here/rust}"
   RUSTFLAGS="-C relocation-model=static -C code-model=kernel -Z plt=yes -Z function-return=thunk-extern -Z retpoline-external-thunk" \
     CARGO_TARGET_DIR="$out/rust" \
-    cargo +nightly build --release --quiet \
+    cargo "+$LP_NIGHTLY" build --release --quiet \
     -Z build-std=core,alloc,compiler_builtins -Z build-std-features=compiler-builtins-mem \
     --target x86_64-unknown-none
 )

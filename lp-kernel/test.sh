@@ -11,17 +11,14 @@ KVER=6.1.0-50-cloud-amd64
 out=$here/build
 export VM_TIMEOUT=${VM_TIMEOUT:-300}
 
-# Prerequisites: the apt packages (kernel image + headers, qemu, busybox, cpio) and nightly Rust
-# with the standard library's source (build-std).
+# Prerequisites: the apt packages (kernel image + headers, qemu, busybox, cpio) and the pinned nightly
+# Rust (scripts/nightly.sh) with the standard library's source (build-std).
 bash "$root/scripts/install-deps.sh"
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  rustup toolchain install nightly --profile minimal --component rust-src
-fi
-rustup component list --toolchain nightly --installed | grep -q '^rust-src' ||
-  rustup component add rust-src --toolchain nightly
+. "$root/scripts/nightly.sh"
+ensure_nightly
 
 # The Rust half's interface to C, on the host (unit tests; the kernel build comes next).
-(cd "$here/rust" && CARGO_TARGET_DIR="$out/rust-host" cargo +nightly test -q)
+(cd "$here/rust" && CARGO_TARGET_DIR="$out/rust-host" cargo "+$LP_NIGHTLY" test -q)
 bash "$here/build.sh"
 
 # The example patch (examples/kernel-cmdline), built the way a user builds one: with
