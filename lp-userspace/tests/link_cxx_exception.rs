@@ -5,20 +5,15 @@
 #[path = "elf_support/mod.rs"]
 mod support;
 
+use support::in_process::{dlsym, Mapped};
+
 use std::ffi::CString;
 
-use lp_userspace::link::{Layout, Protection};
+use lp_userspace::link::Layout;
 
 #[no_mangle]
 pub extern "C" fn lp_cxx_test_callback(x: i32) -> i32 {
     x * 100
-}
-
-fn dlsym(name: &str) -> Option<u64> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: dlsym lookup with a valid C string.
-    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
-    (!p.is_null()).then_some(p as u64)
 }
 
 #[test]
@@ -42,38 +37,15 @@ fn link_cxx_exception_caught_through_new_functions() {
     assert!(!h.is_null(), "libstdc++ loads");
 
     let layout = Layout::of(&obj).unwrap();
-    // SAFETY: fresh anonymous mapping.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            layout.size() as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    } as u64;
+    let mapped = Mapped::new(layout.size(), 0);
+    let base = mapped.addr;
     let image = layout
         .link(base, &|name| match name {
             "host_callback" => Some(lp_cxx_test_callback as *const () as u64),
             _ => dlsym(name),
         })
         .unwrap();
-    // SAFETY: the image fits the mapping; regions are page aligned inside it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(image.bytes.as_ptr(), base as *mut u8, image.bytes.len());
-        for r in &image.regions {
-            let prot = match r.prot {
-                Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
-                Protection::Read => libc::PROT_READ,
-                Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-            };
-            assert_eq!(
-                libc::mprotect((base + r.offset) as *mut libc::c_void, r.len as usize, prot),
-                0
-            );
-        }
-    }
+    mapped.load(&image);
     let eh = image.eh_frame.clone().expect("C++ object has .eh_frame");
     let register = dlsym("__register_frame").expect("libgcc_s exports __register_frame");
     let deregister = dlsym("__deregister_frame").unwrap();

@@ -4,9 +4,11 @@
 #[path = "elf_support/mod.rs"]
 mod support;
 
-use std::ffi::{CStr, CString};
+use support::in_process::{dlsym, Mapped};
 
-use lp_userspace::link::{Layout, LinkError, LinkedImage, Protection};
+use std::ffi::CStr;
+
+use lp_userspace::link::{Layout, LinkError, LinkedImage};
 use lp_userspace::maps;
 
 #[no_mangle]
@@ -21,74 +23,7 @@ fn resolver(name: &str) -> Option<u64> {
     match name {
         "host_callback" => Some(lp_test_host_callback as *const () as usize as u64),
         "host_value" => Some(std::ptr::addr_of!(LP_TEST_HOST_VALUE) as u64),
-        _ => {
-            let c = CString::new(name).ok()?;
-            // SAFETY: dlsym with RTLD_DEFAULT and a valid C string only reads the symbol tables.
-            let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
-            (!p.is_null()).then_some(p as u64)
-        }
-    }
-}
-
-/// Memory mapped in this process for an image; unmapped on drop.
-struct Mapped {
-    addr: u64,
-    len: usize,
-}
-
-impl Mapped {
-    fn new(len: u64, hint: u64) -> Mapped {
-        // SAFETY: anonymous private mapping; the hint is only a hint (no MAP_FIXED).
-        let p = unsafe {
-            libc::mmap(
-                hint as *mut libc::c_void,
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Mapped {
-            addr: p as u64,
-            len: len as usize,
-        }
-    }
-
-    fn load(&self, image: &LinkedImage) {
-        assert!(image.bytes.len() <= self.len);
-        // SAFETY: the mapping is ours, writable and at least image.bytes.len() long.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                image.bytes.as_ptr(),
-                self.addr as *mut u8,
-                image.bytes.len(),
-            )
-        };
-        for r in &image.regions {
-            let prot = match r.prot {
-                Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
-                Protection::Read => libc::PROT_READ,
-                Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-            };
-            // SAFETY: the region lies inside our mapping (page aligned by the layout).
-            let rc = unsafe {
-                libc::mprotect(
-                    (self.addr + r.offset) as *mut libc::c_void,
-                    r.len as usize,
-                    prot,
-                )
-            };
-            assert_eq!(rc, 0);
-        }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the region we mapped.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        _ => dlsym(name),
     }
 }
 

@@ -5,10 +5,12 @@
 #[path = "elf_support/mod.rs"]
 mod support;
 
+use support::in_process::Mapped;
+
 use std::ffi::CString;
 
 use lp_userspace::elf::Module;
-use lp_userspace::link::{Layout, Protection};
+use lp_userspace::link::Layout;
 use lp_userspace::maps;
 
 #[test]
@@ -46,38 +48,15 @@ fn link_calls_ambiguous_statics_of_the_target_by_file_and_position() {
     wanted.sort();
     assert_eq!(wanted, ["counter@dup_a.c", "helper,2", "helper@dup_a.c"]);
     let at = maps::find_free_near(&all, mapped.start(), mapped.end(), layout.size()).unwrap();
-    // SAFETY: anonymous mapping at a free address (hint only).
-    let base = unsafe {
-        libc::mmap(
-            at as *mut libc::c_void,
-            layout.size() as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    } as u64;
+    let mapped = Mapped::new(layout.size(), at);
+    let base = mapped.addr;
     assert_eq!(base, at);
     let image = layout
         .link(base, &|name| {
             module.lookup(name).ok().map(|s| bias + s.value)
         })
         .unwrap();
-    // SAFETY: the image fits the mapping; regions are page aligned inside it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(image.bytes.as_ptr(), base as *mut u8, image.bytes.len());
-        for r in &image.regions {
-            let prot = match r.prot {
-                Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
-                Protection::Read => libc::PROT_READ,
-                Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-            };
-            assert_eq!(
-                libc::mprotect((base + r.offset) as *mut libc::c_void, r.len as usize, prot),
-                0
-            );
-        }
-    }
+    mapped.load(&image);
     // SAFETY: linked for this address; signature from use_statics.c.
     let use_statics: extern "C" fn(i32) -> i32 =
         unsafe { std::mem::transmute(image.symbol("use_statics").unwrap() as usize) };

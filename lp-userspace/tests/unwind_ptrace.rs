@@ -5,6 +5,8 @@
 #[path = "elf_support/mod.rs"]
 mod support;
 
+use support::in_process::{dlsym, Mapped};
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -157,50 +159,17 @@ fn unwind_through_linked_patch_code_with_its_own_eh_frame() {
     let dir = tempfile::tempdir().unwrap();
     let obj = std::fs::read(support::object(dir.path(), "patch_obj.c", "p.o", &[])).unwrap();
     let layout = Layout::of(&obj).unwrap();
-    // SAFETY: fresh anonymous mapping, written then made executable below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            layout.size() as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED);
+    let mapped = Mapped::new(layout.size(), 0);
+    let base = mapped.addr;
     static HOST_VALUE: i32 = 0;
     let image = layout
-        .link(base as u64, &|name| match name {
+        .link(base, &|name| match name {
             "host_callback" => Some(lp_unwind_test_callback as *const () as u64),
             "host_value" => Some(&HOST_VALUE as *const i32 as u64),
-            _ => {
-                let c = std::ffi::CString::new(name).ok()?;
-                // SAFETY: dlsym lookup of a libc symbol.
-                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
-                (!p.is_null()).then_some(p as u64)
-            }
+            _ => dlsym(name),
         })
         .unwrap();
-    // SAFETY: copying the image into our mapping and protecting its regions.
-    unsafe {
-        std::ptr::copy_nonoverlapping(image.bytes.as_ptr(), base as *mut u8, image.bytes.len());
-        for r in &image.regions {
-            let prot = match r.prot {
-                lp_userspace::link::Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
-                lp_userspace::link::Protection::Read => libc::PROT_READ,
-                lp_userspace::link::Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-            };
-            assert_eq!(
-                libc::mprotect(
-                    (base as u64 + r.offset) as *mut libc::c_void,
-                    r.len as usize,
-                    prot
-                ),
-                0
-            );
-        }
-    }
+    mapped.load(&image);
     let mut u = Unwinder::for_process(std::process::id() as i32).unwrap();
     let without = {
         // First without the image's CFI: the unwind must stop at the patch code, not invent frames.

@@ -2,6 +2,8 @@
 //! the C fixtures of tests/fixtures/elf with gcc into a temporary directory.
 #![allow(dead_code)]
 
+pub mod in_process;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
