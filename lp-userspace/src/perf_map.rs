@@ -5,10 +5,16 @@
 //! mapping in process PID, so the lines must exist while the patch is applied; [`forget`]
 //! removes them on revert.
 //!
+//! `/tmp` is writable by everyone and the tool runs as root: the map file is never opened
+//! through a symbolic link (`O_NOFOLLOW`), so a link planted at the well-known name cannot make
+//! us append to, or rewrite, another file.
+//!
 //! gdb: the patch object itself carries the symbols and debug info; [`gdb_add_symbol_file`]
 //! gives the `add-symbol-file` command that places each of its sections where it was linked.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use crate::link::{LinkedImage, LinkedSymbol};
@@ -36,9 +42,10 @@ pub fn record(pid: i32, symbols: &[LinkedSymbol], tag: &str) -> std::io::Result<
     if text.is_empty() {
         return Ok(());
     }
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path(pid))?;
     // One write: concurrent appenders (another JIT in the process) never interleave within it.
     f.write_all(text.as_bytes())
@@ -47,8 +54,9 @@ pub fn record(pid: i32, symbols: &[LinkedSymbol], tag: &str) -> std::io::Result<
 /// Removes the lines a [`record`] with the same `tag` wrote (after a revert). Missing file: Ok.
 pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
     let p = path(pid);
-    let text = match std::fs::read_to_string(&p) {
-        Ok(t) => t,
+    let mut text = String::new();
+    match open_no_follow(OpenOptions::new().read(true), &p) {
+        Ok(mut f) => f.read_to_string(&mut text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
@@ -59,10 +67,16 @@ pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     if kept.is_empty() {
+        // remove_file unlinks a link itself, never its target
         std::fs::remove_file(&p)
     } else {
-        std::fs::write(&p, kept)
+        open_no_follow(OpenOptions::new().write(true).truncate(true), &p)?
+            .write_all(kept.as_bytes())
     }
+}
+
+fn open_no_follow(options: &mut OpenOptions, p: &std::path::Path) -> std::io::Result<File> {
+    options.custom_flags(libc::O_NOFOLLOW).open(p)
 }
 
 /// The gdb command that loads the symbols (and debug info, if compiled with -g) of the patch

@@ -212,6 +212,36 @@ fn link_perf_map_names_linked_functions() {
 }
 
 #[test]
+fn link_perf_map_never_writes_through_a_planted_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = std::fs::read(support::object(dir.path(), "patch_obj.c", "p.o", &[])).unwrap();
+    let image = Layout::of(&obj)
+        .unwrap()
+        .link(0x7000_0000, &resolver)
+        .unwrap();
+    // A pid above the kernel's pid_max: no real process owns this map name.
+    let pid = 2_000_000_000;
+    let map = lp_userspace::perf_map::path(pid);
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n[livepatch abc]\n").unwrap();
+    let _ = std::fs::remove_file(&map);
+    std::os::unix::fs::symlink(&victim, &map).unwrap();
+    let appended = lp_userspace::perf_map::record(pid, &image.symbol_list, "abc");
+    let rewritten = lp_userspace::perf_map::forget(pid, "abc");
+    let link_still_there = std::fs::symlink_metadata(&map).is_ok();
+    let _ = std::fs::remove_file(&map);
+    assert!(appended.is_err(), "record followed the link");
+    assert!(
+        rewritten.is_err() || !link_still_there,
+        "forget followed the link"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n[livepatch abc]\n"
+    );
+}
+
+#[test]
 fn link_gdb_names_linked_functions_from_the_object() {
     let dir = tempfile::tempdir().unwrap();
     let path = support::object(
