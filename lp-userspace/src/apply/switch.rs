@@ -434,6 +434,11 @@ fn drain_traps(t: &mut Tracee) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(5);
     for tid in t.threads() {
         loop {
+            // Blocked in a system call with no SIGTRAP queued: not between a trap and its
+            // report, and no int3 of ours is left to hit.
+            if t.blocked_in_syscall_at(tid).is_some() && !t.sigtrap_pending(tid) {
+                break;
+            }
             if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
                 break; // exited meanwhile
             }
@@ -467,6 +472,14 @@ pub(crate) fn wait_threads_outside(
     while !pending.is_empty() {
         let mut still = Vec::new();
         for tid in pending {
+            // A thread blocked in a system call outside the ranges needs no stop: it resumes
+            // there, and nothing leads it back in. (Its stack matters only with an unwinder.)
+            if unwinder.is_none()
+                && t.blocked_in_syscall_at(tid)
+                    .is_some_and(|pc| !ranges.iter().any(|r| r.contains(pc)))
+            {
+                continue;
+            }
             if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
                 continue; // exited meanwhile
             }

@@ -364,6 +364,20 @@ impl Tracee {
         })
     }
 
+    /// Where thread `tid` is blocked in a system call, without stopping it: the user
+    /// instruction pointer from /proc/PID/task/TID/syscall, or `None` when it is running (or
+    /// not in a system call). A thread blocked in a system call resumes at that address.
+    pub fn blocked_in_syscall_at(&self, tid: i32) -> Option<u64> {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/syscall", self.pid)).ok()?;
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let nr: i64 = fields.first()?.parse().ok()?;
+        if nr < 0 || fields.len() < 9 {
+            return None;
+        }
+        u64::from_str_radix(fields.last()?.trim_start_matches("0x"), 16).ok()
+    }
+
     /// Registers of a stopped thread.
     pub fn regs(&self, tid: i32) -> Result<Regs> {
         ptrace::get_regs(tid).map_err(|e| ProcessError::from_ptrace("GETREGS", self.pid, tid, e))
