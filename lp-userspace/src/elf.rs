@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 use goblin::elf::{header, program_header, section_header, sym, Elf};
 use thiserror::Error;
 
+mod symbol_spec;
+use symbol_spec::file_matches;
+pub use symbol_spec::SymbolSpec;
+
 /// Errors reading an ELF file.
 #[derive(Debug, Error)]
 pub enum ElfError {
@@ -190,60 +194,6 @@ pub struct Module {
     has_symtab: bool,
     /// Separate debug file the symbols came from.
     debug_file: Option<PathBuf>,
-}
-
-/// A parsed symbol specification.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SymbolSpec<'a> {
-    /// `name`.
-    Name(&'a str),
-    /// `name@file`.
-    InFile(&'a str, &'a str),
-    /// `name,N` (1-based).
-    Position(&'a str, usize),
-}
-
-impl<'a> SymbolSpec<'a> {
-    /// Parses `name`, `name@file.c` or `name,N`.
-    pub fn parse(spec: &'a str) -> Result<Self, LookupError> {
-        let bad = || LookupError::BadSpec(spec.to_string());
-        if let Some((name, pos)) = spec.rsplit_once(',') {
-            match pos.trim().parse::<usize>() {
-                Ok(n) if n > 0 && !name.is_empty() && !name.contains('@') => {
-                    return Ok(SymbolSpec::Position(name, n));
-                }
-                // `name@dir,with,commas/file.c` is a file name, not a position.
-                Err(_) if spec.contains('@') => {}
-                _ => return Err(bad()),
-            }
-        }
-        if let Some((name, file)) = spec.split_once('@') {
-            if name.is_empty() || file.is_empty() {
-                return Err(bad());
-            }
-            return Ok(SymbolSpec::InFile(name, file));
-        }
-        if spec.is_empty() {
-            return Err(bad());
-        }
-        Ok(SymbolSpec::Name(spec))
-    }
-
-    /// The symbol name part.
-    pub fn name(&self) -> &'a str {
-        match *self {
-            SymbolSpec::Name(n) | SymbolSpec::InFile(n, _) | SymbolSpec::Position(n, _) => n,
-        }
-    }
-}
-
-/// `file` as recorded in STT_FILE matches what the user wrote: equal, or equal basenames.
-fn file_matches(recorded: &str, wanted: &str) -> bool {
-    if recorded == wanted {
-        return true;
-    }
-    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
-    base(recorded) == base(wanted) && !wanted.contains('/')
 }
 
 impl Module {
