@@ -607,3 +607,101 @@ fn evaluate(
         other => Err(format!("unsupported CFI expression result {other:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flat piece of "stack" at `base`.
+    struct Stack {
+        base: u64,
+        bytes: Vec<u8>,
+    }
+
+    impl MemoryReader for Stack {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+            let off = addr.checked_sub(self.base).map(|o| o as usize);
+            match off.and_then(|o| self.bytes.get(o..o + buf.len())) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    Ok(())
+                }
+                None => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            }
+        }
+    }
+
+    /// One CIE (CFA = rsp + 8, return address at CFA - 8: a function's entry) and one FDE per
+    /// `(start, len, instructions)`, no augmentation (absolute 8-byte addresses).
+    fn eh_frame(fdes: &[(u64, u64, &[u8])]) -> Vec<u8> {
+        fn entry(out: &mut Vec<u8>, body: &[u8]) {
+            let mut body = body.to_vec();
+            while (body.len() + 4) % 8 != 0 {
+                body.push(0); // DW_CFA_nop
+            }
+            out.extend((body.len() as u32).to_le_bytes());
+            out.extend(body);
+        }
+        let mut out = Vec::new();
+        // CIE id 0, version 1, "", code align 1, data align -8, RA column 16, then
+        // DW_CFA_def_cfa rsp+8; DW_CFA_offset r16 at cfa-8.
+        entry(
+            &mut out,
+            &[0, 0, 0, 0, 1, 0, 1, 0x78, 16, 0x0c, 7, 8, 0x90, 1],
+        );
+        for &(start, len, instructions) in fdes {
+            let cie_pointer = (out.len() + 4) as u32; // from the CIE pointer field back to 0
+            let mut body = cie_pointer.to_le_bytes().to_vec();
+            body.extend(start.to_le_bytes());
+            body.extend(len.to_le_bytes());
+            body.extend(instructions);
+            entry(&mut out, &body);
+        }
+        out
+    }
+
+    #[test]
+    fn caller_saved_registers_are_unknown_in_the_caller() {
+        // inner at 0x1000: the CIE's entry rule. outer at 0x2000: CFA = r10 + 8 (gcc's DRAP
+        // register, caller-saved), which the inner function may have overwritten.
+        let cfi = eh_frame(&[(0x1000, 0x100, &[]), (0x2000, 0x100, &[0x0c, 10, 8])]);
+        let mut unwinder = Unwinder::new();
+        unwinder.add(CfiSource::from_eh_frame(
+            "synthetic",
+            0x1000,
+            0x2100,
+            0x10_0000,
+            cfi,
+        ));
+        let mut stack = Stack {
+            base: 0x8000,
+            bytes: vec![0; 0x2000],
+        };
+        stack.bytes[..8].copy_from_slice(&0x2010u64.to_le_bytes()); // return into outer
+        stack.bytes[0x1000..0x1008].copy_from_slice(&0x4444u64.to_le_bytes()); // junk at r10
+        let mut regs = Registers::minimal(0x1000, 0x8000, 0);
+        regs.0[10] = Some(0x9000); // the inner function's r10, not the caller's
+
+        let bt = unwinder.unwind(&regs, &stack, DEFAULT_MAX_DEPTH);
+        assert_eq!(bt.return_addresses, [0x2010], "no frame made up from r10");
+        assert!(
+            matches!(&bt.stop, StopReason::Failed(0x2010, why) if why.contains("CFA register 10")),
+            "{:?}",
+            bt.stop
+        );
+
+        // rbx is callee-saved: without a rule it keeps its value, and a CFA rule may use it.
+        let cfi = eh_frame(&[(0x1000, 0x100, &[]), (0x2000, 0x100, &[0x0c, 3, 8])]);
+        let mut unwinder = Unwinder::new();
+        unwinder.add(CfiSource::from_eh_frame(
+            "synthetic",
+            0x1000,
+            0x2100,
+            0x10_0000,
+            cfi,
+        ));
+        regs.0[reg::RBX as usize] = Some(0x9000);
+        let bt = unwinder.unwind(&regs, &stack, DEFAULT_MAX_DEPTH);
+        assert_eq!(bt.return_addresses, [0x2010, 0x4444]);
+    }
+}
