@@ -636,7 +636,7 @@ mod tests {
     fn eh_frame(fdes: &[(u64, u64, &[u8])]) -> Vec<u8> {
         fn entry(out: &mut Vec<u8>, body: &[u8]) {
             let mut body = body.to_vec();
-            while (body.len() + 4) % 8 != 0 {
+            while !(body.len() + 4).is_multiple_of(8) {
                 body.push(0); // DW_CFA_nop
             }
             out.extend((body.len() as u32).to_le_bytes());
