@@ -251,7 +251,8 @@ const REACH: u64 = 1 << 31;
 /// patch never extends a neighbouring mapping. `None` when there is no room.
 pub fn find_free_near(mappings: &[Mapping], lo: u64, hi: u64, size: u64) -> Option<u64> {
     const PAGE: u64 = 0x1000;
-    let size = size.max(1).div_ceil(PAGE) * PAGE;
+    // A size within a page of u64::MAX cannot be rounded up (nor placed).
+    let size = size.max(1).checked_next_multiple_of(PAGE)?;
     // The allowed window for the whole region [a, a + size).
     let win_lo = hi.saturating_sub(REACH).max(MIN_ADDR).div_ceil(PAGE) * PAGE;
     let win_hi = (lo.saturating_add(REACH)).min(MAX_ADDR) & !(PAGE - 1);

@@ -71,6 +71,11 @@ fn elf_maps_free_range_is_within_reach_and_free() {
         find_free_near(&full, 0x1_0000_0000, 0x1_0001_0000, 0x1000),
         None
     );
+    // A size that cannot be rounded to pages: no place, no overflow panic.
+    assert_eq!(
+        find_free_near(&all, 0x5555_0000_0000, 0x5555_0020_0000, u64::MAX - 5),
+        None
+    );
 }
 
 #[test]
