@@ -556,6 +556,9 @@ fn step(
     Ok(Some(next))
 }
 
+/// Most DWARF operations one CFI expression may execute (glibc's signal frame rules take ~5).
+const MAX_EXPRESSION_OPS: u32 = 10_000;
+
 /// Evaluates a DWARF expression of the CFI (`initial` is pushed first for register rules).
 fn evaluate(
     expr: gimli::Expression<Slice<'_>>,
@@ -569,6 +572,9 @@ fn evaluate(
         version: 4,
     };
     let mut eval: Evaluation<Slice<'_>> = expr.evaluation(encoding);
+    // CFI can come from the target's memory (the vDSO, patch code of earlier invocations): a
+    // looping expression (`DW_OP_skip` backwards) must fail, not hang us while threads are stopped.
+    eval.set_max_iterations(MAX_EXPRESSION_OPS);
     if let Some(v) = initial {
         eval.set_initial_value(v);
     }
@@ -703,5 +709,34 @@ mod tests {
         regs.0[reg::RBX as usize] = Some(0x9000);
         let bt = unwinder.unwind(&regs, &stack, DEFAULT_MAX_DEPTH);
         assert_eq!(bt.return_addresses, [0x2010, 0x4444]);
+    }
+
+    #[test]
+    fn a_looping_cfa_expression_fails_instead_of_hanging() {
+        // DW_CFA_def_cfa_expression { DW_OP_skip -3 }: jumps back to itself forever.
+        let cfi = eh_frame(&[(0x1000, 0x100, &[0x0f, 3, 0x2f, 0xfd, 0xff])]);
+        let mut unwinder = Unwinder::new();
+        unwinder.add(CfiSource::from_eh_frame(
+            "synthetic",
+            0x1000,
+            0x1100,
+            0x10_0000,
+            cfi,
+        ));
+        let stack = Stack {
+            base: 0x8000,
+            bytes: vec![0; 0x100],
+        };
+        let bt = unwinder.unwind(
+            &Registers::minimal(0x1010, 0x8000, 0),
+            &stack,
+            DEFAULT_MAX_DEPTH,
+        );
+        assert!(bt.return_addresses.is_empty());
+        assert!(
+            matches!(bt.stop, StopReason::Failed(0x1010, _)),
+            "{:?}",
+            bt.stop
+        );
     }
 }
