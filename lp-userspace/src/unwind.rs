@@ -666,19 +666,25 @@ mod tests {
         out
     }
 
+    /// An unwinder knowing only `cfi`, for code `[start, end)`.
+    fn synthetic_unwinder(start: u64, end: u64, cfi: Vec<u8>) -> Unwinder {
+        let mut unwinder = Unwinder::new();
+        unwinder.add(CfiSource::from_eh_frame(
+            "synthetic",
+            start,
+            end,
+            0x10_0000,
+            cfi,
+        ));
+        unwinder
+    }
+
     #[test]
     fn caller_saved_registers_are_unknown_in_the_caller() {
         // inner at 0x1000: the CIE's entry rule. outer at 0x2000: CFA = r10 + 8 (gcc's DRAP
         // register, caller-saved), which the inner function may have overwritten.
         let cfi = eh_frame(&[(0x1000, 0x100, &[]), (0x2000, 0x100, &[0x0c, 10, 8])]);
-        let mut unwinder = Unwinder::new();
-        unwinder.add(CfiSource::from_eh_frame(
-            "synthetic",
-            0x1000,
-            0x2100,
-            0x10_0000,
-            cfi,
-        ));
+        let mut unwinder = synthetic_unwinder(0x1000, 0x2100, cfi);
         let mut stack = Stack {
             base: 0x8000,
             bytes: vec![0; 0x2000],
@@ -698,14 +704,7 @@ mod tests {
 
         // rbx is callee-saved: without a rule it keeps its value, and a CFA rule may use it.
         let cfi = eh_frame(&[(0x1000, 0x100, &[]), (0x2000, 0x100, &[0x0c, 3, 8])]);
-        let mut unwinder = Unwinder::new();
-        unwinder.add(CfiSource::from_eh_frame(
-            "synthetic",
-            0x1000,
-            0x2100,
-            0x10_0000,
-            cfi,
-        ));
+        let mut unwinder = synthetic_unwinder(0x1000, 0x2100, cfi);
         regs.0[reg::RBX as usize] = Some(0x9000);
         let bt = unwinder.unwind(&regs, &stack, DEFAULT_MAX_DEPTH);
         assert_eq!(bt.return_addresses, [0x2010, 0x4444]);
@@ -715,14 +714,7 @@ mod tests {
     fn a_looping_cfa_expression_fails_instead_of_hanging() {
         // DW_CFA_def_cfa_expression { DW_OP_skip -3 }: jumps back to itself forever.
         let cfi = eh_frame(&[(0x1000, 0x100, &[0x0f, 3, 0x2f, 0xfd, 0xff])]);
-        let mut unwinder = Unwinder::new();
-        unwinder.add(CfiSource::from_eh_frame(
-            "synthetic",
-            0x1000,
-            0x1100,
-            0x10_0000,
-            cfi,
-        ));
+        let mut unwinder = synthetic_unwinder(0x1000, 0x1100, cfi);
         let stack = Stack {
             base: 0x8000,
             bytes: vec![0; 0x100],

@@ -38,9 +38,9 @@ fn elf_maps_parses_special_lines() {
     assert!(maps::parse("1000-0 r-xp 0 0:0 0\n").is_err());
 }
 
-#[test]
-fn elf_maps_free_range_is_within_reach_and_free() {
-    let m = |start: u64, end: u64| Mapping {
+/// A readable anonymous mapping `[start, end)`.
+fn anonymous(start: u64, end: u64) -> Mapping {
+    Mapping {
         start,
         end,
         read: true,
@@ -52,7 +52,12 @@ fn elf_maps_free_range_is_within_reach_and_free() {
         inode: 0,
         path: None,
         deleted: false,
-    };
+    }
+}
+
+#[test]
+fn elf_maps_free_range_is_within_reach_and_free() {
+    let m = anonymous;
     let all = vec![
         m(0x5555_0000_0000, 0x5555_0010_0000),
         m(0x5555_0010_0000 + 0x1000, 0x5555_0020_0000),
@@ -124,19 +129,7 @@ fn elf_maps_free_range_properties_on_random_layouts() {
     };
     const PAGE: u64 = 0x1000;
     const REACH: u64 = 1 << 31;
-    let m = |start: u64, end: u64| Mapping {
-        start,
-        end,
-        read: true,
-        write: false,
-        exec: false,
-        shared: false,
-        offset: 0,
-        dev: "0:0".into(),
-        inode: 0,
-        path: None,
-        deleted: false,
-    };
+    let m = anonymous;
     let (mut found, mut none) = (0, 0);
     for round in 0..300 {
         // A module somewhere, and mappings dense around it (sometimes leaving no room).
