@@ -30,7 +30,7 @@
 //! object's own definition — so calls between replaced functions go to the new versions; an
 //! undefined one is asked to the resolver.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
 use goblin::elf::{header, section_header as sh, sym, Elf};
@@ -342,8 +342,10 @@ impl Layout {
             }
         }
         // Which symbols need GOT slots and stubs; every relocation type checked here.
-        let mut got_syms: Vec<usize> = Vec::new();
-        let mut stub_syms: Vec<usize> = Vec::new();
+        // Sets, not lists: a hostile object may carry millions of relocations (no quadratic
+        // scan); ordered by symbol index, so the layout is deterministic.
+        let mut got_syms: BTreeSet<usize> = BTreeSet::new();
+        let mut stub_syms: BTreeSet<usize> = BTreeSet::new();
         for (rel_idx, relocs) in &elf.shdr_relocs {
             let rsh = &elf.section_headers[*rel_idx];
             let target = rsh.sh_info as usize;
@@ -374,19 +376,13 @@ impl Layout {
                     | reloc::GOTOFF64
                     | reloc::GOTPC32 => {}
                     reloc::PLT32 => {
-                        if symbol.as_ref().is_some_and(is_undefined)
-                            && !stub_syms.contains(&r.r_sym)
-                        {
-                            stub_syms.push(r.r_sym);
-                            if !got_syms.contains(&r.r_sym) {
-                                got_syms.push(r.r_sym);
-                            }
+                        if symbol.as_ref().is_some_and(is_undefined) {
+                            stub_syms.insert(r.r_sym);
+                            got_syms.insert(r.r_sym);
                         }
                     }
                     reloc::GOTPCREL | reloc::GOTPCRELX | reloc::REX_GOTPCRELX => {
-                        if !got_syms.contains(&r.r_sym) {
-                            got_syms.push(r.r_sym);
-                        }
+                        got_syms.insert(r.r_sym);
                     }
                     other => {
                         return Err(LinkError::UnsupportedRelocation {
