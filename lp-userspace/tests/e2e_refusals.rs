@@ -226,7 +226,13 @@ fn e2e_tool_killed_mid_apply_leaves_target_running_and_patchable() {
     // This apply retries for ever (sleepy is busy); the tool is killed while it holds the
     // process (seized, patch memory mapped).
     let mut tool = std::process::Command::new(livepatch_bin())
-        .args(["apply", &pid, busy_patch.to_str().unwrap(), "--timeout", "60"])
+        .args([
+            "apply",
+            &pid,
+            busy_patch.to_str().unwrap(),
+            "--timeout",
+            "60",
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
