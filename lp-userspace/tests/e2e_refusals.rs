@@ -256,3 +256,45 @@ fn e2e_tool_killed_mid_apply_leaves_target_running_and_patchable() {
     target.expect_steady(3, |l| l == "value=1041");
     assert_eq!(status_json(&pid)[0]["patches"][0]["id"], id.as_str());
 }
+
+#[test]
+fn e2e_process_held_by_a_debugger_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["simple.c"], "simple", &[]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    // gdb attaches (stopping the process) and holds it for a few seconds.
+    let mut gdb = std::process::Command::new("gdb")
+        .args(["-q", "-nx", "-batch", "-p", &pid, "-ex", "shell sleep 4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("gdb is installed by scripts/install-deps.sh");
+    let gdb_pid = gdb.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let tracer = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:").map(|v| v.trim().to_string()))
+            .unwrap()
+    };
+    while tracer() != gdb_pid {
+        assert!(Instant::now() < deadline, "gdb did not attach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, line) = livepatch_err(&["apply", &pid, patch.to_str().unwrap()]);
+    assert_eq!(code, 3, "{line}");
+    assert!(
+        line.contains(&format!("already traced by process {gdb_pid} (gdb)")),
+        "{line}"
+    );
+    // Once gdb lets go, the process runs on unpatched, and the same patch goes in.
+    assert!(gdb.wait().unwrap().success());
+    target.expect_steady(3, |l| l == "direct=42 pointer=42");
+    assert!(!has_patch_memory_or_state(&pid));
+    livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
+    target.wait_line(|l| l == "direct=1041 pointer=1041");
+}

@@ -11,7 +11,8 @@ class Error(Exception):
 
 
 class BusyError(Error):
-    """A thread stayed inside a function being switched until the timeout; nothing was changed."""
+    """A thread stayed inside a function being switched until the timeout, or another tracer
+    (a debugger) holds the process; nothing was changed."""
 
 
 class MismatchError(Error):

@@ -182,6 +182,7 @@ impl Error {
             Error::Process(p) => match p {
                 ProcessError::NoSuchProcess(_) | ProcessError::Exited(_) => ErrorKind::ProcessGone,
                 ProcessError::Permission(_) | ProcessError::IsSelf(_) => ErrorKind::Permission,
+                ProcessError::AlreadyTraced { .. } => ErrorKind::Busy,
                 _ => ErrorKind::Other,
             },
             Error::State(_) => ErrorKind::Other,

@@ -14,6 +14,17 @@ pub enum ProcessError {
     /// The kernel refused to let us trace or read the process.
     #[error("no permission to trace process {0} (needs root or CAP_SYS_PTRACE; see /proc/sys/kernel/yama/ptrace_scope)")]
     Permission(i32),
+    /// Another tracer (a debugger, strace, another livepatch) holds the process: ptrace allows
+    /// one tracer per thread.
+    #[error("process {pid} is already traced by process {tracer} ({name}): detach it first")]
+    AlreadyTraced {
+        /// The process.
+        pid: i32,
+        /// The tracer's pid.
+        tracer: i32,
+        /// The tracer's command name.
+        name: String,
+    },
     /// Every thread of the target went away while we worked on it.
     #[error("process {0} exited while being patched")]
     Exited(i32),
@@ -70,12 +81,33 @@ impl ProcessError {
     /// Maps a ptrace failure to the error a user understands.
     pub(crate) fn from_ptrace(op: &'static str, pid: i32, tid: i32, err: io::Error) -> Self {
         match err.raw_os_error() {
-            Some(libc::EPERM) => ProcessError::Permission(pid),
+            Some(libc::EPERM) => match tracer_of(pid, tid) {
+                Some(tracer) => ProcessError::AlreadyTraced {
+                    pid,
+                    tracer,
+                    name: std::fs::read_to_string(format!("/proc/{tracer}/comm"))
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_else(|_| "gone".into()),
+                },
+                None => ProcessError::Permission(pid),
+            },
             // The thread vanished under us: the process was killed or exited.
             Some(libc::ESRCH) if super::is_gone_or_zombie(pid) => ProcessError::Exited(pid),
             _ => ProcessError::Ptrace { op, tid, err },
         }
     }
+}
+
+/// The pid of the process tracing thread `tid` of `pid`, if any (`TracerPid` in its status).
+fn tracer_of(pid: i32, tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let tracer: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (tracer != 0).then_some(tracer)
 }
 
 /// Result alias of process control.

@@ -712,16 +712,37 @@ impl Tracee {
 }
 
 /// Runs `f` (which creates, uses and releases a [`Tracee`]) on a thread of its own that exits
-/// when `f` returns, so that the kernel detaches every thread still traced by it.
+/// when `f` returns, so that the kernel detaches every thread still traced by it. Returns only
+/// once that detach has happened: the next tracer (another apply, gdb) can attach at once.
 pub fn with_tracer_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
+    let (result, tracer_tid) = std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("livepatch-tracer".into())
-            .spawn_scoped(s, f)
+            .spawn_scoped(s, || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+                (f(), tid)
+            })
             .expect("spawn tracer thread")
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    });
+    wait_until_reaped(tracer_tid);
+    result
+}
+
+/// Waits until our thread `tid` has left the kernel's thread list. `join` returns when the
+/// thread's exit clears its tid word, which the kernel does *before* it detaches the thread's
+/// tracees (exit_mm comes before exit_notify → exit_ptrace); a seize in that window fails
+/// with EPERM. The thread is unlisted only after exit_ptrace, so its absence is the signal.
+fn wait_until_reaped(tid: i32) {
+    let path = format!("/proc/self/task/{tid}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut pause = std::time::Duration::from_micros(20);
+    while std::path::Path::new(&path).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(2));
+    }
 }
 
 impl Drop for Tracee {
