@@ -10,20 +10,32 @@ section() { printf '\n==== %s ====\n' "$*"; }
 section "install prerequisites"
 bash scripts/install-deps.sh
 
-section "format and lint"
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
+# Every stage runs even when an earlier one failed, so that one run reports every failure; the
+# script fails at the end if any stage did.
+failed=()
+stage() {
+  local name=$1
+  shift
+  section "$name"
+  if ! "$@"; then
+    failed+=("$name")
+    printf '\n!!!! stage failed: %s\n' "$name"
+  fi
+}
 
-section "lp-core for the kernel target (no_std)"
-cargo build -p lp-core --target x86_64-unknown-none
-
-section "unit, property, end-to-end and doc tests (workspace)"
-cargo test --workspace
+stage "format" cargo fmt --all -- --check
+stage "lint" cargo clippy --workspace --all-targets -- -D warnings
+stage "lp-core for the kernel target (no_std)" cargo build -p lp-core --target x86_64-unknown-none
+stage "unit, property, end-to-end and doc tests (workspace)" cargo test --workspace --no-fail-fast
 
 for part in fuzz lp-kernel lp-py examples; do
   if [ -x "$part/test.sh" ]; then
-    section "$part"
-    bash "$part/test.sh"
+    stage "$part" bash "$part/test.sh"
   fi
 done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  section "FAILED stages: ${failed[*]}"
+  exit 1
+fi
 section "all tests passed"
