@@ -203,10 +203,13 @@ fn write_thunk_cfi(
 ) -> Result<(), String> {
     let mut frames = Vec::new();
     for f in functions.iter().filter(|f| f.via != f.new) {
-        let code = t.mem().read_vec(f.via, 512).map_err(|e| e.to_string())?;
+        let code = t
+            .mem()
+            .read_vec(f.via, crate::thunk::MAX_LEN)
+            .map_err(|e| e.to_string())?;
         let frame = crate::thunk_cfi::decode(f.via, &code)
             .ok_or_else(|| format!("thunk of {} at {:#x} not recognised", f.name, f.via))?;
-        frames.push(frame);
+        frames.push(frame.cfi());
     }
     if frames.is_empty() {
         return Ok(());

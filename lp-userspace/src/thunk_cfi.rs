@@ -1,12 +1,14 @@
-//! Call frame information for the register-preserving thunks of [`crate::thunk`].
+//! Call frame information for the code livepatch generates around a patch: the
+//! register-preserving thunks of [`crate::thunk`] and the trampolines (see
+//! [`crate::debug_info`]'s `trampoline_cfi`).
 //!
 //! A thunk pushes registers, calls the new function and pops them again, so while the new
 //! function runs a thunk frame sits between it and the old function's caller. An unwinder
 //! (libgcc raising a C++ exception, our stack check) can only step over that frame with CFI.
-//! The thunk is decoded back from its bytes (push / `sub rsp` / `movdqu` / `call` / `add rsp`
-//! / pop / `ret`: exactly what [`crate::thunk::build`] emits) and described by a small
-//! `.eh_frame` (one CIE, one FDE per thunk, zero-terminated) that is registered like the
-//! patch image's own.
+//! The thunk is decoded back from its bytes (push / `sub rsp` / vector and mask moves / `call`
+//! / `add rsp` / pop / `ret`: exactly what [`crate::thunk::build`] emits). Each such piece of
+//! code gets a [`FrameCfi`]; [`eh_frame`] puts them into a small `.eh_frame` (one CIE, one FDE
+//! per piece, zero-terminated) that is registered like the patch image's own.
 
 /// Where the canonical frame address is, relative to `rsp`, from each offset on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +19,57 @@ pub struct ThunkFrame {
     pub len: u64,
     /// `(offset, cfa_offset)`: from `offset` on, CFA = rsp + cfa_offset.
     pub steps: Vec<(u64, u64)>,
+}
+
+/// The CFI of one piece of generated code: a CFA program run after the CIE's initial rules
+/// (CFA = rsp + 8, return address at CFA - 8; data alignment -8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameCfi {
+    /// Runtime address of the code.
+    pub start: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// DWARF call frame instructions (advances relative to `start`).
+    pub program: Vec<u8>,
+}
+
+/// Appends a `DW_CFA_advance_loc*` moving the location by `delta` bytes.
+pub fn advance(out: &mut Vec<u8>, delta: u64) {
+    if delta == 0 {
+    } else if delta < 0x40 {
+        out.push(0x40 | delta as u8); // DW_CFA_advance_loc
+    } else if delta <= 0xff {
+        out.push(0x02); // DW_CFA_advance_loc1
+        out.push(delta as u8);
+    } else if delta <= 0xffff {
+        out.push(0x03); // DW_CFA_advance_loc2
+        out.extend_from_slice(&(delta as u16).to_le_bytes());
+    } else {
+        out.push(0x04); // DW_CFA_advance_loc4
+        out.extend_from_slice(&(delta as u32).to_le_bytes());
+    }
+}
+
+impl ThunkFrame {
+    /// The thunk's CFA program: one `DW_CFA_def_cfa_offset` per stack pointer change.
+    pub fn cfi(&self) -> FrameCfi {
+        let mut program = Vec::new();
+        let mut last = 0u64;
+        for &(off, cfa) in &self.steps {
+            if off >= self.len {
+                break;
+            }
+            advance(&mut program, off - last);
+            program.push(0x0e); // DW_CFA_def_cfa_offset
+            uleb(&mut program, cfa);
+            last = off;
+        }
+        FrameCfi {
+            start: self.start,
+            len: self.len,
+            program,
+        }
+    }
 }
 
 /// Decodes the thunk at `start` from `code` (its bytes and possibly more). `None` when the
@@ -56,11 +109,16 @@ pub fn decode(start: u64, code: &[u8]) -> Option<ThunkFrame> {
                 i += 7;
                 steps.push((i as u64, cfa));
             }
+            // Saves and restores through [rsp+disp32], no CFA change: movdqu (optional REX.R,
+            // 9 or 10 bytes), vmovdqu ymm (2-byte VEX, 9), kmov (3-byte VEX, 10), vmovdqu64
+            // zmm (EVEX, 11).
             0xf3 if !rex_b => {
-                // movdqu to/from [rsp+disp32], optional REX.R: 9 or 10 bytes, no CFA change.
                 let rex = usize::from(*code.get(i + 1)? == 0x44);
                 i += 9 + rex;
             }
+            0xc5 if !rex_b => i += 9,
+            0xc4 if !rex_b => i += 10,
+            0x62 if !rex_b => i += 11,
             0xe8 if !rex_b => i += 5,
             0xc3 if !rex_b => {
                 i += 1;
@@ -73,7 +131,7 @@ pub fn decode(start: u64, code: &[u8]) -> Option<ThunkFrame> {
             }
             _ => return None,
         }
-        if i > 512 {
+        if i > crate::thunk::MAX_LEN {
             return None;
         }
     }
@@ -91,8 +149,26 @@ fn uleb(out: &mut Vec<u8>, mut v: u64) {
     }
 }
 
+/// Appends an unsigned LEB128.
+pub fn uleb_to(out: &mut Vec<u8>, v: u64) {
+    uleb(out, v)
+}
+
+/// Appends a signed LEB128.
+pub fn sleb_to(out: &mut Vec<u8>, mut v: i64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if (v == 0 && b & 0x40 == 0) || (v == -1 && b & 0x40 != 0) {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
 /// The `.eh_frame` (zero-terminated) describing `frames`, to be placed at runtime address `at`.
-pub fn eh_frame(frames: &[ThunkFrame], at: u64) -> Vec<u8> {
+pub fn eh_frame(frames: &[FrameCfi], at: u64) -> Vec<u8> {
     let mut out = Vec::new();
     // CIE: version 1, "zR", code align 1, data align -8, return address column 16,
     // FDE pointers pc-relative sdata4; CFA = rsp + 8, return address at CFA - 8.
@@ -114,25 +190,7 @@ pub fn eh_frame(frames: &[ThunkFrame], at: u64) -> Vec<u8> {
         body.extend_from_slice(&(f.start.wrapping_sub(pc_field) as u32).to_le_bytes());
         body.extend_from_slice(&(f.len as u32).to_le_bytes());
         body.push(0); // augmentation data length
-        let mut last = 0u64;
-        for &(off, cfa) in &f.steps {
-            if off >= f.len {
-                break;
-            }
-            let delta = off - last;
-            if delta < 0x40 {
-                body.push(0x40 | delta as u8); // DW_CFA_advance_loc
-            } else if delta <= 0xff {
-                body.push(0x02); // DW_CFA_advance_loc1
-                body.push(delta as u8);
-            } else {
-                body.push(0x03); // DW_CFA_advance_loc2 (a thunk is shorter than 64 KiB)
-                body.extend_from_slice(&(delta as u16).to_le_bytes());
-            }
-            body.push(0x0e); // DW_CFA_def_cfa_offset
-            uleb(&mut body, cfa);
-            last = off;
-        }
+        body.extend_from_slice(&f.program);
         while !(body.len() + 4).is_multiple_of(8) {
             body.push(0);
         }
@@ -146,11 +204,32 @@ pub fn eh_frame(frames: &[ThunkFrame], at: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::thunk::{Preserve, VectorState};
     use lp_core::clobber::Regs;
+
+    fn only(regs: Regs) -> Preserve {
+        Preserve {
+            regs,
+            avx512: Default::default(),
+        }
+    }
+
+    const AVX512: VectorState = VectorState {
+        avx: true,
+        avx512: true,
+        avx512bw: true,
+        amx: false,
+    };
 
     #[test]
     fn decodes_what_thunk_build_emits() {
-        let code = crate::thunk::build(0x1000, 0x2000, Regs::RCX | Regs::R9 | Regs::XMM1).unwrap();
+        let code = crate::thunk::build(
+            0x1000,
+            0x2000,
+            &only(Regs::RCX | Regs::R9 | Regs::XMM1),
+            &VectorState::SSE,
+        )
+        .unwrap();
         let f = decode(0x1000, &code).unwrap();
         assert_eq!(f.len as usize, code.len());
         // push rcx (1) → 16, push r9 (3) → 24, sub rsp,24 (10) → 48; after the call, add
@@ -166,13 +245,16 @@ mod tests {
         use gimli::{BaseAddresses, EhFrame, LittleEndian, UnwindContext, UnwindSection};
         // Every caller-saved register: the xmm saves make the thunk longer than 255 bytes,
         // so the CFI needs advances wider than one byte.
-        let save = lp_core::clobber::SYSV_CALLER_SAVED & crate::thunk::savable();
+        let save = crate::thunk::Preserve {
+            regs: lp_core::clobber::SYSV_CALLER_SAVED & crate::thunk::savable(),
+            avx512: crate::thunk::Avx512Regs::ALL,
+        };
         let start = 0x7000_1000;
-        let code = crate::thunk::build(start, 0x7000_8000, save).unwrap();
+        let code = crate::thunk::build(start, 0x7000_8000, &save, &AVX512).unwrap();
         assert!(code.len() > 255);
         let f = decode(start, &code).unwrap();
         let at = 0x7000_3000;
-        let bytes = eh_frame(std::slice::from_ref(&f), at);
+        let bytes = eh_frame(&[f.cfi()], at);
         let eh = EhFrame::new(&bytes, LittleEndian);
         let bases = BaseAddresses::default().set_eh_frame(at);
         let mut ctx = UnwindContext::new();
@@ -199,10 +281,16 @@ mod tests {
     #[test]
     fn eh_frame_parses_and_gives_the_cfa_at_the_call_return() {
         use gimli::{BaseAddresses, EhFrame, LittleEndian, UnwindContext, UnwindSection};
-        let code = crate::thunk::build(0x7000_1000, 0x7000_2000, Regs::RDX | Regs::XMM0).unwrap();
+        let code = crate::thunk::build(
+            0x7000_1000,
+            0x7000_2000,
+            &only(Regs::RDX | Regs::XMM0),
+            &VectorState::SSE,
+        )
+        .unwrap();
         let f = decode(0x7000_1000, &code).unwrap();
         let at = 0x7000_3000;
-        let bytes = eh_frame(&[f], at);
+        let bytes = eh_frame(&[f.cfi()], at);
         let eh = EhFrame::new(&bytes, LittleEndian);
         let bases = BaseAddresses::default().set_eh_frame(at);
         let mut ctx = UnwindContext::new();

@@ -87,7 +87,7 @@ pub struct Applied {
 }
 
 /// Bytes reserved per function for its trampoline and thunk.
-const PER_FUNCTION_EXTRA: u64 = MAX_TRAMPOLINE_LEN as u64 + 512;
+const PER_FUNCTION_EXTRA: u64 = (MAX_TRAMPOLINE_LEN + crate::thunk::MAX_LEN) as u64;
 const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
@@ -299,6 +299,8 @@ fn prepare(
     let mut switches = Vec::new();
     let mut busy = Vec::new();
     let mut functions = Vec::new();
+    // What a thunk must save depends on the vector registers the CPU gives the target.
+    let vectors = crate::thunk::VectorState::of_system();
     for (f, site) in patch.functions.iter().zip(sites) {
         let new = image.symbol(&f.new_name).ok_or_else(|| {
             Error::Unsupported(format!(
@@ -327,6 +329,7 @@ fn prepare(
             new,
             new_size,
             extra_addr + extra.len() as u64,
+            &vectors,
         )? {
             Some(thunk) => {
                 let at = extra_addr + extra.len() as u64;
@@ -397,7 +400,8 @@ fn prepare(
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not
-/// (lp-core's clobber analysis of both), or `None` when the new version changes no more.
+/// (lp-core's clobber analysis of both, [`crate::thunk::plan`]), or `None` when the new
+/// version changes no more.
 fn register_thunk(
     f: &crate::patchfile::FunctionPatch,
     site: &Site,
@@ -405,36 +409,22 @@ fn register_thunk(
     new: u64,
     new_size: u64,
     at: u64,
+    vectors: &crate::thunk::VectorState,
 ) -> Result<Option<Vec<u8>>, Error> {
-    use lp_core::clobber::{registers_to_preserve, SYSV_CALLER_SAVED};
     let off = (new - image.load_addr) as usize;
     let new_code = image
         .bytes
         .get(off..off + new_size as usize)
         .filter(|b| !b.is_empty());
-    // lp-core: what the new code may write (upper bound) minus what the old code surely
-    // writes (lower bound), caller-saved only. Unknown new code: everything caller-saved.
-    let extra = match new_code {
-        Some(code) => {
-            registers_to_preserve(&f.old_bytes, site.entry, code, new).unwrap_or(SYSV_CALLER_SAVED)
-        }
-        None => SYSV_CALLER_SAVED,
-    } - ignored_for_thunks();
-    if extra.is_empty() {
+    let unsupported = |e: String| Error::Unsupported(format!("function {}: {e}", f.old_name));
+    let save = crate::thunk::plan(&f.old_bytes, site.entry, new_code, new, vectors)
+        .map_err(unsupported)?;
+    if save.is_empty() {
         return Ok(None);
     }
-    crate::thunk::build(at, new, extra)
+    crate::thunk::build(at, new, &save, vectors)
         .map(Some)
-        .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))
-}
-
-/// Registers no caller can keep a value in across a call, whatever it knows of the callee:
-/// flags, and the x87 stack (the ABI requires it empty at every call). AVX-512 state
-/// (zmm16-31, mask registers) is left out too: only AVX-512 builds could keep values there,
-/// and the thunk does not save it (documented limit).
-fn ignored_for_thunks() -> lp_core::clobber::Regs {
-    use lp_core::clobber::Regs;
-    Regs::FLAGS | Regs::X87 | Regs::OTHER_VECTOR
+        .map_err(unsupported)
 }
 
 fn pad16(v: &mut Vec<u8>) {
