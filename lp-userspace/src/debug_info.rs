@@ -256,10 +256,12 @@ fn unwinder_function(pid: i32, name: &str) -> Option<u64> {
         .collect();
     candidates.extend(modules.first());
     for m in candidates {
-        let Ok(elf) = crate::elf::Module::open(&m.open_path(pid)) else {
+        // Through the module cache, exported symbols first: no full parse of libgcc_s.
+        let Ok(elf) = crate::apply::open_module(&m.open_path(pid)) else {
             continue;
         };
-        let (Some(sym), Some(bias)) = (elf.global(name), m.load_bias(&elf)) else {
+        let sym = elf.exported(name).or_else(|| elf.global(name).cloned());
+        let (Some(sym), Some(bias)) = (sym, m.load_bias(&elf)) else {
             continue;
         };
         if sym.value != 0 {

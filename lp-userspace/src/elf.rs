@@ -11,12 +11,18 @@
 //! - `name,N` — the N-th symbol of that name in `.symtab` order, 1-based (the kernel's
 //!   `name,position`).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use goblin::elf::{header, program_header, section_header, sym, Elf};
 use thiserror::Error;
 
+mod dynamic;
+mod file_bytes;
 mod symbol_spec;
+use dynamic::DynTables;
+use file_bytes::FileBytes;
 use symbol_spec::file_matches;
 pub use symbol_spec::SymbolSpec;
 
@@ -176,42 +182,65 @@ pub struct SectionRef {
 }
 
 /// A parsed ELF file: an executable, a shared library or a relocatable object.
+///
+/// Opening one reads only its headers (segments, the sections the unwinder needs, the build-id);
+/// the full symbol table (`.symtab` + `.dynsym`, file-local symbols with their source file,
+/// positions) is built the first time something asks for it, and [`Module::exported`] answers
+/// from `.dynsym` through `.gnu.hash` without building it at all. A fresh `livepatch apply` so
+/// decodes only what it uses of the libraries a target maps.
 #[derive(Clone, Debug)]
 pub struct Module {
     name: String,
-    data: Vec<u8>,
+    data: Arc<FileBytes>,
     /// ET_EXEC, ET_DYN or ET_REL.
     elf_type: u16,
-    symbols: Vec<Symbol>,
     build_id: Option<Vec<u8>>,
     segments: Vec<Segment>,
     eh_frame: Option<SectionRef>,
     eh_frame_hdr: Option<SectionRef>,
     text: Option<SectionRef>,
+    dynamic: DynTables,
+    /// Where a stripped file's separate debug file is looked for (captured when opened from a
+    /// path; empty for bytes parsed from memory).
+    debug_dirs: Vec<PathBuf>,
+    /// Built on first use.
+    full: OnceLock<Result<FullSymbols, String>>,
+}
+
+/// The symbol tables decoded: everything that needs a full parse of the file.
+#[derive(Clone, Debug, Default)]
+struct FullSymbols {
+    symbols: Vec<Symbol>,
     /// (symbol name, vaddr of the GOT slot the dynamic linker fills for it).
     imports: Vec<(String, u64)>,
-    /// The file has a `.symtab` (not stripped).
-    has_symtab: bool,
     /// Separate debug file the symbols came from.
     debug_file: Option<PathBuf>,
 }
 
 impl Module {
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path`, symbol tables included (a malformed one is an
+    /// error here). [`Module::open_lazy`] defers them.
     ///
     /// A stripped file (no `.symtab`, so no `static` symbols) gets the symbols of its separate
     /// debug file when one is installed: `<dir>/.build-id/xx/yyyy.debug` for each directory of
     /// `LIVEPATCH_DEBUG_DIRS` (colon-separated) or `/usr/lib/debug` (Debian's `-dbgsym` packages),
     /// checked to carry the same build-id.
     pub fn open(path: &Path) -> Result<Module, ElfError> {
-        let data = std::fs::read(path).map_err(|source| ElfError::Io {
+        let module = Module::open_lazy(path)?;
+        module.full()?;
+        Ok(module)
+    }
+
+    /// Maps the file at `path` and reads its headers only: segments, build-id, the unwind
+    /// sections, where the dynamic symbol table is. The symbol tables are decoded when first
+    /// needed (a malformed one then reads as empty: lookups find nothing).
+    pub fn open_lazy(path: &Path) -> Result<Module, ElfError> {
+        let data = FileBytes::open(path).map_err(|source| ElfError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut module = Module::parse(&path.display().to_string(), data)?;
-        if !module.has_symtab {
-            module.merge_debug_file();
-        }
+        let mut module = Module::from_bytes(&path.display().to_string(), data)?;
+        module.debug_dirs = Self::debug_dirs();
         Ok(module)
     }
 
@@ -225,49 +254,62 @@ impl Module {
 
     /// The separate debug file whose symbols were merged, if any.
     pub fn debug_file(&self) -> Option<&Path> {
-        self.debug_file.as_deref()
+        self.full_or_empty().debug_file.as_deref()
     }
 
-    fn merge_debug_file(&mut self) {
+    /// A stripped file's symbols merged with those of its separate debug file, if one with the
+    /// same build-id is installed.
+    fn merge_debug_file(&self, full: &mut FullSymbols) {
         let Some(id) = self.build_id_hex().filter(|id| id.len() > 2) else {
             return;
         };
-        for dir in Self::debug_dirs() {
+        for dir in &self.debug_dirs {
             let candidate = dir
                 .join(".build-id")
                 .join(&id[..2])
                 .join(format!("{}.debug", &id[2..]));
-            let Ok(bytes) = std::fs::read(&candidate) else {
-                continue;
-            };
-            let Ok(debug) = Module::parse(&candidate.display().to_string(), bytes) else {
-                continue;
-            };
-            if debug.build_id() != self.build_id() || !debug.has_symtab {
+            if !candidate.exists() {
                 continue;
             }
-            let mut merged: Vec<Symbol> = debug
+            let Ok(debug) = Module::open_lazy(&candidate) else {
+                continue;
+            };
+            if debug.build_id() != self.build_id() {
+                continue;
+            }
+            let Ok((debug_full, true)) = debug.decode_symbols() else {
+                continue;
+            };
+            let mut merged: Vec<Symbol> = debug_full
                 .symbols
                 .into_iter()
                 .filter(|s| !s.dynamic_only)
                 .collect();
-            for s in self.symbols.drain(..) {
-                if !merged
-                    .iter()
-                    .any(|m| m.name == s.name && m.value == s.value)
-                {
+            let seen: HashSet<(String, u64)> =
+                merged.iter().map(|m| (m.name.clone(), m.value)).collect();
+            for s in full.symbols.drain(..) {
+                if !seen.contains(&(s.name.clone(), s.value)) {
                     merged.push(s);
                 }
             }
             number_positions(&mut merged);
-            self.symbols = merged;
-            self.debug_file = Some(candidate);
+            full.symbols = merged;
+            full.debug_file = Some(candidate);
             return;
         }
     }
 
-    /// Parses ELF bytes; `name` is used in error messages and as [`Module::name`].
+    /// Parses ELF bytes, symbol tables included; `name` is used in error messages and as
+    /// [`Module::name`].
     pub fn parse(name: &str, data: Vec<u8>) -> Result<Module, ElfError> {
+        let module = Module::from_bytes(name, FileBytes::Owned(data))?;
+        module.full()?;
+        Ok(module)
+    }
+
+    /// The header-level parse shared by every constructor.
+    fn from_bytes(name: &str, bytes: FileBytes) -> Result<Module, ElfError> {
+        let data = bytes.bytes();
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
             return Err(ElfError::NotElf(name.to_string()));
         }
@@ -281,17 +323,52 @@ impl Module {
         if data[5] != 1 {
             return Err(unsupported("not little-endian"));
         }
-        let elf = Elf::parse(&data).map_err(|e| ElfError::Malformed {
+        let malformed = |e: goblin::error::Error| ElfError::Malformed {
             path: name.to_string(),
             reason: e.to_string(),
-        })?;
-        if elf.header.e_machine != header::EM_X86_64 {
+        };
+        let header = Elf::parse_header(data).map_err(malformed)?;
+        if header.e_machine != header::EM_X86_64 {
             return Err(unsupported("not an x86-64 file"));
         }
-        let elf_type = elf.header.e_type;
+        let elf_type = header.e_type;
         if !matches!(elf_type, header::ET_EXEC | header::ET_DYN | header::ET_REL) {
             return Err(unsupported("not an executable, shared library or object"));
         }
+        // Headers only: goblin's full parse would decode every symbol, string and relocation.
+        let mut elf = Elf::lazy_parse(header).map_err(malformed)?;
+        // 64-bit little-endian, checked above.
+        let ctx = goblin::container::Ctx::new(
+            goblin::container::Container::Big,
+            goblin::container::Endian::Little,
+        );
+        elf.program_headers = program_header::ProgramHeader::parse(
+            data,
+            header.e_phoff as usize,
+            header.e_phnum as usize,
+            ctx,
+        )
+        .map_err(malformed)?;
+        elf.section_headers = section_header::SectionHeader::parse(
+            data,
+            header.e_shoff as usize,
+            header.e_shnum as usize,
+            ctx,
+        )
+        .map_err(malformed)?;
+        // Section names, read in place (goblin's string table would decode all of them).
+        let shstrtab: &[u8] = elf
+            .section_headers
+            .get(header.e_shstrndx as usize)
+            .and_then(|t| {
+                let end = t.sh_offset.checked_add(t.sh_size)?;
+                data.get(usize::try_from(t.sh_offset).ok()?..usize::try_from(end).ok()?)
+            })
+            .unwrap_or(&[]);
+        let section_name = |off: usize| -> Option<&[u8]> {
+            let s = shstrtab.get(off..)?;
+            Some(&s[..s.iter().position(|&b| b == 0)?])
+        };
 
         let segments = elf
             .program_headers
@@ -311,12 +388,14 @@ impl Module {
 
         let section = |wanted: &str| {
             elf.section_headers.iter().find_map(|sh| {
-                let n = elf.shdr_strtab.get_at(sh.sh_name)?;
-                (n == wanted && sh.sh_type != section_header::SHT_NOBITS).then_some(SectionRef {
-                    vaddr: sh.sh_addr,
-                    offset: sh.sh_offset,
-                    size: sh.sh_size,
-                })
+                let n = section_name(sh.sh_name)?;
+                (n == wanted.as_bytes() && sh.sh_type != section_header::SHT_NOBITS).then_some(
+                    SectionRef {
+                        vaddr: sh.sh_addr,
+                        offset: sh.sh_offset,
+                        size: sh.sh_size,
+                    },
+                )
             })
         };
         let in_file = |s: &SectionRef| {
@@ -327,25 +406,58 @@ impl Module {
         let eh_frame = section(".eh_frame").filter(in_file);
         let eh_frame_hdr = section(".eh_frame_hdr").filter(in_file);
         let text = section(".text").filter(in_file);
-
-        let build_id = Self::find_build_id(&elf, &data);
-        let symbols = Self::collect_symbols(&elf);
-        let imports = Self::collect_imports(&elf);
-        let has_symtab = !elf.syms.is_empty();
+        let dynamic = DynTables::find(&elf.section_headers, data.len() as u64);
+        let build_id = Self::find_build_id(&elf, data);
         Ok(Module {
-            imports,
-            has_symtab,
-            debug_file: None,
             name: name.to_string(),
             elf_type,
-            symbols,
             build_id,
             segments,
             eh_frame,
             eh_frame_hdr,
             text,
-            data,
+            dynamic,
+            debug_dirs: Vec::new(),
+            full: OnceLock::new(),
+            data: Arc::new(bytes),
         })
+    }
+
+    /// The symbol tables, decoded on first use.
+    fn full(&self) -> Result<&FullSymbols, ElfError> {
+        self.full
+            .get_or_init(|| {
+                let (mut full, has_symtab) = self.decode_symbols()?;
+                if !has_symtab {
+                    self.merge_debug_file(&mut full);
+                }
+                Ok(full)
+            })
+            .as_ref()
+            .map_err(|reason| ElfError::Malformed {
+                path: self.name.clone(),
+                reason: reason.clone(),
+            })
+    }
+
+    fn full_or_empty(&self) -> &FullSymbols {
+        static EMPTY: OnceLock<FullSymbols> = OnceLock::new();
+        self.full()
+            .unwrap_or_else(|_| EMPTY.get_or_init(FullSymbols::default))
+    }
+
+    /// goblin's full parse: every symbol of `.symtab` and `.dynsym`, the imports. Also whether
+    /// there is a `.symtab`.
+    fn decode_symbols(&self) -> Result<(FullSymbols, bool), String> {
+        let elf = Elf::parse(self.data()).map_err(|e| e.to_string())?;
+        Ok((
+            FullSymbols {
+                symbols: Self::collect_symbols(&elf),
+                imports: Self::collect_imports(&elf),
+                debug_file: None,
+            },
+            !elf.syms.is_empty(),
+        ))
     }
 
     fn find_build_id(elf: &Elf, data: &[u8]) -> Option<Vec<u8>> {
@@ -407,16 +519,25 @@ impl Module {
                 out.push(symbol);
             }
         }
+        // A `.dynsym` entry repeating a global already listed (same name and address) is the
+        // same symbol. A set, not a scan of `out`: libc has thousands of them.
+        let mut globals: HashSet<(String, u64)> = out
+            .iter()
+            .filter(|o| !o.local)
+            .map(|o| (o.name.clone(), o.value))
+            .collect();
         for s in elf.dynsyms.iter() {
             let Some(symbol) = Self::make_symbol(&elf.dynstrtab, &s, None, true) else {
                 continue;
             };
-            let dup = out
-                .iter()
-                .any(|o| o.name == symbol.name && o.value == symbol.value && !o.local);
-            if !dup {
-                out.push(symbol);
+            let key = (symbol.name.clone(), symbol.value);
+            if globals.contains(&key) {
+                continue;
             }
+            if !symbol.local {
+                globals.insert(key);
+            }
+            out.push(symbol);
         }
         number_positions(&mut out);
         out
@@ -465,12 +586,14 @@ impl Module {
 
     /// The raw file bytes.
     pub fn data(&self) -> &[u8] {
-        &self.data
+        self.data.bytes()
     }
 
-    /// All defined symbols (`.symtab` then the `.dynsym` ones not already seen).
+    /// All defined symbols (`.symtab` then the `.dynsym` ones not already seen). Decoded on
+    /// first use; empty when the tables are malformed (only [`Module::open_lazy`] defers that
+    /// error).
     pub fn symbols(&self) -> &[Symbol] {
-        &self.symbols
+        &self.full_or_empty().symbols
     }
 
     /// The `NT_GNU_BUILD_ID` note's bytes.
@@ -521,7 +644,7 @@ impl Module {
     /// The bytes of a section found by [`Module::eh_frame`] etc.
     pub fn section_data(&self, s: SectionRef) -> &[u8] {
         // Bounds were checked at parse time.
-        self.data
+        self.data()
             .get(s.offset as usize..s.offset.saturating_add(s.size) as usize)
             .unwrap_or(&[])
     }
@@ -545,7 +668,7 @@ impl Module {
             return None;
         }
         let end = off.checked_add(len)?;
-        self.data
+        self.data()
             .get(usize::try_from(off).ok()?..usize::try_from(end).ok()?)
     }
 
@@ -567,16 +690,16 @@ impl Module {
 
     /// Every symbol named `name`.
     pub fn by_name(&self, name: &str) -> Vec<&Symbol> {
-        self.symbols.iter().filter(|s| s.name == name).collect()
+        self.symbols().iter().filter(|s| s.name == name).collect()
     }
 
     /// The symbol containing file vaddr `vaddr` (functions first).
     pub fn symbol_at(&self, vaddr: u64) -> Option<&Symbol> {
-        self.symbols
+        self.symbols()
             .iter()
             .filter(|s| s.kind == SymbolKind::Function && s.contains(vaddr))
             .chain(
-                self.symbols
+                self.symbols()
                     .iter()
                     .filter(|s| s.kind != SymbolKind::Function && s.contains(vaddr)),
             )
@@ -632,10 +755,25 @@ impl Module {
     /// such as libc's `strlen`, the implementation chosen for this CPU (with lazy binding, a
     /// not-yet-bound slot holds the PLT path, which also works as a call target).
     pub fn import_slot(&self, name: &str) -> Option<u64> {
-        self.imports
+        if self.dynamic.usable() {
+            return self.dynamic.import_slot(self.data(), name);
+        }
+        self.full_or_empty()
+            .imports
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+    }
+
+    /// The definition of `name` this module exports to others, as the dynamic linker would
+    /// bind it (`.dynsym`, the default version): looked up through `.gnu.hash` in place,
+    /// without decoding the symbol tables. Files without section headers fall back to
+    /// [`Module::global`].
+    pub fn exported(&self, name: &str) -> Option<Symbol> {
+        if self.dynamic.usable() {
+            return self.dynamic.lookup(self.data(), name);
+        }
+        self.global(name).cloned()
     }
 
     /// gcc's specialised copies of function `name` (`name.isra.0`, `name.constprop.1`,
@@ -643,7 +781,7 @@ impl Module {
     pub fn clones_of(&self, name: &str) -> Vec<String> {
         let prefix = format!("{name}.");
         let mut out: Vec<String> = self
-            .symbols
+            .symbols()
             .iter()
             .filter(|s| s.kind == SymbolKind::Function && s.name.starts_with(&prefix))
             .filter(|s| !s.name.ends_with(".cold") && !s.name.contains(".cold."))
@@ -660,7 +798,7 @@ impl Module {
     /// of the function.
     pub fn cold_parts(&self, sym: &Symbol) -> Vec<&Symbol> {
         let cold = format!("{}.cold", sym.name);
-        self.symbols
+        self.symbols()
             .iter()
             .filter(|s| {
                 s.kind == SymbolKind::Function
@@ -673,7 +811,7 @@ impl Module {
     /// The global (or weak) definition of `name`, ignoring file-local symbols: what the
     /// dynamic linker would bind a reference to.
     pub fn global(&self, name: &str) -> Option<&Symbol> {
-        self.symbols.iter().find(|s| s.name == name && !s.local)
+        self.symbols().iter().find(|s| s.name == name && !s.local)
     }
 
     fn ambiguous(&self, name: &str, found: &[&Symbol]) -> LookupError {

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult,
@@ -18,7 +19,7 @@ use gimli::{
     Value,
 };
 
-use crate::elf::Module;
+use crate::elf::{Module, SectionRef};
 use crate::link::LinkedImage;
 use crate::maps;
 
@@ -163,29 +164,86 @@ pub struct CfiSource {
     pub start: u64,
     /// End of the range.
     pub end: u64,
-    eh_frame: Vec<u8>,
+    bytes: CfiBytes,
     eh_frame_addr: u64,
-    hdr: Option<(Vec<u8>, u64)>,
+    hdr_addr: Option<u64>,
     text_addr: u64,
+}
+
+/// Where the CFI bytes are: a copy, or the sections of a (memory-mapped) module shared with
+/// the module cache, so that a module's `.eh_frame` is never copied.
+#[derive(Clone, Debug)]
+enum CfiBytes {
+    Owned {
+        eh_frame: Vec<u8>,
+        hdr: Option<Vec<u8>>,
+    },
+    Module {
+        module: Arc<Module>,
+        eh_frame: SectionRef,
+        hdr: Option<SectionRef>,
+    },
 }
 
 impl CfiSource {
     /// The CFI of an ELF module loaded with `bias`, covering runtime code `[start, end)`.
-    /// `None` when the module has no `.eh_frame`.
+    /// `None` when the module has no `.eh_frame`. (Copies the sections; see
+    /// [`CfiSource::from_shared_module`].)
     pub fn from_module(module: &Module, bias: u64, start: u64, end: u64) -> Option<CfiSource> {
         let eh = module.eh_frame()?;
-        let hdr = module
-            .eh_frame_hdr()
-            .map(|h| (module.section_data(h).to_vec(), h.vaddr.wrapping_add(bias)));
+        let hdr = module.eh_frame_hdr();
         Some(CfiSource {
             name: module.name().to_string(),
             start,
             end,
-            eh_frame: module.section_data(eh).to_vec(),
+            bytes: CfiBytes::Owned {
+                eh_frame: module.section_data(eh).to_vec(),
+                hdr: hdr.map(|h| module.section_data(h).to_vec()),
+            },
             eh_frame_addr: eh.vaddr.wrapping_add(bias),
-            hdr,
+            hdr_addr: hdr.map(|h| h.vaddr.wrapping_add(bias)),
             text_addr: module.text().map_or(start, |t| t.vaddr.wrapping_add(bias)),
         })
+    }
+
+    /// Like [`CfiSource::from_module`], reading the sections in place from the shared module.
+    pub fn from_shared_module(
+        module: Arc<Module>,
+        bias: u64,
+        start: u64,
+        end: u64,
+    ) -> Option<CfiSource> {
+        let eh = module.eh_frame()?;
+        let hdr = module.eh_frame_hdr();
+        Some(CfiSource {
+            name: module.name().to_string(),
+            start,
+            end,
+            eh_frame_addr: eh.vaddr.wrapping_add(bias),
+            hdr_addr: hdr.map(|h| h.vaddr.wrapping_add(bias)),
+            text_addr: module.text().map_or(start, |t| t.vaddr.wrapping_add(bias)),
+            bytes: CfiBytes::Module {
+                module,
+                eh_frame: eh,
+                hdr,
+            },
+        })
+    }
+
+    fn eh_frame(&self) -> &[u8] {
+        match &self.bytes {
+            CfiBytes::Owned { eh_frame, .. } => eh_frame,
+            CfiBytes::Module {
+                module, eh_frame, ..
+            } => module.section_data(*eh_frame),
+        }
+    }
+
+    fn hdr(&self) -> Option<&[u8]> {
+        match &self.bytes {
+            CfiBytes::Owned { hdr, .. } => hdr.as_deref(),
+            CfiBytes::Module { module, hdr, .. } => hdr.map(|h| module.section_data(h)),
+        }
     }
 
     /// The CFI of a linked patch image (its relocated `.eh_frame`), so threads inside new code
@@ -200,9 +258,12 @@ impl CfiSource {
             start,
             end,
             // Drop the zero terminator: gimli stops on it anyway, keep the section exact.
-            eh_frame: bytes[..bytes.len().saturating_sub(4)].to_vec(),
+            bytes: CfiBytes::Owned {
+                eh_frame: bytes[..bytes.len().saturating_sub(4)].to_vec(),
+                hdr: None,
+            },
             eh_frame_addr: eh.start,
-            hdr: None,
+            hdr_addr: None,
             text_addr: start,
         })
     }
@@ -221,9 +282,12 @@ impl CfiSource {
             name: name.to_string(),
             start,
             end,
-            eh_frame,
+            bytes: CfiBytes::Owned {
+                eh_frame,
+                hdr: None,
+            },
             eh_frame_addr,
-            hdr: None,
+            hdr_addr: None,
             text_addr: start,
         }
     }
@@ -232,8 +296,8 @@ impl CfiSource {
         let b = BaseAddresses::default()
             .set_eh_frame(self.eh_frame_addr)
             .set_text(self.text_addr);
-        match &self.hdr {
-            Some((_, addr)) => b.set_eh_frame_hdr(*addr),
+        match self.hdr_addr {
+            Some(addr) => b.set_eh_frame_hdr(addr),
             None => b,
         }
     }
@@ -251,10 +315,30 @@ struct Cached {
 }
 
 /// Unwinds threads of one process. Build it before stopping the threads.
+///
+/// Modules can be added lazily ([`Unwinder::add_lazy`]): their CFI is read the first time an
+/// unwind meets an address inside them — a thread's stack usually passes through two to four
+/// of the dozens of libraries a process maps. Lazy is never incomplete: a frame in a module not
+/// loaded yet loads it, there and then.
 pub struct Unwinder {
+    /// Append-only ([`Cached::source`] indexes it).
     sources: Vec<CfiSource>,
+    /// Indices of `sources` by start address.
+    order: Vec<usize>,
+    /// Ranges whose CFI is read on first use, by start address.
+    pending: Vec<PendingCfi>,
     ctx: Box<UnwindContext<usize>>,
     cache: HashMap<u64, Option<Cached>>,
+}
+
+/// Reads the CFI of a lazily added range (`None`: the module has none or cannot be read).
+pub type CfiLoader = Box<dyn FnOnce() -> Option<CfiSource> + Send>;
+
+/// A code range whose CFI has not been read yet.
+struct PendingCfi {
+    start: u64,
+    end: u64,
+    load: CfiLoader,
 }
 
 impl Default for Unwinder {
@@ -271,25 +355,55 @@ impl Unwinder {
     pub fn new() -> Unwinder {
         Unwinder {
             sources: Vec::new(),
+            order: Vec::new(),
+            pending: Vec::new(),
             ctx: Box::new(UnwindContext::new()),
             cache: HashMap::new(),
         }
     }
 
-    /// Adds a module or patch image.
+    /// Adds a module or patch image. It takes precedence over ranges added lazily.
     pub fn add(&mut self, source: CfiSource) {
-        self.sources.push(source);
-        self.sources.sort_by_key(|s| s.start);
+        self.insert(source);
+        // An address cached as "no FDE" may be covered now.
         self.cache.clear();
     }
 
-    /// The CFI sources known.
-    pub fn sources(&self) -> &[CfiSource] {
+    fn insert(&mut self, source: CfiSource) -> usize {
+        let i = self.sources.len();
+        let at = self
+            .order
+            .partition_point(|&o| self.sources[o].start <= source.start);
+        self.sources.push(source);
+        self.order.insert(at, i);
+        i
+    }
+
+    /// Adds the code range `[start, end)` whose CFI `load` reads when an unwind first meets an
+    /// address inside it (and that [`Unwinder::add`]ed sources do not cover).
+    pub fn add_lazy(&mut self, start: u64, end: u64, load: CfiLoader) {
+        let at = self.pending.partition_point(|p| p.start <= start);
+        self.pending.insert(at, PendingCfi { start, end, load });
+    }
+
+    /// The CFI sources known, every lazily added one read now.
+    pub fn sources(&mut self) -> &[CfiSource] {
+        for p in std::mem::take(&mut self.pending) {
+            if let Some(src) = (p.load)() {
+                self.insert(src);
+            }
+        }
         &self.sources
     }
 
-    /// Reads the CFI of every module mapped executable in `pid`. Modules that cannot be read
-    /// are skipped (unwinding through them stops, reported incomplete).
+    /// The CFI sources read so far (lazily added ones only once an unwind needed them).
+    pub fn loaded_sources(&self) -> &[CfiSource] {
+        &self.sources
+    }
+
+    /// The CFI of every module mapped executable in `pid` (and of the vDSO), each read when an
+    /// unwind first needs it. Modules that cannot be read are skipped (unwinding through them
+    /// stops, reported incomplete).
     pub fn for_process(pid: i32) -> Result<Unwinder, maps::MapsError> {
         let mut u = Unwinder::new();
         let all = maps::read(pid)?;
@@ -300,27 +414,28 @@ impl Unwinder {
             ) else {
                 continue;
             };
-            let Ok(module) = Module::open(&m.open_path(pid)) else {
-                continue;
-            };
-            let Some(bias) = m.load_bias(&module) else {
-                continue;
-            };
-            if let Some(src) = CfiSource::from_module(&module, bias, start, end) {
-                u.add(src);
-            }
+            let path = m.open_path(pid);
+            u.add_lazy(
+                start,
+                end,
+                Box::new(move || {
+                    let module = Arc::new(Module::open_lazy(&path).ok()?);
+                    let bias = m.load_bias(&module)?;
+                    CfiSource::from_shared_module(module, bias, start, end)
+                }),
+            );
         }
         // The vDSO has no file: its ELF image is in memory (clock_gettime & co. run there, and
         // a thread stopped inside must still unwind).
         if let Some(v) = all.iter().find(|m| m.path.as_deref() == Some("[vdso]")) {
-            if let Some(src) = Self::vdso_source(pid, v) {
-                u.add(src);
-            }
+            let v = v.clone();
+            u.add_lazy(v.start, v.end, Box::new(move || Self::vdso_source(pid, &v)));
         }
         Ok(u)
     }
 
-    fn vdso_source(pid: i32, v: &maps::Mapping) -> Option<CfiSource> {
+    /// The CFI of the vDSO mapped at `v` in `pid`, read from its memory.
+    pub fn vdso_source(pid: i32, v: &maps::Mapping) -> Option<CfiSource> {
         let mem = ProcMemory::open(pid).ok()?;
         let len = usize::try_from(v.end - v.start).ok()?;
         if len > 1 << 20 {
@@ -330,12 +445,24 @@ impl Unwinder {
         mem.read(v.start, &mut image).ok()?;
         let module = Module::parse("[vdso]", image).ok()?;
         let bias = module.load_bias(v.start, 0)?;
-        CfiSource::from_module(&module, bias, v.start, v.end)
+        CfiSource::from_shared_module(Arc::new(module), bias, v.start, v.end)
     }
 
-    fn source_for(&self, addr: u64) -> Option<usize> {
-        let i = self.sources.partition_point(|s| s.start <= addr);
-        (i > 0 && addr < self.sources[i - 1].end).then(|| i - 1)
+    /// The source covering `addr`, reading a lazily added range's CFI if that is where it is.
+    fn source_for(&mut self, addr: u64) -> Option<usize> {
+        let i = self
+            .order
+            .partition_point(|&o| self.sources[o].start <= addr);
+        if i > 0 && addr < self.sources[self.order[i - 1]].end {
+            return Some(self.order[i - 1]);
+        }
+        let p = self.pending.partition_point(|p| p.start <= addr);
+        if p == 0 || addr >= self.pending[p - 1].end {
+            return None;
+        }
+        let pending = self.pending.remove(p - 1);
+        let src = (pending.load)()?;
+        Some(self.insert(src))
     }
 
     fn row_for(&mut self, addr: u64) -> Result<Option<Cached>, StopReason> {
@@ -346,10 +473,10 @@ impl Unwinder {
             return Err(StopReason::NoModule(addr));
         };
         let src = &self.sources[si];
-        let eh = EhFrame::new(&src.eh_frame, LittleEndian);
+        let eh = EhFrame::new(src.eh_frame(), LittleEndian);
         let bases = src.bases();
-        let fde = match &src.hdr {
-            Some((hdr, _)) => EhFrameHdr::new(hdr, LittleEndian)
+        let fde = match src.hdr() {
+            Some(hdr) => EhFrameHdr::new(hdr, LittleEndian)
                 .parse(&bases, 8)
                 .ok()
                 .and_then(|p| {
@@ -507,7 +634,7 @@ fn step(
     regs: &Registers,
     mem: &dyn MemoryReader,
 ) -> Result<Option<Registers>, String> {
-    let eh = EhFrame::new(&src.eh_frame, LittleEndian);
+    let eh = EhFrame::new(src.eh_frame(), LittleEndian);
     let cfa = match row.cfa() {
         CfaRule::RegisterAndOffset { register, offset } => regs
             .get(register.0)

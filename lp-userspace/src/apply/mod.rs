@@ -19,7 +19,7 @@ pub(crate) mod switch;
 pub(crate) mod target;
 
 pub use error::{Error, ErrorKind};
-pub(crate) use modules::unwinder;
+pub(crate) use modules::{open as open_module, unwinder};
 pub use switch::{Mode, SwitchStats};
 
 use crate::debug_info;
@@ -132,7 +132,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     let layout = Layout::of(&patch.object)
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
     let symbol_mem = crate::process::Memory::open(pid)?;
-    let resolver = target::Resolver::new(pid, &target, patch, &symbol_mem)?;
+    let resolver = target::Resolver::new(pid, &target, &symbol_mem)?;
     phase("checks and symbols done");
 
     // 2. Preparation; threads keep running.

@@ -1,6 +1,10 @@
 //! Parsed ELF modules, cached for the life of this process (keyed by device, inode, size and
 //! modification time), so that repeated operations — the Python bindings, the stress test, the
 //! benchmarks — parse libc and friends once instead of on every apply.
+//!
+//! Opening is lazy ([`Module::open_lazy`]: the file is mapped, only its headers read), and so
+//! is everything built from the modules here: a fresh `livepatch apply` opens a library only
+//! when the linker needs one of its symbols or an unwind reaches its code.
 
 use super::error::Error;
 use crate::elf::Module;
@@ -28,7 +32,7 @@ pub(crate) fn open(path: &Path) -> Result<Arc<Module>, Error> {
             return Ok(m.clone());
         }
     }
-    let module = Arc::new(Module::open(path)?);
+    let module = Arc::new(Module::open_lazy(path)?);
     if let Some(k) = key {
         cache()
             .lock()
@@ -38,38 +42,80 @@ pub(crate) fn open(path: &Path) -> Result<Arc<Module>, Error> {
     Ok(module)
 }
 
-/// Every file-backed module of the process with its parsed ELF and load bias (modules that
-/// cannot be read are left out).
-pub(crate) fn loaded(pid: i32, mappings: &[Mapping]) -> Vec<(MappedModule, Arc<Module>, u64)> {
-    let mut out = Vec::new();
-    for m in maps::modules(mappings) {
-        if m.path.starts_with("/memfd:") {
-            continue;
-        }
-        let Ok(elf) = open(&m.open_path(pid)) else {
-            continue;
-        };
-        if let Some(bias) = m.load_bias(&elf) {
-            out.push((m, elf, bias));
-        }
-    }
-    out
+/// One file-backed module of a process, opened (through the cache) on first use.
+pub(crate) struct LazyModule {
+    pub module: MappedModule,
+    path: std::path::PathBuf,
+    opened: OnceLock<Option<(Arc<Module>, u64)>>,
 }
 
-/// An unwinder over the CFI of every module of the process (built from the cache).
+impl LazyModule {
+    fn new(pid: i32, module: MappedModule) -> LazyModule {
+        LazyModule {
+            path: module.open_path(pid),
+            module,
+            opened: OnceLock::new(),
+        }
+    }
+
+    /// The parsed module and its load bias; `None` when it cannot be read.
+    pub fn get(&self) -> Option<(&Module, u64)> {
+        self.opened
+            .get_or_init(|| {
+                let elf = open(&self.path).ok()?;
+                let bias = self.module.load_bias(&elf)?;
+                Some((elf, bias))
+            })
+            .as_ref()
+            .map(|(m, b)| (&**m, *b))
+    }
+}
+
+/// Every file-backed module of the process, in address order, none opened yet.
+pub(crate) fn lazy(pid: i32, mappings: &[Mapping]) -> Vec<LazyModule> {
+    maps::modules(mappings)
+        .into_iter()
+        .filter(|m| !m.path.starts_with("/memfd:"))
+        .map(|m| LazyModule::new(pid, m))
+        .collect()
+}
+
+/// An unwinder over the CFI of every module of the process, each module's read (through the
+/// cache) when an unwind first reaches its code, and over the patches applied earlier.
 pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
     let mappings = maps::read(pid)?;
     let mut u = Unwinder::new();
-    for (m, elf, bias) in loaded(pid, &mappings) {
+    for m in maps::modules(&mappings) {
+        if m.path.starts_with("/memfd:") {
+            continue;
+        }
         let (Some(start), Some(end)) = (
             m.exec_ranges().map(|r| r.0).min(),
             m.exec_ranges().map(|r| r.1).max(),
         ) else {
             continue;
         };
-        if let Some(src) = CfiSource::from_module(&elf, bias, start, end) {
-            u.add(src);
-        }
+        let path = m.open_path(pid);
+        u.add_lazy(
+            start,
+            end,
+            Box::new(move || {
+                let elf = open(&path).ok()?;
+                let bias = m.load_bias(&elf)?;
+                CfiSource::from_shared_module(elf, bias, start, end)
+            }),
+        );
+    }
+    if let Some(v) = mappings
+        .iter()
+        .find(|m| m.path.as_deref() == Some("[vdso]"))
+    {
+        let v = v.clone();
+        u.add_lazy(
+            v.start,
+            v.end,
+            Box::new(move || Unwinder::vdso_source(pid, &v)),
+        );
     }
     crate::debug_info::add_patch_cfi(pid, &mut u);
     Ok(u)

@@ -2,12 +2,11 @@
 //! the running code is exactly what the patch was built against. Nothing here writes.
 
 use super::error::Error;
-use crate::elf::Module;
+use crate::elf::{Module, Symbol, SymbolSpec};
 use crate::maps::{self, MappedModule, Mapping};
 use crate::patchfile::Patch;
 use crate::process::Memory;
 use crate::state::State;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The patch's target module as loaded in the process.
@@ -95,13 +94,20 @@ pub(crate) fn top_redirect(state: &State, old: u64) -> Option<&crate::state::App
 }
 
 /// Resolves symbol names referenced by the patch object: the target module first (its static
-/// functions and variables included), then every other module's exported symbols (libc...).
+/// functions and variables included), then the other modules' exported symbols (libc...), each
+/// module opened only when a name gets that far.
+///
+/// A name is resolved to one symbol identity, never by bare name alone: `name@file.c` and
+/// `name,N` (asm labels in the patch source) pick exactly that symbol; a bare `name` binds like
+/// the static linker would bind it — the target's global definition, or its only symbol of that
+/// name (a `static` the patch declared `extern`) — and is refused as ambiguous otherwise. A
+/// replaced function resolves to its old entry, which jumps to the newest version: a reference
+/// to `helper@b.c` reaches the new `helper` of b.c, a bare `helper` naming another symbol (a.c's
+/// or a global one) reaches that one, whatever was replaced.
 pub(crate) struct Resolver<'a> {
     target_bias: u64,
     target: &'a Module,
-    others: Vec<(u64, Arc<Module>)>,
-    /// Replaced function name → its old entry (which jumps to the newest version).
-    replaced: HashMap<String, u64>,
+    others: Vec<super::modules::LazyModule>,
     mem: &'a crate::process::Memory,
 }
 
@@ -109,62 +115,78 @@ impl<'a> Resolver<'a> {
     pub(crate) fn new(
         pid: i32,
         target: &'a LoadedTarget,
-        patch: &Patch,
         mem: &'a crate::process::Memory,
     ) -> Result<Resolver<'a>, Error> {
-        let others = super::modules::loaded(pid, &target.mappings)
+        let others = super::modules::lazy(pid, &target.mappings)
             .into_iter()
-            .filter(|(m, _, _)| m.path != target.module.path)
-            .map(|(_, elf, bias)| (bias, elf))
-            .collect();
-        let replaced = patch
-            .functions
-            .iter()
-            .map(|f| {
-                (
-                    bare_name(&f.old_name).to_string(),
-                    target.bias + f.old_vaddr,
-                )
-            })
+            .filter(|m| m.module.path != target.module.path)
             .collect();
         Ok(Resolver {
             target_bias: target.bias,
             target: &target.elf,
             others,
-            replaced,
             mem,
         })
     }
 
+    /// The target's symbol that reference `name` means, if any.
+    fn target_symbol(&self, name: &str) -> Option<&'a Symbol> {
+        let target: &'a Module = self.target;
+        match SymbolSpec::parse(name) {
+            Ok(SymbolSpec::Name(bare)) => {
+                let all = target.by_name(bare);
+                let globals: Vec<&Symbol> = all.iter().copied().filter(|s| !s.local).collect();
+                match globals.first() {
+                    // Aliases of one address count as one definition.
+                    Some(g) if globals.iter().all(|s| s.value == g.value) => globals
+                        .iter()
+                        .copied()
+                        .max_by_key(|s| s.size > 0)
+                        .or(Some(g)),
+                    Some(_) => None,
+                    None => target.lookup(bare).ok(),
+                }
+            }
+            Ok(_) => target.lookup(name).ok(),
+            Err(_) => None,
+        }
+    }
+
     /// The runtime address of `name`.
     pub(crate) fn resolve(&self, name: &str) -> Option<u64> {
-        if let Some(&a) = self.replaced.get(name) {
-            return Some(a);
-        }
-        if let Ok(s) = self.target.lookup(name) {
+        if let Some(s) = self.target_symbol(name) {
             if !s.ifunc {
                 return Some(self.target_bias + s.value);
             }
         }
-        for (bias, m) in &self.others {
-            if let Some(s) = m.global(name) {
-                if !s.ifunc && s.value != 0 {
-                    return Some(bias + s.value);
-                }
-                if s.ifunc {
-                    // An IFUNC (libc's strlen...): take what the dynamic linker chose, from
-                    // the GOT slot of a module that imports it.
-                    let modules = std::iter::once((self.target_bias, self.target))
-                        .chain(self.others.iter().map(|(b, m)| (*b, &**m)));
-                    return crate::elf::resolve_import(modules, name, self.mem);
-                }
-            }
+        // What the other modules export (.dynsym through .gnu.hash, no full parse), then,
+        // rarely, a global only their .symtab knows.
+        let exported = self.others.iter().find_map(|o| {
+            o.get().and_then(|(m, bias)| {
+                let s = m.exported(name).filter(|s| s.ifunc || s.value != 0)?;
+                Some((s, bias))
+            })
+        });
+        let found = exported.or_else(|| {
+            self.others.iter().find_map(|o| {
+                o.get()
+                    .and_then(|(m, bias)| Some((m.global(name)?.clone(), bias)))
+            })
+        });
+        let (s, bias) = found?;
+        if !s.ifunc && s.value != 0 {
+            return Some(bias + s.value);
+        }
+        if s.ifunc {
+            // An IFUNC (libc's strlen...): take what the dynamic linker chose, from the GOT
+            // slot of a module that imports it.
+            let modules = std::iter::once((self.target_bias, self.target)).chain(
+                self.others
+                    .iter()
+                    .filter_map(|o| o.get().map(|(m, b)| (b, m))),
+            );
+            return crate::elf::resolve_import(modules, name, self.mem);
         }
         None
     }
-}
-
-/// `name@file.c` / `name,N` → `name`.
-pub(crate) fn bare_name(spec: &str) -> &str {
-    spec.split(['@', ',']).next().unwrap_or(spec)
 }
