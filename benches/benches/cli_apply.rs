@@ -1,0 +1,220 @@
+//! Fresh-process CLI benchmark (harness = false; prints figures).
+//!
+//! What an operator sees: the wall time of `livepatch apply PID PATCH` and `livepatch revert
+//! PID`, each a new process (no module cache, nothing parsed yet), stop mode, on the target of
+//! `process_patch.rs` (8 threads calling the 10 patched functions and sleeping 50 µs per loop
+//! iteration) with its 10-function patch. Timed from spawn to exit. Also shown: the wall time
+//! of `livepatch --version` (exec, dynamic loading and exit of the binary: the floor), and the
+//! `total` and `stall` the tool itself reports.
+//!
+//! Run: `cargo bench -p lp-benches --bench cli_apply` (root; gcc needed). It builds the release
+//! `livepatch` binary first (`cargo build --release -p lp-userspace`), or uses `LIVEPATCH_BIN`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FUNCS: &str = r#"
+#define F(n) int __attribute__((noipa)) f##n(int x) { int r = x + n; if (x > 1000000) r = x * 3; return r; }
+F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7) F(8) F(9)
+"#;
+
+/// The threads of `process_patch.rs`'s target, without its measurement signals.
+const TARGET: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+#include "funcs.h"
+static void *worker(void *arg) {
+    (void)arg; unsigned acc = 0;
+    struct timespec pause = {0, 50000};
+    prctl(PR_SET_TIMERSLACK, 1);
+    for (;;) {
+        acc += f0(1) + f1(1) + f2(1) + f3(1) + f4(1) + f5(1) + f6(1) + f7(1) + f8(1) + f9(1);
+        if (acc == 7) puts("");
+        nanosleep(&pause, NULL);
+    }
+    return NULL;
+}
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int threads = argc > 1 ? atoi(argv[1]) : 8;
+    pthread_t t;
+    for (long i = 0; i < threads; i++) pthread_create(&t, NULL, worker, (void *)i);
+    printf("ready %d\n", getpid());
+    for (;;) pause();
+}
+"#;
+
+const ROUNDS: usize = 30;
+
+fn gcc(args: &[&str]) {
+    let out = Command::new("gcc").args(args).output().expect("gcc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The release `livepatch` binary, built now (a no-op when it is up to date).
+fn livepatch_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LIVEPATCH_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lp-userspace",
+            "--bin",
+            "livepatch",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "cargo build --release -p lp-userspace failed");
+    // This bench runs from <target>/release/deps/.
+    let exe = std::env::current_exe().expect("own path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/release")
+        .join("livepatch");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+struct Target {
+    child: Child,
+    _out: BufReader<ChildStdout>,
+}
+
+impl Target {
+    fn start(exe: &Path) -> Target {
+        let mut child = Command::new(exe)
+            .arg("8")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "{line}");
+        Target { child, _out: out }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `bin args...` to completion; its wall time and stdout.
+fn timed(bin: &Path, args: &[&str]) -> (Duration, String) {
+    let start = Instant::now();
+    let out = Command::new(bin)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run livepatch");
+    let wall = start.elapsed();
+    assert!(out.status.success(), "livepatch {args:?} failed");
+    (wall, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The number after `key ` in the tool's summary line (`stall 290 us`, `total 5473 us`).
+fn reported(out: &str, key: &str) -> Option<f64> {
+    let line = out.lines().next()?;
+    let at = line.find(&format!("{key} "))? + key.len() + 1;
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
+fn summary(mut v: Vec<f64>) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "median {:6.2} ms  min {:6.2} ms  max {:6.2} ms",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let bin = livepatch_bin();
+    let dir: PathBuf = std::env::temp_dir().join(format!("lp-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("funcs.h"), FUNCS).unwrap();
+    std::fs::write(dir.join("target.c"), TARGET).unwrap();
+    std::fs::write(
+        dir.join("new.c"),
+        FUNCS.replace("__attribute__((noipa)) ", ""),
+    )
+    .unwrap();
+    let d = |n: &str| dir.join(n).display().to_string();
+    gcc(&["-O2", "-pthread", &d("target.c"), "-o", &d("target")]);
+    gcc(&["-O2", "-c", "-fPIC", &d("new.c"), "-o", &d("new.o")]);
+    let patch = d("patch.lp");
+    let target_arg = d("target");
+    let object_arg = d("new.o");
+    timed(
+        &bin,
+        &[
+            "pack",
+            "--target",
+            &target_arg,
+            "--object",
+            &object_arg,
+            "-o",
+            &patch,
+        ],
+    );
+
+    let t = Target::start(&dir.join("target"));
+    let pid = t.child.id().to_string();
+    println!(
+        "cli_apply: fresh `livepatch` processes, stop mode, 10-function patch, 8-thread target, {ROUNDS} rounds ({})",
+        bin.display()
+    );
+    // One unmeasured round: the files are in the page cache afterwards, as on a server
+    // where the target runs (its libraries are mapped, so cached).
+    timed(&bin, &["apply", &pid, &patch]);
+    timed(&bin, &["revert", &pid]);
+    let (mut version, mut apply, mut revert) = (vec![], vec![], vec![]);
+    let (mut apply_total, mut apply_stall, mut revert_total) = (vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        version.push(ms(timed(&bin, &["--version"]).0));
+        let (wall, out) = timed(&bin, &["apply", &pid, &patch]);
+        apply.push(ms(wall));
+        apply_total.push(reported(&out, "total").unwrap_or(0.0) / 1e3);
+        apply_stall.push(reported(&out, "stall").unwrap_or(0.0) / 1e3);
+        std::thread::sleep(Duration::from_millis(5));
+        let (wall, out) = timed(&bin, &["revert", &pid]);
+        revert.push(ms(wall));
+        revert_total.push(reported(&out, "total").unwrap_or(0.0) / 1e3);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("  livepatch --version (exec floor): {}", summary(version));
+    println!("  apply  wall time: {}", summary(apply));
+    println!("         reported total: {}", summary(apply_total));
+    println!("         reported stall: {}", summary(apply_stall));
+    println!("  revert wall time: {}", summary(revert));
+    println!("         reported total: {}", summary(revert_total));
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+}
