@@ -135,6 +135,59 @@ fn unwind_sleeping_threads_through_libc() {
     assert_eq!(entries, vec!["main".to_string(), "thread_main".to_string()]);
 }
 
+/// `for_process` reads no module's CFI up front; unwinding loads exactly the modules the stacks
+/// pass through (the fixture and libc, not ld.so or the vDSO), and the stacks are complete: a
+/// frame in a module not loaded yet loads it instead of ending the unwind.
+#[test]
+fn unwind_loads_the_cfi_of_the_modules_the_stacks_reach_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = support::executable(dir.path(), &["nested_sleep.c"], "nested", &["-pthread"]);
+    let mut child = Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(50)); // both threads reach nanosleep
+
+    let mut unwinder = Unwinder::for_process(pid).unwrap();
+    assert!(
+        unwinder.loaded_sources().is_empty(),
+        "nothing read before an unwind needs it"
+    );
+    let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let regs: Vec<_> = tids.iter().map(|&t| stop_thread(t)).collect();
+    let mem = ProcMemory::open(pid).unwrap();
+    let traces: Vec<Backtrace> = regs
+        .iter()
+        .map(|r| unwinder.unwind(&Registers::from_user_regs(r), &mem, DEFAULT_MAX_DEPTH))
+        .collect();
+    let loaded: Vec<String> = unwinder
+        .loaded_sources()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let all = unwinder.sources().len();
+    for &t in &tids {
+        ptrace(libc::PTRACE_DETACH, t, std::ptr::null_mut());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    for bt in &traces {
+        assert!(bt.complete(), "{:?}", bt.stop);
+        assert!(bt.return_addresses.len() >= 4, "{bt:?}");
+    }
+    assert_eq!(loaded.len(), 2, "{loaded:?}");
+    assert!(loaded.iter().any(|n| n.ends_with("/nested")), "{loaded:?}");
+    assert!(loaded.iter().any(|n| n.contains("libc")), "{loaded:?}");
+    assert!(all > loaded.len(), "ld.so and the vDSO are known too");
+}
+
 static CAPTURED: Mutex<Option<Backtrace>> = Mutex::new(None);
 static UNWINDER: Mutex<Option<Unwinder>> = Mutex::new(None);
 
