@@ -211,10 +211,23 @@ pub struct Module {
 #[derive(Clone, Debug, Default)]
 struct FullSymbols {
     symbols: Vec<Symbol>,
+    /// Indices of `symbols` sorted by name (stable: table order among equal names), so that
+    /// looking a name up in a large executable is a binary search, not a scan.
+    by_name: Vec<u32>,
     /// (symbol name, vaddr of the GOT slot the dynamic linker fills for it).
     imports: Vec<(String, u64)>,
     /// Separate debug file the symbols came from.
     debug_file: Option<PathBuf>,
+}
+
+impl FullSymbols {
+    fn index(mut self) -> FullSymbols {
+        let symbols = &self.symbols;
+        let mut order: Vec<u32> = (0..symbols.len() as u32).collect();
+        order.sort_by(|&a, &b| symbols[a as usize].name.cmp(&symbols[b as usize].name));
+        self.by_name = order;
+        self
+    }
 }
 
 impl Module {
@@ -431,7 +444,7 @@ impl Module {
                 if !has_symtab {
                     self.merge_debug_file(&mut full);
                 }
-                Ok(full)
+                Ok(full.index())
             })
             .as_ref()
             .map_err(|reason| ElfError::Malformed {
@@ -453,6 +466,7 @@ impl Module {
         Ok((
             FullSymbols {
                 symbols: Self::collect_symbols(&elf),
+                by_name: Vec::new(),
                 imports: Self::collect_imports(&elf),
                 debug_file: None,
             },
@@ -690,7 +704,15 @@ impl Module {
 
     /// Every symbol named `name`.
     pub fn by_name(&self, name: &str) -> Vec<&Symbol> {
-        self.symbols().iter().filter(|s| s.name == name).collect()
+        let full = self.full_or_empty();
+        let (symbols, order) = (&full.symbols, &full.by_name);
+        // `order` sorts indices by name, then by position in the table.
+        let first = order.partition_point(|&i| symbols[i as usize].name.as_str() < name);
+        order[first..]
+            .iter()
+            .map(|&i| &symbols[i as usize])
+            .take_while(|s| s.name == name)
+            .collect()
     }
 
     /// The symbol containing file vaddr `vaddr` (functions first).
@@ -798,11 +820,12 @@ impl Module {
     /// of the function.
     pub fn cold_parts(&self, sym: &Symbol) -> Vec<&Symbol> {
         let cold = format!("{}.cold", sym.name);
+        let numbered = format!("{cold}.");
         self.symbols()
             .iter()
             .filter(|s| {
                 s.kind == SymbolKind::Function
-                    && (s.name == cold || s.name.starts_with(&format!("{cold}.")))
+                    && (s.name == cold || s.name.starts_with(&numbered))
                     && (s.file == sym.file || !s.local || !sym.local)
             })
             .collect()
@@ -811,7 +834,7 @@ impl Module {
     /// The global (or weak) definition of `name`, ignoring file-local symbols: what the
     /// dynamic linker would bind a reference to.
     pub fn global(&self, name: &str) -> Option<&Symbol> {
-        self.symbols().iter().find(|s| s.name == name && !s.local)
+        self.by_name(name).into_iter().find(|s| !s.local)
     }
 
     fn ambiguous(&self, name: &str, found: &[&Symbol]) -> LookupError {
