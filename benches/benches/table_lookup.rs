@@ -1,8 +1,10 @@
 //! Trap-path lookup in the redirect table with 10, 1,000 and 100,000 sites.
 //!
-//! Goal: under 50 ns and flat across sizes. Three access patterns per size:
+//! Goal: under 50 ns and flat across sizes. Four access patterns per size:
 //! - `hit_same`: the same site every time (the hot case: one function trapping repeatedly);
 //! - `hit_spread`: cycling through 4,096 present sites in random order (cold cache lines);
+//! - `hit_all`: every site of the table once, in random order (with 100,000 sites nothing
+//!   stays in cache: the worst case);
 //! - `miss`: an address that is not a site (a debugger's int3);
 //!
 //! and `decide_spread`, the whole trap decision (`lp_core::trap::decide`) for spread hits.
@@ -29,17 +31,31 @@ fn site(i: usize) -> u64 {
     0x40_0000 + (i as u64) * 0x40
 }
 
-/// xorshift: a fixed pseudo-random order, the same on every run.
+/// xorshift: a fixed pseudo-random sequence, the same on every run.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// `PROBES` sites drawn at random (with repeats) among `n`.
 fn shuffled_sites(n: usize) -> Vec<u64> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..PROBES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            site((x % n as u64) as usize)
-        })
+        .map(|_| site((xorshift(&mut x) % n as u64) as usize))
         .collect()
+}
+
+/// All `n` sites, each once, in a random order (Fisher-Yates).
+fn all_sites_shuffled(n: usize) -> Vec<u64> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut v: Vec<u64> = (0..n).map(site).collect();
+    for i in (1..n).rev() {
+        let j = (xorshift(&mut x) % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
 }
 
 fn fill(table: &RedirectTable<'_>, n: usize) {
@@ -73,6 +89,14 @@ fn lookups(c: &mut Criterion) {
                 table.lookup(black_box(probes[i])).unwrap().new
             })
         });
+        let all = all_sites_shuffled(n);
+        group.bench_with_input(BenchmarkId::new("hit_all", n), &n, |bch, &n| {
+            let mut i = 0;
+            bch.iter(|| {
+                i = (i + 1) % n;
+                table.lookup(black_box(all[i])).unwrap().new
+            })
+        });
         group.bench_with_input(BenchmarkId::new("miss", n), &n, |bch, &n| {
             let old = site(n / 2) + 1;
             bch.iter(|| table.lookup(black_box(old)).is_none())
@@ -95,19 +119,20 @@ criterion_group! {
         .measurement_time(std::time::Duration::from_secs(3));
     targets = lookups
 }
-/// ns per lookup: the fastest of 40 rounds, each 10 passes over `probes`.
+/// ns per lookup: the fastest of 40 rounds, each at least 40,960 lookups (passes over `probes`).
 fn fastest_round(probes: &[u64], mut lookup: impl FnMut(u64) -> u64) -> f64 {
+    let passes = (10 * PROBES).div_ceil(probes.len());
     let mut best = f64::MAX;
     for _ in 0..40 {
         let start = Instant::now();
         let mut sum = 0u64;
-        for _ in 0..10 {
+        for _ in 0..passes {
             for &p in probes {
                 sum = sum.wrapping_add(lookup(black_box(p)));
             }
         }
         black_box(sum);
-        best = best.min(start.elapsed().as_nanos() as f64 / (10 * probes.len()) as f64);
+        best = best.min(start.elapsed().as_nanos() as f64 / (passes * probes.len()) as f64);
     }
     best
 }
@@ -115,23 +140,25 @@ fn fastest_round(probes: &[u64], mut lookup: impl FnMut(u64) -> u64) -> f64 {
 fn print_fastest_rounds() {
     println!("table_lookup, fastest of 40 rounds (ns per lookup):");
     println!(
-        "{:>8} {:>9} {:>11} {:>7} {:>14}",
-        "sites", "hit_same", "hit_spread", "miss", "decide_spread"
+        "{:>8} {:>9} {:>11} {:>8} {:>7} {:>14}",
+        "sites", "hit_same", "hit_spread", "hit_all", "miss", "decide_spread"
     );
     for n in SIZES {
         let (mut a, mut b) = (vec![Slot::EMPTY; n], vec![Slot::EMPTY; n]);
         let table = RedirectTable::new(&mut a, &mut b);
         fill(&table, n);
         let spread = shuffled_sites(n);
+        let all = all_sites_shuffled(n);
         let same = vec![site(n / 2); PROBES];
         let miss = vec![site(n / 2) + 1; PROBES];
         let hit = |old| table.lookup(old).map_or(0, |r| r.new);
         let decision = |old| decide(&table, old).target().unwrap_or(0);
         println!(
-            "{:>8} {:>9.1} {:>11.1} {:>7.1} {:>14.1}",
+            "{:>8} {:>9.1} {:>11.1} {:>8.1} {:>7.1} {:>14.1}",
             n,
             fastest_round(&same, hit),
             fastest_round(&spread, hit),
+            fastest_round(&all, hit),
             fastest_round(&miss, hit),
             fastest_round(&spread, decision)
         );

@@ -1,5 +1,5 @@
 //! The redirect table: site address → stack of versions, with a lookup for the trap path that
-//! never blocks, never allocates and takes O(log n).
+//! never blocks, never allocates, never writes shared memory and takes O(1) (a hash index).
 //!
 //! # Model
 //! An entry is keyed by the **site address** `old`: the address where the redirect is written
@@ -20,14 +20,21 @@
 //!
 //! # Storage and concurrency
 //! The caller supplies two equally sized slot buffers (static arrays in the kernel, `Vec`s in
-//! userspace); lp-core allocates nothing. Writers are serialised by a spin mutex and edit the
-//! inactive buffer, publish it with one atomic store, then bring the other buffer up to date.
-//! Readers ([`read`](RedirectTable::read), [`lookup`](RedirectTable::lookup)) never take the lock
-//! and never wait for a writer. The argument is in the `left_right` submodule's comment.
+//! userspace); lp-core allocates nothing. Each buffer holds the sites sorted, their records, and
+//! a hash index (site → position, open addressing, at most half full, bounded probe length).
+//! Writers are serialised by a spin mutex and edit the inactive buffer, publish it with one
+//! atomic store, then bring the other buffer up to date. Readers never take the lock and never
+//! wait for a writer:
+//! - [`lookup`](RedirectTable::lookup) (the trap path, also [`len`](RedirectTable::len) and
+//!   [`trap::decide`](crate::trap::decide)) only *loads*: it reads the published buffer through
+//!   atomic loads and checks the buffer's generation afterwards, retrying in the rare case a
+//!   write overlapped (a seqlock over left-right buffers);
+//! - [`read`](RedirectTable::read) counts itself into the buffer it reads, so its closure can
+//!   hold a whole [`Snapshot`]; writers wait for such readers before editing their buffer.
 //!
-//! A writer does wait (spinning) for readers that are inside a read. So a reader must not be
-//! preempted mid-read while a writer runs with everything else stopped (`stop_machine`): in a
-//! kernel, read with preemption disabled or under the mutex such a writer holds.
+//! The argument is in the `left_right` submodule's comment. Because a writer waits for counted
+//! readers, a counted reader must not be preempted inside `read` while a writer runs with
+//! everything else stopped (`stop_machine`). Lookups have no such rule: nothing waits for them.
 //!
 //! ```
 //! use lp_core::table::{EntryState, RedirectTable, Slot};
@@ -44,13 +51,16 @@
 
 mod edit;
 mod error;
+mod index;
+mod layout;
 mod left_right;
 mod slot;
 
 pub use error::TableError;
 pub use slot::{EntryState, Slot, Version, MAX_DEPTH, SLOT_ALIGN, SLOT_SIZE};
 
-use left_right::{Entries, LeftRight};
+use layout::Entries;
+use left_right::LeftRight;
 use slot::Record;
 
 /// What the table says about one site: a copy taken from one published snapshot.
@@ -119,7 +129,7 @@ pub struct Snapshot<'a> {
 }
 
 impl<'a> Snapshot<'a> {
-    /// A copy of the entry for site `old` (binary search).
+    /// A copy of the entry for site `old` (hash index: O(1)).
     ///
     /// ```
     /// # use lp_core::table::{RedirectTable, Slot};
@@ -129,7 +139,7 @@ impl<'a> Snapshot<'a> {
     /// assert!(table.read(|snap| snap.get(0x1000).is_some() && snap.get(0x2000).is_none()));
     /// ```
     pub fn get(&self, old: u64) -> Option<Slot> {
-        self.entries.find(old).ok().map(|i| self.entries.slot(i))
+        self.entries.lookup(old).map(|i| self.entries.slot(i))
     }
 
     /// The [`Redirect`] for site `old`.
@@ -142,7 +152,7 @@ impl<'a> Snapshot<'a> {
     /// assert_eq!(table.read(|snap| snap.lookup(0x1000)).unwrap().new, 0x5100);
     /// ```
     pub fn lookup(&self, old: u64) -> Option<Redirect> {
-        let i = self.entries.find(old).ok()?;
+        let i = self.entries.lookup(old)?;
         Some(Redirect::of(self.entries.key(i), self.entries.record(i)))
     }
 
@@ -226,8 +236,10 @@ impl<'s> RedirectTable<'s> {
     /// # Safety
     /// `a` and `b` must each point to `capacity` slots of memory (`capacity * SLOT_SIZE`
     /// bytes), aligned to [`SLOT_ALIGN`], not overlapping, used by nothing else while the table
-    /// exists, and valid for `'s`. Their contents do not matter: the table never reads a byte it
-    /// did not write. (Zeroed static arrays, or arrays of [`Slot::EMPTY`], are the usual choice.)
+    /// exists, and valid for `'s`. The memory must be initialised (any bytes: lookups may load
+    /// words the table has not written yet, and discard them), but its contents do not matter:
+    /// nothing the table did not write is ever used. (Zeroed static arrays, or arrays of
+    /// [`Slot::EMPTY`], are the usual choice.) Storage beyond 2^30 slots is not used.
     ///
     /// ```
     /// use core::ptr::addr_of_mut;
@@ -285,7 +297,8 @@ impl<'s> RedirectTable<'s> {
     }
 
     /// The trap-path lookup: the entry for site `old`, copied out of the current snapshot.
-    /// Never blocks, never allocates, O(log n).
+    /// Never blocks, never allocates, O(1): a hash probe over the published buffer with loads
+    /// only (no reader count), validated against concurrent writes.
     ///
     /// ```
     /// # use lp_core::table::{RedirectTable, Slot};
@@ -296,7 +309,9 @@ impl<'s> RedirectTable<'s> {
     /// assert_eq!(table.lookup(0x2000), None);
     /// ```
     pub fn lookup(&self, old: u64) -> Option<Redirect> {
-        self.read(|snap| snap.lookup(old))
+        self.inner
+            .lookup(old)
+            .map(|(old, rec)| Redirect::of(old, &rec))
     }
 
     /// Number of sites now.
@@ -309,7 +324,7 @@ impl<'s> RedirectTable<'s> {
     /// assert_eq!(table.len(), 1);
     /// ```
     pub fn len(&self) -> usize {
-        self.read(|snap| snap.len())
+        self.inner.len()
     }
 
     /// Whether the table holds no site now.

@@ -104,7 +104,7 @@ impl TrapDecision {
 /// assert_eq!(decide(&table, 0x1234), TrapDecision::NotOurs); // a debugger's int3
 /// ```
 pub fn decide(table: &RedirectTable<'_>, trap_addr: u64) -> TrapDecision {
-    table.read(|snap| decide_in(&snap, trap_addr))
+    decide_for(table.lookup(trap_addr).as_ref())
 }
 
 /// [`decide`] against a snapshot the caller already holds (inside [`RedirectTable::read`]).

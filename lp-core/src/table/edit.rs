@@ -1,6 +1,6 @@
 //! The edits a writer makes to a sorted slot array, checked once and applied to both buffers.
 
-use super::left_right::{BufferMut, Entries};
+use super::layout::{BufferMut, Entries};
 use super::slot::Record;
 use super::{EntryState, Slot, TableError, Version, MAX_DEPTH};
 

@@ -1,70 +1,101 @@
-//! Two copies of the sorted entries, published so that readers never take a lock and never
-//! wait for a writer ("left-right" publication).
+//! Two copies of the entries, published so that readers never take a lock and never wait for a
+//! writer ("left-right" publication), with two kinds of reader:
+//! - the **lookup** (the trap path: `lookup`, `len`) only loads: it reads a buffer optimistically
+//!   and validates what it read with the buffer's generation (a seqlock per buffer);
+//! - the **counted read** (`read(f)`: snapshots, iteration) announces itself in a reader count,
+//!   so its closure can hold plain references into a buffer that no writer will touch.
 //!
-//! # The scheme
-//! Two buffers hold the same sorted entries between writes. `active` says which one readers use.
-//! Each buffer has a reader count.
+//! # The writer
+//! Serialised by `writer` (a spin mutex; writers may wait, readers never wait for a writer).
+//! For buffer `x` an *edit* is: `gens[x] += 1` (odd), release fence, the changes (atomic word
+//! stores: keys, records, index, and `lens[x]`, `max_probes[x]`), `gens[x] += 1` (even).
+//! A write:
+//! 1. check the change against the active buffer `a` (nobody writes `a` now);
+//! 2. `j = 1 - a`; wait until no counted reader is in `j`; edit `j`;
+//! 3. `active = j` (publish);
+//! 4. wait until no counted reader is in `a`; edit `a` (same change: both hold the same again).
 //!
-//! Reader (the trap path):
+//! A buffer is edited only while it is not `active`. `gens[x] == 0` means `x` was never written:
+//! its first edit also clears its index (the caller's memory held anything).
+//!
+//! # The lookup (loads only)
+//! 1. `i = active`; `g = gens[i]`; if `g` is odd retry (a writer is inside `i`);
+//! 2. probe buffer `i` (atomic `Relaxed` word loads; every position bounds-checked, so torn
+//!    values cannot leave the buffer, and the probe length is bounded), copy what it needs;
+//! 3. acquire fence; then `active == i` and `gens[i] == g` again, or discard the copy and retry.
+//!
+//! Why a validated copy is exactly buffer `i` as it stood at generation `g`:
+//! - nothing older: `g` was loaded (`SeqCst`, at least acquire) from the store that ended the
+//!   edit making it `g` (release), so that edit's stores, and every earlier one, happen before
+//!   the reader's loads; by coherence no load returns a value they overwrote;
+//! - nothing newer: the next edit of `i` stores `g + 1` then a release fence before any change.
+//!   If any of the reader's loads returned a value stored after that fence, the writer's release
+//!   fence synchronises with the reader's acquire fence (fence-to-fence through that location),
+//!   so the store of `g + 1` happens before the reader's second load of `gens[i]`, which then
+//!   returns `g + 1` or later, not `g`: the reader retries.
+//!
+//! Why it is the *published* state at one instant (no new-then-old across two lookups): `active`
+//! and `gens` are only accessed `SeqCst`, so they sit in one total order S. The reader's loads
+//! `gens[i] → g`, then `active → i`, then `gens[i] → g` are in S in program order; generations
+//! only grow, so at the point P of the second `active` load, `active == i` and `gens[i] == g`.
+//! The last flip before P made `i` active right after an edit of `i` finished (step 2→3), and
+//! until the next flip away from `i` no write edits `i` (step 2 edits the inactive buffer, step
+//! 4 the one just left). So at P the published state is buffer `i` at generation `g`: the
+//! lookup takes effect at P. A lookup never sees a state before it is published, nor one
+//! already replaced when it started.
+//!
+//! All the words a lookup reads (and all a writer stores into a buffer) are accessed as atomics,
+//! so there is no data race and no undefined behaviour even when the copy is torn: torn copies
+//! are only ever discarded. `Record`s are plain integers, so any words form a valid one.
+//!
+//! # The counted read
 //! 1. `i = active` ; 2. `readers[i] += 1` ; 3. if `active != i` now: `readers[i] -= 1`, go to 1;
 //! 4. read buffer `i` (its first `lens[i]` entries) ; 5. `readers[i] -= 1`.
 //!
-//! Writer (serialised by `writer`, a spin mutex; writers may wait, readers never do):
-//! 1. check the edit against the active buffer `a` (nobody writes `a` now) ;
-//! 2. `j = 1 - a`; spin until `readers[j] == 0` ; 3. apply the edit to `j`, set `lens[j]` ;
-//! 4. `active = j` (publish) ; 5. spin until `readers[a] == 0` ; 6. apply the same edit to `a`.
-//!
-//! # Why a reader never sees a buffer being written
-//! All counter and index operations are `SeqCst`, so they fall into one total order. Take a
-//! reader R that passed step 3 with buffer `i`, and a writer W about to write `i` (W's step 3 or
-//! 6). W writes `i` only after seeing `i` inactive (the flip away from `i`, step 4 of this or an
-//! earlier write, at time F) and then `readers[i] == 0` (time Z > F).
-//! - If R's increment comes before Z in the total order, W reads a count that includes R and
-//!   keeps spinning until R's decrement: no overlap.
+//! Why no writer touches buffer `i` during step 4 (all count and index operations `SeqCst`, one
+//! total order): a writer edits `i` only after seeing `i` inactive (a flip away from `i`, at
+//! time F) and then `readers[i] == 0` (time Z > F).
+//! - If R's increment comes before Z in the total order, the writer reads a count that includes
+//!   R and keeps spinning until R's decrement: no overlap.
 //! - If R's increment comes after Z, then R's re-check (after its increment, so after F) reads
 //!   the index as it stands after the flip away from `i`. It sees `active == i` only if a later
-//!   flip made `i` active again, and a writer flips to `i` only after it finished writing `i`
-//!   (steps 3→4), while the next write of `i` again first needs a flip away and a zero count,
-//!   which includes R's increment. So R reads `i` only when it is complete and stays so until R
-//!   decrements.
+//!   flip made `i` active again, and a writer flips to `i` only after it finished editing `i`,
+//!   while the next edit of `i` again first needs a flip away and a zero count, which includes
+//!   R's increment. So R reads `i` only when it is complete and stays so until R decrements.
 //!
-//! Memory visibility follows the same edges: entry writes → flip (`SeqCst` store, release) → a
-//! reader's index load (acquire) → its entry reads; and a reader's entry reads → its decrement
-//! (release) → the writer's zero load (acquire) → the next entry writes. The length of a buffer
-//! is stored before the flip that publishes it, and changed only while the buffer is inactive
-//! and unread.
+//! Memory visibility follows the same edges: edit stores → flip (release) → the reader's index
+//! load (acquire) → its reads; and its reads → its decrement (release) → the writer's zero load
+//! (acquire) → the next edit.
 //!
-//! # Layout of a buffer
-//! A caller's buffer of `capacity` slots is used as two columns: `capacity` site addresses
-//! (`u64`, sorted, the first `len` in use), then `capacity` [`Record`]s (the rest of each entry,
-//! same index). `size_of::<Slot>() == 8 + size_of::<Record>()`, so this is exactly the memory
-//! given. The binary search walks the dense key column: for 100,000 sites that is 800 KB instead
-//! of 15 MB of slots, several times faster when the keys are not all in cache.
-//! Only the first `len` entries of each column are ever read, and only after a writer wrote
-//! them, so whatever bytes the caller's slots held (padding included) are never read.
-//!
-//! # Striped reader counts
-//! `readers[i]` is really [`STRIPES`] counters, each on its own cache line; a reader uses the one
-//! picked by a hash of its stack address (each thread, and in a kernel each task and each CPU's
-//! interrupt stack, has its own stack), and a writer waits until every stripe of the buffer is
-//! zero. The argument above holds per stripe: replace `readers[i]` by the reader's stripe and
-//! Z by the moment the writer read that stripe as zero. Striping keeps CPUs that call patched
-//! functions at the same time from bouncing one counter's cache line between them.
+//! The reader count of a buffer is [`STRIPES`] counters, each on its own cache line; a reader
+//! uses the one picked by a hash of its stack address (each thread, and in a kernel each task
+//! and each CPU's interrupt stack, has its own stack), and a writer waits until every stripe of
+//! the buffer is zero. The argument holds per stripe.
 //!
 //! # Progress
-//! A reader does a bounded amount of work per attempt and retries only when the index changed
-//! between its two loads, that is when a writer published in between: readers are lock-free and
-//! never wait for a writer. A writer waits for readers that are inside step 4 (a binary search:
-//! nanoseconds). A reader must therefore not sleep inside [`LeftRight::read`]'s closure.
+//! A lookup does a bounded amount of work per attempt (probe length at most `max_probe + 1`)
+//! and retries only when a writer stored a generation or flipped `active` during it: lookups are
+//! lock-free, and a writer stopped half-way never blocks them (it edits the inactive buffer;
+//! the active one stays valid). They never make a writer wait either. A counted read retries
+//! only when a writer published between its two index loads; a writer waits for counted
+//! readers inside step 4, so a counted reader must not sleep inside [`LeftRight::read`]'s
+//! closure (nor be preempted there while a writer runs with everything else stopped).
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use core::sync::atomic::{
+    fence, AtomicUsize, Ordering::Acquire, Ordering::Release, Ordering::SeqCst,
+};
 
-use super::slot::Record;
+use super::layout::{BufferMut, Columns, Entries};
+use super::slot::{Record, RECORD_WORDS};
 use super::Slot;
 
 /// Reader-count stripes per buffer.
 pub(crate) const STRIPES: usize = 8;
+
+/// The most sites a table holds (positions must fit the index's 32 bits): larger storage is
+/// used only up to this many slots.
+pub(crate) const MAX_CAPACITY: usize = 1 << 30;
 
 /// One reader count on a cache line of its own.
 #[repr(align(64))]
@@ -84,123 +115,52 @@ fn my_stripe() -> usize {
     (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % STRIPES
 }
 
-/// The published entries of one buffer: sorted keys and their records, `len` of each.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Entries<'a> {
-    keys: &'a [u64],
-    recs: &'a [Record],
-}
-
-impl<'a> Entries<'a> {
-    pub(crate) fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// `Ok(index)` of site `old`, or `Err(index)` where it would be inserted. A plain binary
-    /// search over the dense keys: an 8-ary search (independent parallel probes) was measured
-    /// and was slower, as was a binary search over whole 152-byte slots.
-    pub(crate) fn find(&self, old: u64) -> Result<usize, usize> {
-        self.keys.binary_search(&old)
-    }
-
-    pub(crate) fn key(&self, i: usize) -> u64 {
-        self.keys[i]
-    }
-
-    pub(crate) fn record(&self, i: usize) -> &'a Record {
-        &self.recs[i]
-    }
-
-    pub(crate) fn slot(&self, i: usize) -> Slot {
-        Slot::from_parts(self.keys[i], self.recs[i])
-    }
-}
-
-/// A writer's handle on one inactive buffer. Its operations keep `len <= capacity` and refuse
-/// (doing nothing) anything out of range, so no edit can write outside the caller's memory.
-pub(crate) struct BufferMut {
-    keys: *mut u64,
-    recs: *mut Record,
-    len: usize,
-    capacity: usize,
-}
-
-impl BufferMut {
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Insert `(old, rec)` at index `at`, shifting the entries from `at` up by one.
-    pub(crate) fn insert(&mut self, at: usize, old: u64, rec: Record) {
-        if at > self.len || self.len >= self.capacity {
-            return;
-        }
-        // SAFETY: at <= len < capacity: source [at, len) and destination [at+1, len+1) lie in
-        // the column (`capacity` elements, constructor contract); `copy` allows the overlap;
-        // the writes go to index `at` < capacity. No reader uses this buffer (module comment).
-        unsafe {
-            core::ptr::copy(self.keys.add(at), self.keys.add(at + 1), self.len - at);
-            core::ptr::copy(self.recs.add(at), self.recs.add(at + 1), self.len - at);
-            self.keys.add(at).write(old);
-            self.recs.add(at).write(rec);
-        }
-        self.len += 1;
-    }
-
-    /// Overwrite the record at `at` (the key stays).
-    pub(crate) fn replace(&mut self, at: usize, rec: Record) {
-        if at >= self.len {
-            return;
-        }
-        // SAFETY: at < len <= capacity; no reader uses this buffer.
-        unsafe { self.recs.add(at).write(rec) };
-    }
-
-    /// Remove the entry at `at`, shifting the ones after it down by one.
-    pub(crate) fn remove(&mut self, at: usize) {
-        if at >= self.len {
-            return;
-        }
-        // SAFETY: at < len <= capacity: source [at+1, len) and destination [at, len-1) lie in
-        // the column; `copy` allows the overlap; no reader uses this buffer.
-        unsafe {
-            core::ptr::copy(self.keys.add(at + 1), self.keys.add(at), self.len - at - 1);
-            core::ptr::copy(self.recs.add(at + 1), self.recs.add(at), self.len - at - 1);
-        }
-        self.len -= 1;
-    }
-}
+/// What a lookup copies out of a buffer: the site address and the words of its record that the
+/// trap path needs (head, resume, the top two versions; the rest zero).
+pub(crate) type Found = (u64, Record);
 
 /// The two-buffer publication. `'s` is the lifetime of the caller's storage.
 pub(crate) struct LeftRight<'s> {
-    bufs: [*mut Slot; 2],
+    cols: [Columns; 2],
     capacity: usize,
-    lens: [AtomicUsize; 2],
     active: AtomicUsize,
+    gens: [AtomicUsize; 2],
+    lens: [AtomicUsize; 2],
+    max_probes: [AtomicUsize; 2],
     readers: [[PaddedCount; STRIPES]; 2],
     writer: spin::Mutex<()>,
     _storage: PhantomData<&'s mut [Slot]>,
 }
 
-// SAFETY: the buffers are only reached through `read` (shared reads of a buffer no writer
-// touches, argued in the module comment) and `write` (exclusive writes serialised by the mutex,
-// to a buffer no reader uses). `Slot` is plain data (`Send + Sync`).
+// SAFETY: the buffers are only reached through `lookup` (atomic loads, validated), `read`
+// (shared reads of a buffer no writer touches) and `write` (atomic stores serialised by the
+// mutex, to a buffer no counted reader uses), as argued in the module comment. `Slot` is plain
+// data (`Send + Sync`).
 unsafe impl Send for LeftRight<'_> {}
-// SAFETY: see `Send` above: all shared access goes through the left-right protocol.
+// SAFETY: see `Send` above: all shared access goes through the protocol.
 unsafe impl Sync for LeftRight<'_> {}
 
 impl<'s> LeftRight<'s> {
     /// Over two buffers of `capacity` slots each, valid and unaliased for `'s`.
     ///
     /// # Safety
-    /// `a` and `b` must each point to `capacity * size_of::<Slot>()` bytes aligned for `Slot`,
-    /// not overlap, and be used by nothing else for `'s`. Their contents do not matter.
+    /// `a` and `b` must each point to `capacity * size_of::<Slot>()` bytes of initialised
+    /// memory aligned for `Slot`, not overlap, and be used by nothing else for `'s`. Their
+    /// contents do not matter.
     pub(crate) const unsafe fn from_raw_parts(a: *mut Slot, b: *mut Slot, capacity: usize) -> Self {
+        let capacity = if capacity > MAX_CAPACITY {
+            MAX_CAPACITY
+        } else {
+            capacity
+        };
         LeftRight {
-            bufs: [a, b],
+            // SAFETY: the caller's contract.
+            cols: unsafe { [Columns::of(a, capacity), Columns::of(b, capacity)] },
             capacity,
-            lens: [AtomicUsize::new(0), AtomicUsize::new(0)],
             active: AtomicUsize::new(0),
+            gens: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            lens: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            max_probes: [AtomicUsize::new(0), AtomicUsize::new(0)],
             readers: [zero_counts(), zero_counts()],
             writer: spin::Mutex::new(()),
             _storage: PhantomData,
@@ -212,17 +172,68 @@ impl<'s> LeftRight<'s> {
         self.capacity
     }
 
-    /// The key column and the record column of buffer `i`.
-    fn columns(&self, i: usize) -> (*mut u64, *mut Record) {
-        let keys = self.bufs[i].cast::<u64>();
-        // SAFETY: the buffer spans capacity * (8 + size_of::<Record>()) bytes (constructor
-        // contract and the size assertion in slot.rs), so the record column starts inside it
-        // (or at its end when capacity is 0); 8 * capacity keeps the 8-byte alignment.
-        let recs = unsafe { keys.add(self.capacity) }.cast::<Record>();
-        (keys, recs)
+    /// Lookup step 1: the active buffer and its (even) generation, or `None` to retry.
+    #[inline(always)]
+    fn begin(&self) -> Option<(usize, usize)> {
+        let i = self.active.load(SeqCst) & 1;
+        let g = self.gens[i].load(SeqCst);
+        (g & 1 == 0).then_some((i, g))
     }
 
-    /// Run `f` over the current published entries. Never blocks, never allocates.
+    /// Lookup step 3: whether what was read from buffer `i` since `begin` returned `(i, g)` is
+    /// the state published at this instant.
+    #[inline(always)]
+    fn validate(&self, i: usize, g: usize) -> bool {
+        fence(Acquire);
+        self.active.load(SeqCst) == i && self.gens[i].load(SeqCst) == g
+    }
+
+    /// Run `attempt` over buffer `i` at generation `g` until it was not overlapped by a write.
+    /// `attempt` must only read the buffer through atomic loads and tolerate torn values.
+    #[inline(always)]
+    fn optimistic<R>(&self, attempt: impl Fn(usize, usize) -> R) -> R {
+        loop {
+            if let Some((i, g)) = self.begin() {
+                let r = attempt(i, g);
+                if self.validate(i, g) {
+                    return r;
+                }
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The trap-path lookup: site `key` and a copy of its record's head, resume and top two
+    /// versions. Loads only: no store, no read-modify-write, never waits.
+    #[inline]
+    pub(crate) fn lookup(&self, key: u64) -> Option<Found> {
+        self.optimistic(|i, g| {
+            if g == 0 {
+                return None; // never written: the initial, empty state
+            }
+            let cols = &self.cols[i];
+            let pos = cols.find_racy(key, self.max_probes[i].load(SeqCst))?;
+            let mut words = [0u64; RECORD_WORDS];
+            let head = cols.record_word_racy(pos, 0);
+            words[0] = head;
+            words[1] = cols.record_word_racy(pos, 1);
+            let depth = Record::depth_of_head(head);
+            for k in depth.saturating_sub(2)..depth {
+                let w = Record::version_word(k);
+                words[w] = cols.record_word_racy(pos, w);
+                words[w + 1] = cols.record_word_racy(pos, w + 1);
+            }
+            Some((key, Record::from_words(words)))
+        })
+    }
+
+    /// Number of published entries, by the same optimistic protocol.
+    pub(crate) fn len(&self) -> usize {
+        self.optimistic(|i, _| self.lens[i].load(SeqCst))
+    }
+
+    /// Run `f` over the current published entries (a counted read). Never blocks, never
+    /// allocates.
     pub(crate) fn read<R>(&self, f: impl FnOnce(Entries<'_>) -> R) -> R {
         let stripe = my_stripe();
         let i = loop {
@@ -235,21 +246,18 @@ impl<'s> LeftRight<'s> {
         // count behind that would make every later writer spin forever.
         let _reading = Departure(&self.readers[i][stripe].0);
         let len = self.lens[i].load(SeqCst);
-        let (keys, recs) = self.columns(i);
-        // SAFETY: the first `len <= capacity` keys and records of buffer `i` were written by a
-        // writer before it published `len` (module comment), and no writer touches buffer `i`
-        // until our decrement. The slices live only inside this call.
-        let entries = unsafe {
-            Entries {
-                keys: core::slice::from_raw_parts(keys, len),
-                recs: core::slice::from_raw_parts(recs, len),
-            }
-        };
+        let max_probe = self.max_probes[i].load(SeqCst);
+        // SAFETY: the first `len <= capacity` entries of buffer `i` and its index (written at
+        // its first edit, and len > 0 only after one) were written by a writer before it
+        // published them (module comment), and no writer touches buffer `i` until our
+        // decrement. The view lives only inside this call.
+        let entries = unsafe { self.cols[i].entries(len, max_probe) };
         f(entries)
     }
 
-    /// Reader steps 2–3 for buffer `i`, whose index the reader loaded: count in, re-check. On
-    /// `false` a writer published in between; the count is undone and the reader must retry.
+    /// Counted-read steps 2–3 for buffer `i`, whose index the reader loaded: count in,
+    /// re-check. On `false` a writer published in between; the count is undone and the reader
+    /// must retry.
     fn enter(&self, i: usize, stripe: usize) -> bool {
         let count = &self.readers[i][stripe].0;
         count.fetch_add(1, SeqCst);
@@ -260,7 +268,7 @@ impl<'s> LeftRight<'s> {
         false
     }
 
-    /// Apply one edit: `check` looks at the current entries and returns the edit to make (or
+    /// Apply one change: `check` looks at the current entries and returns the edit to make (or
     /// refuses, leaving everything as it was); `apply(buffer, &edit)` performs it on a buffer.
     /// `apply` runs twice, once per buffer, on identical contents, so it must be deterministic.
     pub(crate) fn write<E, Err>(
@@ -271,47 +279,40 @@ impl<'s> LeftRight<'s> {
         let _serialised = self.writer.lock();
         let a = self.active.load(SeqCst);
         let len = self.lens[a].load(SeqCst);
-        let (keys, recs) = self.columns(a);
-        // SAFETY: only writers change buffers and we hold the writer lock; the first `len`
-        // entries of the active buffer were written before; readers only read.
-        let current = unsafe {
-            Entries {
-                keys: core::slice::from_raw_parts(keys, len),
-                recs: core::slice::from_raw_parts(recs, len),
-            }
-        };
+        // SAFETY: only writers change buffers and we hold the writer lock; the active buffer's
+        // first `len` entries and index are the table's; `current` is dropped before any edit.
+        let current = unsafe { self.cols[a].entries(len, self.max_probes[a].load(SeqCst)) };
         let edit = check(current, self.capacity)?;
 
         let j = 1 - a;
         self.wait_for_readers(j);
-        let new_len = self.edit_buffer(j, len, &edit, &apply);
-        self.lens[j].store(new_len, SeqCst);
+        self.edit_buffer(j, &edit, &apply);
         self.active.store(j, SeqCst);
 
         self.wait_for_readers(a);
-        let same_len = self.edit_buffer(a, len, &edit, &apply);
-        self.lens[a].store(same_len, SeqCst);
+        self.edit_buffer(a, &edit, &apply);
         Ok(edit)
     }
 
-    /// Apply `edit` to buffer `i` (inactive, no readers, writer lock held), holding `len`
-    /// entries; returns its new length.
-    fn edit_buffer<E>(
-        &self,
-        i: usize,
-        len: usize,
-        edit: &E,
-        apply: &impl Fn(&mut BufferMut, &E),
-    ) -> usize {
-        let (keys, recs) = self.columns(i);
-        let mut buf = BufferMut {
-            keys,
-            recs,
-            len,
-            capacity: self.capacity,
+    /// Edit buffer `i` (inactive, no counted readers, writer lock held) inside an odd
+    /// generation, as the module comment describes.
+    fn edit_buffer<E>(&self, i: usize, edit: &E, apply: &impl Fn(&mut BufferMut, &E)) {
+        let g = self.gens[i].load(SeqCst);
+        self.gens[i].store(g + 1, SeqCst);
+        // Orders the odd generation before every change below (the lookup's "nothing newer").
+        fence(Release);
+        // SAFETY: we are the only writer (lock), no counted reader is in `i` (waited), and its
+        // first `lens[i]` entries are the table's (and its index, once g > 0).
+        let mut buf = unsafe {
+            self.cols[i].writer(self.lens[i].load(SeqCst), self.max_probes[i].load(SeqCst))
         };
+        if g == 0 {
+            buf.clear_index();
+        }
         apply(&mut buf, edit);
-        buf.len()
+        self.lens[i].store(buf.len(), SeqCst);
+        self.max_probes[i].store(buf.max_probe(), SeqCst);
+        self.gens[i].store(g + 2, SeqCst);
     }
 
     fn wait_for_readers(&self, buffer: usize) {
@@ -323,7 +324,7 @@ impl<'s> LeftRight<'s> {
     }
 }
 
-/// A reader's departure from a buffer: decrements its count when dropped.
+/// A counted reader's departure from a buffer: decrements its count when dropped.
 struct Departure<'a>(&'a AtomicUsize);
 
 impl Drop for Departure<'_> {
@@ -386,10 +387,70 @@ mod tests {
                     "writer finished while a reader was inside"
                 );
                 assert!(snap.is_empty(), "our snapshot did not change under us");
+                // a lookup does not wait: it sees what the stuck writer already published
+                assert_eq!(t.lookup(0x1000).map(|r| r.new), Some(0x2000));
                 drop(writer);
             });
         });
         assert!(written.load(SeqCst));
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_lookup_overlapped_by_a_write_is_discarded() {
+        let (mut a, mut b) = ([Slot::EMPTY; 2], [Slot::EMPTY; 2]);
+        let t = RedirectTable::new(&mut a, &mut b);
+        t.push(0x1000, 0x9000, 0x2000, 1).unwrap();
+        let lr = &t.inner;
+        let (i, g) = lr.begin().unwrap();
+        assert!(lr.validate(i, g), "nothing happened in between");
+        // the lookup has read buffer i and is delayed here while a write goes through
+        t.set_state(0x1000, 1, crate::table::EntryState::Active)
+            .unwrap();
+        assert!(!lr.validate(i, g), "a torn or stale copy must be retried");
+        let (i, g) = lr.begin().unwrap();
+        assert!(lr.validate(i, g));
+    }
+
+    #[test]
+    fn a_lookup_is_not_held_up_by_a_writer_stopped_half_way() {
+        let (mut a, mut b) = ([Slot::EMPTY; 2], [Slot::EMPTY; 2]);
+        let t = RedirectTable::new(&mut a, &mut b);
+        t.push(0x1000, 0x9000, 0x2000, 1).unwrap();
+        let lr = &t.inner;
+        // a writer preempted (or interrupted by this very lookup) while editing the inactive
+        // buffer: that buffer's generation is odd until it resumes
+        let j = 1 - lr.active.load(SeqCst);
+        let g = lr.gens[j].load(SeqCst);
+        lr.gens[j].store(g + 1, SeqCst);
+        assert_eq!(t.lookup(0x1000).map(|r| r.resume), Some(0x9000));
+        assert_eq!(t.len(), 1);
+        lr.gens[j].store(g, SeqCst);
+    }
+
+    #[test]
+    fn a_never_written_buffer_is_empty_whatever_its_memory_holds() {
+        use crate::table::{index, SLOT_SIZE};
+        // storage that looks like a table holding site K at every position (any initialised
+        // bytes are allowed): nothing may be found before the table wrote it
+        const K: u64 = 0x1000;
+        const CAP: usize = 2;
+        let words = CAP * SLOT_SIZE / 8;
+        let fake = |w: usize| match w {
+            w if w < CAP => K,
+            w if w < CAP * (1 + RECORD_WORDS) => 1,
+            _ => index::entry(index::hash(K), 0),
+        };
+        let mut a: std::vec::Vec<u64> = (0..words).map(fake).collect();
+        let mut b = a.clone();
+        // SAFETY: two distinct vectors of CAP slots' worth of 8-aligned, initialised words.
+        let t = unsafe {
+            RedirectTable::from_raw_parts(a.as_mut_ptr().cast(), b.as_mut_ptr().cast(), CAP)
+        };
+        assert_eq!(t.lookup(K), None);
+        assert_eq!(t.len(), 0);
+        t.push(0x2000, 0x9000, 0x3000, 1).unwrap();
+        assert_eq!(t.lookup(K), None, "the first edit cleared the index");
+        assert_eq!(t.lookup(0x2000).map(|r| r.new), Some(0x3000));
     }
 }

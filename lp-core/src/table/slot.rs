@@ -1,10 +1,11 @@
 //! One entry of the redirect table, and the unit of caller-supplied storage.
 //!
-//! [`Slot`] is `#[repr(C)]` and all-zero bytes are a valid empty slot, so a C shim can hand the
-//! table zero-initialised static arrays (`.bss`) of [`SLOT_SIZE`]-byte elements. Inside a buffer
-//! the table does not keep whole slots side by side: it splits the memory into a dense column of
-//! site addresses (8 bytes per slot) followed by a column of [`Record`]s (the other 144 bytes), so
-//! the binary search walks 8-byte keys instead of 152-byte slots (see `left_right.rs`).
+//! [`Slot`] is `#[repr(C)]`, made only of `u64`-sized words (no padding, every bit pattern
+//! valid), and all-zero bytes are a valid empty slot, so a C shim can hand the table
+//! zero-initialised static arrays (`.bss`) of [`SLOT_SIZE`]-byte elements. Inside a buffer the
+//! table does not keep whole slots side by side: it splits the memory into a dense column of site
+//! addresses (8 bytes per slot), a column of [`Record`]s (144 bytes per slot) and a hash index
+//! (up to 32 bytes per slot: the slot's `index_room`), see `layout.rs`.
 
 use core::fmt;
 
@@ -32,7 +33,7 @@ pub const MAX_DEPTH: usize = 8;
 /// ```
 pub const SLOT_SIZE: usize = core::mem::size_of::<Slot>();
 
-/// Alignment in bytes of one [`Slot`] (8: every field is at most a `u64`).
+/// Alignment in bytes of one [`Slot`] (8: every field is a `u64` or made of them).
 ///
 /// ```
 /// assert_eq!(lp_core::table::SLOT_ALIGN, 8);
@@ -122,47 +123,116 @@ impl Version {
 pub struct Slot {
     old: u64,
     rec: Record,
+    /// Room for the hash index (`INDEX_WORDS_PER_SLOT` words per slot of capacity); never part
+    /// of an entry the table hands out (always zero there).
+    index_room: [u64; INDEX_WORDS_PER_SLOT],
 }
 
+/// Hash-index words each slot of capacity brings: the index has at most `4 * capacity` entries
+/// of one word each (a power of two, so at most half full). See `layout.rs`.
+pub(crate) const INDEX_WORDS_PER_SLOT: usize = 4;
+
+/// Words in one [`Record`].
+pub(crate) const RECORD_WORDS: usize = 2 + 2 * MAX_DEPTH;
+
 /// Everything of a slot but its site address: the second column of a buffer.
+///
+/// Only `u64`s and [`Version`]s (`u64` + two `u32`s): no padding, and any bit pattern is a
+/// valid `Record`, so a record can be copied as [`RECORD_WORDS`] words (what the lock-free
+/// reader and the writer do, word by word, through atomics). The words the trap path needs come
+/// first: `head` (depth and state), `resume`, then the versions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Record {
+    /// Bits 0..32: depth; bits 32..40: the top's [`EntryState`] as its `u8` value.
+    head: u64,
     resume: u64,
     versions: [Version; MAX_DEPTH],
-    depth: u32,
-    state: EntryState,
 }
 
-// The two columns of a buffer of N slots take exactly N slots' worth of memory, and the record
-// column (after N 8-byte keys) stays 8-aligned.
-const _: () = assert!(core::mem::size_of::<Slot>() == 8 + core::mem::size_of::<Record>());
+// The columns of a buffer of N slots (N keys, N records, at most 4N index words) take at most N
+// slots' worth of memory, and every column stays 8-aligned.
+const _: () = assert!(
+    core::mem::size_of::<Slot>() == 8 + core::mem::size_of::<Record>() + 8 * INDEX_WORDS_PER_SLOT
+);
+const _: () = assert!(core::mem::size_of::<Record>() == 8 * RECORD_WORDS);
+const _: () = assert!(core::mem::size_of::<Version>() == 16);
 const _: () = assert!(core::mem::align_of::<Record>() == 8 && core::mem::align_of::<Slot>() == 8);
+
+impl EntryState {
+    /// The state stored as `v` (an unknown value, which only a torn read that is then discarded
+    /// can see, reads as pending).
+    const fn from_u8(v: u8) -> EntryState {
+        match v {
+            1 => EntryState::Active,
+            2 => EntryState::Reverting,
+            _ => EntryState::Pending,
+        }
+    }
+}
 
 impl Record {
     pub(crate) const EMPTY: Record = Record {
+        head: 0,
         resume: 0,
         versions: [Version::new(0, 0); MAX_DEPTH],
-        depth: 0,
-        state: EntryState::Pending,
     };
+
+    /// The record as words, for word-by-word atomic copies.
+    pub(crate) const fn to_words(self) -> [u64; RECORD_WORDS] {
+        // SAFETY: `Record` is `repr(C)`, exactly RECORD_WORDS * 8 bytes (asserted above) of
+        // integer fields without padding, so every byte is initialised; `[u64; N]` has no
+        // invalid bit patterns and alignment 8 <= Record's.
+        unsafe { core::mem::transmute::<Record, [u64; RECORD_WORDS]>(self) }
+    }
+
+    /// The record made of `words` (as produced by [`to_words`](Record::to_words)).
+    pub(crate) const fn from_words(words: [u64; RECORD_WORDS]) -> Record {
+        // SAFETY: same size (asserted above); every field of `Record` is an integer (`head` and
+        // `resume` are u64, a `Version` is u64 + u32 + u32), so every bit pattern is a valid
+        // Record.
+        unsafe { core::mem::transmute::<[u64; RECORD_WORDS], Record>(words) }
+    }
+
+    /// Index of the first word of version `k` inside [`to_words`](Record::to_words).
+    pub(crate) const fn version_word(k: usize) -> usize {
+        2 + 2 * k
+    }
+
+    /// Depth stored in a record's first word, clamped to [`MAX_DEPTH`] (a torn read may see
+    /// anything; clamping keeps indexes in bounds).
+    pub(crate) const fn depth_of_head(head: u64) -> usize {
+        let d = (head & 0xffff_ffff) as usize;
+        if d > MAX_DEPTH {
+            MAX_DEPTH
+        } else {
+            d
+        }
+    }
+
+    const fn head_of(depth: usize, state: EntryState) -> u64 {
+        (depth as u64) | ((state as u8 as u64) << 32)
+    }
 
     pub(crate) const fn resume(&self) -> u64 {
         self.resume
     }
 
     pub(crate) const fn depth(&self) -> usize {
-        self.depth as usize
+        Record::depth_of_head(self.head)
     }
 
     pub(crate) const fn state(&self) -> EntryState {
-        self.state
+        EntryState::from_u8((self.head >> 32) as u8)
+    }
+
+    fn set_head(&mut self, depth: usize, state: EntryState) {
+        self.head = Record::head_of(depth, state);
     }
 
     pub(crate) fn versions(&self) -> &[Version] {
-        // `depth` is only ever set by the table to a value <= MAX_DEPTH; `min` keeps a corrupted
-        // record (foreign storage) from turning into an out-of-bounds panic.
-        &self.versions[..self.depth().min(MAX_DEPTH)]
+        // `depth()` is clamped to MAX_DEPTH: a corrupted record cannot index out of bounds.
+        &self.versions[..self.depth()]
     }
 
     pub(crate) fn top(&self) -> Option<Version> {
@@ -185,6 +255,7 @@ impl Slot {
     pub const EMPTY: Slot = Slot {
         old: 0,
         rec: Record::EMPTY,
+        index_room: [0; INDEX_WORDS_PER_SLOT],
     };
 
     /// A new entry for site `old` whose original code resumes at `resume`, holding `first`.
@@ -193,13 +264,17 @@ impl Slot {
         slot.old = old;
         slot.rec.resume = resume;
         slot.rec.versions[0] = first;
-        slot.rec.depth = 1;
+        slot.rec.head = Record::head_of(1, EntryState::Pending);
         slot
     }
 
     /// The slot made of a key and its record.
     pub(crate) const fn from_parts(old: u64, rec: Record) -> Slot {
-        Slot { old, rec }
+        Slot {
+            old,
+            rec,
+            index_room: [0; INDEX_WORDS_PER_SLOT],
+        }
     }
 
     /// The record column's part.
@@ -239,7 +314,7 @@ impl Slot {
     /// assert_eq!(lp_core::table::Slot::EMPTY.depth(), 0);
     /// ```
     pub const fn depth(&self) -> usize {
-        self.rec.depth as usize
+        self.rec.depth()
     }
 
     /// State of the top version.
@@ -252,7 +327,7 @@ impl Slot {
     /// assert_eq!(table.read(|s| s.get(0x1000).unwrap().state()), EntryState::Pending);
     /// ```
     pub const fn state(&self) -> EntryState {
-        self.rec.state
+        self.rec.state()
     }
 
     /// The stacked versions, oldest first (the last one is the top).
@@ -291,21 +366,21 @@ impl Slot {
     }
 
     pub(crate) fn set_state(&mut self, state: EntryState) {
-        self.rec.state = state;
+        self.rec.set_head(self.depth(), state);
     }
 
     /// Stack `v` on top (caller checked there is room); the new top starts pending.
     pub(crate) fn push(&mut self, v: Version) {
-        self.rec.versions[self.depth()] = v;
-        self.rec.depth += 1;
-        self.rec.state = EntryState::Pending;
+        let d = self.depth();
+        self.rec.versions[d] = v;
+        self.rec.set_head(d + 1, EntryState::Pending);
     }
 
     /// Drop the top (caller checked depth >= 2); the re-exposed version is active.
     pub(crate) fn pop(&mut self) {
-        self.rec.depth -= 1;
-        self.rec.versions[self.depth()] = Version::default();
-        self.rec.state = EntryState::Active;
+        let d = self.depth() - 1;
+        self.rec.versions[d] = Version::default();
+        self.rec.set_head(d, EntryState::Active);
     }
 }
 
@@ -343,6 +418,27 @@ mod tests {
     #[test]
     fn slot_layout_is_stable_for_c() {
         assert_eq!(SLOT_ALIGN, 8);
-        assert_eq!(SLOT_SIZE, 8 + 8 + 16 * MAX_DEPTH + 8);
+        assert_eq!(SLOT_SIZE, 8 + 8 + 8 + 16 * MAX_DEPTH + 32);
+    }
+
+    #[test]
+    fn a_record_survives_its_words() {
+        let mut s = Slot::first(0x10, 0x20, Version::new(0x30, 1));
+        s.set_state(EntryState::Active);
+        s.push(Version::new(0x40, 2));
+        s.set_state(EntryState::Reverting);
+        let words = s.record().to_words();
+        assert_eq!(Record::from_words(words), s.record());
+        assert_eq!(Record::depth_of_head(words[0]), 2);
+        assert_eq!(words[1], 0x20, "resume is the second word");
+        assert_eq!(words[Record::version_word(1)], 0x40, "version 1's `new`");
+    }
+
+    #[test]
+    fn garbage_words_stay_in_bounds() {
+        let r = Record::from_words([u64::MAX; RECORD_WORDS]);
+        assert_eq!(r.depth(), MAX_DEPTH);
+        assert_eq!(r.versions().len(), MAX_DEPTH);
+        assert_eq!(r.state(), EntryState::Pending);
     }
 }
