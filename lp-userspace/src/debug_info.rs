@@ -10,6 +10,8 @@
 //! - **gdb**: the patch object is saved as `/tmp/livepatch-PID-ID.o` and the `add-symbol-file`
 //!   command placing its sections where they were linked is appended to
 //!   `/tmp/livepatch-PID.gdb`: `gdb -p PID -x /tmp/livepatch-PID.gdb` names the new functions.
+//! - **trampolines and thunks** (code livepatch generates around the patch) get a generated
+//!   `.eh_frame` too ([`crate::thunk_cfi`], [`trampoline_cfi`]), registered the same way.
 //! - **stack checks**: the image's `.eh_frame` location is kept in the in-target state
 //!   ([`DebugRecord`]), so a later stop-mode check unwinds threads inside patch code with its
 //!   CFI ([`add_patch_cfi`]) instead of scanning their stacks conservatively.
@@ -17,11 +19,16 @@
 //! None of this decides whether a patch is live: a failure here is reported as a warning and
 //! the patch stays applied (or reverted).
 
+mod trampoline_cfi;
+
+pub use trampoline_cfi::{trampoline_frame, ModuleCfi};
+
 use crate::apply::Error;
 use crate::link::{Layout, LinkedImage, Protection};
 use crate::patchfile::Patch;
 use crate::process::Tracee;
 use crate::state::{AppliedFunction, AppliedPatch};
+use crate::thunk_cfi::FrameCfi;
 use crate::unwind::{CfiSource, Unwinder};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -46,20 +53,21 @@ pub struct DebugRecord {
     pub trap: u64,
     /// `__register_frame` was called in the target (revert must deregister).
     pub frame_registered: bool,
-    /// Runtime address of the `.eh_frame` written for the register-preserving thunks (in the
-    /// image's spare code bytes, see [`crate::thunk_cfi`]); 0 when there is none.
+    /// Runtime address of the `.eh_frame` written for the register-preserving thunks and the
+    /// trampolines (after them in the patch memory, or in the image's spare code bytes; see
+    /// [`crate::thunk_cfi`]); 0 when there is none. (The field names predate trampoline CFI.)
     #[serde(default)]
     pub thunk_eh_frame: u64,
     /// Its length in bytes, terminator included.
     #[serde(default)]
     pub thunk_eh_frame_len: u64,
-    /// The thunks it describes: `[thunks_start, thunks_end)`.
+    /// The thunks and trampolines it describes: `[thunks_start, thunks_end)`.
     #[serde(default)]
     pub thunks_start: u64,
-    /// End of the thunks.
+    /// End of the thunks and trampolines.
     #[serde(default)]
     pub thunks_end: u64,
-    /// `__register_frame` was called for the thunks' `.eh_frame`.
+    /// `__register_frame` was called for the thunks' and trampolines' `.eh_frame`.
     #[serde(default)]
     pub thunk_frame_registered: bool,
     /// The gdb command naming the new functions (its object file is saved beside it).
@@ -80,15 +88,47 @@ fn warn(what: &str) {
     eprintln!("livepatch: warning: {what}");
 }
 
+/// The CFI of each function's trampoline (`functions[i].trampoline`, built for `sites[i]`),
+/// from the original functions' CFI in `module` (loaded with `bias`). A trampoline whose CFI
+/// cannot be reproduced is left out with a warning (unwinding through it then stops there, as
+/// before trampolines had CFI).
+pub fn trampoline_frames(
+    module: &crate::elf::Module,
+    bias: u64,
+    sites: &[lp_core::site::Site],
+    functions: &[AppliedFunction],
+) -> Vec<FrameCfi> {
+    let Some(cfi) = ModuleCfi::new(module, bias) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (site, f) in sites.iter().zip(functions) {
+        let mut code = vec![0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
+        let built = lp_core::trampoline::build_trampoline(site, f.trampoline, &mut code)
+            .map_err(|e| e.to_string())
+            .and_then(|n| trampoline_frame(&cfi, site, f.trampoline, &code[..n]));
+        match built {
+            Ok(frame) => out.push(frame),
+            Err(e) => warn(&format!(
+                "no unwind information for the trampoline of {}: {e}",
+                f.name
+            )),
+        }
+    }
+    out
+}
+
 /// Before the switch, once the patch code is written (nothing runs it yet): registers the
-/// patch (linked from `layout` at `code_addr` with `resolve`; its thunks among `functions`)
-/// with the C++ runtime, perf and gdb. Registration must precede the switch: the first call of
+/// patch (linked from `layout` at `code_addr` with `resolve`; its thunks among `functions`,
+/// its trampolines' CFI in `trampolines`; the patch memory ends at `code_end`) with the C++
+/// runtime, perf and gdb. Registration must precede the switch: the first call of
 /// a new function may throw. The record goes into the in-target state with the patch;
 /// [`undo`] withdraws it when the switch fails.
 ///
 /// Errors only when the target has libgcc's unwinder and it could not be told about the new
 /// code (an exception through it would terminate the process): the apply is then refused.
 /// perf and gdb files that cannot be written only give warnings.
+#[allow(clippy::too_many_arguments)]
 pub fn before_switch(
     t: &mut Tracee,
     patch: &Patch,
@@ -96,6 +136,8 @@ pub fn before_switch(
     layout: &Layout,
     resolve: &dyn Fn(&str) -> Option<u64>,
     code_addr: u64,
+    trampolines: &[FrameCfi],
+    code_end: u64,
 ) -> Result<Option<DebugRecord>, Error> {
     // The layout fixes every address: linking again gives the image that was written.
     let Ok(image) = layout.link(code_addr, resolve) else {
@@ -104,7 +146,7 @@ pub fn before_switch(
     };
     let pid = t.pid();
     let mut record = describe(&image);
-    let thunk_cfi = write_thunk_cfi(t, functions, &mut record);
+    let thunk_cfi = write_stub_cfi(t, functions, trampolines, code_end, &mut record);
     if let Some(register) = unwinder_function(pid, "__register_frame") {
         register_frames(t, &image, &mut record, register, thunk_cfi).map_err(|e| {
             Error::Other(format!(
@@ -113,7 +155,7 @@ pub fn before_switch(
         })?;
     } else if let Err(e) = thunk_cfi {
         warn(&format!(
-            "no unwind information for the register-preserving thunks: {e}"
+            "no unwind information for the register-preserving thunks and trampolines: {e}"
         ));
     }
     if let Err(e) = crate::perf_map::record(pid, &image.symbol_list, &patch.id) {
@@ -195,13 +237,17 @@ fn describe(image: &LinkedImage) -> DebugRecord {
 }
 
 /// Decodes the register-preserving thunks of `functions` from the target's memory and writes
-/// their `.eh_frame` into the image's spare code bytes (between its code and the trap byte).
-fn write_thunk_cfi(
+/// their `.eh_frame`, with the `trampolines`' CFI, after the last of them in the patch memory
+/// (which ends at `code_end`) or, when that is full, into the image's spare code bytes
+/// (between its code and the trap byte).
+fn write_stub_cfi(
     t: &mut Tracee,
     functions: &[AppliedFunction],
+    trampolines: &[FrameCfi],
+    code_end: u64,
     r: &mut DebugRecord,
 ) -> Result<(), String> {
-    let mut frames = Vec::new();
+    let mut frames = trampolines.to_vec();
     for f in functions.iter().filter(|f| f.via != f.new) {
         let code = t
             .mem()
@@ -214,19 +260,25 @@ fn write_thunk_cfi(
     if frames.is_empty() {
         return Ok(());
     }
-    if r.trap == 0 {
-        return Err("no spare bytes in the patch's code pages".into());
-    }
-    let at = r.text_end.next_multiple_of(8);
+    let stubs_start = frames.iter().map(|f| f.start).min().unwrap_or(0);
+    let stubs_end = frames.iter().map(|f| f.start + f.len).max().unwrap_or(0);
+    let after_stubs = stubs_end.next_multiple_of(8);
+    let len = crate::thunk_cfi::eh_frame(&frames, after_stubs).len() as u64;
+    let at = if after_stubs + len <= code_end {
+        after_stubs
+    } else {
+        let at = r.text_end.next_multiple_of(8);
+        if r.trap == 0 || at + len > r.trap {
+            return Err("not enough spare bytes in the patch memory".into());
+        }
+        at
+    };
     let bytes = crate::thunk_cfi::eh_frame(&frames, at);
-    if at + bytes.len() as u64 > r.trap {
-        return Err("not enough spare bytes in the patch's code pages".into());
-    }
     t.mem().write(at, &bytes).map_err(|e| e.to_string())?;
     r.thunk_eh_frame = at;
     r.thunk_eh_frame_len = bytes.len() as u64;
-    r.thunks_start = frames.iter().map(|f| f.start).min().unwrap_or(0);
-    r.thunks_end = frames.iter().map(|f| f.start + f.len).max().unwrap_or(0);
+    r.thunks_start = stubs_start;
+    r.thunks_end = stubs_end;
     Ok(())
 }
 

@@ -53,15 +53,26 @@ fn e2e_avx512_state_survives_replacement() {
 
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
-    target.expect_steady(2, |l| l == "sum=158400 mask=16 upper=-4");
-    let out = livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
-    assert!(out.contains("via register-saving thunk"), "{out}");
+    const OLD: &str = "sum=158400 mask=16 upper=-4";
     // Without the AVX-512 saves the line would be "sum=0 mask=0 upper=0".
-    target.expect_steady(5, |l| l == "sum=160000 mask=16 upper=-4");
-    livepatch_ok(&["revert", &pid]);
-    target.expect_steady(3, |l| l == "sum=158400 mask=16 upper=-4");
+    const NEW: &str = "sum=160000 mask=16 upper=-4";
+    // Runs a livepatch command, waits for the first line showing `then` (lines printed before
+    // the command returned may still be in the pipe), then for steady output.
+    let switch = |args: &[&str], then: &str| -> String {
+        let mark = target.count();
+        let out = livepatch_ok(args);
+        target.wait_line_after(mark, |l| l == then);
+        target.expect_steady(4, |l| l == then);
+        out
+    };
+    target.expect_steady(2, |l| l == OLD);
+    let out = switch(&["apply", &pid, patch.to_str().unwrap()], NEW);
+    assert!(out.contains("via register-saving thunk"), "{out}");
+    switch(&["revert", &pid], OLD);
     // Nonstop mode builds the same thunk.
-    livepatch_ok(&["apply", &pid, patch.to_str().unwrap(), "--mode", "nonstop"]);
-    target.expect_steady(5, |l| l == "sum=160000 mask=16 upper=-4");
-    livepatch_ok(&["revert", &pid]);
+    switch(
+        &["apply", &pid, patch.to_str().unwrap(), "--mode", "nonstop"],
+        NEW,
+    );
+    switch(&["revert", &pid], OLD);
 }

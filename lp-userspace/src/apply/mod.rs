@@ -177,15 +177,24 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     }
     phase("code written");
     let resolve = |n: &str| resolver.resolve(n);
-    let debug =
-        match debug_info::before_switch(&mut t, patch, &functions, &layout, &resolve, code_addr) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = t.munmap(code_addr, total_len);
-                statemap.remove_if_created(&mut t);
-                return Err(e);
-            }
-        };
+    let trampolines = debug_info::trampoline_frames(&target.elf, target.bias, &sites, &functions);
+    let debug = match debug_info::before_switch(
+        &mut t,
+        patch,
+        &functions,
+        &layout,
+        &resolve,
+        code_addr,
+        &trampolines,
+        code_addr + total_len,
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = t.munmap(code_addr, total_len);
+            statemap.remove_if_created(&mut t);
+            return Err(e);
+        }
+    };
     // 3. The switch.
     let record = AppliedPatch {
         id: patch.id.clone(),
