@@ -92,7 +92,7 @@ const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
 pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
-    modules::warm_instruction_tables();
+    modules::warm_up(pid);
     crate::process::with_tracer_thread(|| apply_here(pid, patch, opts))
 }
 

@@ -121,27 +121,36 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
     Ok(u)
 }
 
-/// lp-core's instruction decoder and encoder (iced-x86) build their tables on first use: about
-/// 1 ms of CPU in a fresh process — a fifth of a CLI apply. This starts that work on a thread of
-/// its own, so that it overlaps what the tracer thread does meanwhile (reading maps, attaching,
-/// reading the state: mostly waiting on the kernel). Whoever needs the tables first waits for
-/// them instead of building them twice. Only the first call in a process does anything.
-pub(crate) fn warm_instruction_tables() {
-    use lp_core::jump::REL32_JUMP_LEN;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static STARTED: AtomicBool = AtomicBool::new(false);
-    if STARTED.swap(true, Ordering::Relaxed) {
-        return;
-    }
+/// Work a fresh process would otherwise do on the critical path, started on a thread of its
+/// own so that it overlaps what the tracer thread does meanwhile (reading maps, attaching,
+/// reading the state, remote system calls: mostly waiting on the kernel):
+/// - lp-core's instruction decoder and encoder (iced-x86) build their tables on first use,
+///   about 1 ms of CPU — a fifth of a CLI apply. Whoever needs them first waits for them
+///   instead of building them twice; only the first call in a process builds them.
+/// - every executable module of `pid` is opened (mapped, headers read: no symbols, no CFI),
+///   so that an unwind during the stop that reaches one finds it in the cache.
+pub(crate) fn warm_up(pid: i32) {
     let _ = std::thread::Builder::new()
         .name("livepatch-warm".into())
-        .spawn(|| {
-            // push %rbp; mov %rsp,%rbp; mov -0x4(%rbp),%eax; pop %rbp; ret
-            const CODE: &[u8] = &[0x55, 0x48, 0x89, 0xe5, 0x8b, 0x45, 0xfc, 0x5d, 0xc3];
-            if let Ok(site) = lp_core::site::validate_site(CODE, 0x1000, REL32_JUMP_LEN) {
-                let mut out = vec![0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
-                let _ = lp_core::trampoline::build_trampoline(&site, 0x2000, &mut out);
+        .spawn(move || {
+            warm_instruction_tables();
+            if let Ok(mappings) = maps::read(pid) {
+                for m in maps::modules(&mappings) {
+                    if m.exec_ranges().next().is_some() && !m.path.starts_with("/memfd:") {
+                        let _ = open(&m.open_path(pid));
+                    }
+                }
             }
-            let _ = lp_core::clobber::registers_to_preserve(CODE, 0x1000, CODE, 0x3000);
         });
+}
+
+fn warm_instruction_tables() {
+    use lp_core::jump::REL32_JUMP_LEN;
+    // push %rbp; mov %rsp,%rbp; mov -0x4(%rbp),%eax; pop %rbp; ret
+    const CODE: &[u8] = &[0x55, 0x48, 0x89, 0xe5, 0x8b, 0x45, 0xfc, 0x5d, 0xc3];
+    if let Ok(site) = lp_core::site::validate_site(CODE, 0x1000, REL32_JUMP_LEN) {
+        let mut out = vec![0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
+        let _ = lp_core::trampoline::build_trampoline(&site, 0x2000, &mut out);
+    }
+    let _ = lp_core::clobber::registers_to_preserve(CODE, 0x1000, CODE, 0x3000);
 }
