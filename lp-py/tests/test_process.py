@@ -1,5 +1,6 @@
 """apply / revert / status on real running processes, through the Python API."""
 
+import os
 import threading
 import time
 
@@ -54,6 +55,10 @@ def test_status_lists_the_applied_patches(counter, patches):
     [function] = applied["functions"]
     assert function["name"] == "value"
     assert int(function["old"], 16) != int(function["new"], 16)
+    # the gdb command naming the new code: its object file, saved for gdb, placed at runtime
+    obj = f"/tmp/livepatch-{counter.pid}-{applied['id']}.o"
+    assert applied["gdb_command"].startswith(f"add-symbol-file {obj} -s .text 0x")
+    assert os.path.exists(obj)
     # every process with livepatch state
     assert counter.pid in [r["pid"] for r in livepatch.status()]
     livepatch.revert(counter.pid)

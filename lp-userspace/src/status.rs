@@ -31,6 +31,9 @@ pub struct PatchStatus {
     pub mode: String,
     /// Redirected functions.
     pub functions: Vec<FunctionStatus>,
+    /// The gdb command naming the new functions (`add-symbol-file` of the saved patch object
+    /// with each section at its runtime address); empty when none was saved.
+    pub gdb_command: String,
 }
 
 /// The state of one process (the record `livepatch status --json` prints).
@@ -60,6 +63,11 @@ fn patch_status(p: &AppliedPatch) -> PatchStatus {
                 new: format!("{:#x}", f.new),
             })
             .collect(),
+        gdb_command: p
+            .debug
+            .as_ref()
+            .map(|d| d.gdb_command.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -111,6 +119,9 @@ pub fn render(list: &[ProcessStatus]) -> String {
             for f in &pa.functions {
                 out.push_str(&format!("    {} {} -> {}\n", f.name, f.old, f.new));
             }
+            if !pa.gdb_command.is_empty() {
+                out.push_str(&format!("    gdb: {}\n", pa.gdb_command));
+            }
         }
     }
     out
@@ -135,4 +146,43 @@ fn fmt_time(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(gdb_command: &str) -> Vec<ProcessStatus> {
+        vec![ProcessStatus {
+            pid: 42,
+            comm: "svc".into(),
+            patches: vec![PatchStatus {
+                id: "abc".into(),
+                applied_at: 0,
+                module: "/usr/bin/svc".into(),
+                build_id: "00".into(),
+                mode: "stop".into(),
+                functions: vec![FunctionStatus {
+                    name: "f".into(),
+                    old: "0x1000".into(),
+                    new: "0x2000".into(),
+                }],
+                gdb_command: gdb_command.into(),
+            }],
+        }]
+    }
+
+    #[test]
+    fn the_gdb_command_is_shown_per_patch_and_in_json() {
+        let cmd = "add-symbol-file /tmp/livepatch-42-abc.o -s .text 0x2000";
+        let text = render(&one(cmd));
+        assert!(
+            text.contains(&format!("    f 0x1000 -> 0x2000\n    gdb: {cmd}\n")),
+            "{text}"
+        );
+        let json = serde_json::to_value(one(cmd)).unwrap();
+        assert_eq!(json[0]["patches"][0]["gdb_command"], cmd);
+        // None saved (an older state, or the object could not be written): no gdb line.
+        assert!(!render(&one("")).contains("gdb:"));
+    }
 }

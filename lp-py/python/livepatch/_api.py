@@ -67,6 +67,9 @@ class PatchStatus(TypedDict):
     build_id: str
     mode: str
     functions: List[FunctionStatus]
+    #: gdb command naming the new functions (``add-symbol-file`` of the saved patch object with
+    #: each section at its runtime address); "" when none was saved
+    gdb_command: str
 
 
 class ProcessStatus(TypedDict):
@@ -149,7 +152,9 @@ def status(pid: Optional[int] = None) -> List[ProcessStatus]:
     """What is applied: for ``pid``, or for every process with livepatch state when None.
 
     The same records as ``livepatch status --json``: ``{"pid", "comm", "patches": [{"id",
-    "applied_at", "module", "build_id", "mode", "functions": [{"name", "old", "new"}]}]}``.
+    "applied_at", "module", "build_id", "mode", "functions": [{"name", "old", "new"}],
+    "gdb_command"}]}``. ``gdb_command`` is what to type in ``gdb -p PID`` so that it names the
+    patch's new functions.
     """
     return cast(List[ProcessStatus], _livepatch.status_of(None if pid is None else int(pid)))
 
