@@ -5,7 +5,7 @@
 //! - `hit_spread`: cycling through 4,096 present sites in random order (cold cache lines);
 //! - `hit_all`: every site of the table once, in random order (with 100,000 sites nothing
 //!   stays in cache: the worst case);
-//! - `miss`: an address that is not a site (a debugger's int3);
+//! - `miss`: 4,096 addresses that are not sites (a debugger's int3), in random order;
 //!
 //! and `decide_spread`, the whole trap decision (`lp_core::trap::decide`) for spread hits.
 //!
@@ -45,6 +45,11 @@ fn shuffled_sites(n: usize) -> Vec<u64> {
     (0..PROBES)
         .map(|_| site((xorshift(&mut x) % n as u64) as usize))
         .collect()
+}
+
+/// `PROBES` addresses that are not sites: 8 bytes past random sites.
+fn missing_sites(n: usize) -> Vec<u64> {
+    shuffled_sites(n).into_iter().map(|s| s + 8).collect()
 }
 
 /// All `n` sites, each once, in a random order (Fisher-Yates).
@@ -97,9 +102,13 @@ fn lookups(c: &mut Criterion) {
                 table.lookup(black_box(all[i])).unwrap().new
             })
         });
-        group.bench_with_input(BenchmarkId::new("miss", n), &n, |bch, &n| {
-            let old = site(n / 2) + 1;
-            bch.iter(|| table.lookup(black_box(old)).is_none())
+        let misses = missing_sites(n);
+        group.bench_with_input(BenchmarkId::new("miss", n), &n, |bch, _| {
+            let mut i = 0;
+            bch.iter(|| {
+                i = (i + 1) % PROBES;
+                table.lookup(black_box(misses[i])).is_none()
+            })
         });
         group.bench_with_input(BenchmarkId::new("decide_spread", n), &n, |bch, _| {
             let mut i = 0;
@@ -150,7 +159,7 @@ fn print_fastest_rounds() {
         let spread = shuffled_sites(n);
         let all = all_sites_shuffled(n);
         let same = vec![site(n / 2); PROBES];
-        let miss = vec![site(n / 2) + 1; PROBES];
+        let miss = missing_sites(n);
         let hit = |old| table.lookup(old).map_or(0, |r| r.new);
         let decision = |old| decide(&table, old).target().unwrap_or(0);
         println!(

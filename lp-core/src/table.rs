@@ -309,9 +309,7 @@ impl<'s> RedirectTable<'s> {
     /// assert_eq!(table.lookup(0x2000), None);
     /// ```
     pub fn lookup(&self, old: u64) -> Option<Redirect> {
-        self.inner
-            .lookup(old)
-            .map(|(old, rec)| Redirect::of(old, &rec))
+        self.inner.lookup(old)
     }
 
     /// Number of sites now.

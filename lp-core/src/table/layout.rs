@@ -1,14 +1,15 @@
-//! How one caller-supplied buffer of `capacity` slots is used: three columns in its memory.
+//! How one caller-supplied buffer of `capacity` slots is used: two columns in its memory.
 //!
 //! | column | words | contents |
 //! |---|---|---|
-//! | keys | `capacity` | site addresses, sorted; the first `len` in use |
-//! | records | `capacity * RECORD_WORDS` | the rest of each entry ([`Record`]), same position |
+//! | entries | `capacity * ENTRY_WORDS` | [`Entry`]: site address + record, sorted by site; the first `len` in use |
 //! | index | `index_len(capacity)` (`<= 4 * capacity`) | hash index: site → position (`index.rs`) |
 //!
-//! `size_of::<Slot>() == 8 + size_of::<Record>() + 32` (asserted in `slot.rs`), so the three
-//! columns fit in the memory given. The sorted columns serve writers (binary search for where an
-//! insert goes) and ordered iteration; the index serves lookups in O(1).
+//! `size_of::<Slot>() == size_of::<Entry>() + 32` (asserted in `slot.rs`), so both columns fit
+//! in the memory given. The sorted entries serve writers (binary search for where an insert
+//! goes) and ordered iteration; the index serves lookups in O(1). A lookup touches one index
+//! entry (usually one cache line) and the first words of one entry (site address, state, resume,
+//! top versions: one or two adjacent lines).
 //!
 //! # Access rules
 //! A writer (one at a time) changes a buffer only through [`BufferMut`], whose every store is an
@@ -21,7 +22,7 @@
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::index;
-use super::slot::{Record, RECORD_WORDS};
+use super::slot::{Entry, Record, ENTRY_WORDS, RECORD_WORDS};
 use super::Slot;
 
 /// Atomic load of one word of a buffer.
@@ -42,11 +43,10 @@ unsafe fn store(p: *mut u64, v: u64) {
     unsafe { AtomicU64::from_ptr(p) }.store(v, Relaxed)
 }
 
-/// The three columns of one buffer, as raw pointers.
+/// The two columns of one buffer, as raw pointers to words.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Columns {
-    keys: *mut u64,
-    recs: *mut u64,
+    entries: *mut u64,
     index: *mut u64,
     capacity: usize,
     index_len: usize,
@@ -58,14 +58,12 @@ impl Columns {
     /// # Safety
     /// `buf` points to `capacity` slots of initialised memory, 8-aligned.
     pub(crate) const unsafe fn of(buf: *mut Slot, capacity: usize) -> Columns {
-        let keys = buf.cast::<u64>();
-        // SAFETY: keys + records + index words fit in capacity slots (slot.rs assertion and
-        // index_len <= 4 * capacity), so both offsets stay inside (or one past) the buffer.
-        let (recs, index) =
-            unsafe { (keys.add(capacity), keys.add(capacity * (1 + RECORD_WORDS))) };
+        let entries = buf.cast::<u64>();
+        // SAFETY: entry + index words fit in capacity slots (slot.rs assertion and index_len <=
+        // 4 * capacity), so the offset stays inside (or one past) the buffer.
+        let index = unsafe { entries.add(capacity * ENTRY_WORDS) };
         Columns {
-            keys,
-            recs,
+            entries,
             index,
             capacity,
             index_len: index::index_len(capacity),
@@ -85,7 +83,7 @@ impl Columns {
             |at| unsafe { load(self.index.add(at)) },
             |pos| {
                 // SAFETY: bounds-checked against capacity; lock-free reads.
-                (pos < self.capacity).then(|| unsafe { load(self.keys.add(pos)) })
+                (pos < self.capacity).then(|| unsafe { load(self.entries.add(pos * ENTRY_WORDS)) })
             },
         )
     }
@@ -97,9 +95,9 @@ impl Columns {
         if pos >= self.capacity {
             return 0;
         }
-        let i = pos * RECORD_WORDS + w.min(RECORD_WORDS - 1);
-        // SAFETY: i < capacity * RECORD_WORDS (checked and clamped above); lock-free reads.
-        unsafe { load(self.recs.add(i)) }
+        let i = pos * ENTRY_WORDS + 1 + w.min(RECORD_WORDS - 1);
+        // SAFETY: i < capacity * ENTRY_WORDS (checked and clamped above); lock-free reads.
+        unsafe { load(self.entries.add(i)) }
     }
 
     /// The first `len` entries, for a reader that no writer can overlap (counted reader, or
@@ -107,15 +105,13 @@ impl Columns {
     ///
     /// # Safety
     /// No write to this buffer happens while the returned view lives, `len <= capacity`, and
-    /// the first `len` keys and records and (if `len > 0`) the whole index were written by the
-    /// table.
+    /// the first `len` entries and (if `len > 0`) the whole index were written by the table.
     pub(crate) unsafe fn entries<'a>(&self, len: usize, max_probe: usize) -> Entries<'a> {
         let index_len = if len == 0 { 0 } else { self.index_len };
         // SAFETY: forwarded from the caller; the column sizes are in bounds (Columns::of).
         unsafe {
             Entries {
-                keys: core::slice::from_raw_parts(self.keys, len),
-                recs: core::slice::from_raw_parts(self.recs.cast::<Record>(), len),
+                entries: core::slice::from_raw_parts(self.entries.cast::<Entry>(), len),
                 index: core::slice::from_raw_parts(self.index, index_len),
                 max_probe,
             }
@@ -136,25 +132,24 @@ impl Columns {
     }
 }
 
-/// The published entries of one buffer as a counted reader sees them: sorted keys, their
-/// records, and the hash index.
+/// The published entries of one buffer as a counted reader sees them: sorted entries and the
+/// hash index.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Entries<'a> {
-    keys: &'a [u64],
-    recs: &'a [Record],
+    entries: &'a [Entry],
     index: &'a [u64],
     max_probe: usize,
 }
 
 impl<'a> Entries<'a> {
     pub(crate) fn len(&self) -> usize {
-        self.keys.len()
+        self.entries.len()
     }
 
     /// `Ok(index)` of site `old`, or `Err(index)` where it would be inserted: a binary search,
     /// for writers, which need the insert position.
     pub(crate) fn find(&self, old: u64) -> Result<usize, usize> {
-        self.keys.binary_search(&old)
+        self.entries.binary_search_by_key(&old, |e| e.old)
     }
 
     /// Position of site `old` by the hash index: O(1).
@@ -164,20 +159,21 @@ impl<'a> Entries<'a> {
             self.index.len(),
             self.max_probe,
             |at| self.index[at],
-            |pos| self.keys.get(pos).copied(),
+            |pos| self.entries.get(pos).map(|e| e.old),
         )
     }
 
     pub(crate) fn key(&self, i: usize) -> u64 {
-        self.keys[i]
+        self.entries[i].old
     }
 
     pub(crate) fn record(&self, i: usize) -> &'a Record {
-        &self.recs[i]
+        &self.entries[i].rec
     }
 
     pub(crate) fn slot(&self, i: usize) -> Slot {
-        Slot::from_parts(self.keys[i], self.recs[i])
+        let e = self.entries[i];
+        Slot::from_parts(e.old, e.rec)
     }
 }
 
@@ -199,16 +195,16 @@ impl BufferMut {
         self.max_probe
     }
 
-    fn key(&self, pos: usize) -> u64 {
+    /// First word of the entry at `pos`.
+    fn entry_word(&self, pos: usize) -> *mut u64 {
         debug_assert!(pos < self.cols.capacity);
-        // SAFETY: pos < len <= capacity at every call; we are the only writer.
-        unsafe { load(self.cols.keys.add(pos)) }
+        // SAFETY: pos < capacity at every call: inside the entry column.
+        unsafe { self.cols.entries.add(pos * ENTRY_WORDS) }
     }
 
-    fn set_key(&mut self, pos: usize, v: u64) {
-        debug_assert!(pos < self.cols.capacity);
-        // SAFETY: pos < capacity at every call; stores are atomic (access rules).
-        unsafe { store(self.cols.keys.add(pos), v) }
+    fn key(&self, pos: usize) -> u64 {
+        // SAFETY: inside the buffer; we are the only writer.
+        unsafe { load(self.entry_word(pos)) }
     }
 
     fn index_at(&self, at: usize) -> u64 {
@@ -239,11 +235,18 @@ impl BufferMut {
         }
     }
 
+    fn write_entry(&mut self, pos: usize, old: u64, rec: Record) {
+        let first = self.entry_word(pos);
+        // SAFETY: the entry's first word, inside the buffer; stores are atomic.
+        unsafe { store(first, old) };
+        self.write_record(pos, rec);
+    }
+
     fn write_record(&mut self, pos: usize, rec: Record) {
-        debug_assert!(pos < self.cols.capacity);
+        let first = self.entry_word(pos);
         for (w, v) in rec.to_words().into_iter().enumerate() {
-            // SAFETY: pos < capacity at every call, w < RECORD_WORDS.
-            unsafe { store(self.cols.recs.add(pos * RECORD_WORDS + w), v) };
+            // SAFETY: w < RECORD_WORDS: word 1 + w of the entry, inside the buffer.
+            unsafe { store(first.add(1 + w), v) };
         }
     }
 
@@ -324,20 +327,18 @@ impl BufferMut {
         }
         if at < self.len {
             let n = self.len - at;
-            // SAFETY: at < len < capacity: source [at, len) and destination [at+1, len+1) lie
-            // in their columns.
+            // SAFETY: at < len < capacity: source entries [at, len) and destination [at+1,
+            // len+1) lie in the entry column.
             unsafe {
-                Self::copy_words(self.cols.keys.add(at), self.cols.keys.add(at + 1), n);
                 Self::copy_words(
-                    self.cols.recs.add(at * RECORD_WORDS),
-                    self.cols.recs.add((at + 1) * RECORD_WORDS),
-                    n * RECORD_WORDS,
-                );
-            }
+                    self.entry_word(at),
+                    self.entry_word(at + 1),
+                    n * ENTRY_WORDS,
+                )
+            };
             self.shift_positions(at, true);
         }
-        self.set_key(at, old);
-        self.write_record(at, rec);
+        self.write_entry(at, old, rec);
         self.len += 1;
         self.index_insert(at);
     }
@@ -358,16 +359,15 @@ impl BufferMut {
         self.index_remove(at);
         let n = self.len - at - 1;
         if n > 0 {
-            // SAFETY: at + 1 < len <= capacity: source [at+1, len) and destination [at, len-1)
-            // lie in their columns.
+            // SAFETY: at + 1 < len <= capacity: source entries [at+1, len) and destination
+            // [at, len-1) lie in the entry column.
             unsafe {
-                Self::copy_words(self.cols.keys.add(at + 1), self.cols.keys.add(at), n);
                 Self::copy_words(
-                    self.cols.recs.add((at + 1) * RECORD_WORDS),
-                    self.cols.recs.add(at * RECORD_WORDS),
-                    n * RECORD_WORDS,
-                );
-            }
+                    self.entry_word(at + 1),
+                    self.entry_word(at),
+                    n * ENTRY_WORDS,
+                )
+            };
             self.shift_positions(at + 1, false);
         }
         self.len -= 1;

@@ -8,7 +8,7 @@
 //! # The writer
 //! Serialised by `writer` (a spin mutex; writers may wait, readers never wait for a writer).
 //! For buffer `x` an *edit* is: `gens[x] += 1` (odd), release fence, the changes (atomic word
-//! stores: keys, records, index, and `lens[x]`, `max_probes[x]`), `gens[x] += 1` (even).
+//! stores: entries, index, and `lens[x]`, `max_probes[x]`), `gens[x] += 1` (even).
 //! A write:
 //! 1. check the change against the active buffer `a` (nobody writes `a` now);
 //! 2. `j = 1 - a`; wait until no counted reader is in `j`; edit `j`;
@@ -87,8 +87,8 @@ use core::sync::atomic::{
 };
 
 use super::layout::{BufferMut, Columns, Entries};
-use super::slot::{Record, RECORD_WORDS};
-use super::Slot;
+use super::slot::Record;
+use super::{Redirect, Slot, Version};
 
 /// Reader-count stripes per buffer.
 pub(crate) const STRIPES: usize = 8;
@@ -114,10 +114,6 @@ fn my_stripe() -> usize {
     let page = (core::ptr::addr_of!(marker) as usize as u64) >> 12;
     (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % STRIPES
 }
-
-/// What a lookup copies out of a buffer: the site address and the words of its record that the
-/// trap path needs (head, resume, the top two versions; the rest zero).
-pub(crate) type Found = (u64, Record);
 
 /// The two-buffer publication. `'s` is the lifetime of the caller's storage.
 pub(crate) struct LeftRight<'s> {
@@ -203,27 +199,40 @@ impl<'s> LeftRight<'s> {
         }
     }
 
-    /// The trap-path lookup: site `key` and a copy of its record's head, resume and top two
-    /// versions. Loads only: no store, no read-modify-write, never waits.
+    /// The trap-path lookup: what the table says about site `key`, built from the words of its
+    /// record the trap path needs (head, resume, the top two versions). Loads only: no store,
+    /// no read-modify-write, never waits.
     #[inline]
-    pub(crate) fn lookup(&self, key: u64) -> Option<Found> {
+    pub(crate) fn lookup(&self, key: u64) -> Option<Redirect> {
         self.optimistic(|i, g| {
             if g == 0 {
                 return None; // never written: the initial, empty state
             }
             let cols = &self.cols[i];
             let pos = cols.find_racy(key, self.max_probes[i].load(SeqCst))?;
-            let mut words = [0u64; RECORD_WORDS];
             let head = cols.record_word_racy(pos, 0);
-            words[0] = head;
-            words[1] = cols.record_word_racy(pos, 1);
             let depth = Record::depth_of_head(head);
-            for k in depth.saturating_sub(2)..depth {
+            let version = |k: usize| {
                 let w = Record::version_word(k);
-                words[w] = cols.record_word_racy(pos, w);
-                words[w + 1] = cols.record_word_racy(pos, w + 1);
-            }
-            Some((key, Record::from_words(words)))
+                Version::from_words([
+                    cols.record_word_racy(pos, w),
+                    cols.record_word_racy(pos, w + 1),
+                ])
+            };
+            let top = if depth >= 1 {
+                version(depth - 1)
+            } else {
+                Version::default()
+            };
+            Some(Redirect {
+                old: key,
+                new: top.new,
+                patch_id: top.patch_id,
+                state: Record::state_of_head(head),
+                depth,
+                resume: cols.record_word_racy(pos, 1),
+                below: (depth >= 2).then(|| version(depth - 2)),
+            })
         })
     }
 
@@ -430,6 +439,7 @@ mod tests {
 
     #[test]
     fn a_never_written_buffer_is_empty_whatever_its_memory_holds() {
+        use crate::table::slot::RECORD_WORDS;
         use crate::table::{index, SLOT_SIZE};
         // storage that looks like a table holding site K at every position (any initialised
         // bytes are allowed): nothing may be found before the table wrote it

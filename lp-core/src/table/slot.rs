@@ -3,9 +3,9 @@
 //! [`Slot`] is `#[repr(C)]`, made only of `u64`-sized words (no padding, every bit pattern
 //! valid), and all-zero bytes are a valid empty slot, so a C shim can hand the table
 //! zero-initialised static arrays (`.bss`) of [`SLOT_SIZE`]-byte elements. Inside a buffer the
-//! table does not keep whole slots side by side: it splits the memory into a dense column of site
-//! addresses (8 bytes per slot), a column of [`Record`]s (144 bytes per slot) and a hash index
-//! (up to 32 bytes per slot: the slot's `index_room`), see `layout.rs`.
+//! table does not keep whole slots side by side: it splits the memory into a column of
+//! [`Entry`]s (site address + [`Record`]: 152 bytes per slot) and a hash index (up to 32 bytes
+//! per slot: the slot's `index_room`), see `layout.rs`.
 
 use core::fmt;
 
@@ -91,6 +91,13 @@ pub struct Version {
 }
 
 impl Version {
+    /// The version stored as these two words (as a [`Record`] holds it).
+    pub(crate) const fn from_words(words: [u64; 2]) -> Version {
+        // SAFETY: `Version` is `repr(C)` u64 + u32 + u32, 16 bytes (asserted below): same size
+        // as two words, and every bit pattern is valid.
+        unsafe { core::mem::transmute::<[u64; 2], Version>(words) }
+    }
+
     /// A version sending calls to `new`, installed by patch `patch_id`.
     ///
     /// ```
@@ -134,6 +141,18 @@ pub(crate) const INDEX_WORDS_PER_SLOT: usize = 4;
 
 /// Words in one [`Record`].
 pub(crate) const RECORD_WORDS: usize = 2 + 2 * MAX_DEPTH;
+
+/// Words in one [`Entry`]: the site address, then its record.
+pub(crate) const ENTRY_WORDS: usize = 1 + RECORD_WORDS;
+
+/// One element of a buffer's entry column: a site address and its record, side by side so that
+/// a lookup finds the key it must compare and the words it copies in the same cache lines.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) old: u64,
+    pub(crate) rec: Record,
+}
 
 /// Everything of a slot but its site address: the second column of a buffer.
 ///
@@ -187,6 +206,7 @@ impl Record {
     }
 
     /// The record made of `words` (as produced by [`to_words`](Record::to_words)).
+    #[cfg(test)]
     pub(crate) const fn from_words(words: [u64; RECORD_WORDS]) -> Record {
         // SAFETY: same size (asserted above); every field of `Record` is an integer (`head` and
         // `resume` are u64, a `Version` is u64 + u32 + u32), so every bit pattern is a valid
@@ -210,6 +230,11 @@ impl Record {
         }
     }
 
+    /// State stored in a record's first word.
+    pub(crate) const fn state_of_head(head: u64) -> EntryState {
+        EntryState::from_u8((head >> 32) as u8)
+    }
+
     const fn head_of(depth: usize, state: EntryState) -> u64 {
         (depth as u64) | ((state as u8 as u64) << 32)
     }
@@ -223,7 +248,7 @@ impl Record {
     }
 
     pub(crate) const fn state(&self) -> EntryState {
-        EntryState::from_u8((self.head >> 32) as u8)
+        Record::state_of_head(self.head)
     }
 
     fn set_head(&mut self, depth: usize, state: EntryState) {
