@@ -49,7 +49,11 @@ fn revert_here(
 ) -> Result<Reverted, Error> {
     let t0 = Instant::now();
     // Attached first: the state cannot change under us (one tracer at a time).
-    let mut t = Tracee::attach(pid)?;
+    // Nonstop mode traces one thread only during the switch (see apply).
+    let mut t = match mode {
+        Mode::Stop => Tracee::attach(pid)?,
+        Mode::Nonstop => Tracee::attach_one(pid)?,
+    };
     t.release_on_drop();
     let current = state::read(pid)?;
     let index =
@@ -147,6 +151,9 @@ fn revert_here(
     let free = match mode {
         Mode::Stop => true,
         Mode::Nonstop => {
+            // After the switch: each thread is stopped once, alone, to see that it is not
+            // running (or returning into) the code about to be unmapped.
+            t.attach_rest()?;
             let mut u = crate::apply::unwinder(pid)?;
             switch::wait_threads_outside(&mut t, &area, Some(&mut u), timeout).is_ok()
         }

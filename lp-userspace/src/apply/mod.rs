@@ -113,7 +113,11 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     // Attach first: ptrace admits one tracer, so from here on no other livepatch changes this
     // process, and the state and bytes read below stay true until we write. (Seizing does not
     // stop or change anything.)
-    let mut t = Tracee::attach(pid)?;
+    // Nonstop mode traces one thread only (borrowed for system calls): the others never stop.
+    let mut t = match opts.mode {
+        Mode::Stop => Tracee::attach(pid)?,
+        Mode::Nonstop => Tracee::attach_one(pid)?,
+    };
     t.release_on_drop();
     let existing = crate::state::read(pid)?;
     if existing.patches.iter().any(|p| p.id == patch.id) {

@@ -6,17 +6,17 @@
 //!   writes: everything slow (allocation, linking, page faults) happened before.
 //! - **nonstop**: threads keep running; the plan's `int3` → sync → tail → sync → first byte →
 //!   sync protocol is carried out with `membarrier` run inside the target for each sync, and a
-//!   thread that hits the temporary `int3` is sent on by lp-core's trap decision.
+//!   thread that hits the temporary `int3` is sent on by a SIGTRAP handler of ours inside the
+//!   target, from lp-core's trap decisions ([`nonstop`]).
+
+mod nonstop;
+mod trap_handler;
 
 use super::error::Error;
 use super::stacks;
 use crate::process::{Memory, Tracee};
 use lp_core::consistency::{self, CodeRange, Frame, ThreadStack, Verdict};
-use lp_core::plan::{Step, WritePlan};
-use lp_core::table::{EntryState, RedirectTable, Slot};
-use lp_core::trap::{self, TrapDecision};
-use std::cell::RefCell;
-use std::rc::Rc;
+use lp_core::plan::WritePlan;
 use std::time::{Duration, Instant};
 
 /// How the switch happens.
@@ -26,7 +26,7 @@ pub enum Mode {
     /// All threads stopped, stacks checked (the default).
     #[default]
     Stop,
-    /// Threads keep running; the int3 protocol with the tool as tracer.
+    /// Threads keep running; the int3 protocol with a trap handler inside the target.
     Nonstop,
 }
 
@@ -72,6 +72,9 @@ pub struct SwitchStats {
     pub attempts: u32,
     /// Threads redirected at the int3 (nonstop mode).
     pub traps: usize,
+    /// Nonstop mode: the process's SIGTRAP action could not be given back safely in time, and
+    /// our handler (which passes every trap that is not ours on to it) stays installed.
+    pub trap_handler_kept: bool,
 }
 
 /// Runs a switch in `mode`. `commit` records the new state (called while the switch is
@@ -86,7 +89,7 @@ pub(crate) fn run(
 ) -> Result<SwitchStats, Error> {
     match mode {
         Mode::Stop => stop_mode(t, sites, busy, timeout, commit),
-        Mode::Nonstop => nonstop_mode(t, sites, commit),
+        Mode::Nonstop => nonstop::run(t, sites, timeout, commit),
     }
 }
 
@@ -225,234 +228,6 @@ fn write_all_stopped(
         }
     }
     result
-}
-
-fn nonstop_mode(
-    t: &mut Tracee,
-    sites: &[SiteSwitch],
-    commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
-) -> Result<SwitchStats, Error> {
-    verify_expected(t.mem(), sites)?;
-    // The trap decisions come from lp-core's table: one entry per site, pending until the
-    // commit, active after.
-    let cap = sites.len().max(1);
-    let a: &'static mut [Slot] = Box::leak(vec![Slot::EMPTY; cap].into_boxed_slice());
-    let b: &'static mut [Slot] = Box::leak(vec![Slot::EMPTY; cap].into_boxed_slice());
-    let table = Rc::new(RefCell::new(RedirectTable::new(a, b)));
-    let table_err = |e: lp_core::table::TableError| Error::Other(format!("redirect table: {e}"));
-    for (i, s) in sites.iter().enumerate() {
-        let tb = table.borrow();
-        let addr = s.plan.addr();
-        if let Some(below) = s.below {
-            tb.push(addr, s.resume, below, below_id(i))
-                .map_err(table_err)?;
-            tb.set_state(addr, below_id(i), EntryState::Active)
-                .map_err(table_err)?;
-        }
-        tb.push(addr, s.resume, s.top, top_id(i))
-            .map_err(table_err)?;
-        if s.reverting {
-            tb.set_state(addr, top_id(i), EntryState::Reverting)
-                .map_err(table_err)?;
-        }
-    }
-    let hook_table = table.clone();
-    t.set_trap_hook(Some(Box::new(move |addr| {
-        match trap::decide(&hook_table.borrow(), addr) {
-            TrapDecision::Redirect(x) | TrapDecision::Resume(x) => Some(x),
-            TrapDecision::NotOurs => None,
-        }
-    })));
-    let mut result = nonstop_steps(t, sites, &table, commit);
-    if result.is_err() {
-        // Put every site back as it was, with the same protocol, so that no int3 of ours is
-        // left behind when we let go.
-        if let Err(e) = nonstop_rollback(t, sites, &table) {
-            result = Err(e);
-        }
-    }
-    // Drain: no thread may be left between our int3 and its report when we let go.
-    let s0 = Instant::now();
-    let drained = drain_traps(t);
-    trace("drain", s0);
-    t.set_trap_hook(None);
-    let traps = t.traps_handled;
-    result?;
-    drained?;
-    Ok(SwitchStats {
-        stall_us: 0,
-        attempts: 1,
-        traps,
-    })
-}
-
-fn trace(what: &str, since: Instant) {
-    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
-        eprintln!(
-            "livepatch: trace: nonstop {what} +{} us",
-            since.elapsed().as_micros()
-        );
-    }
-}
-
-fn nonstop_steps(
-    t: &mut Tracee,
-    sites: &[SiteSwitch],
-    table: &Rc<RefCell<RedirectTable<'static>>>,
-    commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
-) -> Result<(), Error> {
-    // All sites go through the protocol together: every int3 first, then every tail, then
-    // every first byte, so the process switches all functions at one commit point.
-    let max_steps = sites
-        .iter()
-        .map(|s| s.plan.steps().len())
-        .max()
-        .unwrap_or(0);
-    let mut committed = false;
-    let mut settled = false;
-    for i in 0..max_steps {
-        let mut sync = false;
-        for s in sites {
-            match s.plan.steps().get(i) {
-                Some(Step::Sync) => sync = true,
-                Some(step) => {
-                    if let Some((addr, data)) = step.data() {
-                        // The last write of a plan (its first byte) goes live only after the
-                        // commit: from then on trapping threads go to the new code.
-                        if !committed && is_last_write(&s.plan, i) {
-                            commit_all(table, sites)?;
-                            committed = true;
-                        }
-                        t.mem().write(addr, data)?;
-                    }
-                }
-                None => {}
-            }
-        }
-        if sync {
-            let s0 = Instant::now();
-            t.sync_cores()?;
-            trace("sync", s0);
-            t.resume_all()?;
-            t.poll_events()?;
-            if !settled {
-                // Every int3 is in place and seen: no thread can enter a site any more. One
-                // that was already past an int3, inside the instructions the tail will
-                // overwrite, must leave them first.
-                let inside: Vec<CodeRange> = sites
-                    .iter()
-                    .filter(|s| s.plan.len() > 1)
-                    .map(|s| CodeRange::new(s.plan.addr() + 1, s.plan.addr() + s.plan.len() as u64))
-                    .collect();
-                let s0 = Instant::now();
-                wait_threads_outside(t, &inside, None, Duration::from_secs(2))?;
-                trace("settle", s0);
-                settled = true;
-            }
-        }
-    }
-    if !committed {
-        commit_all(table, sites)?;
-    }
-    commit(t.mem())
-}
-
-fn nonstop_rollback(
-    t: &mut Tracee,
-    sites: &[SiteSwitch],
-    table: &Rc<RefCell<RedirectTable<'static>>>,
-) -> Result<(), Error> {
-    // Trapping threads run what the restored bytes run: the old code (apply) or the version
-    // being kept (a failed revert).
-    for (i, s) in sites.iter().enumerate() {
-        let state = if s.reverting {
-            EntryState::Active
-        } else {
-            EntryState::Pending
-        };
-        let _ = table.borrow().set_state(s.plan.addr(), top_id(i), state);
-    }
-    for s in sites {
-        t.mem().write(s.plan.addr(), &[lp_core::site::INT3])?;
-    }
-    t.sync_cores()?;
-    t.resume_all()?;
-    t.poll_events()?;
-    for s in sites {
-        t.mem().write(s.plan.addr() + 1, &s.plan.expected()[1..])?;
-    }
-    t.sync_cores()?;
-    t.resume_all()?;
-    t.poll_events()?;
-    for s in sites {
-        t.mem().write(s.plan.addr(), &s.plan.expected()[..1])?;
-    }
-    t.sync_cores()?;
-    t.resume_all()?;
-    Ok(())
-}
-
-fn is_last_write(plan: &WritePlan, i: usize) -> bool {
-    !plan.steps()[i + 1..].iter().any(|s| s.data().is_some())
-}
-
-fn below_id(i: usize) -> u32 {
-    2 * i as u32 + 1
-}
-
-fn top_id(i: usize) -> u32 {
-    2 * i as u32 + 2
-}
-
-/// Apply: from now on a trapping thread runs the new version. Revert: nothing changes (the
-/// entry stays "reverting": trapping threads run the version below until the end).
-fn commit_all(
-    table: &Rc<RefCell<RedirectTable<'static>>>,
-    sites: &[SiteSwitch],
-) -> Result<(), Error> {
-    for (i, s) in sites.iter().enumerate() {
-        if s.reverting {
-            continue;
-        }
-        table
-            .borrow()
-            .set_state(s.plan.addr(), top_id(i), EntryState::Active)
-            .map_err(|e| Error::Other(format!("redirect table: {e}")))?;
-    }
-    Ok(())
-}
-
-/// After the last sync no thread can hit one of our int3s any more, but one may still be
-/// between an int3 it hit and the report of its SIGTRAP; letting go of it then would deliver
-/// the SIGTRAP and kill the process. So each thread in turn is stopped (a trap report in
-/// flight arrives first and is redirected), checked for a queued SIGTRAP (resumed and stopped
-/// again until it has none), and resumed: one short pause per thread, never all at once.
-fn drain_traps(t: &mut Tracee) -> Result<(), Error> {
-    t.sync_cores()?;
-    t.resume_all()?;
-    t.poll_events()?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for tid in t.threads() {
-        loop {
-            // Blocked in a system call with no SIGTRAP queued: not between a trap and its
-            // report, and no int3 of ours is left to hit.
-            if t.blocked_in_syscall_at(tid).is_some() && !t.sigtrap_pending(tid) {
-                break;
-            }
-            if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
-                break; // exited meanwhile
-            }
-            let pending = t.sigtrap_pending(tid);
-            t.resume_thread(tid)?;
-            if !pending || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(20));
-            t.poll_events()?;
-        }
-    }
-    t.poll_events()?;
-    Ok(())
 }
 
 /// Checks the threads one at a time (each stopped only for its own check) until none of them

@@ -9,6 +9,7 @@
 mod error;
 mod gaps;
 mod mem;
+pub mod observe;
 pub mod ptrace;
 pub mod remote_call;
 mod syscall;
@@ -44,6 +45,11 @@ pub struct Tracee {
     pub traps_handled: usize,
     detached: bool,
     release_on_drop: bool,
+    /// Only one thread is traced ([`Tracee::attach_one`]): a thread that exits is replaced by
+    /// another, and the others are never seized.
+    single: bool,
+    /// Held while a single-thread tracee exists (see [`Tracee::attach_one`]).
+    _lock: Option<std::os::fd::OwnedFd>,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -101,12 +107,91 @@ impl Tracee {
             traps_handled: 0,
             detached: false,
             release_on_drop: false,
+            single: false,
+            _lock: None,
         };
         while t.seize_new()? > 0 {}
         if t.threads.is_empty() {
             return Err(ProcessError::NoSuchProcess(pid));
         }
         Ok(t)
+    }
+
+    /// Seizes ONE thread of `pid`, to borrow for system calls (nonstop mode): the others are
+    /// never traced, so they never stop for us. Preferred: a thread blocked in a system call
+    /// other than futex (it was not running anyway, and holds no libc lock), then any thread
+    /// blocked in a system call, then the main thread.
+    ///
+    /// ptrace's one-tracer rule no longer keeps a second livepatch out (it would seize another
+    /// thread), so a per-process lock is taken too: an abstract unix socket named after the
+    /// pid, released by the kernel when we close it or die.
+    pub fn attach_one(pid: i32) -> Result<Tracee> {
+        if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(ProcessError::NoSuchProcess(pid));
+        }
+        if is_zombie(pid) {
+            return Err(ProcessError::Exited(pid));
+        }
+        if pid as u32 == std::process::id() {
+            return Err(ProcessError::IsSelf(pid));
+        }
+        let lock = lock_process(pid)?;
+        let mem = Memory::open(pid)?;
+        let mut t = Tracee {
+            pid,
+            mem,
+            threads: BTreeMap::new(),
+            syscall_insn: None,
+            trap_hook: None,
+            traps_handled: 0,
+            detached: false,
+            release_on_drop: false,
+            single: true,
+            _lock: Some(lock),
+        };
+        t.seize_one()?;
+        Ok(t)
+    }
+
+    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]).
+    fn seize_one(&mut self) -> Result<()> {
+        for _ in 0..100 {
+            let tids = list_tasks(self.pid)?;
+            let rank = |tid: &i32| match observe::activity(self.pid, *tid) {
+                Some(observe::Activity::Blocked {
+                    syscall: Some(nr), ..
+                }) if nr != libc::SYS_futex => 0,
+                Some(observe::Activity::Blocked {
+                    syscall: Some(_), ..
+                }) => 1,
+                _ if *tid == self.pid => 2,
+                _ => 3,
+            };
+            let Some(&tid) = tids.iter().min_by_key(|t| rank(t)) else {
+                return Err(ProcessError::Exited(self.pid));
+            };
+            match ptrace::seize(tid) {
+                Ok(()) => {
+                    self.threads.insert(tid, Thread::default());
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                Err(e) => return Err(ProcessError::from_ptrace("SEIZE", self.pid, tid, e)),
+            }
+        }
+        Err(ProcessError::Exited(self.pid))
+    }
+
+    /// Seizes every other thread too (a single-thread tracee becomes an ordinary one).
+    pub fn attach_rest(&mut self) -> Result<()> {
+        self.single = false;
+        while self.seize_new()? > 0 {}
+        Ok(())
+    }
+
+    /// Whether only one thread is traced.
+    pub fn is_single(&self) -> bool {
+        self.single
     }
 
     /// The process id.
@@ -150,8 +235,12 @@ impl Tracee {
 
     fn thread_gone(&mut self, tid: i32) -> Result<()> {
         self.threads.remove(&tid);
-        if self.threads.is_empty() || !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
-        {
+        let alive = std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
+        // The one borrowed thread exited, not the process: borrow another.
+        if self.single && self.threads.is_empty() && alive && !is_zombie(self.pid) {
+            return self.seize_one();
+        }
+        if self.threads.is_empty() || !alive {
             self.threads.clear();
             return Err(ProcessError::Exited(self.pid));
         }
@@ -161,7 +250,7 @@ impl Tracee {
     /// Handles one wait report of `tid`. Returns true when the thread is now stopped for us.
     fn handle_report(&mut self, tid: i32, status: WaitStatus) -> Result<bool> {
         match status {
-            WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {
+            WaitStatus::EventStop | WaitStatus::OtherEvent(_) | WaitStatus::Syscall => {
                 if let Some(t) = self.threads.get_mut(&tid) {
                     t.stopped = true;
                 }
@@ -441,36 +530,42 @@ impl Tracee {
                     self.thread_gone(tid)?;
                     return Err(ProcessError::Exited(self.pid));
                 }
-                WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {}
+                WaitStatus::EventStop | WaitStatus::OtherEvent(_) | WaitStatus::Syscall => {}
             }
         }
     }
 
-    /// Single-steps `tid` until it has executed the `syscall` instruction at `insn`. A signal
-    /// that was pending on the thread is delivered before the step: it belongs to the thread's
-    /// own context `saved`. A SIGTRAP of one of our int3 sites is redirected there (the thread
-    /// took the trap before we borrowed it); any other signal is kept for later delivery.
+    /// Runs `tid` through the `syscall` instruction at `insn`, from its entry stop to its
+    /// exit stop (PTRACE_SYSCALL: a single-step's trap would be a forced SIGTRAP, which resets
+    /// a SIG_IGN or blocked SIGTRAP of the target to SIG_DFL). A signal that was pending on
+    /// the thread is reported before the system call: it belongs to the thread's own context
+    /// `saved`. A SIGTRAP of one of our int3 sites is redirected there (the thread took the
+    /// trap before we borrowed it); any other signal is kept for later delivery.
     fn step_past(&mut self, tid: i32, insn: u64, saved: &mut Regs) -> Result<()> {
+        let mut entered = false;
         loop {
-            ptrace::single_step(tid)
-                .map_err(|e| ProcessError::from_ptrace("SINGLESTEP", self.pid, tid, e))?;
+            ptrace::syscall(tid)
+                .map_err(|e| ProcessError::from_ptrace("SYSCALL", self.pid, tid, e))?;
             match self.wait_for(tid)? {
-                WaitStatus::Signal(libc::SIGTRAP) => {
+                WaitStatus::Syscall => {
                     let rip = self.regs(tid)?.rip;
-                    if rip == insn + 2 {
-                        return Ok(());
-                    }
-                    if rip != insn {
+                    if rip != insn + 2 {
                         return Err(ProcessError::Unexpected {
                             pid: self.pid,
                             tid,
                             what: format!(
-                                "remote syscall ended at {rip:#x}, expected {:#x}",
+                                "remote syscall stopped at {rip:#x}, expected {:#x}",
                                 insn + 2
                             ),
                         });
                     }
-                    // Not our step: a SIGTRAP the thread had pending.
+                    if entered {
+                        return Ok(());
+                    }
+                    entered = true;
+                }
+                WaitStatus::Signal(libc::SIGTRAP) => {
+                    // A SIGTRAP the thread had pending.
                     let dest = self
                         .trap_hook
                         .as_mut()
@@ -753,6 +848,70 @@ impl Drop for Tracee {
             let _ = self.detach_all();
         }
     }
+}
+
+/// Takes the per-process livepatch lock: binds the abstract unix socket
+/// `livepatch-lock-PID`. Busy: another livepatch works on the process.
+fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(ProcessError::Unexpected {
+            pid,
+            tid: pid,
+            what: format!("cannot create lock socket: {}", io::Error::last_os_error()),
+        });
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let name = format!("livepatch-lock-{pid}");
+    // sun_path[0] = 0: the abstract namespace (no file, gone with the socket).
+    for (dst, b) in addr.sun_path[1..].iter_mut().zip(name.bytes()) {
+        *dst = b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+    // SAFETY: addr is a valid sockaddr_un and len does not exceed its size.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EADDRINUSE) {
+            // The other livepatch traces one thread: name it as any other tracer.
+            if let Some(tracer) = observe::tasks(pid)
+                .into_iter()
+                .map(|tid| observe::tracer_pid(pid, tid))
+                .find(|&p| p != 0)
+            {
+                return Err(ProcessError::AlreadyTraced {
+                    pid,
+                    tracer,
+                    name: std::fs::read_to_string(format!("/proc/{tracer}/comm"))
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_else(|_| "gone".into()),
+                });
+            }
+            return Err(ProcessError::Unexpected {
+                pid,
+                tid: pid,
+                what: "another livepatch is working on this process".into(),
+            });
+        }
+        return Err(ProcessError::Unexpected {
+            pid,
+            tid: pid,
+            what: format!("cannot take the livepatch lock: {err}"),
+        });
+    }
+    Ok(owned)
 }
 
 /// The process no longer runs: gone, or a zombie waiting to be reaped.

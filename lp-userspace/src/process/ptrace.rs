@@ -13,10 +13,19 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// Attaches to `tid` without stopping it.
+/// Attaches to `tid` without stopping it. Syscall-stops (only ever asked for by
+/// [`syscall`]) are told apart from SIGTRAPs (PTRACE_O_TRACESYSGOOD).
 pub fn seize(tid: i32) -> io::Result<()> {
+    let options = libc::PTRACE_O_TRACESYSGOOD as usize;
     // SAFETY: PTRACE_SEIZE takes no pointers; addr/data are plain integers.
-    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) }).map(drop)
+    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, options) }).map(drop)
+}
+
+/// Resumes a stopped thread until its next system call entry or exit (a syscall-stop, which
+/// is no signal: unlike a single-step's trap it never touches the thread's SIGTRAP action).
+pub fn syscall(tid: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_SYSCALL takes no pointers.
+    check(unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid, 0usize, 0usize) }).map(drop)
 }
 
 /// Asks a seized thread to stop (it reports PTRACE_EVENT_STOP).
@@ -67,6 +76,8 @@ pub enum WaitStatus {
     Signal(i32),
     /// Another ptrace event stop (clone, exec, exit): treated as stopped.
     OtherEvent(i32),
+    /// A syscall-entry or syscall-exit stop (after [`syscall`]).
+    Syscall,
     /// The thread exited or was killed.
     Gone,
 }
@@ -99,6 +110,8 @@ pub fn wait(tid: i32, nohang: bool) -> io::Result<Option<(i32, WaitStatus)>> {
                 WaitStatus::EventStop
             } else if event != 0 {
                 WaitStatus::OtherEvent(event)
+            } else if libc::WSTOPSIG(status) == libc::SIGTRAP | 0x80 {
+                WaitStatus::Syscall
             } else {
                 WaitStatus::Signal(libc::WSTOPSIG(status))
             }

@@ -226,7 +226,7 @@ impl Tracee {
                     }
                     self.set_running(tid)?;
                 }
-                WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {
+                WaitStatus::EventStop | WaitStatus::OtherEvent(_) | WaitStatus::Syscall => {
                     self.set_running(tid)?;
                 }
                 WaitStatus::Gone => {
@@ -257,7 +257,7 @@ impl Tracee {
             .map_err(|e| ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e))?;
         // The first report is the stop: the interrupt's, or a signal that came before it.
         match self.wait_for(tid)? {
-            WaitStatus::EventStop | WaitStatus::OtherEvent(_) => {}
+            WaitStatus::EventStop | WaitStatus::OtherEvent(_) | WaitStatus::Syscall => {}
             WaitStatus::Signal(sig) => {
                 if !SYNCHRONOUS.contains(&sig) && sig != libc::SIGTRAP {
                     if let Some(t) = self.threads.get_mut(&tid) {

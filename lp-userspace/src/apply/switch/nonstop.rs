@@ -1,0 +1,692 @@
+//! Nonstop mode: lp-core's `int3` → sync → tail → sync → first byte → sync protocol carried out
+//! while the target's threads keep running, with no ptrace stop of a running thread.
+//!
+//! - Only one thread is traced ([`Tracee::attach_one`]): the one borrowed for the system calls
+//!   (membarrier for each sync, rt_sigaction), preferably one blocked in a system call, so
+//!   that no running thread is stopped at all. It stays stopped for the whole switch.
+//! - A thread that reaches one of our temporary `int3`s takes SIGTRAP *in the target*: a small
+//!   handler of ours ([`trap_handler`]) looks `rip - 1` up in a table and sets rip to the
+//!   destination of the current phase. The destinations are lp-core's trap decisions
+//!   ([`lp_core::trap::decide`] on a [`RedirectTable`]), computed here for every site and
+//!   phase before anything is written; the tool flips a one-byte phase index at the commit.
+//! - A trap that is not ours goes to the action the process had (see `trap_handler.rs`).
+//! - The handler's area (a memfd mapping named `livepatch-trap`) is created by the first
+//!   nonstop switch and stays mapped for the life of the process, reused by later switches:
+//!   a thread that took our trap just before the action was restored may still run the
+//!   handler later, and must find it there.
+//!
+//! Nothing here stops, seizes or signals the other threads: what the tool needs to know about
+//! them (blocked or running, CPU time consumed, SIGTRAP pending) comes from /proc.
+
+use super::trap_handler as th;
+use super::{verify_expected, Error, SiteSwitch, SwitchStats};
+use crate::process::observe::{self, Activity};
+use crate::process::{prot, Memory, Tracee};
+use lp_core::consistency::CodeRange;
+use lp_core::plan::{Step, WritePlan};
+use lp_core::table::{EntryState, RedirectTable, Slot};
+use lp_core::trap::{self, TrapDecision};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Name of the memfd holding the handler.
+const AREA_NAME: &str = "livepatch-trap";
+
+/// CPU time a thread must have consumed since a sync before it counts as having moved on:
+/// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
+/// branch into them), and past the short non-sleeping kernel path from an `int3` to its
+/// SIGTRAP being queued. Both take nanoseconds to microseconds; 200 µs leaves a wide margin.
+const PROGRESS_NS: u64 = 200_000;
+
+/// At least this long for the threads to move on before the action is restored (a busy
+/// machine gives a low-priority thread little CPU).
+const MIN_UNINSTALL_WAIT: Duration = Duration::from_secs(10);
+
+const SIGTRAP: u64 = libc::SIGTRAP as u64;
+const SA_SIGINFO: u64 = 4;
+const SA_ONSTACK: u64 = 0x0800_0000;
+const SA_RESTART: u64 = 0x1000_0000;
+const SA_NODEFER: u64 = 0x4000_0000;
+const SA_RESETHAND: u64 = 0x8000_0000;
+const SA_RESTORER: u64 = 0x0400_0000;
+
+/// Phase indexes (columns of the table).
+const BEFORE: u8 = 0;
+const COMMITTED: u8 = 1;
+const ROLLBACK: u8 = 2;
+
+/// The kernel's `struct sigaction` on x86-64 (rt_sigaction with an 8-byte mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct KAction {
+    handler: u64,
+    flags: u64,
+    restorer: u64,
+    mask: u64,
+}
+
+impl KAction {
+    fn to_bytes(self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, v) in [self.handler, self.flags, self.restorer, self.mask]
+            .iter()
+            .enumerate()
+        {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    fn read(mem: &Memory, addr: u64) -> Result<KAction, Error> {
+        let b = mem.read_vec(addr, 32)?;
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        Ok(KAction {
+            handler: w(0),
+            flags: w(1),
+            restorer: w(2),
+            mask: w(3),
+        })
+    }
+}
+
+/// The handler's area in the target.
+struct Area {
+    code: u64,
+}
+
+impl Area {
+    fn data(&self) -> u64 {
+        self.code + th::PAGE
+    }
+
+    fn restorer(&self) -> u64 {
+        self.code + th::RESTORER_OFF
+    }
+
+    fn read_u64(&self, mem: &Memory, off: u64) -> Result<u64, Error> {
+        Ok(mem.read_u64(self.data() + off)?)
+    }
+
+    fn set_phase(&self, mem: &Memory, phase: u8) -> Result<(), Error> {
+        // One byte: a write through /proc/PID/mem of a single byte cannot tear.
+        Ok(mem.write(self.data() + th::PHASE, &[phase])?)
+    }
+}
+
+fn trace(what: &str, since: Instant) {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!(
+            "livepatch: trace: nonstop {what} +{} us",
+            since.elapsed().as_micros()
+        );
+    }
+}
+
+/// Carries out the switch of `sites` in nonstop mode (see the module documentation).
+///
+/// `timeout`: how long the threads get to leave the bytes behind an `int3` (then the switch
+/// is rolled back: busy), and at least [`MIN_UNINSTALL_WAIT`], to be past our traps before the
+/// SIGTRAP action is restored.
+pub(crate) fn run(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    timeout: Duration,
+    commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+) -> Result<SwitchStats, Error> {
+    verify_expected(t.mem(), sites)?;
+    if sites.len() > th::MAX_SITES {
+        return Err(Error::Unsupported(format!(
+            "nonstop mode switches at most {} functions at once, not {}",
+            th::MAX_SITES,
+            sites.len()
+        )));
+    }
+    refuse_if_sigtrap_blocked(t.pid(), timeout)?;
+    let columns = decisions(sites)?;
+    let area = open_area(t)?;
+    write_table(t.mem(), &area, sites, &columns)?;
+    let hits0 = area.read_u64(t.mem(), th::HITS)?;
+
+    // The borrowed thread is traced: a trap it takes reaches us, not the handler. The same
+    // decisions, the same phase.
+    let phase = Rc::new(Cell::new(BEFORE));
+    let hook_phase = phase.clone();
+    let hook_table: Vec<(u64, [u64; th::NPHASES])> = sites
+        .iter()
+        .zip(&columns)
+        .map(|(s, c)| (s.plan.addr(), *c))
+        .collect();
+    t.set_trap_hook(Some(Box::new(move |addr| {
+        hook_table
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, c)| c[hook_phase.get() as usize])
+            .filter(|&d| d != 0)
+    })));
+
+    let t0 = Instant::now();
+    let installed = install(t, &area);
+    trace("installed", t0);
+    let mut result = installed.and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
+    let mut kept = false;
+    if !matches!(
+        result,
+        Err(Error::Process(crate::process::ProcessError::Exited(_)))
+    ) {
+        if result.is_err() {
+            // Put every site back with the same protocol: trapping threads run what the
+            // restored bytes run.
+            let rolled = rollback(t, sites, &area, &phase);
+            if let Err(e) = rolled {
+                result = Err(e);
+            }
+        }
+        trace("switched", t0);
+        let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
+        trace("uninstalled", t0);
+        match uninstalled {
+            Ok(restored) => kept = !restored,
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+    }
+    t.set_trap_hook(None);
+    result?;
+    let hits = area.read_u64(t.mem(), th::HITS)?.wrapping_sub(hits0) as usize;
+    Ok(SwitchStats {
+        stall_us: 0,
+        attempts: 1,
+        traps: hits + t.traps_handled,
+        trap_handler_kept: kept,
+    })
+}
+
+/// A thread with SIGTRAP blocked that reaches an `int3` is killed by the kernel (a trap's
+/// signal cannot wait: force_sig resets the action to SIG_DFL). A process with a thread that
+/// keeps SIGTRAP blocked (a worker or a signal-waiting thread blocking every signal) is
+/// refused. A thread seen blocking it for a moment only is not: inside its own SIGTRAP
+/// handler, or just created (glibc starts a thread with every signal blocked, until it has
+/// run a little). A suspect is refused once it has kept SIGTRAP blocked while consuming
+/// [`PROGRESS_NS`] of CPU, or at `timeout`.
+fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration) -> Result<(), Error> {
+    let blocked = |tid: i32| observe::signal_in(pid, tid, libc::SIGTRAP, &["SigBlk"]);
+    let mut suspects: BTreeMap<i32, (u64, Option<u64>)> = observe::tasks(pid)
+        .into_iter()
+        .filter(|&tid| blocked(tid))
+        .filter_map(|tid| Some((tid, (observe::runtime_ns(pid, tid)?, None))))
+        .collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut refuse = None;
+        suspects.retain(|&tid, (at_start, base)| {
+            if !blocked(tid) {
+                return false;
+            }
+            let Some(now) = observe::runtime_ns(pid, tid) else {
+                return false; // gone
+            };
+            match base {
+                None if now != *at_start => *base = Some(now),
+                Some(b) if now.saturating_sub(*b) >= PROGRESS_NS => {
+                    refuse.get_or_insert(tid);
+                }
+                _ => {}
+            }
+            true
+        });
+        if Instant::now() > deadline {
+            refuse = refuse.or(suspects.keys().next().copied());
+        }
+        if let Some(tid) = refuse {
+            return Err(Error::Unsupported(format!(
+                "thread {tid} of process {pid} keeps SIGTRAP blocked: a trap would kill it; use --mode stop"
+            )));
+        }
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// lp-core's trap decision for every site in every phase: `columns[site][phase]`, 0 when
+/// lp-core says the trap is not ours.
+fn decisions(sites: &[SiteSwitch]) -> Result<Vec<[u64; th::NPHASES]>, Error> {
+    let table_err = |e: lp_core::table::TableError| Error::Other(format!("redirect table: {e}"));
+    // The state of the entry being switched in each phase: apply — pending until the
+    // commit, active after, pending again when rolled back; revert — reverting throughout
+    // (threads run the version kept), active again when rolled back. One table per phase:
+    // lp-core's entries only move forward (pending → active → reverting).
+    let state = |s: &SiteSwitch, phase: u8| match (s.reverting, phase) {
+        (false, COMMITTED) => Some(EntryState::Active),
+        (false, _) => None,
+        (true, ROLLBACK) => Some(EntryState::Active),
+        (true, _) => Some(EntryState::Reverting),
+    };
+    let mut columns = vec![[0u64; th::NPHASES]; sites.len()];
+    for phase in [BEFORE, COMMITTED, ROLLBACK] {
+        let cap = sites.len().max(1);
+        let mut a = vec![Slot::EMPTY; cap];
+        let mut b = vec![Slot::EMPTY; cap];
+        let table = RedirectTable::new(&mut a, &mut b);
+        for (i, s) in sites.iter().enumerate() {
+            let addr = s.plan.addr();
+            if let Some(below) = s.below {
+                table
+                    .push(addr, s.resume, below, below_id(i))
+                    .map_err(table_err)?;
+                table
+                    .set_state(addr, below_id(i), EntryState::Active)
+                    .map_err(table_err)?;
+            }
+            table
+                .push(addr, s.resume, s.top, top_id(i))
+                .map_err(table_err)?;
+            if let Some(st) = state(s, phase) {
+                table.set_state(addr, top_id(i), st).map_err(table_err)?;
+            }
+        }
+        for (i, s) in sites.iter().enumerate() {
+            columns[i][phase as usize] = match trap::decide(&table, s.plan.addr()) {
+                TrapDecision::Redirect(x) | TrapDecision::Resume(x) => x,
+                TrapDecision::NotOurs => 0,
+            };
+        }
+    }
+    Ok(columns)
+}
+
+fn below_id(i: usize) -> u32 {
+    2 * i as u32 + 1
+}
+
+fn top_id(i: usize) -> u32 {
+    2 * i as u32 + 2
+}
+
+/// Finds the handler's area (mapped by an earlier nonstop switch) or creates it: a memfd
+/// mapping, code page r-x, data pages rw-.
+fn open_area(t: &mut Tracee) -> Result<Area, Error> {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))
+        .map_err(|_| crate::process::ProcessError::Exited(t.pid()))?;
+    let existing = maps
+        .lines()
+        .filter(|l| l.contains(&format!("/memfd:{AREA_NAME}")))
+        .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+        .min();
+    if let Some(code) = existing {
+        let area = Area { code };
+        let (handler, restorer) = generate(&area)?;
+        // The code never changes for a given address: check that it is ours, intact.
+        if t.mem().read_vec(code, handler.len())? != handler
+            || t.mem().read_vec(area.restorer(), restorer.len())? != restorer
+        {
+            return Err(Error::Mismatch(format!(
+                "the livepatch trap handler of process {} at {code:#x} was changed by someone else",
+                t.pid()
+            )));
+        }
+        return Ok(area);
+    }
+    let code = t.map_memfd(AREA_NAME, th::AREA_LEN)?;
+    let area = Area { code };
+    let (handler, restorer) = generate(&area)?;
+    // Written while the page is still writable: /proc/PID/mem cannot force a write into a
+    // shared mapping that is not.
+    t.mem().write(code, &handler)?;
+    t.mem().write(area.restorer(), &restorer)?;
+    let data = area.data();
+    t.mem()
+        .write(data + th::TRAP_SET, &(1u64 << (SIGTRAP - 1)).to_le_bytes())?;
+    t.mprotect(code, th::PAGE, prot::READ | prot::EXEC)?;
+    Ok(area)
+}
+
+fn generate(area: &Area) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    th::generate(area.code).map_err(|e| Error::Other(format!("trap handler: {e}")))
+}
+
+/// Publishes the sites and their destinations, phase BEFORE. Nothing traps into our
+/// handler yet at this point (no int3 of this switch is written); a thread of an earlier
+/// switch still on its way to the handler is the documented limit.
+fn write_table(
+    mem: &Memory,
+    area: &Area,
+    sites: &[SiteSwitch],
+    columns: &[[u64; th::NPHASES]],
+) -> Result<(), Error> {
+    let data = area.data();
+    mem.write(data + th::NSITES, &0u64.to_le_bytes())?;
+    let mut table = Vec::with_capacity(sites.len() * th::ENTRY_LEN as usize);
+    for (s, c) in sites.iter().zip(columns) {
+        table.extend_from_slice(&s.plan.addr().to_le_bytes());
+        for d in c {
+            table.extend_from_slice(&d.to_le_bytes());
+        }
+    }
+    mem.write(data + th::TABLE, &table)?;
+    area.set_phase(mem, BEFORE)?;
+    mem.write(data + th::NSITES, &(sites.len() as u64).to_le_bytes())?;
+    Ok(())
+}
+
+fn sigaction(t: &mut Tracee, act: u64, old: u64) -> Result<(), Error> {
+    t.syscall(
+        "rt_sigaction",
+        libc::SYS_rt_sigaction,
+        [SIGTRAP, act, old, 8, 0, 0],
+    )?;
+    Ok(())
+}
+
+/// Makes our handler the SIGTRAP action, keeping the previous one for the chain and the
+/// restore. Our action copies what matters of the previous one (mask, SA_ONSTACK,
+/// SA_RESTART, its restorer) so that a chained handler runs as it would have.
+fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
+    let data = area.data();
+    sigaction(t, 0, data + th::SCRATCH_OLD)?;
+    let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
+    if current.handler == area.code {
+        // Left installed by an earlier switch that could not restore it: the previous
+        // action is already saved.
+        return Ok(());
+    }
+    if current.flags & SA_RESETHAND != 0 {
+        return Err(Error::Unsupported(format!(
+            "process {} handles SIGTRAP once only (SA_RESETHAND): use --mode stop",
+            t.pid()
+        )));
+    }
+    t.mem().write(data + th::OLD_ACT, &current.to_bytes())?;
+    let ours = KAction {
+        handler: area.code,
+        flags: SA_SIGINFO | SA_RESTORER | SA_NODEFER | (current.flags & (SA_ONSTACK | SA_RESTART)),
+        restorer: if current.flags & SA_RESTORER != 0 && current.restorer != 0 {
+            current.restorer
+        } else {
+            area.restorer()
+        },
+        mask: current.mask,
+    };
+    t.mem().write(data + th::SCRATCH_ACT, &ours.to_bytes())?;
+    sigaction(t, data + th::SCRATCH_ACT, data + th::SCRATCH_OLD)?;
+    if KAction::read(t.mem(), data + th::SCRATCH_OLD)? != current {
+        // The process changed its action between our two calls: give it back its own.
+        sigaction(t, data + th::SCRATCH_OLD, 0)?;
+        return Err(Error::Busy {
+            tid: t.pid() as u32,
+            function: "its SIGTRAP action (changed while we installed ours)".into(),
+            waited_ms: 0,
+        });
+    }
+    Ok(())
+}
+
+/// Gives SIGTRAP its previous action back, once that is safe; returns false when it is not
+/// safe within the wait (our handler then stays installed: it chains to the previous action,
+/// so the process behaves the same).
+///
+/// Why the check is enough. After the last sync no thread can execute one of our `int3`s any
+/// more (they are all gone from memory, and every thread has serialized). A thread that did
+/// execute one is somewhere on the kernel path `exc_int3` → `do_int3_user` → `force_sig`
+/// (A: no sleeping, microseconds) → SIGTRAP pending (B: `SigPnd` shows it) → dequeued by
+/// `get_signal` at the exit to user mode, signal frame built for *our* handler (C) → inside
+/// our handler (D: the entry counter shows it). Restoring the action is wrong only while a
+/// thread is in A or B: from C on, the frame already leads to our handler, which stays
+/// mapped with its table (the area lives as long as the process). So:
+/// 1. every thread must be seen, after the last sync, either blocked (sleeping: not in A,
+///    which cannot sleep) or having consumed [`PROGRESS_NS`] of CPU (far longer than A);
+///    once out of A a thread cannot enter it again;
+/// 2. then no thread may have SIGTRAP pending (B is left in order, and nothing enters it);
+/// 3. and, belt and braces, no thread is inside the handler.
+fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error> {
+    let data = area.data();
+    sigaction(t, 0, data + th::SCRATCH_OLD)?;
+    let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
+    if current.handler != area.code {
+        // The process set its own action meanwhile: it owns SIGTRAP now.
+        return Ok(true);
+    }
+    let pid = t.pid();
+    let deadline = Instant::now() + wait;
+    let borrowed = t.threads();
+    if wait_moved_on(pid, &borrowed, &[], deadline)?.is_some() {
+        return Ok(false);
+    }
+    loop {
+        let pending = observe::tasks(pid)
+            .into_iter()
+            .any(|tid| observe::signal_in(pid, tid, libc::SIGTRAP, &["SigPnd", "ShdPnd"]));
+        if !pending && area.read_u64(t.mem(), th::INSIDE)? == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    sigaction(t, data + th::OLD_ACT, 0)?;
+    Ok(true)
+}
+
+/// Waits until every thread except `skip` has moved on since now: gone, seen blocked (at a
+/// pc outside `ranges`), or seen to consume [`PROGRESS_NS`] of CPU after now. Threads created
+/// after now count as moved on. Returns a thread that has not at the deadline.
+///
+/// CPU time comes from schedstat, which the scheduler updates only at ticks and switches: the
+/// value read now may lag the thread's true CPU time by up to a tick of running. So the
+/// measure starts at the first *update* seen after now (a value different from the one read
+/// now, exact at that update), and the thread must consume [`PROGRESS_NS`] beyond it.
+fn wait_moved_on(
+    pid: i32,
+    skip: &[i32],
+    ranges: &[CodeRange],
+    deadline: Instant,
+) -> Result<Option<i32>, Error> {
+    struct Clock {
+        at_start: u64,
+        base: Option<u64>,
+    }
+    let mut pending: BTreeMap<i32, Clock> = observe::tasks(pid)
+        .into_iter()
+        .filter(|tid| !skip.contains(tid))
+        .filter_map(|tid| {
+            Some((
+                tid,
+                Clock {
+                    at_start: observe::runtime_ns(pid, tid)?,
+                    base: None,
+                },
+            ))
+        })
+        .collect();
+    loop {
+        pending.retain(|&tid, clock| {
+            let moved = match observe::activity(pid, tid) {
+                None => true,
+                Some(Activity::Blocked { pc, .. }) if !ranges.iter().any(|r| r.contains(pc)) => {
+                    true
+                }
+                Some(_) => match observe::runtime_ns(pid, tid) {
+                    None => true,
+                    Some(now) => match clock.base {
+                        None => {
+                            if now != clock.at_start {
+                                clock.base = Some(now);
+                            }
+                            false
+                        }
+                        Some(base) => now.saturating_sub(base) >= PROGRESS_NS,
+                    },
+                },
+            };
+            !moved
+        });
+        let Some(&late) = pending.keys().next() else {
+            return Ok(None);
+        };
+        if crate::process::is_gone_or_zombie(pid) {
+            return Err(crate::process::ProcessError::Exited(pid).into());
+        }
+        if Instant::now() > deadline {
+            return Ok(Some(late));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The bytes behind each site's first byte where a thread may be between two instructions
+/// (the tail write overwrites them). None where the current code at the site is a single
+/// instruction covering the whole plan (our own redirect, when reverting).
+fn inner_ranges(sites: &[SiteSwitch]) -> Vec<CodeRange> {
+    sites
+        .iter()
+        .filter(|s| s.plan.len() > 1 && first_insn_len(&s.plan) < s.plan.len())
+        .map(|s| CodeRange::new(s.plan.addr() + 1, s.plan.addr() + s.plan.len() as u64))
+        .collect()
+}
+
+fn first_insn_len(plan: &WritePlan) -> usize {
+    let mut d = iced_x86::Decoder::with_ip(
+        64,
+        plan.expected(),
+        plan.addr(),
+        iced_x86::DecoderOptions::NONE,
+    );
+    let i = d.decode();
+    if i.is_invalid() {
+        0
+    } else {
+        i.len()
+    }
+}
+
+fn steps(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    area: &Area,
+    phase: &Cell<u8>,
+    timeout: Duration,
+    commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+) -> Result<(), Error> {
+    // All sites go through the protocol together: every int3 first, then every tail, then
+    // every first byte, so the process switches all functions at one commit point.
+    let max_steps = sites
+        .iter()
+        .map(|s| s.plan.steps().len())
+        .max()
+        .unwrap_or(0);
+    let mut committed = false;
+    let mut settled = false;
+    for i in 0..max_steps {
+        let mut sync = false;
+        for s in sites {
+            match s.plan.steps().get(i) {
+                Some(Step::Sync) => sync = true,
+                Some(step) => {
+                    if let Some((addr, data)) = step.data() {
+                        // The last write of a plan (its first byte) goes live only after the
+                        // commit: from then on trapping threads go to the new code.
+                        if !committed && is_last_write(&s.plan, i) {
+                            area.set_phase(t.mem(), COMMITTED)?;
+                            phase.set(COMMITTED);
+                            committed = true;
+                        }
+                        t.mem().write(addr, data)?;
+                    }
+                }
+                None => {}
+            }
+        }
+        if sync {
+            t.sync_cores()?;
+            if !settled {
+                // Every int3 is in place and seen: no thread can enter a site any more. One
+                // already past an int3, between the instructions the tail will overwrite,
+                // must leave them first.
+                let s0 = Instant::now();
+                settle(t, sites, timeout)?;
+                trace("settled", s0);
+                settled = true;
+            }
+        }
+    }
+    if !committed {
+        area.set_phase(t.mem(), COMMITTED)?;
+        phase.set(COMMITTED);
+    }
+    commit(t.mem())
+}
+
+/// Waits until no thread is between the instructions behind an int3 (see [`wait_moved_on`]).
+/// The borrowed thread is stopped: its registers are looked at, and it is stepped out.
+fn settle(t: &mut Tracee, sites: &[SiteSwitch], timeout: Duration) -> Result<(), Error> {
+    let ranges = inner_ranges(sites);
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let borrowed = t.threads();
+    for &tid in &borrowed {
+        if !super::step_out(t, tid, &ranges)? {
+            return Err(busy(tid, sites, &ranges, t.regs(tid)?.rip));
+        }
+    }
+    match wait_moved_on(t.pid(), &borrowed, &ranges, Instant::now() + timeout)? {
+        None => Ok(()),
+        Some(tid) => Err(Error::Busy {
+            tid: tid as u32,
+            function: "the first instructions of a function being switched (it did not run)".into(),
+            waited_ms: timeout.as_millis() as u64,
+        }),
+    }
+}
+
+fn busy(tid: i32, sites: &[SiteSwitch], ranges: &[CodeRange], rip: u64) -> Error {
+    let name = ranges
+        .iter()
+        .position(|r| r.contains(rip))
+        .and_then(|i| sites.get(i))
+        .map(|s| s.name.clone())
+        .unwrap_or_else(|| "the code being switched".into());
+    Error::Busy {
+        tid: tid as u32,
+        function: name,
+        waited_ms: 0,
+    }
+}
+
+fn is_last_write(plan: &WritePlan, i: usize) -> bool {
+    !plan.steps()[i + 1..].iter().any(|s| s.data().is_some())
+}
+
+/// Puts every site back as it was with the same protocol, trapping threads sent where the
+/// restored bytes lead (phase ROLLBACK).
+fn rollback(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    area: &Area,
+    phase: &Cell<u8>,
+) -> Result<(), Error> {
+    area.set_phase(t.mem(), ROLLBACK)?;
+    phase.set(ROLLBACK);
+    for s in sites {
+        t.mem().write(s.plan.addr(), &[lp_core::site::INT3])?;
+    }
+    t.sync_cores()?;
+    // Threads may be inside the bytes of the new jump only at its start: nothing to wait
+    // for before the tail (of a jump, or of the original instructions when the int3 step
+    // itself failed half-way).
+    for s in sites {
+        t.mem().write(s.plan.addr() + 1, &s.plan.expected()[1..])?;
+    }
+    t.sync_cores()?;
+    for s in sites {
+        t.mem().write(s.plan.addr(), &s.plan.expected()[..1])?;
+    }
+    t.sync_cores()?;
+    Ok(())
+}

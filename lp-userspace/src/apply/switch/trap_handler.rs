@@ -1,0 +1,260 @@
+//! The SIGTRAP handler that nonstop mode puts into the target: machine code generated here
+//! (with iced-x86's assembler) and a table the tool fills with lp-core's decisions.
+//!
+//! A thread of the target that reaches one of our temporary `int3`s takes SIGTRAP in its own
+//! process, and this handler moves it on: no ptrace stop, no round trip through the tool. The
+//! handler is a dumb lookup — `rip - 1` in the site table, the destination for the current
+//! phase — every decision is lp-core's, computed by the tool beforehand (see `nonstop.rs`).
+//!
+//! Layout of the in-target area (one memfd mapping, see [`AREA_LEN`]):
+//! - page 0, r-x: the handler at offset 0, the restorer (`mov eax, 15; syscall`) at
+//!   [`RESTORER_OFF`];
+//! - page 1.., rw-: the data below, then the site table.
+//!
+//! The handler is written with the data page's absolute address baked in (the area never
+//! moves): `r11` holds it throughout.
+
+use iced_x86::code_asm::*;
+
+/// Size of the whole area: one code page and the data pages.
+pub(crate) const AREA_LEN: u64 = 16 * PAGE;
+/// Page size.
+pub(crate) const PAGE: u64 = 4096;
+/// Offset of the restorer in the code page.
+pub(crate) const RESTORER_OFF: u64 = 0x200;
+
+// Data page offsets.
+/// Phase index (u8): which destination column the handler uses. Flipped by the tool with a
+/// single one-byte write (atomic through /proc/PID/mem).
+pub(crate) const PHASE: u64 = 0;
+/// Threads inside the handler (u64, lock inc on entry, lock dec on every exit).
+pub(crate) const INSIDE: u64 = 8;
+/// Traps redirected (u64, for the figures).
+pub(crate) const HITS: u64 = 16;
+/// The previous SIGTRAP action (kernel `struct sigaction`: handler, flags, restorer, mask).
+pub(crate) const OLD_ACT: u64 = 32;
+/// An all-zero action: SIG_DFL.
+pub(crate) const DFL_ACT: u64 = 64;
+/// A signal set holding SIGTRAP alone.
+pub(crate) const TRAP_SET: u64 = 96;
+/// Scratch for the tool's remote rt_sigaction calls (new action).
+pub(crate) const SCRATCH_ACT: u64 = 128;
+/// Scratch for the tool's remote rt_sigaction calls (action read back).
+pub(crate) const SCRATCH_OLD: u64 = 160;
+/// Number of sites in the table (u64).
+pub(crate) const NSITES: u64 = 248;
+/// The site table: per site the int3 address, then one destination per phase (0: not ours).
+pub(crate) const TABLE: u64 = 256;
+/// Phases: before the commit, after it, rolling back.
+pub(crate) const NPHASES: usize = 3;
+/// Bytes per table entry.
+pub(crate) const ENTRY_LEN: u64 = 8 * (1 + NPHASES as u64);
+/// Sites the table holds.
+pub(crate) const MAX_SITES: usize = ((AREA_LEN - PAGE - TABLE) / ENTRY_LEN) as usize;
+
+/// Offset of the saved RIP in a `ucontext_t` on x86-64: uc_flags (8) + uc_link (8) +
+/// uc_stack (24) = 40, then `gregs[REG_RIP]` with REG_RIP = 16: 40 + 16 * 8 = 168.
+pub(crate) const UC_RIP: i32 = 168;
+/// Offset of `si_code` in a `siginfo_t`.
+const SI_CODE: i32 = 8;
+/// `si_code` of a trap raised by the kernel (an `int3`: do_int3_user → force_sig).
+const SI_KERNEL: i32 = 0x80;
+const SA_NODEFER: i32 = 0x4000_0000;
+const SIGTRAP: u32 = 5;
+
+/// The handler and the restorer for an area whose code page is at `code` (data at
+/// `code + PAGE`): (handler bytes, restorer bytes).
+pub(crate) fn generate(code: u64) -> Result<(Vec<u8>, Vec<u8>), IcedError> {
+    let data = code + PAGE;
+    let mut a = CodeAssembler::new(64)?;
+    let mut look = a.create_label();
+    let mut found = a.create_label();
+    let mut chain = a.create_label();
+    let mut not_ign = a.create_label();
+    let mut jump = a.create_label();
+    let mut dfl = a.create_label();
+    let mut leave = a.create_label();
+
+    // rdi = signal, rsi = siginfo, rdx = ucontext (SA_SIGINFO).
+    a.mov(r11, data)?;
+    a.lock().inc(qword_ptr(r11 + INSIDE))?;
+    // Only a trap raised by the kernel can be one of our int3s; a SIGTRAP sent by kill,
+    // tgkill or raise is never ours, whatever rip is.
+    a.cmp(dword_ptr(rsi + SI_CODE), SI_KERNEL)?;
+    a.jne(chain)?;
+    a.mov(rax, qword_ptr(rdx + UC_RIP))?;
+    a.dec(rax)?;
+    a.movzx(ecx, byte_ptr(r11 + PHASE))?;
+    a.lea(r8, qword_ptr(r11 + TABLE))?;
+    a.mov(r9, qword_ptr(r11 + NSITES))?;
+    a.set_label(&mut look)?;
+    a.test(r9, r9)?;
+    a.jz(chain)?;
+    a.cmp(rax, qword_ptr(r8))?;
+    a.je(found)?;
+    a.add(r8, ENTRY_LEN as i32)?;
+    a.dec(r9)?;
+    a.jmp(look)?;
+    a.set_label(&mut found)?;
+    a.mov(rax, qword_ptr(r8 + rcx * 8 + 8))?;
+    a.test(rax, rax)?;
+    a.jz(chain)?;
+    a.mov(qword_ptr(rdx + UC_RIP), rax)?;
+    a.lock().inc(qword_ptr(r11 + HITS))?;
+    a.lock().dec(qword_ptr(r11 + INSIDE))?;
+    a.ret()?;
+
+    // Not ours: behave as the previous action would have.
+    a.set_label(&mut chain)?;
+    a.mov(rax, qword_ptr(r11 + OLD_ACT))?;
+    a.cmp(rax, 1)?; // SIG_IGN
+    a.jne(not_ign)?;
+    // Ignored: a sent SIGTRAP is dropped; a trap raised by the kernel under SIG_IGN makes
+    // the kernel reset the action to SIG_DFL and kill (force_sig_info_to_task): the same.
+    a.cmp(dword_ptr(rsi + SI_CODE), SI_KERNEL)?;
+    a.jne(leave)?;
+    a.xor(eax, eax)?;
+    a.set_label(&mut not_ign)?;
+    a.test(rax, rax)?; // SIG_DFL
+    a.jz(dfl)?;
+    // A handler function: run it with the signal mask the kernel would have set for it
+    // (ours has SA_NODEFER; without it in the old flags, SIGTRAP is blocked in its handler).
+    a.test(qword_ptr(r11 + (OLD_ACT + 8)), SA_NODEFER)?;
+    a.jnz(jump)?;
+    a.push(rdi)?;
+    a.push(rsi)?;
+    a.push(rdx)?;
+    a.push(rax)?;
+    a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
+    a.mov(edi, libc::SIG_BLOCK as u32)?;
+    a.lea(rsi, qword_ptr(r11 + TRAP_SET))?;
+    a.xor(edx, edx)?;
+    a.mov(r10d, 8u32)?;
+    a.syscall()?;
+    a.pop(rax)?;
+    a.pop(rdx)?;
+    a.pop(rsi)?;
+    a.pop(rdi)?;
+    a.mov(r11, data)?; // syscall clobbered it
+    a.set_label(&mut jump)?;
+    a.lock().dec(qword_ptr(r11 + INSIDE))?;
+    a.jmp(rax)?; // same arguments, same return address (the restorer)
+
+    // SIG_DFL: reset SIGTRAP to SIG_DFL and re-raise it on this thread: the process dies of
+    // SIGTRAP exactly as it would have.
+    a.set_label(&mut dfl)?;
+    a.mov(eax, libc::SYS_rt_sigaction as u32)?;
+    a.mov(edi, SIGTRAP)?;
+    a.lea(rsi, qword_ptr(r11 + DFL_ACT))?;
+    a.xor(edx, edx)?;
+    a.mov(r10d, 8u32)?;
+    a.syscall()?;
+    a.mov(eax, libc::SYS_getpid as u32)?;
+    a.syscall()?;
+    a.mov(r8, rax)?;
+    a.mov(eax, libc::SYS_gettid as u32)?;
+    a.syscall()?;
+    a.mov(esi, eax)?;
+    a.mov(edi, r8d)?;
+    a.mov(edx, SIGTRAP)?;
+    a.mov(eax, libc::SYS_tgkill as u32)?;
+    a.syscall()?;
+    a.mov(r11, data)?;
+    a.set_label(&mut leave)?;
+    a.lock().dec(qword_ptr(r11 + INSIDE))?;
+    a.ret()?;
+    let handler = a.assemble(code)?;
+    assert!(
+        (handler.len() as u64) < RESTORER_OFF,
+        "handler overlaps the restorer"
+    );
+
+    let mut r = CodeAssembler::new(64)?;
+    r.mov(eax, libc::SYS_rt_sigreturn as u32)?;
+    r.syscall()?;
+    let restorer = r.assemble(code + RESTORER_OFF)?;
+    Ok((handler, restorer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+
+    fn decode(bytes: &[u8], ip: u64) -> Vec<Instruction> {
+        let mut d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+        let mut out = Vec::new();
+        while d.can_decode() {
+            let i = d.decode();
+            assert!(!i.is_invalid(), "invalid instruction at {:#x}", i.ip());
+            out.push(i);
+        }
+        out
+    }
+
+    #[test]
+    fn ucontext_rip_offset_matches_libc() {
+        // SAFETY: ucontext_t is plain old data; all-zero is a valid value.
+        let ucontext: libc::ucontext_t = unsafe { std::mem::zeroed() };
+        let base = &ucontext as *const _ as usize;
+        let rip = &ucontext.uc_mcontext.gregs[libc::REG_RIP as usize] as *const _ as usize;
+        assert_eq!(rip - base, UC_RIP as usize);
+        // SAFETY: as above, for siginfo_t.
+        let info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let code = &info.si_code as *const _ as usize - &info as *const _ as usize;
+        assert_eq!(code, SI_CODE as usize);
+    }
+
+    #[test]
+    fn handler_reads_and_writes_the_saved_rip_and_uses_only_its_data_page() {
+        let code = 0x7000_0000_0000;
+        let (h, r) = generate(code).unwrap();
+        let insns = decode(&h, code);
+        // The data page's address is loaded, and every access through r11 stays in it.
+        assert!(insns.iter().any(|i| i.mnemonic() == Mnemonic::Mov
+            && i.op0_register() == Register::R11
+            && i.op1_kind() == OpKind::Immediate64
+            && i.immediate64() == code + PAGE));
+        for i in &insns {
+            if i.op_count() > 0
+                && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory)
+                && i.memory_base() == Register::R11
+            {
+                assert!(i.memory_displacement64() < PAGE, "{i:?}");
+            }
+        }
+        // rip is read from and written to the ucontext (rdx + 168).
+        let in_uc = |i: &Instruction| {
+            i.memory_base() == Register::RDX && i.memory_displacement64() == UC_RIP as u64
+        };
+        assert!(insns.iter().any(|i| i.mnemonic() == Mnemonic::Mov
+            && i.op0_register() == Register::RAX
+            && in_uc(i)));
+        assert!(insns
+            .iter()
+            .any(|i| i.mnemonic() == Mnemonic::Mov && i.op0_kind() == OpKind::Memory && in_uc(i)));
+        // The entry counter is incremented once and decremented on every way out.
+        let lock_inc = insns
+            .iter()
+            .filter(|i| i.has_lock_prefix() && i.mnemonic() == Mnemonic::Inc)
+            .count();
+        let lock_dec = insns
+            .iter()
+            .filter(|i| i.has_lock_prefix() && i.mnemonic() == Mnemonic::Dec)
+            .count();
+        let exits = insns
+            .iter()
+            .filter(|i| {
+                i.mnemonic() == Mnemonic::Ret
+                    || (i.mnemonic() == Mnemonic::Jmp && i.op0_kind() == OpKind::Register)
+            })
+            .count();
+        assert_eq!(lock_inc, 2, "entry + hits");
+        assert_eq!(lock_dec, exits);
+        // The restorer is rt_sigreturn.
+        let r = decode(&r, code + RESTORER_OFF);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].immediate32(), libc::SYS_rt_sigreturn as u32);
+        assert_eq!(r[1].mnemonic(), Mnemonic::Syscall);
+    }
+}

@@ -1,0 +1,172 @@
+//! Looking at a target's threads without stopping them: what /proc tells about each thread's
+//! activity, CPU time and signals. Nonstop mode relies on these so that it never has to stop
+//! a running thread.
+
+/// What a thread is doing, as far as /proc/PID/task/TID/syscall tells without stopping it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// On a CPU or waiting for one: its registers cannot be seen without stopping it.
+    Running,
+    /// Not running: blocked in system call `syscall` (or, `None`, sleeping outside one: a
+    /// page fault, a job-control stop), and it resumes in user mode at `pc`.
+    Blocked {
+        /// The system call number, if in one.
+        syscall: Option<i64>,
+        /// Its user instruction pointer.
+        pc: u64,
+    },
+}
+
+/// The thread ids of process `pid` (empty when it is gone).
+pub fn tasks(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut tids: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    tids
+}
+
+/// What thread `tid` of `pid` is doing, or `None` when it is gone.
+pub fn activity(pid: i32, tid: i32) -> Option<Activity> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    Some(parse_syscall_line(&text))
+}
+
+fn parse_syscall_line(text: &str) -> Activity {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let nr = fields.first().and_then(|f| f.parse::<i64>().ok());
+    let pc = fields
+        .last()
+        .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+    match (nr, pc) {
+        // "NR arg1..arg6 sp pc" in a system call, "-1 sp pc" blocked outside one.
+        (Some(nr), Some(pc)) if nr >= 0 && fields.len() == 9 => Activity::Blocked {
+            syscall: Some(nr),
+            pc,
+        },
+        (Some(-1), Some(pc)) if fields.len() == 3 => Activity::Blocked { syscall: None, pc },
+        _ => Activity::Running,
+    }
+}
+
+/// CPU time thread `tid` has consumed, in nanoseconds (/proc/PID/task/TID/schedstat; updated
+/// by the scheduler at ticks and switches, so it may lag, never lead). `None` when gone.
+pub fn runtime_ns(pid: i32, tid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether signal `sig` is in one of the masks `fields` (e.g. "SigPnd", "ShdPnd", "SigBlk")
+/// of thread `tid`'s status.
+pub fn signal_in(pid: i32, tid: i32, sig: i32, fields: &[&str]) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (sig - 1);
+    status.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            fields.contains(&k) && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & bit != 0)
+        })
+    })
+}
+
+/// The pid of the process tracing thread `tid` of `pid`, or 0.
+pub fn tracer_pid(pid: i32, tid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syscall_lines() {
+        assert_eq!(parse_syscall_line("running\n"), Activity::Running);
+        assert_eq!(
+            parse_syscall_line("230 0x1 0x0 0x7ffc 0x0 0x0 0x0 0x7ffd10 0x7f12345\n"),
+            Activity::Blocked {
+                syscall: Some(230),
+                pc: 0x7f12345
+            }
+        );
+        assert_eq!(
+            parse_syscall_line("-1 0x7ffd10 0x401000\n"),
+            Activity::Blocked {
+                syscall: None,
+                pc: 0x401000
+            }
+        );
+    }
+
+    #[test]
+    fn this_thread_is_seen_running_and_a_sleeper_blocked() {
+        let pid = std::process::id() as i32;
+        // SAFETY: gettid has no arguments and cannot fail.
+        let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        // A thread reading its own file is inside read(2): seen blocked in system call 0.
+        assert!(matches!(
+            activity(pid, me),
+            Some(Activity::Blocked {
+                syscall: Some(0),
+                ..
+            })
+        ));
+        assert!(runtime_ns(pid, me).is_some());
+        // A spinning thread is seen running, and its CPU time grows.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stx, srx) = std::sync::mpsc::channel();
+        let spin_stop = stop.clone();
+        let spinner = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            stx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
+                .unwrap();
+            while !spin_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        let spin_tid = srx.recv().unwrap();
+        let before = runtime_ns(pid, spin_tid).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while runtime_ns(pid, spin_tid).unwrap() == before {
+            assert!(std::time::Instant::now() < deadline, "no CPU time seen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(activity(pid, spin_tid), Some(Activity::Running));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinner.join().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ttx, trx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            // SAFETY: as above.
+            ttx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
+                .unwrap();
+            let _ = rx.recv();
+        });
+        let tid = trx.recv().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !matches!(
+            activity(pid, tid),
+            Some(Activity::Blocked {
+                syscall: Some(_),
+                ..
+            })
+        ) {
+            assert!(std::time::Instant::now() < deadline, "never seen blocked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        tx.send(()).unwrap();
+        h.join().unwrap();
+        assert!(!signal_in(pid, me, libc::SIGTRAP, &["SigPnd", "ShdPnd"]));
+        assert_eq!(tracer_pid(pid, me), 0);
+    }
+}

@@ -1,0 +1,191 @@
+//! Nonstop mode's in-target trap handler, observed from outside on real gcc-compiled targets:
+//! a process with its own SIGTRAP action keeps every one of its traps and gets its action
+//! back; during a nonstop apply of a busy target no thread but the borrowed one is ever traced.
+
+mod common;
+use common::*;
+use lp_userspace::apply::{apply, ApplyOptions, Mode};
+use lp_userspace::patchfile::Patch;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .to_string()
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    field(line, key).parse().unwrap()
+}
+
+/// SIGTRAP's bit in mask `name` (SigCgt, SigIgn) of /proc/PID/status.
+fn sigtrap_in(pid: &str, name: &str) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    mask & (1 << (libc::SIGTRAP - 1)) != 0
+}
+
+/// Applies and reverts in nonstop mode several times while the trapper raises its own traps;
+/// after each step, the process's action is its own again and its traps all reached it.
+fn own_traps_survive(arg: &str, mask: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn_niced(&exe, &[arg]);
+    let pid = target.pid();
+    assert!(sigtrap_in(&pid, mask));
+    let mut last_raised = 0;
+    for round in 0..4 {
+        let out = livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+        assert!(out.contains("nonstop"), "{out}");
+        let mark = target.count();
+        let line = target.wait_line_after(mark + 1, |l| num(l, "new") > 0);
+        assert_eq!(
+            field(&line, "action"),
+            "own",
+            "round {round} after apply: {line}"
+        );
+        assert!(sigtrap_in(&pid, mask), "round {round}: {mask} lost");
+        livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+        let mark = target.count();
+        let line = target.wait_line_after(mark + 1, |_| true);
+        assert_eq!(
+            field(&line, "action"),
+            "own",
+            "round {round} after revert: {line}"
+        );
+        assert!(sigtrap_in(&pid, mask));
+        // Its traps kept coming (the trapping thread aborts on a trap that did not reach
+        // its handler at once).
+        assert!(num(&line, "raised") > last_raised, "{line}");
+        last_raised = num(&line, "raised");
+        if arg == "handler" {
+            assert!(num(&line, "handled") >= last_raised, "{line}");
+        } else {
+            assert_eq!(num(&line, "handled"), 0, "{line}");
+        }
+        assert!(target.alive(), "target died in round {round}");
+    }
+}
+
+#[test]
+fn e2e_nonstop_process_handler_gets_all_its_traps_and_its_action_back() {
+    own_traps_survive("handler", "SigCgt");
+}
+
+#[test]
+fn e2e_nonstop_ignored_sigtrap_stays_ignored() {
+    own_traps_survive("ignore", "SigIgn");
+}
+
+#[test]
+fn e2e_nonstop_refuses_a_thread_that_keeps_sigtrap_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn_niced(&exe, &["blocker"]);
+    let pid = target.pid();
+    let (code, msg) = livepatch_err(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    assert_eq!(code, 10, "{msg}");
+    assert!(msg.contains("keeps SIGTRAP blocked"), "{msg}");
+    // Left as it was: old code, its own action, no patch; stop mode can patch it.
+    let mark = target.count();
+    let line = target.wait_line_after(mark + 1, |_| true);
+    assert_eq!(num(&line, "new"), 0, "{line}");
+    assert_eq!(field(&line, "action"), "own", "{line}");
+    let st = lp_userspace::status::status(Some(target.child.id() as i32)).unwrap();
+    assert!(st.iter().all(|p| p.patches.is_empty()), "{st:?}");
+    livepatch_ok(&["apply", &pid, &patch]);
+    let mark = target.count();
+    target.wait_line_after(mark + 1, |l| num(l, "new") > 0);
+    assert!(target.alive());
+}
+
+#[test]
+fn e2e_nonstop_busy_threads_are_never_traced() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["stress.c"], "stress", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch_path, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = Patch::load(&patch_path).unwrap();
+    let mut target = Target::spawn_niced(&exe, &["8"]);
+    let pid = target.child.id() as i32;
+    // Another thread samples every thread's TracerPid while an apply runs.
+    let applying = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let traced = Arc::new(Mutex::new(BTreeSet::new()));
+    let samples = Arc::new(Mutex::new(0u64));
+    let sampler = {
+        let (applying, done, traced, samples) = (
+            applying.clone(),
+            done.clone(),
+            traced.clone(),
+            samples.clone(),
+        );
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if !applying.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_micros(100));
+                    continue;
+                }
+                let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                    continue;
+                };
+                for e in dir.flatten() {
+                    let tid = e.file_name().to_string_lossy().into_owned();
+                    let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                    else {
+                        continue;
+                    };
+                    let tracer = st
+                        .lines()
+                        .find_map(|l| l.strip_prefix("TracerPid:"))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_default();
+                    if applying.load(Ordering::Acquire) && tracer != "0" {
+                        traced.lock().unwrap().insert(tid.parse::<i32>().unwrap());
+                    }
+                }
+                *samples.lock().unwrap() += 1;
+            }
+        })
+    };
+    let opts = ApplyOptions {
+        mode: Mode::Nonstop,
+        timeout: Duration::from_secs(30),
+    };
+    for cycle in 0..10 {
+        applying.store(true, Ordering::Release);
+        let r = apply(pid, &patch, opts);
+        applying.store(false, Ordering::Release);
+        let applied = r.unwrap_or_else(|e| panic!("cycle {cycle}: apply: {e}"));
+        assert!(!applied.stats.trap_handler_kept);
+        let mark = target.count();
+        target.wait_line_after(mark + 1, |l| num(l, "new") > 0);
+        lp_userspace::revert::revert(pid, None, Mode::Nonstop, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("cycle {cycle}: revert: {e}"));
+        // Every call returned the old or the new value (the fixture aborts otherwise).
+        assert!(target.alive(), "target died in cycle {cycle}");
+    }
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(*samples.lock().unwrap() > 10, "the sampler hardly ran");
+    // The main thread sleeps in nanosleep between its prints: it is the one borrowed.
+    let traced = traced.lock().unwrap().clone();
+    assert!(
+        traced.iter().all(|&tid| tid == pid),
+        "threads other than the borrowed main thread {pid} were traced: {traced:?}"
+    );
+}
