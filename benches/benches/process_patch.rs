@@ -193,8 +193,8 @@ fn main() {
         // Warm the module cache (first apply parses libc and the target).
         apply(t.pid(), &patch, opts).unwrap();
         revert(t.pid(), None, mode, opts.timeout).unwrap();
-        let (mut gaps, mut rgaps, mut apply_ms, mut revert_ms, mut stalls) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut gaps, mut rgaps, mut apply_ms, mut revert_ms, mut stalls, mut traps) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..rounds {
             let pid = t.pid();
             gaps.push(t.gap_during(|| {
@@ -202,6 +202,7 @@ fn main() {
                 let a = apply(pid, &patch, opts).unwrap();
                 apply_ms.push(s.elapsed().as_secs_f64() * 1e3);
                 stalls.push(a.stats.stall_us as f64);
+                traps.push(a.stats.traps as f64);
             }));
             rgaps.push(t.gap_during(|| {
                 let s = Instant::now();
@@ -223,6 +224,14 @@ fn main() {
             median(apply_ms),
             median(revert_ms)
         );
+        if mode == Mode::Nonstop {
+            // Calls that reached a temporary int3 and were sent on by the in-target handler.
+            println!(
+                "    traps handled per apply: median {:.0}, max {:.0}",
+                median(traps.clone()),
+                max(&traps)
+            );
+        }
     }
     drop(t);
 

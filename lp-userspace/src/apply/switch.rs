@@ -74,6 +74,8 @@ pub struct SwitchStats {
     pub traps: usize,
     /// Nonstop mode: the process's SIGTRAP action could not be given back safely in time, and
     /// our handler (which passes every trap that is not ours on to it) stays installed.
+    /// (Not serialized: the JSON records are a documented interface, lp-py mirrors them.)
+    #[serde(skip_serializing)]
     pub trap_handler_kept: bool,
 }
 

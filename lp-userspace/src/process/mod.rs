@@ -153,21 +153,34 @@ impl Tracee {
         Ok(t)
     }
 
-    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]).
+    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]): among threads seen
+    /// blocked in a system call, the one that used the least CPU over a short look (the most
+    /// idle: it will not want to run soon).
     fn seize_one(&mut self) -> Result<()> {
         for _ in 0..100 {
-            let tids = list_tasks(self.pid)?;
-            let rank = |tid: &i32| match observe::activity(self.pid, *tid) {
-                Some(observe::Activity::Blocked {
-                    syscall: Some(nr), ..
-                }) if nr != libc::SYS_futex => 0,
-                Some(observe::Activity::Blocked {
-                    syscall: Some(_), ..
-                }) => 1,
-                _ if *tid == self.pid => 2,
-                _ => 3,
+            let before: BTreeMap<i32, u64> = list_tasks(self.pid)?
+                .into_iter()
+                .filter_map(|tid| Some((tid, observe::runtime_ns(self.pid, tid)?)))
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let pid = self.pid;
+            let key = |tid: i32| {
+                let class = match observe::activity(pid, tid) {
+                    Some(observe::Activity::Blocked {
+                        syscall: Some(nr), ..
+                    }) if nr != libc::SYS_futex => 0,
+                    Some(observe::Activity::Blocked {
+                        syscall: Some(_), ..
+                    }) => 1,
+                    _ if tid == pid => 2,
+                    _ => 3,
+                };
+                let used = observe::runtime_ns(pid, tid)
+                    .zip(before.get(&tid))
+                    .map_or(u64::MAX, |(now, was)| now.saturating_sub(*was));
+                (class, used)
             };
-            let Some(&tid) = tids.iter().min_by_key(|t| rank(t)) else {
+            let Some(tid) = list_tasks(self.pid)?.into_iter().min_by_key(|&t| key(t)) else {
                 return Err(ProcessError::Exited(self.pid));
             };
             match ptrace::seize(tid) {

@@ -44,6 +44,10 @@ const PROGRESS_NS: u64 = 200_000;
 /// machine gives a low-priority thread little CPU).
 const MIN_UNINSTALL_WAIT: Duration = Duration::from_secs(10);
 
+/// Pause between two looks at the threads: each look reads a few /proc files per thread,
+/// CPU the target's threads would otherwise get on a small machine.
+const POLL: Duration = Duration::from_millis(1);
+
 const SIGTRAP: u64 = libc::SIGTRAP as u64;
 const SA_SIGINFO: u64 = 4;
 const SA_ONSTACK: u64 = 0x0800_0000;
@@ -167,7 +171,7 @@ pub(crate) fn run(
 
     let t0 = Instant::now();
     let installed = install(t, &area);
-    trace("installed", t0);
+    trace(&format!("installed (borrowed thread {:?})", t.threads()), t0);
     let mut result = installed.and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
     let mut kept = false;
     if !matches!(
@@ -467,7 +471,7 @@ fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error>
         if Instant::now() > deadline {
             return Ok(false);
         }
-        std::thread::sleep(Duration::from_micros(100));
+        std::thread::sleep(POLL);
     }
     sigaction(t, data + th::OLD_ACT, 0)?;
     Ok(true)
@@ -535,7 +539,7 @@ fn wait_moved_on(
         if Instant::now() > deadline {
             return Ok(Some(late));
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(POLL);
     }
 }
 
