@@ -520,7 +520,9 @@ impl Tracee {
         // a trap it took meanwhile sends it).
         let after = stepped.and_then(|()| self.regs(tid));
         if self.threads.contains_key(&tid) {
-            self.set_regs(tid, &saved)?;
+            // The thread now sits in a syscall-exit stop: the kernel will not restart its own
+            // interrupted system call for it from there, so the registers say it themselves.
+            self.set_regs(tid, &syscall::resumed(&saved))?;
         }
         Ok(after?.rax as i64)
     }

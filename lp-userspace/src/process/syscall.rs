@@ -76,3 +76,64 @@ pub fn prepare(saved: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> Regs {
     regs.r9 = args[5];
     regs
 }
+
+/// The registers `saved` (of a thread stopped where it was, possibly inside an interrupted
+/// system call) as the kernel would resume them with no signal to deliver: a system call
+/// interrupted by our stop is restarted (arch_do_signal_or_restart). Needed because remote
+/// system calls leave the thread in a syscall-exit stop, from which the kernel resumes the
+/// registers as they are: the interrupted call would otherwise return -ERESTART_RESTARTBLOCK
+/// (errno 516) and friends to the program.
+pub fn resumed(saved: &Regs) -> Regs {
+    const ERESTARTSYS: i64 = 512;
+    const ERESTARTNOINTR: i64 = 513;
+    const ERESTARTNOHAND: i64 = 514;
+    const ERESTART_RESTARTBLOCK: i64 = 516;
+    let mut regs = *saved;
+    if saved.orig_rax as i64 >= 0 {
+        match -(saved.rax as i64) {
+            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+                regs.rax = saved.orig_rax;
+                regs.rip = saved.rip - 2;
+            }
+            ERESTART_RESTARTBLOCK => {
+                regs.rax = libc::SYS_restart_syscall as u64;
+                regs.rip = saved.rip - 2;
+            }
+            _ => {}
+        }
+        // Resumed in user mode, not as a system call to restart again.
+        regs.orig_rax = u64::MAX;
+    }
+    regs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(orig_rax: i64, rax: i64, rip: u64) -> Regs {
+        // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
+        let mut r: Regs = unsafe { std::mem::zeroed() };
+        r.orig_rax = orig_rax as u64;
+        r.rax = rax as u64;
+        r.rip = rip;
+        r
+    }
+
+    #[test]
+    fn interrupted_system_calls_restart_as_the_kernel_would() {
+        let r = resumed(&regs(libc::SYS_read, -512, 0x1002));
+        assert_eq!((r.rax, r.rip), (libc::SYS_read as u64, 0x1000));
+        let r = resumed(&regs(libc::SYS_clock_nanosleep, -516, 0x1002));
+        assert_eq!((r.rax, r.rip), (libc::SYS_restart_syscall as u64, 0x1000));
+        assert_eq!(r.orig_rax, u64::MAX);
+        // A finished call keeps its result; a thread stopped outside a call is untouched.
+        let r = resumed(&regs(libc::SYS_read, 7, 0x1002));
+        assert_eq!((r.rax, r.rip), (7, 0x1002));
+        let r = resumed(&regs(-1, -516, 0x1002));
+        assert_eq!(
+            (r.rax, r.rip, r.orig_rax),
+            ((-516i64) as u64, 0x1002, u64::MAX)
+        );
+    }
+}
