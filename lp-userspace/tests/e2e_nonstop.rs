@@ -98,14 +98,15 @@ fn e2e_nonstop_ignored_sigtrap_stays_ignored() {
     own_traps_survive("ignore", "SigIgn");
 }
 
-#[test]
-fn e2e_nonstop_refuses_a_thread_that_keeps_sigtrap_blocked() {
+/// A nonstop apply of the trapper started with `arg` is refused with `reason`; the process is
+/// left as it was (old code, its own action, no patch) and stop mode can still patch it.
+fn refused(arg: &str, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
     let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
     let patch = patch.display().to_string();
-    let mut target = Target::spawn_niced(&exe, &["blocker"]);
+    let mut target = Target::spawn_niced(&exe, &[arg]);
     let pid = target.pid();
     let (code, msg) = livepatch_err(&[
         "apply",
@@ -117,18 +118,28 @@ fn e2e_nonstop_refuses_a_thread_that_keeps_sigtrap_blocked() {
         "60",
     ]);
     assert_eq!(code, 10, "{msg}");
-    assert!(msg.contains("keeps SIGTRAP blocked"), "{msg}");
-    // Left as it was: old code, its own action, no patch; stop mode can patch it.
+    assert!(msg.contains(reason), "{msg}");
     let mark = target.count();
     let line = target.wait_line_after(mark + 1, |_| true);
     assert_eq!(num(&line, "new"), 0, "{line}");
     assert_eq!(field(&line, "action"), "own", "{line}");
+    assert!(sigtrap_in(&pid, "SigCgt"));
     let st = lp_userspace::status::status(Some(target.child.id() as i32)).unwrap();
     assert!(st.iter().all(|p| p.patches.is_empty()), "{st:?}");
-    livepatch_ok(&["apply", &pid, &patch]);
+    livepatch_ok(&["apply", &pid, &patch, "--timeout", "60"]);
     let mark = target.count();
     target.wait_line_after(mark + 1, |l| num(l, "new") > 0);
     assert!(target.alive());
+}
+
+#[test]
+fn e2e_nonstop_refuses_a_thread_that_keeps_sigtrap_blocked() {
+    refused("blocker", "keeps SIGTRAP blocked");
+}
+
+#[test]
+fn e2e_nonstop_refuses_a_one_shot_sigtrap_handler() {
+    refused("resethand", "SA_RESETHAND");
 }
 
 #[test]

@@ -171,14 +171,20 @@ pub(crate) fn run(
 
     let t0 = Instant::now();
     let installed = install(t, &area);
-    trace(&format!("installed (borrowed thread {:?})", t.threads()), t0);
+    trace(
+        &format!("installed (borrowed thread {:?})", t.threads()),
+        t0,
+    );
+    // Not installed: nothing was written, and nothing may be (an int3 would reach the
+    // process's own action).
+    let was_installed = installed.is_ok();
     let mut result = installed.and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
     let mut kept = false;
     if !matches!(
         result,
         Err(Error::Process(crate::process::ProcessError::Exited(_)))
     ) {
-        if result.is_err() {
+        if result.is_err() && was_installed {
             // Put every site back with the same protocol: trapping threads run what the
             // restored bytes run.
             let rolled = rollback(t, sites, &area, &phase);
