@@ -197,11 +197,15 @@ pub(crate) fn run(
         trace("uninstalled", t0);
         match uninstalled {
             Ok(restored) => kept = !restored,
-            Err(e) => {
+            // The switch is done and recorded: failing now would make the caller free patch
+            // memory the new jumps lead to. Our handler stays installed (it passes every trap
+            // that is not ours on), as when the wait runs out. A process gone is an error.
+            Err(e @ Error::Process(crate::process::ProcessError::Exited(_))) => {
                 if result.is_ok() {
                     result = Err(e);
                 }
             }
+            Err(_) => kept = true,
         }
     }
     t.set_trap_hook(None);
