@@ -98,6 +98,33 @@ fn e2e_nonstop_ignored_sigtrap_stays_ignored() {
     own_traps_survive("ignore", "SigIgn");
 }
 
+#[test]
+fn e2e_nonstop_a_foreign_trap_under_sig_dfl_kills_with_sigtrap() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn_niced(&exe, &["dfl"]);
+    let pid = target.pid();
+    // One of its threads executes an int3 of its own as soon as our handler is installed:
+    // chained to SIG_DFL, the process dies of SIGTRAP, as it would have without us.
+    let (code, msg) = livepatch_err(&[
+        "apply",
+        &pid,
+        &patch,
+        "--mode",
+        "nonstop",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 5, "{msg}");
+    assert!(msg.contains("exited"), "{msg}");
+    let status = target.child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTRAP), "{status:?}");
+}
+
 /// A nonstop apply of the trapper started with `arg` is refused with `reason`; the process is
 /// left as it was (old code, its own action, no patch) and stop mode can still patch it.
 fn refused(arg: &str, reason: &str) {

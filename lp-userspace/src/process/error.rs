@@ -91,10 +91,25 @@ impl ProcessError {
                 },
                 None => ProcessError::Permission(pid),
             },
-            // The thread vanished under us: the process was killed or exited.
-            Some(libc::ESRCH) if super::is_gone_or_zombie(pid) => ProcessError::Exited(pid),
+            // The thread vanished under us: the process was killed or exited (its exit may
+            // still be under way: the leader turns zombie after its threads are gone).
+            Some(libc::ESRCH) if exiting(pid) => ProcessError::Exited(pid),
             _ => ProcessError::Ptrace { op, tid, err },
         }
+    }
+}
+
+/// Whether process `pid` is gone or becomes so within a moment.
+fn exiting(pid: i32) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+    loop {
+        if super::is_gone_or_zombie(pid) {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 
