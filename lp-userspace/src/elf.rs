@@ -23,6 +23,12 @@ mod file_bytes;
 mod symbol_spec;
 use dynamic::DynTables;
 use file_bytes::FileBytes;
+
+/// `start` is the start of a mapping this process made to read an ELF file (not a module it
+/// loaded): `maps::read` of our own process leaves those out.
+pub(crate) fn is_own_file_mapping(start: u64) -> bool {
+    file_bytes::is_own(start)
+}
 use symbol_spec::file_matches;
 pub use symbol_spec::SymbolSpec;
 

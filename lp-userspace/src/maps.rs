@@ -204,10 +204,19 @@ fn parse_line(line: &str) -> Option<Mapping> {
 }
 
 /// Reads and parses `/proc/PID/maps`.
+///
+/// For this very process, the read-only mappings through which the tool itself reads ELF files
+/// ([`crate::elf::Module::open_lazy`]) are left out: they are not modules loaded by the
+/// program, and counting them would make a library look mapped by us (`processes_mapping`) or
+/// give it a second, wrong load address (`modules`).
 pub fn read(pid: i32) -> Result<Vec<Mapping>, MapsError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|source| MapsError::Io { pid, source })?;
-    parse(&text)
+    let mut mappings = parse(&text)?;
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        mappings.retain(|m| !crate::elf::is_own_file_mapping(m.start));
+    }
+    Ok(mappings)
 }
 
 /// Groups file-backed mappings by file (device + inode), in order of first appearance.

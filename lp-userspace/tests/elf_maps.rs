@@ -195,3 +195,35 @@ fn elf_maps_free_range_properties_on_random_layouts() {
         "both outcomes exercised: {found} found, {none} none"
     );
 }
+
+/// The tool reads ELF files through read-only mappings of its own: they are not modules of this
+/// process. Without leaving them out, a library we merely opened would look mapped by us (the
+/// Python bindings' `processes_mapping` listed the interpreter itself) and libc would get a
+/// second, wrong first mapping (a wrong load bias in `modules`).
+#[test]
+fn elf_maps_of_our_own_process_leave_out_the_files_we_only_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("libcopy.so");
+    let libc = maps::modules(&maps::read(std::process::id() as i32).unwrap())
+        .into_iter()
+        .find(|m| m.file_name().starts_with("libc.so"))
+        .expect("libc mapped");
+    std::fs::copy(&libc.path, &copy).unwrap();
+    let me = std::process::id() as i32;
+    let bias_before = libc.load_bias(&Module::open(std::path::Path::new(&libc.path)).unwrap());
+
+    let opened = Module::open_lazy(&copy).unwrap();
+    let libc_opened = Module::open_lazy(std::path::Path::new(&libc.path)).unwrap();
+    assert!(opened.build_id().is_some() && libc_opened.build_id().is_some());
+    assert!(
+        !maps::processes_mapping(&copy).unwrap().contains(&me),
+        "a file we only read is not mapped by us"
+    );
+    let again = maps::modules(&maps::read(me).unwrap())
+        .into_iter()
+        .find(|m| m.path == libc.path)
+        .unwrap();
+    assert_eq!(again.mappings, libc.mappings, "only the loader's mappings");
+    assert_eq!(again.load_bias(&libc_opened), bias_before);
+    drop((opened, libc_opened));
+}

@@ -81,7 +81,11 @@ impl Mapping {
                 0,
             )
         };
-        (ptr != libc::MAP_FAILED).then_some(Mapping {
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        own_mappings().insert(ptr as usize);
+        Some(Mapping {
             ptr: ptr as *const u8,
             len,
         })
@@ -104,5 +108,20 @@ impl Drop for Mapping {
         unsafe {
             libc::munmap(self.ptr as *mut libc::c_void, self.len);
         }
+        own_mappings().remove(&(self.ptr as usize));
     }
+}
+
+/// Start addresses of the live [`Mapping`]s of this process.
+fn own_mappings() -> std::sync::MutexGuard<'static, std::collections::HashSet<usize>> {
+    static OWN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<usize>>> =
+        std::sync::OnceLock::new();
+    OWN.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// `start` is where one of our own file mappings begins (see [`crate::maps::read`]).
+pub(crate) fn is_own(start: u64) -> bool {
+    usize::try_from(start).is_ok_and(|s| own_mappings().contains(&s))
 }
