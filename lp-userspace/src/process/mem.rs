@@ -36,15 +36,10 @@ impl Memory {
 
     /// Fills `buf` from the target's address `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len();
         self.file
             .read_exact_at(buf, addr)
-            .map_err(|err| ProcessError::Memory {
-                op: "read",
-                pid: self.pid,
-                addr,
-                len: buf.len(),
-                err,
-            })
+            .map_err(|err| self.error("read", addr, len, err))
     }
 
     /// Reads `len` bytes at `addr`.
@@ -65,13 +60,28 @@ impl Memory {
     pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
         self.file
             .write_all_at(bytes, addr)
-            .map_err(|err| ProcessError::Memory {
-                op: "write",
-                pid: self.pid,
-                addr,
-                len: bytes.len(),
-                err,
-            })
+            .map_err(|err| self.error("write", addr, bytes.len(), err))
+    }
+
+    /// A failed access: the process exited (its memory went away under us: the kernel then
+    /// reads and writes nothing, and the process has no address space left — no `VmSize` in
+    /// its status — even before it is a zombie), or the error. Checked at once: reads of
+    /// unmapped addresses fail too, and callers may expect that.
+    fn error(&self, op: &'static str, addr: u64, len: usize, err: std::io::Error) -> ProcessError {
+        let no_mm = || {
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+                .map_or(true, |s| !s.lines().any(|l| l.starts_with("VmSize:")))
+        };
+        if super::is_gone_or_zombie(self.pid) || no_mm() {
+            return ProcessError::Exited(self.pid);
+        }
+        ProcessError::Memory {
+            op,
+            pid: self.pid,
+            addr,
+            len,
+            err,
+        }
     }
 }
 
