@@ -30,6 +30,10 @@ pub type TrapHook = Box<dyn FnMut(u64) -> Option<u64>>;
 #[derive(Debug, Default)]
 struct Thread {
     stopped: bool,
+    /// The thread sits in the syscall-exit stop of a remote system call, its own registers
+    /// restored as the kernel left them: an interrupted call of its own must be restarted
+    /// when it runs again (see [`Tracee::fix_restart`]).
+    after_remote_syscall: bool,
     /// Signals that arrived while we had the thread busy; delivered when we let it go.
     deferred: Vec<i32>,
 }
@@ -414,6 +418,16 @@ impl Tracee {
             return Ok(());
         }
         t.stopped = false;
+        // Signals held back while we used the thread go first, so that fix_restart sees them
+        // pending: one sent after a hand-made restart could run its handler before the thread
+        // re-enters its call, and the call would then block on as if nothing had come.
+        for sig in std::mem::take(&mut t.deferred) {
+            // SAFETY: tgkill only sends a signal to a thread of the target.
+            unsafe {
+                libc::syscall(libc::SYS_tgkill, self.pid, tid, sig);
+            }
+        }
+        self.fix_restart(tid)?;
         match ptrace::cont(tid, 0) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => self.thread_gone(tid),
@@ -519,17 +533,60 @@ impl Tracee {
         // Restore whatever happened: the thread must continue exactly where it was (or where
         // a trap it took meanwhile sends it).
         let after = stepped.and_then(|()| self.regs(tid));
-        if self.threads.contains_key(&tid) {
-            // The thread now sits in a syscall-exit stop: the kernel will not restart its own
-            // interrupted system call for it from there, so the registers say it themselves.
-            self.set_regs(tid, &syscall::resumed(&saved))?;
+        if let Some(t) = self.threads.get_mut(&tid) {
+            // The registers as the kernel left them; whether its interrupted system call is
+            // restarted by hand is decided when the thread runs again (fix_restart).
+            t.after_remote_syscall = true;
+            self.set_regs(tid, &saved)?;
         }
         Ok(after?.rax as i64)
+    }
+
+    /// Called right before thread `tid` runs its own code again. After a remote system call
+    /// it sits in a syscall-exit stop, from which the kernel resumes the registers as they are
+    /// and restarts nothing: a call of its own that our stop interrupted would return
+    /// -ERESTARTSYS (512) and friends to the program. With no signal to take, restart it in the
+    /// registers as arch_do_signal_or_restart would. With a signal pending and not blocked,
+    /// leave them: resuming from the stop sets TIF_SIGPENDING again (recalc_sigpending), and
+    /// the kernel's own path gives the program EINTR or the restart its handler's SA_RESTART
+    /// asks for — rewinding by hand would run the handler and then re-enter the call, losing
+    /// the EINTR. (A signal arriving between this check and the resume still meets the
+    /// rewound registers; that window is a few microseconds.)
+    fn fix_restart(&mut self, tid: i32) -> Result<()> {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
+        if !std::mem::take(&mut t.after_remote_syscall) {
+            return Ok(());
+        }
+        if self.signal_deliverable(tid) {
+            return Ok(());
+        }
+        let regs = self.regs(tid)?;
+        self.set_regs(tid, &syscall::resumed(&regs))
+    }
+
+    /// Whether thread `tid` has a signal pending (its own or the process's) that it does not
+    /// block.
+    fn signal_deliverable(&self, tid: i32) -> bool {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid))
+        else {
+            return false;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(0)
+        };
+        (field("SigPnd:") | field("ShdPnd:")) & !field("SigBlk:") != 0
     }
 
     /// Executes one instruction of the stopped thread `tid` (it stays stopped). Used with no
     /// int3 of ours in place (stop mode): a SIGTRAP the thread had pending is kept for later.
     pub fn single_step(&mut self, tid: i32) -> Result<()> {
+        self.fix_restart(tid)?;
         let before = self.regs(tid)?.rip;
         loop {
             ptrace::single_step(tid)
@@ -758,13 +815,17 @@ impl Tracee {
                 continue;
             };
             let deferred = std::mem::take(&mut t.deferred);
+            let stopped = t.stopped;
             for s in deferred {
                 // SAFETY: tgkill only sends a signal to a thread of the target.
                 unsafe {
                     libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
                 }
             }
-            if t.stopped {
+            if stopped {
+                if let Err(e) = self.fix_restart(tid) {
+                    first_err.get_or_insert(e);
+                }
                 if let Err(e) = ptrace::detach(tid, 0) {
                     if e.raw_os_error() != Some(libc::ESRCH) {
                         first_err
@@ -809,6 +870,9 @@ impl Tracee {
                 unsafe {
                     libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
                 }
+            }
+            if let Err(e) = self.fix_restart(tid) {
+                first_err.get_or_insert(e);
             }
             if let Err(e) = ptrace::detach(tid, sig) {
                 if e.raw_os_error() != Some(libc::ESRCH) {
