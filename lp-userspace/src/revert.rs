@@ -158,6 +158,9 @@ fn revert_here(
             switch::wait_threads_outside(&mut t, &area, Some(&mut u), timeout).is_ok()
         }
     };
+    // A handler kept installed (its action could not be given back) may still send a late
+    // trap to a trampoline in this memory: it stays mapped then.
+    let free = free && !stats.trap_handler_kept;
     let free = crate::debug_info::on_revert(&mut t, &patch, free);
     if free {
         t.munmap(patch.code_addr, patch.code_len)?;

@@ -232,7 +232,17 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         Err(e) => {
             // Nothing redirects into the patch memory: give it back.
             if !matches!(e, Error::Process(crate::process::ProcessError::Exited(_))) {
-                if debug_info::undo(&mut t, &patch.id, debug.as_ref()) {
+                // Nonstop mode: threads that trapped meanwhile were sent through trampolines in
+                // the patch memory; each must be seen outside it (and not returning into it)
+                // before it goes, or it stays mapped.
+                let nobody_inside = opts.mode == Mode::Stop
+                    || (t.attach_rest().is_ok()
+                        && modules::unwinder(pid).is_ok_and(|mut u| {
+                            let area = [CodeRange::new(code_addr, code_addr + total_len)];
+                            switch::wait_threads_outside(&mut t, &area, Some(&mut u), opts.timeout)
+                                .is_ok()
+                        }));
+                if debug_info::undo(&mut t, &patch.id, debug.as_ref()) && nobody_inside {
                     let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
                 }
                 statemap.remove_if_created(&mut t);
