@@ -139,7 +139,7 @@ impl Tracee {
         if pid as u32 == std::process::id() {
             return Err(ProcessError::IsSelf(pid));
         }
-        let lock = lock_process(pid)?;
+        let lock = lock_process_patiently(pid)?;
         let mem = Memory::open(pid)?;
         let mut t = Tracee {
             pid,
@@ -929,6 +929,29 @@ impl Drop for Tracee {
     }
 }
 
+/// [`lock_process`], retried for a short while when the lock is taken but nobody traces the
+/// process: the name of an abstract socket lives as long as any copy of its descriptor, and a
+/// child forked by another thread of the previous holder (a test harness, a Python program)
+/// keeps a copy until its exec closes it (CLOEXEC). Another livepatch really at work traces a
+/// thread and is reported at once.
+fn lock_process_patiently(pid: i32) -> Result<std::os::fd::OwnedFd> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    let mut pause = std::time::Duration::from_micros(100);
+    loop {
+        match lock_process(pid) {
+            Err(ProcessError::Unexpected { what, .. })
+                if what == LOCK_HELD && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+const LOCK_HELD: &str = "another livepatch is working on this process";
+
 /// Takes the per-process livepatch lock: binds the abstract unix socket
 /// `livepatch-lock-PID`. Busy: another livepatch works on the process.
 fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
@@ -981,7 +1004,7 @@ fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
             return Err(ProcessError::Unexpected {
                 pid,
                 tid: pid,
-                what: "another livepatch is working on this process".into(),
+                what: LOCK_HELD.into(),
             });
         }
         return Err(ProcessError::Unexpected {
