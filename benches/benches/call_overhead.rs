@@ -19,12 +19,11 @@
 //!
 //! Run: `cargo bench -p lp-benches --bench call_overhead` (root; gcc needed).
 
+use lp_benches::{gcc, Fixture};
 use lp_userspace::apply::{apply, ApplyOptions};
 use lp_userspace::patchfile::Patch;
 use lp_userspace::revert::revert;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 const F0: &str =
@@ -70,58 +69,33 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn gcc(args: &[&str]) {
-    let out = Command::new("gcc").args(args).output().expect("gcc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Target {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
+struct Target(Fixture);
 
 impl Target {
     fn start(exe: &Path, args: &[&str]) -> Target {
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "{line}");
+        let (f, ready) = Fixture::start(exe, args);
         // The premise of the two stubs.
-        assert!(line.contains("near-same-page 1 far-same-page 0"), "{line}");
-        Target { child, out }
+        assert!(
+            ready.contains("near-same-page 1 far-same-page 0"),
+            "{ready}"
+        );
+        Target(f)
     }
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.0.pid()
     }
     /// Best of 5 windows of 50 ms of thread CPU time, after skipping one (it may straddle a
     /// change).
     fn calls_per_s(&mut self) -> f64 {
         let mut best = 0.0f64;
         for i in 0..6 {
-            let mut line = String::new();
-            self.out.read_line(&mut line).unwrap();
+            let line = self.0.line();
             let v: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
             if i > 0 {
                 best = best.max(v);
             }
         }
         best
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

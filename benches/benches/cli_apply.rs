@@ -11,9 +11,9 @@
 //! `livepatch` binary first (`cargo build --release -p lp-userspace`), or uses `LIVEPATCH_BIN`.
 //! `CLI_BENCH_RT=1` runs each `livepatch` under `chrt -f 50` (see `timed`).
 
-use std::io::{BufRead, BufReader};
+use lp_benches::{gcc, Fixture};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const FUNCS: &str = r#"
@@ -53,15 +53,6 @@ int main(int argc, char **argv) {
 
 const ROUNDS: usize = 30;
 
-fn gcc(args: &[&str]) {
-    let out = Command::new("gcc").args(args).output().expect("gcc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The release `livepatch` binary, built now (a no-op when it is up to date).
 fn livepatch_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LIVEPATCH_BIN") {
@@ -92,31 +83,9 @@ fn livepatch_bin() -> PathBuf {
     bin
 }
 
-struct Target {
-    child: Child,
-    _out: BufReader<ChildStdout>,
-}
-
-impl Target {
-    fn start(exe: &Path) -> Target {
-        let mut child = Command::new(exe)
-            .arg("8")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "{line}");
-        Target { child, _out: out }
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The 8-thread target, running.
+fn start_target(exe: &Path) -> Fixture {
+    Fixture::start(exe, &["8"]).0
 }
 
 /// Runs `bin args...` to completion; its wall time and stdout. With `CLI_BENCH_RT` set, under
@@ -195,7 +164,7 @@ fn main() {
         ],
     );
 
-    let t = Target::start(&dir.join("target"));
+    let t = start_target(&dir.join("target"));
     let pid = t.child.id().to_string();
     println!(
         "cli_apply: fresh `livepatch` processes, stop mode, 10-function patch, 8-thread target, {ROUNDS} rounds ({}{})",

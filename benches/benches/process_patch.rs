@@ -10,12 +10,12 @@
 //!
 //! Run: `cargo bench -p lp-benches --bench process_patch` (root; gcc needed).
 
+use lp_benches::{gcc, Fixture};
 use lp_userspace::apply::{apply, ApplyOptions, Mode};
 use lp_userspace::patchfile::Patch;
 use lp_userspace::revert::revert;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const FUNCS: &str = r#"
@@ -82,40 +82,17 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn gcc(args: &[&str]) {
-    let out = Command::new("gcc").args(args).output().expect("gcc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Target {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
+struct Target(Fixture);
 
 impl Target {
     fn start(exe: &Path, args: &[&str]) -> Target {
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "{line}");
-        Target { child, out }
+        Target(Fixture::start(exe, args).0)
     }
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.0.pid()
     }
     fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_string()
+        self.0.line()
     }
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
@@ -134,13 +111,6 @@ impl Target {
         self.signal("-USR2");
         let l = self.line();
         l.strip_prefix("gap ").unwrap().parse::<f64>().unwrap() / 1000.0
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

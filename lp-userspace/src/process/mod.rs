@@ -92,6 +92,21 @@ impl Tracee {
     /// Seizes every thread of `pid` (threads keep running). Threads created while we seize
     /// are picked up by rescanning until the set is stable.
     pub fn attach(pid: i32) -> Result<Tracee> {
+        let mut t = Tracee::open(pid, false, || Ok(None))?;
+        while t.seize_new()? > 0 {}
+        if t.threads.is_empty() {
+            return Err(ProcessError::NoSuchProcess(pid));
+        }
+        Ok(t)
+    }
+
+    /// A tracee of `pid` with no thread seized yet, after the checks every attach makes (the
+    /// process exists, runs, and is not us); `lock` is taken after them.
+    fn open(
+        pid: i32,
+        single: bool,
+        lock: impl FnOnce() -> Result<Option<std::os::fd::OwnedFd>>,
+    ) -> Result<Tracee> {
         if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(ProcessError::NoSuchProcess(pid));
         }
@@ -101,24 +116,19 @@ impl Tracee {
         if pid as u32 == std::process::id() {
             return Err(ProcessError::IsSelf(pid));
         }
-        let mem = Memory::open(pid)?;
-        let mut t = Tracee {
+        let lock = lock()?;
+        Ok(Tracee {
             pid,
-            mem,
+            mem: Memory::open(pid)?,
             threads: BTreeMap::new(),
             syscall_insn: None,
             trap_hook: None,
             traps_handled: 0,
             detached: false,
             release_on_drop: false,
-            single: false,
-            _lock: None,
-        };
-        while t.seize_new()? > 0 {}
-        if t.threads.is_empty() {
-            return Err(ProcessError::NoSuchProcess(pid));
-        }
-        Ok(t)
+            single,
+            _lock: lock,
+        })
     }
 
     /// Seizes ONE thread of `pid`, to borrow for system calls (nonstop mode): the others are
@@ -130,29 +140,7 @@ impl Tracee {
     /// thread), so a per-process lock is taken too: an abstract unix socket named after the
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
-        if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(ProcessError::NoSuchProcess(pid));
-        }
-        if is_zombie(pid) {
-            return Err(ProcessError::Exited(pid));
-        }
-        if pid as u32 == std::process::id() {
-            return Err(ProcessError::IsSelf(pid));
-        }
-        let lock = lock_process_patiently(pid)?;
-        let mem = Memory::open(pid)?;
-        let mut t = Tracee {
-            pid,
-            mem,
-            threads: BTreeMap::new(),
-            syscall_insn: None,
-            trap_hook: None,
-            traps_handled: 0,
-            detached: false,
-            release_on_drop: false,
-            single: true,
-            _lock: Some(lock),
-        };
+        let mut t = Tracee::open(pid, true, || lock_process_patiently(pid).map(Some))?;
         t.seize_one()?;
         Ok(t)
     }
