@@ -15,6 +15,25 @@ pub fn gcc(args: &[&str]) {
     );
 }
 
+/// Writes the benchmark fixture into a fresh temporary folder `lp-NAME-PID`: `funcs.h` (the
+/// functions to patch), the target `target.c` built to `target`, and the same functions without
+/// `noipa` compiled as the patch object `new.o`. Returns the folder.
+pub fn build_fixture(name: &str, funcs: &str, target: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lp-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the fixture folder");
+    std::fs::write(dir.join("funcs.h"), funcs).expect("write funcs.h");
+    std::fs::write(dir.join("target.c"), target).expect("write target.c");
+    std::fs::write(
+        dir.join("new.c"),
+        funcs.replace("__attribute__((noipa)) ", ""),
+    )
+    .expect("write new.c");
+    let d = |n: &str| dir.join(n).display().to_string();
+    gcc(&["-O2", "-pthread", &d("target.c"), "-o", &d("target")]);
+    gcc(&["-O2", "-c", "-fPIC", &d("new.c"), "-o", &d("new.o")]);
+    dir
+}
+
 /// A running fixture program whose stdout is read a line at a time; killed when dropped.
 pub struct Fixture {
     /// The process.

@@ -11,7 +11,7 @@
 //! `livepatch` binary first (`cargo build --release -p lp-userspace`), or uses `LIVEPATCH_BIN`.
 //! `CLI_BENCH_RT=1` runs each `livepatch` under `chrt -f 50` (see `timed`).
 
-use lp_benches::{gcc, Fixture};
+use lp_benches::{build_fixture, Fixture};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,18 +136,8 @@ fn main() {
         return;
     }
     let bin = livepatch_bin();
-    let dir: PathBuf = std::env::temp_dir().join(format!("lp-cli-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("funcs.h"), FUNCS).unwrap();
-    std::fs::write(dir.join("target.c"), TARGET).unwrap();
-    std::fs::write(
-        dir.join("new.c"),
-        FUNCS.replace("__attribute__((noipa)) ", ""),
-    )
-    .unwrap();
+    let dir: PathBuf = build_fixture("cli-bench", FUNCS, TARGET);
     let d = |n: &str| dir.join(n).display().to_string();
-    gcc(&["-O2", "-pthread", &d("target.c"), "-o", &d("target")]);
-    gcc(&["-O2", "-c", "-fPIC", &d("new.c"), "-o", &d("new.o")]);
     let patch = d("patch.lp");
     let target_arg = d("target");
     let object_arg = d("new.o");

@@ -10,7 +10,7 @@
 //!
 //! Run: `cargo bench -p lp-benches --bench process_patch` (root; gcc needed).
 
-use lp_benches::{gcc, Fixture};
+use lp_benches::{build_fixture, Fixture};
 use lp_userspace::apply::{apply, ApplyOptions, Mode};
 use lp_userspace::patchfile::Patch;
 use lp_userspace::revert::revert;
@@ -127,18 +127,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let dir: PathBuf = std::env::temp_dir().join(format!("lp-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("funcs.h"), FUNCS).unwrap();
-    std::fs::write(dir.join("target.c"), TARGET).unwrap();
-    std::fs::write(
-        dir.join("new.c"),
-        FUNCS.replace("__attribute__((noipa)) ", ""),
-    )
-    .unwrap();
-    let d = |n: &str| dir.join(n).display().to_string();
-    gcc(&["-O2", "-pthread", &d("target.c"), "-o", &d("target")]);
-    gcc(&["-O2", "-c", "-fPIC", &d("new.c"), "-o", &d("new.o")]);
+    let dir: PathBuf = build_fixture("bench", FUNCS, TARGET);
     let patch: Patch =
         lp_userspace::pack::pack(&dir.join("target"), &dir.join("new.o"), &[]).unwrap();
     assert_eq!(patch.functions.len(), 10);

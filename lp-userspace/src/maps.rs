@@ -121,6 +121,13 @@ impl MappedModule {
             .map(|m| (m.start, m.end))
     }
 
+    /// From the lowest start to the highest end of the executable mappings (`None` when none
+    /// is executable): the code range an unwinder registers the module for.
+    pub fn exec_span(&self) -> Option<(u64, u64)> {
+        let start = self.exec_ranges().map(|r| r.0).min()?;
+        Some((start, self.exec_ranges().map(|r| r.1).max()?))
+    }
+
     /// Path to open the file from this process: the path itself, or for a deleted file
     /// `/proc/PID/map_files/<range of the first mapping>` (needs CAP_SYS_ADMIN, we are root).
     pub fn open_path(&self, pid: i32) -> PathBuf {

@@ -408,10 +408,7 @@ impl Unwinder {
         let mut u = Unwinder::new();
         let all = maps::read(pid)?;
         for m in maps::modules(&all) {
-            let (Some(start), Some(end)) = (
-                m.exec_ranges().map(|r| r.0).min(),
-                m.exec_ranges().map(|r| r.1).max(),
-            ) else {
+            let Some((start, end)) = m.exec_span() else {
                 continue;
             };
             let path = m.open_path(pid);

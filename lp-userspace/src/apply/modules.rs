@@ -89,10 +89,7 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
         if m.path.starts_with("/memfd:") {
             continue;
         }
-        let (Some(start), Some(end)) = (
-            m.exec_ranges().map(|r| r.0).min(),
-            m.exec_ranges().map(|r| r.1).max(),
-        ) else {
+        let Some((start, end)) = m.exec_span() else {
             continue;
         };
         let path = m.open_path(pid);
