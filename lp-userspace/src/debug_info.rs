@@ -288,12 +288,35 @@ fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Re
     let object = gdb_object_path(pid, &patch.id);
     std::fs::write(&object, &patch.object)?;
     let cmd = crate::perf_map::gdb_add_symbol_file(&object, image);
+    // The script is named by pid, and pids are reused: one left by a dead process that had the
+    // same pid (its header names another start time) is started afresh, not appended to.
+    let header = gdb_script_header(pid);
+    let path = gdb_script_path(pid);
+    let current = std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with(&header));
     let mut script = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
-        .open(gdb_script_path(pid))?;
+        .append(current)
+        .write(true)
+        .truncate(!current)
+        .open(&path)?;
+    if !current {
+        script.write_all(header.as_bytes())?;
+    }
     script.write_all(format!("{cmd}\n").as_bytes())?;
     Ok(cmd)
+}
+
+/// The first line of process `pid`'s gdb script: a gdb comment naming the process by pid and
+/// start time (field 22 of /proc/PID/stat), which together identify it.
+fn gdb_script_header(pid: i32) -> String {
+    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            Some(rest.split_whitespace().nth(19)?.to_string())
+        })
+        .unwrap_or_default();
+    format!("# livepatch: symbols of process {pid} started at {start}\n")
 }
 
 /// The address of `name` exported by the target's libgcc_s (or by the executable, when it
@@ -411,7 +434,7 @@ fn forget_gdb_command(pid: i32, id: &str) {
         .filter(|l| !l.starts_with(&needle))
         .map(|l| format!("{l}\n"))
         .collect();
-    let _ = if kept.is_empty() {
+    let _ = if !kept.lines().any(|l| l.starts_with("add-symbol-file ")) {
         std::fs::remove_file(&script)
     } else {
         std::fs::write(&script, kept)

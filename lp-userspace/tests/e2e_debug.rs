@@ -119,8 +119,19 @@ fn e2e_debug_perf_map_and_gdb_name_the_new_function() {
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == OLD);
+    // A script left by a dead process that had the same pid (pids are reused): not ours.
+    let script = debug_info::gdb_script_path(target.child.id() as i32);
+    std::fs::write(
+        &script,
+        "add-symbol-file /tmp/livepatch-stale.o -s .text 0x1000\n",
+    )
+    .unwrap();
     livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
     target.wait_line_after(target.count(), |l| l == NEW);
+    assert!(
+        !std::fs::read_to_string(&script).unwrap().contains("stale"),
+        "a dead process's script was appended to"
+    );
 
     // perf: the new function at the address status reports, with its size.
     let new = status_new_addr(&pid);
@@ -130,7 +141,6 @@ fn e2e_debug_perf_map_and_gdb_name_the_new_function() {
 
     // gdb: attached to the patched process with the script livepatch wrote, it names the new
     // function at its address (and at an address inside it).
-    let script = debug_info::gdb_script_path(target.child.id() as i32);
     assert!(script.exists(), "{} missing", script.display());
     for probe in [new, new + size / 2] {
         let out = Command::new("gdb")
