@@ -12,10 +12,12 @@
 //! - [`plan`]: the ordered write plan (int3 → sync → tail → sync → first byte → sync).
 //! - [`trampoline`]: the displaced entry instructions relocated so new code can call the old.
 //! - [`clobber`]: the registers a function may write.
+//! - [`call_site`]: a caller's direct `call`/`jmp`/`jcc rel32` retargeted at the new code.
 //! - [`consistency`]: whether any thread is inside the code being switched.
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod call_site;
 pub mod clobber;
 pub mod consistency;
 pub mod jump;
