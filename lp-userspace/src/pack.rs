@@ -10,6 +10,11 @@
 //!
 //! Refused as well: writable data of the object named like data of the target (the new code
 //! would get a fresh copy of state the running program keeps elsewhere).
+//!
+//! The patch also lists, per replaced function, the target's direct callers of it
+//! ([`call_sites`]): apply points them straight at the new code.
+
+mod call_sites;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -175,7 +180,19 @@ pub fn pack(target: &Path, object: &Path, replace: &[Replacement]) -> Result<Pat
             old_size: old.size,
             old_bytes: bytes.to_vec(),
             new_name,
+            call_sites: Vec::new(),
         });
+    }
+    let entries: Vec<u64> = functions.iter().map(|f| f.old_vaddr).collect();
+    let replaced: Vec<(u64, u64)> = functions
+        .iter()
+        .map(|f| (f.old_vaddr, f.old_vaddr + f.old_size))
+        .collect();
+    for (f, sites) in functions
+        .iter_mut()
+        .zip(call_sites::find(&target_mod, &entries, &replaced))
+    {
+        f.call_sites = sites;
     }
     // A patch's own writable variable named like one of the target (`counter`, or a function's
     // `static` `calls.0` vs `calls.1`) is almost always a bug: the new code would count from

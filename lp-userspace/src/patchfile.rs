@@ -3,7 +3,7 @@
 //! Layout (all integers little-endian; described for users in docs/patch-format.md):
 //! ```text
 //! 0        8 bytes   magic "LPPATCH\0"
-//! 8        u32       format version (1)
+//! 8        u32       format version (2; version 1 files, without call sites, are read too)
 //! 12       u32       H = header length
 //! 16       H bytes   header: UTF-8 JSON (see `Header`)
 //! 16+H     u64       N = object length
@@ -23,8 +23,10 @@ use crate::elf::hex;
 
 /// The first 8 bytes of every patch file.
 pub const MAGIC: &[u8; 8] = b"LPPATCH\0";
-/// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this code writes (it reads [`OLDEST_VERSION`] to this one).
+pub const VERSION: u32 = 2;
+/// The oldest format version still read: version 1 had no `call_sites`.
+pub const OLDEST_VERSION: u32 = 1;
 /// Largest header accepted (a header describes at most thousands of functions).
 const MAX_HEADER: usize = 64 << 20;
 /// Largest object accepted.
@@ -46,7 +48,7 @@ pub enum PatchFileError {
     #[error("not a livepatch patch file (bad magic)")]
     BadMagic,
     /// A format version this build does not read.
-    #[error("unsupported patch format version {0} (this livepatch reads version {VERSION})")]
+    #[error("unsupported patch format version {0} (this livepatch reads versions {OLDEST_VERSION} to {VERSION})")]
     UnsupportedVersion(u32),
     /// The file ends early.
     #[error("truncated patch file: {what} needs {need} bytes, only {have} left")]
@@ -87,6 +89,24 @@ pub struct FunctionPatch {
     pub old_bytes: Vec<u8>,
     /// The new function's symbol in the object.
     pub new_name: String,
+    /// Direct branches to the old function's entry in the target's code (format version 2):
+    /// apply retargets them at the new code. Left out of the JSON when empty, so a patch without
+    /// any has the id it had in version 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<CallSitePatch>,
+}
+
+/// A caller's direct `call`/`jmp`/`jcc rel32` to a replaced function, as found by `pack`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallSitePatch {
+    /// The instruction's address in the target file (add the load bias at runtime).
+    pub vaddr: u64,
+    /// The caller, for messages: `function+0xOFFSET`.
+    pub caller: String,
+    /// The instruction's bytes in the file (5 or 6): what must be in memory before any write.
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// A patch: the new code and what it replaces, for one target module.
@@ -181,7 +201,7 @@ impl Patch {
             return Err(PatchFileError::BadMagic);
         }
         let version = r.u32("version")?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(PatchFileError::UnsupportedVersion(version));
         }
         let header_len = r.u32("header length")? as usize;
@@ -239,7 +259,13 @@ impl Patch {
                     f.old_size
                 ));
             }
+            if version < 2 && !f.call_sites.is_empty() {
+                return Err(PatchFileError::BadHeader(format!(
+                    "unknown field `call_sites` in a version {version} header"
+                )));
+            }
         }
+        check_call_sites(&header.functions).map_err(PatchFileError::Invalid)?;
         let patch = Patch {
             id: header.id,
             target_name: header.target_name,
@@ -285,6 +311,47 @@ pub fn encode_raw(version: u32, header: &[u8], object: &[u8]) -> Vec<u8> {
     let sum = Sha256::digest(&out);
     out.extend_from_slice(&sum);
     out
+}
+
+/// Each call site must be one direct rel32 branch to its function's old entry, and call sites
+/// may overlap neither each other nor any replaced function (whose bytes the redirect and the
+/// verification own).
+fn check_call_sites(functions: &[FunctionPatch]) -> Result<(), String> {
+    let mut spans: Vec<(u64, u64, String)> = functions
+        .iter()
+        .map(|f| {
+            let end = f.old_vaddr.saturating_add(f.old_size);
+            (f.old_vaddr, end, format!("function `{}`", f.old_name))
+        })
+        .collect();
+    for f in functions {
+        for c in &f.call_sites {
+            let site = lp_core::call_site::decode(c.vaddr, &c.bytes)
+                .map_err(|e| format!("function `{}`: call site {}: {e}", f.old_name, c.caller))?;
+            if site.target != f.old_vaddr {
+                return Err(format!(
+                    "function `{}`: call site {} at {:#x} goes to {:#x}, not to the function",
+                    f.old_name, c.caller, c.vaddr, site.target
+                ));
+            }
+            let end = c
+                .vaddr
+                .checked_add(c.bytes.len() as u64)
+                .ok_or_else(|| format!("call site at {:#x} wraps around", c.vaddr))?;
+            spans.push((
+                c.vaddr,
+                end,
+                format!("call site {} at {:#x}", c.caller, c.vaddr),
+            ));
+        }
+    }
+    spans.sort_by_key(|s| (s.0, s.1));
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(format!("{} overlaps {}", w[1].2, w[0].2));
+        }
+    }
+    Ok(())
 }
 
 struct Reader<'a> {

@@ -1,7 +1,8 @@
 //! `livepatch revert`: take a patch back out of a running process — the newest by default.
 //! The same consistency check as apply, on the new functions (and the whole patch memory,
 //! which is freed afterwards); the original bytes (or the redirect of the patch below, when
-//! patches stack) are restored exactly.
+//! patches stack) are restored exactly, and so are the direct callers' branches the patch
+//! retargeted (to the old entry, or to the patch below's code), in the same switch.
 
 use crate::apply::switch::{self, BusyRange, Mode, SiteSwitch};
 use crate::apply::{Error, SwitchStats};
@@ -37,6 +38,9 @@ pub fn revert(
     mode: Mode,
     timeout: Duration,
 ) -> Result<Reverted, Error> {
+    // iced's tables are built on first use: by another thread while this one attaches (the
+    // trampoline decisions and the nonstop settle decode instructions), as apply does.
+    crate::apply::warm_up(pid);
     crate::process::with_tracer_thread(|| revert_here(pid, id, mode, timeout))
 }
 
@@ -103,6 +107,15 @@ fn revert_here(
                 f.name, f.patch_addr, patch.id
             )));
         }
+        for c in &f.call_sites {
+            let cur = t.mem().read_vec(c.addr, c.written.len())?;
+            if cur != c.written {
+                return Err(Error::Mismatch(format!(
+                    "call site {} at {:#x} (a call of {}) no longer holds patch {}'s branch: changed by someone else; nothing reverted",
+                    c.caller, c.addr, f.name, patch.id
+                )));
+            }
+        }
     }
     let mut switches = Vec::new();
     let mut busy = Vec::new();
@@ -127,6 +140,20 @@ fn revert_here(
             range: CodeRange::new(f.new, f.new + f.new_size.max(1)),
             name: format!("{} (new version)", f.name),
         });
+    }
+    // The callers' branches go back to what was there before: the original call of the old
+    // entry, or the branch of the patch below (whose memory stays).
+    for f in &patch.functions {
+        for c in &f.call_sites {
+            let plan = plan_write(c.addr, &c.written, &c.saved).map_err(|e| {
+                Error::Unsupported(format!("call site {} of {}: {e}", c.caller, f.name))
+            })?;
+            switches.push(SiteSwitch::call_site_revert(
+                format!("{} (call site {})", f.name, c.caller),
+                plan,
+                c.trampoline,
+            ));
+        }
     }
     busy.push(BusyRange {
         range: CodeRange::new(patch.code_addr, patch.code_addr + patch.code_len),

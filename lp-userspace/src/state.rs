@@ -41,6 +41,27 @@ pub struct AppliedFunction {
     pub written: Vec<u8>,
     /// Trampoline running the original's displaced instructions (0: none).
     pub trampoline: u64,
+    /// The direct callers retargeted at `via` (none in a state written before call sites).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<AppliedCallSite>,
+}
+
+/// A caller's direct branch to a replaced function, retargeted by an applied patch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppliedCallSite {
+    /// Runtime address of the branch.
+    pub addr: u64,
+    /// `function+0xOFFSET`, for messages.
+    pub caller: String,
+    /// The branch as in the file (to the old entry): what its trampoline runs.
+    pub original: Vec<u8>,
+    /// Its bytes before this patch (the original, or a patch below's): restored by revert.
+    pub saved: Vec<u8>,
+    /// The bytes this patch wrote (the branch to this patch's `via`).
+    pub written: Vec<u8>,
+    /// Trampoline running the original branch relocated, then jumping back past the site:
+    /// where a thread that hits the site's temporary `int3` goes (nonstop mode).
+    pub trampoline: u64,
 }
 
 /// One patch applied to the process.

@@ -14,6 +14,8 @@ pub struct FunctionStatus {
     pub old: String,
     /// New entry address.
     pub new: String,
+    /// Direct callers retargeted at the new code (their calls skip the redirect).
+    pub call_sites: usize,
 }
 
 /// One applied patch.
@@ -61,6 +63,7 @@ fn patch_status(p: &AppliedPatch) -> PatchStatus {
                 name: f.name.clone(),
                 old: format!("{:#x}", f.old),
                 new: format!("{:#x}", f.new),
+                call_sites: f.call_sites.len(),
             })
             .collect(),
         gdb_command: p
@@ -117,7 +120,12 @@ pub fn render(list: &[ProcessStatus]) -> String {
                 pa.build_id
             ));
             for f in &pa.functions {
-                out.push_str(&format!("    {} {} -> {}\n", f.name, f.old, f.new));
+                out.push_str(&format!("    {} {} -> {}", f.name, f.old, f.new));
+                match f.call_sites {
+                    0 => out.push('\n'),
+                    1 => out.push_str(" (1 direct caller rewritten)\n"),
+                    n => out.push_str(&format!(" ({n} direct callers rewritten)\n")),
+                }
             }
             if !pa.gdb_command.is_empty() {
                 out.push_str(&format!("    gdb: {}\n", pa.gdb_command));
@@ -166,6 +174,7 @@ mod tests {
                     name: "f".into(),
                     old: "0x1000".into(),
                     new: "0x2000".into(),
+                    call_sites: 0,
                 }],
                 gdb_command: gdb_command.into(),
             }],

@@ -16,6 +16,7 @@ fn sample() -> Patch {
             old_size: 4,
             old_bytes: vec![0xf3, 0x0f, 0x1e, 0xfa],
             new_name: "helper_v2".into(),
+            call_sites: Vec::new(),
         }],
         b"\x7fELF fake object".to_vec(),
     )
@@ -89,8 +90,8 @@ fn patchfile_bad_magic_version_and_consistent_but_invalid_headers() {
         out.extend_from_slice(&sum);
         out
     };
-    let e = Patch::from_bytes(&forge(2, "{}", b"")).unwrap_err();
-    assert!(matches!(e, PatchFileError::UnsupportedVersion(2)), "{e}");
+    let e = Patch::from_bytes(&forge(3, "{}", b"")).unwrap_err();
+    assert!(matches!(e, PatchFileError::UnsupportedVersion(3)), "{e}");
     let e = Patch::from_bytes(&forge(1, "not json", b"")).unwrap_err();
     assert!(matches!(e, PatchFileError::BadHeader(_)), "{e}");
     let good = sample().to_bytes();

@@ -2,16 +2,19 @@
 //!
 //! Order matters, and is the whole safety story:
 //! 1. read-only checks — the target module is mapped, its build-id is the patch's, every old
-//!    function's bytes in memory are what the patch expects (or our own earlier redirect), the
-//!    patch is not applied yet, lp-core accepts every site. Any failure: nothing was touched.
+//!    function's bytes in memory are what the patch expects (or our own earlier redirect), so
+//!    are the bytes of every direct caller to be retargeted ([`call_sites`]), the patch is not
+//!    applied yet, lp-core accepts every site. Any failure: nothing was touched.
 //! 2. preparation while every thread runs — patch memory mapped within ±2 GiB of the module
 //!    (remote mmap, prefaulted), the object linked there against the target's symbols,
 //!    trampolines and register-preserving thunks built, everything written and protected, the
 //!    code pages to be patched pre-faulted (copy-on-write done now, not during the stop).
-//! 3. the switch ([`switch`]) in stop or nonstop mode, recording the state in the target.
+//! 3. the switch ([`switch`]) in stop or nonstop mode, recording the state in the target. The
+//!    direct callers' branches are retargeted in the same switch as the entries.
 //!
 //! Any failure after step 2 began unmaps the patch memory: the target is left as it was.
 
+mod call_sites;
 mod error;
 mod modules;
 mod stacks;
@@ -19,7 +22,7 @@ pub(crate) mod switch;
 pub(crate) mod target;
 
 pub use error::{Error, ErrorKind};
-pub(crate) use modules::{open as open_module, unwinder};
+pub(crate) use modules::{open as open_module, unwinder, warm_up};
 pub use switch::{Mode, SwitchStats};
 
 use crate::debug_info;
@@ -65,6 +68,8 @@ pub struct AppliedFunctionReport {
     pub new: u64,
     /// Through a register-preserving thunk.
     pub thunk: bool,
+    /// Direct callers retargeted at the new code (or its thunk).
+    pub call_sites: usize,
 }
 
 /// What the CLI reports after a successful apply.
@@ -127,6 +132,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         });
     }
     target::verify_bytes(pid, t.mem(), &target, patch, &existing)?;
+    let callers = call_sites::verify(pid, t.mem(), &target, patch, &existing)?;
     let mut sites: Vec<Site> = Vec::new();
     for f in &patch.functions {
         let old = target.bias + f.old_vaddr;
@@ -145,7 +151,11 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     let statemap = StateMap::open_or_create(&mut t)?;
     phase("state mapped");
     let image_len = layout.size().div_ceil(PAGE) * PAGE;
-    let extra_len = (PER_FUNCTION_EXTRA * patch.functions.len() as u64).div_ceil(PAGE) * PAGE;
+    let site_count = callers.iter().map(Vec::len).sum::<usize>() as u64;
+    let extra_len = (PER_FUNCTION_EXTRA * patch.functions.len() as u64
+        + call_sites::PER_SITE_EXTRA * site_count)
+        .div_ceil(PAGE)
+        * PAGE;
     let total_len = image_len + extra_len;
     let code_addr = match map_near(&mut t, &target, total_len) {
         Ok(a) => a,
@@ -154,10 +164,20 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
             return Err(e);
         }
     };
+    let module_cfi = debug_info::ModuleCfi::new(&target.elf, target.bias);
     let prepared = prepare(
-        &mut t, patch, &layout, &resolver, &sites, code_addr, image_len, &existing,
+        &mut t,
+        patch,
+        &layout,
+        &resolver,
+        &sites,
+        code_addr,
+        image_len,
+        &existing,
+        &callers,
+        module_cfi.as_ref(),
     );
-    let (switches, mut busy, functions) = match prepared {
+    let (switches, mut busy, functions, caller_frames) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -181,7 +201,9 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     }
     phase("code written");
     let resolve = |n: &str| resolver.resolve(n);
-    let trampolines = debug_info::trampoline_frames(&target.elf, target.bias, &sites, &functions);
+    let mut trampolines =
+        debug_info::trampoline_frames(&target.elf, target.bias, &sites, &functions);
+    trampolines.extend(caller_frames);
     let debug = match debug_info::before_switch(
         &mut t,
         patch,
@@ -265,6 +287,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
                 old: f.old,
                 new: f.new,
                 thunk: f.via != f.new,
+                call_sites: f.call_sites.len(),
             })
             .collect(),
         stats,
@@ -300,9 +323,15 @@ fn map_near(t: &mut Tracee, target: &target::LoadedTarget, len: u64) -> Result<u
     Ok(addr)
 }
 
-type Prepared = (Vec<SiteSwitch>, Vec<BusyRange>, Vec<AppliedFunction>);
+type Prepared = (
+    Vec<SiteSwitch>,
+    Vec<BusyRange>,
+    Vec<AppliedFunction>,
+    Vec<crate::thunk_cfi::FrameCfi>,
+);
 
-/// Links, writes and protects the patch code; plans every site.
+/// Links, writes and protects the patch code; plans every site, the callers' (`callers`,
+/// per function, verified) included; their trampolines' CFI from the module's (`cfi`).
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     t: &mut Tracee,
@@ -313,6 +342,8 @@ fn prepare(
     code_addr: u64,
     image_len: u64,
     existing: &crate::state::State,
+    callers: &[Vec<call_sites::Verified>],
+    cfi: Option<&debug_info::ModuleCfi<'_>>,
 ) -> Result<Prepared, Error> {
     let image = layout
         .link(code_addr, &|name| resolver.resolve(name))
@@ -323,9 +354,10 @@ fn prepare(
     let mut switches = Vec::new();
     let mut busy = Vec::new();
     let mut functions = Vec::new();
+    let mut frames = Vec::new();
     // What a thunk must save depends on the vector registers the CPU gives the target.
     let vectors = crate::thunk::VectorState::of_system();
-    for (f, site) in patch.functions.iter().zip(sites) {
+    for ((f, site), callers) in patch.functions.iter().zip(sites).zip(callers) {
         let new = image.symbol(&f.new_name).ok_or_else(|| {
             Error::Unsupported(format!(
                 "patch {}: new function {} is not defined by its object",
@@ -386,6 +418,18 @@ fn prepare(
                 name: format!("{} (previous patch)", f.old_name),
             });
         }
+        // Direct callers go straight to where the redirect leads.
+        let mut call_sites = Vec::new();
+        for c in callers {
+            let at = extra_addr + extra.len() as u64;
+            if let Some((p, code)) = call_sites::prepare(&f.old_name, c, via, at, cfi)? {
+                extra.extend_from_slice(&code);
+                pad16(&mut extra);
+                switches.push(p.switch);
+                call_sites.push(p.record);
+                frames.extend(p.frame);
+            }
+        }
         functions.push(AppliedFunction {
             name: f.old_name.clone(),
             old: site.entry,
@@ -396,6 +440,7 @@ fn prepare(
             saved: plan.expected().to_vec(),
             written: plan.result().to_vec(),
             trampoline: tramp,
+            call_sites,
         });
     }
     if !extra.is_empty() {
@@ -420,7 +465,7 @@ fn prepare(
         let cur = t.mem().read_vec(s.plan.addr(), s.plan.expected().len())?;
         t.mem().write(s.plan.addr(), &cur)?;
     }
-    Ok((switches, busy, functions))
+    Ok((switches, busy, functions, frames))
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not

@@ -56,6 +56,36 @@ pub(crate) struct SiteSwitch {
     pub reverting: bool,
 }
 
+impl SiteSwitch {
+    /// The switch of a caller's direct branch to a replaced function (apply: to the new code;
+    /// revert: back), whose trampoline `tramp` runs the *original* branch relocated.
+    ///
+    /// A thread that hits the temporary `int3` on a call site must run the original branch in
+    /// every phase (before the commit, after it, while reverting, rolling back): the original
+    /// names the old entry, whose own redirect (or its `int3`, decided for the same phase)
+    /// leads to the right version. So `top` and `resume` are both the trampoline and there is
+    /// no version `below`: lp-core's decisions (`Redirect(top)` when active, `Resume(resume)`
+    /// otherwise) then all send it there.
+    pub fn call_site(name: String, plan: WritePlan, tramp: u64) -> SiteSwitch {
+        SiteSwitch {
+            name,
+            plan,
+            top: tramp,
+            below: None,
+            resume: tramp,
+            reverting: false,
+        }
+    }
+
+    /// [`SiteSwitch::call_site`] for a revert.
+    pub fn call_site_revert(name: String, plan: WritePlan, tramp: u64) -> SiteSwitch {
+        SiteSwitch {
+            reverting: true,
+            ..SiteSwitch::call_site(name, plan, tramp)
+        }
+    }
+}
+
 /// Ranges no thread may be in for the switch (stop mode), with the name reported as busy.
 pub(crate) struct BusyRange {
     pub range: CodeRange,

@@ -69,6 +69,8 @@ pub(crate) fn verify_bytes(
             let off = (top.patch_addr - old) as usize;
             expected[off..off + top.written.len()].copy_from_slice(&top.written);
         }
+        // Callers inside this function that a patch of another function retargeted.
+        overlay_call_sites(state, old, &mut expected);
         if let Some(i) = (0..current.len()).find(|&i| current[i] != expected[i]) {
             return Err(Error::Mismatch(format!(
                 "function {} at {:#x} in process {pid} is not what the patch expects \
@@ -81,6 +83,20 @@ pub(crate) fn verify_bytes(
         }
     }
     Ok(())
+}
+
+/// Writes into `expected` (the bytes of a function at `start`) what the applied patches wrote
+/// over call sites inside it: the newest record of each site.
+fn overlay_call_sites(state: &State, start: u64, expected: &mut [u8]) {
+    let end = start + expected.len() as u64;
+    for p in &state.patches {
+        for c in p.functions.iter().flat_map(|f| &f.call_sites) {
+            if c.addr >= start && c.addr + c.written.len() as u64 <= end {
+                let off = (c.addr - start) as usize;
+                expected[off..off + c.written.len()].copy_from_slice(&c.written);
+            }
+        }
+    }
 }
 
 /// The newest applied redirect of function `old`, if any.
