@@ -1,0 +1,275 @@
+//! Call-site rewriting on live processes: a gcc -O2 target calls work() directly from main
+//! (`call`), as a tail call from tail() (`jmp`) and through a function pointer. After apply
+//! every line shows the new work() and the two branches in the process's memory go straight
+//! to the new code (its effective destination); the pointer call still reaches it through the
+//! redirect. After revert the branches are the file's bytes again. Stacking re-points them at
+//! the patch on top and back; a patch whose caller was changed by someone else is refused with
+//! nothing written. Stop and nonstop mode.
+
+mod common;
+use common::*;
+use lp_userspace::elf::Module;
+use lp_userspace::patchfile::Patch;
+use lp_userspace::process::Memory;
+use lp_userspace::state::{self, AppliedFunction};
+use std::path::Path;
+
+const ORIGINAL: &str = "direct=42 tail=100021 pointer=42";
+const NEW: &str = "direct=1041 tail=101020 pointer=1041";
+const NEW2: &str = "direct=2041 tail=102020 pointer=2041";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    exe: std::path::PathBuf,
+    p1: std::path::PathBuf,
+    p2: std::path::PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["callers.c"], "callers", &[]);
+    let o1 = object(dir.path(), "new_work.c", "n1.o", &[]);
+    let o2 = object(dir.path(), "new_work2.c", "n2.o", &[]);
+    let (p1, _) = pack(dir.path(), &exe, &o1, &[], "p1.lp");
+    let (p2, _) = pack(dir.path(), &exe, &o2, &[], "p2.lp");
+    Fixture {
+        _dir: dir,
+        exe,
+        p1,
+        p2,
+    }
+}
+
+/// The load bias of the executable in process `pid`.
+fn bias(pid: i32, exe: &Path) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| {
+            l.ends_with(exe.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000")
+        })
+        .expect("executable mapped");
+    let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
+    start - Module::open(exe).unwrap().min_vaddr()
+}
+
+/// work's record in the newest applied patch.
+fn top_work(pid: i32) -> AppliedFunction {
+    let st = state::read(pid).unwrap();
+    st.patches.last().expect("a patch applied").functions[0].clone()
+}
+
+/// Where the branch at each of the patch's call sites goes now, in the process's memory.
+fn targets_in_memory(pid: i32, patch: &Patch, bias: u64) -> Vec<u64> {
+    let mem = Memory::open(pid).unwrap();
+    patch.functions[0]
+        .call_sites
+        .iter()
+        .map(|c| {
+            let addr = bias + c.vaddr;
+            let now = mem.read_vec(addr, c.bytes.len()).unwrap();
+            lp_core::call_site::decode(addr, &now).unwrap().target
+        })
+        .collect()
+}
+
+/// Every call site and work() itself hold the file's bytes.
+fn assert_original_bytes(pid: i32, patch: &Patch, bias: u64) {
+    let mem = Memory::open(pid).unwrap();
+    let f = &patch.functions[0];
+    for c in &f.call_sites {
+        assert_eq!(
+            mem.read_vec(bias + c.vaddr, c.bytes.len()).unwrap(),
+            c.bytes,
+            "call site {}",
+            c.caller
+        );
+    }
+    assert_eq!(
+        mem.read_vec(bias + f.old_vaddr, f.old_bytes.len()).unwrap(),
+        f.old_bytes
+    );
+}
+
+fn call_sites(mode: &str) {
+    let fx = fixture();
+    let patch = Patch::load(&fx.p1).unwrap();
+    assert_eq!(
+        patch.functions[0].call_sites.len(),
+        2,
+        "main's call and tail's jmp"
+    );
+    let target = Target::spawn(&fx.exe, &[]);
+    let pid = target.pid();
+    let ipid: i32 = pid.parse().unwrap();
+    let bias = bias(ipid, &fx.exe);
+    target.expect_steady(2, |l| l == ORIGINAL);
+
+    let out = livepatch_ok(&["apply", &pid, fx.p1.to_str().unwrap(), "--mode", mode]);
+    target.expect_steady(3, |l| l == NEW);
+    let work = top_work(ipid);
+    assert_eq!(work.call_sites.len(), 2, "{out}");
+    // Straight to the new code (its thunk when it has one), not to the old entry.
+    let dest = work.via;
+    assert_ne!(dest, work.old);
+    assert_eq!(targets_in_memory(ipid, &patch, bias), vec![dest, dest]);
+    let status = livepatch_ok(&["status", &pid]);
+    assert!(status.contains("(2 direct callers rewritten)"), "{status}");
+    assert_eq!(
+        status_json(&pid)[0]["patches"][0]["functions"][0]["call_sites"],
+        2
+    );
+
+    // Each call site's trampoline (what a thread trapping there runs) has unwind information.
+    let mut unwinder = lp_userspace::unwind::Unwinder::new();
+    lp_userspace::debug_info::add_patch_cfi(ipid, &mut unwinder);
+    for c in &work.call_sites {
+        let covered = unwinder
+            .sources()
+            .iter()
+            .any(|s| s.start <= c.trampoline && c.trampoline < s.end);
+        // A tail call's trampoline is never returned into: CFI is optional there.
+        assert!(covered || c.original[0] == 0xe9, "no CFI for {}", c.caller);
+    }
+
+    livepatch_ok(&["revert", &pid, "--mode", mode]);
+    target.expect_steady(3, |l| l == ORIGINAL);
+    assert_original_bytes(ipid, &patch, bias);
+}
+
+#[test]
+fn e2e_call_sites_point_at_the_new_code_stop() {
+    call_sites("stop");
+}
+
+#[test]
+fn e2e_call_sites_point_at_the_new_code_nonstop() {
+    call_sites("nonstop");
+}
+
+fn stacked(mode: &str) {
+    let fx = fixture();
+    let patch = Patch::load(&fx.p1).unwrap();
+    let target = Target::spawn(&fx.exe, &[]);
+    let pid = target.pid();
+    let ipid: i32 = pid.parse().unwrap();
+    let bias = bias(ipid, &fx.exe);
+
+    livepatch_ok(&["apply", &pid, fx.p1.to_str().unwrap(), "--mode", mode]);
+    target.expect_steady(2, |l| l == NEW);
+    let first = top_work(ipid).via;
+    livepatch_ok(&["apply", &pid, fx.p2.to_str().unwrap(), "--mode", mode]);
+    target.expect_steady(2, |l| l == NEW2);
+    let second = top_work(ipid);
+    assert_ne!(second.via, first);
+    assert_eq!(targets_in_memory(ipid, &patch, bias), vec![second.via; 2]);
+    // What the second patch replaced at each site is the first patch's branch.
+    for c in &second.call_sites {
+        let before = lp_core::call_site::decode(c.addr, &c.saved).unwrap().target;
+        assert_eq!(before, first, "{}", c.caller);
+    }
+
+    livepatch_ok(&["revert", &pid, "--mode", mode]);
+    target.expect_steady(2, |l| l == NEW);
+    assert_eq!(targets_in_memory(ipid, &patch, bias), vec![first; 2]);
+    livepatch_ok(&["revert", &pid, "--mode", mode]);
+    target.expect_steady(2, |l| l == ORIGINAL);
+    assert_original_bytes(ipid, &patch, bias);
+}
+
+#[test]
+fn e2e_call_sites_follow_stacked_patches_stop() {
+    stacked("stop");
+}
+
+#[test]
+fn e2e_call_sites_follow_stacked_patches_nonstop() {
+    stacked("nonstop");
+}
+
+/// Runs `f` with process `pid` stopped (SIGSTOP), so a write to its code cannot race it.
+fn while_stopped(pid: i32, f: impl FnOnce()) {
+    // SAFETY: kill(2) with a pid we started; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap()
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    while state() != "T" {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    f();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+}
+
+#[test]
+fn e2e_a_caller_changed_by_someone_else_refuses_the_patch() {
+    let fx = fixture();
+    let patch = Patch::load(&fx.p1).unwrap();
+    let target = Target::spawn(&fx.exe, &[]);
+    let pid = target.pid();
+    let ipid: i32 = pid.parse().unwrap();
+    let bias = bias(ipid, &fx.exe);
+    // Someone else points main's call of work() at tail(): direct=tail(41).
+    let main_site = patch.functions[0]
+        .call_sites
+        .iter()
+        .find(|c| c.caller.starts_with("main+"))
+        .unwrap()
+        .clone();
+    let tail = Module::open(&fx.exe).unwrap().lookup("tail").unwrap().value;
+    let addr = bias + main_site.vaddr;
+    let theirs =
+        lp_core::call_site::encode(lp_core::call_site::BranchKind::Call, addr, bias + tail)
+            .unwrap()[..5]
+            .to_vec();
+    while_stopped(ipid, || {
+        Memory::open(ipid).unwrap().write(addr, &theirs).unwrap()
+    });
+    let changed = "direct=100042 tail=100021 pointer=42";
+    target.wait_line_after(target.count(), |l| l == changed);
+    let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+
+    for mode in ["stop", "nonstop"] {
+        let (code, line) = livepatch_err(&["apply", &pid, fx.p1.to_str().unwrap(), "--mode", mode]);
+        assert_eq!(code, 4, "{line}");
+        assert!(line.contains(&main_site.caller), "names the caller: {line}");
+        assert!(line.contains("nothing written"), "{line}");
+        target.expect_steady(2, |l| l == changed);
+        // Nothing touched: work() and tail's jmp as in the file, their call as they left it,
+        // no patch memory or state mapped.
+        let mem = Memory::open(ipid).unwrap();
+        let f = &patch.functions[0];
+        assert_eq!(
+            mem.read_vec(bias + f.old_vaddr, f.old_bytes.len()).unwrap(),
+            f.old_bytes
+        );
+        for c in f.call_sites.iter().filter(|c| c.vaddr != main_site.vaddr) {
+            assert_eq!(
+                mem.read_vec(bias + c.vaddr, c.bytes.len()).unwrap(),
+                c.bytes
+            );
+        }
+        assert_eq!(mem.read_vec(addr, 5).unwrap(), theirs);
+        let maps_after = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert_eq!(maps_after, maps_before);
+    }
+
+    // Their change undone, the same patch applies.
+    while_stopped(ipid, || {
+        Memory::open(ipid)
+            .unwrap()
+            .write(addr, &main_site.bytes)
+            .unwrap()
+    });
+    livepatch_ok(&["apply", &pid, fx.p1.to_str().unwrap()]);
+    target.expect_steady(2, |l| l == NEW);
+}
