@@ -309,13 +309,7 @@ fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Re
 /// The first line of process `pid`'s gdb script: a gdb comment naming the process by pid and
 /// start time (field 22 of /proc/PID/stat), which together identify it.
 fn gdb_script_header(pid: i32) -> String {
-    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(')')?;
-            Some(rest.split_whitespace().nth(19)?.to_string())
-        })
-        .unwrap_or_default();
+    let start = crate::perf_map::start_ticks(pid).map_or(String::new(), |t| t.to_string());
     format!("# livepatch: symbols of process {pid} started at {start}\n")
 }
 

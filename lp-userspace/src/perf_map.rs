@@ -9,13 +9,22 @@
 //! through a symbolic link (`O_NOFOLLOW`), so a link planted at the well-known name cannot make
 //! us append to, or rewrite, another file.
 //!
+//! The file is named by pid, and pids are reused (pid_max is 32768 on many systems): a map
+//! left by a dead process that had the same pid must not be appended to, or perf would name
+//! code of this process after the dead one's symbols. perf's format has no comment line to
+//! mark whose file it is (the gdb script has one), so its age tells: a map last modified
+//! before the process started was not written for it, and is started afresh ([`record`]). A
+//! map modified since — by a JIT runtime inside the process, or by an earlier apply — is
+//! appended to. See [`left_by_earlier_process`] for the clock this relies on.
+//!
 //! gdb: the patch object itself carries the symbols and debug info; [`gdb_add_symbol_file`]
 //! gives the `add-symbol-file` command that places each of its sections where it was linked.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use crate::link::{LinkedImage, LinkedSymbol};
 
@@ -36,19 +45,79 @@ pub fn lines(symbols: &[LinkedSymbol], tag: &str) -> String {
     out
 }
 
-/// Appends the functions of a linked patch to `/tmp/perf-PID.map`.
+/// Appends the functions of a linked patch to `/tmp/perf-PID.map`, or writes them to a new
+/// map when the one there was left by an earlier process with the same pid.
 pub fn record(pid: i32, symbols: &[LinkedSymbol], tag: &str) -> std::io::Result<()> {
     let text = lines(symbols, tag);
     if text.is_empty() {
         return Ok(());
     }
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path(pid))?;
+    let p = path(pid);
+    let mut options = OpenOptions::new();
+    options.create(true);
+    if left_by_earlier_process(&p, pid) {
+        options.write(true).truncate(true);
+    } else {
+        options.append(true);
+    }
+    let mut f = open_no_follow(&mut options, &p)?;
     // One write: concurrent appenders (another JIT in the process) never interleave within it.
     f.write_all(text.as_bytes())
+}
+
+/// How much older than the process a map must be to count as another process's: file times
+/// come from a coarse clock (up to a scheduler tick behind), and the process's start time in
+/// wall-clock terms is derived from the boot-time clock (see [`process_started`]), which a
+/// small step of the wall clock (an NTP correction) shifts.
+const STALE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Whether the map at `map` was last modified before process `pid` started (by more than
+/// [`STALE_MARGIN`]): then a dead process that had the same pid left it. Unknown (no file, no
+/// process, unreadable times): false, i.e. append as before.
+///
+/// Limits: a map left by a process that died less than a second before its pid was reused is
+/// taken as current (appended to, as before this check); a forward step of the wall clock by
+/// more than a second after the process started makes a map it wrote before the step look
+/// older than the process (it is then started afresh, losing those lines).
+pub fn left_by_earlier_process(map: &Path, pid: i32) -> bool {
+    let Ok(modified) = std::fs::symlink_metadata(map).and_then(|m| m.modified()) else {
+        return false;
+    };
+    process_started(pid).is_some_and(|started| modified + STALE_MARGIN < started)
+}
+
+/// When process `pid` started, on the wall clock (to within a scheduler tick). The kernel gives
+/// the start as clock ticks since boot on the boot-time clock (field 22 of /proc/PID/stat); its
+/// distance from now on that clock, taken from the wall clock's now, is the start in the
+/// terms file times use.
+fn process_started(pid: i32) -> Option<SystemTime> {
+    let ticks = start_ticks(pid)?;
+    // SAFETY: sysconf has no memory arguments.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)?;
+    let since_boot =
+        Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz);
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    let now = SystemTime::now();
+    let boot_now = Duration::new(u64::try_from(ts.tv_sec).ok()?, ts.tv_nsec as u32);
+    now.checked_sub(boot_now.checked_sub(since_boot)?)
+}
+
+/// Process `pid`'s start time in clock ticks since boot (field 22 of /proc/PID/stat): with the
+/// pid, it names one process among all that ever had that pid.
+pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything: count after it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Removes the lines a [`record`] with the same `tag` wrote (after a revert). Missing file: Ok.
@@ -75,16 +144,71 @@ pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
     }
 }
 
-fn open_no_follow(options: &mut OpenOptions, p: &std::path::Path) -> std::io::Result<File> {
+fn open_no_follow(options: &mut OpenOptions, p: &Path) -> std::io::Result<File> {
     options.custom_flags(libc::O_NOFOLLOW).open(p)
 }
 
 /// The gdb command that loads the symbols (and debug info, if compiled with -g) of the patch
 /// object saved at `object_path`, with every section at the address it was linked to.
-pub fn gdb_add_symbol_file(object_path: &std::path::Path, image: &LinkedImage) -> String {
+pub fn gdb_add_symbol_file(object_path: &Path, image: &LinkedImage) -> String {
     let mut cmd = format!("add-symbol-file {}", object_path.display());
     for (name, addr) in &image.sections {
         cmd.push_str(&format!(" -s {name} 0x{addr:x}"));
     }
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A file in a fresh temporary folder, last modified at `when`.
+    fn file_modified_at(dir: &Path, when: SystemTime) -> PathBuf {
+        let p = dir.join("perf-test.map");
+        let f = File::create(&p).unwrap();
+        f.set_modified(when).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_map_older_than_the_process_was_left_by_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let started = process_started(me).expect("our own start time");
+        let before = file_modified_at(dir.path(), started - Duration::from_secs(3600));
+        assert!(left_by_earlier_process(&before, me));
+    }
+
+    #[test]
+    fn a_map_written_since_the_process_started_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let now = file_modified_at(dir.path(), SystemTime::now());
+        assert!(!left_by_earlier_process(&now, me));
+        // Written in the process's first moments: the coarse file clock may put it a tick
+        // before the start.
+        let started = process_started(me).unwrap();
+        let early = file_modified_at(dir.path(), started - Duration::from_millis(20));
+        assert!(!left_by_earlier_process(&early, me));
+    }
+
+    #[test]
+    fn our_start_time_is_in_the_past_and_after_boot() {
+        let me = std::process::id() as i32;
+        let started = process_started(me).unwrap();
+        let now = SystemTime::now();
+        assert!(started <= now);
+        // This test process started at most a few minutes ago (a test run).
+        assert!(now.duration_since(started).unwrap() < Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn no_file_or_no_process_is_not_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        assert!(!left_by_earlier_process(&dir.path().join("none.map"), me));
+        let old = file_modified_at(dir.path(), SystemTime::UNIX_EPOCH);
+        assert!(!left_by_earlier_process(&old, i32::MAX), "no such process");
+    }
 }

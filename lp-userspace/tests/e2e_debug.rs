@@ -1,7 +1,8 @@
 //! Issue 3 item 9 on live processes through the `livepatch` CLI: C++ exceptions thrown by and
 //! through a replaced function still reach main's handler (the patch's unwind info, and its
 //! register-preserving thunk's, are registered in the target); perf's /tmp/perf-PID.map and a
-//! gdb script name the new functions while the patch is applied, and forget them on revert;
+//! gdb script name the new functions while the patch is applied, and forget them on revert (a
+//! map or script left by a dead process with the same pid is started afresh, a JIT's line kept);
 //! the stack check's unwinder walks through patch code applied by an earlier invocation.
 
 mod common;
@@ -126,11 +127,25 @@ fn e2e_debug_perf_map_and_gdb_name_the_new_function() {
         "add-symbol-file /tmp/livepatch-stale.o -s .text 0x1000\n",
     )
     .unwrap();
+    // The same for perf's map, which has no header: it was last written before this process
+    // started (here: an hour before).
+    let map = lp_userspace::perf_map::path(target.child.id() as i32);
+    std::fs::write(&map, "1000 10 stale_function\n").unwrap();
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&map)
+        .and_then(|f| f.set_modified(an_hour_ago))
+        .unwrap();
     livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
     target.wait_line_after(target.count(), |l| l == NEW);
     assert!(
         !std::fs::read_to_string(&script).unwrap().contains("stale"),
         "a dead process's script was appended to"
+    );
+    assert!(
+        !std::fs::read_to_string(&map).unwrap().contains("stale"),
+        "a dead process's perf map was appended to"
     );
 
     // perf: the new function at the address status reports, with its size.
@@ -160,6 +175,15 @@ fn e2e_debug_perf_map_and_gdb_name_the_new_function() {
     // gdb detached again; the process runs on with the new code.
     target.expect_steady(3, |l| l == NEW);
 
+    // A JIT runtime inside the process adds its own line meanwhile: the map is the process's
+    // own now, and neither the revert nor the next apply may drop that line.
+    let jit_line = "7f0000001000 40 jit_compiled_function";
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&map)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{jit_line}\n").as_bytes()))
+        .unwrap();
+
     livepatch_ok(&["revert", &pid]);
     target.expect_steady(2, |l| l == OLD);
     assert_eq!(
@@ -169,6 +193,22 @@ fn e2e_debug_perf_map_and_gdb_name_the_new_function() {
     );
     assert!(!script.exists(), "gdb script left behind");
     assert!(!debug_info::gdb_object_path(target.child.id() as i32, &id).exists());
+    assert_eq!(
+        std::fs::read_to_string(&map).unwrap(),
+        format!("{jit_line}\n")
+    );
+
+    livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
+    target.wait_line_after(target.count(), |l| l == NEW);
+    let text = std::fs::read_to_string(&map).unwrap();
+    assert!(
+        text.starts_with(jit_line),
+        "the process's own map was rewritten: {text}"
+    );
+    assert!(perf_entry(&pid, "_Z5parsei", &id).is_some(), "{text}");
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(2, |l| l == OLD);
+    let _ = std::fs::remove_file(&map);
 }
 
 /// A thread sleeping inside the new `work` (called through its register-preserving thunk): the
