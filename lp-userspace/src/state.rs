@@ -18,7 +18,11 @@ pub const STATE_SIZE: u64 = 256 * 1024;
 const HEADER: u64 = 64;
 const SLOT: u64 = (STATE_SIZE - HEADER) / 2;
 const MAGIC: &[u8; 8] = b"LPSTATE\0";
-const VERSION: u32 = 1;
+/// Version 2 records retargeted call sites. A state with none is still written as version 1,
+/// which older tools read; one with call sites is version 2, which they refuse rather than
+/// revert a patch without restoring its callers (they would then call freed memory).
+const VERSION: u32 = 2;
+const VERSION_WITHOUT_CALL_SITES: u32 = 1;
 
 /// One function redirected by an applied patch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -152,7 +156,7 @@ fn read_at(pid: i32, mem: &Memory, addr: u64) -> Result<State, StateError> {
         return Err(corrupt("bad magic"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    if version != VERSION {
+    if !(VERSION_WITHOUT_CALL_SITES..=VERSION).contains(&version) {
         return Err(corrupt(&format!("unknown version {version}")));
     }
     let active = u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64;
@@ -224,7 +228,16 @@ impl StateMap {
         mem.write(self.addr + HEADER + next as u64 * SLOT, &body)?;
         let mut h = [0u8; HEADER as usize];
         h[..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let has_call_sites = state
+            .patches
+            .iter()
+            .any(|p| p.functions.iter().any(|f| !f.call_sites.is_empty()));
+        let version = if has_call_sites {
+            VERSION
+        } else {
+            VERSION_WITHOUT_CALL_SITES
+        };
+        h[8..12].copy_from_slice(&version.to_le_bytes());
         h[12..16].copy_from_slice(&next.to_le_bytes());
         h[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
         mem.write(self.addr, &h)?;

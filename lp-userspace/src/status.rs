@@ -194,4 +194,16 @@ mod tests {
         // None saved (an older state, or the object could not be written): no gdb line.
         assert!(!render(&one("")).contains("gdb:"));
     }
+
+    #[test]
+    fn rewritten_callers_are_counted() {
+        let mut list = one("");
+        assert!(render(&list).contains("    f 0x1000 -> 0x2000\n"));
+        list[0].patches[0].functions[0].call_sites = 1;
+        assert!(render(&list).contains("    f 0x1000 -> 0x2000 (1 direct caller rewritten)\n"));
+        list[0].patches[0].functions[0].call_sites = 3;
+        assert!(render(&list).contains("(3 direct callers rewritten)\n"));
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json[0]["patches"][0]["functions"][0]["call_sites"], 3);
+    }
 }

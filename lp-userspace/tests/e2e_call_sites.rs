@@ -53,6 +53,13 @@ fn bias(pid: i32, exe: &Path) -> u64 {
     start - Module::open(exe).unwrap().min_vaddr()
 }
 
+/// The version in the header of the in-target state.
+fn state_version(pid: i32) -> u32 {
+    let at = state::locate(pid).expect("a state mapping");
+    let h = Memory::open(pid).unwrap().read_vec(at + 8, 4).unwrap();
+    u32::from_le_bytes(h.try_into().unwrap())
+}
+
 /// work's record in the newest applied patch.
 fn top_work(pid: i32) -> AppliedFunction {
     let st = state::read(pid).unwrap();
@@ -113,6 +120,8 @@ fn call_sites(mode: &str) {
     let dest = work.via;
     assert_ne!(dest, work.old);
     assert_eq!(targets_in_memory(ipid, &patch, bias), vec![dest, dest]);
+    // A tool that does not know call sites must not read (and revert) this state.
+    assert_eq!(state_version(ipid), 2);
     let status = livepatch_ok(&["status", &pid]);
     assert!(status.contains("(2 direct callers rewritten)"), "{status}");
     assert_eq!(
@@ -135,6 +144,7 @@ fn call_sites(mode: &str) {
     livepatch_ok(&["revert", &pid, "--mode", mode]);
     target.expect_steady(3, |l| l == ORIGINAL);
     assert_original_bytes(ipid, &patch, bias);
+    assert_eq!(state_version(ipid), 1);
 }
 
 #[test]

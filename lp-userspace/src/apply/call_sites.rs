@@ -109,10 +109,12 @@ pub(crate) struct Prepared {
     pub frame: Option<FrameCfi>,
 }
 
-/// Builds the trampoline of `site` at `at` (appended to `extra`), its CFI and its switch to
-/// `dest`. `None`: the site is left alone (its callers keep going through the redirect) —
+/// Builds the trampoline of `site` at `at` (returned with the rest), its CFI and its switch
+/// to `dest`. `None`: the site is left alone (its callers keep going through the redirect) —
 /// the new destination is out of rel32 reach, or the trampoline of a `call`/`jcc`, which a
-/// callee returns into or which continues in the caller, cannot get the caller's CFI.
+/// callee returns into or which continues in the caller, cannot get the caller's CFI. A site
+/// that a patch below retargeted is never left pointing at that patch: it goes back to the
+/// original branch (to the old entry, whose redirect leads to this patch) instead.
 pub(crate) fn prepare(
     name: &str,
     site: &Verified,
@@ -124,8 +126,14 @@ pub(crate) fn prepare(
         |e: String| Error::Unsupported(format!("call site {} of {name}: {e}", site.caller));
     let original = call_site::decode(site.addr, &site.original)
         .map_err(|e: CallSiteError| unsupported(e.to_string()))?;
+    let retargeted = site.current != site.original;
+    let back_to_original = || {
+        lp_core::plan::plan_write(site.addr, &site.current, &site.original)
+            .map_err(|e| unsupported(e.to_string()))
+    };
     let plan = match call_site::plan_retarget(site.addr, &site.current, dest) {
         Ok(p) => p,
+        Err(CallSiteError::OutOfReach { .. }) if retargeted => back_to_original()?,
         Err(CallSiteError::OutOfReach { .. }) => return Ok(None),
         Err(e) => return Err(unsupported(e.to_string())),
     };
@@ -141,7 +149,7 @@ pub(crate) fn prepare(
         Some(Ok(f)) => Some(f),
         // A tail call never comes back into its trampoline: without CFI there, only a thread
         // stopped on that one jmp is unwound conservatively.
-        Some(Err(_)) if original.kind == BranchKind::Jump => None,
+        Some(Err(_)) if original.kind == BranchKind::Jump || retargeted => None,
         Some(Err(_)) => return Ok(None),
         None => None,
     };
