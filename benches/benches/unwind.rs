@@ -4,8 +4,11 @@
 //! here with gcc -O2, no frame pointers) whose threads sleep in `nanosleep` under a recursion of
 //! DEPTH frames. Each thread is seized and interrupted, then unwound through its CFI (libc's and
 //! the fixture's `.eh_frame`):
-//! - cold: the first `unwind` of a fresh `Unwinder` (no FDE rows cached yet; building the
-//!   unwinder, which parses every module's CFI, is timed apart as `for_process`);
+//! - cold: the first `unwind` of a fresh `Unwinder`. `for_process` (timed apart) only reads
+//!   `/proc/PID/maps` and registers each module lazily: the first unwind that reaches a module
+//!   opens its file and reads its `.eh_frame` (in place, through `.eh_frame_hdr`), so the cold
+//!   figure includes that loading for the modules this stack passes through, and no FDE row is
+//!   cached yet;
 //! - warm: later `unwind`s of the same thread on the same `Unwinder` (rows cached).
 //!
 //! Run: `cargo bench -p lp-benches --bench unwind` (root or ptrace rights; gcc needed).
@@ -135,7 +138,10 @@ fn main() {
         build.push(micros(t.elapsed()));
         drop(u);
     }
-    println!("  for_process (parse all modules' CFI): {}", summary(build));
+    println!(
+        "  for_process (maps read, modules registered lazily): {}",
+        summary(build)
+    );
     for (tid, regs) in &threads {
         let mut cold = Vec::new();
         let mut frames = 0;
