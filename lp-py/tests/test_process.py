@@ -26,6 +26,8 @@ def test_apply_changes_what_the_process_prints_and_revert_restores_it(counter, p
     report = livepatch.apply(counter.pid, patch, mode=mode)
     assert report["id"] == patch.id and report["pid"] == counter.pid
     assert [f["name"] for f in report["functions"]] == ["value"]
+    # run()'s direct call of value() now calls the new code without the entry's jump
+    assert report["functions"][0]["call_sites"] == 1
     counter.wait_for("value=2")
     counter.only("value=2")
 
@@ -55,6 +57,7 @@ def test_status_lists_the_applied_patches(counter, patches):
     [function] = applied["functions"]
     assert function["name"] == "value"
     assert int(function["old"], 16) != int(function["new"], 16)
+    assert function["call_sites"] == 1
     # the gdb command naming the new code: its object file, saved for gdb, placed at runtime
     obj = f"/tmp/livepatch-{counter.pid}-{applied['id']}.o"
     assert applied["gdb_command"].startswith(f"add-symbol-file {obj} -s .text 0x")

@@ -25,6 +25,7 @@ class AppliedFunction(TypedDict):
     old: int  #: the old function's entry in the process
     new: int  #: the new function's entry
     thunk: bool  #: reached through a register-preserving thunk
+    call_sites: int  #: direct callers in the module retargeted at the new code
 
 
 class Applied(TypedDict):
@@ -56,6 +57,7 @@ class FunctionStatus(TypedDict):
     name: str
     old: str
     new: str
+    call_sites: int  #: direct callers in the module retargeted at the new code
 
 
 class PatchStatus(TypedDict):
