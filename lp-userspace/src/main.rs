@@ -16,10 +16,13 @@ fn main() {
     // a thread arena grows one page per `mprotect` with no padding: building iced-x86's
     // instruction tables on the warm-up thread (thousands of small boxes) cost ~250 system
     // calls and about twice the CPU time it takes on the main arena (1.1 vs 2.3 ms median,
-    // measured). The tool's threads take turns more than they contend for the lock.
-    // SAFETY: mallopt only sets a malloc parameter; called before any thread is started.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+    // measured). The tool's threads take turns more than they contend for the lock. A
+    // MALLOC_ARENA_MAX in the environment (glibc reads it at start-up) is left to rule.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a malloc parameter; called before any thread is started.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
