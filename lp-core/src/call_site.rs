@@ -144,6 +144,14 @@ pub enum CallSiteError {
         /// The instruction's length.
         need: usize,
     },
+    /// The instruction would end past the top of the address space.
+    #[error("a {len}-byte branch at {addr:#x} wraps around the address space")]
+    Wraps {
+        /// The site.
+        addr: u64,
+        /// The instruction's length.
+        len: usize,
+    },
     /// The new destination is beyond ±2 GiB of the end of the instruction.
     #[error("{dest:#x} is out of rel32 reach of the branch at {addr:#x}")]
     OutOfReach {
@@ -168,7 +176,7 @@ pub enum CallSiteError {
 }
 
 /// Recognises `bytes` (at `addr`) as exactly one direct rel32 branch: `call`, `jmp` or `jcc`,
-/// without prefixes, nothing after it.
+/// without prefixes, nothing after it, not wrapping around the address space.
 ///
 /// ```
 /// use lp_core::call_site::{decode, CallSiteError};
@@ -211,6 +219,9 @@ pub fn decode(addr: u64, bytes: &[u8]) -> Result<CallSite, CallSiteError> {
             have: bytes.len(),
             need: len,
         });
+    }
+    if addr.checked_add(len as u64).is_none() {
+        return Err(CallSiteError::Wraps { addr, len });
     }
     let mut rel = [0u8; 4];
     rel.copy_from_slice(&bytes[len - 4..]);
@@ -405,6 +416,14 @@ mod tests {
             decode(0, &[]),
             Err(CallSiteError::WrongLength { have: 0, .. })
         ));
+        // found by the fuzzer: a jcc whose last byte would be past the top of the address space
+        assert_eq!(
+            decode(u64::MAX - 1, &[0x0f, 0x84, 0, 0, 0, 0]),
+            Err(CallSiteError::Wraps {
+                addr: u64::MAX - 1,
+                len: 6
+            })
+        );
     }
 
     #[test]
