@@ -231,6 +231,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             if boost {
                 raise_priority();
             }
+            build_instruction_tables();
             let r = crate::revert::revert(pid, patch_id.as_deref(), mode.into(), timeout)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -312,14 +313,15 @@ fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Error> 
 }
 
 /// Builds iced-x86's instruction tables (lp-core's decoder, encoder and instruction info: about
-/// 1 ms of CPU on first use in a process) here, before `apply` starts its threads. `apply` also
-/// builds them on its warm-up thread while the tracer thread attaches
+/// 1 ms of CPU on first use in a process) here, before `apply`/`revert` start their threads.
+/// Both also build them on a warm-up thread while the tracer thread attaches
 /// (`apply::modules::warm_up`); on this 2-core machine under load that thread competes with the
 /// tracer for the CPUs and for malloc's lock, and the tracer spin-waits on iced's `Once` when it
 /// needs a table first. Built up front, the warm-up finds them ready. A/B on the same binary
-/// (60 interleaved rounds, twice, load 7–9): apply wall time the same or 1.4 ms better (median),
-/// CPU 1.0–1.3 ms less, and the tool's `total` — the time the target is attached — 1.3–3.3 ms
-/// shorter. Same calls as the warm-up's.
+/// (60 interleaved rounds, load 7–11): apply wall time the same or 1.4 ms better (median), CPU
+/// 1.0–1.7 ms less, and the tool's `total` — the time the target is attached — 1.3–4.8 ms
+/// shorter; revert wall time and CPU the same, its `total` 3.1 → 2.1 ms (1.5 with --boost).
+/// Same calls as the warm-up's.
 fn build_instruction_tables() {
     use lp_core::jump::REL32_JUMP_LEN;
     // push %rbp; mov %rsp,%rbp; mov -0x4(%rbp),%eax; pop %rbp; ret
