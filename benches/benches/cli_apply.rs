@@ -11,6 +11,9 @@
 //! Run: `cargo bench -p lp-benches --bench cli_apply` (root; gcc needed). It builds the release
 //! `livepatch` binary first (`cargo build --release -p lp-userspace`), or uses `LIVEPATCH_BIN`.
 //! `CLI_BENCH_RT=1` runs each `livepatch` under `chrt -f 50` (see `timed`).
+//! `LIVEPATCH_BASELINE_BIN=PATH` also runs another build (e.g. an older commit's, built into
+//! another target directory) plain in every round, interleaved: before/after on the same load.
+//! It packs its own patch (an older build may not read today's format, nor do all it asks).
 
 use lp_benches::{build_fixture, Fixture};
 use std::path::{Path, PathBuf};
@@ -187,18 +190,26 @@ fn main() {
     let patch = d("patch.lp");
     let target_arg = d("target");
     let object_arg = d("new.o");
-    timed(
-        &bin,
-        &[
+    let pack = |bin: &Path, out: &str| {
+        let args = [
             "pack",
             "--target",
             &target_arg,
             "--object",
             &object_arg,
             "-o",
-            &patch,
-        ],
-    );
+            out,
+        ];
+        timed(bin, &args);
+    };
+    pack(&bin, &patch);
+    // The baseline packs its own patch: an older build may not read today's patch format (and
+    // would then also not do what today's patches ask, e.g. retarget call sites).
+    let baseline_bin = std::env::var_os("LIVEPATCH_BASELINE_BIN").map(PathBuf::from);
+    let baseline_patch = d("patch-baseline.lp");
+    if let Some(b) = &baseline_bin {
+        pack(b, &baseline_patch);
+    }
 
     let t = start_target(&dir.join("target"));
     let pid = t.child.id().to_string();
@@ -215,8 +226,12 @@ fn main() {
     timed(&bin, &["revert", &pid]);
     let mut version = vec![];
     let (mut plain, mut boosted) = (Figures::default(), Figures::default());
+    let mut baseline = Figures::default();
     for round in 0..ROUNDS {
         version.push(ms(timed(&bin, &["--version"]).0));
+        if let Some(b) = &baseline_bin {
+            baseline.round(b, &pid, &baseline_patch, &[]);
+        }
         if round % 2 == 0 {
             plain.round(&bin, &pid, &patch, &[]);
             boosted.round(&bin, &pid, &patch, &["--boost"]);
@@ -227,6 +242,9 @@ fn main() {
     }
     println!("  load average at end:   {}", load().trim());
     println!("  livepatch --version (exec floor): {}", summary(version));
+    if let Some(b) = &baseline_bin {
+        baseline.print(&format!("baseline {}, plain", b.display()));
+    }
     plain.print("plain");
     boosted.print("--boost (the tool at nice -20)");
     drop(t);
