@@ -90,9 +90,11 @@ fn list_tasks(pid: i32) -> Result<Vec<i32>> {
 
 impl Tracee {
     /// Seizes every thread of `pid` (threads keep running). Threads created while we seize
-    /// are picked up by rescanning until the set is stable.
+    /// are picked up by rescanning until the set is stable. The per-process lock of
+    /// [`Tracee::attach_one`] is taken too: ptrace's one-tracer rule alone keeps a nonstop
+    /// livepatch out only while its one traced thread is seized, not while it re-picks one.
     pub fn attach(pid: i32) -> Result<Tracee> {
-        let mut t = Tracee::open(pid, false, || Ok(None))?;
+        let mut t = Tracee::open(pid, false, || lock_process_patiently(pid).map(Some))?;
         while t.seize_new()? > 0 {}
         if t.threads.is_empty() {
             return Err(ProcessError::NoSuchProcess(pid));
@@ -405,17 +407,19 @@ impl Tracee {
         if !t.stopped {
             return Ok(());
         }
+        self.fix_restart(tid)?;
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
         t.stopped = false;
-        // Signals held back while we used the thread go first, so that fix_restart sees them
-        // pending: one sent after a hand-made restart could run its handler before the thread
-        // re-enters its call, and the call would then block on as if nothing had come.
+        // Signals held back while we used the thread: taken when it leaves the stop, through
+        // the kernel's own delivery (and restart decision).
         for sig in std::mem::take(&mut t.deferred) {
             // SAFETY: tgkill only sends a signal to a thread of the target.
             unsafe {
                 libc::syscall(libc::SYS_tgkill, self.pid, tid, sig);
             }
         }
-        self.fix_restart(tid)?;
         match ptrace::cont(tid, 0) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => self.thread_gone(tid),
@@ -531,15 +535,19 @@ impl Tracee {
     }
 
     /// Called right before thread `tid` runs its own code again. After a remote system call
-    /// it sits in a syscall-exit stop, from which the kernel resumes the registers as they are
-    /// and restarts nothing: a call of its own that our stop interrupted would return
-    /// -ERESTARTSYS (512) and friends to the program. With no signal to take, restart it in the
-    /// registers as arch_do_signal_or_restart would. With a signal pending and not blocked,
-    /// leave them: resuming from the stop sets TIF_SIGPENDING again (recalc_sigpending), and
-    /// the kernel's own path gives the program EINTR or the restart its handler's SA_RESTART
-    /// asks for — rewinding by hand would run the handler and then re-enter the call, losing
-    /// the EINTR. (A signal arriving between this check and the resume still meets the
-    /// rewound registers; that window is a few microseconds.)
+    /// it sits in a syscall-exit stop, its own registers restored, from which the kernel
+    /// resumes the registers as they are and restarts nothing: a call of its own that our
+    /// stop interrupted would return -ERESTARTSYS (512) and friends to the program.
+    ///
+    /// So the thread is sent back into the kind of stop it was taken from: PTRACE_INTERRUPT
+    /// (on a thread already stopped it takes effect when the current stop ends), resumed from
+    /// the syscall-exit stop, it stops again in get_signal (PTRACE_EVENT_STOP) before returning
+    /// to user mode, its registers untouched. Resuming it from there runs the kernel's own
+    /// signal delivery and system call restart: EINTR for a handler without SA_RESTART, a
+    /// restart with no signal to take — exactly as after our first interrupt. (Restarting the
+    /// call by hand instead, as earlier versions did, lost the EINTR of a signal arriving
+    /// between the decision and the thread's re-entry into its call — a window as long as the
+    /// thread's wake-up, which on a loaded machine is milliseconds.)
     fn fix_restart(&mut self, tid: i32) -> Result<()> {
         let Some(t) = self.threads.get_mut(&tid) else {
             return Ok(());
@@ -547,28 +555,20 @@ impl Tracee {
         if !std::mem::take(&mut t.after_remote_syscall) {
             return Ok(());
         }
-        if self.signal_deliverable(tid) {
-            return Ok(());
+        match ptrace::interrupt(tid) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return self.thread_gone(tid),
+            Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
         }
-        let regs = self.regs(tid)?;
-        self.set_regs(tid, &syscall::resumed(&regs))
-    }
-
-    /// Whether thread `tid` has a signal pending (its own or the process's) that it does not
-    /// block.
-    fn signal_deliverable(&self, tid: i32) -> bool {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid))
-        else {
-            return false;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .unwrap_or(0)
-        };
-        (field("SigPnd:") | field("ShdPnd:")) & !field("SigBlk:") != 0
+        match ptrace::cont(tid, 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return self.thread_gone(tid),
+            Err(e) => return Err(ProcessError::from_ptrace("CONT", self.pid, tid, e)),
+        }
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.stopped = false;
+        }
+        self.wait_stopped(tid)
     }
 
     /// Executes one instruction of the stopped thread `tid` (it stays stopped). Used with no
@@ -736,8 +736,10 @@ impl Tracee {
     }
 
     /// Makes every thread execute a serializing instruction (membarrier SYNC_CORE run inside
-    /// the target), so that code written meanwhile is seen by all of them. Falls back to a
-    /// plain membarrier when SYNC_CORE is unavailable.
+    /// the target), so that code written meanwhile is seen by all of them. Registers the
+    /// process for SYNC_CORE the first time (EPERM). Without SYNC_CORE (EINVAL: a kernel
+    /// without it) it fails: a plain membarrier orders memory but does not serialize
+    /// instruction fetch, which cross-modified code needs.
     pub fn sync_cores(&mut self) -> Result<()> {
         const REGISTER_SYNC_CORE: u64 = 1 << 6; // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE
         const SYNC_CORE: u64 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
@@ -799,6 +801,11 @@ impl Tracee {
         self.detached = true;
         let mut first_err = None;
         for tid in self.threads() {
+            if self.threads.get(&tid).is_some_and(|t| t.stopped) {
+                if let Err(e) = self.fix_restart(tid) {
+                    first_err.get_or_insert(e);
+                }
+            }
             let Some(t) = self.threads.get_mut(&tid) else {
                 continue;
             };
@@ -811,9 +818,6 @@ impl Tracee {
                 }
             }
             if stopped {
-                if let Err(e) = self.fix_restart(tid) {
-                    first_err.get_or_insert(e);
-                }
                 if let Err(e) = ptrace::detach(tid, 0) {
                     if e.raw_os_error() != Some(libc::ESRCH) {
                         first_err
@@ -848,6 +852,9 @@ impl Tracee {
                     continue;
                 }
             }
+            if let Err(e) = self.fix_restart(tid) {
+                first_err.get_or_insert(e);
+            }
             let deferred = self
                 .threads
                 .get_mut(&tid)
@@ -858,9 +865,6 @@ impl Tracee {
                 unsafe {
                     libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
                 }
-            }
-            if let Err(e) = self.fix_restart(tid) {
-                first_err.get_or_insert(e);
             }
             if let Err(e) = ptrace::detach(tid, sig) {
                 if e.raw_os_error() != Some(libc::ESRCH) {
@@ -1016,4 +1020,30 @@ fn is_zombie(pid: i32) -> bool {
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
         })
         .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review N10: a stop-mode tracee holds the same per-process lock as a nonstop one, so
+    /// that a nonstop livepatch cannot start on the process meanwhile (and the other way).
+    #[test]
+    fn attach_takes_the_per_process_lock() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let pid = child.id() as i32;
+        let t = with_tracer_thread(|| {
+            let t = Tracee::attach(pid).expect("attach");
+            let held = lock_process(pid).is_err();
+            t.detach().expect("detach");
+            held
+        });
+        assert!(t, "the lock was free while a stop-mode tracee existed");
+        assert!(lock_process(pid).is_ok(), "the lock outlived the tracee");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

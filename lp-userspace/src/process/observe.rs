@@ -12,6 +12,8 @@ pub enum Activity {
     Blocked {
         /// The system call number, if in one.
         syscall: Option<i64>,
+        /// Its user stack pointer.
+        sp: u64,
         /// Its user instruction pointer.
         pc: u64,
     },
@@ -36,20 +38,116 @@ pub fn activity(pid: i32, tid: i32) -> Option<Activity> {
 }
 
 fn parse_syscall_line(text: &str) -> Activity {
-    let fields: Vec<&str> = text.split_whitespace().collect();
-    let nr = fields.first().and_then(|f| f.parse::<i64>().ok());
-    let pc = fields
-        .last()
-        .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok());
-    match (nr, pc) {
+    let hex = |f: &str| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok();
+    let mut fields = [""; 9];
+    let mut n = 0;
+    for f in text.split_whitespace() {
+        if n == fields.len() {
+            return Activity::Running;
+        }
+        fields[n] = f;
+        n += 1;
+    }
+    let nr = fields[0].parse::<i64>().ok();
+    match (nr, n) {
         // "NR arg1..arg6 sp pc" in a system call, "-1 sp pc" blocked outside one.
-        (Some(nr), Some(pc)) if nr >= 0 && fields.len() == 9 => Activity::Blocked {
-            syscall: Some(nr),
-            pc,
+        (Some(nr), 9) if nr >= 0 => match (hex(fields[7]), hex(fields[8])) {
+            (Some(sp), Some(pc)) => Activity::Blocked {
+                syscall: Some(nr),
+                sp,
+                pc,
+            },
+            _ => Activity::Running,
         },
-        (Some(-1), Some(pc)) if fields.len() == 3 => Activity::Blocked { syscall: None, pc },
+        (Some(-1), 3) => match (hex(fields[1]), hex(fields[2])) {
+            (Some(sp), Some(pc)) => Activity::Blocked {
+                syscall: None,
+                sp,
+                pc,
+            },
+            _ => Activity::Running,
+        },
         _ => Activity::Running,
     }
+}
+
+/// One thread's /proc files, opened once and read again from offset 0 at each look (a
+/// seq_file regenerates its text then): a look costs one read, not a path walk, an open and
+/// a close. The files refer to the thread itself: once it is gone they read nothing, even if
+/// its id is reused.
+#[derive(Debug)]
+pub struct ThreadFiles {
+    pid: i32,
+    tid: i32,
+    syscall: std::fs::File,
+    schedstat: std::fs::File,
+    status: Option<std::fs::File>,
+}
+
+impl ThreadFiles {
+    /// Opens thread `tid` of `pid`; `None` when it is gone.
+    pub fn open(pid: i32, tid: i32) -> Option<ThreadFiles> {
+        let open = |name: &str| std::fs::File::open(format!("/proc/{pid}/task/{tid}/{name}")).ok();
+        Some(ThreadFiles {
+            pid,
+            tid,
+            syscall: open("syscall")?,
+            schedstat: open("schedstat")?,
+            status: None,
+        })
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// As [`activity`].
+    pub fn activity(&self) -> Option<Activity> {
+        let mut buf = [0u8; 256];
+        Some(parse_syscall_line(read_at_start(&self.syscall, &mut buf)?))
+    }
+
+    /// As [`runtime_ns`].
+    pub fn runtime_ns(&self) -> Option<u64> {
+        let mut buf = [0u8; 128];
+        read_at_start(&self.schedstat, &mut buf)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// As [`signal_in`] (the status file is opened at the first call).
+    pub fn signal_in(&mut self, sig: i32, fields: &[&str]) -> bool {
+        if self.status.is_none() {
+            self.status =
+                std::fs::File::open(format!("/proc/{}/task/{}/status", self.pid, self.tid)).ok();
+        }
+        let Some(f) = &self.status else {
+            return false;
+        };
+        let mut buf = [0u8; 4096];
+        read_at_start(f, &mut buf).is_some_and(|s| mask_has(s, sig, fields))
+    }
+}
+
+fn read_at_start<'a>(f: &std::fs::File, buf: &'a mut [u8]) -> Option<&'a str> {
+    use std::os::unix::fs::FileExt;
+    let n = f.read_at(buf, 0).ok()?;
+    if n == 0 {
+        return None;
+    }
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
+fn mask_has(status: &str, sig: i32, fields: &[&str]) -> bool {
+    let bit = 1u64 << (sig - 1);
+    status.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            fields.contains(&k) && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & bit != 0)
+        })
+    })
 }
 
 /// CPU time thread `tid` has consumed, in nanoseconds (/proc/PID/task/TID/schedstat; updated
@@ -62,15 +160,8 @@ pub fn runtime_ns(pid: i32, tid: i32) -> Option<u64> {
 /// Whether signal `sig` is in one of the masks `fields` (e.g. "SigPnd", "ShdPnd", "SigBlk")
 /// of thread `tid`'s status.
 pub fn signal_in(pid: i32, tid: i32, sig: i32, fields: &[&str]) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
-        return false;
-    };
-    let bit = 1u64 << (sig - 1);
-    status.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            fields.contains(&k) && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & bit != 0)
-        })
-    })
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .is_ok_and(|status| mask_has(&status, sig, fields))
 }
 
 /// The pid of the process tracing thread `tid` of `pid`, or 0.
@@ -96,6 +187,7 @@ mod tests {
             parse_syscall_line("230 0x1 0x0 0x7ffc 0x0 0x0 0x0 0x7ffd10 0x7f12345\n"),
             Activity::Blocked {
                 syscall: Some(230),
+                sp: 0x7ffd10,
                 pc: 0x7f12345
             }
         );
@@ -103,6 +195,7 @@ mod tests {
             parse_syscall_line("-1 0x7ffd10 0x401000\n"),
             Activity::Blocked {
                 syscall: None,
+                sp: 0x7ffd10,
                 pc: 0x401000
             }
         );
@@ -168,5 +261,62 @@ mod tests {
         h.join().unwrap();
         assert!(!signal_in(pid, me, libc::SIGTRAP, &["SigPnd", "ShdPnd"]));
         assert_eq!(tracer_pid(pid, me), 0);
+    }
+
+    #[test]
+    fn kept_open_files_read_fresh_values_and_nothing_once_the_thread_is_gone() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+        let pid = std::process::id() as i32;
+        let spin = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (ttx, trx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (s2, st2) = (spin.clone(), stop.clone());
+        let h = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            ttx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
+                .unwrap();
+            let _ = go_rx.recv();
+            s2.store(true, Ordering::SeqCst);
+            while !st2.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        let tid = trx.recv().unwrap();
+        let files = ThreadFiles::open(pid, tid).unwrap();
+        assert_eq!(files.tid(), tid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Blocked in the channel's futex wait, with its stack pointer and pc.
+        while !matches!(
+            files.activity(),
+            Some(Activity::Blocked {
+                syscall: Some(nr), sp, pc
+            }) if nr == libc::SYS_futex && sp != 0 && pc != 0
+        ) {
+            assert!(Instant::now() < deadline, "never seen blocked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        go_tx.send(()).unwrap();
+        while !spin.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // The same descriptors now show it running, its CPU time growing.
+        let before = files.runtime_ns().unwrap();
+        while files.runtime_ns().unwrap() <= before + 1_000_000 {
+            assert!(Instant::now() < deadline, "no CPU time seen");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(files.activity(), Some(Activity::Running));
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap();
+        let mut files = files;
+        let gone = Instant::now() + Duration::from_secs(5);
+        while files.activity().is_some() {
+            assert!(Instant::now() < gone, "a gone thread still reads");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(files.runtime_ns(), None);
+        assert!(!files.signal_in(libc::SIGTRAP, &["SigBlk"]));
     }
 }
