@@ -245,3 +245,39 @@ fn e2e_nonstop_busy_threads_are_never_traced() {
         "threads other than the borrowed main thread {pid} were traced: {traced:?}"
     );
 }
+
+/// Review N3: a thread blocked in a signal handler whose interrupted context lies between the
+/// instructions a nonstop switch overwrites is not past them: it resumes there when the
+/// handler returns. The switch must wait for it (busy at the timeout, everything put back),
+/// not rewrite the bytes under it. Released, the thread finishes the original instructions;
+/// then the apply goes through.
+#[test]
+fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["parked.c"], "parked", &["-pthread"]);
+    let obj = object(dir.path(), "new_parked.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let fifo = dir.path().join("release");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: c_fifo is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let mut target = Target::spawn(&exe, &[fifo.to_str().unwrap()]);
+    let pid = target.pid();
+    target.wait_line(|l| l == "parked");
+    std::thread::sleep(Duration::from_millis(100)); // blocked in the handler's read()
+    let (code, err) =
+        livepatch_err(&["apply", &pid, &patch, "--mode", "nonstop", "--timeout", "1"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("busy"), "{err}");
+    // Released: the add at compute + 3 runs from the original bytes (8, not a crash).
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    std::io::Write::write_all(&mut w, b"x").unwrap();
+    target.wait_line(|l| l == "compute 8");
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    let mark = target.count();
+    std::io::Write::write_all(&mut w, b"x").unwrap();
+    let line = target.wait_line_after(mark, |l| l.starts_with("compute "));
+    assert_eq!(line, "compute 1008");
+    assert!(target.alive());
+}

@@ -44,10 +44,6 @@ const PROGRESS_NS: u64 = 200_000;
 /// machine gives a low-priority thread little CPU).
 const MIN_UNINSTALL_WAIT: Duration = Duration::from_secs(10);
 
-/// Pause between two looks at the threads: each look reads a few /proc files per thread,
-/// CPU the target's threads would otherwise get on a small machine.
-const POLL: Duration = Duration::from_millis(1);
-
 const SIGTRAP: u64 = libc::SIGTRAP as u64;
 const SA_SIGINFO: u64 = 4;
 const SA_ONSTACK: u64 = 0x0800_0000;
@@ -170,6 +166,9 @@ pub(crate) fn run(
     })));
 
     let t0 = Instant::now();
+    // From the first int3 to the last, every call of a switched function costs a trap: the
+    // tool must not wait behind the trapping threads for a CPU.
+    let boost = RtBoost::start();
     let installed = install(t, &area);
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
@@ -192,6 +191,7 @@ pub(crate) fn run(
                 result = Err(e);
             }
         }
+        drop(boost);
         trace("switched", t0);
         let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
         trace("uninstalled", t0);
@@ -217,6 +217,49 @@ pub(crate) fn run(
         traps: hits + t.traps_handled,
         trap_handler_kept: kept,
     })
+}
+
+/// The calling thread (the tool's tracer thread) runs under SCHED_FIFO while this lives, and
+/// gets its scheduling policy back when it is dropped. The int3 window is the tool's own
+/// work (writes, remote membarriers, looks at /proc): under the default policy, on a small
+/// machine, the trapping threads take the CPU from it and the window (and the traps) grows.
+/// The tool sleeps between its looks, so it never keeps a CPU to itself for long. Without
+/// the privilege (CAP_SYS_NICE) nothing changes.
+struct RtBoost {
+    saved: Option<(i32, libc::sched_param)>,
+}
+
+impl RtBoost {
+    fn start() -> RtBoost {
+        // SAFETY: sched_param is plain old data; all-zero is a valid value.
+        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+        // SAFETY: pid 0 is the calling thread; param is a valid sched_param to fill.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        // SAFETY: as above.
+        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+            return RtBoost { saved: None };
+        }
+        if policy == libc::SCHED_FIFO || policy == libc::SCHED_RR {
+            return RtBoost { saved: None };
+        }
+        let rt = libc::sched_param { sched_priority: 1 };
+        // SAFETY: pid 0 is the calling thread; rt is a valid sched_param.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) } != 0 {
+            return RtBoost { saved: None };
+        }
+        RtBoost {
+            saved: Some((policy, param)),
+        }
+    }
+}
+
+impl Drop for RtBoost {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.saved {
+            // SAFETY: pid 0 is the calling thread; param was filled by sched_getparam.
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
+    }
 }
 
 /// A thread with SIGTRAP blocked that reaches an `int3` is killed by the kernel (a trap's
@@ -416,15 +459,31 @@ fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
         )));
     }
     t.mem().write(data + th::OLD_ACT, &current.to_bytes())?;
+    // Under SIG_IGN or SIG_DFL a SIGTRAP sent by kill never interrupted a system call (it
+    // was discarded, or killed the process); through our handler (which drops or re-raises
+    // it) it would end a blocking read() with EINTR unless SA_RESTART restarts it. (Calls
+    // the kernel never restarts — poll, nanosleep... — still return EINTR: a limit.)
+    let restart = if current.handler <= 1 {
+        SA_RESTART
+    } else {
+        current.flags & SA_RESTART
+    };
     let ours = KAction {
         handler: area.code,
-        flags: SA_SIGINFO | SA_RESTORER | SA_NODEFER | (current.flags & (SA_ONSTACK | SA_RESTART)),
+        flags: SA_SIGINFO | SA_RESTORER | SA_NODEFER | (current.flags & SA_ONSTACK) | restart,
         restorer: if current.flags & SA_RESTORER != 0 && current.restorer != 0 {
             current.restorer
         } else {
             area.restorer()
         },
-        mask: current.mask,
+        // The mask a chained handler runs with. Under SIG_IGN or SIG_DFL no handler runs:
+        // glibc's signal() puts the signal itself in the mask, and ours would then run with
+        // SIGTRAP blocked, which a trap of ours must never meet.
+        mask: if current.handler <= 1 {
+            0
+        } else {
+            current.mask
+        },
     };
     t.mem().write(data + th::SCRATCH_ACT, &ours.to_bytes())?;
     sigaction(t, data + th::SCRATCH_ACT, data + th::SCRATCH_OLD)?;
@@ -455,7 +514,8 @@ fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
 /// 1. every thread must be seen, after the last sync, either blocked (sleeping: not in A,
 ///    which cannot sleep) or having consumed [`PROGRESS_NS`] of CPU (far longer than A);
 ///    once out of A a thread cannot enter it again;
-/// 2. then no thread may have SIGTRAP pending (B is left in order, and nothing enters it);
+/// 2. then no thread may have SIGTRAP pending in its own set (B is left in order, and nothing
+///    enters it; a trap's signal is thread-directed, so the process-wide set does not count);
 /// 3. and, belt and braces, no thread is inside the handler.
 fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error> {
     let data = area.data();
@@ -466,71 +526,142 @@ fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error>
         return Ok(true);
     }
     let pid = t.pid();
-    let deadline = Instant::now() + wait;
+    let start = Instant::now();
+    let deadline = start + wait;
     let borrowed = t.threads();
-    if wait_moved_on(pid, &borrowed, &[], deadline)?.is_some() {
+    if let Some((tid, _)) = wait_moved_on(t.mem(), pid, &borrowed, &[], deadline, UNINSTALL_POLL)? {
+        trace(
+            &format!("uninstall: thread {tid} not seen past the int3s"),
+            start,
+        );
         return Ok(false);
     }
+    // Threads created from now on never executed one of our int3s: the list is final.
+    let mut threads: Vec<observe::ThreadFiles> = observe::tasks(pid)
+        .into_iter()
+        .filter_map(|tid| observe::ThreadFiles::open(pid, tid))
+        .collect();
+    let mut pause = UNINSTALL_POLL.first;
     loop {
-        let pending = observe::tasks(pid)
-            .into_iter()
-            .any(|tid| observe::signal_in(pid, tid, libc::SIGTRAP, &["SigPnd", "ShdPnd"]));
+        // A trap's SIGTRAP is queued to the thread that trapped (force_sig): its own
+        // pending set. The process-wide set holds only SIGTRAPs sent by kill, never ours —
+        // and one can stay there for long (sent while the borrowed thread, stopped, was the
+        // only candidate the kernel looked at).
+        let pending = threads
+            .iter_mut()
+            .any(|f| f.signal_in(libc::SIGTRAP, &["SigPnd"]));
         if !pending && area.read_u64(t.mem(), th::INSIDE)? == 0 {
             break;
         }
         if Instant::now() > deadline {
+            let inside = area.read_u64(t.mem(), th::INSIDE)?;
+            trace(
+                &format!("uninstall: SIGTRAP pending {pending}, {inside} inside the handler"),
+                start,
+            );
             return Ok(false);
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(UNINSTALL_POLL.max);
     }
     sigaction(t, data + th::OLD_ACT, 0)?;
     Ok(true)
 }
 
-/// Waits until every thread except `skip` has moved on since now: gone, seen blocked (at a
-/// pc outside `ranges`), or seen to consume [`PROGRESS_NS`] of CPU after now. Threads created
-/// after now count as moved on. Returns a thread that has not at the deadline.
+/// How often the threads are looked at while waiting for them: soon at first (most threads
+/// are seen blocked at the first looks, and every microsecond of the int3 window costs a trap
+/// per call), then less often (each look reads two /proc files per thread: CPU time the
+/// target's threads would otherwise get on a small machine).
+#[derive(Debug, Clone, Copy)]
+struct Poll {
+    first: Duration,
+    max: Duration,
+}
+
+/// While int3s are in place (settle).
+const SETTLE_POLL: Poll = Poll {
+    first: Duration::from_micros(20),
+    max: Duration::from_micros(500),
+};
+
+/// After the last sync (uninstall): no int3 is left, only the tool's wall time is at stake.
+const UNINSTALL_POLL: Poll = Poll {
+    first: Duration::from_micros(100),
+    max: Duration::from_millis(1),
+};
+
+/// How far above a blocked thread's stack pointer its stack is searched for an address
+/// inside the displaced bytes (see [`stack_refers_to`]): a signal handler's frames and the
+/// signal frame holding the interrupted context (with the xsave area: a few KiB).
+const STACK_SCAN: u64 = 32 * 1024;
+
+/// Waits until every thread except `skip` has moved on since now: gone, seen blocked at a pc
+/// outside `ranges` with no address inside them on its stack, or seen to consume
+/// [`PROGRESS_NS`] of CPU after now. Threads created after now count as moved on. Returns a
+/// thread that has not at the deadline, and whether it was last seen in a signal handler (or
+/// call) whose way back leads into `ranges`.
 ///
 /// CPU time comes from schedstat, which the scheduler updates only at ticks and switches: the
 /// value read now may lag the thread's true CPU time by up to a tick of running. So the
 /// measure starts at the first *update* seen after now (a value different from the one read
 /// now, exact at that update), and the thread must consume [`PROGRESS_NS`] beyond it.
+///
+/// A blocked thread's pc is not enough (review N3): blocked inside a signal handler, it
+/// resumes at the context the signal interrupted, saved in the signal frame on its stack —
+/// possibly inside the displaced bytes; blocked in a function called by a displaced `call`,
+/// it returns into them. Both leave that address on its stack, so the stack above its stack
+/// pointer is searched ([`stack_refers_to`]; an unrelated word equal to an address inside a
+/// function's first bytes only makes the wait longer). Such a thread must later be seen
+/// blocked with no such address: CPU time alone no longer counts for it (it could be spent in
+/// the handler).
 fn wait_moved_on(
+    mem: &Memory,
     pid: i32,
     skip: &[i32],
     ranges: &[CodeRange],
     deadline: Instant,
-) -> Result<Option<i32>, Error> {
-    struct Clock {
+    poll: Poll,
+) -> Result<Option<(i32, bool)>, Error> {
+    struct Watched {
+        files: observe::ThreadFiles,
         at_start: u64,
         base: Option<u64>,
+        /// Seen blocked with an address inside `ranges` on its stack.
+        inside_frame: bool,
     }
-    let mut pending: BTreeMap<i32, Clock> = observe::tasks(pid)
+    let mut pending: Vec<Watched> = observe::tasks(pid)
         .into_iter()
         .filter(|tid| !skip.contains(tid))
         .filter_map(|tid| {
-            Some((
-                tid,
-                Clock {
-                    at_start: observe::runtime_ns(pid, tid)?,
-                    base: None,
-                },
-            ))
+            let files = observe::ThreadFiles::open(pid, tid)?;
+            let at_start = files.runtime_ns()?;
+            Some(Watched {
+                files,
+                at_start,
+                base: None,
+                inside_frame: false,
+            })
         })
         .collect();
+    let mut pause = poll.first;
     loop {
-        pending.retain(|&tid, clock| {
-            let moved = match observe::activity(pid, tid) {
+        pending.retain_mut(|w| {
+            let moved = match w.files.activity() {
                 None => true,
-                Some(Activity::Blocked { pc, .. }) if !ranges.iter().any(|r| r.contains(pc)) => {
-                    true
+                Some(Activity::Blocked { pc, .. }) if ranges.iter().any(|r| r.contains(pc)) => {
+                    false
                 }
-                Some(_) => match observe::runtime_ns(pid, tid) {
+                Some(Activity::Blocked { sp, .. }) => {
+                    w.inside_frame = !ranges.is_empty() && stack_refers_to(mem, sp, ranges);
+                    !w.inside_frame
+                }
+                Some(Activity::Running) if w.inside_frame => false,
+                Some(Activity::Running) => match w.files.runtime_ns() {
                     None => true,
-                    Some(now) => match clock.base {
+                    Some(now) => match w.base {
                         None => {
-                            if now != clock.at_start {
-                                clock.base = Some(now);
+                            if now != w.at_start {
+                                w.base = Some(now);
                             }
                             false
                         }
@@ -540,7 +671,7 @@ fn wait_moved_on(
             };
             !moved
         });
-        let Some(&late) = pending.keys().next() else {
+        let Some(late) = pending.first().map(|w| (w.files.tid(), w.inside_frame)) else {
             return Ok(None);
         };
         if crate::process::is_gone_or_zombie(pid) {
@@ -549,8 +680,35 @@ fn wait_moved_on(
         if Instant::now() > deadline {
             return Ok(Some(late));
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(poll.max);
     }
+}
+
+/// Whether the stack above `sp` (up to [`STACK_SCAN`] bytes, or the end of its mapping) holds
+/// an 8-byte word that is an address inside `ranges`: a return address or a signal frame's
+/// saved rip leading back into them.
+fn stack_refers_to(mem: &Memory, sp: u64, ranges: &[CodeRange]) -> bool {
+    use crate::unwind::MemoryReader;
+    let mut addr = sp & !7;
+    let end = addr.saturating_add(STACK_SCAN);
+    let mut buf = [0u8; th::PAGE as usize];
+    while addr < end {
+        // Page by page: a page is mapped whole or not at all.
+        let len = (th::PAGE - addr % th::PAGE).min(end - addr) as usize;
+        if MemoryReader::read(mem, addr, &mut buf[..len]).is_err() {
+            return false;
+        }
+        let hit = buf[..len].chunks_exact(8).any(|w| {
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            ranges.iter().any(|r| r.contains(v))
+        });
+        if hit {
+            return true;
+        }
+        addr += len as u64;
+    }
+    false
 }
 
 /// The bytes behind each site's first byte where a thread may be between two instructions
@@ -596,6 +754,7 @@ fn steps(
         .unwrap_or(0);
     let mut committed = false;
     let mut settled = false;
+    let w0 = Instant::now();
     for i in 0..max_steps {
         let mut sync = false;
         for s in sites {
@@ -617,7 +776,9 @@ fn steps(
             }
         }
         if sync {
+            trace(&format!("step {i} written"), w0);
             t.sync_cores()?;
+            trace(&format!("step {i} synced"), w0);
             if !settled {
                 // Every int3 is in place and seen: no thread can enter a site any more. One
                 // already past an int3, between the instructions the tail will overwrite,
@@ -648,12 +809,26 @@ fn settle(t: &mut Tracee, sites: &[SiteSwitch], timeout: Duration) -> Result<(),
         if !super::step_out(t, tid, &ranges)? {
             return Err(busy(tid, sites, &ranges, t.regs(tid)?.rip));
         }
+        // Stopped: it cannot leave a signal handler whose interrupted context is inside, nor
+        // return from a callee of a displaced call (see wait_moved_on).
+        if stack_refers_to(t.mem(), t.regs(tid)?.rsp, &ranges) {
+            return Err(Error::Busy {
+                tid: tid as u32,
+                function: "a signal handler or call interrupting the first instructions of a function being switched".into(),
+                waited_ms: 0,
+            });
+        }
     }
-    match wait_moved_on(t.pid(), &borrowed, &ranges, Instant::now() + timeout)? {
+    let deadline = Instant::now() + timeout;
+    match wait_moved_on(t.mem(), t.pid(), &borrowed, &ranges, deadline, SETTLE_POLL)? {
         None => Ok(()),
-        Some(tid) => Err(Error::Busy {
+        Some((tid, in_handler)) => Err(Error::Busy {
             tid: tid as u32,
-            function: "the first instructions of a function being switched (it did not run)".into(),
+            function: if in_handler {
+                "a signal handler (or call) that interrupted the first instructions of a function being switched".into()
+            } else {
+                "the first instructions of a function being switched (it did not run)".into()
+            },
             waited_ms: timeout.as_millis() as u64,
         }),
     }

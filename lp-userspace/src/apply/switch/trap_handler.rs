@@ -138,7 +138,10 @@ pub(crate) fn generate(code: u64) -> Result<(Vec<u8>, Vec<u8>), IcedError> {
     a.mov(r11, data)?; // syscall clobbered it
     a.set_label(&mut jump)?;
     a.lock().dec(qword_ptr(r11 + INSIDE))?;
-    a.jmp(rax)?; // same arguments, same return address (the restorer)
+    // Same arguments, same return address (the restorer), and rax = 0 as the kernel leaves
+    // it for a handler (a variadic or unprototyped handler reads al).
+    a.xor(eax, eax)?;
+    a.jmp(qword_ptr(r11 + OLD_ACT))?;
 
     // SIG_DFL: reset SIGTRAP to SIG_DFL and re-raise it on this thread: the process dies of
     // SIGTRAP exactly as it would have.
@@ -242,15 +245,30 @@ mod tests {
             .iter()
             .filter(|i| i.has_lock_prefix() && i.mnemonic() == Mnemonic::Dec)
             .count();
+        let chains: Vec<usize> = insns
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.mnemonic() == Mnemonic::Jmp && i.op0_kind() != OpKind::NearBranch64)
+            .map(|(n, _)| n)
+            .collect();
         let exits = insns
             .iter()
-            .filter(|i| {
-                i.mnemonic() == Mnemonic::Ret
-                    || (i.mnemonic() == Mnemonic::Jmp && i.op0_kind() == OpKind::Register)
-            })
-            .count();
+            .filter(|i| i.mnemonic() == Mnemonic::Ret)
+            .count()
+            + chains.len();
         assert_eq!(lock_inc, 2, "entry + hits");
         assert_eq!(lock_dec, exits);
+        // The chain to the previous handler: rax = 0 (as the kernel gives a handler), then a
+        // jump through the saved action's handler word, not through a register.
+        assert_eq!(chains.len(), 1);
+        let jmp = &insns[chains[0]];
+        assert_eq!(jmp.op0_kind(), OpKind::Memory);
+        assert_eq!(jmp.memory_base(), Register::R11);
+        assert_eq!(jmp.memory_displacement64(), OLD_ACT);
+        let before = &insns[chains[0] - 1];
+        assert_eq!(before.mnemonic(), Mnemonic::Xor);
+        assert_eq!(before.op0_register(), Register::EAX);
+        assert_eq!(before.op1_register(), Register::EAX);
         // The restorer is rt_sigreturn.
         let r = decode(&r, code + RESTORER_OFF);
         assert_eq!(r.len(), 2);
