@@ -283,3 +283,119 @@ fn e2e_debug_stack_check_unwinds_through_applied_patch_code() {
     livepatch_ok(&["revert", &pid]);
     target.expect_steady(2, |l| l == "work=1");
 }
+
+/// Memory of a stack: `words` from `base` up, nothing else readable.
+struct StackWords {
+    base: u64,
+    words: Vec<u64>,
+}
+
+impl lp_userspace::unwind::MemoryReader for StackWords {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let off = addr
+            .checked_sub(self.base)
+            .map(|o| o as usize)
+            .filter(|&o| o + buf.len() <= bytes.len())
+            .ok_or_else(|| std::io::Error::other("outside the stack"))?;
+        buf.copy_from_slice(&bytes[off..off + buf.len()]);
+        Ok(())
+    }
+}
+
+/// The trampoline of a g++ -O2 `work` that begins `sub rsp,8; call check`, with the CFI
+/// debug_info generates for it, unwound (without any process) from every instruction of the
+/// trampoline: before its last instruction the return address found is the one the original
+/// function's frame holds; at the last one, where the trampoline leaves for `check` (lp-core
+/// relocates that call as a push of the address after it plus a jump, or as the call and a jump
+/// back: whichever it builds), the unwinder finds a frame that returns into the original
+/// function right after the displaced call — never a frame in patch memory it cannot place.
+#[test]
+fn e2e_debug_trampoline_cfi_of_a_displaced_call() {
+    use lp_core::jump::REL32_JUMP_LEN;
+    use lp_userspace::unwind::{CfiSource, Registers, StopReason, Unwinder};
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("tramp_target");
+    let src = debug_fixture("tramp_target.cpp");
+    cc("g++", &["-O2", "-g", &src, "-o", exe.to_str().unwrap()]);
+    let module = lp_userspace::elf::Module::open(&exe).unwrap();
+    let work = module.lookup("_Z4worki").unwrap().clone();
+    let bytes = module.bytes_at(work.value, work.size).unwrap();
+    assert_eq!(
+        &bytes[..4],
+        &[0x48, 0x83, 0xec, 0x08],
+        "sub rsp,8: {bytes:02x?}"
+    );
+    assert_eq!(bytes[4], 0xe8, "call check: {bytes:02x?}");
+    let site = lp_core::site::validate_site(bytes, work.value, REL32_JUMP_LEN).unwrap();
+    let resume = site.resume_addr();
+    assert_eq!(
+        resume,
+        work.value + 9,
+        "the call is the last displaced instruction"
+    );
+
+    let at = 0x4000_0000; // in rel32 reach of the executable (linked near 0)
+    let mut code = vec![0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
+    let n = lp_core::trampoline::build_trampoline(&site, at, &mut code).unwrap();
+    code.truncate(n);
+    let cfi = debug_info::ModuleCfi::new(&module, 0).expect("the executable's .eh_frame");
+    let frame = debug_info::trampoline_frame(&cfi, &site, at, &code).expect("trampoline CFI");
+    let eh_at = 0x5000_0000;
+    let eh = lp_userspace::thunk_cfi::eh_frame(std::slice::from_ref(&frame), eh_at);
+    let mut unwinder = Unwinder::new();
+    unwinder.add(CfiSource::from_eh_frame(
+        "trampoline",
+        at,
+        at + n as u64,
+        eh_at,
+        eh,
+    ));
+
+    // Where the caller of work would return to, one word above work's own frame.
+    const CALLER: u64 = 0x1111_2222;
+    let instrs: Vec<_> = iced_x86::Decoder::with_ip(64, &code, at, iced_x86::DecoderOptions::NONE)
+        .into_iter()
+        .collect();
+    let last = instrs
+        .iter()
+        .position(|i| {
+            matches!(
+                i.flow_control(),
+                iced_x86::FlowControl::Call
+                    | iced_x86::FlowControl::UnconditionalBranch
+                    | iced_x86::FlowControl::IndirectBranch
+            )
+        })
+        .expect("the trampoline leaves by a call or a jump");
+    let base = 0x7ff0_0000u64;
+    for (k, i) in instrs[..=last].iter().enumerate() {
+        // The stack before instruction k: work entered (its caller's return address CALLER on
+        // top), `sub rsp,8` done from k = 1 on; in a push-based trampoline, the address after
+        // the call pushed before the jump (its low half only, before the `mov` of the high half).
+        let half_pushed = i.code() == iced_x86::Code::Mov_rm32_imm32;
+        let pushed = k == last && i.flow_control() != iced_x86::FlowControl::Call;
+        let (rsp, words) = if k == 0 {
+            (base + 16, vec![0, 0, CALLER])
+        } else if half_pushed || pushed {
+            (base, vec![resume, 0xdead, CALLER])
+        } else {
+            (base + 8, vec![0, 0xdead, CALLER])
+        };
+        let mut regs = Registers([None; 17]); // DWARF numbering: 7 = rsp, 16 = rip
+        regs.0[7] = Some(rsp);
+        regs.0[16] = Some(i.ip());
+        let bt = unwinder.unwind(&regs, &StackWords { base, words }, 4);
+        let first = bt.return_addresses.first().copied();
+        let at_k = format!("instruction {k} at {:#x}: {bt:?}", i.ip());
+        if half_pushed {
+            // The return address is half written: the unwind stops there, cleanly.
+            assert!(bt.return_addresses.is_empty(), "{at_k}");
+            assert_eq!(bt.stop, StopReason::End, "{at_k}");
+        } else if pushed {
+            assert_eq!(first, Some(resume), "at the jump to check: {at_k}");
+        } else {
+            assert_eq!(first, Some(CALLER), "{at_k}");
+        }
+    }
+}
