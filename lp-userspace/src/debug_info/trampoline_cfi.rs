@@ -191,13 +191,16 @@ enum Point {
     FunctionEntry,
 }
 
+/// (trampoline offset, what unwinds there) for each instruction of a trampoline.
+type Points = Vec<(u64, Point)>;
+
 /// (trampoline offset, original address) of each of `instrs` re-encoded at `at`, and the offset
 /// where they end, when `code` starts with them; `None` when it does not.
 fn relocated(
     instrs: &[Instruction],
     at: u64,
     code: &[u8],
-) -> Result<Option<(Vec<(u64, Point)>, u64)>, String> {
+) -> Result<Option<(Points, u64)>, String> {
     if instrs.is_empty() {
         return Ok(Some((Vec::new(), 0)));
     }
@@ -210,7 +213,7 @@ fn relocated(
     if !code.starts_with(&encoded.code_buffer) {
         return Ok(None);
     }
-    let points: Vec<(u64, Point)> = instrs
+    let points: Points = instrs
         .iter()
         .zip(&encoded.new_instruction_offsets)
         .map(|(i, &off)| (u64::from(off), Point::Original(i.ip())))
@@ -230,7 +233,7 @@ fn call_as_push_and_jump(
     ret: u64,
     at: u64,
     code: &[u8],
-) -> Result<Vec<(u64, Point)>, String> {
+) -> Result<Points, String> {
     let not_ours = || "the trampoline's bytes are not the displaced instructions".to_string();
     let (call, before) = instrs.split_last().ok_or_else(not_ours)?;
     if !matches!(
