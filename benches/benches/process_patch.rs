@@ -131,7 +131,16 @@ fn main() {
     let patch: Patch =
         lp_userspace::pack::pack(&dir.join("target"), &dir.join("new.o"), &[]).unwrap();
     assert_eq!(patch.functions.len(), 10);
-    let rounds = 30;
+    // LP_BENCH_ROUNDS and LP_BENCH_MODES (e.g. "nonstop") narrow a run to what is being tuned.
+    let rounds: usize = std::env::var("LP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let modes: Vec<Mode> = match std::env::var("LP_BENCH_MODES").as_deref() {
+        Ok("stop") => vec![Mode::Stop],
+        Ok("nonstop") => vec![Mode::Nonstop],
+        _ => vec![Mode::Stop, Mode::Nonstop],
+    };
     println!("process_patch: 10-function patch, 8-thread target, {rounds} rounds per mode");
 
     // (a) + (c)
@@ -144,7 +153,7 @@ fn main() {
         median(baseline.clone()),
         max(&baseline)
     );
-    for mode in [Mode::Stop, Mode::Nonstop] {
+    for &mode in &modes {
         let opts = ApplyOptions {
             mode,
             timeout: Duration::from_secs(10),
@@ -193,6 +202,10 @@ fn main() {
         }
     }
     drop(t);
+    if modes.len() < 2 {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     // (b)
     let mut t = Target::start(&dir.join("target"), &["throughput"]);

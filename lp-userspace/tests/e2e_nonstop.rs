@@ -275,6 +275,13 @@ fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
     std::io::Write::write_all(&mut w, b"x").unwrap();
     target.wait_line(|l| l == "compute 8");
     livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    // The borrowed thread ran the switch's system calls under SCHED_FIFO: every thread has
+    // its own policy (SCHED_OTHER) back.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        let policy = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(38);
+        assert_eq!(policy, Some("0"), "{stat}");
+    }
     let mark = target.count();
     std::io::Write::write_all(&mut w, b"x").unwrap();
     let line = target.wait_line_after(mark, |l| l.starts_with("compute "));

@@ -168,7 +168,10 @@ pub(crate) fn run(
     let t0 = Instant::now();
     // From the first int3 to the last, every call of a switched function costs a trap: the
     // tool must not wait behind the trapping threads for a CPU.
-    let boost = RtBoost::start();
+    let boost = (
+        RtBoost::start(0),
+        t.threads().first().map(|&tid| RtBoost::start(tid)),
+    );
     let installed = install(t, &area);
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
@@ -219,35 +222,47 @@ pub(crate) fn run(
     })
 }
 
-/// The calling thread (the tool's tracer thread) runs under SCHED_FIFO while this lives, and
-/// gets its scheduling policy back when it is dropped. The int3 window is the tool's own
-/// work (writes, remote membarriers, looks at /proc): under the default policy, on a small
-/// machine, the trapping threads take the CPU from it and the window (and the traps) grows.
-/// The tool sleeps between its looks, so it never keeps a CPU to itself for long. Without
-/// the privilege (CAP_SYS_NICE) nothing changes.
+/// A thread runs under SCHED_FIFO while this lives, and gets its scheduling policy back when
+/// it is dropped. The int3 window is the tool's own work (writes, looks at /proc) and the
+/// remote membarriers the borrowed thread runs: under the default policy, on a small or busy
+/// machine, the trapping threads (and everything else) take the CPU from both, and the window
+/// — with the traps it costs — grows (a membarrier round trip of 4-7 ms was seen at load 25).
+/// Both sleep or stay stopped between their steps, so neither keeps a CPU for long. Without
+/// the privilege (CAP_SYS_NICE) nothing changes. The borrowed thread is the target's: its
+/// policy is given back before the tool lets it go (a tool killed meanwhile leaves it
+/// SCHED_FIFO: the one trace a crash can leave besides our handler).
 struct RtBoost {
+    tid: i32,
     saved: Option<(i32, libc::sched_param)>,
 }
 
 impl RtBoost {
-    fn start() -> RtBoost {
+    /// Boosts thread `tid` (0: the calling thread).
+    fn start(tid: i32) -> RtBoost {
+        const RESET_ON_FORK: i32 = 0x4000_0000;
+        let none = RtBoost { tid, saved: None };
         // SAFETY: sched_param is plain old data; all-zero is a valid value.
         let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-        // SAFETY: pid 0 is the calling thread; param is a valid sched_param to fill.
-        let policy = unsafe { libc::sched_getscheduler(0) };
+        // SAFETY: plain system calls on a thread id; param is a valid sched_param to fill.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
         // SAFETY: as above.
-        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
-            return RtBoost { saved: None };
+        if policy < 0 || unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
+            return none;
         }
-        if policy == libc::SCHED_FIFO || policy == libc::SCHED_RR {
-            return RtBoost { saved: None };
+        let base = policy & !RESET_ON_FORK;
+        if base == libc::SCHED_FIFO || base == libc::SCHED_RR {
+            return none;
         }
         let rt = libc::sched_param { sched_priority: 1 };
-        // SAFETY: pid 0 is the calling thread; rt is a valid sched_param.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) } != 0 {
-            return RtBoost { saved: None };
+        // SAFETY: a plain system call; rt is a valid sched_param.
+        if unsafe {
+            libc::sched_setscheduler(tid, libc::SCHED_FIFO | (policy & RESET_ON_FORK), &rt)
+        } != 0
+        {
+            return none;
         }
         RtBoost {
+            tid,
             saved: Some((policy, param)),
         }
     }
@@ -256,8 +271,8 @@ impl RtBoost {
 impl Drop for RtBoost {
     fn drop(&mut self) {
         if let Some((policy, param)) = self.saved {
-            // SAFETY: pid 0 is the calling thread; param was filled by sched_getparam.
-            unsafe { libc::sched_setscheduler(0, policy, &param) };
+            // SAFETY: a plain system call; param was filled by sched_getparam.
+            unsafe { libc::sched_setscheduler(self.tid, policy, &param) };
         }
     }
 }
