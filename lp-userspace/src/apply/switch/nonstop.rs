@@ -90,9 +90,10 @@ impl KAction {
     }
 }
 
-/// The handler's area in the target.
+/// The handler's area in the target, and the table bank this switch uses.
 struct Area {
     code: u64,
+    bank: u64,
 }
 
 impl Area {
@@ -110,7 +111,7 @@ impl Area {
 
     fn set_phase(&self, mem: &Memory, phase: u8) -> Result<(), Error> {
         // One byte: a write through /proc/PID/mem of a single byte cannot tear.
-        Ok(mem.write(self.data() + th::PHASE, &[phase])?)
+        Ok(mem.write(self.data() + th::PHASE + self.bank, &[phase])?)
     }
 }
 
@@ -144,8 +145,8 @@ pub(crate) fn run(
     }
     refuse_if_sigtrap_blocked(t.pid(), timeout)?;
     let columns = decisions(sites)?;
-    let area = open_area(t)?;
-    write_table(t.mem(), &area, sites, &columns)?;
+    let mut area = open_area(t)?;
+    write_table(t.mem(), &mut area, sites, &columns)?;
     let hits0 = area.read_u64(t.mem(), th::HITS)?;
 
     // The borrowed thread is traced: a trap it takes reaches us, not the handler. The same
@@ -391,7 +392,7 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
         .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
         .min();
     if let Some(code) = existing {
-        let area = Area { code };
+        let area = Area { code, bank: 0 };
         let (handler, restorer) = generate(&area)?;
         // The code never changes for a given address: check that it is ours, intact.
         if t.mem().read_vec(code, handler.len())? != handler
@@ -405,7 +406,7 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
         return Ok(area);
     }
     let code = t.map_memfd(AREA_NAME, th::AREA_LEN)?;
-    let area = Area { code };
+    let area = Area { code, bank: 0 };
     let (handler, restorer) = generate(&area)?;
     // Written while the page is still writable: /proc/PID/mem cannot force a write into a
     // shared mapping that is not.
@@ -422,28 +423,72 @@ fn generate(area: &Area) -> Result<(Vec<u8>, Vec<u8>), Error> {
     th::generate(area.code).map_err(|e| Error::Other(format!("trap handler: {e}")))
 }
 
-/// Publishes the sites and their destinations, phase BEFORE. Nothing traps into our
-/// handler yet at this point (no int3 of this switch is written); a thread of an earlier
-/// switch still on its way to the handler is the documented limit.
+/// Publishes the sites and their destinations, phase BEFORE, in the bank the handler does not
+/// use, then makes that bank the handler's (one byte). The previous bank stays as it was for
+/// a thread of the previous switch that read the bank byte before the flip; the new bank
+/// carries the previous switch's sites for one that reads it after (see [`table_rows`]).
 fn write_table(
     mem: &Memory,
-    area: &Area,
+    area: &mut Area,
     sites: &[SiteSwitch],
     columns: &[[u64; th::NPHASES]],
 ) -> Result<(), Error> {
     let data = area.data();
-    mem.write(data + th::NSITES, &0u64.to_le_bytes())?;
-    let mut table = Vec::with_capacity(sites.len() * th::ENTRY_LEN as usize);
-    for (s, c) in sites.iter().zip(columns) {
-        table.extend_from_slice(&s.plan.addr().to_le_bytes());
+    let mut byte = [0u8];
+    mem.read(data + th::BANK, &mut byte)?;
+    let old = u64::from(byte[0] & 1);
+    let n_old = mem
+        .read_u64(data + th::NSITES + 8 * old)?
+        .min(th::MAX_SITES as u64);
+    let old_rows = mem.read_vec(
+        data + th::TABLE + old * th::BANK_LEN,
+        (n_old * th::ENTRY_LEN) as usize,
+    )?;
+    let new: Vec<(u64, [u64; th::NPHASES])> = sites
+        .iter()
+        .zip(columns)
+        .map(|(s, c)| (s.plan.addr(), *c))
+        .collect();
+    let rows = table_rows(&new, &old_rows);
+    area.bank = 1 - old;
+    let bank = area.bank;
+    let mut table = Vec::with_capacity(rows.len() * th::ENTRY_LEN as usize);
+    for (addr, c) in &rows {
+        table.extend_from_slice(&addr.to_le_bytes());
         for d in c {
             table.extend_from_slice(&d.to_le_bytes());
         }
     }
-    mem.write(data + th::TABLE, &table)?;
+    mem.write(data + th::NSITES + 8 * bank, &0u64.to_le_bytes())?;
+    mem.write(data + th::TABLE + bank * th::BANK_LEN, &table)?;
     area.set_phase(mem, BEFORE)?;
-    mem.write(data + th::NSITES, &(sites.len() as u64).to_le_bytes())?;
+    mem.write(
+        data + th::NSITES + 8 * bank,
+        &(rows.len() as u64).to_le_bytes(),
+    )?;
+    mem.write(data + th::BANK, &[bank as u8])?;
     Ok(())
+}
+
+/// The rows of a switch's table: its own sites first (the handler takes the first match),
+/// then the sites of the previous switch (`old`: that bank's raw table) that are not among
+/// them, each sending a thread back to the site itself in every phase. A thread that took an
+/// int3 of the previous switch but reaches the handler only now re-executes the site, whose
+/// bytes are whole again (or hold an int3 of this switch, which decides anew). Rows that were
+/// carried already (destination = the site) are not carried again: one switch back is enough
+/// for a thread between an int3 and its handler; the bank holds [`th::MAX_SITES`] rows.
+fn table_rows(new: &[(u64, [u64; th::NPHASES])], old: &[u8]) -> Vec<(u64, [u64; th::NPHASES])> {
+    let word = |row: &[u8], i: usize| u64::from_le_bytes(row[i * 8..i * 8 + 8].try_into().unwrap());
+    let mut rows = new.to_vec();
+    for row in old.chunks_exact(th::ENTRY_LEN as usize) {
+        let addr = word(row, 0);
+        let carried = (0..th::NPHASES).all(|p| word(row, p + 1) == addr);
+        if rows.len() >= th::MAX_SITES || carried || rows.iter().any(|(a, _)| *a == addr) {
+            continue;
+        }
+        rows.push((addr, [addr; th::NPHASES]));
+    }
+    rows
 }
 
 fn sigaction(t: &mut Tracee, act: u64, old: u64) -> Result<(), Error> {
@@ -893,4 +938,44 @@ fn rollback(
     }
     t.sync_cores()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(rows: &[(u64, [u64; th::NPHASES])]) -> Vec<u8> {
+        rows.iter()
+            .flat_map(|(a, c)| std::iter::once(*a).chain(c.iter().copied()))
+            .flat_map(u64::to_le_bytes)
+            .collect()
+    }
+
+    /// Review N4: a thread of the previous switch that reaches the handler after the next
+    /// switch published its table still finds its site, sent back to the site itself.
+    #[test]
+    fn the_previous_switchs_sites_are_carried_one_switch_back() {
+        let prev = [
+            (0x1000, [0x9000, 0xa000, 0x9000]),
+            (0x2000, [0x9100, 0xa100, 0x9100]),
+        ];
+        let new = [
+            (0x2000, [0xb000, 0xc000, 0xb000]),
+            (0x3000, [0xb100, 0xc100, 0xb100]),
+        ];
+        let rows = table_rows(&new, &raw(&prev));
+        // Its own sites first and unchanged; 0x2000 is decided by this switch alone.
+        assert_eq!(&rows[..2], &new[..]);
+        assert_eq!(rows[2..], [(0x1000, [0x1000; th::NPHASES])]);
+        // One switch later the carried row is not carried again; this switch's are.
+        let next = table_rows(&[(0x4000, [0xd000, 0xe000, 0xd000])], &raw(&rows));
+        let addrs: Vec<u64> = next.iter().map(|r| r.0).collect();
+        assert_eq!(addrs, [0x4000, 0x2000, 0x3000]);
+        // A full bank keeps its own sites and drops what does not fit.
+        let many: Vec<(u64, [u64; th::NPHASES])> = (0..th::MAX_SITES as u64)
+            .map(|i| (0x10_0000 + i * 16, [1, 2, 3]))
+            .collect();
+        assert_eq!(table_rows(&many, &raw(&prev)).len(), th::MAX_SITES);
+        assert_eq!(table_rows(&many, &raw(&prev))[..], many[..]);
+    }
 }

@@ -24,9 +24,15 @@ pub(crate) const PAGE: u64 = 4096;
 pub(crate) const RESTORER_OFF: u64 = 0x200;
 
 // Data page offsets.
-/// Phase index (u8): which destination column the handler uses. Flipped by the tool with a
-/// single one-byte write (atomic through /proc/PID/mem).
+/// Phase index per table bank (u8 at PHASE + bank): which destination column the handler
+/// uses. Flipped by the tool with a single one-byte write (atomic through /proc/PID/mem).
 pub(crate) const PHASE: u64 = 0;
+/// The bank (u8, 0 or 1) whose table and phase the handler uses. A switch fills the other
+/// bank, then flips this byte: a thread of the previous switch still on its way to the
+/// handler reads either the previous bank, untouched, or the new one, which carries the
+/// previous switch's sites (sending such a thread back to the site, whose bytes are whole
+/// again) — never a table being rewritten (review N4).
+pub(crate) const BANK: u64 = 2;
 /// Threads inside the handler (u64, lock inc on entry, lock dec on every exit).
 pub(crate) const INSIDE: u64 = 8;
 /// Traps redirected (u64, for the figures).
@@ -41,16 +47,19 @@ pub(crate) const TRAP_SET: u64 = 96;
 pub(crate) const SCRATCH_ACT: u64 = 128;
 /// Scratch for the tool's remote rt_sigaction calls (action read back).
 pub(crate) const SCRATCH_OLD: u64 = 160;
-/// Number of sites in the table (u64).
-pub(crate) const NSITES: u64 = 248;
-/// The site table: per site the int3 address, then one destination per phase (0: not ours).
+/// Number of sites in each bank's table (u64 at NSITES + 8 * bank).
+pub(crate) const NSITES: u64 = 232;
+/// The site tables, one per bank (bank b at TABLE + b * BANK_LEN): per site the int3
+/// address, then one destination per phase (0: not ours).
 pub(crate) const TABLE: u64 = 256;
 /// Phases: before the commit, after it, rolling back.
 pub(crate) const NPHASES: usize = 3;
 /// Bytes per table entry.
 pub(crate) const ENTRY_LEN: u64 = 8 * (1 + NPHASES as u64);
-/// Sites the table holds.
-pub(crate) const MAX_SITES: usize = ((AREA_LEN - PAGE - TABLE) / ENTRY_LEN) as usize;
+/// Sites one bank's table holds.
+pub(crate) const MAX_SITES: usize = ((AREA_LEN - PAGE - TABLE) / 2 / ENTRY_LEN) as usize;
+/// Bytes of one bank's table.
+pub(crate) const BANK_LEN: u64 = MAX_SITES as u64 * ENTRY_LEN;
 
 /// Offset of the saved RIP in a `ucontext_t` on x86-64: uc_flags (8) + uc_link (8) +
 /// uc_stack (24) = 40, then `gregs[REG_RIP]` with REG_RIP = 16: 40 + 16 * 8 = 168.
@@ -84,9 +93,11 @@ pub(crate) fn generate(code: u64) -> Result<(Vec<u8>, Vec<u8>), IcedError> {
     a.jne(chain)?;
     a.mov(rax, qword_ptr(rdx + UC_RIP))?;
     a.dec(rax)?;
-    a.movzx(ecx, byte_ptr(r11 + PHASE))?;
-    a.lea(r8, qword_ptr(r11 + TABLE))?;
-    a.mov(r9, qword_ptr(r11 + NSITES))?;
+    a.movzx(r10d, byte_ptr(r11 + BANK))?;
+    a.movzx(ecx, byte_ptr(r11 + r10 + PHASE))?;
+    a.mov(r9, qword_ptr(r11 + r10 * 8 + NSITES))?;
+    a.imul_3(r10, r10, BANK_LEN as i32)?;
+    a.lea(r8, qword_ptr(r11 + r10 + TABLE))?;
     a.set_label(&mut look)?;
     a.test(r9, r9)?;
     a.jz(chain)?;
