@@ -288,3 +288,41 @@ fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
     assert_eq!(line, "compute 1008");
     assert!(target.alive());
 }
+
+/// Review N6: a process forked by the target while a nonstop switch has its int3s in place
+/// gets the switch's final bytes too — its calls keep working after later switches, and no
+/// int3 of ours stays in its code. The fixture forks a child every millisecond through 10
+/// apply/revert cycles; each child checks its results and its code, and the reaper reports
+/// any child that did not end well.
+#[test]
+fn e2e_nonstop_finishes_the_switch_in_children_forked_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["forker.c"], "forker", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = Patch::load(&patch).unwrap();
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.child.id() as i32;
+    let opts = ApplyOptions {
+        mode: Mode::Nonstop,
+        timeout: Duration::from_secs(30),
+    };
+    for cycle in 0..10 {
+        apply(pid, &patch, opts).unwrap_or_else(|e| panic!("cycle {cycle}: apply: {e}"));
+        std::thread::sleep(Duration::from_millis(30));
+        lp_userspace::revert::revert(pid, None, Mode::Nonstop, opts.timeout)
+            .unwrap_or_else(|e| panic!("cycle {cycle}: revert: {e}"));
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // Every child forked during the cycles has ended (they live ~120 ms).
+    let mark = target.count();
+    target.wait_line_after(mark, |l| l.starts_with("reaped "));
+    std::thread::sleep(Duration::from_millis(300));
+    let bad: Vec<String> = target
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("bad "))
+        .collect();
+    assert!(bad.is_empty(), "children that did not end well: {bad:?}");
+    assert!(target.alive());
+}

@@ -27,7 +27,7 @@ use lp_core::plan::{Step, WritePlan};
 use lp_core::table::{EntryState, RedirectTable, Slot};
 use lp_core::trap::{self, TrapDecision};
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -169,6 +169,8 @@ pub(crate) fn run(
     let t0 = Instant::now();
     // From the first int3 to the last, every call of a switched function costs a trap: the
     // tool must not wait behind the trapping threads for a CPU.
+    // Processes forked from now on may copy the code mid-switch (see finish_children).
+    let children_before = children(t.pid());
     let boost = (
         RtBoost::start(0),
         t.threads().first().map(|&tid| RtBoost::start(tid)),
@@ -187,13 +189,18 @@ pub(crate) fn run(
         result,
         Err(Error::Process(crate::process::ProcessError::Exited(_)))
     ) {
+        let mut settled_bytes = true;
         if result.is_err() && was_installed {
             // Put every site back with the same protocol: trapping threads run what the
             // restored bytes run.
             let rolled = rollback(t, sites, &area, &phase);
             if let Err(e) = rolled {
                 result = Err(e);
+                settled_bytes = false;
             }
+        }
+        if was_installed && settled_bytes {
+            finish_children(t.pid(), &children_before, sites, result.is_ok());
         }
         drop(boost);
         trace("switched", t0);
@@ -274,6 +281,62 @@ impl Drop for RtBoost {
         if let Some((policy, param)) = self.saved {
             // SAFETY: a plain system call; param was filled by sched_getparam.
             unsafe { libc::sched_setscheduler(self.tid, policy, &param) };
+        }
+    }
+}
+
+/// The processes forked by any thread of `pid`.
+fn children(pid: i32) -> BTreeSet<i32> {
+    observe::tasks(pid)
+        .into_iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// A process forked while the switch ran (review N6) got a copy of the code as it was at
+/// that instant: an `int3` on a site, maybe a half-written jump behind it. Our handler
+/// (inherited, with the shared table) covers it only while the table holds that site; the
+/// next switches drop it and their destinations lead into the parent's patch memory, which
+/// the child's copy does not follow. So each such child gets the switch's final bytes too
+/// (`committed`: the new jumps, else the original bytes), through its own /proc/PID/mem:
+/// only sites still in one of the protocol's intermediate states (int3, then the old or the
+/// new tail) are touched — a child that exec'd since, or wrote its own code, is left alone.
+/// The tail goes first, then the first byte; the child is not traced, so there is no sync
+/// in it, and a thread of it that meets a stale int3 is still sent on by the handler.
+fn finish_children(pid: i32, before: &BTreeSet<i32>, sites: &[SiteSwitch], committed: bool) {
+    for child in children(pid).difference(before) {
+        let Ok(mem) = Memory::open(*child) else {
+            continue; // gone
+        };
+        let mut fixed = 0;
+        for s in sites {
+            let (old, new) = (s.plan.expected(), s.plan.result());
+            let want = if committed { new } else { old };
+            let Ok(cur) = mem.read_vec(s.plan.addr(), want.len()) else {
+                break; // exec'd or gone
+            };
+            let midway =
+                cur[0] == lp_core::site::INT3 && (cur[1..] == old[1..] || cur[1..] == new[1..]);
+            if cur == want || !midway {
+                continue;
+            }
+            if mem.write(s.plan.addr() + 1, &want[1..]).is_err()
+                || mem.write(s.plan.addr(), &want[..1]).is_err()
+            {
+                break;
+            }
+            fixed += 1;
+        }
+        if fixed > 0 {
+            trace(
+                &format!("child {child} forked mid-switch: {fixed} sites finished"),
+                Instant::now(),
+            );
         }
     }
 }
