@@ -99,17 +99,7 @@ fuzz_target!(|data: &[u8]| {
         let mut tramp = [0u8; 4 * MAX_TRAMPOLINE_LEN];
         if let Ok(n) = build_trampoline(&site, at, &mut tramp) {
             assert!(n <= MAX_TRAMPOLINE_LEN, "trampoline of {n} bytes");
-            // the trampoline ends with our jump back to the rest of the original
-            let back = &tramp[..n];
-            let resume = site.resume_addr();
-            let near = n
-                .checked_sub(REL32_JUMP_LEN)
-                .and_then(|start| Jump::rel32(at.wrapping_add(start as u64), resume));
-            assert!(
-                back.ends_with(Jump::absolute(resume).as_bytes())
-                    || near.is_some_and(|j| back.ends_with(j.as_bytes())),
-                "trampoline must end with a jump back to {resume:#x}"
-            );
+            check_trampoline_tail(&site, at, &tramp[..n]);
         }
 
         let mut mem = code.to_vec();
@@ -130,3 +120,47 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(mem, code);
     }
 });
+
+/// A trampoline ends with our jump back to the rest of the original, or, when the last displaced
+/// instruction is a call, with `push imm32; mov dword [rsp+4], imm32; jmp` leaving the original's
+/// own return address (the resume address) on the stack.
+fn check_trampoline_tail(site: &Site, at: u64, tramp: &[u8]) {
+    use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic};
+    let resume = site.resume_addr();
+    let last_displaced =
+        Decoder::with_ip(64, site.displaced(), site.patch_addr, DecoderOptions::NONE)
+            .into_iter()
+            .last();
+    let ends_with_call = last_displaced.is_some_and(|i| {
+        matches!(
+            i.flow_control(),
+            FlowControl::Call | FlowControl::IndirectCall
+        )
+    });
+    if !ends_with_call {
+        let near = tramp
+            .len()
+            .checked_sub(REL32_JUMP_LEN)
+            .and_then(|start| Jump::rel32(at.wrapping_add(start as u64), resume));
+        assert!(
+            tramp.ends_with(Jump::absolute(resume).as_bytes())
+                || near.is_some_and(|j| tramp.ends_with(j.as_bytes())),
+            "trampoline must end with a jump back to {resume:#x}"
+        );
+        return;
+    }
+    let instrs: Vec<_> = Decoder::with_ip(64, tramp, at, DecoderOptions::NONE)
+        .into_iter()
+        .collect();
+    // (a literal after an indirect jump decodes as junk: look for the whole triple)
+    let returns_to_resume = instrs.windows(3).any(|w| {
+        w[0].code() == Code::Pushq_imm32
+            && w[1].code() == Code::Mov_rm32_imm32
+            && w[2].mnemonic() == Mnemonic::Jmp
+            && (w[0].immediate32() as u64 | (w[1].immediate32() as u64) << 32) == resume
+    });
+    assert!(
+        returns_to_resume,
+        "the callee must return to the original code at {resume:#x}"
+    );
+}

@@ -8,6 +8,17 @@
 //! not reach), and branches between displaced instructions stay inside the trampoline. Then comes
 //! a jump to [`Site::resume_addr`].
 //!
+//! **A displaced call returns into the original code, not here.** When the last displaced
+//! instruction is a call (direct or indirect), it is emitted as "push the return address it would
+//! have pushed ([`Site::resume_addr`]), then jump where it would have called": `push imm32`,
+//! `mov dword [rsp+4], imm32` (the high half), then `jmp` to the same target; no jump back follows.
+//! The callee then returns straight into the original function, so its frame is the original
+//! function's as far as any unwinder is concerned: a C++ exception the callee throws finds the
+//! original function's own handlers (its LSDA covers the return address; the trampoline's could
+//! not), and the trampoline can be freed while a callee entered through it still runs.
+//! A call that is not the last displaced instruction (only a 2–3 byte indirect one can be) runs
+//! as a call from the trampoline, as before.
+//!
 //! **Allocation.** `BlockEncoder` builds its result in a `Vec`, so this module uses `alloc`
 //! (iced-x86 itself always depends on `alloc`). That is planning code, run once per patch, never
 //! on the trap path; the kernel adapter provides a `kmalloc`-backed global allocator. The caller
@@ -19,7 +30,8 @@
 extern crate alloc;
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, Instruction, InstructionBlock,
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
+    InstructionBlock, MemoryOperand, OpKind, Register,
 };
 
 use crate::jump::Jump;
@@ -117,26 +129,88 @@ pub fn build_trampoline(site: &Site, at: u64, out: &mut [u8]) -> Result<usize, T
         instrs[count] = instr;
         count += 1;
     }
-    let block = InstructionBlock::new(&instrs[..count], at);
-    let encoded = BlockEncoder::encode(64, block, BlockEncoderOptions::NONE).map_err(|_| {
-        TrampolineError::Encode {
-            addr: site.patch_addr,
-            at,
-        }
-    })?;
+    let encode_err = TrampolineError::Encode {
+        addr: site.patch_addr,
+        at,
+    };
+    // A last displaced call becomes push + jmp (module doc): three instructions instead of one.
+    let mut block_instrs = [Instruction::default(); MAX_DISPLACED_LEN + 2];
+    block_instrs[..count].copy_from_slice(&instrs[..count]);
+    let mut block_len = count;
+    let ends_with_call = count > 0 && is_call(&instrs[count - 1]);
+    if ends_with_call {
+        let [push, high, jmp] =
+            call_as_push_and_jump(&instrs[count - 1], site.resume_addr()).ok_or(encode_err)?;
+        block_instrs[count - 1..count + 2].copy_from_slice(&[push, high, jmp]);
+        block_len = count + 2;
+    }
+    let block = InstructionBlock::new(&block_instrs[..block_len], at);
+    let encoded =
+        BlockEncoder::encode(64, block, BlockEncoderOptions::NONE).map_err(|_| encode_err)?;
     let code: alloc::vec::Vec<u8> = encoded.code_buffer;
     // The jump back is appended by hand: inside the block, iced would resolve a jump to
-    // `resume` against any block instruction claiming that address.
+    // `resume` against any block instruction claiming that address. After a call turned into a
+    // jump, nothing comes back here.
     let back_at = at.wrapping_add(code.len() as u64);
     let back = Jump::to(back_at, site.resume_addr());
+    let back: &[u8] = if ends_with_call { &[] } else { back.as_bytes() };
     let needed = code.len() + back.len();
     let have = out.len();
     let dst = out
         .get_mut(..needed)
         .ok_or(TrampolineError::BufferTooSmall { needed, have })?;
     dst[..code.len()].copy_from_slice(&code);
-    dst[code.len()..].copy_from_slice(back.as_bytes());
+    dst[code.len()..].copy_from_slice(back);
     Ok(needed)
+}
+
+/// Whether `instr` is a near call (direct or indirect).
+fn is_call(instr: &Instruction) -> bool {
+    matches!(
+        instr.flow_control(),
+        FlowControl::Call | FlowControl::IndirectCall
+    )
+}
+
+/// `call X` with return address `ret` as `push imm32` (low half, sign-extended), `mov dword
+/// [rsp+4], imm32` (high half), `jmp X`. The push keeps the call's address (no displaced branch
+/// may target a displaced instruction but the first: `validate_site`). A memory operand based on
+/// `rsp` reads 8 bytes higher after the push. `None` for a far call or an operand that is `rsp` itself.
+fn call_as_push_and_jump(call: &Instruction, ret: u64) -> Option<[Instruction; 3]> {
+    let mut push = Instruction::with1(Code::Pushq_imm32, ret as u32 as i32).ok()?;
+    push.set_ip(call.ip());
+    let high = Instruction::with2(
+        Code::Mov_rm32_imm32,
+        MemoryOperand::with_base_displ(Register::RSP, 4),
+        (ret >> 32) as u32,
+    )
+    .ok()?;
+    let mut jmp = *call;
+    match call.code() {
+        Code::Call_rel32_64 => {
+            jmp = Instruction::with_branch(Code::Jmp_rel32_64, call.near_branch_target()).ok()?;
+        }
+        Code::Call_rm64 => {
+            jmp.set_code(Code::Jmp_rm64);
+            match call.op0_kind() {
+                OpKind::Register if call.op0_register() == Register::RSP => return None,
+                OpKind::Memory if call.memory_base() == Register::RSP => {
+                    jmp.set_memory_displacement64(call.memory_displacement64().wrapping_add(8));
+                    if call.memory_displ_size() == 0 {
+                        jmp.set_memory_displ_size(1); // `[rsp]` had no displacement byte
+                    }
+                }
+                _ => {}
+            }
+        }
+        _ => return None,
+    }
+    // Distinct addresses inside the call's bytes, which no branch targets, so the block encoder
+    // never resolves a branch to them.
+    let mut high = high;
+    high.set_ip(call.ip().wrapping_add(1));
+    jmp.set_ip(call.ip().wrapping_add(2));
+    Some([push, high, jmp])
 }
 
 /// Whether a RIP-relative operand in a trampoline at `at` can reach `target`, with margin for the
@@ -242,6 +316,105 @@ mod tests {
                 have: 4
             })
         );
+    }
+
+    /// The value a trampoline's last `push imm32; mov dword [rsp+4], imm32` leaves on the stack,
+    /// and the last jump's target.
+    fn pushed_return_and_jump(instrs: &[Instruction]) -> (u64, Instruction) {
+        let [push, high, jmp] = instrs[instrs.len() - 3..] else {
+            unreachable!()
+        };
+        assert_eq!(push.code(), Code::Pushq_imm32);
+        assert_eq!(high.code(), Code::Mov_rm32_imm32);
+        assert_eq!(
+            (high.memory_base(), high.memory_displacement64()),
+            (Register::RSP, 4)
+        );
+        assert_eq!(jmp.mnemonic(), Mnemonic::Jmp);
+        let low = push.immediate32() as u64;
+        (low | (high.immediate32() as u64) << 32, jmp)
+    }
+
+    #[test]
+    fn a_last_displaced_call_returns_into_the_original_code() {
+        // 0: sub rsp,8 ; 4: call 0x2000 ; 9: add rsp,8 ; 13: ret — the call ends the displaced bytes
+        let mut code = [
+            0x48, 0x83, 0xec, 0x08, 0xe8, 0, 0, 0, 0, 0x48, 0x83, 0xc4, 0x08, 0xc3,
+        ];
+        code[5..9].copy_from_slice(&(0x2000u32 - 0x1009).to_le_bytes());
+        let site = validate_site(&code, 0x1000, 5).unwrap();
+        assert_eq!(site.resume_addr(), 0x1009);
+        let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+        let at = 0x9000;
+        let n = build_trampoline(&site, at, &mut out).unwrap();
+        let instrs = decode_all(&out[..n], at);
+        assert_eq!(instrs.len(), 4, "sub, push, mov, jmp — no jump back");
+        assert_eq!(instrs[0].code(), Code::Sub_rm64_imm8);
+        let (ret, jmp) = pushed_return_and_jump(&instrs);
+        assert_eq!(ret, 0x1009);
+        assert_eq!(jmp.near_branch_target(), 0x2000);
+    }
+
+    #[test]
+    fn a_call_far_from_the_trampoline_jumps_through_memory_and_pushes_a_high_address() {
+        // call rel32 as the whole site, in a library mapped high
+        let entry = 0x7f00_1234_5000u64;
+        let mut code = [0xe8, 0, 0, 0, 0, 0xc3];
+        code[1..5].copy_from_slice(&0x100i32.to_le_bytes());
+        let site = validate_site(&code, entry, 5).unwrap();
+        let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+        let n = build_trampoline(&site, 0x1000_0000, &mut out).unwrap();
+        let instrs = decode_all(&out[..n], 0x1000_0000);
+        // (the literal after the indirect jump decodes as more instructions: find the push)
+        let push_at = instrs
+            .iter()
+            .position(|i| i.code() == Code::Pushq_imm32)
+            .unwrap();
+        let (ret, jmp) = pushed_return_and_jump(&instrs[..push_at + 3]);
+        assert_eq!(ret, entry + 5);
+        // out of rel32 reach: the encoder jumps through a literal holding the target
+        assert!(jmp.is_ip_rel_memory_operand());
+        let lit = (jmp.ip_rel_memory_address() - 0x1000_0000) as usize;
+        assert_eq!(
+            u64::from_le_bytes(out[lit..lit + 8].try_into().unwrap()),
+            entry + 5 + 0x100
+        );
+    }
+
+    #[test]
+    fn an_indirect_call_through_the_stack_reads_the_same_slot_after_the_push() {
+        // nop*3 ; call [rsp+0x10] ; ret — and nop*2 ; call [rsp] ; ret (no displacement byte)
+        let with_disp: &[u8] = &[0x90, 0x90, 0x90, 0xff, 0x54, 0x24, 0x10, 0xc3];
+        let without: &[u8] = &[0x90, 0x90, 0xff, 0x14, 0x24, 0xc3];
+        let disp8_overflows: &[u8] = &[0x90, 0x90, 0x90, 0xff, 0x54, 0x24, 0x7c, 0xc3];
+        for (code, ret_at, slot) in [
+            (with_disp, 0x1007, 0x18),
+            (without, 0x1005, 0x8),
+            (disp8_overflows, 0x1007, 0x84),
+        ] {
+            let site = validate_site(code, 0x1000, 5).unwrap();
+            let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+            let n = build_trampoline(&site, 0x9000, &mut out).unwrap();
+            let (ret, jmp) = pushed_return_and_jump(&decode_all(&out[..n], 0x9000));
+            assert_eq!(ret, ret_at);
+            assert_eq!(jmp.code(), Code::Jmp_rm64);
+            assert_eq!(
+                (jmp.memory_base(), jmp.memory_displacement64()),
+                (Register::RSP, slot)
+            );
+        }
+    }
+
+    #[test]
+    fn a_call_that_is_not_last_still_runs_from_the_trampoline() {
+        // 0: call rax ; 2: nop*3 ; 5: ret — the call returns into the trampoline, which jumps back
+        let code = [0xff, 0xd0, 0x90, 0x90, 0x90, 0xc3];
+        let site = validate_site(&code, 0x1000, 5).unwrap();
+        let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+        let n = build_trampoline(&site, 0x9000, &mut out).unwrap();
+        let instrs = decode_all(&out[..n], 0x9000);
+        assert_eq!(instrs[0].code(), Code::Call_rm64);
+        assert_eq!(instrs.last().unwrap().near_branch_target(), 0x1005);
     }
 
     #[test]
