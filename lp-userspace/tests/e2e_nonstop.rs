@@ -314,10 +314,11 @@ fn e2e_nonstop_finishes_the_switch_in_children_forked_meanwhile() {
             .unwrap_or_else(|e| panic!("cycle {cycle}: revert: {e}"));
         std::thread::sleep(Duration::from_millis(30));
     }
-    // Every child forked during the cycles has ended (they live ~120 ms).
+    // Every child forked during the cycles has ended (they live ~120 ms, or up to 5 s while
+    // an int3 stays in their code).
+    std::thread::sleep(Duration::from_millis(5500));
     let mark = target.count();
     target.wait_line_after(mark, |l| l.starts_with("reaped "));
-    std::thread::sleep(Duration::from_millis(300));
     let bad: Vec<String> = target
         .lines()
         .into_iter()

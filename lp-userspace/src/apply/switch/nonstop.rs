@@ -27,7 +27,7 @@ use lp_core::plan::{Step, WritePlan};
 use lp_core::table::{EntryState, RedirectTable, Slot};
 use lp_core::trap::{self, TrapDecision};
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -170,7 +170,7 @@ pub(crate) fn run(
     // From the first int3 to the last, every call of a switched function costs a trap: the
     // tool must not wait behind the trapping threads for a CPU.
     // Processes forked from now on may copy the code mid-switch (see finish_children).
-    let children_before = children(t.pid());
+    let forks_before = forks_so_far();
     let boost = (
         RtBoost::start(0),
         t.threads().first().map(|&tid| RtBoost::start(tid)),
@@ -183,14 +183,19 @@ pub(crate) fn run(
     // Not installed: nothing was written, and nothing may be (an int3 would reach the
     // process's own action).
     let was_installed = installed.is_ok();
-    let mut result = installed.and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
+    let mut result = installed
+        .and_then(|()| wait_sigtrap_unblocked(t.pid(), &t.threads()))
+        .and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
+    // Refused before the first int3: nothing to roll back.
+    let wrote =
+        !matches!(result, Err(Error::Busy { ref function, .. }) if function == SIGTRAP_BLOCKED_NOW);
     let mut kept = false;
     if !matches!(
         result,
         Err(Error::Process(crate::process::ProcessError::Exited(_)))
     ) {
         let mut settled_bytes = true;
-        if result.is_err() && was_installed {
+        if result.is_err() && was_installed && wrote {
             // Put every site back with the same protocol: trapping threads run what the
             // restored bytes run.
             let rolled = rollback(t, sites, &area, &phase);
@@ -199,10 +204,10 @@ pub(crate) fn run(
                 settled_bytes = false;
             }
         }
-        if was_installed && settled_bytes {
-            finish_children(t.pid(), &children_before, sites, result.is_ok());
-        }
         drop(boost);
+        if was_installed && settled_bytes {
+            finish_children(t.pid(), forks_before, sites, result.is_ok());
+        }
         trace("switched", t0);
         let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
         trace("uninstalled", t0);
@@ -285,15 +290,31 @@ impl Drop for RtBoost {
     }
 }
 
-/// The processes forked by any thread of `pid`.
-fn children(pid: i32) -> BTreeSet<i32> {
-    observe::tasks(pid)
-        .into_iter()
-        .filter_map(|tid| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect::<Vec<i32>>()
+/// Processes forked on the whole machine so far (/proc/stat "processes"): when it has not
+/// moved, the target forked nothing.
+fn forks_so_far() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("processes "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The processes whose parent is `pid`, from a scan of /proc (reliable under concurrent
+/// forks and exits, unlike /proc/PID/task/TID/children, which can skip entries then).
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(pid)
+            })
         })
         .collect()
 }
@@ -308,9 +329,16 @@ fn children(pid: i32) -> BTreeSet<i32> {
 /// new tail) are touched — a child that exec'd since, or wrote its own code, is left alone.
 /// The tail goes first, then the first byte; the child is not traced, so there is no sync
 /// in it, and a thread of it that meets a stale int3 is still sent on by the handler.
-fn finish_children(pid: i32, before: &BTreeSet<i32>, sites: &[SiteSwitch], committed: bool) {
-    for child in children(pid).difference(before) {
-        let Ok(mem) = Memory::open(*child) else {
+///
+/// Children are found only when the machine forked at all during the switch (`forks_before`);
+/// every child of the target is then looked at: one forked before the first int3 or after
+/// the last first byte has whole bytes and is not touched.
+fn finish_children(pid: i32, forks_before: Option<u64>, sites: &[SiteSwitch], committed: bool) {
+    if forks_before.is_some() && forks_so_far() == forks_before {
+        return;
+    }
+    for child in children(pid) {
+        let Ok(mem) = Memory::open(child) else {
             continue; // gone
         };
         let mut fixed = 0;
@@ -320,8 +348,8 @@ fn finish_children(pid: i32, before: &BTreeSet<i32>, sites: &[SiteSwitch], commi
             let Ok(cur) = mem.read_vec(s.plan.addr(), want.len()) else {
                 break; // exec'd or gone
             };
-            let midway =
-                cur[0] == lp_core::site::INT3 && (cur[1..] == old[1..] || cur[1..] == new[1..]);
+            let midway = cur[0] == lp_core::site::INT3
+                && (1..cur.len()).all(|i| cur[i] == old[i] || cur[i] == new[i]);
             if cur == want || !midway {
                 continue;
             }
@@ -386,6 +414,44 @@ fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration) -> Result<(), Error> {
             return Ok(());
         }
         std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+const SIGTRAP_BLOCKED_NOW: &str = "a moment with SIGTRAP blocked (at the first int3)";
+
+/// How long a thread seen with SIGTRAP blocked right before the first int3 gets to unblock it
+/// (glibc blocks every signal around clone() in pthread_create and posix_spawn: microseconds).
+const UNBLOCK_WAIT: Duration = Duration::from_millis(5);
+
+/// A thread that reaches one of our int3s while it blocks SIGTRAP dies with the whole
+/// process (the kernel resets the action to SIG_DFL: a trap's signal cannot wait). Threads
+/// that keep it blocked were refused before anything was done
+/// ([`refuse_if_sigtrap_blocked`]); a thread that blocks it for a moment (review N5) cannot be
+/// excluded from outside, but one doing so right when the int3s go in is waited for, briefly
+/// — milliseconds have passed since that first check (the handler's area, its table, the
+/// remote rt_sigaction calls). The window left is a thread that starts blocking SIGTRAP
+/// during the int3 window itself and reaches a site before it unblocks it (a limit). The
+/// borrowed thread (`skip`) stays stopped through the window.
+fn wait_sigtrap_unblocked(pid: i32, skip: &[i32]) -> Result<(), Error> {
+    let mut threads: Vec<observe::ThreadFiles> = observe::tasks(pid)
+        .into_iter()
+        .filter(|tid| !skip.contains(tid))
+        .filter_map(|tid| observe::ThreadFiles::open(pid, tid))
+        .collect();
+    let deadline = Instant::now() + UNBLOCK_WAIT;
+    loop {
+        threads.retain_mut(|f| f.signal_in(libc::SIGTRAP, &["SigBlk"]));
+        let Some(f) = threads.first() else {
+            return Ok(());
+        };
+        if Instant::now() > deadline {
+            return Err(Error::Busy {
+                tid: f.tid() as u32,
+                function: SIGTRAP_BLOCKED_NOW.into(),
+                waited_ms: UNBLOCK_WAIT.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 
