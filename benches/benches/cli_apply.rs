@@ -14,6 +14,8 @@
 //! `LIVEPATCH_BASELINE_BIN=PATH` also runs another build (e.g. an older commit's, built into
 //! another target directory) plain in every round, interleaved: before/after on the same load.
 //! It packs its own patch (an older build may not read today's format, nor do all it asks).
+//! `CLI_BENCH_CPU=1` also prints each variant's process CPU time (see `timed`; builds from
+//! before e248d1e do not report it).
 
 use lp_benches::{build_fixture, Fixture};
 use std::path::{Path, PathBuf};
@@ -97,6 +99,10 @@ fn start_target(exe: &Path) -> Fixture {
 /// its wait for a CPU (the target's threads keep their normal priority). Only with two CPUs or
 /// more: the tool's tracer and warm-up threads may both wait on iced-x86's spinning `Once`,
 /// and a real-time thread spinning for one that cannot get the CPU never yields.
+///
+/// With `CLI_BENCH_CPU` set, each run has `LIVEPATCH_TRACE=1` and its stderr is kept: the
+/// tool's last trace line gives the CPU time of all its threads (a few trace lines more are
+/// written to a pipe, microseconds).
 fn timed(bin: &Path, args: &[&str]) -> (Duration, String) {
     let mut cmd = if realtime() {
         let mut c = Command::new("chrt");
@@ -105,15 +111,32 @@ fn timed(bin: &Path, args: &[&str]) -> (Duration, String) {
     } else {
         Command::new(bin)
     };
+    let cpu = std::env::var_os("CLI_BENCH_CPU").is_some();
+    if cpu {
+        cmd.env("LIVEPATCH_TRACE", "1").stderr(Stdio::piped());
+    } else {
+        cmd.stderr(Stdio::inherit());
+    }
     let start = Instant::now();
-    let out = cmd
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run livepatch");
+    let out = cmd.args(args).output().expect("run livepatch");
     let wall = start.elapsed();
-    assert!(out.status.success(), "livepatch {args:?} failed");
-    (wall, String::from_utf8_lossy(&out.stdout).into_owned())
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "livepatch {args:?} failed: {stderr}");
+    let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if let Some(line) = stderr.lines().find(|l| l.contains("cpu user ")) {
+        stdout.push_str(&format!("\n{line}"));
+    }
+    (wall, stdout)
+}
+
+/// The process's CPU time in ms from its `LIVEPATCH_TRACE` line (`cpu user U us sys S us`).
+fn process_cpu(out: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.contains("cpu user "))?;
+    let num = |key: &str| -> Option<f64> {
+        let at = line.find(key)? + key.len();
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    Some((num("cpu user ")? + num(" sys ")?) / 1e3)
 }
 
 /// `CLI_BENCH_RT` is set (and the machine has the CPUs for it, see `timed`).
@@ -130,6 +153,8 @@ struct Figures {
     apply_stall: Vec<f64>,
     revert: Vec<f64>,
     revert_total: Vec<f64>,
+    apply_cpu: Vec<f64>,
+    revert_cpu: Vec<f64>,
 }
 
 impl Figures {
@@ -141,11 +166,13 @@ impl Figures {
             .push(reported(&out, "total").unwrap_or(0.0) / 1e3);
         self.apply_stall
             .push(reported(&out, "stall").unwrap_or(0.0) / 1e3);
+        self.apply_cpu.extend(process_cpu(&out));
         std::thread::sleep(Duration::from_millis(5));
         let (wall, out) = timed(bin, &[&["revert", pid], extra].concat());
         self.revert.push(ms(wall));
         self.revert_total
             .push(reported(&out, "total").unwrap_or(0.0) / 1e3);
+        self.revert_cpu.extend(process_cpu(&out));
         std::thread::sleep(Duration::from_millis(5));
     }
 
@@ -154,8 +181,14 @@ impl Figures {
         println!("    apply  wall time: {}", summary(self.apply));
         println!("           reported total: {}", summary(self.apply_total));
         println!("           reported stall: {}", summary(self.apply_stall));
+        if !self.apply_cpu.is_empty() {
+            println!("           process CPU:    {}", summary(self.apply_cpu));
+        }
         println!("    revert wall time: {}", summary(self.revert));
         println!("           reported total: {}", summary(self.revert_total));
+        if !self.revert_cpu.is_empty() {
+            println!("           process CPU:    {}", summary(self.revert_cpu));
+        }
     }
 }
 
