@@ -1,10 +1,11 @@
-//! Trampolines have unwind information: a g++ -O2 target's work() begins with a call to
+//! Exceptions and trampolines: a g++ -O2 target's work() and guarded() begin with a call to
 //! check(), which throws for odd numbers. That call is displaced by the redirect and relocated
-//! into work's trampoline, so while the original runs from its trampoline (where a thread that
-//! must finish the original is sent), check()'s exception unwinds through the trampoline. The
-//! target calls the trampoline itself once the test gives it the address: every exception must
-//! still reach main's handler (without CFI for the trampoline, libgcc finds no frame there and
-//! the target terminates).
+//! into the trampoline, where a thread that must finish the original is sent. lp-core relocates
+//! it as a push of the original return address and a jump, so check() returns, and unwinds,
+//! straight into the original function. The target calls the trampolines itself once the test
+//! gives it their addresses: every exception of work() must still reach main's handler, and
+//! every exception of guarded() guarded's own handler (only guarded's LSDA can catch it; a call
+//! returning into the trampoline made the target terminate).
 
 mod common;
 use common::*;
@@ -18,7 +19,8 @@ fn debug_fixture(name: &str) -> String {
         .to_string()
 }
 
-const ORIGINAL: &str = "1 caught 1 7 caught 3";
+const ORIGINAL: &str = "1 caught 1 7 caught 3 guarded: 1 -1 7 -3";
+const NEW: &str = "0 10 20 30 guarded: 0 100 200 300";
 
 #[test]
 fn e2e_exception_through_a_trampoline_reaches_the_handler() {
@@ -41,20 +43,38 @@ fn e2e_exception_through_a_trampoline_reaches_the_handler() {
     target.expect_steady(2, |l| l == format!("work: {ORIGINAL}"));
     let mark = target.count();
     livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
-    target.wait_line_after(mark, |l| l == "work: 0 10 20 30");
-    target.expect_steady(2, |l| l == "work: 0 10 20 30");
+    target.wait_line_after(mark, |l| l == format!("work: {NEW}"));
+    target.expect_steady(2, |l| l == format!("work: {NEW}"));
 
-    // The premise: the trampoline holds the relocated call to check().
+    // The premise: each trampoline holds the relocated call to check(), as a push of the
+    // address after the call in the original function and a jump.
     let state = lp_userspace::state::read(pid.parse().unwrap()).unwrap();
-    let f = &state.patches[0].functions[0];
     let mem = lp_userspace::process::Memory::open(pid.parse().unwrap()).unwrap();
-    let tramp = mem.read_vec(f.trampoline, 16).unwrap();
-    assert_eq!(
-        &tramp[..4],
-        &[0x48, 0x83, 0xec, 0x08],
-        "sub rsp,8: {tramp:02x?}"
-    );
-    assert_eq!(tramp[4], 0xe8, "call check: {tramp:02x?}");
+    let function = |name: &str| {
+        state.patches[0]
+            .functions
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("{name} not in the state"))
+            .clone()
+    };
+    let (f, g) = (function("_Z4worki"), function("_Z7guardedi"));
+    for func in [&f, &g] {
+        let tramp = mem.read_vec(func.trampoline, 13).unwrap();
+        assert_eq!(&tramp[..3], &[0x48, 0x83, 0xec], "sub rsp,N: {tramp:02x?}");
+        assert_eq!(tramp[4], 0x68, "push imm32: {tramp:02x?}");
+        assert_eq!(
+            &tramp[9..13],
+            &[0xc7, 0x44, 0x24, 0x04],
+            "mov [rsp+4]: {tramp:02x?}"
+        );
+        let low = u32::from_le_bytes(tramp[5..9].try_into().unwrap());
+        assert_eq!(
+            low,
+            (func.old + 9) as u32,
+            "the return address after the call"
+        );
+    }
 
     // The stack check's unwinder knows the trampoline's CFI too (read back from the target).
     let mut unwinder = lp_userspace::unwind::Unwinder::new();
@@ -69,7 +89,7 @@ fn e2e_exception_through_a_trampoline_reaches_the_handler() {
     );
 
     let tmp = dir.path().join("addr.tmp");
-    std::fs::write(&tmp, format!("{:x}\n", f.trampoline)).unwrap();
+    std::fs::write(&tmp, format!("{:x} {:x}\n", f.trampoline, g.trampoline)).unwrap();
     let mark = target.count();
     std::fs::rename(&tmp, &addr_file).unwrap();
     target.wait_line_after(mark, |l| l.starts_with("trampoline:"));
@@ -79,7 +99,7 @@ fn e2e_exception_through_a_trampoline_reaches_the_handler() {
     let mark = target.count();
     std::fs::remove_file(&addr_file).unwrap();
     target.wait_line_after(mark, |l| l.starts_with("work:"));
-    target.expect_steady(2, |l| l == "work: 0 10 20 30");
+    target.expect_steady(2, |l| l == format!("work: {NEW}"));
     let mark = target.count();
     livepatch_ok(&["revert", &pid]);
     target.wait_line_after(mark, |l| l == format!("work: {ORIGINAL}"));
