@@ -735,6 +735,20 @@ impl Tracee {
         addr
     }
 
+    /// Registers the process for membarrier SYNC_CORE ([`Tracee::sync_cores`] does it at its
+    /// first use otherwise). Cheap once registered; the first time it waits for every CPU to
+    /// pass a scheduling point (150 ms was seen on a loaded machine), which nonstop mode
+    /// spends before its first `int3` rather than inside the window.
+    pub fn register_sync_cores(&mut self) -> Result<()> {
+        const REGISTER_SYNC_CORE: u64 = 1 << 6; // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE
+        self.syscall(
+            "membarrier",
+            libc::SYS_membarrier,
+            [REGISTER_SYNC_CORE, 0, 0, 0, 0, 0],
+        )
+        .map(drop)
+    }
+
     /// Makes every thread execute a serializing instruction (membarrier SYNC_CORE run inside
     /// the target), so that code written meanwhile is seen by all of them. Registers the
     /// process for SYNC_CORE the first time (EPERM). Without SYNC_CORE (EINVAL: a kernel

@@ -183,12 +183,13 @@ pub(crate) fn run(
     // Not installed: nothing was written, and nothing may be (an int3 would reach the
     // process's own action).
     let was_installed = installed.is_ok();
-    let mut result = installed
-        .and_then(|()| wait_sigtrap_unblocked(t.pid(), &t.threads()))
-        .and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
-    // Refused before the first int3: nothing to roll back.
-    let wrote =
-        !matches!(result, Err(Error::Busy { ref function, .. }) if function == SIGTRAP_BLOCKED_NOW);
+    // Before the first int3: the membarrier registration (slow the first time in a process)
+    // and the last look at the threads' signal masks. A failure there has nothing to undo.
+    let ready = installed
+        .and_then(|()| Ok(t.register_sync_cores()?))
+        .and_then(|()| wait_sigtrap_unblocked(t.pid(), &t.threads()));
+    let wrote = ready.is_ok();
+    let mut result = ready.and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
     let mut kept = false;
     if !matches!(
         result,
