@@ -190,7 +190,13 @@ impl Patch {
             object_sha256: hex(&Sha256::digest(&self.object)),
         };
         let json = serde_json::to_vec(&header).unwrap_or_default();
-        encode_raw(VERSION, &json, &self.object)
+        // Without call sites the header is exactly version 1's: older tools keep reading it.
+        let version = if self.functions.iter().any(|f| !f.call_sites.is_empty()) {
+            VERSION
+        } else {
+            OLDEST_VERSION
+        };
+        encode_raw(version, &json, &self.object)
     }
 
     /// Parses patch file bytes. Never panics: any malformed input is an error.

@@ -50,6 +50,19 @@ pub struct AppliedFunction {
     pub call_sites: Vec<AppliedCallSite>,
 }
 
+impl AppliedFunction {
+    /// The direct callers this patch points at `via` (not those it wrote the original call
+    /// back to, when `via` was out of their reach).
+    pub fn direct_callers(&self) -> usize {
+        self.call_sites
+            .iter()
+            .filter(|c| {
+                lp_core::call_site::decode(c.addr, &c.written).is_ok_and(|s| s.target == self.via)
+            })
+            .count()
+    }
+}
+
 /// A caller's direct branch to a replaced function, retargeted by an applied patch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AppliedCallSite {

@@ -63,7 +63,7 @@ fn patch_status(p: &AppliedPatch) -> PatchStatus {
                 name: f.name.clone(),
                 old: format!("{:#x}", f.old),
                 new: format!("{:#x}", f.new),
-                call_sites: f.call_sites.len(),
+                call_sites: f.direct_callers(),
             })
             .collect(),
         gdb_command: p

@@ -65,7 +65,15 @@ fn pack_records_direct_and_tail_calls_of_gcc_output() {
 fn version_1_files_are_read_and_keep_their_id() {
     let p = work_patch(Vec::new());
     let v2 = p.to_bytes();
-    assert_eq!(u32::from_le_bytes(v2[8..12].try_into().unwrap()), 2);
+    // Without call sites the file is written as version 1 (older tools read it).
+    assert_eq!(u32::from_le_bytes(v2[8..12].try_into().unwrap()), 1);
+    let with_sites = work_patch(vec![CallSitePatch {
+        vaddr: 0x1000,
+        caller: "main+0x0".into(),
+        bytes: call(0x1000, 0x1260),
+    }]);
+    let b = with_sites.to_bytes();
+    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 2);
     // The same content as version 1 wrote it: the header has no call_sites field.
     let header = header_of(&v2);
     assert!(!header.contains("call_sites"), "{header}");

@@ -7,7 +7,11 @@
 //!
 //! - [`verify`] (read-only, before anything is written): every site's bytes in memory must be
 //!   what the records say — the file's bytes, or what the patch on top of the function wrote
-//!   there. Otherwise the whole patch is refused, naming the caller.
+//!   there. A site is an optimisation: one that someone else changed (a uprobe's `int3`,
+//!   another tool) is left alone with a warning — its calls still reach the redirect — unless
+//!   leaving it would keep calls on an older version (a site a patch below retargeted) or its
+//!   bytes branch into our own patch memory (a record lost): then the patch is refused, naming
+//!   the caller.
 //! - [`prepare`] (with the other trampolines): per site a trampoline running the *original*
 //!   branch relocated — it still names the old entry, whose redirect leads to the right
 //!   version in every phase of a switch — then a jump back past the site; its CFI (the
@@ -81,20 +85,37 @@ pub(crate) fn verify(
                 });
             }
         }
-        for s in &sites {
+        let mut kept = Vec::with_capacity(sites.len());
+        for s in sites {
             let now = mem.read_vec(s.addr, s.current.len())?;
-            if now != s.current {
+            if now == s.current {
+                kept.push(s);
+                continue;
+            }
+            let into_ours = call_site::decode(s.addr, &now).is_ok_and(|b| {
+                state
+                    .patches
+                    .iter()
+                    .any(|p| b.target >= p.code_addr && b.target < p.code_addr + p.code_len)
+            });
+            let what = format!(
+                "call site {} at {:#x} (a call of {}) in process {pid} is not what the patch expects (found {}, expected {})",
+                s.caller,
+                s.addr,
+                f.old_name,
+                crate::elf::hex(&now),
+                crate::elf::hex(&s.current),
+            );
+            if into_ours || s.current != s.original {
                 return Err(Error::Mismatch(format!(
-                    "call site {} at {:#x} (a call of {}) in process {pid} is not what the patch expects (found {}, expected {}): changed by someone else; nothing written",
-                    s.caller,
-                    s.addr,
-                    f.old_name,
-                    crate::elf::hex(&now),
-                    crate::elf::hex(&s.current),
+                    "{what}: changed by someone else; nothing written"
                 )));
             }
+            eprintln!(
+                "livepatch: warning: {what}: changed by someone else, left alone (its calls go through the redirect)"
+            );
         }
-        all.push(sites);
+        all.push(kept);
     }
     Ok(all)
 }

@@ -287,7 +287,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
                 old: f.old,
                 new: f.new,
                 thunk: f.via != f.new,
-                call_sites: f.call_sites.len(),
+                call_sites: f.direct_callers(),
             })
             .collect(),
         stats,

@@ -40,6 +40,31 @@ pub(crate) fn find(
             .iter()
             .any(|s| s.exec && vaddr >= s.vaddr && vaddr.saturating_add(size) <= s.vaddr + s.filesz)
     };
+    // The bytes a redirect of any function would displace are not ours to touch: every
+    // function's, not only the one a site is decoded from (symbols may nest in hand-written
+    // code).
+    let mut seen = BTreeSet::new();
+    let mut entry_spans: Vec<(u64, u64)> = module
+        .symbols()
+        .iter()
+        .filter(|f| f.kind == SymbolKind::Function && f.size > 0 && exec(f.value, f.size))
+        .filter(|f| seen.insert((f.value, f.size)))
+        .filter_map(|f| {
+            let s =
+                validate_site(module.bytes_at(f.value, f.size)?, f.value, REL32_JUMP_LEN).ok()?;
+            Some((s.patch_addr, s.patch_addr + s.displaced_len as u64))
+        })
+        .collect();
+    entry_spans.sort_unstable();
+    let in_entry_span = |addr: u64, end: u64| {
+        let i = entry_spans.partition_point(|&(s, _)| s < end);
+        // A span is at most the few bytes of a redirect's displaced instructions long.
+        entry_spans[..i]
+            .iter()
+            .rev()
+            .take_while(|&&(s, _)| s + 64 > addr)
+            .any(|&(s, e)| addr < e && s < end)
+    };
     let mut seen = BTreeSet::new();
     for f in module.symbols() {
         if f.kind != SymbolKind::Function || f.size == 0 || !seen.insert((f.value, f.size)) {
@@ -57,16 +82,12 @@ pub(crate) fn find(
         let Some(code) = module.bytes_at(f.value, f.size) else {
             continue;
         };
-        // The bytes a redirect of this function would displace are not ours to touch.
-        let entry_span = validate_site(code, f.value, REL32_JUMP_LEN)
-            .ok()
-            .map(|s| (s.patch_addr, s.patch_addr + s.displaced_len as u64));
         let Some(found) = sites_in(code, f.value, &index) else {
             continue;
         };
         for (addr, len, target) in found {
             let end = addr + len as u64;
-            if entry_span.is_some_and(|(s, e)| addr < e && s < end) {
+            if in_entry_span(addr, end) {
                 continue;
             }
             let off = (addr - f.value) as usize;
