@@ -71,10 +71,13 @@ pub struct AppliedCallSite {
     /// `function+0xOFFSET`, for messages.
     pub caller: String,
     /// The branch as in the file (to the old entry): what its trampoline runs.
+    #[serde(with = "hex_bytes")]
     pub original: Vec<u8>,
     /// Its bytes before this patch (the original, or a patch below's): restored by revert.
+    #[serde(with = "hex_bytes")]
     pub saved: Vec<u8>,
     /// The bytes this patch wrote (the branch to this patch's `via`).
+    #[serde(with = "hex_bytes")]
     pub written: Vec<u8>,
     /// Trampoline running the original branch relocated, then jumping back past the site:
     /// where a thread that hits the site's temporary `int3` goes (nonstop mode).
@@ -225,6 +228,18 @@ impl StateMap {
         read_at(self.pid, mem, self.addr)
     }
 
+    /// Whether `state` fits in a slot: checked before a switch, so that a full state refuses
+    /// the patch before anything is written rather than at the commit.
+    pub fn check_fits(&self, state: &State) -> Result<(), StateError> {
+        let len = serde_json::to_vec(state)
+            .map(|b| b.len() as u64)
+            .unwrap_or(u64::MAX);
+        if len > SLOT {
+            return Err(StateError::Full(self.pid));
+        }
+        Ok(())
+    }
+
     /// Writes `state`: body into the inactive slot, then the header that publishes it.
     pub fn store(&self, mem: &Memory, state: &State) -> Result<(), StateError> {
         let body = serde_json::to_vec(state).expect("state serializes");
@@ -255,6 +270,20 @@ impl StateMap {
         h[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
         mem.write(self.addr, &h)?;
         Ok(())
+    }
+}
+
+/// Call-site bytes as hex strings (a third of a JSON array of numbers: the state is small).
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::elf::hex(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::patchfile::unhex(&s).ok_or_else(|| serde::de::Error::custom("expected hex bytes"))
     }
 }
 

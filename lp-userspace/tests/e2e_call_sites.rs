@@ -321,3 +321,71 @@ fn e2e_a_retargeted_caller_changed_by_someone_else_refuses_the_next_patch() {
         assert_eq!(maps_after, maps_before);
     }
 }
+
+/// A C target whose work() has `n` direct callers c0..c(n-1), each calling it twice (the
+/// second call is a call site; the first lies among c's entry bytes), all run from main.
+fn many_callers_source(n: usize) -> String {
+    let mut s = String::from(
+        "#include <stdio.h>\n#include <time.h>\n#include <unistd.h>\n\
+         int __attribute__((noipa)) work(int x) { int r = x + 1; if (x > 1000000) r = x * 7; return r; }\n",
+    );
+    for i in 0..n {
+        s += &format!(
+            "int __attribute__((noipa)) c{i}(int x) {{ int r = work(x); return work(r) + {i}; }}\n"
+        );
+    }
+    s += "int (*volatile callers[])(int) = {";
+    for i in 0..n {
+        s += &format!("c{i},");
+    }
+    s += "};\nint main(void) {\n setvbuf(stdout, NULL, _IOLBF, 0);\n printf(\"ready %d\\n\", getpid());\n\
+          struct timespec ts = {0, 20000000L};\n for (;;) { int sum = 0;\n\
+          for (unsigned i = 0; i < sizeof callers / sizeof *callers; i++) sum += callers[i](1);\n\
+          printf(\"sum=%d\\n\", sum); nanosleep(&ts, NULL); }\n}\n";
+    s
+}
+
+#[test]
+fn e2e_many_callers_are_capped() {
+    let n = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("many.c");
+    std::fs::write(&src, many_callers_source(n)).unwrap();
+    let exe = dir.path().join("many");
+    cc(
+        "gcc",
+        &[
+            "-O2",
+            "-g",
+            "-Wl,--build-id",
+            src.to_str().unwrap(),
+            "-o",
+            exe.to_str().unwrap(),
+        ],
+    );
+    let obj = object(dir.path(), "new_work.c", "n1.o", &[]);
+    let (p1, _) = pack(dir.path(), &exe, &obj, &[], "p1.lp");
+    let patch = Patch::load(&p1).unwrap();
+    assert!(
+        patch.functions[0].call_sites.len() >= n - 1,
+        "pack records them (c0's tail call lies among its entry bytes): {}",
+        patch.functions[0].call_sites.len()
+    );
+    let original: usize = (0..n).map(|i| 3 + i).sum();
+    let new: usize = (0..n).map(|i| 2001 + i).sum();
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    let ipid: i32 = pid.parse().unwrap();
+    let bias = bias(ipid, &exe);
+    target.expect_steady(2, |l| l == format!("sum={original}"));
+    for mode in ["stop", "nonstop"] {
+        livepatch_ok(&["apply", &pid, p1.to_str().unwrap(), "--mode", mode]);
+        target.expect_steady(2, |l| l == format!("sum={new}"));
+        // Apply retargets a bounded number: the rest go through the redirect, still new.
+        let work = top_work(ipid);
+        assert_eq!(work.call_sites.len(), 32);
+        livepatch_ok(&["revert", &pid, "--mode", mode]);
+        target.expect_steady(2, |l| l == format!("sum={original}"));
+        assert_original_bytes(ipid, &patch, bias);
+    }
+}

@@ -34,6 +34,14 @@ use lp_core::site::validate_site;
 /// back), padded to 16, and its share of the generated `.eh_frame`.
 pub(crate) const PER_SITE_EXTRA: u64 = 48 + 64;
 
+/// Call sites retargeted per function, at most: each is a write in the switch (in stop mode
+/// while every thread is stopped), a record in the in-target state and, in nonstop mode, an
+/// entry of the trap table. Call sites save a jump per call; the fix itself must never fail
+/// or stall because a function has hundreds of callers.
+pub(crate) const MAX_PER_FUNCTION: usize = 32;
+/// Call sites retargeted per apply, at most (see [`MAX_PER_FUNCTION`]).
+pub(crate) const MAX_PER_APPLY: usize = 64;
+
 /// A verified call site of one replaced function, ready to be planned.
 #[derive(Debug, Clone)]
 pub(crate) struct Verified {
@@ -47,7 +55,10 @@ pub(crate) struct Verified {
     pub current: Vec<u8>,
 }
 
-/// The call sites of every function of `patch` (in its order), each checked in memory.
+/// The call sites of every function of `patch` (in its order), each checked in memory, within
+/// the budget: sites a patch below retargeted always (they must follow this patch), then the
+/// others in address order up to [`MAX_PER_FUNCTION`] and [`MAX_PER_APPLY`]; the rest keep
+/// going through the redirect.
 pub(crate) fn verify(
     pid: i32,
     mem: &Memory,
@@ -56,6 +67,7 @@ pub(crate) fn verify(
     state: &State,
 ) -> Result<Vec<Vec<Verified>>, Error> {
     let mut all = Vec::with_capacity(patch.functions.len());
+    let mut budget = MAX_PER_APPLY;
     for f in &patch.functions {
         let old = target.bias + f.old_vaddr;
         let below = top_redirect(state, old);
@@ -115,7 +127,13 @@ pub(crate) fn verify(
                 "livepatch: warning: {what}: changed by someone else, left alone (its calls go through the redirect)"
             );
         }
-        all.push(kept);
+        // Budget: retargeted ones first (not optional), then the others in address order.
+        let (mut must, optional): (Vec<Verified>, Vec<Verified>) =
+            kept.into_iter().partition(|s| s.current != s.original);
+        let room = MAX_PER_FUNCTION.min(budget).saturating_sub(must.len());
+        must.extend(optional.into_iter().take(room));
+        budget = budget.saturating_sub(must.len());
+        all.push(must);
     }
     Ok(all)
 }

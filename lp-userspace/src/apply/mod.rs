@@ -238,6 +238,12 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     };
     let mut new_state = existing.clone();
     new_state.patches.push(record);
+    if let Err(e) = statemap.check_fits(&new_state) {
+        debug_info::undo(&mut t, &patch.id, debug.as_ref());
+        let _ = t.munmap(code_addr, total_len);
+        statemap.remove_if_created(&mut t);
+        return Err(e.into());
+    }
     let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
         statemap.store(m, &new_state)?;
         Ok(())
