@@ -338,6 +338,16 @@ fn finish_children(pid: i32, forks_before: Option<u64>, sites: &[SiteSwitch], co
     if forks_before.is_some() && forks_so_far() == forks_before {
         return;
     }
+    // The /proc scan reads every process's stat (milliseconds of CPU on a busy machine): only
+    // for a target that has children at all. Its threads' children lists are cheap, and
+    // unreliable only in skipping entries while children come and go — not all of them.
+    let has_children = observe::tasks(pid).into_iter().any(|tid| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+            .is_ok_and(|s| !s.trim().is_empty())
+    });
+    if !has_children {
+        return;
+    }
     for child in children(pid) {
         let Ok(mem) = Memory::open(child) else {
             continue; // gone
