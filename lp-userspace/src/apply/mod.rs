@@ -467,9 +467,15 @@ fn prepare(
     }
     // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
     // copy-on-write now, while threads run, instead of during the stop.
+    // One byte per page is enough (call sites share pages with each other and the entries).
+    let mut pages = std::collections::BTreeSet::new();
     for s in &switches {
-        let cur = t.mem().read_vec(s.plan.addr(), s.plan.expected().len())?;
-        t.mem().write(s.plan.addr(), &cur)?;
+        for a in [s.plan.addr(), s.plan.addr() + s.plan.len() as u64 - 1] {
+            if pages.insert(a >> 12) {
+                let cur = t.mem().read_vec(a, 1)?;
+                t.mem().write(a, &cur)?;
+            }
+        }
     }
     Ok((switches, busy, functions, frames))
 }

@@ -125,18 +125,81 @@ pub(crate) fn run(
     }
 }
 
-fn verify_expected(mem: &Memory, sites: &[SiteSwitch]) -> Result<(), Error> {
-    for s in sites {
-        let cur = mem.read_vec(s.plan.addr(), s.plan.expected().len())?;
-        if cur != s.plan.expected() {
-            return Err(Error::Mismatch(format!(
-                "bytes of {} at {:#x} changed while we prepared the switch; nothing written",
-                s.name,
-                s.plan.addr()
-            )));
+/// Sites whose bytes lie close together in one page, read and written as one run: with many
+/// call sites, one `/proc/PID/mem` access per site would lengthen the stop window.
+struct Span {
+    start: u64,
+    end: u64,
+    sites: Vec<usize>,
+}
+
+impl Span {
+    fn range(&self, s: &SiteSwitch) -> std::ops::Range<usize> {
+        let off = (s.plan.addr() - self.start) as usize;
+        off..off + s.plan.len()
+    }
+}
+
+/// Gap between two sites up to which they share a span (reading the bytes between them costs
+/// less than another system call).
+const SPAN_GAP: u64 = 512;
+
+fn spans(sites: &[SiteSwitch]) -> Vec<Span> {
+    let mut order: Vec<usize> = (0..sites.len()).collect();
+    order.sort_by_key(|&i| sites[i].plan.addr());
+    let mut out: Vec<Span> = Vec::new();
+    for i in order {
+        let (start, end) = (
+            sites[i].plan.addr(),
+            sites[i].plan.addr() + sites[i].plan.len() as u64,
+        );
+        let page = |a: u64| a >> 12;
+        match out.last_mut() {
+            Some(s)
+                if start >= s.end
+                    && start - s.end <= SPAN_GAP
+                    && page(start) == page(s.start)
+                    && page(end - 1) == page(s.start) =>
+            {
+                s.end = end;
+                s.sites.push(i);
+            }
+            _ => out.push(Span {
+                start,
+                end,
+                sites: vec![i],
+            }),
         }
     }
-    Ok(())
+    out
+}
+
+/// Reads each span's current bytes, checking every site holds its plan's expected bytes.
+fn read_verified(
+    mem: &Memory,
+    sites: &[SiteSwitch],
+    spans: &[Span],
+) -> Result<Vec<Vec<u8>>, Error> {
+    let mut out = Vec::with_capacity(spans.len());
+    for sp in spans {
+        let cur = mem.read_vec(sp.start, (sp.end - sp.start) as usize)?;
+        for &i in &sp.sites {
+            let s = &sites[i];
+            if cur[sp.range(s)] != *s.plan.expected() {
+                return Err(Error::Mismatch(format!(
+                    "bytes of {} at {:#x} changed while we prepared the switch; nothing written",
+                    s.name,
+                    s.plan.addr()
+                )));
+            }
+        }
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+fn verify_expected(mem: &Memory, sites: &[SiteSwitch]) -> Result<(), Error> {
+    read_verified(mem, sites, &spans(sites)).map(drop)
 }
 
 fn stop_mode(
@@ -241,11 +304,18 @@ fn write_all_stopped(
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let mem = t.mem();
-    verify_expected(mem, sites)?;
+    // One read and one write per span of nearby sites; the bytes between sites are written
+    // back as they were read (no thread runs).
+    let spans = spans(sites);
+    let before = read_verified(mem, sites, &spans)?;
     let mut done = 0;
     let mut result = Ok(());
-    for s in sites {
-        if let Err(e) = mem.write(s.plan.addr(), s.plan.result()) {
+    for (sp, cur) in spans.iter().zip(&before) {
+        let mut new = cur.clone();
+        for &i in &sp.sites {
+            new[sp.range(&sites[i])].copy_from_slice(sites[i].plan.result());
+        }
+        if let Err(e) = mem.write(sp.start, &new) {
             result = Err(e.into());
             break;
         }
@@ -255,8 +325,8 @@ fn write_all_stopped(
         result = commit(mem);
     }
     if result.is_err() {
-        for s in &sites[..done] {
-            let _ = mem.write(s.plan.addr(), s.plan.expected());
+        for (sp, cur) in spans[..done].iter().zip(&before) {
+            let _ = mem.write(sp.start, cur);
         }
     }
     result
