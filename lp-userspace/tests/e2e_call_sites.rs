@@ -389,3 +389,83 @@ fn e2e_many_callers_are_capped() {
         assert_original_bytes(ipid, &patch, bias);
     }
 }
+
+/// `(old, new, caught)` from a catcher.cpp line.
+fn catcher_counts(line: &str) -> (u64, u64, u64) {
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(|kv| kv.split_once('=').unwrap().1.parse().unwrap())
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+#[test]
+fn e2e_nonstop_traps_on_a_call_site_keep_the_callers_catch() {
+    // 4 threads call caller() → work() (a call site, inside caller's try) in a tight loop, and
+    // work() throws for odd numbers. Nonstop apply and revert put int3s on that call site:
+    // threads hitting them run the original call from a trampoline, and every exception must
+    // still reach caller()'s catch (else std::terminate kills the target).
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("catcher");
+    let obj = dir.path().join("new_work.o");
+    let src = common::fixture("catcher.cpp").display().to_string();
+    let new_src = common::fixture("new_catcher_work.cpp").display().to_string();
+    cc(
+        "g++",
+        &[
+            "-O2",
+            "-g",
+            "-Wl,--build-id",
+            &src,
+            "-o",
+            exe.to_str().unwrap(),
+            "-lpthread",
+        ],
+    );
+    cc(
+        "g++",
+        &["-O2", "-c", "-fPIC", &new_src, "-o", obj.to_str().unwrap()],
+    );
+    let (p, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = Patch::load(&p).unwrap();
+    assert_eq!(
+        patch.functions[0].call_sites.len(),
+        1,
+        "caller's call of work"
+    );
+    let mut target = Target::spawn_niced(&exe, &[]);
+    let pid = target.pid();
+    let mut traps = 0;
+    for _ in 0..8 {
+        let out = livepatch_ok(&[
+            "apply",
+            &pid,
+            p.to_str().unwrap(),
+            "--mode",
+            "nonstop",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["functions"][0]["call_sites"], 1);
+        traps += v["stats"]["traps"].as_u64().unwrap();
+        let mark = target.count();
+        let (_, new0, _) = catcher_counts(&target.wait_line_after(mark, |_| true));
+        target.wait_line_after(mark + 1, |l| catcher_counts(l).1 > new0);
+        let out = livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        traps += v["stats"]["traps"].as_u64().unwrap();
+        assert!(target.alive(), "the target died");
+    }
+    assert!(
+        traps > 0,
+        "no thread reached a temporary int3: the test proves nothing"
+    );
+    // Still running, still catching, back to the old results.
+    let mark = target.count();
+    let (old0, _, caught0) = catcher_counts(&target.wait_line_after(mark, |_| true));
+    target.wait_line_after(mark + 1, |l| {
+        let (old, _, caught) = catcher_counts(l);
+        old > old0 && caught > caught0
+    });
+    assert!(target.alive());
+}
