@@ -1,11 +1,17 @@
 //! Process patching benchmark (harness = false; prints figures).
 //!
 //! (a) the longest stall a running thread sees while a 10-function patch is applied to an
-//!     8-thread process, per mode (the target's threads record the largest gap between two
-//!     iterations of their loop with clock_gettime; each iteration calls the 10 functions and
-//!     sleeps 50 µs, so the baseline gap is the sleep plus scheduling noise, shown alongside);
-//! (b) calls per second of a patched function / of the original (same code, reached through
-//!     the redirect);
+//!     8-thread process, per mode, two ways (the target's threads time with clock_gettime; each
+//!     iteration of their loop calls the 10 functions and sleeps 50 µs; baselines without
+//!     patching alongside):
+//!     - the longest single call of a patched function: the time one call took, trap included
+//!       (a call meeting a temporary int3 in nonstop mode; a call interrupted by the stop);
+//!     - the largest gap between two iterations of the loop: the sleep, scheduling noise, and
+//!       every stall of the iteration together (in nonstop mode an iteration can meet all ten
+//!       int3s, one trap each);
+//! (b) calls per CPU-second of a patched function / of the original (the same code; its direct
+//!     caller retargeted at it); thread CPU time, so that other load on the machine does not
+//!     count;
 //! (c) wall time of apply and of revert (library calls, module cache warm), per mode.
 //!
 //! Run: `cargo bench -p lp-benches --bench process_patch` (root; gcc needed).
@@ -35,21 +41,26 @@ const TARGET: &str = r#"
 #include "funcs.h"
 static volatile int epoch;          /* bumped by SIGUSR1: start a new measurement window */
 static volatile sig_atomic_t report; /* set by SIGUSR2: print the window's largest gap */
-static long max_gap[64];
+static long max_gap[64], max_call[64];
 static int seen[64];
-static long now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
+static long clock_ns(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
+static long now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
+/* one call, timed: the longest of the iteration in `call` */
+#define TIMED(n) do { long a_ = now_ns(); acc += f##n(1); long d_ = now_ns() - a_; if (d_ > call) call = d_; } while (0)
 static void *worker(void *arg) {
     long id = (long)arg; long last = now_ns(); unsigned acc = 0;
     struct timespec pause = {0, 50000};
     prctl(PR_SET_TIMERSLACK, 1);
     for (;;) {
-        acc += f0(1) + f1(1) + f2(1) + f3(1) + f4(1) + f5(1) + f6(1) + f7(1) + f8(1) + f9(1);
+        long call = 0;
+        TIMED(0); TIMED(1); TIMED(2); TIMED(3); TIMED(4); TIMED(5); TIMED(6); TIMED(7); TIMED(8); TIMED(9);
         if (acc == 7) puts("");
         nanosleep(&pause, NULL);
         long t = now_ns(), gap = t - last; last = t;
         int e = epoch;
-        if (seen[id] != e) { seen[id] = e; max_gap[id] = 0; }
+        if (seen[id] != e) { seen[id] = e; max_gap[id] = 0; max_call[id] = 0; }
         if (gap > max_gap[id]) max_gap[id] = gap;
+        if (call > max_call[id]) max_call[id] = call;
     }
     return NULL;
 }
@@ -58,11 +69,11 @@ static void on_usr2(int s) { (void)s; report = 1; }
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 1 && !strcmp(argv[1], "throughput")) {
-        /* calls of f0 per second, one thread */
+        /* calls of f0 per CPU-second of this thread */
         printf("ready %d\n", getpid());
         for (;;) {
-            long start = now_ns(), n = 0; unsigned acc = 0;
-            while (now_ns() - start < 200000000L) { for (int i = 0; i < 1000; i++) acc += f0(i); n += 1000; }
+            long start = clock_ns(CLOCK_THREAD_CPUTIME_ID), n = 0; unsigned acc = 0;
+            while (clock_ns(CLOCK_THREAD_CPUTIME_ID) - start < 200000000L) { for (int i = 0; i < 1000; i++) acc += f0(i); n += 1000; }
             printf("calls %ld %u\n", n * 5, acc & 1);
         }
     }
@@ -74,9 +85,10 @@ int main(int argc, char **argv) {
     for (;;) {
         usleep(1000);
         if (report) {
-            report = 0; long m = 0;
+            report = 0; long m = 0, c = 0;
             for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_gap[i] > m) m = max_gap[i];
-            printf("gap %ld\n", m);
+            for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_call[i] > c) c = max_call[i];
+            printf("gap %ld call %ld\n", m, c);
         }
     }
 }
@@ -102,16 +114,37 @@ impl Target {
             .unwrap_or(false);
         assert!(ok, "kill {sig} failed");
     }
-    /// The largest loop gap (µs) seen by any thread while `f` runs.
-    fn gap_during(&mut self, f: impl FnOnce()) -> f64 {
+    /// The largest loop gap and the longest single call (µs) seen by any thread while `f` runs.
+    fn stalls_during(&mut self, f: impl FnOnce()) -> Stalls {
         self.signal("-USR1");
         std::thread::sleep(Duration::from_millis(5));
         f();
         std::thread::sleep(Duration::from_millis(5));
         self.signal("-USR2");
         let l = self.line();
-        l.strip_prefix("gap ").unwrap().parse::<f64>().unwrap() / 1000.0
+        let us = |key: &str| -> f64 {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == key).expect("a figure in the report");
+            words.next().unwrap().parse::<f64>().unwrap() / 1000.0
+        };
+        Stalls {
+            gap: us("gap"),
+            call: us("call"),
+        }
     }
+}
+
+/// What the target's threads saw in one window (µs).
+#[derive(Clone, Copy)]
+struct Stalls {
+    /// Largest gap between two iterations of a thread's loop.
+    gap: f64,
+    /// Longest single call of a patched function.
+    call: f64,
+}
+
+fn column(v: &[Stalls], pick: fn(&Stalls) -> f64) -> Vec<f64> {
+    v.iter().map(pick).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -145,13 +178,16 @@ fn main() {
 
     // (a) + (c)
     let mut t = Target::start(&dir.join("target"), &["8"]);
-    let baseline: Vec<f64> = (0..rounds)
-        .map(|_| t.gap_during(|| std::thread::sleep(Duration::from_millis(3))))
+    let baseline: Vec<Stalls> = (0..rounds)
+        .map(|_| t.stalls_during(|| std::thread::sleep(Duration::from_millis(3))))
         .collect();
+    let (base_gap, base_call) = (column(&baseline, |s| s.gap), column(&baseline, |s| s.call));
     println!(
-        "  baseline (no patching): largest loop gap median {:.0} us, max {:.0} us",
-        median(baseline.clone()),
-        max(&baseline)
+        "  baseline (no patching): longest single call median {:.1} us, max {:.1} us; largest loop gap median {:.0} us, max {:.0} us",
+        median(base_call.clone()),
+        max(&base_call),
+        median(base_gap.clone()),
+        max(&base_gap)
     );
     for &mode in &modes {
         let opts = ApplyOptions {
@@ -165,20 +201,29 @@ fn main() {
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..rounds {
             let pid = t.pid();
-            gaps.push(t.gap_during(|| {
+            gaps.push(t.stalls_during(|| {
                 let s = Instant::now();
                 let a = apply(pid, &patch, opts).unwrap();
                 apply_ms.push(s.elapsed().as_secs_f64() * 1e3);
                 stalls.push(a.stats.stall_us as f64);
                 traps.push(a.stats.traps as f64);
             }));
-            rgaps.push(t.gap_during(|| {
+            rgaps.push(t.stalls_during(|| {
                 let s = Instant::now();
                 revert(pid, None, mode, opts.timeout).unwrap();
                 revert_ms.push(s.elapsed().as_secs_f64() * 1e3);
             }));
         }
         println!("  mode {mode}:");
+        let (calls, rcalls) = (column(&gaps, |s| s.call), column(&rgaps, |s| s.call));
+        println!(
+            "    (a) longest single call during apply: median {:.1} us, max {:.1} us; during revert: median {:.1} us, max {:.1} us",
+            median(calls.clone()),
+            max(&calls),
+            median(rcalls.clone()),
+            max(&rcalls)
+        );
+        let (gaps, rgaps) = (column(&gaps, |s| s.gap), column(&rgaps, |s| s.gap));
         println!(
             "    (a) largest loop gap during apply: median {:.0} us, max {:.0} us; during revert: median {:.0} us (tool-measured {}: median {:.0} us)",
             median(gaps.clone()),
@@ -223,7 +268,7 @@ fn main() {
     let _ = t.line();
     let patched = sample(&mut t);
     println!(
-        "  (b) f0 calls/s: original {:.3e}, patched {:.3e}, ratio {:.3}",
+        "  (b) f0 calls per CPU-second: original {:.3e}, patched {:.3e}, ratio {:.3}",
         original,
         patched,
         patched / original
