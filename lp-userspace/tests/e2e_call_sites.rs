@@ -409,7 +409,9 @@ fn e2e_nonstop_traps_on_a_call_site_keep_the_callers_catch() {
     let exe = dir.path().join("catcher");
     let obj = dir.path().join("new_work.o");
     let src = common::fixture("catcher.cpp").display().to_string();
-    let new_src = common::fixture("new_catcher_work.cpp").display().to_string();
+    let new_src = common::fixture("new_catcher_work.cpp")
+        .display()
+        .to_string();
     cc(
         "g++",
         &[
