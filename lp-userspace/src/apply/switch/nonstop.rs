@@ -171,10 +171,10 @@ pub(crate) fn run(
     // tool must not wait behind the trapping threads for a CPU.
     // Processes forked from now on may copy the code mid-switch (see finish_children).
     let forks_before = forks_so_far();
-    let boost = (
-        RtBoost::start(0),
-        t.threads().first().map(|&tid| RtBoost::start(tid)),
-    );
+    // Only the tool's own thread: a boosted thread of the target would stay SCHED_FIFO for
+    // good if the tool were killed mid-switch, and a busy one would then starve its CPU
+    // (review session 3, R1).
+    let boost = RtBoost::start(0);
     let installed = install(t, &area);
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
@@ -237,14 +237,12 @@ pub(crate) fn run(
 }
 
 /// A thread runs under SCHED_FIFO while this lives, and gets its scheduling policy back when
-/// it is dropped. The int3 window is the tool's own work (writes, looks at /proc) and the
-/// remote membarriers the borrowed thread runs: under the default policy, on a small or busy
-/// machine, the trapping threads (and everything else) take the CPU from both, and the window
-/// — with the traps it costs — grows (a membarrier round trip of 4-7 ms was seen at load 25).
-/// Both sleep or stay stopped between their steps, so neither keeps a CPU for long. Without
-/// the privilege (CAP_SYS_NICE) nothing changes. The borrowed thread is the target's: its
-/// policy is given back before the tool lets it go (a tool killed meanwhile leaves it
-/// SCHED_FIFO: the one trace a crash can leave besides our handler).
+/// it is dropped. Used for the tool's own thread during the int3 window (its writes and its
+/// looks at /proc): under the default policy, on a small or busy machine, the trapping threads
+/// (and everything else) take the CPU from it, and the window — with the traps it costs —
+/// grows. It sleeps between its steps, so it never keeps a CPU for long. Without the
+/// privilege (CAP_SYS_NICE) nothing changes. Never used on a thread of the target: a tool
+/// killed meanwhile could not give it back.
 struct RtBoost {
     tid: i32,
     saved: Option<(i32, libc::sched_param)>,
