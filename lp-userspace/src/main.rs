@@ -48,13 +48,49 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let changes_a_process = matches!(
+        cli.command,
+        cli::Command::Apply { .. } | cli::Command::Revert { .. }
+    );
+    let interrupts = changes_a_process.then(defer_interrupts);
     let result = cli::run(cli);
     if trace {
         trace_process(entered);
     }
-    if let Err(e) = result {
+    if let Err(e) = &result {
         eprintln!("livepatch: error: {e}");
+    }
+    if let Some(old) = interrupts {
+        // An interrupt that came meanwhile ends us now, by its default action (a shell sees
+        // "killed by SIGINT"), with the target whole: patched or as it was.
+        // SAFETY: restores the signal mask saved by defer_interrupts; no memory is involved.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
+    }
+    if let Err(e) = result {
         std::process::exit(e.kind().exit_code());
+    }
+}
+
+/// Holds back Ctrl-C, SIGTERM, SIGHUP and SIGQUIT until an apply or revert is over: dying in
+/// the middle would leave the target half-switched (some functions redirected, our trap handler
+/// or int3s behind, threads stopped until the kernel detaches them). They are blocked on this
+/// thread before any other starts, so every thread of the tool inherits the mask, and delivered
+/// when `main` unblocks them. The switch itself is bounded by `--timeout`. SIGKILL cannot be
+/// held back. Returns the mask to restore.
+fn defer_interrupts() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; pthread_sigmask
+    // only changes this thread's mask (no other thread exists yet).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
     }
 }
 
