@@ -286,19 +286,28 @@ fn write_stub_cfi(
 fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Result<String> {
     use std::io::Write;
     let object = gdb_object_path(pid, &patch.id);
-    std::fs::write(&object, &patch.object)?;
+    no_follow(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true),
+    )
+    .open(&object)?
+    .write_all(&patch.object)?;
     let cmd = crate::perf_map::gdb_add_symbol_file(&object, image);
     // The script is named by pid, and pids are reused: one left by a dead process that had the
     // same pid (its header names another start time) is started afresh, not appended to.
     let header = gdb_script_header(pid);
     let path = gdb_script_path(pid);
     let current = std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with(&header));
-    let mut script = std::fs::OpenOptions::new()
-        .create(true)
-        .append(current)
-        .write(true)
-        .truncate(!current)
-        .open(&path)?;
+    let mut script = no_follow(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(current)
+            .write(true)
+            .truncate(!current),
+    )
+    .open(&path)?;
     if !current {
         script.write_all(header.as_bytes())?;
     }
@@ -431,8 +440,18 @@ fn forget_gdb_command(pid: i32, id: &str) {
     let _ = if !kept.lines().any(|l| l.starts_with("add-symbol-file ")) {
         std::fs::remove_file(&script)
     } else {
-        std::fs::write(&script, kept)
+        use std::io::Write;
+        no_follow(std::fs::OpenOptions::new().write(true).truncate(true))
+            .open(&script)
+            .and_then(|mut f| f.write_all(kept.as_bytes()))
     };
+}
+
+/// Our files in /tmp have well-known names (by pid) and we usually run as root: a symbolic link
+/// planted at such a name must not make us write through it (the perf map does the same).
+fn no_follow(options: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(libc::O_NOFOLLOW)
 }
 
 /// Adds the CFI of every patch applied to `pid` (read back from the target's memory) to an

@@ -400,3 +400,38 @@ fn e2e_debug_trampoline_cfi_of_a_displaced_call() {
         }
     }
 }
+
+/// The gdb files have well-known names in /tmp and the tool runs as root: a symbolic link
+/// planted at such a name is not written through (the apply goes on, with a warning).
+#[test]
+fn e2e_debug_symlinks_planted_at_the_gdb_file_names_are_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["simple.c"], "simple", &[]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, id) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let pid_n: i32 = pid.parse().unwrap();
+    let script = debug_info::gdb_script_path(pid_n);
+    let object = debug_info::gdb_object_path(pid_n, &id);
+    for link in [&script, &object] {
+        let _ = std::fs::remove_file(link);
+        std::os::unix::fs::symlink(&victim, link).unwrap();
+    }
+    let out = livepatch(&["apply", &pid, patch.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot save the gdb symbol file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    target.expect_steady(2, |l| l == "direct=1041 pointer=1041");
+    livepatch_ok(&["revert", &pid]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    for link in [&script, &object] {
+        let _ = std::fs::remove_file(link);
+    }
+}

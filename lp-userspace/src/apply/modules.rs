@@ -141,7 +141,7 @@ pub(crate) fn warm_up(pid: i32) {
         });
 }
 
-fn warm_instruction_tables() {
+pub(crate) fn warm_instruction_tables() {
     use lp_core::jump::REL32_JUMP_LEN;
     // push %rbp; mov %rsp,%rbp; mov -0x4(%rbp),%eax; pop %rbp; ret
     const CODE: &[u8] = &[0x55, 0x48, 0x89, 0xe5, 0x8b, 0x45, 0xfc, 0x5d, 0xc3];

@@ -173,7 +173,11 @@ pub(crate) fn run(
     let forks_before = forks_so_far();
     // Only the tool's own thread: a boosted thread of the target would stay SCHED_FIFO for
     // good if the tool were killed mid-switch, and a busy one would then starve its CPU
-    // (review session 3, R1).
+    // (review session 3, R1). iced-x86's tables (settle decodes) are built first: they are
+    // built under a spinning lock, and a SCHED_FIFO thread spinning on it while another thread
+    // of ours builds them can keep that one from a CPU (review R4; a library caller's warm-up
+    // thread may still be at it).
+    crate::apply::modules::warm_instruction_tables();
     let boost = RtBoost::start(0);
     let installed = install(t, &area);
     trace(
