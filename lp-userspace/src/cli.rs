@@ -308,7 +308,8 @@ fn parse_pid(s: &str) -> Result<i32, String> {
 }
 
 /// Loads a patch file; a format error names the file (the reader's own message does not).
-fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Error> {
+/// The Python binding's `Patch.load` calls this too, so both say the same.
+pub fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Error> {
     crate::patchfile::Patch::load(path).map_err(|e| match Error::from(e) {
         Error::Format(why, kind) if kind != ErrorKind::Io => {
             Error::Format(format!("{}: {why}", path.display()), kind)

@@ -60,8 +60,12 @@ impl PyPatch {
     /// Reads a patch file. Raises `PatchFormatError` for a truncated, corrupted or unknown file.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let loaded = py.allow_threads(|| guarded(|| Patch::load(&path)));
-        into_py_result(py, loaded).map(PyPatch)
+        // The CLI's loader: a format error names the file, in the same words.
+        match py.allow_threads(|| guarded(|| lp_userspace::cli::load_patch(&path))) {
+            Ok(Ok(patch)) => Ok(PyPatch(patch)),
+            Ok(Err(e)) => Err(raise(py, class_of(e.kind()), e.to_string())),
+            Err(panic) => Err(panic.into_pyerr(py)),
+        }
     }
     /// Parses the bytes of a patch file.
     #[staticmethod]
