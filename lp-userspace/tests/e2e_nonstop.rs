@@ -253,6 +253,18 @@ fn e2e_nonstop_busy_threads_are_never_traced() {
 /// then the apply goes through.
 #[test]
 fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
+    handler_interrupting_the_displaced_bytes(false);
+}
+
+/// Review R5: the same with a handler that keeps *running* (it polls for the byte): its CPU
+/// time once passed for "moved on", the bytes were rewritten under it, and the thread died of
+/// SIGILL when the handler returned.
+#[test]
+fn e2e_nonstop_waits_for_a_running_handler_interrupting_the_displaced_bytes() {
+    handler_interrupting_the_displaced_bytes(true);
+}
+
+fn handler_interrupting_the_displaced_bytes(spinning: bool) {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["parked.c"], "parked", &["-pthread"]);
     let obj = object(dir.path(), "new_parked.c", "new.o", &[]);
@@ -262,10 +274,11 @@ fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
     let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: c_fifo is a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
-    let mut target = Target::spawn(&exe, &[fifo.to_str().unwrap()]);
+    let how = if spinning { "spin" } else { "block" };
+    let mut target = Target::spawn(&exe, &[fifo.to_str().unwrap(), how]);
     let pid = target.pid();
     target.wait_line(|l| l == "parked");
-    std::thread::sleep(Duration::from_millis(100)); // blocked in the handler's read()
+    std::thread::sleep(Duration::from_millis(100)); // in the handler's read() (or its loop)
     let (code, err) =
         livepatch_err(&["apply", &pid, &patch, "--mode", "nonstop", "--timeout", "1"]);
     assert_eq!(code, 3, "{err}");
@@ -275,8 +288,8 @@ fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
     std::io::Write::write_all(&mut w, b"x").unwrap();
     target.wait_line(|l| l == "compute 8");
     livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
-    // The borrowed thread ran the switch's system calls under SCHED_FIFO: every thread has
-    // its own policy (SCHED_OTHER) back.
+    // No thread of the target is left with another scheduling policy (only the tool's own
+    // thread runs SCHED_FIFO during the window; review R1).
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
         let policy = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(38);

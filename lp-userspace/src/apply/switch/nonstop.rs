@@ -831,6 +831,15 @@ fn wait_moved_on(
         /// Seen blocked with an address inside `ranges` on its stack.
         inside_frame: bool,
     }
+    // A thread that stays runnable may be running a signal handler whose interrupted context
+    // is inside `ranges`: its CPU time proves nothing then (review R5). A thread that may be in
+    // a handler — it blocks a signal the process has a handler for, as the kernel does while
+    // the handler runs — is looked at once, briefly, through ptrace. Others are never traced.
+    let caught = if ranges.is_empty() {
+        0
+    } else {
+        own_signal_handlers(pid)
+    };
     let mut pending: Vec<Watched> = observe::tasks(pid)
         .into_iter()
         .filter(|tid| !skip.contains(tid))
@@ -867,7 +876,17 @@ fn wait_moved_on(
                             }
                             false
                         }
-                        Some(base) => now.saturating_sub(base) >= PROGRESS_NS,
+                        Some(base) if now.saturating_sub(base) >= PROGRESS_NS => {
+                            let tid = w.files.tid();
+                            let inside = caught != 0
+                                && blocked_signals(pid, tid) & caught != 0
+                                && running_thread_refers_to(mem, tid, ranges);
+                            if inside {
+                                w.base = Some(now); // look again after more progress
+                            }
+                            !inside
+                        }
+                        Some(_) => false,
                     },
                 },
             };
@@ -885,6 +904,59 @@ fn wait_moved_on(
         std::thread::sleep(pause);
         pause = (pause * 2).min(poll.max);
     }
+}
+
+/// The signals process `pid` has handlers of its own for (`SigCgt`, our SIGTRAP handler left
+/// out), as a mask.
+fn own_signal_handlers(pid: i32) -> u64 {
+    status_mask(&format!("/proc/{pid}/status"), "SigCgt:") & !(1 << (libc::SIGTRAP - 1))
+}
+
+/// The signals thread `tid` blocks (`SigBlk`), as a mask.
+fn blocked_signals(pid: i32, tid: i32) -> u64 {
+    status_mask(&format!("/proc/{pid}/task/{tid}/status"), "SigBlk:")
+}
+
+fn status_mask(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Stops running thread `tid` for a moment (seize, interrupt, read its registers, detach,
+/// passing on a signal it was about to take) and tells whether its rip or its stack refers to
+/// `ranges`. A thread that cannot be looked at (gone, traced by someone else) does not.
+fn running_thread_refers_to(mem: &Memory, tid: i32, ranges: &[CodeRange]) -> bool {
+    use crate::process::ptrace::{self, WaitStatus};
+    if ptrace::seize(tid).is_err() {
+        return false;
+    }
+    let regs = ptrace::interrupt(tid).ok().and_then(|()| loop {
+        match ptrace::wait(tid, false) {
+            Ok(Some((_, WaitStatus::Gone))) | Err(_) => break None,
+            Ok(Some((_, st))) => {
+                let pass_on = match st {
+                    WaitStatus::Signal(sig) => sig,
+                    _ => 0,
+                };
+                break Some((ptrace::get_regs(tid).ok(), pass_on));
+            }
+            Ok(None) => continue,
+        }
+    });
+    let Some((regs, pass_on)) = regs else {
+        return false; // gone
+    };
+    let _ = ptrace::detach(tid, pass_on);
+    regs.is_some_and(|r| {
+        ranges.iter().any(|c| c.contains(r.rip)) || stack_refers_to(mem, r.rsp, ranges)
+    })
 }
 
 /// Whether the stack above `sp` (up to [`STACK_SCAN`] bytes, or the end of its mapping) holds
