@@ -26,8 +26,9 @@ pub(crate) fn collect(
     unwinder: &mut Unwinder,
     ranges: &[CodeRange],
 ) -> Result<Vec<Stack>, ProcessError> {
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))
-        .map_err(|_| ProcessError::Exited(t.pid()))?;
+    // The mappings are read only when an unwind is incomplete: this runs while every thread is
+    // stopped, and one read of /proc/PID/maps costs tens of microseconds.
+    let mut maps: Option<String> = None;
     let mut out = Vec::new();
     for tid in t.threads() {
         let regs = t.regs(tid)?;
@@ -35,7 +36,14 @@ pub(crate) fn collect(
         let complete = bt.complete();
         let mut returns = bt.return_addresses;
         if !complete {
-            returns.extend(scan(t, &maps, regs.rsp, ranges));
+            if maps.is_none() {
+                maps = Some(
+                    std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))
+                        .map_err(|_| ProcessError::Exited(t.pid()))?,
+                );
+            }
+            let maps = maps.as_deref().unwrap_or_default();
+            returns.extend(scan(t, maps, regs.rsp, ranges));
         }
         out.push(Stack {
             tid: tid as u32,

@@ -138,7 +138,7 @@ pub(crate) fn run(
     verify_expected(t.mem(), sites)?;
     if sites.len() > th::MAX_SITES {
         return Err(Error::Unsupported(format!(
-            "nonstop mode switches at most {} functions at once, not {}",
+            "nonstop mode switches at most {} sites (function entries and their direct callers) at once, not {}",
             th::MAX_SITES,
             sites.len()
         )));
