@@ -461,15 +461,7 @@ impl Tracee {
     /// Whether thread `tid` has a SIGTRAP queued that it has not taken yet (nonstop mode uses
     /// this to know that no thread is between an int3 and its report).
     pub fn sigtrap_pending(&self, tid: i32) -> bool {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid))
-        else {
-            return false;
-        };
-        let bit = 1u64 << (libc::SIGTRAP - 1);
-        status.lines().any(|l| {
-            (l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
-                && u64::from_str_radix(l[7..].trim(), 16).is_ok_and(|m| m & bit != 0)
-        })
+        observe::signal_in(self.pid, tid, libc::SIGTRAP, &["SigPnd", "ShdPnd"])
     }
 
     /// Where thread `tid` is blocked in a system call, without stopping it: the user

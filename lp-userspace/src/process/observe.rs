@@ -120,15 +120,20 @@ impl ThreadFiles {
 
     /// As [`signal_in`] (the status file is opened at the first call).
     pub fn signal_in(&mut self, sig: i32, fields: &[&str]) -> bool {
+        self.signal_mask(fields) & bit(sig) != 0
+    }
+
+    /// The union of the signal masks `fields` of the thread's status (0 when it is gone).
+    pub fn signal_mask(&mut self, fields: &[&str]) -> u64 {
         if self.status.is_none() {
             self.status =
                 std::fs::File::open(format!("/proc/{}/task/{}/status", self.pid, self.tid)).ok();
         }
         let Some(f) = &self.status else {
-            return false;
+            return 0;
         };
         let mut buf = [0u8; 4096];
-        read_at_start(f, &mut buf).is_some_and(|s| mask_has(s, sig, fields))
+        read_at_start(f, &mut buf).map_or(0, |s| masks(s, fields))
     }
 }
 
@@ -141,13 +146,19 @@ fn read_at_start<'a>(f: &std::fs::File, buf: &'a mut [u8]) -> Option<&'a str> {
     std::str::from_utf8(&buf[..n]).ok()
 }
 
-fn mask_has(status: &str, sig: i32, fields: &[&str]) -> bool {
-    let bit = 1u64 << (sig - 1);
-    status.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            fields.contains(&k) && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & bit != 0)
-        })
-    })
+/// Signal `sig`'s bit in a /proc status mask.
+pub fn bit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
+
+/// The union of the signal masks `fields` (e.g. "SigPnd", "SigBlk") of a /proc status text.
+fn masks(status: &str, fields: &[&str]) -> u64 {
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| fields.contains(k))
+        .filter_map(|(_, v)| u64::from_str_radix(v.trim(), 16).ok())
+        .fold(0, |all, m| all | m)
 }
 
 /// CPU time thread `tid` has consumed, in nanoseconds (/proc/PID/task/TID/schedstat; updated
@@ -161,7 +172,13 @@ pub fn runtime_ns(pid: i32, tid: i32) -> Option<u64> {
 /// of thread `tid`'s status.
 pub fn signal_in(pid: i32, tid: i32, sig: i32, fields: &[&str]) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
-        .is_ok_and(|status| mask_has(&status, sig, fields))
+        .is_ok_and(|status| masks(&status, fields) & bit(sig) != 0)
+}
+
+/// The union of the signal masks `fields` of process `pid`'s status (e.g. "SigCgt": the
+/// signals it has handlers for); 0 when it is gone.
+pub fn process_signal_mask(pid: i32, fields: &[&str]) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(0, |s| masks(&s, fields))
 }
 
 /// The pid of the process tracing thread `tid` of `pid`, or 0.

@@ -838,7 +838,8 @@ fn wait_moved_on(
     let caught = if ranges.is_empty() {
         0
     } else {
-        own_signal_handlers(pid)
+        observe::process_signal_mask(pid, &["SigCgt"]) & !observe::bit(libc::SIGTRAP)
+        // ours
     };
     let mut pending: Vec<Watched> = observe::tasks(pid)
         .into_iter()
@@ -877,10 +878,9 @@ fn wait_moved_on(
                             false
                         }
                         Some(base) if now.saturating_sub(base) >= PROGRESS_NS => {
-                            let tid = w.files.tid();
                             let inside = caught != 0
-                                && blocked_signals(pid, tid) & caught != 0
-                                && running_thread_refers_to(mem, tid, ranges);
+                                && w.files.signal_mask(&["SigBlk"]) & caught != 0
+                                && running_thread_refers_to(mem, w.files.tid(), ranges);
                             if inside {
                                 w.base = Some(now); // look again after more progress
                             }
@@ -904,29 +904,6 @@ fn wait_moved_on(
         std::thread::sleep(pause);
         pause = (pause * 2).min(poll.max);
     }
-}
-
-/// The signals process `pid` has handlers of its own for (`SigCgt`, our SIGTRAP handler left
-/// out), as a mask.
-fn own_signal_handlers(pid: i32) -> u64 {
-    status_mask(&format!("/proc/{pid}/status"), "SigCgt:") & !(1 << (libc::SIGTRAP - 1))
-}
-
-/// The signals thread `tid` blocks (`SigBlk`), as a mask.
-fn blocked_signals(pid: i32, tid: i32) -> u64 {
-    status_mask(&format!("/proc/{pid}/task/{tid}/status"), "SigBlk:")
-}
-
-fn status_mask(path: &str, field: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Stops running thread `tid` for a moment (seize, interrupt, read its registers, detach,
