@@ -26,6 +26,7 @@ pub use trampoline_cfi::{trampoline_frame, ModuleCfi};
 use crate::apply::Error;
 use crate::link::{Layout, LinkedImage, Protection};
 use crate::patchfile::Patch;
+use crate::perf_map::open_no_follow;
 use crate::process::Tracee;
 use crate::state::{AppliedFunction, AppliedPatch};
 use crate::thunk_cfi::FrameCfi;
@@ -286,13 +287,13 @@ fn write_stub_cfi(
 fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Result<String> {
     use std::io::Write;
     let object = gdb_object_path(pid, &patch.id);
-    no_follow(
+    open_no_follow(
         std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true),
-    )
-    .open(&object)?
+        &object,
+    )?
     .write_all(&patch.object)?;
     let cmd = crate::perf_map::gdb_add_symbol_file(&object, image);
     // The script is named by pid, and pids are reused: one left by a dead process that had the
@@ -300,14 +301,14 @@ fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Re
     let header = gdb_script_header(pid);
     let path = gdb_script_path(pid);
     let current = std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with(&header));
-    let mut script = no_follow(
+    let mut script = open_no_follow(
         std::fs::OpenOptions::new()
             .create(true)
             .append(current)
             .write(true)
             .truncate(!current),
-    )
-    .open(&path)?;
+        &path,
+    )?;
     if !current {
         script.write_all(header.as_bytes())?;
     }
@@ -441,17 +442,12 @@ fn forget_gdb_command(pid: i32, id: &str) {
         std::fs::remove_file(&script)
     } else {
         use std::io::Write;
-        no_follow(std::fs::OpenOptions::new().write(true).truncate(true))
-            .open(&script)
-            .and_then(|mut f| f.write_all(kept.as_bytes()))
+        open_no_follow(
+            std::fs::OpenOptions::new().write(true).truncate(true),
+            &script,
+        )
+        .and_then(|mut f| f.write_all(kept.as_bytes()))
     };
-}
-
-/// Our files in /tmp have well-known names (by pid) and we usually run as root: a symbolic link
-/// planted at such a name must not make us write through it (the perf map does the same).
-fn no_follow(options: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
-    use std::os::unix::fs::OpenOptionsExt;
-    options.custom_flags(libc::O_NOFOLLOW)
 }
 
 /// Adds the CFI of every patch applied to `pid` (read back from the target's memory) to an

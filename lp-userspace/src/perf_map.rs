@@ -144,7 +144,10 @@ pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
     }
 }
 
-fn open_no_follow(options: &mut OpenOptions, p: &Path) -> std::io::Result<File> {
+/// Opens `p` with `options`, refusing a symbolic link: our files in /tmp have well-known names
+/// (by pid) and we usually run as root, so a link planted at such a name must not make us write
+/// through it (the gdb files in debug_info use this too).
+pub(crate) fn open_no_follow(options: &mut OpenOptions, p: &Path) -> std::io::Result<File> {
     options.custom_flags(libc::O_NOFOLLOW).open(p)
 }
 
