@@ -12,6 +12,8 @@ mod mem;
 pub mod observe;
 pub mod ptrace;
 pub mod remote_call;
+pub mod stop_point;
+mod stub;
 mod syscall;
 
 pub use error::{ProcessError, Result};
@@ -44,6 +46,8 @@ pub struct Tracee {
     mem: Memory,
     threads: BTreeMap<i32, Thread>,
     syscall_insn: Option<u64>,
+    /// The slot of our resume stub this invocation uses (see `stub.rs`), once known.
+    stub: Option<stub::Slot>,
     trap_hook: Option<TrapHook>,
     /// Number of int3 traps redirected by the hook (for reporting).
     pub traps_handled: usize,
@@ -124,6 +128,7 @@ impl Tracee {
             mem: Memory::open(pid)?,
             threads: BTreeMap::new(),
             syscall_insn: None,
+            stub: None,
             trap_hook: None,
             traps_handled: 0,
             detached: false,
@@ -490,30 +495,92 @@ impl Tracee {
     }
 
     /// Runs system call `nr` inside the target on a stopped thread; returns the raw result.
+    /// The thread runs it from our resume stub (see `stub.rs`): should this tool be killed
+    /// meanwhile, the thread goes back to its own code by itself.
     pub fn syscall_raw(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
-        let insn = match self.syscall_insn {
-            Some(a) => a,
-            None => {
-                let a = syscall::find_syscall_instruction(self.pid, &self.mem)?;
-                self.syscall_insn = Some(a);
-                a
-            }
-        };
-        let tid = match self.threads.iter().find(|(_, t)| t.stopped) {
-            Some((&tid, _)) => tid,
-            None => self.stop_any()?,
-        };
-        let r = self.run_syscall_on(tid, insn, nr, args);
+        let slot = self.stub_slot()?;
+        let tid = self.stopped_thread()?;
+        let r = self.run_syscall_on(tid, slot.syscall_insn(), Some(slot), nr, args);
         if matches!(r, Err(ProcessError::Exited(_))) {
             self.threads.clear();
         }
         r
     }
 
-    fn run_syscall_on(&mut self, tid: i32, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
+    /// A stopped thread to borrow (stopping one when none is).
+    fn stopped_thread(&mut self) -> Result<i32> {
+        match self.threads.iter().find(|(_, t)| t.stopped) {
+            Some((&tid, _)) => Ok(tid),
+            None => self.stop_any(),
+        }
+    }
+
+    /// The stub slot of this invocation: the process's area found again, or created by the
+    /// one remote system call that runs unguarded (an `mmap` through a `syscall` instruction
+    /// of the target's own code: nothing of ours exists yet).
+    pub(crate) fn stub_slot(&mut self) -> Result<stub::Slot> {
+        if let Some(s) = self.stub {
+            return Ok(s);
+        }
+        let slot = match stub::locate(self.pid, &self.mem) {
+            Some(area) => stub::take_slot(self.pid, &self.mem, area)?,
+            None => {
+                let insn = match self.syscall_insn {
+                    Some(a) => a,
+                    None => {
+                        let a = syscall::find_syscall_instruction(self.pid, &self.mem)?;
+                        self.syscall_insn = Some(a);
+                        a
+                    }
+                };
+                let tid = self.stopped_thread()?;
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+                let args = [
+                    0,
+                    stub::AREA_LEN,
+                    prot::READ | prot::EXEC,
+                    flags,
+                    u64::MAX,
+                    0,
+                ];
+                let r = self.run_syscall_on(tid, insn, None, libc::SYS_mmap, args);
+                if matches!(r, Err(ProcessError::Exited(_))) {
+                    self.threads.clear();
+                }
+                let r = r?;
+                if (-4095..0).contains(&r) {
+                    return Err(ProcessError::RemoteSyscall {
+                        name: "mmap",
+                        pid: self.pid,
+                        err: io::Error::from_raw_os_error(-r as i32),
+                    });
+                }
+                stub::install(&self.mem, r as u64)?
+            }
+        };
+        self.stub = Some(slot);
+        Ok(slot)
+    }
+
+    /// Runs system call `nr` on the stopped thread `tid` through the `syscall` at `insn`;
+    /// `guard`: the stub slot `insn` belongs to, which is told the thread's own context first.
+    fn run_syscall_on(
+        &mut self,
+        tid: i32,
+        insn: u64,
+        guard: Option<stub::Slot>,
+        nr: i64,
+        args: [u64; 6],
+    ) -> Result<i64> {
         let mut saved = self.regs(tid)?;
+        if let Some(slot) = guard {
+            slot.guard(&self.mem, &saved)?;
+        }
         self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
-        let stepped = self.step_past(tid, insn, &mut saved);
+        if guard.is_some() {
+            stop_point::reached_with("remote-syscall", &nr.to_string());
+        }
+        let stepped = self.step_past(tid, insn, &mut saved, guard);
         // Restore whatever happened: the thread must continue exactly where it was (or where
         // a trap it took meanwhile sends it).
         let after = stepped.and_then(|()| self.regs(tid));
@@ -593,7 +660,13 @@ impl Tracee {
     /// the thread is reported before the system call: it belongs to the thread's own context
     /// `saved`. A SIGTRAP of one of our int3 sites is redirected there (the thread took the
     /// trap before we borrowed it); any other signal is kept for later delivery.
-    fn step_past(&mut self, tid: i32, insn: u64, saved: &mut Regs) -> Result<()> {
+    fn step_past(
+        &mut self,
+        tid: i32,
+        insn: u64,
+        saved: &mut Regs,
+        guard: Option<stub::Slot>,
+    ) -> Result<()> {
         let mut entered = false;
         loop {
             ptrace::syscall(tid)
@@ -626,6 +699,10 @@ impl Tracee {
                         Some(d) => {
                             saved.rip = d;
                             self.traps_handled += 1;
+                            // Where the thread resumes without us, too.
+                            if let Some(slot) = guard {
+                                slot.guard(&self.mem, saved)?;
+                            }
                         }
                         None => {
                             if let Some(t) = self.threads.get_mut(&tid) {

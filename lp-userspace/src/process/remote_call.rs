@@ -1,7 +1,7 @@
 //! Function calls run inside the target by borrowing one of its stopped threads: its general
 //! and extended (x87/SSE/AVX) registers are saved, it is sent to the function with the
-//! arguments in the SysV registers and a return address that points at an `int3` the caller
-//! controls, it runs until it traps there, and every register is restored exactly.
+//! arguments in the SysV registers and a return address in our resume stub (`stub.rs`), it
+//! runs until it stops at the stub's system call, and every register is restored exactly.
 //!
 //! Only the borrowed thread runs our call; the others keep running (or stay stopped), so a
 //! lock the callee needs is released by whoever holds it. A call that does not return within
@@ -73,6 +73,24 @@ fn set_xstate(tid: i32, x: &XState) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Where a remote function call returns.
+#[derive(Debug, Clone, Copy)]
+enum CallEnd {
+    /// Our stub's call return (the return address), stopped at its system call (rip there).
+    Stub(u64, u64),
+    /// An `int3` byte: the thread stops with SIGTRAP there.
+    Trap(u64),
+}
+
+impl CallEnd {
+    fn return_address(self) -> u64 {
+        match self {
+            CallEnd::Stub(ret, _) => ret,
+            CallEnd::Trap(trap) => trap,
+        }
+    }
+}
+
 /// The registers that make a thread stopped with `saved` enter `func` with `args`, its stack
 /// pointer at `ret_slot` (which holds the return address).
 pub(crate) fn prepare(saved: &Regs, func: u64, args: &[u64], ret_slot: u64) -> Regs {
@@ -105,9 +123,12 @@ pub(crate) fn return_slot(rsp: u64) -> u64 {
 
 impl Tracee {
     /// Calls `func(args...)` (at most 6 integer arguments) inside the target and returns its
-    /// `rax`. `trap` must be the address of an `int3` byte in executable memory that no thread
-    /// runs otherwise: the call returns there. The borrowed thread's registers, general and
-    /// extended, are restored exactly, whatever happens.
+    /// `rax`. The call returns into our resume stub (see `stub.rs`), where the tool stops the
+    /// thread at a system call; should the tool be killed meanwhile, the stub gives the thread
+    /// its own registers back by itself. `trap` (the address of an `int3` byte in executable
+    /// memory that no thread runs otherwise) is the return address instead only when the
+    /// thread's extended state does not fit the stub's slot. The borrowed thread's registers,
+    /// general and extended, are restored exactly, whatever happens.
     pub fn call_function(
         &mut self,
         what: &str,
@@ -117,16 +138,30 @@ impl Tracee {
         timeout: Duration,
     ) -> Result<u64> {
         assert!(args.len() <= 6, "at most 6 register arguments");
+        let slot = self.stub_slot()?;
         let tid = self.borrowable_thread()?;
         let saved = self.regs(tid)?;
         let xstate = get_xstate(tid)
             .map_err(|e| ProcessError::from_ptrace("GETREGSET", self.pid, tid, e))?;
+        let end = if slot.guard_xstate(&self.mem, &xstate.0)? {
+            slot.guard(&self.mem, &saved)?;
+            CallEnd::Stub(slot.call_return(), slot.call_return_stop())
+        } else {
+            CallEnd::Trap(trap)
+        };
         let ret_slot = return_slot(saved.rsp);
-        self.mem.write(ret_slot, &trap.to_le_bytes())?;
+        self.mem
+            .write(ret_slot, &end.return_address().to_le_bytes())?;
         self.set_regs(tid, &prepare(&saved, func, args, ret_slot))?;
-        let outcome = self.run_until_trap(tid, what, trap, timeout);
+        super::stop_point::reached("remote-call");
+        let outcome = self.run_call(tid, what, end, timeout);
         // Put the thread back exactly as it was, whatever happened (unless it is gone).
-        if self.threads.contains_key(&tid) {
+        if let Some(t) = self.threads.get_mut(&tid) {
+            // Returned through the stub: it sits in a syscall-exit stop, where an interrupted
+            // call of its own needs fix_restart (as after a remote system call).
+            if matches!(end, CallEnd::Stub(..)) {
+                t.after_remote_syscall = true;
+            }
             self.set_regs(tid, &saved)?;
             set_xstate(tid, &xstate)
                 .map_err(|e| ProcessError::from_ptrace("SETREGSET", self.pid, tid, e))?;
@@ -165,17 +200,15 @@ impl Tracee {
         })
     }
 
-    /// Lets `tid` run until it stops on the `int3` at `trap`; returns its `rax` then. The
-    /// thread is stopped (and marked so) when this returns, unless it is gone.
-    fn run_until_trap(
-        &mut self,
-        tid: i32,
-        what: &str,
-        trap: u64,
-        timeout: Duration,
-    ) -> Result<u64> {
+    /// Lets `tid` run the call until it returns to `end`; returns its result then. The thread
+    /// is stopped (and marked so) when this returns, unless it is gone.
+    fn run_call(&mut self, tid: i32, what: &str, end: CallEnd, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
-        self.set_running(tid)?;
+        // Through the stub the end is a system call: the thread runs under PTRACE_SYSCALL,
+        // and the callee's own system calls are let through.
+        let syscall_stops = matches!(end, CallEnd::Stub(..));
+        let mut result = None;
+        self.set_running(tid, syscall_stops)?;
         loop {
             let report = match ptrace::wait(-1, true) {
                 Ok(r) => r,
@@ -203,11 +236,28 @@ impl Tracee {
                 continue;
             }
             match st {
+                WaitStatus::Syscall if syscall_stops => {
+                    let regs = self.regs(tid)?;
+                    if let CallEnd::Stub(_, stop) = end {
+                        if regs.rip == stop {
+                            // Entry: the result is in rdi. Exit: done, the stub's system call
+                            // (getpid) over.
+                            if let Some(r) = result {
+                                self.mark_stopped(tid);
+                                return Ok(r);
+                            }
+                            result = Some(regs.rdi);
+                        }
+                    }
+                    self.set_running(tid, syscall_stops)?;
+                }
                 WaitStatus::Signal(libc::SIGTRAP) => {
                     let regs = self.regs(tid)?;
                     self.mark_stopped(tid);
-                    if regs.rip == trap + 1 {
-                        return Ok(regs.rax);
+                    if let CallEnd::Trap(trap) = end {
+                        if regs.rip == trap + 1 {
+                            return Ok(regs.rax);
+                        }
                     }
                     return Err(self
                         .call_error(tid, format!("{what} stopped on a trap at {:#x}", regs.rip)));
@@ -224,10 +274,10 @@ impl Tracee {
                     if let Some(t) = self.threads.get_mut(&tid) {
                         t.deferred.push(sig);
                     }
-                    self.set_running(tid)?;
+                    self.set_running(tid, syscall_stops)?;
                 }
                 WaitStatus::EventStop | WaitStatus::OtherEvent(_) | WaitStatus::Syscall => {
-                    self.set_running(tid)?;
+                    self.set_running(tid, syscall_stops)?;
                 }
                 WaitStatus::Gone => {
                     self.thread_gone(tid)?;
@@ -237,12 +287,18 @@ impl Tracee {
         }
     }
 
-    /// Resumes `tid` (stopped) without a signal.
-    fn set_running(&mut self, tid: i32) -> Result<()> {
+    /// Resumes `tid` (stopped) without a signal; until its next system call stop too when
+    /// `syscall_stops`.
+    fn set_running(&mut self, tid: i32, syscall_stops: bool) -> Result<()> {
         if let Some(t) = self.threads.get_mut(&tid) {
             t.stopped = false;
         }
-        ptrace::cont(tid, 0).map_err(|e| ProcessError::from_ptrace("CONT", self.pid, tid, e))
+        let r = if syscall_stops {
+            ptrace::syscall(tid)
+        } else {
+            ptrace::cont(tid, 0)
+        };
+        r.map_err(|e| ProcessError::from_ptrace("CONT", self.pid, tid, e))
     }
 
     fn mark_stopped(&mut self, tid: i32) {

@@ -1,0 +1,171 @@
+//! `livepatch` killed with SIGKILL (the OOM killer, `kill -9`, a CI timeout) while it has a
+//! thread of the target borrowed for a remote system call or function call: the target must
+//! keep running as it was (review session 3, R2: it died of SIGSEGV, running on from our
+//! `syscall` instruction with the tool's registers), and a fresh `livepatch` afterwards works.
+//!
+//! The tool is stopped at exactly the harmful moment by its debugging hook
+//! (`LIVEPATCH_DEBUG_STOP`, see process/stop_point.rs: the borrowed thread stopped with our
+//! registers set), then killed.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Runs `livepatch args...` until it stops itself at `point`, then SIGKILLs it.
+fn kill_at(args: &[&str], point: &str) {
+    let mut tool = Command::new(livepatch_bin())
+        .args(args)
+        .env("LIVEPATCH_DEBUG_STOP", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(tool.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
+        if line.starts_with("livepatch: debug: stopped at") {
+            break;
+        }
+        seen.push(line);
+    }
+    // The line is printed right before the tool stops itself: wait for the stop.
+    let stat = format!("/proc/{}/stat", tool.id());
+    let deadline = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the tool did not stop at {point}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+}
+
+fn busy_setup(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let exe = executable(dir, &["busy.c"], "busy", &["-pthread"]);
+    let obj = object(dir, "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir, &exe, &obj, &[], "p.lp");
+    (exe, patch.display().to_string())
+}
+
+#[test]
+fn e2e_kill_9_in_a_remote_syscall_leaves_the_target_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = busy_setup(dir.path());
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    // Stop mode: the state's memfd_create, its mmap (which the orphaned thread still makes:
+    // the next apply finds the state mapping), the patch memory's mmap, an mprotect of the
+    // patch code. The borrowed thread (main, inside nanosleep) has our registers each time.
+    for point in [
+        "remote-syscall:1",
+        "remote-syscall.9:1",
+        "remote-syscall.9:1",
+        "remote-syscall.10:1",
+    ] {
+        kill_at(&["apply", &pid, &patch], point);
+        assert!(
+            target.alive(),
+            "the target died when the tool was killed at {point}"
+        );
+        target.expect_steady(3, |l| l == "value=42");
+    }
+    // A fresh invocation: nothing applied, and the patch goes in and out as usual.
+    assert_eq!(
+        status_json(&pid)[0]["patches"]
+            .as_array()
+            .map_or(0, |p| p.len()),
+        0
+    );
+    livepatch_ok(&["apply", &pid, &patch]);
+    target.expect_steady(3, |l| l == "value=1041");
+    // A revert killed in its munmap of the patch memory (the switch is done): patch reverted.
+    kill_at(&["revert", &pid], "remote-syscall.11:1");
+    assert!(target.alive(), "the target died when revert was killed");
+    target.expect_steady(3, |l| l == "value=42");
+}
+
+#[test]
+fn e2e_kill_9_in_a_nonstop_membarrier_leaves_the_target_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = busy_setup(dir.path());
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    // The membarrier registration (before the first int3), then the first sync (int3s in
+    // place, handled by our trap handler in the target once the tool is gone).
+    for point in ["remote-syscall.324:1", "remote-syscall.324:2"] {
+        kill_at(&["apply", &pid, &patch, "--mode", "nonstop"], point);
+        assert!(
+            target.alive(),
+            "the target died when the tool was killed at {point}"
+        );
+        target.expect_steady(3, |l| l == "value=42");
+    }
+}
+
+#[test]
+fn e2e_kill_9_in_a_remote_function_call_leaves_the_target_running() {
+    // A C++ target: apply registers the patch's unwind information with libgcc's
+    // __register_frame, called inside the target on a borrowed thread.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("catcher");
+    let obj = dir.path().join("new_work.o");
+    let src = fixture("catcher.cpp").display().to_string();
+    let new_src = fixture("new_catcher_work.cpp").display().to_string();
+    let exe_s = exe.to_str().unwrap();
+    cc(
+        "g++",
+        &[
+            "-O2",
+            "-g",
+            "-Wl,--build-id",
+            &src,
+            "-o",
+            exe_s,
+            "-lpthread",
+        ],
+    );
+    cc(
+        "g++",
+        &["-O2", "-c", "-fPIC", &new_src, "-o", obj.to_str().unwrap()],
+    );
+    let (p, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = p.display().to_string();
+    let mut target = Target::spawn_niced(&exe, &[]);
+    let pid = target.pid();
+    kill_at(&["apply", &pid, &patch], "remote-call");
+    assert!(
+        target.alive(),
+        "the target died when the tool was killed in a remote call"
+    );
+    // Still computing the old results and catching (a wrong register would abort it).
+    let counts = |l: &str| -> Vec<u64> {
+        l.split_whitespace()
+            .map(|kv| kv.split_once('=').unwrap().1.parse().unwrap())
+            .collect()
+    };
+    let mark = target.count();
+    let first = counts(&target.wait_line_after(mark, |_| true));
+    target.wait_line_after(mark + 1, |l| {
+        let c = counts(l);
+        c[0] > first[0] && c[2] > first[2]
+    });
+    assert!(target.alive());
+    // A fresh apply works; the new code runs.
+    livepatch_ok(&["apply", &pid, &patch]);
+    let mark = target.count();
+    let first = counts(&target.wait_line_after(mark, |_| true));
+    target.wait_line_after(mark + 1, |l| counts(l)[1] > first[1]);
+    assert!(target.alive());
+}
