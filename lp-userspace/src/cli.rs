@@ -188,7 +188,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 raise_priority();
             }
             let patch = load_patch(&patch)?;
-            build_instruction_tables();
             let opts = ApplyOptions {
                 mode: mode.into(),
                 timeout,
@@ -234,8 +233,10 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             // Only nonstop mode decodes instructions in a revert: a stop-mode revert never
             // touches iced (perf: no iced frame in 5 profiled reverts without any warm-up), and
             // building the tables costs it ~1 ms of CPU, 3.5 ms of wall time at load 13.
+            // Built here, before revert's threads start: its tracer does not wait for them
+            // the way apply's does (see apply::iced_tables).
             if matches!(mode, ModeArg::Nonstop) {
-                build_instruction_tables();
+                apply::warm_instruction_tables();
             }
             let r = crate::revert::revert(pid, patch_id.as_deref(), mode.into(), timeout)?;
             if json {
@@ -316,26 +317,6 @@ pub fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Err
         }
         other => other,
     })
-}
-
-/// Builds iced-x86's instruction tables (lp-core's decoder, encoder and instruction info: about
-/// 1 ms of CPU on first use in a process) here, before `apply`/`revert` start their threads.
-/// Both also build them on a warm-up thread while the tracer thread attaches
-/// (`apply::modules::warm_up`); on this 2-core machine under load that thread competes with the
-/// tracer for the CPUs and for malloc's lock, and the tracer spin-waits on iced's `Once` when it
-/// needs a table first. Built up front, the warm-up finds them ready. A/B on the same binary
-/// (60 interleaved rounds, load 7–11): apply wall time the same or 1.4 ms better (median), CPU
-/// 1.0–1.7 ms less, and the tool's `total` — the time the target is attached — 1.3–4.8 ms
-/// shorter. Same calls as the warm-up's.
-fn build_instruction_tables() {
-    use lp_core::jump::REL32_JUMP_LEN;
-    // push %rbp; mov %rsp,%rbp; mov -0x4(%rbp),%eax; pop %rbp; ret
-    const CODE: &[u8] = &[0x55, 0x48, 0x89, 0xe5, 0x8b, 0x45, 0xfc, 0x5d, 0xc3];
-    if let Ok(site) = lp_core::site::validate_site(CODE, 0x1000, REL32_JUMP_LEN) {
-        let mut out = [0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
-        let _ = lp_core::trampoline::build_trampoline(&site, 0x2000, &mut out);
-    }
-    let _ = lp_core::clobber::registers_to_preserve(CODE, 0x1000, CODE, 0x3000);
 }
 
 /// `--boost`: nice -20 for this thread, and so for every thread it starts afterwards (the

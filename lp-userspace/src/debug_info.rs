@@ -10,6 +10,8 @@
 //! - **gdb**: the patch object is saved as `/tmp/livepatch-PID-ID.o` and the `add-symbol-file`
 //!   command placing its sections where they were linked is appended to
 //!   `/tmp/livepatch-PID.gdb`: `gdb -p PID -x /tmp/livepatch-PID.gdb` names the new functions.
+//!   The command is part of the state (`livepatch status` shows it); the perf and gdb files
+//!   are written right after the switch ([`after_switch`]).
 //! - **trampolines and thunks** (code livepatch generates around the patch) get a generated
 //!   `.eh_frame` too ([`crate::thunk_cfi`], [`trampoline_cfi`]), registered the same way.
 //! - **stack checks**: the image's `.eh_frame` location is kept in the in-target state
@@ -24,7 +26,7 @@ mod trampoline_cfi;
 pub use trampoline_cfi::{trampoline_frame, ModuleCfi};
 
 use crate::apply::Error;
-use crate::link::{Layout, LinkedImage, Protection};
+use crate::link::{LinkedImage, Protection};
 use crate::patchfile::Patch;
 use crate::perf_map::open_no_follow;
 use crate::process::Tracee;
@@ -120,36 +122,27 @@ pub fn trampoline_frames(
 }
 
 /// Before the switch, once the patch code is written (nothing runs it yet): registers the
-/// patch (linked from `layout` at `code_addr` with `resolve`; its thunks among `functions`,
-/// its trampolines' CFI in `trampolines`; the patch memory ends at `code_end`) with the C++
-/// runtime, perf and gdb. Registration must precede the switch: the first call of
-/// a new function may throw. The record goes into the in-target state with the patch;
-/// [`undo`] withdraws it when the switch fails.
+/// patch (`image`, as written at its load address; its thunks among `functions`, its
+/// trampolines' CFI in `trampolines`; the patch memory ends at `code_end`) with the C++
+/// runtime. Registration must precede the switch: the first call of a new function may throw.
+/// The record goes into the in-target state with the patch, with the gdb command that
+/// [`after_switch`] makes work; [`undo`] withdraws it when the switch fails.
 ///
 /// Errors only when the target has libgcc's unwinder and it could not be told about the new
 /// code (an exception through it would terminate the process): the apply is then refused.
-/// perf and gdb files that cannot be written only give warnings.
-#[allow(clippy::too_many_arguments)]
 pub fn before_switch(
     t: &mut Tracee,
     patch: &Patch,
     functions: &[AppliedFunction],
-    layout: &Layout,
-    resolve: &dyn Fn(&str) -> Option<u64>,
-    code_addr: u64,
+    image: &LinkedImage,
     trampolines: &[FrameCfi],
     code_end: u64,
-) -> Result<Option<DebugRecord>, Error> {
-    // The layout fixes every address: linking again gives the image that was written.
-    let Ok(image) = layout.link(code_addr, resolve) else {
-        warn("patch image could not be linked again: no debug information registered");
-        return Ok(None);
-    };
+) -> Result<DebugRecord, Error> {
     let pid = t.pid();
-    let mut record = describe(&image);
+    let mut record = describe(image);
     let thunk_cfi = write_stub_cfi(t, functions, trampolines, code_end, &mut record);
     if let Some(register) = unwinder_function(pid, "__register_frame") {
-        register_frames(t, &image, &mut record, register, thunk_cfi).map_err(|e| {
+        register_frames(t, image, &mut record, register, thunk_cfi).map_err(|e| {
             Error::Other(format!(
                 "cannot register the patch's unwind information in process {pid} (a C++ exception through the new code would terminate it): {e}"
             ))
@@ -159,20 +152,31 @@ pub fn before_switch(
             "no unwind information for the register-preserving thunks and trampolines: {e}"
         ));
     }
+    record.gdb_command =
+        crate::perf_map::gdb_add_symbol_file(&gdb_object_path(pid, &patch.id), image);
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!("livepatch: trace: debug info {record:x?}");
+    }
+    Ok(record)
+}
+
+/// After a successful switch (threads running the new code, the tool still the tracer, so no
+/// other livepatch can revert meanwhile): names the new functions for perf
+/// (`/tmp/perf-PID.map`) and saves the object and the gdb command [`before_switch`] recorded.
+/// Written only now: nothing needs them before the switch, and a stop-mode target should not
+/// wait for file system writes. Files that cannot be written give warnings; the patch stays.
+pub fn after_switch(pid: i32, patch: &Patch, image: &LinkedImage, record: &DebugRecord) {
     if let Err(e) = crate::perf_map::record(pid, &image.symbol_list, &patch.id) {
         warn(&format!(
             "cannot write {}: {e}",
             crate::perf_map::path(pid).display()
         ));
     }
-    match save_gdb_command(pid, patch, &image) {
-        Ok(cmd) => record.gdb_command = cmd,
-        Err(e) => warn(&format!("cannot save the gdb symbol file: {e}")),
+    if let Err(e) = save_gdb_command(pid, patch, &record.gdb_command) {
+        warn(&format!(
+            "cannot save the gdb symbol file (`livepatch status` shows a command that will not work): {e}"
+        ));
     }
-    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
-        eprintln!("livepatch: trace: debug info {record:x?}");
-    }
-    Ok(Some(record))
 }
 
 /// Registers the image's `.eh_frame` and the thunks' with `__register_frame` at `register`.
@@ -283,19 +287,17 @@ fn write_stub_cfi(
     Ok(())
 }
 
-/// Saves the patch object and appends its `add-symbol-file` command to the gdb script.
-fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Result<String> {
+/// Saves the patch object and appends its `add-symbol-file` command `cmd` to the gdb script.
+fn save_gdb_command(pid: i32, patch: &Patch, cmd: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let object = gdb_object_path(pid, &patch.id);
     open_no_follow(
         std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true),
-        &object,
+        &gdb_object_path(pid, &patch.id),
     )?
     .write_all(&patch.object)?;
-    let cmd = crate::perf_map::gdb_add_symbol_file(&object, image);
     // The script is named by pid, and pids are reused: one left by a dead process that had the
     // same pid (its header names another start time) is started afresh, not appended to.
     let header = gdb_script_header(pid);
@@ -313,7 +315,7 @@ fn save_gdb_command(pid: i32, patch: &Patch, image: &LinkedImage) -> std::io::Re
         script.write_all(header.as_bytes())?;
     }
     script.write_all(format!("{cmd}\n").as_bytes())?;
-    Ok(cmd)
+    Ok(())
 }
 
 /// The first line of process `pid`'s gdb script: a gdb comment naming the process by pid and

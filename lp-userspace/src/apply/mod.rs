@@ -16,13 +16,14 @@
 
 mod call_sites;
 mod error;
+mod iced_tables;
 mod modules;
 mod stacks;
 pub(crate) mod switch;
 pub(crate) mod target;
 
 pub use error::{Error, ErrorKind};
-pub(crate) use modules::{open as open_module, unwinder, warm_up};
+pub(crate) use modules::{open as open_module, unwinder, warm_instruction_tables, warm_up};
 pub use switch::{Mode, SwitchStats};
 
 use crate::debug_info;
@@ -115,6 +116,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     };
     // 1. Read-only checks.
     let target = target::locate(pid, patch)?;
+    phase("located");
     // Attach first: ptrace admits one tracer, so from here on no other livepatch changes this
     // process, and the state and bytes read below stay true until we write. (Seizing does not
     // stop or change anything.)
@@ -124,7 +126,9 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         Mode::Nonstop => Tracee::attach_one(pid)?,
     };
     t.release_on_drop();
+    phase("attached");
     let existing = crate::state::read(pid)?;
+    phase("state read");
     if existing.patches.iter().any(|p| p.id == patch.id) {
         return Err(Error::AlreadyApplied {
             id: patch.id.clone(),
@@ -132,7 +136,11 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         });
     }
     target::verify_bytes(pid, t.mem(), &target, patch, &existing)?;
+    phase("bytes verified");
     let callers = call_sites::verify(pid, t.mem(), &target, patch, &existing)?;
+    phase("callers verified");
+    // The first decode: wait (asleep) for the warm-up thread's tables if it is not done.
+    iced_tables::need(iced_tables::Tables::Decoder);
     let mut sites: Vec<Site> = Vec::new();
     for f in &patch.functions {
         let old = target.bias + f.old_vaddr;
@@ -147,7 +155,6 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     phase("checks and symbols done");
 
     // 2. Preparation; threads keep running.
-    phase("attached");
     let statemap = StateMap::open_or_create(&mut t)?;
     phase("state mapped");
     let image_len = layout.size().div_ceil(PAGE) * PAGE;
@@ -165,6 +172,10 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     };
     let module_cfi = debug_info::ModuleCfi::new(&target.elf, target.bias);
+    phase("patch memory mapped");
+    // Trampolines and thunks encode instructions.
+    iced_tables::need(iced_tables::Tables::All);
+    phase("instruction tables ready");
     let prepared = prepare(
         &mut t,
         patch,
@@ -177,7 +188,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         &callers,
         module_cfi.as_ref(),
     );
-    let (switches, mut busy, functions, caller_frames) = match prepared {
+    let (image, switches, mut busy, functions, caller_frames) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -200,17 +211,15 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     }
     phase("code written");
-    let resolve = |n: &str| resolver.resolve(n);
     let mut trampolines =
         debug_info::trampoline_frames(&target.elf, target.bias, &sites, &functions);
     trampolines.extend(caller_frames);
+    phase("trampoline CFI");
     let debug = match debug_info::before_switch(
         &mut t,
         patch,
         &functions,
-        &layout,
-        &resolve,
-        code_addr,
+        &image,
         &trampolines,
         code_addr + total_len,
     ) {
@@ -221,6 +230,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
             return Err(e);
         }
     };
+    phase("unwind information registered");
     // 3. The switch.
     let record = AppliedPatch {
         id: patch.id.clone(),
@@ -234,12 +244,12 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         code_addr,
         code_len: total_len,
         functions: functions.clone(),
-        debug: debug.clone(),
+        debug: Some(debug.clone()),
     };
     let mut new_state = existing.clone();
     new_state.patches.push(record);
     if let Err(e) = statemap.check_fits(&new_state) {
-        debug_info::undo(&mut t, &patch.id, debug.as_ref());
+        debug_info::undo(&mut t, &patch.id, Some(&debug));
         let _ = t.munmap(code_addr, total_len);
         statemap.remove_if_created(&mut t);
         return Err(e.into());
@@ -270,7 +280,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
                             switch::wait_threads_outside(&mut t, &area, Some(&mut u), opts.timeout)
                                 .is_ok()
                         }));
-                if debug_info::undo(&mut t, &patch.id, debug.as_ref()) && nobody_inside {
+                if debug_info::undo(&mut t, &patch.id, Some(&debug)) && nobody_inside {
                     let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
                 }
                 statemap.remove_if_created(&mut t);
@@ -279,6 +289,8 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     };
     phase("switched");
+    debug_info::after_switch(pid, patch, &image, &debug);
+    phase("names written");
     t.release()?;
     phase("detached");
     Ok(Applied {
@@ -330,6 +342,7 @@ fn map_near(t: &mut Tracee, target: &target::LoadedTarget, len: u64) -> Result<u
 }
 
 type Prepared = (
+    crate::link::LinkedImage,
     Vec<SiteSwitch>,
     Vec<BusyRange>,
     Vec<AppliedFunction>,
@@ -477,7 +490,7 @@ fn prepare(
             }
         }
     }
-    Ok((switches, busy, functions, frames))
+    Ok((image, switches, busy, functions, frames))
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not

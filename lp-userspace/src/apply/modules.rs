@@ -7,6 +7,7 @@
 //! when the linker needs one of its symbols or an unwind reaches its code.
 
 use super::error::Error;
+use super::iced_tables::{self, Tables};
 use crate::elf::Module;
 use crate::maps::{self, MappedModule, Mapping};
 use crate::unwind::{CfiSource, Unwinder};
@@ -122,15 +123,19 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 /// own so that it overlaps what the tracer thread does meanwhile (reading maps, attaching,
 /// reading the state, remote system calls: mostly waiting on the kernel):
 /// - lp-core's instruction decoder and encoder (iced-x86) build their tables on first use,
-///   about 1 ms of CPU — a fifth of a CLI apply. Whoever needs them first waits for them
-///   instead of building them twice; only the first call in a process builds them.
+///   about 1.5 ms of CPU — a third of a CLI apply. The tracer waits for them (asleep, see
+///   [`super::iced_tables`]) only when it reaches its first decode or encode before they are
+///   done.
 /// - every executable module of `pid` is opened (mapped, headers read: no symbols, no CFI),
 ///   so that an unwind during the stop that reaches one finds it in the cache.
 pub(crate) fn warm_up(pid: i32) {
-    let _ = std::thread::Builder::new()
+    let tables = iced_tables::claim();
+    let spawned = std::thread::Builder::new()
         .name("livepatch-warm".into())
         .spawn(move || {
-            warm_instruction_tables();
+            if tables {
+                iced_tables::build_claimed(Tables::All);
+            }
             if let Ok(mappings) = maps::read(pid) {
                 for m in maps::modules(&mappings) {
                     if m.exec_ranges().next().is_some() && !m.path.starts_with("/memfd:") {
@@ -139,15 +144,13 @@ pub(crate) fn warm_up(pid: i32) {
                 }
             }
         });
+    if spawned.is_err() && tables {
+        iced_tables::unclaim();
+    }
 }
 
+/// Every iced-x86 table lp-core uses, built (or being built by the warm-up thread: then
+/// waited for, asleep) when this returns.
 pub(crate) fn warm_instruction_tables() {
-    use lp_core::jump::REL32_JUMP_LEN;
-    // push %rbp; mov %rsp,%rbp; mov -0x4(%rbp),%eax; pop %rbp; ret
-    const CODE: &[u8] = &[0x55, 0x48, 0x89, 0xe5, 0x8b, 0x45, 0xfc, 0x5d, 0xc3];
-    if let Ok(site) = lp_core::site::validate_site(CODE, 0x1000, REL32_JUMP_LEN) {
-        let mut out = vec![0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
-        let _ = lp_core::trampoline::build_trampoline(&site, 0x2000, &mut out);
-    }
-    let _ = lp_core::clobber::registers_to_preserve(CODE, 0x1000, CODE, 0x3000);
+    iced_tables::need(Tables::All);
 }
