@@ -71,6 +71,16 @@ fn parse_syscall_line(text: &str) -> Activity {
     }
 }
 
+/// A thread's /proc/PID/task/TID/schedstat: "runtime run_delay run_count".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedStat {
+    /// CPU time consumed, in nanoseconds: updated by the scheduler at ticks and switches, so
+    /// for a thread on a CPU it may lag, never lead.
+    pub runtime_ns: u64,
+    /// Times the thread was switched in (exact: bumped at every switch-in).
+    pub run_count: u64,
+}
+
 /// One thread's /proc files, opened once and read again from offset 0 at each look (a
 /// seq_file regenerates its text then): a look costs one read, not a path walk, an open and
 /// a close. The files refer to the thread itself: once it is gone they read nothing, even if
@@ -116,6 +126,18 @@ impl ThreadFiles {
             .next()?
             .parse()
             .ok()
+    }
+
+    /// The thread's CPU time and run count (see [`SchedStat`]); `None` when it is gone.
+    pub fn schedstat(&self) -> Option<SchedStat> {
+        let mut buf = [0u8; 128];
+        let mut f = read_at_start(&self.schedstat, &mut buf)?.split_whitespace();
+        let runtime_ns = f.next()?.parse().ok()?;
+        let run_count = f.nth(1)?.parse().ok()?;
+        Some(SchedStat {
+            runtime_ns,
+            run_count,
+        })
     }
 
     /// As [`signal_in`] (the status file is opened at the first call).
@@ -314,10 +336,13 @@ mod tests {
             assert!(Instant::now() < deadline, "never seen blocked");
             std::thread::sleep(Duration::from_millis(1));
         }
+        let asleep = files.schedstat().unwrap();
         go_tx.send(()).unwrap();
         while !spin.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
+        // Woken, so switched in once more: the run count moved.
+        assert!(files.schedstat().unwrap().run_count > asleep.run_count);
         // The same descriptors now show it running, its CPU time growing.
         let before = files.runtime_ns().unwrap();
         while files.runtime_ns().unwrap() <= before + 1_000_000 {
@@ -334,6 +359,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(files.runtime_ns(), None);
+        assert_eq!(files.schedstat(), None);
         assert!(!files.signal_in(libc::SIGTRAP, &["SigBlk"]));
     }
 }

@@ -31,8 +31,11 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Name of the memfd holding the handler.
-const AREA_NAME: &str = "livepatch-trap";
+/// Name of the memfd holding the handler. The layout has a version in the name: an area of an
+/// earlier layout (`livepatch-trap`: without the threads' trap records) is not reused — a new
+/// one is made beside it. If the earlier handler is still the SIGTRAP action (its switch could
+/// not restore the action), ours simply chains to it like to any action of the process.
+const AREA_NAME: &str = "livepatch-trap.2";
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
@@ -146,7 +149,7 @@ pub(crate) fn run(
     refuse_if_sigtrap_blocked(t.pid(), timeout)?;
     let columns = decisions(sites)?;
     let mut area = open_area(t)?;
-    write_table(t.mem(), &mut area, sites, &columns)?;
+    write_table(t.mem(), &mut area, sites, &published(sites, &columns))?;
     let hits0 = area.read_u64(t.mem(), th::HITS)?;
 
     // The borrowed thread is traced: a trap it takes reaches us, not the handler. The same
@@ -515,6 +518,62 @@ fn decisions(sites: &[SiteSwitch]) -> Result<Vec<[u64; th::NPHASES]>, Error> {
     Ok(columns)
 }
 
+/// The destinations the in-target handler gets: lp-core's decisions, except for a direct
+/// call of a function switched at the same time. Its decision (the call site's trampoline,
+/// which makes the original call) leads to the callee's `int3`, a second trap; the handler
+/// makes the call itself instead — pushes the return address and goes where the callee's
+/// trap would go in the same phase ([`th::CALL`]). A direct `jmp` (a tail call) goes there
+/// with nothing pushed. The tool's own trap hook (the borrowed thread) keeps lp-core's
+/// decisions: it cannot push.
+fn published(sites: &[SiteSwitch], columns: &[[u64; th::NPHASES]]) -> Vec<[u64; th::NPHASES]> {
+    let entry = |addr: u64| {
+        sites
+            .iter()
+            .position(|s| s.plan.addr() == addr && !is_call_site(s))
+            .map(|i| columns[i])
+            .filter(|c| c.iter().all(|&d| d != 0))
+    };
+    sites
+        .iter()
+        .zip(columns)
+        .map(|(s, c)| {
+            if !is_call_site(s) {
+                return *c;
+            }
+            // The original branch: the bytes before an apply, the bytes after a revert.
+            let original = if s.reverting {
+                s.plan.result()
+            } else {
+                s.plan.expected()
+            };
+            let Some((kind, target)) = direct_branch(s.plan.addr(), original) else {
+                return *c;
+            };
+            match entry(target) {
+                Some(callee) => callee.map(|d| if kind == 0xe8 { d | th::CALL } else { d }),
+                None => *c,
+            }
+        })
+        .collect()
+}
+
+/// A call site's switch ([`SiteSwitch::call_site`]): its trampoline is both the version and
+/// the resume point; a function entry's version is never its own trampoline.
+fn is_call_site(s: &SiteSwitch) -> bool {
+    s.top == s.resume && s.below.is_none()
+}
+
+/// A `call rel32` (0xe8) or `jmp rel32` (0xe9) at `addr`: (opcode, target).
+fn direct_branch(addr: u64, bytes: &[u8]) -> Option<(u8, u64)> {
+    match bytes {
+        [op @ (0xe8 | 0xe9), d0, d1, d2, d3] => {
+            let rel = i32::from_le_bytes([*d0, *d1, *d2, *d3]);
+            Some((*op, addr.wrapping_add(5).wrapping_add(rel as i64 as u64)))
+        }
+        _ => None,
+    }
+}
+
 fn below_id(i: usize) -> u32 {
     2 * i as u32 + 1
 }
@@ -530,7 +589,7 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
         .map_err(|_| crate::process::ProcessError::Exited(t.pid()))?;
     let existing = maps
         .lines()
-        .filter(|l| l.contains(&format!("/memfd:{AREA_NAME}")))
+        .filter(|l| is_area_line(l))
         .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
         .min();
     if let Some(code) = existing {
@@ -559,6 +618,13 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
         .write(data + th::TRAP_SET, &(1u64 << (SIGTRAP - 1)).to_le_bytes())?;
     t.mprotect(code, th::PAGE, prot::READ | prot::EXEC)?;
     Ok(area)
+}
+
+/// Whether a /proc/PID/maps line maps our area (this layout's name exactly: the memfd's path
+/// is `/memfd:NAME`, followed by ` (deleted)`).
+fn is_area_line(line: &str) -> bool {
+    line.split_once("/memfd:")
+        .is_some_and(|(_, name)| name.trim_end().trim_end_matches(" (deleted)") == AREA_NAME)
 }
 
 fn generate(area: &Area) -> Result<(Vec<u8>, Vec<u8>), Error> {
@@ -731,7 +797,9 @@ fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error>
     let start = Instant::now();
     let deadline = start + wait;
     let borrowed = t.threads();
-    if let Some((tid, _)) = wait_moved_on(t.mem(), pid, &borrowed, &[], deadline, UNINSTALL_POLL)? {
+    if let Some((tid, _)) =
+        wait_moved_on(t.mem(), pid, &borrowed, &[], deadline, UNINSTALL_POLL, None)?
+    {
         trace(
             &format!("uninstall: thread {tid} not seen past the int3s"),
             start,
@@ -780,10 +848,12 @@ struct Poll {
     max: Duration,
 }
 
-/// While int3s are in place (settle).
+/// While int3s are in place (settle). Most threads are done at the first looks (a trap of
+/// theirs, or blocked), and the rest usually within a few hundred microseconds: the looks
+/// stay close (a look at the threads left costs a few microseconds each).
 const SETTLE_POLL: Poll = Poll {
     first: Duration::from_micros(20),
-    max: Duration::from_micros(500),
+    max: Duration::from_micros(100),
 };
 
 /// After the last sync (uninstall): no int3 is left, only the tool's wall time is at stake.
@@ -791,6 +861,14 @@ const UNINSTALL_POLL: Poll = Poll {
     first: Duration::from_micros(100),
     max: Duration::from_millis(1),
 };
+
+/// Where the threads' trap records are in the target, and the epoch that counts (see
+/// [`wait_moved_on`]).
+#[derive(Debug, Clone, Copy)]
+struct TrapRecords {
+    addr: u64,
+    epoch: u64,
+}
 
 /// How far above a blocked thread's stack pointer its stack is searched for an address
 /// inside the displaced bytes (see [`stack_refers_to`]): a signal handler's frames and the
@@ -806,7 +884,22 @@ const STACK_SCAN: u64 = 32 * 1024;
 /// CPU time comes from schedstat, which the scheduler updates only at ticks and switches: the
 /// value read now may lag the thread's true CPU time by up to a tick of running. So the
 /// measure starts at the first *update* seen after now (a value different from the one read
-/// now, exact at that update), and the thread must consume [`PROGRESS_NS`] beyond it.
+/// now, exact at that update), and the thread must consume [`PROGRESS_NS`] beyond it. A
+/// change of the run count (schedstat's third field, bumped at every switch-in) starts it as
+/// well: right before that switch-in the thread was off its CPU, so its CPU time was exact
+/// then (the switch-out before it updated it, and nothing ran since), and any value read
+/// after it is at least that — at least the CPU time the thread had now. (A thread that was
+/// waiting for a CPU now changes its run count when it gets one, before its CPU time moves.)
+///
+/// `traps` (settle only): a trap of ours after the epoch was set is proof as good as the CPU
+/// time, and comes sooner — every thread that calls a switched function takes one. The
+/// handler copies the epoch into the thread's record when it runs; the tool sets the epoch
+/// once every int3 is in place and seen by every thread. A record holding this thread's tid
+/// and the epoch means: after that, the thread's context stood at a site's first byte (the
+/// int3; the handler then sends it to a destination, never into the bytes behind a site),
+/// hence outside every range — and from then on it cannot enter one (every site starts with a
+/// visible int3). It may go back into one only the ways CPU time does not rule out either (a
+/// signal handler or a displaced call returning into the bytes): the same checks follow.
 ///
 /// A blocked thread's pc is not enough (review N3): blocked inside a signal handler, it
 /// resumes at the context the signal interrupted, saved in the signal frame on its stack —
@@ -823,13 +916,17 @@ fn wait_moved_on(
     ranges: &[CodeRange],
     deadline: Instant,
     poll: Poll,
+    traps: Option<TrapRecords>,
 ) -> Result<Option<(i32, bool)>, Error> {
     struct Watched {
         files: observe::ThreadFiles,
-        at_start: u64,
+        at_start: observe::SchedStat,
         base: Option<u64>,
         /// Seen blocked with an address inside `ranges` on its stack.
         inside_frame: bool,
+        /// A trap record no longer counts for it (a look through ptrace found it in a
+        /// handler or call leading back into `ranges`).
+        ignore_trap: bool,
     }
     // A thread that stays runnable may be running a signal handler whose interrupted context
     // is inside `ranges`: its CPU time proves nothing then (review R5). A thread that may be in
@@ -846,17 +943,31 @@ fn wait_moved_on(
         .filter(|tid| !skip.contains(tid))
         .filter_map(|tid| {
             let files = observe::ThreadFiles::open(pid, tid)?;
-            let at_start = files.runtime_ns()?;
+            let at_start = files.schedstat()?;
             Some(Watched {
                 files,
                 at_start,
                 base: None,
                 inside_frame: false,
+                ignore_trap: false,
             })
         })
         .collect();
     let mut pause = poll.first;
+    let mut records = vec![0u8; (th::NSEEN * 8) as usize];
     loop {
+        let records = match traps {
+            Some(r) if mem.read(r.addr, &mut records).is_ok() => &records[..],
+            _ => &[][..],
+        };
+        let trapped = |tid: i32| {
+            let slot = (tid as u64 % th::NSEEN * 8) as usize;
+            traps.is_some_and(|r| {
+                records.get(slot..slot + 8).is_some_and(|b| {
+                    u64::from_le_bytes(b.try_into().unwrap()) == (tid as u64) << 32 | r.epoch
+                })
+            })
+        };
         pending.retain_mut(|w| {
             let moved = match w.files.activity() {
                 None => true,
@@ -868,26 +979,34 @@ fn wait_moved_on(
                     !w.inside_frame
                 }
                 Some(Activity::Running) if w.inside_frame => false,
-                Some(Activity::Running) => match w.files.runtime_ns() {
+                Some(Activity::Running) => match w.files.schedstat() {
                     None => true,
-                    Some(now) => match w.base {
-                        None => {
-                            if now != w.at_start {
-                                w.base = Some(now);
+                    Some(now) => {
+                        let by_trap = !w.ignore_trap && trapped(w.files.tid());
+                        let by_cpu = match w.base {
+                            None => {
+                                if now.runtime_ns != w.at_start.runtime_ns
+                                    || now.run_count != w.at_start.run_count
+                                {
+                                    w.base = Some(now.runtime_ns);
+                                }
+                                false
                             }
-                            false
-                        }
-                        Some(base) if now.saturating_sub(base) >= PROGRESS_NS => {
+                            Some(base) => now.runtime_ns.saturating_sub(base) >= PROGRESS_NS,
+                        };
+                        if by_trap || by_cpu {
                             let inside = caught != 0
                                 && w.files.signal_mask(&["SigBlk"]) & caught != 0
                                 && running_thread_refers_to(mem, w.files.tid(), ranges);
                             if inside {
-                                w.base = Some(now); // look again after more progress
+                                w.base = Some(now.runtime_ns); // look again after more progress
+                                w.ignore_trap = true;
                             }
                             !inside
+                        } else {
+                            false
                         }
-                        Some(_) => false,
-                    },
+                    }
                 },
             };
             !moved
@@ -1035,7 +1154,7 @@ fn steps(
                 // already past an int3, between the instructions the tail will overwrite,
                 // must leave them first.
                 let s0 = Instant::now();
-                settle(t, sites, timeout)?;
+                settle(t, sites, area, timeout)?;
                 trace("settled", s0);
                 settled = true;
             }
@@ -1050,11 +1169,26 @@ fn steps(
 
 /// Waits until no thread is between the instructions behind an int3 (see [`wait_moved_on`]).
 /// The borrowed thread is stopped: its registers are looked at, and it is stepped out.
-fn settle(t: &mut Tracee, sites: &[SiteSwitch], timeout: Duration) -> Result<(), Error> {
+fn settle(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    area: &Area,
+    timeout: Duration,
+) -> Result<(), Error> {
     let ranges = inner_ranges(sites);
     if ranges.is_empty() {
         return Ok(());
     }
+    // A new epoch for the threads' trap records, now that every int3 is in place and seen: a
+    // record of this epoch was written by a trap handled after this point. (Below 2^32: the
+    // tid takes the high half.)
+    let epoch = ((area.read_u64(t.mem(), th::EPOCH)? + 1) & 0xffff_ffff).max(1);
+    t.mem()
+        .write(area.data() + th::EPOCH, &epoch.to_le_bytes())?;
+    let traps = TrapRecords {
+        addr: area.data() + th::SEEN,
+        epoch,
+    };
     let borrowed = t.threads();
     for &tid in &borrowed {
         if !super::step_out(t, tid, &ranges)? {
@@ -1071,7 +1205,15 @@ fn settle(t: &mut Tracee, sites: &[SiteSwitch], timeout: Duration) -> Result<(),
         }
     }
     let deadline = Instant::now() + timeout;
-    match wait_moved_on(t.mem(), t.pid(), &borrowed, &ranges, deadline, SETTLE_POLL)? {
+    match wait_moved_on(
+        t.mem(),
+        t.pid(),
+        &borrowed,
+        &ranges,
+        deadline,
+        SETTLE_POLL,
+        Some(traps),
+    )? {
         None => Ok(()),
         Some((tid, in_handler)) => Err(Error::Busy {
             tid: tid as u32,

@@ -9,7 +9,8 @@
 //! Layout of the in-target area (one memfd mapping, see [`AREA_LEN`]):
 //! - page 0, r-x: the handler at offset 0, the restorer (`mov eax, 15; syscall`) at
 //!   [`RESTORER_OFF`];
-//! - page 1.., rw-: the data below, then the site table.
+//! - page 1.., rw-: the data below, then the site tables, then (last page) the threads'
+//!   trap records ([`SEEN`]).
 //!
 //! The handler is written with the data page's absolute address baked in (the area never
 //! moves): `r11` holds it throughout.
@@ -17,7 +18,7 @@
 use iced_x86::code_asm::*;
 
 /// Size of the whole area: one code page and the data pages.
-pub(crate) const AREA_LEN: u64 = 16 * PAGE;
+pub(crate) const AREA_LEN: u64 = 17 * PAGE;
 /// Page size.
 pub(crate) const PAGE: u64 = 4096;
 /// Offset of the restorer in the code page.
@@ -43,6 +44,9 @@ pub(crate) const OLD_ACT: u64 = 32;
 pub(crate) const DFL_ACT: u64 = 64;
 /// A signal set holding SIGTRAP alone.
 pub(crate) const TRAP_SET: u64 = 96;
+/// The settle epoch (u64, below 2^32): set by the tool once every int3 of a switch is in
+/// place and seen; a trap of ours copies it into the thread's record (see [`SEEN`]).
+pub(crate) const EPOCH: u64 = 104;
 /// Scratch for the tool's remote rt_sigaction calls (new action).
 pub(crate) const SCRATCH_ACT: u64 = 128;
 /// Scratch for the tool's remote rt_sigaction calls (action read back).
@@ -57,13 +61,26 @@ pub(crate) const NPHASES: usize = 3;
 /// Bytes per table entry.
 pub(crate) const ENTRY_LEN: u64 = 8 * (1 + NPHASES as u64);
 /// Sites one bank's table holds.
-pub(crate) const MAX_SITES: usize = ((AREA_LEN - PAGE - TABLE) / 2 / ENTRY_LEN) as usize;
+pub(crate) const MAX_SITES: usize = ((SEEN - TABLE) / 2 / ENTRY_LEN) as usize;
+/// The threads' trap records, one u64 per slot (thread `tid` at slot `tid % NSEEN`): at each
+/// trap of ours the handler stores `tid << 32 | epoch` (see [`EPOCH`]). A slot shared by two
+/// threads holds the last one's: the other's record is lost, never forged.
+pub(crate) const SEEN: u64 = AREA_LEN - 2 * PAGE;
+/// Slots of [`SEEN`] (a power of two).
+pub(crate) const NSEEN: u64 = PAGE / 8;
+/// Set in a destination (bit 63: never in a user address): the site is a direct `call`, and
+/// the handler does what it would have done — push the return address (the site + 5) — before
+/// sending the thread to the destination (the callee's own destination for the phase, so that
+/// a call through a switched call site traps once, not at the call and again at the callee).
+pub(crate) const CALL: u64 = 1 << 63;
 /// Bytes of one bank's table.
 pub(crate) const BANK_LEN: u64 = MAX_SITES as u64 * ENTRY_LEN;
 
 /// Offset of the saved RIP in a `ucontext_t` on x86-64: uc_flags (8) + uc_link (8) +
 /// uc_stack (24) = 40, then `gregs[REG_RIP]` with REG_RIP = 16: 40 + 16 * 8 = 168.
 pub(crate) const UC_RIP: i32 = 168;
+/// Offset of the saved RSP (`gregs[REG_RSP]`, REG_RSP = 15): 40 + 15 * 8.
+pub(crate) const UC_RSP: i32 = 160;
 /// Offset of `si_code` in a `siginfo_t`.
 const SI_CODE: i32 = 8;
 /// `si_code` of a trap raised by the kernel (an `int3`: do_int3_user → force_sig).
@@ -78,6 +95,7 @@ pub(crate) fn generate(code: u64) -> Result<(Vec<u8>, Vec<u8>), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut look = a.create_label();
     let mut found = a.create_label();
+    let mut set_rip = a.create_label();
     let mut chain = a.create_label();
     let mut not_ign = a.create_label();
     let mut jump = a.create_label();
@@ -107,10 +125,31 @@ pub(crate) fn generate(code: u64) -> Result<(Vec<u8>, Vec<u8>), IcedError> {
     a.dec(r9)?;
     a.jmp(look)?;
     a.set_label(&mut found)?;
-    a.mov(rax, qword_ptr(r8 + rcx * 8 + 8))?;
-    a.test(rax, rax)?;
+    a.mov(r9, qword_ptr(r8 + rcx * 8 + 8))?;
+    a.test(r9, r9)?;
     a.jz(chain)?;
-    a.mov(qword_ptr(rdx + UC_RIP), rax)?;
+    // Ours. The thread's record: its tid and the epoch (the tool's evidence that this thread,
+    // in the context that trapped, stood on a site's first byte after the epoch was set).
+    a.mov(r10, rax)?; // the site
+    a.mov(eax, libc::SYS_gettid as u32)?;
+    a.syscall()?; // clobbers rcx and r11
+    a.mov(r11, data)?;
+    a.mov(ecx, eax)?;
+    a.and(ecx, (NSEEN - 1) as u32)?;
+    a.shl(rax, 32)?;
+    a.or(rax, qword_ptr(r11 + EPOCH))?;
+    a.mov(qword_ptr(r11 + rcx * 8 + SEEN), rax)?;
+    // A direct call: push its return address as the call would have (below the interrupted
+    // rsp: the red zone, which a call overwrites too; our frame lies below the red zone).
+    a.btr(r9, 63)?;
+    a.jnc(set_rip)?;
+    a.mov(rax, qword_ptr(rdx + UC_RSP))?;
+    a.sub(rax, 8)?;
+    a.lea(rcx, qword_ptr(r10 + 5))?;
+    a.mov(qword_ptr(rax), rcx)?;
+    a.mov(qword_ptr(rdx + UC_RSP), rax)?;
+    a.set_label(&mut set_rip)?;
+    a.mov(qword_ptr(rdx + UC_RIP), r9)?;
     a.lock().inc(qword_ptr(r11 + HITS))?;
     a.lock().dec(qword_ptr(r11 + INSIDE))?;
     a.ret()?;
@@ -206,6 +245,77 @@ mod tests {
         out
     }
 
+    /// The handler run for real, in this process, on a trap it receives as the kernel would
+    /// hand it over (siginfo with SI_KERNEL, a ucontext with the rip after the int3).
+    #[test]
+    fn handler_redirects_records_the_thread_and_makes_a_direct_call() {
+        let len = AREA_LEN as usize;
+        // SAFETY: a fresh anonymous mapping of our own, unmapped at the end of the test.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let code = base as u64;
+        let (handler, _) = generate(code).unwrap();
+        let word = |off: u64| (code + PAGE + off) as *mut u64;
+        let (site, a, b, c) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+        // SAFETY: every pointer below is inside the mapping (code page, then data pages).
+        unsafe {
+            std::ptr::copy_nonoverlapping(handler.as_ptr(), base as *mut u8, handler.len());
+            assert_eq!(
+                libc::mprotect(base, PAGE as usize, libc::PROT_READ | libc::PROT_EXEC),
+                0
+            );
+            *word(NSITES) = 1;
+            for (i, v) in [site, a, b | CALL, c].into_iter().enumerate() {
+                *word(TABLE + 8 * i as u64) = v;
+            }
+            *word(EPOCH) = 7;
+        }
+        // SAFETY: the handler follows the C calling convention of a SA_SIGINFO handler and
+        // touches only its arguments, its area and the stack word below the saved rsp.
+        let run: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::ucontext_t) =
+            unsafe { std::mem::transmute(base) };
+        let mut stack = [0u64; 4];
+        let top = stack.as_mut_ptr() as u64 + 24;
+        let trap = |phase: u8| {
+            // SAFETY: plain old data, all-zero is valid; the phase byte is in the data page.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };
+            unsafe { *(code as *mut u8).add((PAGE + PHASE) as usize) = phase };
+            info.si_code = SI_KERNEL;
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] = site as i64 + 1;
+            uc.uc_mcontext.gregs[libc::REG_RSP as usize] = top as i64;
+            run(libc::SIGTRAP, &mut info, &mut uc);
+            let g = uc.uc_mcontext.gregs;
+            (
+                g[libc::REG_RIP as usize] as u64,
+                g[libc::REG_RSP as usize] as u64,
+            )
+        };
+        // Phase 0: a plain redirect.
+        assert_eq!(trap(0), (a, top));
+        // Phase 1: a direct call made by the handler: the return address (site + 5) pushed.
+        assert_eq!(trap(1), (b, top - 8));
+        assert_eq!(stack[2], site + 5);
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u64;
+        // SAFETY: inside the mapping.
+        unsafe {
+            assert_eq!(*word(SEEN + tid % NSEEN * 8), tid << 32 | 7);
+            assert_eq!(*word(HITS), 2);
+            assert_eq!(*word(INSIDE), 0);
+            libc::munmap(base, len);
+        }
+    }
+
     #[test]
     fn ucontext_rip_offset_matches_libc() {
         // SAFETY: ucontext_t is plain old data; all-zero is a valid value.
@@ -213,6 +323,8 @@ mod tests {
         let base = &ucontext as *const _ as usize;
         let rip = &ucontext.uc_mcontext.gregs[libc::REG_RIP as usize] as *const _ as usize;
         assert_eq!(rip - base, UC_RIP as usize);
+        let saved_sp = &ucontext.uc_mcontext.gregs[libc::REG_RSP as usize] as *const _ as usize;
+        assert_eq!(saved_sp - base, UC_RSP as usize);
         // SAFETY: as above, for siginfo_t.
         let info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let code = &info.si_code as *const _ as usize - &info as *const _ as usize;
@@ -224,7 +336,7 @@ mod tests {
         let code = 0x7000_0000_0000;
         let (h, r) = generate(code).unwrap();
         let insns = decode(&h, code);
-        // The data page's address is loaded, and every access through r11 stays in it.
+        // The data pages' address is loaded, and every access through r11 stays in them.
         assert!(insns.iter().any(|i| i.mnemonic() == Mnemonic::Mov
             && i.op0_register() == Register::R11
             && i.op1_kind() == OpKind::Immediate64
@@ -234,7 +346,7 @@ mod tests {
                 && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory)
                 && i.memory_base() == Register::R11
             {
-                assert!(i.memory_displacement64() < PAGE, "{i:?}");
+                assert!(i.memory_displacement64() < AREA_LEN - PAGE, "{i:?}");
             }
         }
         // rip is read from and written to the ucontext (rdx + 168).
