@@ -21,6 +21,7 @@
 //! None of this decides whether a patch is live: a failure here is reported as a warning and
 //! the patch stays applied (or reverted).
 
+mod stale_files;
 mod trampoline_cfi;
 
 pub use trampoline_cfi::{trampoline_frame, ModuleCfi};
@@ -316,6 +317,12 @@ fn save_gdb_command(pid: i32, patch: &Patch, cmd: &str) -> std::io::Result<()> {
     }
     script.write_all(format!("{cmd}\n").as_bytes())?;
     Ok(())
+}
+
+/// Removes the gdb files in /tmp of processes that are gone (see [`stale_files`]): nothing
+/// else does once a patched process exits without a revert. Returns how many went.
+pub(crate) fn remove_stale_files() -> usize {
+    stale_files::sweep(std::path::Path::new("/tmp"))
 }
 
 /// The first line of process `pid`'s gdb script: a gdb comment naming the process by pid and

@@ -90,7 +90,7 @@ pub fn left_by_earlier_process(map: &Path, pid: i32) -> bool {
 /// the start as clock ticks since boot on the boot-time clock (field 22 of /proc/PID/stat); its
 /// distance from now on that clock, taken from the wall clock's now, is the start in the
 /// terms file times use.
-fn process_started(pid: i32) -> Option<SystemTime> {
+pub(crate) fn process_started(pid: i32) -> Option<SystemTime> {
     let ticks = start_ticks(pid)?;
     // SAFETY: sysconf has no memory arguments.
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })

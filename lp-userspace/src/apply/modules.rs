@@ -128,6 +128,7 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 ///   done.
 /// - every executable module of `pid` is opened (mapped, headers read: no symbols, no CFI),
 ///   so that an unwind during the stop that reaches one finds it in the cache.
+/// - then the gdb files of processes that are gone are removed from /tmp.
 pub(crate) fn warm_up(pid: i32) {
     let tables = iced_tables::claim();
     let spawned = std::thread::Builder::new()
@@ -143,6 +144,8 @@ pub(crate) fn warm_up(pid: i32) {
                     }
                 }
             }
+            // Housekeeping no apply waits for (the thread may be cut short by our exit).
+            crate::debug_info::remove_stale_files();
         });
     if spawned.is_err() && tables {
         iced_tables::unclaim();
