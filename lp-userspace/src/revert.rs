@@ -6,8 +6,8 @@
 
 use crate::apply::switch::{self, BusyRange, Mode, SiteSwitch};
 use crate::apply::{Error, SwitchStats};
-use crate::process::Tracee;
-use crate::state::{self, StateMap};
+use crate::process::{ProcessError, Tracee};
+use crate::state::{self, Operation, State, StateMap};
 use lp_core::consistency::CodeRange;
 use lp_core::plan::plan_write;
 use serde::Serialize;
@@ -63,7 +63,21 @@ fn revert_here(
         Mode::Nonstop => Tracee::attach_one(pid)?,
     };
     t.release_on_drop();
-    let current = state::read(pid)?;
+    let mut current = state::read(pid)?;
+    // A livepatch killed in the middle of a switch: its patch comes out first. When that is
+    // the patch asked for (or none was named), that is the whole revert.
+    if let Some((index, _)) = current.unfinished_patch() {
+        let unfinished_id = current.patches[index].id.clone();
+        if id.is_none_or(|id| unfinished_id.starts_with(id)) {
+            if t.is_single() {
+                t.attach_rest()?;
+            }
+            let done = take_out(&mut t, &current, index, Mode::Stop, timeout, t0)?;
+            t.release()?;
+            return Ok(done);
+        }
+        current = finish_unfinished(&mut t, current, timeout)?;
+    }
     let index =
         match id {
             None => current.patches.len().checked_sub(1).ok_or_else(|| {
@@ -88,6 +102,78 @@ fn revert_here(
                 }
             }
         };
+    let done = take_out(&mut t, &current, index, mode, timeout, t0)?;
+    t.release()?;
+    Ok(done)
+}
+
+/// Takes out whatever a livepatch killed in the middle of a switch left of its patch (the
+/// state's write-ahead mark, see state.rs): an apply is undone, a revert completed — the
+/// patch comes out either way, in stop mode (a single-thread tracee is one again afterwards).
+/// Returns the state afterwards (unchanged when nothing was unfinished).
+pub(crate) fn finish_unfinished(
+    t: &mut Tracee,
+    current: State,
+    timeout: Duration,
+) -> Result<State, Error> {
+    let Some((index, operation)) = current.unfinished_patch() else {
+        return Ok(current);
+    };
+    let id = current.patches[index].id.clone();
+    // In stop mode: it handles any mix of old, new and int3 bytes in one write.
+    let single = t.is_single();
+    if single {
+        t.attach_rest()?;
+    }
+    take_out(t, &current, index, Mode::Stop, timeout, Instant::now())?;
+    if single {
+        t.keep_one()?;
+    }
+    eprintln!(
+        "livepatch: warning: patch {} was left half-switched by a livepatch killed while {operation} it; taken out",
+        short(&id)
+    );
+    Ok(state::read(t.pid())?)
+}
+
+/// What a site of the patch being taken out holds now.
+enum SiteNow {
+    /// The patch's bytes: to be restored.
+    Written,
+    /// Already the bytes it replaced (a switch that was killed).
+    Restored,
+    /// Half-way through nonstop mode's int3 protocol (a switch that was killed): `int3` on
+    /// the first byte, the rest either version's.
+    Int3(Vec<u8>),
+}
+
+fn site_now(cur: Vec<u8>, written: &[u8], saved: &[u8], unfinished: bool) -> Option<SiteNow> {
+    if cur == written {
+        return Some(SiteNow::Written);
+    }
+    if !unfinished {
+        return None;
+    }
+    if cur == saved {
+        return Some(SiteNow::Restored);
+    }
+    let int3_over = |b: &[u8]| cur.first() == Some(&0xcc) && cur.get(1..) == b.get(1..);
+    (int3_over(written) || int3_over(saved)).then_some(SiteNow::Int3(cur))
+}
+
+/// Takes patch `index` of `current` out: restores its sites (those of an unfinished switch
+/// that hold the old bytes already are left alone), drops its record — marked "reverting"
+/// in the state before the first byte is written — and frees its memory.
+fn take_out(
+    t: &mut Tracee,
+    current: &State,
+    index: usize,
+    mode: Mode,
+    timeout: Duration,
+    t0: Instant,
+) -> Result<Reverted, Error> {
+    let pid = t.pid();
+    let unfinished = current.unfinished_patch().is_some_and(|(i, _)| i == index);
     let patch = current.patches[index].clone();
     // A later patch on one of the same functions stacks on this one: it must go first.
     for later in &current.patches[index + 1..] {
@@ -103,28 +189,30 @@ fn revert_here(
         }
     }
     // Verify, before anything is written, that our redirects are still what we wrote.
-    for f in &patch.functions {
-        let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;
-        if cur != f.written {
-            return Err(Error::Mismatch(format!(
-                "function {} at {:#x} no longer holds patch {}'s redirect: changed by someone else; nothing reverted",
-                f.name, f.patch_addr, patch.id
-            )));
-        }
-        for c in &f.call_sites {
-            let cur = t.mem().read_vec(c.addr, c.written.len())?;
-            if cur != c.written {
-                return Err(Error::Mismatch(format!(
-                    "call site {} at {:#x} (a call of {}) no longer holds patch {}'s branch: changed by someone else; nothing reverted",
-                    c.caller, c.addr, f.name, patch.id
-                )));
-            }
-        }
-    }
     let mut switches = Vec::new();
     let mut busy = Vec::new();
+    let mut int3_seen = false;
     for f in &patch.functions {
-        let plan = plan_write(f.patch_addr, &f.written, &f.saved)
+        let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;
+        let now = site_now(cur, &f.written, &f.saved, unfinished).ok_or_else(|| {
+            Error::Mismatch(format!(
+                "function {} at {:#x} no longer holds patch {}'s redirect: changed by someone else; nothing reverted",
+                f.name, f.patch_addr, patch.id
+            ))
+        })?;
+        busy.push(BusyRange {
+            range: CodeRange::new(f.new, f.new + f.new_size.max(1)),
+            name: format!("{} (new version)", f.name),
+        });
+        let from = match now {
+            SiteNow::Restored => continue,
+            SiteNow::Written => f.written.clone(),
+            SiteNow::Int3(cur) => {
+                int3_seen = true;
+                cur
+            }
+        };
+        let plan = plan_write(f.patch_addr, &from, &f.saved)
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.name)))?;
         let below = current.patches[..index]
             .iter()
@@ -140,16 +228,27 @@ fn revert_here(
             resume: f.trampoline,
             reverting: true,
         });
-        busy.push(BusyRange {
-            range: CodeRange::new(f.new, f.new + f.new_size.max(1)),
-            name: format!("{} (new version)", f.name),
-        });
     }
     // The callers' branches go back to what was there before: the original call of the old
     // entry, or the branch of the patch below (whose memory stays).
     for f in &patch.functions {
         for c in &f.call_sites {
-            let plan = plan_write(c.addr, &c.written, &c.saved).map_err(|e| {
+            let cur = t.mem().read_vec(c.addr, c.written.len())?;
+            let now = site_now(cur, &c.written, &c.saved, unfinished).ok_or_else(|| {
+                Error::Mismatch(format!(
+                    "call site {} at {:#x} (a call of {}) no longer holds patch {}'s branch: changed by someone else; nothing reverted",
+                    c.caller, c.addr, f.name, patch.id
+                ))
+            })?;
+            let from = match now {
+                SiteNow::Restored => continue,
+                SiteNow::Written => c.written.clone(),
+                SiteNow::Int3(cur) => {
+                    int3_seen = true;
+                    cur
+                }
+            };
+            let plan = plan_write(c.addr, &from, &c.saved).map_err(|e| {
                 Error::Unsupported(format!("call site {} of {}: {e}", c.caller, f.name))
             })?;
             switches.push(SiteSwitch::call_site_revert(
@@ -167,11 +266,29 @@ fn revert_here(
         .ok_or_else(|| Error::Other(format!("livepatch state of process {pid} vanished")))?;
     let mut new_state = current.clone();
     new_state.patches.remove(index);
+    new_state.unfinished = None;
+    // Write-ahead: from the first byte written until the commit the record is marked, so that
+    // the next invocation completes a revert killed in between (staged now, published by the
+    // switch right before it writes).
+    let staged = statemap.stage(t.mem(), &current.marked(&patch.id, Operation::Reverting))?;
+    let mut begin = |m: &crate::process::Memory| -> Result<(), Error> {
+        statemap.publish(m, &staged)?;
+        Ok(())
+    };
     let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
         statemap.store(m, &new_state)?;
         Ok(())
     };
-    let stats = switch::run(&mut t, mode, &switches, &busy, timeout, &mut commit)?;
+    let stats = match switch::run(t, mode, &switches, &busy, timeout, &mut begin, &mut commit) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing changed (a failed switch undoes its writes): nor does the state.
+            if !matches!(e, Error::Process(ProcessError::Exited(_))) {
+                let _ = statemap.store(t.mem(), current);
+            }
+            return Err(e);
+        }
+    };
     // Nothing leads into the patch memory any more. In stop mode no thread was inside it; in
     // nonstop mode threads that were running the new code must leave it first (each thread is
     // checked on its own). One that does not within the timeout keeps the memory mapped.
@@ -186,17 +303,17 @@ fn revert_here(
             // running (or returning into) the code about to be unmapped.
             t.attach_rest()?;
             let mut u = crate::apply::unwinder(pid)?;
-            switch::wait_threads_outside(&mut t, &area, Some(&mut u), timeout).is_ok()
+            switch::wait_threads_outside(t, &area, Some(&mut u), timeout).is_ok()
         }
     };
     // A handler kept installed (its action could not be given back) may still send a late
-    // trap to a trampoline in this memory: it stays mapped then.
-    let free = free && !stats.trap_handler_kept;
-    let free = crate::debug_info::on_revert(&mut t, &patch, free);
+    // trap to a trampoline in this memory: it stays mapped then. So it does after a killed
+    // nonstop switch left int3s: a thread that took one may not have run the handler yet.
+    let free = free && !stats.trap_handler_kept && !int3_seen;
+    let free = crate::debug_info::on_revert(t, &patch, free);
     if free {
         t.munmap(patch.code_addr, patch.code_len)?;
     }
-    t.release()?;
     Ok(Reverted {
         pid,
         id: patch.id.clone(),

@@ -7,6 +7,14 @@
 //! Layout: a 64-byte header (magic, version, active slot, lengths) followed by two slots. A new
 //! state is written to the inactive slot and then published by rewriting the header, so a tool
 //! killed in the middle of an update leaves the previous state readable.
+//!
+//! Write-ahead: before a switch writes its first byte, the state is stored with the patch it
+//! puts in (or takes out) and the operation marked [`Unfinished`] (staged before the switch,
+//! published once the threads are stopped and found not busy, so that a tool killed while it
+//! waits for a busy thread leaves no mark); the switch's commit stores the final state without
+//! the mark. A tool killed in between (review session 3, L5) leaves
+//! the mark: the next invocation sees that the record may describe bytes only partly written
+//! and takes the patch out (`revert::finish_unfinished`), whichever way it was going.
 
 use crate::process::{Memory, ProcessError, Tracee};
 use serde::{Deserialize, Serialize};
@@ -23,6 +31,9 @@ const MAGIC: &[u8; 8] = b"LPSTATE\0";
 /// revert a patch without restoring its callers (they would then call freed memory).
 const VERSION: u32 = 2;
 const VERSION_WITHOUT_CALL_SITES: u32 = 1;
+/// Version 3: an operation is marked unfinished. An older tool refuses it rather than take
+/// the record for an applied patch (or miss that bytes are half restored).
+const VERSION_UNFINISHED: u32 = 3;
 
 /// One function redirected by an applied patch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -113,6 +124,64 @@ pub struct AppliedPatch {
 pub struct State {
     /// Applied patches, oldest first (the last one is the top of every stack it touches).
     pub patches: Vec<AppliedPatch>,
+    /// A switch that was under way when the state was stored (the write-ahead mark): while it
+    /// is set, the bytes of that patch's sites may be the old ones, the new ones, or a mix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unfinished: Option<Unfinished>,
+}
+
+/// The operation a livepatch was in the middle of (see the module documentation).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Unfinished {
+    /// The patch being put in or taken out (its record is in `patches`).
+    pub id: String,
+    /// Which way.
+    pub operation: Operation,
+}
+
+/// Which way an unfinished switch was going.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// An apply: the record was stored before its redirects were written.
+    Applying,
+    /// A revert: the record was kept while its original bytes were written back.
+    Reverting,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Applying => "applying",
+            Operation::Reverting => "reverting",
+        })
+    }
+}
+
+impl State {
+    /// This state, marked as in the middle of `operation` on patch `id` (which it holds):
+    /// stored before a switch writes anything.
+    pub fn marked(&self, id: &str, operation: Operation) -> State {
+        State {
+            patches: self.patches.clone(),
+            unfinished: Some(Unfinished {
+                id: id.to_string(),
+                operation,
+            }),
+        }
+    }
+
+    /// [`State::marked`] for an apply: `self` is the state with the new patch's record.
+    pub fn marked_applying(&self, id: &str) -> State {
+        self.marked(id, Operation::Applying)
+    }
+
+    /// The index of the patch an unfinished operation was switching, and the operation.
+    pub fn unfinished_patch(&self) -> Option<(usize, Operation)> {
+        let u = self.unfinished.as_ref()?;
+        let i = self.patches.iter().position(|p| p.id == u.id)?;
+        Some((i, u.operation))
+    }
 }
 
 /// Errors of the in-target state.
@@ -172,7 +241,7 @@ fn read_at(pid: i32, mem: &Memory, addr: u64) -> Result<State, StateError> {
         return Err(corrupt("bad magic"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    if !(VERSION_WITHOUT_CALL_SITES..=VERSION).contains(&version) {
+    if !(VERSION_WITHOUT_CALL_SITES..=VERSION_UNFINISHED).contains(&version) {
         return Err(corrupt(&format!("unknown version {version}")));
     }
     let active = u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64;
@@ -216,11 +285,13 @@ impl StateMap {
         })
     }
 
-    /// Removes a mapping this invocation created (after a failed apply).
+    /// Removes a mapping this invocation created (after a failed apply), and the remote
+    /// calls' stub area if this invocation created that too: the process is left as it was.
     pub fn remove_if_created(&self, t: &mut Tracee) {
         if self.created {
             let _ = t.munmap(self.addr, STATE_SIZE);
         }
+        t.remove_stub_if_created();
     }
 
     /// Reads the state.
@@ -242,6 +313,14 @@ impl StateMap {
 
     /// Writes `state`: body into the inactive slot, then the header that publishes it.
     pub fn store(&self, mem: &Memory, state: &State) -> Result<(), StateError> {
+        let staged = self.stage(mem, state)?;
+        self.publish(mem, &staged)
+    }
+
+    /// Writes `state`'s body into the inactive slot without publishing it: [`StateMap::publish`]
+    /// then makes it the state with one small write (the write-ahead mark is published that
+    /// way inside the stop window, where a whole body's write would lengthen it).
+    pub fn stage(&self, mem: &Memory, state: &State) -> Result<Staged, StateError> {
         let body = serde_json::to_vec(state).expect("state serializes");
         if body.len() as u64 > SLOT {
             return Err(StateError::Full(self.pid));
@@ -260,7 +339,9 @@ impl StateMap {
             .patches
             .iter()
             .any(|p| p.functions.iter().any(|f| !f.call_sites.is_empty()));
-        let version = if has_call_sites {
+        let version = if state.unfinished.is_some() {
+            VERSION_UNFINISHED
+        } else if has_call_sites {
             VERSION
         } else {
             VERSION_WITHOUT_CALL_SITES
@@ -268,9 +349,20 @@ impl StateMap {
         h[8..12].copy_from_slice(&version.to_le_bytes());
         h[12..16].copy_from_slice(&next.to_le_bytes());
         h[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        mem.write(self.addr, &h)?;
+        Ok(Staged { header: h })
+    }
+
+    /// Publishes a state [`StateMap::stage`]d (nothing else may be stored in between).
+    pub fn publish(&self, mem: &Memory, staged: &Staged) -> Result<(), StateError> {
+        mem.write(self.addr, &staged.header)?;
         Ok(())
     }
+}
+
+/// A state written but not yet published (see [`StateMap::stage`]).
+#[derive(Debug)]
+pub struct Staged {
+    header: [u8; HEADER as usize],
 }
 
 /// Call-site bytes as hex strings (a third of a JSON array of numbers: the state is small).

@@ -2,7 +2,7 @@
 //! the state mapping is found in /proc/PID/maps and read through /proc/PID/mem).
 
 use crate::apply::Error;
-use crate::state::{self, AppliedPatch};
+use crate::state::{self, AppliedPatch, State};
 use serde::Serialize;
 
 /// One function of an applied patch, as `status` shows it.
@@ -36,6 +36,11 @@ pub struct PatchStatus {
     /// The gdb command naming the new functions (`add-symbol-file` of the saved patch object
     /// with each section at its runtime address); empty when none was saved.
     pub gdb_command: String,
+    /// "applying" or "reverting": a livepatch was killed in the middle of that switch of this
+    /// patch, whose bytes may be only partly written; the next revert or apply takes it out.
+    /// Absent normally.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unfinished: Option<String>,
 }
 
 /// The state of one process (the record `livepatch status --json` prints).
@@ -49,8 +54,13 @@ pub struct ProcessStatus {
     pub patches: Vec<PatchStatus>,
 }
 
-fn patch_status(p: &AppliedPatch) -> PatchStatus {
+fn patch_status(p: &AppliedPatch, st: &State) -> PatchStatus {
     PatchStatus {
+        unfinished: st
+            .unfinished
+            .as_ref()
+            .filter(|u| u.id == p.id)
+            .map(|u| u.operation.to_string()),
         id: p.id.clone(),
         applied_at: p.applied_at,
         module: p.module.clone(),
@@ -84,7 +94,7 @@ pub fn status(pid: Option<i32>) -> Result<Vec<ProcessStatus>, Error> {
         Ok(ProcessStatus {
             pid,
             comm,
-            patches: st.patches.iter().map(patch_status).collect(),
+            patches: st.patches.iter().map(|p| patch_status(p, &st)).collect(),
         })
     };
     match pid {
@@ -129,6 +139,12 @@ pub fn render(list: &[ProcessStatus]) -> String {
             }
             if !pa.gdb_command.is_empty() {
                 out.push_str(&format!("    gdb: {}\n", pa.gdb_command));
+            }
+            if let Some(op) = &pa.unfinished {
+                out.push_str(&format!(
+                    "    UNFINISHED: a livepatch was killed while {op} this patch; `livepatch revert {}` takes it out\n",
+                    p.pid
+                ));
             }
         }
     }
@@ -177,8 +193,24 @@ mod tests {
                     call_sites: 0,
                 }],
                 gdb_command: gdb_command.into(),
+                unfinished: None,
             }],
         }]
+    }
+
+    #[test]
+    fn an_unfinished_switch_is_shown_with_what_takes_it_out() {
+        let mut list = one("");
+        assert!(!render(&list).contains("UNFINISHED"));
+        assert!(serde_json::to_value(&list).unwrap()[0]["patches"][0]
+            .get("unfinished")
+            .is_none());
+        list[0].patches[0].unfinished = Some("applying".into());
+        assert!(render(&list).contains(
+            "UNFINISHED: a livepatch was killed while applying this patch; `livepatch revert 42` takes it out"
+        ));
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json[0]["patches"][0]["unfinished"], "applying");
     }
 
     #[test]

@@ -169,3 +169,66 @@ fn e2e_kill_9_in_a_remote_function_call_leaves_the_target_running() {
     target.wait_line_after(mark + 1, |l| counts(l)[1] > first[1]);
     assert!(target.alive());
 }
+
+/// The state's write-ahead mark as `status --json` shows it (review L5).
+fn unfinished(pid: &str) -> Option<String> {
+    status_json(pid)[0]["patches"]
+        .as_array()?
+        .iter()
+        .find_map(|p| p["unfinished"].as_str().map(str::to_string))
+}
+
+#[test]
+fn e2e_kill_9_between_a_reverts_writes_and_its_commit_is_completed_by_the_next_revert() {
+    // Stop mode writes every original byte back, then drops the record: killed in between,
+    // the bytes are restored but the record stays. The next revert completes it (before the
+    // fix: "no longer holds patch's redirect", and the patch could never be applied again).
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = busy_setup(dir.path());
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    livepatch_ok(&["apply", &pid, &patch]);
+    target.expect_steady(3, |l| l == "value=1041");
+    kill_at(&["revert", &pid], "switch-written");
+    assert!(target.alive());
+    target.expect_steady(3, |l| l == "value=42");
+    assert_eq!(unfinished(&pid).as_deref(), Some("reverting"));
+    livepatch_ok(&["revert", &pid]);
+    assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 0);
+    target.expect_steady(3, |l| l == "value=42");
+    livepatch_ok(&["apply", &pid, &patch]);
+    target.expect_steady(3, |l| l == "value=1041");
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(3, |l| l == "value=42");
+}
+#[test]
+fn e2e_kill_9_between_an_applys_writes_and_its_commit_is_undone_by_the_next_invocation() {
+    // Stop mode writes every redirect, then commits the state: killed in between, the process
+    // runs the new code with no applied patch recorded (before the fix: status showed
+    // nothing, revert said no patch, a new apply refused the changed bytes).
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = busy_setup(dir.path());
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    // Then `revert` undoes it...
+    kill_at(&["apply", &pid, &patch], "switch-written");
+    assert!(target.alive());
+    target.expect_steady(3, |l| l == "value=1041");
+    assert_eq!(unfinished(&pid).as_deref(), Some("applying"));
+    livepatch_ok(&["revert", &pid]);
+    assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 0);
+    target.expect_steady(3, |l| l == "value=42");
+    // ... and so does a new `apply` (nonstop too), which then applies as asked.
+    for mode in ["stop", "nonstop"] {
+        kill_at(&["apply", &pid, &patch], "switch-written");
+        target.expect_steady(3, |l| l == "value=1041");
+        livepatch_ok(&["apply", &pid, &patch, "--mode", mode]);
+        let st = status_json(&pid);
+        assert_eq!(st[0]["patches"].as_array().unwrap().len(), 1, "{st}");
+        assert_eq!(unfinished(&pid), None);
+        target.expect_steady(3, |l| l == "value=1041");
+        livepatch_ok(&["revert", &pid]);
+        target.expect_steady(3, |l| l == "value=42");
+    }
+}

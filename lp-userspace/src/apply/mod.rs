@@ -128,6 +128,8 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     t.release_on_drop();
     phase("attached");
     let existing = crate::state::read(pid)?;
+    // A livepatch killed in the middle of a switch: its patch comes out first (state.rs).
+    let existing = crate::revert::finish_unfinished(&mut t, existing, opts.timeout)?;
     phase("state read");
     if existing.patches.iter().any(|p| p.id == patch.id) {
         return Err(Error::AlreadyApplied {
@@ -248,12 +250,26 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     };
     let mut new_state = existing.clone();
     new_state.patches.push(record);
-    if let Err(e) = statemap.check_fits(&new_state) {
-        debug_info::undo(&mut t, &patch.id, Some(&debug));
-        let _ = t.munmap(code_addr, total_len);
-        statemap.remove_if_created(&mut t);
-        return Err(e.into());
-    }
+    // Write-ahead (state.rs): from the first byte written until the commit, the state holds the
+    // record marked "applying", so that a livepatch killed in between leaves no redirect that
+    // no state records. Staged now; the switch publishes it (one small write) right before it
+    // writes.
+    let staged = match statemap
+        .check_fits(&new_state)
+        .and_then(|()| statemap.stage(t.mem(), &new_state.marked_applying(&patch.id)))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            debug_info::undo(&mut t, &patch.id, Some(&debug));
+            let _ = t.munmap(code_addr, total_len);
+            statemap.remove_if_created(&mut t);
+            return Err(e.into());
+        }
+    };
+    let mut begin = |m: &crate::process::Memory| -> Result<(), Error> {
+        statemap.publish(m, &staged)?;
+        Ok(())
+    };
     let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
         statemap.store(m, &new_state)?;
         Ok(())
@@ -264,6 +280,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         &switches,
         &busy,
         opts.timeout,
+        &mut begin,
         &mut commit,
     ) {
         Ok(s) => s,
@@ -283,6 +300,8 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
                 if debug_info::undo(&mut t, &patch.id, Some(&debug)) && nobody_inside {
                     let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
                 }
+                // The switch undid its writes: the state is as it was, without the mark.
+                let _ = statemap.store(t.mem(), &existing);
                 statemap.remove_if_created(&mut t);
             }
             return Err(e);

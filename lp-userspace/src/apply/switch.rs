@@ -109,19 +109,25 @@ pub struct SwitchStats {
     pub trap_handler_kept: bool,
 }
 
-/// Runs a switch in `mode`. `commit` records the new state (called while the switch is
-/// complete but, in stop mode, before the threads resume).
+/// Runs a switch in `mode`. `begin` publishes the state's write-ahead mark (called right
+/// before the first byte is written: in stop mode once the threads are stopped and found not
+/// busy); `commit` records the new state (called while the switch is complete but, in stop
+/// mode, before the threads resume). A switch that fails after `begin` has undone its writes.
 pub(crate) fn run(
     t: &mut Tracee,
     mode: Mode,
     sites: &[SiteSwitch],
     busy: &[BusyRange],
     timeout: Duration,
+    begin: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     match mode {
-        Mode::Stop => stop_mode(t, sites, busy, timeout, commit),
-        Mode::Nonstop => nonstop::run(t, sites, timeout, commit),
+        Mode::Stop => stop_mode(t, sites, busy, timeout, begin, commit),
+        Mode::Nonstop => {
+            begin(t.mem())?;
+            nonstop::run(t, sites, timeout, commit)
+        }
     }
 }
 
@@ -207,6 +213,7 @@ fn stop_mode(
     sites: &[SiteSwitch],
     busy: &[BusyRange],
     timeout: Duration,
+    begin: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     let ranges: Vec<CodeRange> = busy.iter().map(|b| b.range).collect();
@@ -244,7 +251,7 @@ fn stop_mode(
         };
         match verdict {
             Verdict::Safe => {
-                let r = write_all_stopped(t, sites, commit);
+                let r = write_all_stopped(t, sites, begin, commit);
                 let stall = stopped_at.elapsed();
                 t.resume_all()?;
                 stats.stall_us = stall.as_micros() as u64;
@@ -297,10 +304,12 @@ fn step_out(t: &mut Tracee, tid: i32, ranges: &[CodeRange]) -> Result<bool, Erro
 }
 
 /// All threads are stopped: write every plan's bytes (the syncs are implied: no thread runs,
-/// and resuming is a serializing return to user mode). On failure, undo what was written.
+/// and resuming is a serializing return to user mode), between the state's write-ahead mark
+/// (`begin`) and its `commit`. On failure, undo what was written.
 fn write_all_stopped(
     t: &mut Tracee,
     sites: &[SiteSwitch],
+    begin: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let mem = t.mem();
@@ -308,6 +317,7 @@ fn write_all_stopped(
     // back as they were read (no thread runs).
     let spans = spans(sites);
     let before = read_verified(mem, sites, &spans)?;
+    begin(mem)?;
     let mut done = 0;
     let mut result = Ok(());
     for (sp, cur) in spans.iter().zip(&before) {
@@ -322,6 +332,7 @@ fn write_all_stopped(
         done += 1;
     }
     if result.is_ok() {
+        crate::process::stop_point::reached("switch-written");
         result = commit(mem);
     }
     if result.is_err() {

@@ -48,6 +48,8 @@ pub struct Tracee {
     syscall_insn: Option<u64>,
     /// The slot of our resume stub this invocation uses (see `stub.rs`), once known.
     stub: Option<stub::Slot>,
+    /// This invocation created the stub's area (see [`Tracee::remove_stub_if_created`]).
+    stub_created: bool,
     trap_hook: Option<TrapHook>,
     /// Number of int3 traps redirected by the hook (for reporting).
     pub traps_handled: usize,
@@ -129,6 +131,7 @@ impl Tracee {
             threads: BTreeMap::new(),
             syscall_insn: None,
             stub: None,
+            stub_created: false,
             trap_hook: None,
             traps_handled: 0,
             detached: false,
@@ -555,11 +558,32 @@ impl Tracee {
                         err: io::Error::from_raw_os_error(-r as i32),
                     });
                 }
+                self.stub_created = true;
                 stub::install(&self.mem, r as u64)?
             }
         };
         self.stub = Some(slot);
         Ok(slot)
+    }
+
+    /// Unmaps the stub's area if this invocation created it: an operation that failed leaves
+    /// the process as it was. Like its creation, the `munmap` runs unguarded (the `syscall`
+    /// of the area cannot unmap the code that follows it).
+    pub fn remove_stub_if_created(&mut self) {
+        let Some(slot) = self.stub.filter(|_| self.stub_created) else {
+            return;
+        };
+        let (Some(insn), Ok(tid)) = (self.syscall_insn, self.stopped_thread()) else {
+            return;
+        };
+        let args = [slot.area(), stub::AREA_LEN, 0, 0, 0, 0];
+        if self
+            .run_syscall_on(tid, insn, None, libc::SYS_munmap, args)
+            .is_ok_and(|r| r == 0)
+        {
+            self.stub = None;
+            self.stub_created = false;
+        }
     }
 
     /// Runs system call `nr` on the stopped thread `tid` through the `syscall` at `insn`;
@@ -920,42 +944,63 @@ impl Tracee {
         self.detached = true;
         let mut first_err = None;
         for tid in self.threads() {
-            let t = self.threads.get(&tid).map(|t| t.stopped).unwrap_or(true);
-            let mut sig = 0;
-            if !t {
-                if ptrace::interrupt(tid).is_err() {
-                    continue;
-                }
-                match self.wait_for(tid) {
-                    Ok(WaitStatus::Signal(s)) => sig = s,
-                    Ok(WaitStatus::Gone) | Err(_) => sig = -1,
-                    Ok(_) => {}
-                }
-                if sig < 0 {
-                    continue;
-                }
-            }
-            if let Err(e) = self.fix_restart(tid) {
+            if let Err(e) = self.detach_thread(tid) {
                 first_err.get_or_insert(e);
-            }
-            let deferred = self
-                .threads
-                .get_mut(&tid)
-                .map(|t| std::mem::take(&mut t.deferred))
-                .unwrap_or_default();
-            for s in deferred {
-                // SAFETY: tgkill only sends a signal to a thread of the target.
-                unsafe {
-                    libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
-                }
-            }
-            if let Err(e) = ptrace::detach(tid, sig) {
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    first_err.get_or_insert(ProcessError::from_ptrace("DETACH", self.pid, tid, e));
-                }
             }
         }
         self.threads.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Detaches one thread (stopping it first when it runs), its held-back signals re-queued.
+    fn detach_thread(&mut self, tid: i32) -> Result<()> {
+        let stopped = self.threads.get(&tid).map(|t| t.stopped).unwrap_or(true);
+        let mut sig = 0;
+        if !stopped {
+            if ptrace::interrupt(tid).is_err() {
+                return Ok(());
+            }
+            match self.wait_for(tid) {
+                Ok(WaitStatus::Signal(s)) => sig = s,
+                Ok(WaitStatus::Gone) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            }
+        }
+        let mut first_err = self.fix_restart(tid).err();
+        let deferred = self
+            .threads
+            .get_mut(&tid)
+            .map(|t| std::mem::take(&mut t.deferred))
+            .unwrap_or_default();
+        for s in deferred {
+            // SAFETY: tgkill only sends a signal to a thread of the target.
+            unsafe {
+                libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
+            }
+        }
+        if let Err(e) = ptrace::detach(tid, sig) {
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                first_err.get_or_insert(ProcessError::from_ptrace("DETACH", self.pid, tid, e));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Makes a tracee of every thread ([`Tracee::attach_rest`]) a single-thread one again:
+    /// every thread but one stopped thread (the one borrowed so far) is detached.
+    pub fn keep_one(&mut self) -> Result<()> {
+        let keep = self.stopped_thread()?;
+        let mut first_err = None;
+        for tid in self.threads() {
+            if tid == keep {
+                continue;
+            }
+            if let Err(e) = self.detach_thread(tid) {
+                first_err.get_or_insert(e);
+            }
+            self.threads.remove(&tid);
+        }
+        self.single = true;
         first_err.map_or(Ok(()), Err)
     }
 }

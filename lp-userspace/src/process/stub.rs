@@ -84,6 +84,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// The area the slot belongs to.
+    pub fn area(&self) -> u64 {
+        self.area
+    }
+
     fn code(&self) -> u64 {
         self.area + CODE_START + self.index * SLOT_CODE
     }
