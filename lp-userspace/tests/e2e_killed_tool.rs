@@ -111,7 +111,16 @@ fn e2e_kill_9_in_a_nonstop_membarrier_leaves_the_target_running() {
             "the target died when the tool was killed at {point}"
         );
         target.expect_steady(3, |l| l == "value=42");
+        // The switch was marked in the state before its first int3 (review L5).
+        assert_eq!(unfinished(&pid).as_deref(), Some("applying"), "{point}");
     }
+    // The next apply takes the half-switched patch out (int3s included), then applies.
+    livepatch_ok(&["apply", &pid, &patch]);
+    assert_eq!(unfinished(&pid), None);
+    assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 1);
+    target.expect_steady(3, |l| l == "value=1041");
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(3, |l| l == "value=42");
 }
 
 #[test]

@@ -526,7 +526,7 @@ impl Tracee {
             return Ok(s);
         }
         let slot = match stub::locate(self.pid, &self.mem) {
-            Some(area) => stub::take_slot(self.pid, &self.mem, area)?,
+            Some(area) => stub::take_slot(&self.mem, area)?,
             None => {
                 let insn = match self.syscall_insn {
                     Some(a) => a,
@@ -602,7 +602,7 @@ impl Tracee {
         }
         self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
         if guard.is_some() {
-            stop_point::reached_with("remote-syscall", &nr.to_string());
+            stop_point::reached_with("remote-syscall", nr);
         }
         let stepped = self.step_past(tid, insn, &mut saved, guard);
         // Restore whatever happened: the thread must continue exactly where it was (or where

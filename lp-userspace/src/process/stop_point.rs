@@ -37,11 +37,12 @@ pub fn reached(point: &str) {
 
 /// [`reached`], where [`VAR`] may also name the point as `POINT.DETAIL` (for a remote system
 /// call, DETAIL is its number: `remote-syscall.324` is a membarrier).
-pub fn reached_with(point: &str, detail: &str) {
+pub fn reached_with(point: &str, detail: impl std::fmt::Display) {
     static SEEN: AtomicUsize = AtomicUsize::new(0);
     let Some((want, nth)) = wanted() else {
         return;
     };
+    let detail = detail.to_string();
     let named = want == point
         || (!detail.is_empty()
             && want

@@ -25,9 +25,12 @@
 //! cannot itself be guarded (nothing of ours exists yet): that single `mmap` is the only
 //! remote call in a process's life whose interruption by a killed tool is fatal.
 //!
-//! Slots: a thread orphaned by a killed tool may still be blocked in its slot's system call
-//! when the next invocation starts; each invocation takes the slot after the previous one's
-//! and skips a slot some thread is blocked in.
+//! Slots: a thread orphaned by a killed tool still reads its slot until it has reloaded its
+//! context: while it finishes our system call (none of ours blocks for long: mmap, mprotect,
+//! munmap, memfd_create, ftruncate, close, rt_sigaction, membarrier) or our function call. Each
+//! invocation takes the slot after the previous one's (a counter in the area), so that slot is
+//! rewritten only after eight more invocations. (Checking each thread's /proc/PID/task/TID/
+//! syscall instead costs a file read per thread on every invocation.)
 
 use super::error::Result;
 use super::mem::Memory;
@@ -183,19 +186,9 @@ pub fn locate(pid: i32, mem: &Memory) -> Option<u64> {
     })
 }
 
-/// Takes the slot after the one the previous invocation took, skipping any slot a thread of
-/// `pid` is blocked in (orphaned there by a killed tool), and records it as taken.
-pub fn take_slot(pid: i32, mem: &Memory, area: u64) -> Result<Slot> {
-    let last = mem.read_u64(area + COUNTER)?;
-    let busy: Vec<u64> = blocked_pcs(pid)
-        .into_iter()
-        .filter(|&pc| pc >= area + CODE_START && pc < area + PAGE)
-        .map(|pc| (pc - area - CODE_START) / SLOT_CODE)
-        .collect();
-    let index = (1..=SLOTS as u64)
-        .map(|i| (last + i) % SLOTS as u64)
-        .find(|i| !busy.contains(i))
-        .unwrap_or((last + 1) % SLOTS as u64);
+/// Takes the slot after the one the previous invocation took, and records it as taken.
+pub fn take_slot(mem: &Memory, area: u64) -> Result<Slot> {
+    let index = (mem.read_u64(area + COUNTER)? + 1) % SLOTS as u64;
     mem.write(area + COUNTER, &index.to_le_bytes())?;
     Ok(Slot { area, index })
 }
@@ -204,21 +197,6 @@ pub fn take_slot(pid: i32, mem: &Memory, area: u64) -> Result<Slot> {
 pub fn install(mem: &Memory, area: u64) -> Result<Slot> {
     mem.write(area, &code_page(area))?;
     Ok(Slot { area, index: 0 })
-}
-
-/// Where the threads of `pid` that are blocked in a system call will resume.
-fn blocked_pcs(pid: i32) -> Vec<u64> {
-    super::observe::tasks(pid)
-        .into_iter()
-        .filter_map(|tid| {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
-            let fields: Vec<&str> = text.split_whitespace().collect();
-            if fields.len() < 9 || fields[0].parse::<i64>().ok()? < 0 {
-                return None;
-            }
-            u64::from_str_radix(fields.last()?.trim_start_matches("0x"), 16).ok()
-        })
-        .collect()
 }
 
 /// The code page of an area at `area`: magic, counter (0), then every slot's code.
