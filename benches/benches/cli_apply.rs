@@ -3,13 +3,17 @@
 //! What an operator sees: the wall time of `livepatch apply PID PATCH` and `livepatch revert
 //! PID`, each a new process (no module cache, nothing parsed yet), stop mode, on the target of
 //! `process_patch.rs` (8 threads calling the 10 patched functions and sleeping 50 µs per loop
-//! iteration) with its 10-function patch. Timed from spawn to exit. Each round runs the plain
-//! commands and the same with `--boost` (the tool at nice -20) back to back, alternating which
-//! goes first. Also shown: the wall time of `livepatch --version` (exec, dynamic loading and
-//! exit of the binary: the floor), and the `total` and `stall` the tool itself reports.
+//! iteration) with its 10-function patch. Timed from spawn to exit. Each round runs, in a
+//! rotating order: the statically linked binary plain and with `--boost` (the tool at nice
+//! -20), and the default (dynamically linked) build plain. Also shown: the wall time of
+//! `livepatch --version` of both builds (exec, loading and exit of the binary: the floor), and
+//! the `total` and `stall` the tool itself reports.
 //!
-//! Run: `cargo bench -p lp-benches --bench cli_apply` (root; gcc needed). It builds the release
-//! `livepatch` binary first (`cargo build --release -p lp-userspace`), or uses `LIVEPATCH_BIN`.
+//! Run: `cargo bench -p lp-benches --bench cli_apply` (root; gcc needed). It builds both
+//! `livepatch` binaries first — `cargo build --release -p lp-userspace` and the static one
+//! (`--target x86_64-unknown-linux-gnu` with `-C target-feature=+crt-static`, as the README
+//! says to build it; a no-op when up to date) — or uses `LIVEPATCH_BIN` (static) and
+//! `LIVEPATCH_DYNAMIC_BIN`.
 //! `CLI_BENCH_RT=1` runs each `livepatch` under `chrt -f 50` (see `timed`).
 //! `LIVEPATCH_BASELINE_BIN=PATH` also runs another build (e.g. an older commit's, built into
 //! another target directory) plain in every round, interleaved: before/after on the same load.
@@ -59,14 +63,23 @@ int main(int argc, char **argv) {
 
 const ROUNDS: usize = 30;
 
-/// The release `livepatch` binary, built now (a no-op when it is up to date).
-fn livepatch_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIVEPATCH_BIN") {
-        return PathBuf::from(p);
-    }
+/// The target triple the static binary is built for (host artifacts, such as proc macros,
+/// must stay dynamic: with an explicit `--target` the flags below apply only to this one).
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The release `livepatch` binaries, built now (a no-op when up to date): (static, dynamic).
+fn livepatch_bins() -> (PathBuf, PathBuf) {
+    // This bench runs from <target>/release/deps/.
+    let exe = std::env::current_exe().expect("own path");
+    let target_dir = exe
+        .ancestors()
+        .nth(3)
+        .expect("<target>/release/deps/<bench>")
+        .to_path_buf();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let ok = Command::new(cargo)
-        .args([
+    let build = |extra: &[&str], rustflags: Option<&str>| {
+        let mut c = Command::new(&cargo);
+        c.args([
             "build",
             "--release",
             "-p",
@@ -74,19 +87,34 @@ fn livepatch_bin() -> PathBuf {
             "--bin",
             "livepatch",
         ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "cargo build --release -p lp-userspace failed");
-    // This bench runs from <target>/release/deps/.
-    let exe = std::env::current_exe().expect("own path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/release")
-        .join("livepatch");
-    assert!(bin.exists(), "{} not built", bin.display());
-    bin
+        .args(extra);
+        if let Some(f) = rustflags {
+            c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", f);
+        }
+        let ok = c.status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "cargo build {extra:?} of livepatch failed");
+    };
+    let dynamic = match std::env::var_os("LIVEPATCH_DYNAMIC_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            build(&[], None);
+            target_dir.join("release/livepatch")
+        }
+    };
+    let fixed = match std::env::var_os("LIVEPATCH_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            build(
+                &["--target", STATIC_TARGET],
+                Some("-C target-feature=+crt-static"),
+            );
+            target_dir.join(STATIC_TARGET).join("release/livepatch")
+        }
+    };
+    for b in [&fixed, &dynamic] {
+        assert!(b.exists(), "{} not built", b.display());
+    }
+    (fixed, dynamic)
 }
 
 /// The 8-thread target, running.
@@ -217,7 +245,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let bin = livepatch_bin();
+    let (bin, dynamic_bin) = livepatch_bins();
     let dir: PathBuf = build_fixture("cli-bench", FUNCS, TARGET);
     let d = |n: &str| dir.join(n).display().to_string();
     let patch = d("patch.lp");
@@ -247,39 +275,53 @@ fn main() {
     let t = start_target(&dir.join("target"));
     let pid = t.child.id().to_string();
     println!(
-        "cli_apply: fresh `livepatch` processes, stop mode, 10-function patch, 8-thread target, {ROUNDS} rounds ({}{})",
+        "cli_apply: fresh `livepatch` processes, stop mode, 10-function patch, 8-thread target, {ROUNDS} rounds (static {}, dynamic {}{})",
         bin.display(),
+        dynamic_bin.display(),
         if realtime() { ", under chrt -f 50" } else { "" }
     );
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("  load average at start: {}", load().trim());
-    // One unmeasured round: the files are in the page cache afterwards, as on a server
-    // where the target runs (its libraries are mapped, so cached).
-    timed(&bin, &["apply", &pid, &patch]);
-    timed(&bin, &["revert", &pid]);
-    let mut version = vec![];
-    let (mut plain, mut boosted) = (Figures::default(), Figures::default());
+    // One unmeasured round per binary: the files are in the page cache afterwards, as on a
+    // server where the target runs (its libraries are mapped, so cached).
+    for b in [&bin, &dynamic_bin] {
+        timed(b, &["apply", &pid, &patch]);
+        timed(b, &["revert", &pid]);
+    }
+    let (mut version, mut dynamic_version) = (vec![], vec![]);
+    let (mut plain, mut boosted, mut dynamic) =
+        (Figures::default(), Figures::default(), Figures::default());
     let mut baseline = Figures::default();
     for round in 0..ROUNDS {
         version.push(ms(timed(&bin, &["--version"]).0));
+        dynamic_version.push(ms(timed(&dynamic_bin, &["--version"]).0));
         if let Some(b) = &baseline_bin {
             baseline.round(b, &pid, &baseline_patch, &[]);
         }
-        if round % 2 == 0 {
-            plain.round(&bin, &pid, &patch, &[]);
-            boosted.round(&bin, &pid, &patch, &["--boost"]);
-        } else {
-            boosted.round(&bin, &pid, &patch, &["--boost"]);
-            plain.round(&bin, &pid, &patch, &[]);
+        // Rotate the order: whoever runs first after the `--version`s is not always the same.
+        for i in 0..3 {
+            match (round + i) % 3 {
+                0 => plain.round(&bin, &pid, &patch, &[]),
+                1 => boosted.round(&bin, &pid, &patch, &["--boost"]),
+                _ => dynamic.round(&dynamic_bin, &pid, &patch, &[]),
+            }
         }
     }
     println!("  load average at end:   {}", load().trim());
-    println!("  livepatch --version (exec floor): {}", summary(version));
+    println!(
+        "  livepatch --version (exec floor): static {}",
+        summary(version)
+    );
+    println!(
+        "                                   dynamic {}",
+        summary(dynamic_version)
+    );
     if let Some(b) = &baseline_bin {
         baseline.print(&format!("baseline {}, plain", b.display()));
     }
-    plain.print("plain");
-    boosted.print("--boost (the tool at nice -20)");
+    plain.print("plain (static build)");
+    boosted.print("--boost (static build, the tool at nice -20)");
+    dynamic.print("plain (default dynamic build)");
     drop(t);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -125,14 +125,16 @@ pub fn trampoline_frames(
 /// Before the switch, once the patch code is written (nothing runs it yet): registers the
 /// patch (`image`, as written at its load address; its thunks among `functions`, its
 /// trampolines' CFI in `trampolines`; the patch memory ends at `code_end`) with the C++
-/// runtime. Registration must precede the switch: the first call of a new function may throw.
+/// runtime of the process (found among its `mappings`, read earlier by the apply). Registration must precede the switch: the first call of a new function may throw.
 /// The record goes into the in-target state with the patch, with the gdb command that
 /// [`after_switch`] makes work; [`undo`] withdraws it when the switch fails.
 ///
 /// Errors only when the target has libgcc's unwinder and it could not be told about the new
 /// code (an exception through it would terminate the process): the apply is then refused.
+#[allow(clippy::too_many_arguments)]
 pub fn before_switch(
     t: &mut Tracee,
+    mappings: &[crate::maps::Mapping],
     patch: &Patch,
     functions: &[AppliedFunction],
     image: &LinkedImage,
@@ -142,7 +144,7 @@ pub fn before_switch(
     let pid = t.pid();
     let mut record = describe(image);
     let thunk_cfi = write_stub_cfi(t, functions, trampolines, code_end, &mut record);
-    if let Some(register) = unwinder_function(pid, "__register_frame") {
+    if let Some(register) = unwinder_function(pid, mappings, "__register_frame") {
         register_frames(t, image, &mut record, register, thunk_cfi).map_err(|e| {
             Error::Other(format!(
                 "cannot register the patch's unwind information in process {pid} (a C++ exception through the new code would terminate it): {e}"
@@ -333,10 +335,10 @@ fn gdb_script_header(pid: i32) -> String {
 }
 
 /// The address of `name` exported by the target's libgcc_s (or by the executable, when it
-/// carries libgcc statically). `None`: the target has no C++-style unwinder to inform.
-fn unwinder_function(pid: i32, name: &str) -> Option<u64> {
-    let mappings = crate::maps::read(pid).ok()?;
-    let modules = crate::maps::modules(&mappings);
+/// carries libgcc statically), among the process's `mappings`. `None`: the target has no
+/// C++-style unwinder to inform.
+fn unwinder_function(pid: i32, mappings: &[crate::maps::Mapping], name: &str) -> Option<u64> {
+    let modules = crate::maps::modules(mappings);
     let file_name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
     let mut candidates: Vec<_> = modules
         .iter()
@@ -409,7 +411,8 @@ fn undo_frames(t: &mut Tracee, r: &DebugRecord) -> bool {
     if frames.is_empty() {
         return true;
     }
-    let Some(func) = unwinder_function(t.pid(), "__deregister_frame") else {
+    let mappings = crate::maps::read(t.pid()).unwrap_or_default();
+    let Some(func) = unwinder_function(t.pid(), &mappings, "__deregister_frame") else {
         warn("libgcc_s is gone: the patch's unwind information stays registered, memory kept");
         return false;
     };

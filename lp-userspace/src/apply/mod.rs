@@ -98,12 +98,17 @@ const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
 pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
-    modules::warm_up(pid);
-    crate::process::with_tracer_thread(|| apply_here(pid, patch, opts))
+    let warm = modules::warm_up(pid);
+    crate::process::with_tracer_thread(|| apply_here(pid, patch, opts, warm))
 }
 
 /// [`apply`] on the calling thread, which must exit afterwards (see `with_tracer_thread`).
-fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
+fn apply_here(
+    pid: i32,
+    patch: &Patch,
+    opts: ApplyOptions,
+    warm: modules::WarmUp,
+) -> Result<Applied, Error> {
     let t0 = Instant::now();
     let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
     let phase = |what: &str| {
@@ -115,7 +120,11 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
         }
     };
     // 1. Read-only checks.
+    // The one read of /proc/PID/maps for this apply (it costs tens of microseconds of the
+    // target's kernel time, and more for processes with many mappings). Mappings change while
+    // the threads run; each use copes with a stale one: see `map_near` and `before_switch`.
     let target = target::locate(pid, patch)?;
+    warm.mappings(&target.mappings);
     phase("located");
     // Attach first: ptrace admits one tracer, so from here on no other livepatch changes this
     // process, and the state and bytes read below stay true until we write. (Seizing does not
@@ -219,6 +228,7 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     phase("trampoline CFI");
     let debug = match debug_info::before_switch(
         &mut t,
+        &target.mappings,
         patch,
         &functions,
         &image,
@@ -332,12 +342,30 @@ fn apply_here(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Er
     })
 }
 
-/// Maps `len` bytes of read-write anonymous memory within reach of the target module.
+/// Maps `len` bytes of read-write anonymous memory within reach of the target module, in a
+/// gap of the mappings `locate` read. A mapping made since then may fill that gap: the kernel
+/// then refuses (`MAP_FIXED_NOREPLACE`), and the place is chosen again from fresh mappings.
 fn map_near(t: &mut Tracee, target: &target::LoadedTarget, len: u64) -> Result<u64, Error> {
-    let mappings = crate::maps::read(t.pid())?;
+    match map_in_gap(t, target, &target.mappings, len) {
+        Err(Error::Process(crate::process::ProcessError::RemoteSyscall { err, .. }))
+            if err.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            let fresh = crate::maps::read(t.pid())?;
+            map_in_gap(t, target, &fresh, len)
+        }
+        r => r,
+    }
+}
+
+fn map_in_gap(
+    t: &mut Tracee,
+    target: &target::LoadedTarget,
+    mappings: &[crate::maps::Mapping],
+    len: u64,
+) -> Result<u64, Error> {
     let lo = target.module.start();
     let hi = target.module.end();
-    let addr = crate::maps::find_free_near(&mappings, lo, hi, len).ok_or_else(|| {
+    let addr = crate::maps::find_free_near(mappings, lo, hi, len).ok_or_else(|| {
         Error::Unsupported(format!(
             "no free address space within 2 GiB of {}",
             target.module.path

@@ -127,17 +127,21 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 ///   [`super::iced_tables`]) only when it reaches its first decode or encode before they are
 ///   done.
 /// - every executable module of `pid` is opened (mapped, headers read: no symbols, no CFI),
-///   so that an unwind during the stop that reaches one finds it in the cache.
+///   so that an unwind during the stop that reaches one finds it in the cache. The modules
+///   are those of the mappings handed over with [`WarmUp::mappings`] (the tracer reads them
+///   anyway: one read of /proc/PID/maps less), or read here when the handle is dropped
+///   without.
 /// - then the gdb files of processes that are gone are removed from /tmp.
-pub(crate) fn warm_up(pid: i32) {
+pub(crate) fn warm_up(pid: i32) -> WarmUp {
     let tables = iced_tables::claim();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Mapping>>(1);
     let spawned = std::thread::Builder::new()
         .name("livepatch-warm".into())
         .spawn(move || {
             if tables {
                 iced_tables::build_claimed(Tables::All);
             }
-            if let Ok(mappings) = maps::read(pid) {
+            if let Some(mappings) = rx.recv().ok().or_else(|| maps::read(pid).ok()) {
                 for m in maps::modules(&mappings) {
                     if m.exec_ranges().next().is_some() && !m.path.starts_with("/memfd:") {
                         let _ = open(&m.open_path(pid));
@@ -149,6 +153,19 @@ pub(crate) fn warm_up(pid: i32) {
         });
     if spawned.is_err() && tables {
         iced_tables::unclaim();
+    }
+    WarmUp { mappings: tx }
+}
+
+/// The warm-up thread started by [`warm_up`], waiting for the process's mappings.
+pub(crate) struct WarmUp {
+    mappings: std::sync::mpsc::SyncSender<Vec<Mapping>>,
+}
+
+impl WarmUp {
+    /// Hands the warm-up thread the process's mappings, read by the caller.
+    pub(crate) fn mappings(self, mappings: &[Mapping]) {
+        let _ = self.mappings.send(mappings.to_vec());
     }
 }
 
