@@ -12,20 +12,12 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // One malloc arena for every thread. glibc gives each new thread an arena of its own, and
-    // a thread arena grows one page per `mprotect` with no padding: building iced-x86's
-    // instruction tables on apply's warm-up thread (thousands of small boxes) cost ~250 system
-    // calls and about twice the CPU time it takes on the main arena (2.3 vs 1.1 ms median,
-    // measured). `apply` now has them built on this thread first (cli.rs), but the warm-up and
-    // tracer threads still allocate (modules, unwinders): 1.1 ms less CPU per apply measured
-    // with one arena, wall time the same. A MALLOC_ARENA_MAX in the environment (glibc reads
-    // it at start-up) is left to rule.
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a malloc parameter; called before any thread is started.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
-    }
+    // No `M_ARENA_MAX=1` (session 3 set it): an apply now builds iced-x86's tables on this
+    // thread, in the main arena, while the tracer thread works, and with one arena for all
+    // threads the tracer queued for the arena lock behind those thousands of allocations
+    // (strace of one apply: 98 futex calls, ~15 waits of 0.1-0.6 ms; 26 with an arena per
+    // thread, for 11 more `mprotect`s growing the tracer's arena). A MALLOC_ARENA_MAX in the
+    // environment still rules (glibc reads it at start-up).
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -7,12 +7,13 @@
 //! builds it burns its CPU until the builder is done, and on two CPUs shared with the target
 //! that spinner may be what keeps the builder from running.
 //!
-//! So an apply starts a builder thread ([`claim`], [`build_claimed`]) before its tracer thread
-//! attaches — reading maps, ELF headers, the state and the old bytes needs no table — and
-//! the tracer, before its first decode ([`need`]`(`[`Tables::Decoder`]`)`) and its first
-//! encode ([`Tables::All`]), sleeps on a condition variable until the builder got that far,
-//! instead of spinning. Without a builder (a stop-mode revert, `pack`, a library caller that
-//! did not start one) whoever needs a table first builds it in place.
+//! So an apply has its calling thread build them ([`claim`], then [`build_claimed`]) while its
+//! tracer thread locates the module, attaches and reads the state and the old bytes (no table
+//! needed), and the tracer, before its first decode ([`need`]`(`[`Tables::Decoder`]`)`) and its
+//! first encode ([`Tables::All`]), sleeps on a condition variable until the builder got that
+//! far, instead of spinning. A nonstop revert's warm-up thread builds them the same way. Without
+//! a builder (a stop-mode revert, `pack`, a library caller) whoever needs a table first builds
+//! it in place.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 

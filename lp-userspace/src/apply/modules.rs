@@ -133,7 +133,17 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 ///   without.
 /// - then the gdb files of processes that are gone are removed from /tmp.
 pub(crate) fn warm_up(pid: i32) -> WarmUp {
-    let tables = iced_tables::claim();
+    spawn_warm_up(pid, iced_tables::claim())
+}
+
+/// [`warm_up`] without the tables: for a caller that builds them on its own thread meanwhile
+/// (apply, see there).
+pub(crate) fn warm_up_modules(pid: i32) -> WarmUp {
+    spawn_warm_up(pid, false)
+}
+
+/// The warm-up thread; `tables`: this thread has claimed the building of iced's tables.
+fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Mapping>>(1);
     let spawned = std::thread::Builder::new()
         .name("livepatch-warm".into())
