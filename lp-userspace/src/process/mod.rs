@@ -1009,15 +1009,26 @@ impl Tracee {
 /// when `f` returns, so that the kernel detaches every thread still traced by it. Returns only
 /// once that detach has happened: the next tracer (another apply, gdb) can attach at once.
 pub fn with_tracer_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    with_tracer_thread_while(f, || {})
+}
+
+/// [`with_tracer_thread`], running `meanwhile` on the calling thread while the tracer thread
+/// works (instead of a thread of its own that only waits).
+pub fn with_tracer_thread_while<T: Send>(
+    f: impl FnOnce() -> T + Send,
+    meanwhile: impl FnOnce(),
+) -> T {
     let (result, tracer_tid) = std::thread::scope(|s| {
-        std::thread::Builder::new()
+        let tracer = std::thread::Builder::new()
             .name("livepatch-tracer".into())
             .spawn_scoped(s, || {
                 // SAFETY: gettid has no arguments and cannot fail.
                 let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
                 (f(), tid)
             })
-            .expect("spawn tracer thread")
+            .expect("spawn tracer thread");
+        meanwhile();
+        tracer
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     });
