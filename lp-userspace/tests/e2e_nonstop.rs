@@ -340,3 +340,109 @@ fn e2e_nonstop_finishes_the_switch_in_children_forked_meanwhile() {
     assert!(bad.is_empty(), "children that did not end well: {bad:?}");
     assert!(target.alive());
 }
+
+/// Runs `livepatch args...` until it stops itself at `point` (its `LIVEPATCH_DEBUG_STOP`
+/// hook), calls `while_stopped`, then SIGKILLs it.
+fn kill_tool_at(args: &[&str], point: &str, while_stopped: impl FnOnce()) {
+    use std::io::BufRead;
+    let mut tool = std::process::Command::new(livepatch_bin())
+        .args(args)
+        .env("LIVEPATCH_DEBUG_STOP", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(tool.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
+        if line.starts_with("livepatch: debug: stopped at") {
+            break;
+        }
+        seen.push(line);
+    }
+    // The line comes right before the tool stops itself: wait for the stop.
+    let stat = format!("/proc/{}/stat", tool.id());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not stopped at {point}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    while_stopped();
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+}
+
+fn tasks(pid: &str) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The tool killed (SIGKILL) inside a nonstop switch's int3 window, at each of its three
+/// syncs, again and again, with 4 threads calling the function being switched: the target
+/// keeps running and every call returns the old or the new value (the fixture aborts
+/// otherwise; int3s left in place are handled inside the target); the sync agent, a thread of
+/// ours in the target, exits by itself (the thread list is the program's own again); no thread
+/// is left with another scheduling policy; and the next livepatch finishes the job.
+#[test]
+fn e2e_nonstop_tool_killed_inside_the_window_leaves_the_target_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["stress.c"], "stress", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &["4"]);
+    let pid = target.pid();
+    let threads = tasks(&pid);
+    assert_eq!(threads.len(), 5);
+    for round in 0..3 {
+        for point in ["nonstop-sync:1", "nonstop-sync:2", "nonstop-sync:3"] {
+            kill_tool_at(&["apply", &pid, &patch, "--mode", "nonstop"], point, || {
+                // The sync agent runs in the target: one thread more.
+                assert_eq!(tasks(&pid).len(), threads.len() + 1, "{point}: no agent");
+            });
+            assert!(
+                target.alive(),
+                "round {round}: died after a kill at {point}"
+            );
+            // The agent notices within its 10 ms futex timeout and exits.
+            let deadline = std::time::Instant::now() + PATIENCE;
+            while tasks(&pid) != threads {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}, {point}: threads {:?}, not {threads:?}",
+                    tasks(&pid)
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for tid in &threads {
+                // SAFETY: a plain system call on a thread id.
+                let policy = unsafe { libc::sched_getscheduler(*tid) };
+                assert_eq!(policy, libc::SCHED_OTHER, "thread {tid} after {point}");
+            }
+            // Still computing, right (two more reports).
+            let mark = target.count();
+            target.wait_line_after(mark + 1, |l| l.starts_with("old="));
+            // The next livepatch takes the half-done switch out and applies; then reverts.
+            livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+            let mark = target.count();
+            let new0 = num(&target.wait_line_after(mark, |_| true), "new");
+            target.wait_line_after(mark + 1, |l| num(l, "new") > new0);
+            livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+            assert!(target.alive(), "round {round}: died after {point}");
+        }
+    }
+}

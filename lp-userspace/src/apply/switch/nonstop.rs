@@ -18,6 +18,8 @@
 //! Nothing here stops, seizes or signals the other threads: what the tool needs to know about
 //! them (blocked or running, CPU time consumed, SIGTRAP pending) comes from /proc.
 
+mod sync_agent;
+
 use super::trap_handler as th;
 use super::{verify_expected, Error, SiteSwitch, SwitchStats};
 use crate::process::observe::{self, Activity};
@@ -30,12 +32,13 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use sync_agent::SyncAgent;
 
 /// Name of the memfd holding the handler. The layout has a version in the name: an area of an
-/// earlier layout (`livepatch-trap`: without the threads' trap records) is not reused — a new
-/// one is made beside it. If the earlier handler is still the SIGTRAP action (its switch could
+/// earlier layout (`livepatch-trap`: without the threads' trap records and the sync agent) is
+/// not reused — a new one is made beside it. If the earlier handler is still the SIGTRAP action (its switch could
 /// not restore the action), ours simply chains to it like to any action of the process.
-const AREA_NAME: &str = "livepatch-trap.2";
+const AREA_NAME: &str = "livepatch-trap.3";
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
@@ -192,11 +195,23 @@ pub(crate) fn run(
     let was_installed = installed.is_ok();
     // Before the first int3: the membarrier registration (slow the first time in a process)
     // and the last look at the threads' signal masks. A failure there has nothing to undo.
+    // The sync agent is started then too (the borrowed thread has just made a remote call);
+    // without it, the syncs go through ptrace.
+    let mut agent = None;
+    let mut held = Vec::new();
     let ready = installed
         .and_then(|()| Ok(t.register_sync_cores()?))
-        .and_then(|()| wait_sigtrap_unblocked(t.pid(), &t.threads()));
+        .and_then(|()| {
+            agent = SyncAgent::start(t, area.code, &mut held);
+            trace(
+                &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
+                t0,
+            );
+            wait_sigtrap_unblocked(t.pid(), &skipped(t, &agent))
+        });
     let wrote = ready.is_ok();
-    let mut result = ready.and_then(|()| steps(t, sites, &area, &phase, timeout, commit));
+    let mut result =
+        ready.and_then(|()| steps(t, sites, &area, &phase, &mut agent, timeout, commit));
     let mut kept = false;
     if !matches!(
         result,
@@ -206,12 +221,14 @@ pub(crate) fn run(
         if result.is_err() && was_installed && wrote {
             // Put every site back with the same protocol: trapping threads run what the
             // restored bytes run.
-            let rolled = rollback(t, sites, &area, &phase);
+            let rolled = rollback(t, sites, &area, &phase, &mut agent);
             if let Err(e) = rolled {
                 result = Err(e);
                 settled_bytes = false;
             }
         }
+        // No sync is left: the agent exits (it is waited for).
+        drop(agent.take());
         drop(boost);
         if was_installed && settled_bytes {
             finish_children(t.pid(), forks_before, sites, result.is_ok());
@@ -233,6 +250,15 @@ pub(crate) fn run(
         }
     }
     t.set_trap_hook(None);
+    // Signals the borrowed thread was about to take while it started the agent: queued to it
+    // again now (not earlier: a SIGTRAP pending there would hold the uninstall up), taken when
+    // it runs its own code again.
+    for (tid, sig) in held {
+        // SAFETY: tgkill only sends a signal to a thread of the target.
+        unsafe {
+            libc::syscall(libc::SYS_tgkill, t.pid(), tid, sig);
+        }
+    }
     result?;
     let hits = area.read_u64(t.mem(), th::HITS)?.wrapping_sub(hits0) as usize;
     Ok(SwitchStats {
@@ -594,11 +620,9 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
         .min();
     if let Some(code) = existing {
         let area = Area { code, bank: 0 };
-        let (handler, restorer) = generate(&area)?;
+        let page = generate(&area)?;
         // The code never changes for a given address: check that it is ours, intact.
-        if t.mem().read_vec(code, handler.len())? != handler
-            || t.mem().read_vec(area.restorer(), restorer.len())? != restorer
-        {
+        if t.mem().read_vec(code, page.len())? != page {
             return Err(Error::Mismatch(format!(
                 "the livepatch trap handler of process {} at {code:#x} was changed by someone else",
                 t.pid()
@@ -608,11 +632,10 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
     }
     let code = t.map_memfd(AREA_NAME, th::AREA_LEN)?;
     let area = Area { code, bank: 0 };
-    let (handler, restorer) = generate(&area)?;
+    let page = generate(&area)?;
     // Written while the page is still writable: /proc/PID/mem cannot force a write into a
     // shared mapping that is not.
-    t.mem().write(code, &handler)?;
-    t.mem().write(area.restorer(), &restorer)?;
+    t.mem().write(code, &page)?;
     let data = area.data();
     t.mem()
         .write(data + th::TRAP_SET, &(1u64 << (SIGTRAP - 1)).to_le_bytes())?;
@@ -627,8 +650,18 @@ fn is_area_line(line: &str) -> bool {
         .is_some_and(|(_, name)| name.trim_end().trim_end_matches(" (deleted)") == AREA_NAME)
 }
 
-fn generate(area: &Area) -> Result<(Vec<u8>, Vec<u8>), Error> {
-    th::generate(area.code).map_err(|e| Error::Other(format!("trap handler: {e}")))
+/// The code page's bytes (up to the end of its last piece): the handler, the restorer and the
+/// sync agent, each at its offset.
+fn generate(area: &Area) -> Result<Vec<u8>, Error> {
+    let err = |e: iced_x86::IcedError| Error::Other(format!("trap handler: {e}"));
+    let (handler, restorer) = th::generate(area.code).map_err(err)?;
+    let agent = sync_agent::generate(area.code).map_err(err)?;
+    let mut page = vec![0u8; th::AGENT_CODE as usize + agent.len()];
+    page[..handler.len()].copy_from_slice(&handler);
+    let r = th::RESTORER_OFF as usize;
+    page[r..r + restorer.len()].copy_from_slice(&restorer);
+    page[th::AGENT_CODE as usize..].copy_from_slice(&agent);
+    Ok(page)
 }
 
 /// Publishes the sites and their destinations, phase BEFORE, in the bank the handler does not
@@ -1112,6 +1145,7 @@ fn steps(
     sites: &[SiteSwitch],
     area: &Area,
     phase: &Cell<u8>,
+    agent: &mut Option<SyncAgent>,
     timeout: Duration,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<(), Error> {
@@ -1126,10 +1160,10 @@ fn steps(
     let mut settled = false;
     let w0 = Instant::now();
     for i in 0..max_steps {
-        let mut sync = false;
+        let mut needs_sync = false;
         for s in sites {
             match s.plan.steps().get(i) {
-                Some(Step::Sync) => sync = true,
+                Some(Step::Sync) => needs_sync = true,
                 Some(step) => {
                     if let Some((addr, data)) = step.data() {
                         // The last write of a plan (its first byte) goes live only after the
@@ -1145,16 +1179,17 @@ fn steps(
                 None => {}
             }
         }
-        if sync {
+        if needs_sync {
             trace(&format!("step {i} written"), w0);
-            t.sync_cores()?;
+            sync(t, agent)?;
             trace(&format!("step {i} synced"), w0);
             if !settled {
                 // Every int3 is in place and seen: no thread can enter a site any more. One
                 // already past an int3, between the instructions the tail will overwrite,
                 // must leave them first.
                 let s0 = Instant::now();
-                settle(t, sites, area, timeout)?;
+                let skip = skipped(t, agent);
+                settle(t, sites, area, &skip, timeout)?;
                 trace("settled", s0);
                 settled = true;
             }
@@ -1167,12 +1202,41 @@ fn steps(
     commit(t.mem())
 }
 
+/// Makes every thread of the target serialize: through the sync agent when there is one and
+/// it answers, else through ptrace on the borrowed thread.
+fn sync(t: &mut Tracee, agent: &mut Option<SyncAgent>) -> Result<(), Error> {
+    // For the tests of a killed tool: a kill here leaves int3s in place and the agent waiting.
+    crate::process::stop_point::reached("nonstop-sync");
+    if let Some(a) = agent {
+        let t0 = Instant::now();
+        if a.sync() {
+            trace(
+                &format!("agent sync in {} us", t0.elapsed().as_micros()),
+                t0,
+            );
+            return Ok(());
+        }
+        trace("agent sync failed: through ptrace", t0);
+    }
+    Ok(t.sync_cores()?)
+}
+
+/// The threads that are ours rather than the program's for the switch: the borrowed thread
+/// (stopped) and the sync agent.
+fn skipped(t: &Tracee, agent: &Option<SyncAgent>) -> Vec<i32> {
+    let mut v = t.threads();
+    v.extend(agent.as_ref().map(SyncAgent::tid));
+    v
+}
+
 /// Waits until no thread is between the instructions behind an int3 (see [`wait_moved_on`]).
 /// The borrowed thread is stopped: its registers are looked at, and it is stepped out.
+/// `skip`: the borrowed thread and the sync agent.
 fn settle(
     t: &mut Tracee,
     sites: &[SiteSwitch],
     area: &Area,
+    skip: &[i32],
     timeout: Duration,
 ) -> Result<(), Error> {
     let ranges = inner_ranges(sites);
@@ -1208,7 +1272,7 @@ fn settle(
     match wait_moved_on(
         t.mem(),
         t.pid(),
-        &borrowed,
+        skip,
         &ranges,
         deadline,
         SETTLE_POLL,
@@ -1252,24 +1316,25 @@ fn rollback(
     sites: &[SiteSwitch],
     area: &Area,
     phase: &Cell<u8>,
+    agent: &mut Option<SyncAgent>,
 ) -> Result<(), Error> {
     area.set_phase(t.mem(), ROLLBACK)?;
     phase.set(ROLLBACK);
     for s in sites {
         t.mem().write(s.plan.addr(), &[lp_core::site::INT3])?;
     }
-    t.sync_cores()?;
+    sync(t, agent)?;
     // Threads may be inside the bytes of the new jump only at its start: nothing to wait
     // for before the tail (of a jump, or of the original instructions when the int3 step
     // itself failed half-way).
     for s in sites {
         t.mem().write(s.plan.addr() + 1, &s.plan.expected()[1..])?;
     }
-    t.sync_cores()?;
+    sync(t, agent)?;
     for s in sites {
         t.mem().write(s.plan.addr(), &s.plan.expected()[..1])?;
     }
-    t.sync_cores()?;
+    sync(t, agent)?;
     Ok(())
 }
 

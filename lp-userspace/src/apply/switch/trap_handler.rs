@@ -9,8 +9,9 @@
 //! Layout of the in-target area (one memfd mapping, see [`AREA_LEN`]):
 //! - page 0, r-x: the handler at offset 0, the restorer (`mov eax, 15; syscall`) at
 //!   [`RESTORER_OFF`];
-//! - page 1.., rw-: the data below, then the site tables, then (last page) the threads'
-//!   trap records ([`SEEN`]).
+//! - page 1.., rw-: the data below, then the site tables, then the threads' trap records
+//!   ([`SEEN`]), then the sync agent's page ([`AGENT`], see `sync_agent.rs`), whose code sits
+//!   in the code page at [`AGENT_CODE`].
 //!
 //! The handler is written with the data page's absolute address baked in (the area never
 //! moves): `r11` holds it throughout.
@@ -18,11 +19,13 @@
 use iced_x86::code_asm::*;
 
 /// Size of the whole area: one code page and the data pages.
-pub(crate) const AREA_LEN: u64 = 17 * PAGE;
+pub(crate) const AREA_LEN: u64 = 18 * PAGE;
 /// Page size.
 pub(crate) const PAGE: u64 = 4096;
 /// Offset of the restorer in the code page.
 pub(crate) const RESTORER_OFF: u64 = 0x200;
+/// Offset of the sync agent's code in the code page (see `sync_agent.rs`).
+pub(crate) const AGENT_CODE: u64 = 0x240;
 
 // Data page offsets.
 /// Phase index per table bank (u8 at PHASE + bank): which destination column the handler
@@ -65,7 +68,9 @@ pub(crate) const MAX_SITES: usize = ((SEEN - TABLE) / 2 / ENTRY_LEN) as usize;
 /// The threads' trap records, one u64 per slot (thread `tid` at slot `tid % NSEEN`): at each
 /// trap of ours the handler stores `tid << 32 | epoch` (see [`EPOCH`]). A slot shared by two
 /// threads holds the last one's: the other's record is lost, never forged.
-pub(crate) const SEEN: u64 = AREA_LEN - 2 * PAGE;
+pub(crate) const SEEN: u64 = AREA_LEN - 3 * PAGE;
+/// The sync agent's page (its words, the context of the thread that starts it, its stack).
+pub(crate) const AGENT: u64 = AREA_LEN - 2 * PAGE;
 /// Slots of [`SEEN`] (a power of two).
 pub(crate) const NSEEN: u64 = PAGE / 8;
 /// Set in a destination (bit 63: never in a user address): the site is a direct `call`, and

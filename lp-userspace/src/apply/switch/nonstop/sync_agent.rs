@@ -1,0 +1,494 @@
+//! The sync agent: a thread of ours inside the target that runs nonstop mode's syncs
+//! (`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`) on request, for the few milliseconds of a switch.
+//!
+//! Why. A sync run on the borrowed thread through ptrace is two round trips (syscall-entry and
+//! syscall-exit stop), each waiting until that ordinary thread gets a CPU back — behind the
+//! target's threads, which trap on our int3s meanwhile: 40 µs to over 1 ms per sync, three syncs
+//! per switch, all inside the int3 window. The agent waits on a futex in the trap area's memfd,
+//! which the tool maps too (a shared futex: both sides name the same file page); the tool
+//! writes a request word and wakes it, the agent runs the membarrier, publishes the result and
+//! wakes the tool. It runs under SCHED_FIFO (set by the tool; without the privilege it stays an
+//! ordinary thread), so it gets a CPU at once: one wake-up each way.
+//!
+//! Started by the borrowed thread (stopped for us anyway), through a few instructions of ours
+//! in the area's code page: block every signal (the new thread inherits that mask: no handler
+//! of the program ever runs on it — it shares the starting thread's TLS pointer and has a stack
+//! of one page), `clone` (a thread of the process, sharing everything; its tid is written to the
+//! agent's page and cleared by the kernel when it exits), give the starting thread its own mask
+//! back. The tool steps the starting thread through those system calls and puts its own
+//! registers back at the last one's exit stop, as after any remote system call.
+//!
+//! Nothing is left behind by a tool killed at any point (`kill -9`):
+//! - the agent waits with a timeout ([`WAIT_TIMEOUT_NS`]); at each timeout it checks that the
+//!   tool's process still exists (`kill(pid, 0)`; only when the target sees the tool's pid, i.e.
+//!   shares its pid namespace) and exits when it does not, or when no request came for
+//!   [`MAX_IDLE`] timeouts; it holds no lock and owns nothing: its exit is the end of it. It is
+//!   a thread of ours: no thread of the program ever changes its scheduling policy.
+//! - the starting thread, if the tool dies while it runs the start-up instructions, runs them to
+//!   the end by itself: its mask is given back, and it reloads its own registers (saved by the
+//!   tool in the agent's page, adjusted like the kernel does for a call interrupted without a
+//!   handler: restarted) and goes on where it was.
+//!
+//! Any failure to start or to answer (no map_files access, clone refused, the agent gone or
+//! silent for [`ANSWER_WAIT`]) only makes the switch fall back to the ptrace sync.
+
+use crate::apply::switch::trap_handler as th;
+use crate::process::ptrace::{self, Regs, WaitStatus};
+use crate::process::{Memory, Tracee};
+use iced_x86::code_asm::*;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+// Offsets in the agent's page.
+/// Request sequence number (u32, futex word the agent waits on).
+const REQ: u64 = 0;
+/// Sequence number of the last request done (u32, futex word the tool waits on).
+const DONE: u64 = 4;
+/// What the request is: [`CMD_SYNC`] or [`CMD_QUIT`] (u32).
+const CMD: u64 = 8;
+/// The tool's pid as the target sees it, 0 when it cannot (u32).
+const TOOL: u64 = 12;
+/// The agent's tid (u32): written by clone (CLONE_PARENT_SETTID), cleared by the kernel and
+/// woken when the agent exits (CLONE_CHILD_CLEARTID).
+const TID: u64 = 16;
+/// The membarrier's result (u64).
+const RESULT: u64 = 24;
+/// The agent's futex timeout (struct timespec).
+const TS: u64 = 32;
+/// Every signal (u64 mask).
+const ALL: u64 = 48;
+/// The starting thread's own mask while it starts the agent (u64).
+const OLD_MASK: u64 = 56;
+/// The starting thread's own registers, for a start-up the tool does not finish: rax rbx rcx
+/// rdx rsi rdi rbp r8..r15, then rip, rflags, rsp (u64 each).
+const CTX: u64 = 64;
+const CTX_RIP: i32 = 15 * 8;
+const CTX_RFLAGS: i32 = 16 * 8;
+const CTX_RSP: i32 = 17 * 8;
+
+const CMD_SYNC: u32 = 1;
+const CMD_QUIT: u32 = 2;
+
+/// The agent's futex timeout: how soon it notices that the tool is gone.
+const WAIT_TIMEOUT_NS: u64 = 10_000_000;
+/// Timeouts in a row without a request after which the agent exits anyway (10 s): the tool is
+/// gone (or lost in a pid namespace the target does not see) or waits that long between syncs;
+/// its next sync then falls back to ptrace.
+const MAX_IDLE: u32 = 1000;
+/// How long the tool waits for an answer before it falls back to the ptrace sync.
+const ANSWER_WAIT: Duration = Duration::from_millis(100);
+
+const MEMBARRIER_SYNC_CORE: u32 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+const CLONE_FLAGS: u32 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u32;
+
+/// The agent's code for an area whose code page is at `code` (placed at
+/// `code + AGENT_CODE`): the start-up sequence (entry at its first byte), then the agent.
+pub(crate) fn generate(code: u64) -> Result<Vec<u8>, IcedError> {
+    let page = code + th::PAGE + th::AGENT;
+    let mut a = CodeAssembler::new(64)?;
+    let mut agent = a.create_label();
+    let mut wait = a.create_label();
+    let mut work = a.create_label();
+    let mut quit = a.create_label();
+
+    // Start-up, run by the borrowed thread with rbx = the agent's page.
+    a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
+    a.mov(edi, libc::SIG_SETMASK as u32)?;
+    a.lea(rsi, qword_ptr(rbx + ALL))?;
+    a.lea(rdx, qword_ptr(rbx + OLD_MASK))?;
+    a.mov(r10d, 8u32)?;
+    a.syscall()?;
+    a.mov(eax, libc::SYS_clone as u32)?;
+    a.mov(edi, CLONE_FLAGS)?;
+    a.lea(rsi, qword_ptr(rbx + th::PAGE))?; // the new thread's stack: the page's end
+    a.lea(rdx, qword_ptr(rbx + TID))?;
+    a.lea(r10, qword_ptr(rbx + TID))?;
+    a.xor(r8d, r8d)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.jz(agent)?;
+    a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
+    a.mov(edi, libc::SIG_SETMASK as u32)?;
+    a.lea(rsi, qword_ptr(rbx + OLD_MASK))?;
+    a.xor(edx, edx)?;
+    a.mov(r10d, 8u32)?;
+    a.syscall()?;
+    // Only without the tool (it stops the thread at that system call's exit and puts its
+    // registers back itself): the thread's own registers, flags and stack pointer, and a jump
+    // to its own rip. The flags and rip go below its red zone first.
+    a.mov(rsp, qword_ptr(rbx + CTX + CTX_RSP))?;
+    a.sub(rsp, 144)?;
+    a.mov(rax, qword_ptr(rbx + CTX + CTX_RFLAGS))?;
+    a.mov(qword_ptr(rsp), rax)?;
+    a.mov(rax, qword_ptr(rbx + CTX + CTX_RIP))?;
+    a.mov(qword_ptr(rsp + 8), rax)?;
+    for (i, r) in [
+        rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if r != rbx {
+            a.mov(r, qword_ptr(rbx + CTX + 8 * i as u64))?;
+        }
+    }
+    a.mov(rbx, qword_ptr(rbx + CTX + 8))?;
+    a.popfq()?;
+    a.ret_1(128)?; // rip, then rsp back to its own value
+
+    // The agent: rbx = its page (inherited), every signal blocked.
+    a.set_label(&mut agent)?;
+    a.xor(r14d, r14d)?; // timeouts in a row
+    a.set_label(&mut wait)?;
+    a.mov(eax, dword_ptr(rbx + REQ))?;
+    a.cmp(eax, dword_ptr(rbx + DONE))?;
+    a.jne(work)?;
+    a.mov(edx, eax)?;
+    a.lea(rdi, qword_ptr(rbx + REQ))?;
+    a.xor(esi, esi)?; // FUTEX_WAIT, shared: the tool wakes it through its own mapping
+    a.lea(r10, qword_ptr(rbx + TS))?;
+    a.mov(eax, libc::SYS_futex as u32)?;
+    a.syscall()?;
+    a.cmp(rax, -libc::ETIMEDOUT)?;
+    a.jne(wait)?;
+    a.inc(r14d)?;
+    a.cmp(r14d, MAX_IDLE)?;
+    a.jae(quit)?;
+    a.mov(edi, dword_ptr(rbx + TOOL))?;
+    a.test(edi, edi)?;
+    a.jz(wait)?;
+    a.xor(esi, esi)?;
+    a.mov(eax, libc::SYS_kill as u32)?;
+    a.syscall()?;
+    a.cmp(rax, -libc::ESRCH)?;
+    a.jne(wait)?;
+    a.jmp(quit)?;
+    a.set_label(&mut work)?;
+    a.xor(r14d, r14d)?;
+    a.mov(r12d, eax)?;
+    a.cmp(dword_ptr(rbx + CMD), CMD_QUIT)?;
+    a.je(quit)?;
+    a.mov(eax, libc::SYS_membarrier as u32)?;
+    a.mov(edi, MEMBARRIER_SYNC_CORE)?;
+    a.xor(esi, esi)?;
+    a.xor(edx, edx)?;
+    a.syscall()?;
+    a.mov(qword_ptr(rbx + RESULT), rax)?;
+    a.mov(dword_ptr(rbx + DONE), r12d)?;
+    a.lea(rdi, qword_ptr(rbx + DONE))?;
+    a.mov(esi, libc::FUTEX_WAKE as u32)?;
+    a.mov(edx, 1u32)?;
+    a.mov(eax, libc::SYS_futex as u32)?;
+    a.syscall()?;
+    a.jmp(wait)?;
+    a.set_label(&mut quit)?;
+    a.mov(eax, libc::SYS_exit as u32)?;
+    a.xor(edi, edi)?;
+    a.syscall()?;
+    a.ud2()?;
+    let bytes = a.assemble(code + th::AGENT_CODE)?;
+    let _ = page;
+    assert!(
+        th::AGENT_CODE + (bytes.len() as u64) <= th::PAGE,
+        "the sync agent's code overflows the code page"
+    );
+    Ok(bytes)
+}
+
+/// The agent's page mapped in the tool (shared with the target: the same memfd page).
+struct Shared {
+    ptr: *mut u8,
+}
+
+impl Shared {
+    /// Maps the agent's page of the area at `code` in process `pid` (through
+    /// /proc/PID/map_files: the data pages are one mapping of the memfd).
+    fn map(pid: i32, code: u64) -> Option<Shared> {
+        use std::os::fd::AsRawFd;
+        let path = format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            code + th::PAGE,
+            code + th::AREA_LEN
+        );
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ok()?;
+        // SAFETY: a new shared mapping of one page of that file, at an address the kernel
+        // chooses; nothing else of ours is affected. Unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                th::PAGE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                (th::PAGE + th::AGENT) as libc::off_t,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(Shared { ptr: ptr.cast() })
+    }
+
+    fn word(&self, off: u64) -> &AtomicU32 {
+        // SAFETY: `off` is one of the u32 offsets above, 4-aligned and inside the mapped page,
+        // which lives as long as self; the target writes these words only atomically.
+        unsafe { &*(self.ptr.add(off as usize) as *const AtomicU32) }
+    }
+
+    fn result(&self) -> i64 {
+        // SAFETY: RESULT is 8-aligned and inside the page, as above.
+        unsafe { &*(self.ptr.add(RESULT as usize) as *const AtomicU64) }.load(Ordering::Acquire)
+            as i64
+    }
+
+    /// FUTEX_WAKE of the target's waiter on word `off` (shared futex).
+    fn wake(&self, off: u64) {
+        // SAFETY: a futex system call on a word of our mapping; no other memory is touched.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word(off).as_ptr(),
+                libc::FUTEX_WAKE,
+                1,
+                0usize,
+            );
+        }
+    }
+
+    /// FUTEX_WAIT on word `off` while it holds `val`, for at most `ns`.
+    fn wait(&self, off: u64, val: u32, ns: u64) {
+        let ts = libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: a futex system call on a word of our mapping with a valid timespec.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word(off).as_ptr(),
+                libc::FUTEX_WAIT,
+                val,
+                &ts as *const libc::timespec,
+            );
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping of one page, made in `map`.
+        unsafe { libc::munmap(self.ptr.cast(), th::PAGE as usize) };
+    }
+}
+
+/// A running sync agent in the target.
+pub(crate) struct SyncAgent {
+    shared: Shared,
+    tid: i32,
+    seq: u32,
+    /// It did not answer once: no more requests (the ptrace sync is used).
+    failed: bool,
+}
+
+impl SyncAgent {
+    /// Starts the agent of the area at `code` on the borrowed thread of `t` (stopped, after a
+    /// remote system call: its own registers are put back the same way). None when it cannot
+    /// be started: the caller syncs through ptrace. Signals the borrowed thread was about to
+    /// take meanwhile are added to `held` (tid, signal): the caller sends them again once the
+    /// switch is over, as the tracee does with the signals it holds back.
+    pub(crate) fn start(
+        t: &mut Tracee,
+        code: u64,
+        held: &mut Vec<(i32, i32)>,
+    ) -> Option<SyncAgent> {
+        let shared = Shared::map(t.pid(), code)?;
+        let tid = *t.threads().first()?;
+        let page = code + th::PAGE + th::AGENT;
+        let saved = t.regs(tid).ok()?;
+        write_page(t.mem(), t.pid(), page, &saved).ok()?;
+        let mut regs = saved;
+        regs.rip = code + th::AGENT_CODE;
+        regs.rbx = page;
+        // Not in a system call: the kernel must not restart one at our rip (a signal taken
+        // before the first instruction would otherwise rewind it by 2).
+        regs.orig_rax = u64::MAX;
+        t.set_regs(tid, &regs).ok()?;
+        let clone = run_start_up(tid, held);
+        // Its own registers back, whatever happened (the thread sits in a syscall-exit stop,
+        // as after any remote system call, or is gone).
+        let _ = t.set_regs(tid, &saved);
+        let agent = clone.filter(|&r| r > 0)? as i32;
+        // SAFETY: a plain system call on a thread id; rt is a valid sched_param.
+        unsafe {
+            let rt = libc::sched_param { sched_priority: 1 };
+            libc::sched_setscheduler(agent, libc::SCHED_FIFO, &rt);
+        }
+        Some(SyncAgent {
+            shared,
+            tid: agent,
+            seq: 0,
+            failed: false,
+        })
+    }
+
+    /// The agent's thread id (it is no thread of the program: skipped when the threads are
+    /// watched).
+    pub(crate) fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// Runs one sync; false when the agent did not do it (gone, silent, or the membarrier
+    /// failed): the caller syncs through ptrace instead.
+    pub(crate) fn sync(&mut self) -> bool {
+        if self.failed {
+            return false;
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let done = self.request(CMD_SYNC, ANSWER_WAIT);
+        self.failed = !done || self.shared.result() != 0;
+        !self.failed
+    }
+
+    fn request(&mut self, cmd: u32, within: Duration) -> bool {
+        let s = &self.shared;
+        s.word(CMD).store(cmd, Ordering::Release);
+        s.word(REQ).store(self.seq, Ordering::Release);
+        s.wake(REQ);
+        let deadline = Instant::now() + within;
+        loop {
+            let done = s.word(DONE).load(Ordering::Acquire);
+            if done == self.seq {
+                return true;
+            }
+            if s.word(TID).load(Ordering::Acquire) == 0 || Instant::now() > deadline {
+                return false;
+            }
+            s.wait(DONE, done, 1_000_000);
+        }
+    }
+}
+
+impl Drop for SyncAgent {
+    /// Tells the agent to exit and waits (at most a second) until it has: the process's
+    /// thread list is its own again when the switch returns.
+    fn drop(&mut self) {
+        self.seq = self.seq.wrapping_add(1);
+        let s = &self.shared;
+        s.word(CMD).store(CMD_QUIT, Ordering::Release);
+        s.word(REQ).store(self.seq, Ordering::Release);
+        s.wake(REQ);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let tid = s.word(TID).load(Ordering::Acquire);
+            if tid == 0 || Instant::now() > deadline {
+                break;
+            }
+            s.wait(TID, tid, 10_000_000);
+        }
+    }
+}
+
+/// Writes the agent's page before the start-up: the words, the timeout, the masks, and the
+/// starting thread's own context (`saved`) as it must resume without the tool — a system call
+/// of its own that our stop interrupted restarted, as the kernel does when no handler runs.
+fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process::Result<()> {
+    let mut ctx = *saved;
+    if (ctx.orig_rax as i64) >= 0 {
+        match ctx.rax as i64 {
+            -514..=-512 => {
+                ctx.rax = ctx.orig_rax;
+                ctx.rip -= 2;
+            }
+            -516 => {
+                ctx.rax = libc::SYS_restart_syscall as u64;
+                ctx.rip -= 2;
+            }
+            _ => {}
+        }
+    }
+    let tool = if same_pid_namespace(pid) {
+        std::process::id()
+    } else {
+        0
+    };
+    let mut b = vec![0u8; (CTX + 18 * 8) as usize];
+    b[TOOL as usize..TOOL as usize + 4].copy_from_slice(&tool.to_le_bytes());
+    b[TS as usize + 8..TS as usize + 16].copy_from_slice(&WAIT_TIMEOUT_NS.to_le_bytes());
+    b[ALL as usize..ALL as usize + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let regs = [
+        ctx.rax, ctx.rbx, ctx.rcx, ctx.rdx, ctx.rsi, ctx.rdi, ctx.rbp, ctx.r8, ctx.r9, ctx.r10,
+        ctx.r11, ctx.r12, ctx.r13, ctx.r14, ctx.r15, ctx.rip, ctx.eflags, ctx.rsp,
+    ];
+    for (i, r) in regs.iter().enumerate() {
+        let o = CTX as usize + 8 * i;
+        b[o..o + 8].copy_from_slice(&r.to_le_bytes());
+    }
+    mem.write(page, &b)
+}
+
+fn same_pid_namespace(pid: i32) -> bool {
+    let ns = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    matches!((ns(&format!("/proc/{pid}/ns/pid")), ns("/proc/self/ns/pid")), (Ok(a), Ok(b)) if a == b)
+}
+
+/// Steps the borrowed thread `tid` (registers set to the start-up) through its three system
+/// calls, entry and exit stops, to the exit of the last; returns clone's result. A signal
+/// that it was about to take meanwhile is held (added to `held`). None when the thread or
+/// the process went away, or stopped elsewhere.
+fn run_start_up(tid: i32, held: &mut Vec<(i32, i32)>) -> Option<i64> {
+    let mut stops = 0;
+    let mut clone = None;
+    loop {
+        if ptrace::syscall(tid).is_err() {
+            break None;
+        }
+        match ptrace::wait(tid, false) {
+            Ok(Some((_, WaitStatus::Syscall))) => {
+                stops += 1;
+                if stops == 4 {
+                    clone = ptrace::get_regs(tid).ok().map(|r| r.rax as i64);
+                }
+                if stops == 6 {
+                    break clone;
+                }
+            }
+            Ok(Some((_, WaitStatus::Signal(sig)))) => held.push((tid, sig)),
+            Ok(Some((_, WaitStatus::EventStop | WaitStatus::OtherEvent(_)))) => {}
+            _ => break None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_code_fits_and_decodes() {
+        let code = 0x7000_0000_0000;
+        let bytes = generate(code).unwrap();
+        let mut d = iced_x86::Decoder::with_ip(
+            64,
+            &bytes,
+            code + th::AGENT_CODE,
+            iced_x86::DecoderOptions::NONE,
+        );
+        let mut syscalls = 0;
+        while d.can_decode() {
+            let i = d.decode();
+            assert!(!i.is_invalid());
+            syscalls += usize::from(i.mnemonic() == iced_x86::Mnemonic::Syscall);
+        }
+        // start-up: sigprocmask, clone, sigprocmask; agent: futex wait, kill, membarrier,
+        // futex wake, exit.
+        assert_eq!(syscalls, 8);
+    }
+}
