@@ -11,7 +11,7 @@
 //!   command placing its sections where they were linked is appended to
 //!   `/tmp/livepatch-PID.gdb`: `gdb -p PID -x /tmp/livepatch-PID.gdb` names the new functions.
 //!   The command is part of the state (`livepatch status` shows it); the perf and gdb files
-//!   are written right after the switch ([`after_switch`]).
+//!   are written while the switch runs ([`write_names`]).
 //! - **trampolines and thunks** (code livepatch generates around the patch) get a generated
 //!   `.eh_frame` too ([`crate::thunk_cfi`], [`trampoline_cfi`]), registered the same way.
 //! - **stack checks**: the image's `.eh_frame` location is kept in the in-target state
@@ -127,7 +127,7 @@ pub fn trampoline_frames(
 /// trampolines' CFI in `trampolines`; the patch memory ends at `code_end`) with the C++
 /// runtime of the process (found among its `mappings`, read earlier by the apply). Registration must precede the switch: the first call of a new function may throw.
 /// The record goes into the in-target state with the patch, with the gdb command that
-/// [`after_switch`] makes work; [`undo`] withdraws it when the switch fails.
+/// [`write_names`] makes work; [`undo`] withdraws it when the switch fails.
 ///
 /// Errors only when the target has libgcc's unwinder and it could not be told about the new
 /// code (an exception through it would terminate the process): the apply is then refused.
@@ -163,12 +163,12 @@ pub fn before_switch(
     Ok(record)
 }
 
-/// After a successful switch (threads running the new code, the tool still the tracer, so no
-/// other livepatch can revert meanwhile): names the new functions for perf
-/// (`/tmp/perf-PID.map`) and saves the object and the gdb command [`before_switch`] recorded.
-/// Written only now: nothing needs them before the switch, and a stop-mode target should not
-/// wait for file system writes. Files that cannot be written give warnings; the patch stays.
-pub fn after_switch(pid: i32, patch: &Patch, image: &LinkedImage, record: &DebugRecord) {
+/// Names the new functions for perf (`/tmp/perf-PID.map`) and saves the object and the gdb
+/// command [`before_switch`] recorded. Not needed before the switch: apply writes them while
+/// the switch runs, on another thread, and waits for them before it detaches (so no other
+/// livepatch can revert meanwhile) or undoes a failed switch. Files that cannot be written
+/// give warnings; the patch stays.
+pub fn write_names(pid: i32, patch: &Patch, image: &LinkedImage, record: &DebugRecord) {
     if let Err(e) = crate::perf_map::record(pid, &image.symbol_list, &patch.id) {
         warn(&format!(
             "cannot write {}: {e}",

@@ -306,15 +306,32 @@ fn apply_here(
         statemap.store(m, &new_state)?;
         Ok(())
     };
-    let stats = match switch::run(
-        &mut t,
-        opts.mode,
-        &switches,
-        &busy,
-        opts.timeout,
-        &mut begin,
-        &mut commit,
-    ) {
+    // The perf map line and the gdb files are written by another thread while the switch runs:
+    // nothing needs them before (the gdb command is in the state record already), and this
+    // thread joins it before it detaches or undoes anything, so no other livepatch can revert
+    // in between and a failed switch removes what was written.
+    let switched = std::thread::scope(|s| {
+        let names = std::thread::Builder::new()
+            .name("livepatch-names".into())
+            .spawn_scoped(s, || debug_info::write_names(pid, patch, &image, &debug));
+        let r = switch::run(
+            &mut t,
+            opts.mode,
+            &switches,
+            &busy,
+            opts.timeout,
+            &mut begin,
+            &mut commit,
+        );
+        match names {
+            Ok(h) => {
+                let _ = h.join();
+            }
+            Err(_) => debug_info::write_names(pid, patch, &image, &debug),
+        }
+        r
+    });
+    let stats = match switched {
         Ok(s) => s,
         Err(e) => {
             // Nothing redirects into the patch memory: give it back.
@@ -340,8 +357,6 @@ fn apply_here(
         }
     };
     phase("switched");
-    debug_info::after_switch(pid, patch, &image, &debug);
-    phase("names written");
     t.release()?;
     phase("detached");
     Ok(Applied {
