@@ -253,7 +253,7 @@ fn e2e_nonstop_busy_threads_are_never_traced() {
 /// then the apply goes through.
 #[test]
 fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
-    handler_interrupting_the_displaced_bytes(false);
+    handler_interrupting_the_displaced_bytes("block");
 }
 
 /// Review R5: the same with a handler that keeps *running* (it polls for the byte): its CPU
@@ -261,10 +261,19 @@ fn e2e_nonstop_waits_for_a_handler_interrupting_the_displaced_bytes() {
 /// SIGILL when the handler returned.
 #[test]
 fn e2e_nonstop_waits_for_a_running_handler_interrupting_the_displaced_bytes() {
-    handler_interrupting_the_displaced_bytes(true);
+    handler_interrupting_the_displaced_bytes("spin");
 }
 
-fn handler_interrupting_the_displaced_bytes(spinning: bool) {
+/// R5's gap: the same running handler installed with SA_NODEFER and an empty mask — while it
+/// runs, the thread blocks no signal, so its mask tells nothing (the thread died of SIGILL).
+#[test]
+fn e2e_nonstop_waits_for_a_running_handler_that_blocks_nothing() {
+    handler_interrupting_the_displaced_bytes("spin-nodefer");
+}
+
+/// `how`: the handler waits for the test's byte blocked in read() ("block"), or polling
+/// ("spin"), or polling with SA_NODEFER and an empty mask ("spin-nodefer").
+fn handler_interrupting_the_displaced_bytes(how: &str) {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["parked.c"], "parked", &["-pthread"]);
     let obj = object(dir.path(), "new_parked.c", "new.o", &[]);
@@ -274,7 +283,6 @@ fn handler_interrupting_the_displaced_bytes(spinning: bool) {
     let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: c_fifo is a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
-    let how = if spinning { "spin" } else { "block" };
     let mut target = Target::spawn(&exe, &[fifo.to_str().unwrap(), how]);
     let pid = target.pid();
     target.wait_line(|l| l == "parked");

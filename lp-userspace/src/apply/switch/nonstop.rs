@@ -199,9 +199,11 @@ pub(crate) fn run(
     // without it, the syncs go through ptrace.
     let mut agent = None;
     let mut held = Vec::new();
+    let mut unmasked = false;
     let ready = installed
         .and_then(|()| Ok(t.register_sync_cores()?))
         .and_then(|()| {
+            unmasked = !inner_ranges(sites).is_empty() && unmasked_handler(t, &area)?;
             agent = SyncAgent::start(t, area.code, &mut held);
             trace(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
@@ -210,8 +212,11 @@ pub(crate) fn run(
             wait_sigtrap_unblocked(t.pid(), &skipped(t, &agent))
         });
     let wrote = ready.is_ok();
-    let mut result =
-        ready.and_then(|()| steps(t, sites, &area, &phase, &mut agent, timeout, commit));
+    let mut result = ready.and_then(|()| {
+        steps(
+            t, sites, &area, &phase, &mut agent, unmasked, timeout, commit,
+        )
+    });
     let mut kept = false;
     if !matches!(
         result,
@@ -895,12 +900,14 @@ const UNINSTALL_POLL: Poll = Poll {
     max: Duration::from_millis(1),
 };
 
-/// Where the threads' trap records are in the target, and the epoch that counts (see
-/// [`wait_moved_on`]).
+/// What settle knows beside /proc (see [`wait_moved_on`]): where the threads' trap records
+/// are in the target, the epoch that counts, and whether the process has a signal handler that
+/// runs without blocking any handled signal (see [`unmasked_handler`]).
 #[derive(Debug, Clone, Copy)]
-struct TrapRecords {
-    addr: u64,
+struct SettleFacts {
+    records: u64,
     epoch: u64,
+    unmasked_handler: bool,
 }
 
 /// How far above a blocked thread's stack pointer its stack is searched for an address
@@ -949,7 +956,7 @@ fn wait_moved_on(
     ranges: &[CodeRange],
     deadline: Instant,
     poll: Poll,
-    traps: Option<TrapRecords>,
+    traps: Option<SettleFacts>,
 ) -> Result<Option<(i32, bool)>, Error> {
     struct Watched {
         files: observe::ThreadFiles,
@@ -964,7 +971,11 @@ fn wait_moved_on(
     // A thread that stays runnable may be running a signal handler whose interrupted context
     // is inside `ranges`: its CPU time proves nothing then (review R5). A thread that may be in
     // a handler — it blocks a signal the process has a handler for, as the kernel does while
-    // the handler runs — is looked at once, briefly, through ptrace. Others are never traced.
+    // the handler runs — is looked at once, briefly, through ptrace. Others are never traced,
+    // unless the process has a handler that blocks no handled signal while it runs
+    // (SA_NODEFER and no such signal in its mask): then nothing tells from outside whether a
+    // thread runs it, and every thread is looked at before it counts as moved on.
+    let unmasked = traps.is_some_and(|t| t.unmasked_handler);
     let caught = if ranges.is_empty() {
         0
     } else {
@@ -990,7 +1001,7 @@ fn wait_moved_on(
     let mut records = vec![0u8; (th::NSEEN * 8) as usize];
     loop {
         let records = match traps {
-            Some(r) if mem.read(r.addr, &mut records).is_ok() => &records[..],
+            Some(r) if mem.read(r.records, &mut records).is_ok() => &records[..],
             _ => &[][..],
         };
         let trapped = |tid: i32| {
@@ -1029,7 +1040,7 @@ fn wait_moved_on(
                         };
                         if by_trap || by_cpu {
                             let inside = caught != 0
-                                && w.files.signal_mask(&["SigBlk"]) & caught != 0
+                                && (unmasked || w.files.signal_mask(&["SigBlk"]) & caught != 0)
                                 && running_thread_refers_to(mem, w.files.tid(), ranges);
                             if inside {
                                 w.base = Some(now.runtime_ns); // look again after more progress
@@ -1146,6 +1157,7 @@ fn steps(
     area: &Area,
     phase: &Cell<u8>,
     agent: &mut Option<SyncAgent>,
+    unmasked_handler: bool,
     timeout: Duration,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<(), Error> {
@@ -1189,7 +1201,7 @@ fn steps(
                 // must leave them first.
                 let s0 = Instant::now();
                 let skip = skipped(t, agent);
-                settle(t, sites, area, &skip, timeout)?;
+                settle(t, sites, area, &skip, unmasked_handler, timeout)?;
                 trace("settled", s0);
                 settled = true;
             }
@@ -1200,6 +1212,31 @@ fn steps(
         phase.set(COMMITTED);
     }
     commit(t.mem())
+}
+
+/// Whether the process handles a signal with an action that blocks no handled signal while
+/// its handler runs (SA_NODEFER, and none of them in its mask): a thread running that handler
+/// shows nothing in its signal mask (review R5's gap). Read with rt_sigaction on the borrowed
+/// thread, once per handled signal, before the first int3 (only when there are sites with
+/// bytes to settle; a handler installed during the window itself is not seen).
+fn unmasked_handler(t: &mut Tracee, area: &Area) -> Result<bool, Error> {
+    let caught = observe::process_signal_mask(t.pid(), &["SigCgt"]) & !observe::bit(libc::SIGTRAP);
+    for sig in 1..=64 {
+        if caught & observe::bit(sig) == 0 {
+            continue;
+        }
+        let old = area.data() + th::SCRATCH_OLD;
+        t.syscall(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            [sig as u64, 0, old, 8, 0, 0],
+        )?;
+        let act = KAction::read(t.mem(), old)?;
+        if act.handler > 1 && act.flags & SA_NODEFER != 0 && act.mask & caught == 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Makes every thread of the target serialize: through the sync agent when there is one and
@@ -1237,6 +1274,7 @@ fn settle(
     sites: &[SiteSwitch],
     area: &Area,
     skip: &[i32],
+    unmasked_handler: bool,
     timeout: Duration,
 ) -> Result<(), Error> {
     let ranges = inner_ranges(sites);
@@ -1249,9 +1287,10 @@ fn settle(
     let epoch = ((area.read_u64(t.mem(), th::EPOCH)? + 1) & 0xffff_ffff).max(1);
     t.mem()
         .write(area.data() + th::EPOCH, &epoch.to_le_bytes())?;
-    let traps = TrapRecords {
-        addr: area.data() + th::SEEN,
+    let traps = SettleFacts {
+        records: area.data() + th::SEEN,
         epoch,
+        unmasked_handler,
     };
     let borrowed = t.threads();
     for &tid in &borrowed {
