@@ -267,7 +267,10 @@ impl StateMap {
     pub fn open_or_create(t: &mut Tracee) -> Result<StateMap, StateError> {
         let (addr, created) = match locate(t.pid()) {
             Some(a) => (a, false),
-            None => (t.map_memfd(MEMFD_NAME, STATE_SIZE)?, true),
+            // Private: a child forked from the target keeps the state it was forked with and
+            // has its own from then on (a shared one made a revert of the child erase the
+            // parent's record: review session 4, S6).
+            None => (t.map_memfd_private(MEMFD_NAME, STATE_SIZE)?, true),
         };
         Ok(StateMap {
             addr,

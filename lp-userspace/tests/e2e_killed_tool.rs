@@ -114,8 +114,9 @@ fn e2e_kill_9_in_a_nonstop_membarrier_leaves_the_target_running() {
         // The switch was marked in the state before its first int3 (review L5).
         assert_eq!(unfinished(&pid).as_deref(), Some("applying"), "{point}");
     }
-    // The next apply takes the half-switched patch out (int3s included), then applies.
-    livepatch_ok(&["apply", &pid, &patch]);
+    // The next apply (nonstop, as the killed one) takes the half-switched patch out, int3s
+    // included, then applies.
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
     assert_eq!(unfinished(&pid), None);
     assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 1);
     target.expect_steady(3, |l| l == "value=1041");
@@ -211,16 +212,18 @@ fn e2e_kill_9_between_a_reverts_writes_and_its_commit_is_completed_by_the_next_r
     target.expect_steady(3, |l| l == "value=42");
 }
 #[test]
-fn e2e_kill_9_between_an_applys_writes_and_its_commit_is_undone_by_the_next_invocation() {
+fn e2e_kill_9_between_an_applys_writes_and_its_commit_is_finished_by_the_next_invocation() {
     // Stop mode writes every redirect, then commits the state: killed in between, the process
     // runs the new code with no applied patch recorded (before the fix: status showed
-    // nothing, revert said no patch, a new apply refused the changed bytes).
+    // nothing, revert said no patch, a new apply refused the changed bytes). Every redirect
+    // is in, only the commit is missing: the next invocation records the patch as applied
+    // (rolling it back instead could wait for ever on a hot function: review session 4, S3).
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = busy_setup(dir.path());
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");
-    // Then `revert` undoes it...
+    // `revert` then takes it out...
     kill_at(&["apply", &pid, &patch], "switch-written");
     assert!(target.alive());
     target.expect_steady(3, |l| l == "value=1041");
@@ -228,16 +231,56 @@ fn e2e_kill_9_between_an_applys_writes_and_its_commit_is_undone_by_the_next_invo
     livepatch_ok(&["revert", &pid]);
     assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 0);
     target.expect_steady(3, |l| l == "value=42");
-    // ... and so does a new `apply` (nonstop too), which then applies as asked.
+    // ... and a new `apply` of the same patch finds it applied.
     for mode in ["stop", "nonstop"] {
         kill_at(&["apply", &pid, &patch], "switch-written");
         target.expect_steady(3, |l| l == "value=1041");
-        livepatch_ok(&["apply", &pid, &patch, "--mode", mode]);
+        let out = livepatch(&["apply", &pid, &patch, "--mode", mode]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("recorded as applied"), "{stderr}");
+        assert!(stderr.contains("already applied"), "{stderr}");
         let st = status_json(&pid);
         assert_eq!(st[0]["patches"].as_array().unwrap().len(), 1, "{st}");
         assert_eq!(unfinished(&pid), None);
         target.expect_steady(3, |l| l == "value=1041");
-        livepatch_ok(&["revert", &pid]);
+        livepatch_ok(&["revert", &pid, "--mode", mode]);
         target.expect_steady(3, |l| l == "value=42");
     }
+}
+
+#[test]
+fn e2e_state_is_per_process_after_fork() {
+    // The state is the target's own: a child forked from a patched process keeps a copy, and
+    // reverting the child leaves the parent's record (review session 4, S6: with the state
+    // mapped shared, the child's revert erased it; the parent stayed patched for good).
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["fork_on_usr1.c"], "forker", &[]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, id) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    livepatch_ok(&["apply", &pid, &patch]);
+    target.expect_steady(2, |l| l == "parent value=1041");
+    // SAFETY: a plain kill(2) of the process we started.
+    assert_eq!(
+        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGUSR1) },
+        0
+    );
+    let child = target.wait_line(|l| l.starts_with("child ") && !l.contains('='));
+    let child = child.split_whitespace().nth(1).unwrap().to_string();
+    let mark = target.count();
+    target.wait_line_after(mark, |l| l == "child value=1041");
+    assert_eq!(status_json(&child)[0]["patches"][0]["id"], id.as_str());
+    livepatch_ok(&["revert", &child]);
+    let mark = target.count();
+    target.wait_line_after(mark, |l| l == "child value=42");
+    target.wait_line_after(mark, |l| l == "parent value=1041");
+    assert_eq!(status_json(&pid)[0]["patches"][0]["id"], id.as_str());
+    livepatch_ok(&["revert", &pid]);
+    let mark = target.count();
+    target.wait_line_after(mark, |l| l == "parent value=42");
+    // SAFETY: a plain kill(2) of the child the fixture forked.
+    unsafe { libc::kill(child.parse().unwrap(), libc::SIGKILL) };
 }

@@ -795,6 +795,17 @@ impl Tracee {
     /// Creates a memfd named `name` inside the target, sized `len`, maps it shared
     /// read/write there, closes the descriptor, and returns the mapping's address.
     pub fn map_memfd(&mut self, name: &str, len: u64) -> Result<u64> {
+        self.map_memfd_as(name, len, libc::MAP_SHARED)
+    }
+
+    /// [`Tracee::map_memfd`], mapped private: the pages (written through /proc/PID/mem, which
+    /// copies them on write) belong to this process alone, and a child forked from it gets a
+    /// copy of their contents at the fork instead of sharing them.
+    pub fn map_memfd_private(&mut self, name: &str, len: u64) -> Result<u64> {
+        self.map_memfd_as(name, len, libc::MAP_PRIVATE)
+    }
+
+    fn map_memfd_as(&mut self, name: &str, len: u64, sharing: i32) -> Result<u64> {
         let tid = self.stop_any()?;
         // Scratch space for the name: below the stopped thread's stack pointer, past the red
         // zone; the bytes there are restored afterwards.
@@ -820,7 +831,7 @@ impl Tracee {
             0,
             len,
             prot::READ | prot::WRITE,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
+            sharing | libc::MAP_POPULATE,
             fd as i64,
             0,
         );
