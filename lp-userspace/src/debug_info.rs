@@ -29,7 +29,7 @@ pub use trampoline_cfi::{trampoline_frame, ModuleCfi};
 use crate::apply::Error;
 use crate::link::{LinkedImage, Protection};
 use crate::patchfile::Patch;
-use crate::perf_map::open_no_follow;
+use crate::perf_map::open_own;
 use crate::process::Tracee;
 use crate::state::{AppliedFunction, AppliedPatch};
 use crate::thunk_cfi::FrameCfi;
@@ -293,28 +293,18 @@ fn write_stub_cfi(
 /// Saves the patch object and appends its `add-symbol-file` command `cmd` to the gdb script.
 fn save_gdb_command(pid: i32, patch: &Patch, cmd: &str) -> std::io::Result<()> {
     use std::io::Write;
-    open_no_follow(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true),
-        &gdb_object_path(pid, &patch.id),
-    )?
-    .write_all(&patch.object)?;
+    // Files of ours only: a gdb script planted by another user would run its `shell` lines as
+    // whoever loads it (see `open_own`).
+    open_own(&gdb_object_path(pid, &patch.id), false, None)?
+        .0
+        .write_all(&patch.object)?;
     // The script is named by pid, and pids are reused: one left by a dead process that had the
     // same pid (its header names another start time) is started afresh, not appended to.
     let header = gdb_script_header(pid);
     let path = gdb_script_path(pid);
     let current = std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with(&header));
-    let mut script = open_no_follow(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(current)
-            .write(true)
-            .truncate(!current),
-        &path,
-    )?;
-    if !current {
+    let (mut script, fresh) = open_own(&path, current, None)?;
+    if fresh || !current {
         script.write_all(header.as_bytes())?;
     }
     script.write_all(format!("{cmd}\n").as_bytes())?;
@@ -454,11 +444,7 @@ fn forget_gdb_command(pid: i32, id: &str) {
         std::fs::remove_file(&script)
     } else {
         use std::io::Write;
-        open_no_follow(
-            std::fs::OpenOptions::new().write(true).truncate(true),
-            &script,
-        )
-        .and_then(|mut f| f.write_all(kept.as_bytes()))
+        open_own(&script, false, None).and_then(|(mut f, _)| f.write_all(kept.as_bytes()))
     };
 }
 

@@ -53,14 +53,9 @@ pub fn record(pid: i32, symbols: &[LinkedSymbol], tag: &str) -> std::io::Result<
         return Ok(());
     }
     let p = path(pid);
-    let mut options = OpenOptions::new();
-    options.create(true);
-    if left_by_earlier_process(&p, pid) {
-        options.write(true).truncate(true);
-    } else {
-        options.append(true);
-    }
-    let mut f = open_no_follow(&mut options, &p)?;
+    let append = !left_by_earlier_process(&p, pid);
+    // The process's own JIT may have written it (as the process's user).
+    let (mut f, _) = open_own(&p, append, process_uid(pid))?;
     // One write: concurrent appenders (another JIT in the process) never interleave within it.
     f.write_all(text.as_bytes())
 }
@@ -139,9 +134,54 @@ pub fn forget(pid: i32, tag: &str) -> std::io::Result<()> {
         // remove_file unlinks a link itself, never its target
         std::fs::remove_file(&p)
     } else {
-        open_no_follow(OpenOptions::new().write(true).truncate(true), &p)?
+        open_own(&p, false, process_uid(pid))?
+            .0
             .write_all(kept.as_bytes())
     }
+}
+
+/// The user process `pid` runs as (the owner of /proc/PID).
+fn process_uid(pid: i32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
+}
+
+/// Opens `p` for writing (appending when `append`, else emptied), creating it if needed, such
+/// that what we write lands in a file only we (or `also_uid`) own, under that one name:
+/// /tmp is writable by everyone and we usually run as root, and these files have well-known
+/// names. A symbolic link there is refused (`O_NOFOLLOW`); a regular file of another user (it
+/// could rewrite what we wrote: a gdb script runs `shell` lines as whoever loads it) or with a
+/// second name (a hard link: we would write into that other file) is unlinked — the name only —
+/// and created afresh (`O_EXCL`: a name planted again meanwhile fails). Returns the file and
+/// whether it is new (empty).
+pub(crate) fn open_own(
+    p: &Path,
+    append: bool,
+    also_uid: Option<u32>,
+) -> std::io::Result<(File, bool)> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match open_no_follow(OpenOptions::new().write(true).append(append), p) {
+        Ok(f) => {
+            let m = f.metadata()?;
+            let owner_ok = m.uid() == me || Some(m.uid()) == also_uid;
+            if m.file_type().is_file() && m.nlink() == 1 && owner_ok {
+                if !append {
+                    f.set_len(0)?;
+                }
+                return Ok((f, false));
+            }
+            drop(f);
+            std::fs::remove_file(p)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let f = open_no_follow(OpenOptions::new().write(true).create_new(true), p)?;
+    Ok((f, true))
 }
 
 /// Opens `p` with `options`, refusing a symbolic link: our files in /tmp have well-known names
@@ -204,6 +244,62 @@ mod tests {
         assert!(started <= now);
         // This test process started at most a few minutes ago (a test run).
         assert!(now.duration_since(started).unwrap() < Duration::from_secs(3600));
+    }
+
+    /// A file of another user, or with a second name, is replaced, never written into; our own
+    /// is appended to or emptied as asked.
+    #[test]
+    fn open_own_writes_only_into_a_file_of_ours_with_one_name() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("livepatch-1.gdb");
+        std::fs::write(&p, "ours\n").unwrap();
+        let (mut f, fresh) = open_own(&p, true, None).unwrap();
+        f.write_all(b"more\n").unwrap();
+        assert!(!fresh);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "ours\nmore\n");
+        let (_, fresh) = open_own(&p, false, None).unwrap();
+        assert!(!fresh);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "", "emptied");
+
+        // A second name (hard link) to another file: that file keeps its content.
+        let other = dir.path().join("precious");
+        std::fs::write(&other, "keep\n").unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::hard_link(&other, &p).unwrap();
+        let (mut f, fresh) = open_own(&p, true, None).unwrap();
+        f.write_all(b"ours\n").unwrap();
+        assert!(fresh);
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "keep\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "ours\n");
+
+        // SAFETY: geteuid has no arguments.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // cannot give a file away without root
+        }
+        // Another user's file (with the content it wants us to append to): replaced.
+        let nobody = 65534;
+        std::fs::write(&p, "shell id\n").unwrap();
+        std::os::unix::fs::chown(&p, Some(nobody), Some(nobody)).unwrap();
+        let (mut f, fresh) = open_own(&p, true, None).unwrap();
+        f.write_all(b"ours\n").unwrap();
+        assert!(fresh);
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(
+            (m.uid(), std::fs::read_to_string(&p).unwrap().as_str()),
+            (0, "ours\n")
+        );
+        // ... unless it is the user named as acceptable (the target process's own perf map).
+        std::os::unix::fs::chown(&p, Some(nobody), Some(nobody)).unwrap();
+        let (mut f, fresh) = open_own(&p, true, Some(nobody)).unwrap();
+        f.write_all(b"jit\n").unwrap();
+        assert!(!fresh);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "ours\njit\n");
+        // A symbolic link is refused, not followed.
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&other, &p).unwrap();
+        assert!(open_own(&p, true, None).is_err());
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "keep\n");
     }
 
     #[test]

@@ -435,3 +435,55 @@ fn e2e_debug_symlinks_planted_at_the_gdb_file_names_are_not_followed() {
         let _ = std::fs::remove_file(link);
     }
 }
+
+/// A gdb script another user planted at the well-known name, with the header that makes an
+/// apply append (anyone can compute it from /proc), is not written into: `gdb -x` of it as
+/// root would run its `shell` lines (review session 4, S2). The apply replaces it with a file of
+/// its own; the planted object file likewise.
+#[test]
+fn e2e_debug_a_gdb_script_planted_by_another_user_is_replaced_not_appended_to() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // only root can plant a file as another user here
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["simple.c"], "simple", &[]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, id) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    let pid_n: i32 = pid.parse().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .to_string();
+    let script = debug_info::gdb_script_path(pid_n);
+    let object = debug_info::gdb_object_path(pid_n, &id);
+    let nobody = 65534;
+    std::fs::write(
+        &script,
+        format!("# livepatch: symbols of process {pid} started at {start}\nshell id > /dev/null\n"),
+    )
+    .unwrap();
+    std::fs::write(&object, "not the object").unwrap();
+    for f in [&script, &object] {
+        std::os::unix::fs::chown(f, Some(nobody), Some(nobody)).unwrap();
+    }
+    livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(!text.contains("shell"), "planted line kept: {text}");
+    assert!(text.contains("add-symbol-file"), "{text}");
+    for f in [&script, &object] {
+        assert_eq!(std::fs::metadata(f).unwrap().uid(), 0, "{}", f.display());
+    }
+    assert_ne!(std::fs::read(&object).unwrap(), b"not the object");
+    target.expect_steady(2, |l| l == "direct=1041 pointer=1041");
+    livepatch_ok(&["revert", &pid]);
+    assert!(!script.exists() && !object.exists());
+}

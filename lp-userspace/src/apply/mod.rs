@@ -99,7 +99,7 @@ const PAGE: u64 = 4096;
 /// Applies `patch` to process `pid`.
 ///
 /// Three threads work at once: the tracer (a thread of its own, which must exit when done, see
-/// `with_tracer_thread`), the warm-up thread (modules opened for the stack check; housekeeping)
+/// `with_tracer_thread_while`), the warm-up thread (modules opened for the stack check; housekeeping)
 /// and the calling thread, which builds iced-x86's instruction tables meanwhile (about 1.5 ms
 /// of CPU) instead of waiting idle for the tracer. The tracer sleeps until they are ready only
 /// if it reaches its first decode or encode before (`iced_tables`). Each thread allocating
@@ -108,20 +108,14 @@ const PAGE: u64 = 4096;
 pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Error> {
     let warm = modules::warm_up_modules(pid);
     let tables = iced_tables::claim();
-    std::thread::scope(|s| {
-        let tracer = std::thread::Builder::new()
-            .name("livepatch-apply".into())
-            .spawn_scoped(s, || {
-                crate::process::with_tracer_thread(|| apply_here(pid, patch, opts, warm))
-            })
-            .expect("spawn apply thread");
-        if tables {
-            iced_tables::build_claimed(iced_tables::Tables::All);
-        }
-        tracer
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    crate::process::with_tracer_thread_while(
+        || apply_here(pid, patch, opts, warm),
+        || {
+            if tables {
+                iced_tables::build_claimed(iced_tables::Tables::All);
+            }
+        },
+    )
 }
 
 /// [`apply`] on the calling thread, which must exit afterwards (see `with_tracer_thread`).
