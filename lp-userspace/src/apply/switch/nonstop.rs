@@ -213,9 +213,11 @@ pub(crate) fn run(
         });
     let wrote = ready.is_ok();
     let mut result = ready.and_then(|()| {
-        steps(
-            t, sites, &area, &phase, &mut agent, unmasked, timeout, commit,
-        )
+        let rules = SettleRules {
+            timeout,
+            unmasked_handler: unmasked,
+        };
+        steps(t, sites, &area, &phase, &mut agent, rules, commit)
     });
     let mut kept = false;
     if !matches!(
@@ -900,6 +902,14 @@ const UNINSTALL_POLL: Poll = Poll {
     max: Duration::from_millis(1),
 };
 
+/// How settle waits: at most `timeout`, and whether the process has a signal handler that
+/// blocks no handled signal ([`unmasked_handler`]).
+#[derive(Debug, Clone, Copy)]
+struct SettleRules {
+    timeout: Duration,
+    unmasked_handler: bool,
+}
+
 /// What settle knows beside /proc (see [`wait_moved_on`]): where the threads' trap records
 /// are in the target, the epoch that counts, and whether the process has a signal handler that
 /// runs without blocking any handled signal (see [`unmasked_handler`]).
@@ -1157,8 +1167,7 @@ fn steps(
     area: &Area,
     phase: &Cell<u8>,
     agent: &mut Option<SyncAgent>,
-    unmasked_handler: bool,
-    timeout: Duration,
+    rules: SettleRules,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<(), Error> {
     // All sites go through the protocol together: every int3 first, then every tail, then
@@ -1201,7 +1210,7 @@ fn steps(
                 // must leave them first.
                 let s0 = Instant::now();
                 let skip = skipped(t, agent);
-                settle(t, sites, area, &skip, unmasked_handler, timeout)?;
+                settle(t, sites, area, &skip, rules)?;
                 trace("settled", s0);
                 settled = true;
             }
@@ -1274,9 +1283,12 @@ fn settle(
     sites: &[SiteSwitch],
     area: &Area,
     skip: &[i32],
-    unmasked_handler: bool,
-    timeout: Duration,
+    rules: SettleRules,
 ) -> Result<(), Error> {
+    let SettleRules {
+        timeout,
+        unmasked_handler,
+    } = rules;
     let ranges = inner_ranges(sites);
     if ranges.is_empty() {
         return Ok(());
