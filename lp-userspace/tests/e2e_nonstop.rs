@@ -460,3 +460,29 @@ fn e2e_nonstop_tool_killed_inside_the_window_leaves_the_target_running() {
         }
     }
 }
+
+/// A process that carries the trap area of an earlier livepatch layout (a memfd mapping named
+/// `livepatch-trap` with other bytes) is switched in nonstop mode all the same: the earlier
+/// area is left alone and one of this layout is made beside it (it was refused as "changed by
+/// someone else", and nonstop mode was unusable on that process for good).
+#[test]
+fn e2e_nonstop_leaves_an_earlier_layouts_area_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["old_area.c"], "old_area", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    for _ in 0..2 {
+        livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+        target.expect_steady(2, |l| l == "value=1041");
+        livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+        target.expect_steady(2, |l| l == "value=42");
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("/memfd:livepatch-trap (deleted)"), "{maps}");
+    assert!(maps.contains("/memfd:livepatch-trap.3 (deleted)"), "{maps}");
+    assert!(target.alive());
+}
