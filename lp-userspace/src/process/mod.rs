@@ -526,7 +526,7 @@ impl Tracee {
             return Ok(s);
         }
         let slot = match stub::locate(self.pid, &self.mem) {
-            Some(area) => stub::take_slot(&self.mem, area)?,
+            Some(area) => stub::take_slot(self.pid, &self.mem, area)?,
             None => {
                 let insn = match self.syscall_insn {
                     Some(a) => a,
@@ -564,6 +564,13 @@ impl Tracee {
         };
         self.stub = Some(slot);
         Ok(slot)
+    }
+
+    /// Clears the busy mark of this invocation's stub slot (the threads are being let go).
+    fn release_stub_slot(&mut self) {
+        if let Some(slot) = self.stub.take() {
+            let _ = stub::release(&self.mem, slot);
+        }
     }
 
     /// Unmaps the stub's area if this invocation created it: an operation that failed leaves
@@ -917,6 +924,7 @@ impl Tracee {
             return Ok(());
         }
         self.detached = true;
+        self.release_stub_slot();
         let mut first_err = None;
         for tid in self.threads() {
             if self.threads.get(&tid).is_some_and(|t| t.stopped) {
@@ -953,6 +961,7 @@ impl Tracee {
             return Ok(());
         }
         self.detached = true;
+        self.release_stub_slot();
         let mut first_err = None;
         for tid in self.threads() {
             if let Err(e) = self.detach_thread(tid) {

@@ -30,7 +30,10 @@
 //! munmap, memfd_create, ftruncate, close, rt_sigaction, membarrier) or our function call. Each
 //! invocation takes the slot after the previous one's (a counter in the area), so that slot is
 //! rewritten only after eight more invocations. (Checking each thread's /proc/PID/task/TID/
-//! syscall instead costs a file read per thread on every invocation.)
+//! syscall instead costs a file read per thread on every invocation.) A slot is also marked
+//! busy while its invocation runs, and a mark a killed tool left is honoured until every slot is
+//! marked; then the threads' positions decide (an orphan that cannot run — its process stopped
+//! or frozen — stays in its slot for as long as that lasts).
 
 use super::error::Result;
 use super::mem::Memory;
@@ -42,6 +45,9 @@ const PAGE: u64 = 4096;
 const MAGIC: &[u8; 16] = b"livepatch-stub1\0";
 /// Offset of the slot counter (u64) in the code page: the slot last taken.
 const COUNTER: u64 = 16;
+/// Offset of the busy mask (u64, right after the counter): bit i is set while an invocation
+/// uses slot i and cleared when it lets the threads go; a killed tool leaves its bit set.
+const BUSY: u64 = 24;
 /// First slot's code.
 const CODE_START: u64 = 64;
 const SLOTS: usize = 8;
@@ -186,16 +192,68 @@ pub fn locate(pid: i32, mem: &Memory) -> Option<u64> {
     })
 }
 
-/// Takes the slot after the one the previous invocation took, and records it as taken.
-pub fn take_slot(mem: &Memory, area: u64) -> Result<Slot> {
-    let index = (mem.read_u64(area + COUNTER)? + 1) % SLOTS as u64;
-    mem.write(area + COUNTER, &index.to_le_bytes())?;
+/// Takes the first free slot after the one the previous invocation took, and marks it busy.
+/// When a killed tool left every slot marked, the marks are recomputed from where the threads
+/// of `pid` that do not run are (an orphan that never ran — its process stopped, frozen —
+/// still sits in its slot: review session 4, S4).
+pub fn take_slot(pid: i32, mem: &Memory, area: u64) -> Result<Slot> {
+    let mut words = [0u8; 16];
+    mem.read(area + COUNTER, &mut words)?;
+    let last = u64::from_le_bytes(words[..8].try_into().unwrap()) % SLOTS as u64;
+    let mut busy = u64::from_le_bytes(words[8..].try_into().unwrap());
+    let free = |busy: u64| {
+        (1..=SLOTS as u64)
+            .map(|i| (last + i) % SLOTS as u64)
+            .find(|i| busy & (1 << i) == 0)
+    };
+    let index = match free(busy) {
+        Some(i) => i,
+        None => {
+            busy = slots_in_use(pid, area);
+            free(busy).unwrap_or((last + 1) % SLOTS as u64)
+        }
+    };
+    busy |= 1 << index;
+    words[..8].copy_from_slice(&index.to_le_bytes());
+    words[8..].copy_from_slice(&busy.to_le_bytes());
+    mem.write(area + COUNTER, &words)?;
     Ok(Slot { area, index })
+}
+
+/// Clears `slot`'s busy mark: its invocation is letting the threads go, none of them is left
+/// in the slot.
+pub fn release(mem: &Memory, slot: Slot) -> Result<()> {
+    let busy = mem.read_u64(slot.area + BUSY)? & !(1 << slot.index);
+    mem.write(slot.area + BUSY, &busy.to_le_bytes())
+}
+
+/// The slots whose code a thread of `pid` that is not running (blocked, stopped) is in.
+fn slots_in_use(pid: i32, area: u64) -> u64 {
+    let mut used = 0;
+    for tid in super::observe::tasks(pid) {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")) else {
+            continue;
+        };
+        // "NR args... SP PC", or "-1 SP PC" when not in a system call; "running" otherwise.
+        let Some(pc) = text
+            .split_whitespace()
+            .last()
+            .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+        else {
+            continue;
+        };
+        if pc >= area + CODE_START && pc < area + CODE_START + SLOTS as u64 * SLOT_CODE {
+            used |= 1 << ((pc - area - CODE_START) / SLOT_CODE);
+        }
+    }
+    used
 }
 
 /// Writes a fresh area's code at `area` (just mapped) and takes its first slot.
 pub fn install(mem: &Memory, area: u64) -> Result<Slot> {
-    mem.write(area, &code_page(area))?;
+    let mut page = code_page(area);
+    page[BUSY as usize..BUSY as usize + 8].copy_from_slice(&1u64.to_le_bytes());
+    mem.write(area, &page)?;
     Ok(Slot { area, index: 0 })
 }
 
@@ -385,6 +443,42 @@ mod tests {
             0,
             "xrstor needs 64-byte alignment"
         );
+    }
+
+    /// Review session 4, S4: a slot a killed tool left marked (its thread may still have to
+    /// reload its context from it) is not taken again while another slot is free, however many
+    /// invocations come and go; when every slot is marked, the marks no thread backs are
+    /// dropped. Run on a scratch page of a real process (`sleep`), whose threads are nowhere
+    /// near it.
+    #[test]
+    fn a_slot_left_marked_is_not_reused_while_another_is_free() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let pid = child.id() as i32;
+        let mem = Memory::open(pid).expect("open memory");
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let stack = maps.lines().find(|l| l.ends_with("[stack]")).unwrap();
+        let area = u64::from_str_radix(stack.split('-').next().unwrap(), 16).unwrap();
+        mem.write(area + COUNTER, &[0; 16]).unwrap();
+        // A killed invocation: its slot stays marked.
+        let orphaned = take_slot(pid, &mem, area).unwrap();
+        for _ in 0..3 * SLOTS {
+            let s = take_slot(pid, &mem, area).unwrap();
+            assert_ne!(s.index, orphaned.index);
+            release(&mem, s).unwrap();
+        }
+        // Seven more killed ones: every slot marked, none backed by a thread: all free again.
+        let taken: Vec<u64> = (1..SLOTS)
+            .map(|_| take_slot(pid, &mem, area).unwrap().index)
+            .collect();
+        assert!(!taken.contains(&orphaned.index));
+        assert_eq!(mem.read_u64(area + BUSY).unwrap(), (1 << SLOTS) - 1);
+        take_slot(pid, &mem, area).unwrap();
+        assert_eq!(mem.read_u64(area + BUSY).unwrap().count_ones(), 1);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
