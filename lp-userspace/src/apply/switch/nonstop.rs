@@ -149,7 +149,10 @@ pub(crate) fn run(
             sites.len()
         )));
     }
-    refuse_if_sigtrap_blocked(t.pid(), timeout)?;
+    // A sync agent orphaned by a killed livepatch may still be waiting in the area (it blocks
+    // every signal): it is ours, not a thread of the program that keeps SIGTRAP blocked.
+    let agents = AgentCode(find_area(t.pid())?);
+    refuse_if_sigtrap_blocked(t.pid(), timeout, agents)?;
     let columns = decisions(sites)?;
     let mut area = open_area(t)?;
     write_table(t.mem(), &mut area, sites, &published(sites, &columns))?;
@@ -209,7 +212,7 @@ pub(crate) fn run(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
                 t0,
             );
-            wait_sigtrap_unblocked(t.pid(), &skipped(t, &agent))
+            wait_sigtrap_unblocked(t.pid(), &skipped(t, &agent), AgentCode(Some(area.code)))
         });
     let wrote = ready.is_ok();
     let mut result = ready.and_then(|()| {
@@ -425,8 +428,10 @@ fn finish_children(pid: i32, forks_before: Option<u64>, sites: &[SiteSwitch], co
 /// handler, or just created (glibc starts a thread with every signal blocked, until it has
 /// run a little). A suspect is refused once it has kept SIGTRAP blocked while consuming
 /// [`PROGRESS_NS`] of CPU, or at `timeout`.
-fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration) -> Result<(), Error> {
-    let blocked = |tid: i32| observe::signal_in(pid, tid, libc::SIGTRAP, &["SigBlk"]);
+fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration, agents: AgentCode) -> Result<(), Error> {
+    let blocked = |tid: i32| {
+        observe::signal_in(pid, tid, libc::SIGTRAP, &["SigBlk"]) && !agents.runs(pid, tid)
+    };
     let mut suspects: BTreeMap<i32, (u64, Option<u64>)> = observe::tasks(pid)
         .into_iter()
         .filter(|&tid| blocked(tid))
@@ -481,7 +486,7 @@ const UNBLOCK_WAIT: Duration = Duration::from_millis(5);
 /// remote rt_sigaction calls). The window left is a thread that starts blocking SIGTRAP
 /// during the int3 window itself and reaches a site before it unblocks it (a limit). The
 /// borrowed thread (`skip`) stays stopped through the window.
-fn wait_sigtrap_unblocked(pid: i32, skip: &[i32]) -> Result<(), Error> {
+fn wait_sigtrap_unblocked(pid: i32, skip: &[i32], agents: AgentCode) -> Result<(), Error> {
     let mut threads: Vec<observe::ThreadFiles> = observe::tasks(pid)
         .into_iter()
         .filter(|tid| !skip.contains(tid))
@@ -489,7 +494,8 @@ fn wait_sigtrap_unblocked(pid: i32, skip: &[i32]) -> Result<(), Error> {
         .collect();
     let deadline = Instant::now() + UNBLOCK_WAIT;
     loop {
-        threads.retain_mut(|f| f.signal_in(libc::SIGTRAP, &["SigBlk"]));
+        threads
+            .retain_mut(|f| f.signal_in(libc::SIGTRAP, &["SigBlk"]) && !agents.runs(pid, f.tid()));
         let Some(f) = threads.first() else {
             return Ok(());
         };
@@ -617,15 +623,35 @@ fn top_id(i: usize) -> u32 {
 
 /// Finds the handler's area (mapped by an earlier nonstop switch) or creates it: a memfd
 /// mapping, code page r-x, data pages rw-.
-fn open_area(t: &mut Tracee) -> Result<Area, Error> {
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))
-        .map_err(|_| crate::process::ProcessError::Exited(t.pid()))?;
-    let existing = maps
+/// The code page of the area of this layout in process `pid`, if it has one.
+fn find_area(pid: i32) -> Result<Option<u64>, Error> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|_| crate::process::ProcessError::Exited(pid))?;
+    Ok(maps
         .lines()
         .filter(|l| is_area_line(l))
         .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
-        .min();
-    if let Some(code) = existing {
+        .min())
+}
+
+/// The sync agent's code in the area at this code page, if there is an area: tells our
+/// agents (this switch's, or one orphaned by a killed livepatch) from the program's threads.
+#[derive(Debug, Clone, Copy)]
+struct AgentCode(Option<u64>);
+
+impl AgentCode {
+    /// Whether thread `tid` is blocked in the agent's code (where an agent always waits).
+    fn runs(self, pid: i32, tid: i32) -> bool {
+        let Some(code) = self.0 else {
+            return false;
+        };
+        matches!(observe::activity(pid, tid), Some(Activity::Blocked { pc, .. })
+            if (code + th::AGENT_CODE..code + th::PAGE).contains(&pc))
+    }
+}
+
+fn open_area(t: &mut Tracee) -> Result<Area, Error> {
+    if let Some(code) = find_area(t.pid())? {
         let area = Area { code, bank: 0 };
         let page = generate(&area)?;
         // The code never changes for a given address: check that it is ours, intact.

@@ -310,6 +310,12 @@ impl SyncAgent {
         held: &mut Vec<(i32, i32)>,
     ) -> Option<SyncAgent> {
         let shared = Shared::map(t.pid(), code)?;
+        // An agent orphaned by a killed livepatch still waits there (it exits at its next
+        // timeout, or never ran since: its process was stopped): none is started beside it —
+        // both would use the same words.
+        if shared.word(TID).load(Ordering::Acquire) != 0 {
+            return None;
+        }
         let tid = *t.threads().first()?;
         let page = code + th::PAGE + th::AGENT;
         let saved = t.regs(tid).ok()?;
