@@ -210,7 +210,7 @@ fn apply_here(
         &resolver,
         &sites,
         code_addr,
-        image_len,
+        extra_len,
         &existing,
         &callers,
         module_cfi.as_ref(),
@@ -249,7 +249,8 @@ fn apply_here(
         &functions,
         &image,
         &trampolines,
-        code_addr + total_len,
+        // The trampolines' and thunks' area ends where the image begins.
+        image.load_addr,
     ) {
         Ok(d) => d,
         Err(e) => {
@@ -429,6 +430,11 @@ type Prepared = (
 
 /// Links, writes and protects the patch code; plans every site, the callers' (`callers`,
 /// per function, verified) included; their trampolines' CFI from the module's (`cfi`).
+///
+/// The patch memory at `code_addr` holds first `extra_len` bytes for the trampolines and
+/// thunks, then the image: both start with code, so one remote `mprotect` makes the
+/// trampolines and the image's text executable (a remote system call is a round trip through a
+/// thread of the target: tens of microseconds, more when its CPU is busy).
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     t: &mut Tracee,
@@ -437,17 +443,18 @@ fn prepare(
     resolver: &target::Resolver<'_>,
     sites: &[Site],
     code_addr: u64,
-    image_len: u64,
+    extra_len: u64,
     existing: &crate::state::State,
     callers: &[Vec<call_sites::Verified>],
     cfi: Option<&debug_info::ModuleCfi<'_>>,
 ) -> Result<Prepared, Error> {
+    let image_addr = code_addr + extra_len;
     let image = layout
-        .link(code_addr, &|name| resolver.resolve(name))
+        .link(image_addr, &|name| resolver.resolve(name))
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
-    t.mem().write(code_addr, &image.bytes)?;
+    t.mem().write(image_addr, &image.bytes)?;
     let mut extra = Vec::new();
-    let extra_addr = code_addr + image_len;
+    let extra_addr = code_addr;
     let mut switches = Vec::new();
     let mut busy = Vec::new();
     let mut functions = Vec::new();
@@ -543,18 +550,31 @@ fn prepare(
     if !extra.is_empty() {
         t.mem().write(extra_addr, &extra)?;
     }
-    // Final protections: image regions as the linker says, trampolines/thunks r-x.
+    if extra.len() as u64 > extra_len {
+        return Err(Error::Other(format!(
+            "trampolines and thunks need {} bytes, {extra_len} were reserved",
+            extra.len()
+        )));
+    }
+    // Final protections: trampolines/thunks r-x (the whole reserved area), image regions as
+    // the linker says; adjacent ranges with the same protection in one call, and none for
+    // what the mapping already is (read-write).
+    let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
     for r in &image.regions {
         let p = match r.prot {
             Protection::ReadExec => prot::READ | prot::EXEC,
             Protection::Read => prot::READ,
             Protection::ReadWrite => prot::READ | prot::WRITE,
         };
-        t.mprotect(code_addr + r.offset, r.len, p)?;
+        match ranges.last_mut() {
+            Some((at, len, q)) if *q == p && *at + *len == image_addr + r.offset => *len += r.len,
+            _ => ranges.push((image_addr + r.offset, r.len, p)),
+        }
     }
-    let extra_len = (extra.len() as u64).div_ceil(PAGE) * PAGE;
-    if extra_len > 0 {
-        t.mprotect(extra_addr, extra_len, prot::READ | prot::EXEC)?;
+    for (at, len, p) in ranges {
+        if len > 0 && p != prot::READ | prot::WRITE {
+            t.mprotect(at, len, p)?;
+        }
     }
     // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
     // copy-on-write now, while threads run, instead of during the stop.
