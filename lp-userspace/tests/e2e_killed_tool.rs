@@ -104,7 +104,7 @@ fn e2e_kill_9_in_a_nonstop_membarrier_leaves_the_target_running() {
     target.expect_steady(2, |l| l == "value=42");
     // The membarrier registration (before the first int3), then the first sync (int3s in
     // place, handled by our trap handler in the target once the tool is gone).
-    for point in ["remote-syscall.324:1", "remote-syscall.324:2"] {
+    for point in ["remote-syscall.324:1", "nonstop-sync:1"] {
         kill_at(&["apply", &pid, &patch, "--mode", "nonstop"], point);
         assert!(
             target.alive(),
