@@ -317,6 +317,11 @@ impl SyncAgent {
             return None;
         }
         let tid = *t.threads().first()?;
+        // In a stopped process (SIGSTOP) the agent would join the stop at once: it could
+        // neither answer nor exit until SIGCONT.
+        if job_stopped(t.pid(), tid) {
+            return None;
+        }
         let page = code + th::PAGE + th::AGENT;
         let saved = t.regs(tid).ok()?;
         write_page(t.mem(), t.pid(), page, &saved).ok()?;
@@ -438,6 +443,19 @@ fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process
         b[o..o + 8].copy_from_slice(&r.to_le_bytes());
     }
     mem.write(page, &b)
+}
+
+/// Whether a thread of `pid` other than `borrowed` is in a job-control stop (state T).
+fn job_stopped(pid: i32, borrowed: i32) -> bool {
+    crate::process::observe::tasks(pid)
+        .into_iter()
+        .filter(|&tid| tid != borrowed)
+        .any(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+            })
+        })
 }
 
 fn same_pid_namespace(pid: i32) -> bool {
