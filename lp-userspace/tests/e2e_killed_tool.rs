@@ -154,7 +154,9 @@ fn e2e_kill_9_in_a_remote_function_call_leaves_the_target_running() {
     let patch = p.display().to_string();
     let mut target = Target::spawn_niced(&exe, &[]);
     let pid = target.pid();
-    kill_at(&["apply", &pid, &patch], "remote-call");
+    // Nonstop mode: four threads throwing through work() could keep a stop-mode switch busy
+    // past its timeout on a loaded machine.
+    kill_at(&["apply", &pid, &patch, "--mode", "nonstop"], "remote-call");
     assert!(
         target.alive(),
         "the target died when the tool was killed in a remote call"
@@ -173,7 +175,7 @@ fn e2e_kill_9_in_a_remote_function_call_leaves_the_target_running() {
     });
     assert!(target.alive());
     // A fresh apply works; the new code runs.
-    livepatch_ok(&["apply", &pid, &patch]);
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
     let mark = target.count();
     let first = counts(&target.wait_line_after(mark, |_| true));
     target.wait_line_after(mark + 1, |l| counts(l)[1] > first[1]);
