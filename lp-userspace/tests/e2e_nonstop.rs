@@ -486,3 +486,110 @@ fn e2e_nonstop_leaves_an_earlier_layouts_area_alone() {
     assert!(maps.contains("/memfd:livepatch-trap.3 (deleted)"), "{maps}");
     assert!(target.alive());
 }
+
+/// Review S10: workers forked after the master's first nonstop switch map the master's trap
+/// area (a shared mapping). Worker 1's switch stopped inside its int3 window while worker 2
+/// is switched whole: with one area for all, worker 2's tables and phase were what worker 1's
+/// trapping thread read, and it jumped into worker 2's patch memory (SIGSEGV). Each process
+/// switches through an area of its own (its owner recorded in it).
+#[test]
+fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["prefork.c"], "prefork", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    // Worker 2's patch replaces other() too: its compute sits elsewhere in its patch memory.
+    let obj2 = object(dir.path(), "new_prefork_other.c", "new2.o", &[]);
+    let (patch2, _) = pack(dir.path(), &exe, &obj2, &[], "p2.lp");
+    let patch2 = patch2.display().to_string();
+    let mut target = Target::spawn(&exe, &[]);
+    let master = target.pid();
+    livepatch_ok(&["apply", &master, &patch, "--mode", "nonstop"]);
+    livepatch_ok(&["revert", &master, "--mode", "nonstop"]);
+    // SAFETY: kill sends a signal to the process we spawned.
+    unsafe { libc::kill(master.parse().unwrap(), libc::SIGUSR1) };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let workers: Vec<String> = loop {
+        let w: Vec<String> = target
+            .lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("worker ").map(str::to_string))
+            .collect();
+        if w.len() == 2 {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "no workers: {w:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (w1, w2) = (&workers[0], &workers[1]);
+    let alive = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+    };
+    for _ in 0..3 {
+        // Worker 1's tool stops itself inside the window (after its first sync), worker 2 is
+        // switched meanwhile, then worker 1's tool goes on.
+        let tool = stop_tool_at(
+            &["apply", w1, &patch, "--mode", "nonstop"],
+            "nonstop-sync:2",
+        );
+        livepatch_ok(&["apply", w2, &patch2, "--mode", "nonstop"]);
+        // SAFETY: kill sends a signal to the tool we spawned.
+        unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
+        let out = tool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for w in [w1, w2] {
+            let mark = target.count();
+            target.wait_line_after(mark, |l| l.starts_with(&format!("w {w} value=1041 ")));
+            assert!(alive(w), "worker {w} died");
+            livepatch_ok(&["revert", w, "--mode", "nonstop"]);
+            assert!(alive(w), "worker {w} died");
+        }
+    }
+    for w in [w1, w2] {
+        // SAFETY: kill sends a signal to a worker of the process we spawned.
+        unsafe { libc::kill(w.parse().unwrap(), libc::SIGKILL) };
+    }
+}
+
+/// Runs `livepatch args...` until it stops itself at `point`; returns it stopped.
+fn stop_tool_at(args: &[&str], point: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let mut tool = std::process::Command::new(livepatch_bin())
+        .args(args)
+        .env("LIVEPATCH_DEBUG_STOP", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(tool.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
+        if line.starts_with("livepatch: debug: stopped at") {
+            break;
+        }
+        seen.push(line);
+    }
+    let stat = format!("/proc/{}/stat", tool.id());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not stopped at {point}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tool.stderr = Some(stderr.into_inner());
+    tool
+}

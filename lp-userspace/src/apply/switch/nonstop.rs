@@ -151,7 +151,7 @@ pub(crate) fn run(
     }
     // A sync agent orphaned by a killed livepatch may still be waiting in the area (it blocks
     // every signal): it is ours, not a thread of the program that keeps SIGTRAP blocked.
-    let agents = AgentCode(find_area(t.pid())?);
+    let agents = AgentCode(find_area(t.pid(), t.mem())?);
     refuse_if_sigtrap_blocked(t.pid(), timeout, agents)?;
     let columns = decisions(sites)?;
     let mut area = open_area(t)?;
@@ -623,15 +623,44 @@ fn top_id(i: usize) -> u32 {
 
 /// Finds the handler's area (mapped by an earlier nonstop switch) or creates it: a memfd
 /// mapping, code page r-x, data pages rw-.
-/// The code page of the area of this layout in process `pid`, if it has one.
-fn find_area(pid: i32) -> Result<Option<u64>, Error> {
+/// The code page of process `pid`'s own area of this layout, if it has one. A process forked
+/// from one with an area maps that area too (a shared mapping, review S10): it belongs to the
+/// parent — whose switches rewrite its tables, phase and agent words at any time — and is
+/// never used; the child gets an area of its own.
+fn find_area(pid: i32, mem: &Memory) -> Result<Option<u64>, Error> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|_| crate::process::ProcessError::Exited(pid))?;
+    let me = owner_of(pid);
     Ok(maps
         .lines()
         .filter(|l| is_area_line(l))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with("r-x"))
+        })
         .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
-        .min())
+        .find(|&code| {
+            let owner = mem.read_vec(code + th::PAGE + th::OWNER, 16).ok();
+            me.is_some() && owner.as_deref() == me.as_ref().map(|m| &m[..])
+        }))
+}
+
+/// Process `pid`'s identity as an area records it: its pid and its start time (clock ticks
+/// after boot, /proc/PID/stat field 22), so that a reused pid is not taken for it.
+fn owner_of(pid: i32) -> Option<[u8; 16]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let start: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&(pid as u64).to_le_bytes());
+    b[8..].copy_from_slice(&start.to_le_bytes());
+    Some(b)
 }
 
 /// The sync agent's code in the area at this code page, if there is an area: tells our
@@ -651,7 +680,7 @@ impl AgentCode {
 }
 
 fn open_area(t: &mut Tracee) -> Result<Area, Error> {
-    if let Some(code) = find_area(t.pid())? {
+    if let Some(code) = find_area(t.pid(), t.mem())? {
         let area = Area { code, bank: 0 };
         let page = generate(&area)?;
         // The code never changes for a given address: check that it is ours, intact.
@@ -672,6 +701,8 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
     let data = area.data();
     t.mem()
         .write(data + th::TRAP_SET, &(1u64 << (SIGTRAP - 1)).to_le_bytes())?;
+    let owner = owner_of(t.pid()).ok_or(crate::process::ProcessError::Exited(t.pid()))?;
+    t.mem().write(data + th::OWNER, &owner)?;
     t.mprotect(code, th::PAGE, prot::READ | prot::EXEC)?;
     Ok(area)
 }

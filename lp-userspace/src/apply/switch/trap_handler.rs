@@ -50,6 +50,10 @@ pub(crate) const TRAP_SET: u64 = 96;
 /// The settle epoch (u64, below 2^32): set by the tool once every int3 of a switch is in
 /// place and seen; a trap of ours copies it into the thread's record (see [`SEEN`]).
 pub(crate) const EPOCH: u64 = 104;
+/// The process the area belongs to (u64 pid, then u64 start time at OWNER + 8, from
+/// /proc/PID/stat): a forked child shares the parent's area (a shared mapping), and must not
+/// switch through it (its tables, phase and agent are the parent's).
+pub(crate) const OWNER: u64 = 112;
 /// Scratch for the tool's remote rt_sigaction calls (new action).
 pub(crate) const SCRATCH_ACT: u64 = 128;
 /// Scratch for the tool's remote rt_sigaction calls (action read back).
