@@ -503,7 +503,7 @@ fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
     let obj2 = object(dir.path(), "new_prefork_other.c", "new2.o", &[]);
     let (patch2, _) = pack(dir.path(), &exe, &obj2, &[], "p2.lp");
     let patch2 = patch2.display().to_string();
-    let mut target = Target::spawn(&exe, &[]);
+    let target = Target::spawn(&exe, &[]);
     let master = target.pid();
     livepatch_ok(&["apply", &master, &patch, "--mode", "nonstop"]);
     livepatch_ok(&["revert", &master, "--mode", "nonstop"]);

@@ -222,6 +222,11 @@ pub(crate) fn run(
         };
         steps(t, sites, &area, &phase, &mut agent, rules, commit)
     });
+    // A process that died meanwhile (of a trap that was not ours, say) makes whatever call
+    // came next fail with its own error (ESRCH from ptrace, a short read): it exited.
+    if result.is_err() && crate::process::is_gone_or_zombie(t.pid()) {
+        result = Err(crate::process::ProcessError::Exited(t.pid()).into());
+    }
     let mut kept = false;
     if !matches!(
         result,
