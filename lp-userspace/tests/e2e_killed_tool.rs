@@ -286,3 +286,30 @@ fn e2e_state_is_per_process_after_fork() {
     // SAFETY: a plain kill(2) of the child the fixture forked.
     unsafe { libc::kill(child.parse().unwrap(), libc::SIGKILL) };
 }
+
+#[test]
+fn e2e_a_thread_limit_is_a_one_line_error_not_a_panic() {
+    // Under RLIMIT_NPROC (or a cgroup's pids.max) livepatch cannot start its tracer thread:
+    // a one-line error, exit 1, the target untouched (review session 4, S9: a panic, exit 101).
+    // As user nobody, since root is exempt from RLIMIT_NPROC.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = Command::new("prlimit")
+        .args(["--nproc=1:1", "setpriv", "--reuid=65534", "--regid=65534"])
+        .args(["--clear-groups", livepatch_bin(), "revert"])
+        .arg(sleeper.id().to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("livepatch: error: cannot start a thread of livepatch"),
+        "{stderr}"
+    );
+    assert!(
+        matches!(sleeper.try_wait(), Ok(None)),
+        "the target was touched"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}

@@ -65,6 +65,12 @@ pub enum ProcessError {
     /// No `syscall` instruction could be found in the target's executable mappings.
     #[error("no syscall instruction found in process {0}'s code")]
     NoSyscallInstruction(i32),
+    /// livepatch could not start a thread of its own (a limit on threads: `ulimit -u`, a
+    /// cgroup's pids.max). The target was not touched.
+    #[error(
+        "cannot start a thread of livepatch: {0} (limit on processes/threads: ulimit -u, pids.max)"
+    )]
+    ThreadStart(io::Error),
     /// A thread did not stop where we expected it to.
     #[error("thread {tid} of process {pid}: {what}")]
     Unexpected {

@@ -1028,16 +1028,20 @@ impl Tracee {
 /// Runs `f` (which creates, uses and releases a [`Tracee`]) on a thread of its own that exits
 /// when `f` returns, so that the kernel detaches every thread still traced by it. Returns only
 /// once that detach has happened: the next tracer (another apply, gdb) can attach at once.
-pub fn with_tracer_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub fn with_tracer_thread<T: Send, E: From<ProcessError> + Send>(
+    f: impl FnOnce() -> std::result::Result<T, E> + Send,
+) -> std::result::Result<T, E> {
     with_tracer_thread_while(f, || {})
 }
 
 /// [`with_tracer_thread`], running `meanwhile` on the calling thread while the tracer thread
-/// works (instead of a thread of its own that only waits).
-pub fn with_tracer_thread_while<T: Send>(
-    f: impl FnOnce() -> T + Send,
+/// works (instead of a thread of its own that only waits). When no thread can be started (a
+/// limit on threads), `meanwhile` still runs and the error is [`ProcessError::ThreadStart`]
+/// (review session 4, S9: a panic).
+pub fn with_tracer_thread_while<T: Send, E: From<ProcessError> + Send>(
+    f: impl FnOnce() -> std::result::Result<T, E> + Send,
     meanwhile: impl FnOnce(),
-) -> T {
+) -> std::result::Result<T, E> {
     let (result, tracer_tid) = std::thread::scope(|s| {
         let tracer = std::thread::Builder::new()
             .name("livepatch-tracer".into())
@@ -1045,13 +1049,19 @@ pub fn with_tracer_thread_while<T: Send>(
                 // SAFETY: gettid has no arguments and cannot fail.
                 let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
                 (f(), tid)
-            })
-            .expect("spawn tracer thread");
+            });
         meanwhile();
-        tracer
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        match tracer {
+            Ok(tracer) => tracer
+                .join()
+                .map(|(r, tid)| (r, Some(tid)))
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(e) => (Err(ProcessError::ThreadStart(e).into()), None),
+        }
     });
+    let Some(tracer_tid) = tracer_tid else {
+        return result;
+    };
     wait_until_reaped(tracer_tid);
     result
 }
@@ -1195,11 +1205,12 @@ mod tests {
             .expect("start sleep");
         let pid = child.id() as i32;
         let t = with_tracer_thread(|| {
-            let t = Tracee::attach(pid).expect("attach");
+            let t = Tracee::attach(pid)?;
             let held = lock_process(pid).is_err();
-            t.detach().expect("detach");
-            held
-        });
+            t.detach()?;
+            Ok::<_, ProcessError>(held)
+        })
+        .expect("attach and detach");
         assert!(t, "the lock was free while a stop-mode tracee existed");
         assert!(lock_process(pid).is_ok(), "the lock outlived the tracee");
         let _ = child.kill();
