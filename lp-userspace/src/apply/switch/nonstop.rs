@@ -187,7 +187,7 @@ pub(crate) fn run(
     // of ours builds them can keep that one from a CPU (review R4; a library caller's warm-up
     // thread may still be at it).
     crate::apply::modules::warm_instruction_tables();
-    let boost = RtBoost::start(0);
+    let mut boost = None;
     let installed = install(t, &area);
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
@@ -216,6 +216,10 @@ pub(crate) fn run(
         });
     let wrote = ready.is_ok();
     let mut result = ready.and_then(|()| {
+        // From the first int3 only: before, the tool mostly waits for the borrowed thread, and
+        // a SCHED_FIFO tool preempts a thread of the target (in the middle of a call) at each
+        // of its wake-ups for nothing.
+        boost = Some(RtBoost::start(0));
         let rules = SettleRules {
             timeout,
             unmasked_handler: unmasked,
