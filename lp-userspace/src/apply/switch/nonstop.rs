@@ -2,16 +2,19 @@
 //! while the target's threads keep running, with no ptrace stop of a running thread.
 //!
 //! - Only one thread is traced ([`Tracee::attach_one`]): the one borrowed for the system calls
-//!   (membarrier for each sync, rt_sigaction), preferably one blocked in a system call, so
-//!   that no running thread is stopped at all. It stays stopped for the whole switch.
+//!   (rt_sigaction, the membarrier registration, the start of the sync agent), preferably one
+//!   blocked in a system call, so that no running thread is stopped at all. It stays stopped
+//!   for the whole switch. The syncs (membarrier SYNC_CORE) run on a thread of ours in the
+//!   target, the sync agent (`nonstop/sync_agent.rs`), or through ptrace without it.
 //! - A thread that reaches one of our temporary `int3`s takes SIGTRAP *in the target*: a small
 //!   handler of ours ([`trap_handler`]) looks `rip - 1` up in a table and sets rip to the
 //!   destination of the current phase. The destinations are lp-core's trap decisions
 //!   ([`lp_core::trap::decide`] on a [`RedirectTable`]), computed here for every site and
 //!   phase before anything is written; the tool flips a one-byte phase index at the commit.
 //! - A trap that is not ours goes to the action the process had (see `trap_handler.rs`).
-//! - The handler's area (a memfd mapping named `livepatch-trap`) is created by the first
-//!   nonstop switch and stays mapped for the life of the process, reused by later switches:
+//! - The handler's area (a memfd mapping named [`AREA_NAME`], one per process) is created by
+//!   the first nonstop switch and stays mapped for the life of the process, reused by later
+//!   switches:
 //!   a thread that took our trap just before the action was restored may still run the
 //!   handler later, and must find it there.
 //!
@@ -36,8 +39,9 @@ use sync_agent::SyncAgent;
 
 /// Name of the memfd holding the handler. The layout has a version in the name: an area of an
 /// earlier layout (`livepatch-trap`: without the threads' trap records and the sync agent) is
-/// not reused — a new one is made beside it. If the earlier handler is still the SIGTRAP action (its switch could
-/// not restore the action), ours simply chains to it like to any action of the process.
+/// not reused — a new one is made beside it. If the earlier handler is still the SIGTRAP
+/// action (its switch could not restore the action), ours simply chains to it like to any
+/// action of the process.
 const AREA_NAME: &str = "livepatch-trap.3";
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
