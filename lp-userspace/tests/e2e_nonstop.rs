@@ -271,7 +271,14 @@ fn e2e_nonstop_waits_for_a_running_handler_that_blocks_nothing() {
     handler_interrupting_the_displaced_bytes("spin-nodefer");
 }
 
-/// `how`: the handler waits for the test's byte blocked in read() ("block"), or polling
+/// Review session 4, S11: the same blocked handler with 64 KiB of locals: its signal frame
+/// (the interrupted rip) lies that far above its stack pointer, beyond the 32 KiB once searched.
+#[test]
+fn e2e_nonstop_waits_for_a_deep_handler_interrupting_the_displaced_bytes() {
+    handler_interrupting_the_displaced_bytes("deep");
+}
+
+/// `how`: the handler waits for the test's byte blocked in read() ("block", "deep"), or polling
 /// ("spin"), or polling with SA_NODEFER and an empty mask ("spin-nodefer").
 fn handler_interrupting_the_displaced_bytes(how: &str) {
     let dir = tempfile::tempdir().unwrap();

@@ -990,10 +990,55 @@ struct SettleFacts {
     unmasked_handler: bool,
 }
 
-/// How far above a blocked thread's stack pointer its stack is searched for an address
-/// inside the displaced bytes (see [`stack_refers_to`]): a signal handler's frames and the
-/// signal frame holding the interrupted context (with the xsave area: a few KiB).
-const STACK_SCAN: u64 = 32 * 1024;
+/// How far above a thread's stack pointer its stack is searched for an address inside the
+/// displaced bytes (see [`stack_refers_to`]) at most: the search goes to the end of the
+/// mapping the stack pointer is in — the thread's live frames, a signal handler's however
+/// deep (its locals lie between the stack pointer and the signal frame above them: a fixed
+/// 32 KiB missed a handler with 64 KiB of locals, review session 4 S11) — but not beyond 1 MiB.
+const STACK_SCAN_MAX: u64 = 1024 * 1024;
+
+/// The target's mappings, read once at the first need: where each stack ends.
+struct Mappings {
+    pid: i32,
+    read: Option<Vec<(u64, u64)>>,
+}
+
+impl Mappings {
+    fn new(pid: i32) -> Mappings {
+        Mappings { pid, read: None }
+    }
+
+    /// The end of the mapping holding `addr` (None when none does, or the process is gone).
+    /// Read again when the copy has none: a stack grows, threads come.
+    fn end_of(&mut self, addr: u64) -> Option<u64> {
+        self.find(addr).or_else(|| {
+            self.read = None;
+            self.find(addr)
+        })
+    }
+
+    fn find(&mut self, addr: u64) -> Option<u64> {
+        let pid = self.pid;
+        let maps = self.read.get_or_insert_with(|| {
+            std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                .map(|m| {
+                    m.lines()
+                        .filter_map(|l| {
+                            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+                            Some((
+                                u64::from_str_radix(a, 16).ok()?,
+                                u64::from_str_radix(b, 16).ok()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        maps.iter()
+            .find(|(a, b)| (*a..*b).contains(&addr))
+            .map(|(_, b)| *b)
+    }
+}
 
 /// Waits until every thread except `skip` has moved on since now: gone, seen blocked at a pc
 /// outside `ranges` with no address inside them on its stack, or seen to consume
@@ -1079,6 +1124,7 @@ fn wait_moved_on(
         .collect();
     let mut pause = poll.first;
     let mut records = vec![0u8; (th::NSEEN * 8) as usize];
+    let mut maps = Mappings::new(pid);
     loop {
         let records = match traps {
             Some(r) if mem.read(r.records, &mut records).is_ok() => &records[..],
@@ -1099,7 +1145,8 @@ fn wait_moved_on(
                     false
                 }
                 Some(Activity::Blocked { sp, .. }) => {
-                    w.inside_frame = !ranges.is_empty() && stack_refers_to(mem, sp, ranges);
+                    w.inside_frame =
+                        !ranges.is_empty() && stack_refers_to(mem, &mut maps, sp, ranges);
                     !w.inside_frame
                 }
                 Some(Activity::Running) if w.inside_frame => false,
@@ -1121,7 +1168,7 @@ fn wait_moved_on(
                         if by_trap || by_cpu {
                             let inside = caught != 0
                                 && (unmasked || w.files.signal_mask(&["SigBlk"]) & caught != 0)
-                                && running_thread_refers_to(mem, w.files.tid(), ranges);
+                                && running_thread_refers_to(mem, pid, w.files.tid(), ranges);
                             if inside {
                                 w.base = Some(now.runtime_ns); // look again after more progress
                                 w.ignore_trap = true;
@@ -1152,7 +1199,7 @@ fn wait_moved_on(
 /// Stops running thread `tid` for a moment (seize, interrupt, read its registers, detach,
 /// passing on a signal it was about to take) and tells whether its rip or its stack refers to
 /// `ranges`. A thread that cannot be looked at (gone, traced by someone else) does not.
-fn running_thread_refers_to(mem: &Memory, tid: i32, ranges: &[CodeRange]) -> bool {
+fn running_thread_refers_to(mem: &Memory, pid: i32, tid: i32, ranges: &[CodeRange]) -> bool {
     use crate::process::ptrace::{self, WaitStatus};
     if ptrace::seize(tid).is_err() {
         return false;
@@ -1175,17 +1222,21 @@ fn running_thread_refers_to(mem: &Memory, tid: i32, ranges: &[CodeRange]) -> boo
     };
     let _ = ptrace::detach(tid, pass_on);
     regs.is_some_and(|r| {
-        ranges.iter().any(|c| c.contains(r.rip)) || stack_refers_to(mem, r.rsp, ranges)
+        ranges.iter().any(|c| c.contains(r.rip))
+            || stack_refers_to(mem, &mut Mappings::new(pid), r.rsp, ranges)
     })
 }
 
-/// Whether the stack above `sp` (up to [`STACK_SCAN`] bytes, or the end of its mapping) holds
+/// Whether the stack above `sp` (to the end of its mapping, at most [`STACK_SCAN_MAX`]) holds
 /// an 8-byte word that is an address inside `ranges`: a return address or a signal frame's
 /// saved rip leading back into them.
-fn stack_refers_to(mem: &Memory, sp: u64, ranges: &[CodeRange]) -> bool {
+fn stack_refers_to(mem: &Memory, maps: &mut Mappings, sp: u64, ranges: &[CodeRange]) -> bool {
     use crate::unwind::MemoryReader;
     let mut addr = sp & !7;
-    let end = addr.saturating_add(STACK_SCAN);
+    let end = maps
+        .end_of(addr)
+        .unwrap_or(addr.saturating_add(32 * 1024))
+        .min(addr.saturating_add(STACK_SCAN_MAX));
     let mut buf = [0u8; th::PAGE as usize];
     while addr < end {
         // Page by page: a page is mapped whole or not at all.
@@ -1381,7 +1432,12 @@ fn settle(
         }
         // Stopped: it cannot leave a signal handler whose interrupted context is inside, nor
         // return from a callee of a displaced call (see wait_moved_on).
-        if stack_refers_to(t.mem(), t.regs(tid)?.rsp, &ranges) {
+        if stack_refers_to(
+            t.mem(),
+            &mut Mappings::new(t.pid()),
+            t.regs(tid)?.rsp,
+            &ranges,
+        ) {
             return Err(Error::Busy {
                 tid: tid as u32,
                 function: "a signal handler or call interrupting the first instructions of a function being switched".into(),
