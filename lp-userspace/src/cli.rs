@@ -73,7 +73,9 @@ pub enum Command {
         json: bool,
         /// Run this tool at the highest CFS priority (nice -20) while it works, so that the
         /// target's own threads and other load preempt it less: a shorter apply on a busy
-        /// machine. Needs root or CAP_SYS_NICE; the target's priority is not changed.
+        /// machine. In nonstop mode the int3 window also runs at real-time priority (fewer
+        /// traps, but a thread of the target preempted by it waits longer). Needs root or
+        /// CAP_SYS_NICE; the priority of the target's own threads is not changed.
         #[arg(long)]
         boost: bool,
     },
