@@ -9,43 +9,11 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 /// Runs `livepatch args...` until it stops itself at `point`, then SIGKILLs it.
 fn kill_at(args: &[&str], point: &str) {
-    let mut tool = Command::new(livepatch_bin())
-        .args(args)
-        .env("LIVEPATCH_DEBUG_STOP", point)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(tool.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
-        if line.starts_with("livepatch: debug: stopped at") {
-            break;
-        }
-        seen.push(line);
-    }
-    // The line is printed right before the tool stops itself: wait for the stop.
-    let stat = format!("/proc/{}/stat", tool.id());
-    let deadline = Instant::now() + PATIENCE;
-    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "the tool did not stop at {point}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let mut tool = stop_tool_at(args, point);
     tool.kill().unwrap();
     tool.wait().unwrap();
 }

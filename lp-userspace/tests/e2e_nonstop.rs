@@ -359,38 +359,7 @@ fn e2e_nonstop_finishes_the_switch_in_children_forked_meanwhile() {
 /// Runs `livepatch args...` until it stops itself at `point` (its `LIVEPATCH_DEBUG_STOP`
 /// hook), calls `while_stopped`, then SIGKILLs it.
 fn kill_tool_at(args: &[&str], point: &str, while_stopped: impl FnOnce()) {
-    use std::io::BufRead;
-    let mut tool = std::process::Command::new(livepatch_bin())
-        .args(args)
-        .env("LIVEPATCH_DEBUG_STOP", point)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(tool.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
-        if line.starts_with("livepatch: debug: stopped at") {
-            break;
-        }
-        seen.push(line);
-    }
-    // The line comes right before the tool stops itself: wait for the stop.
-    let stat = format!("/proc/{}/stat", tool.id());
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
-    }) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not stopped at {point}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let mut tool = stop_tool_at(args, point);
     while_stopped();
     tool.kill().unwrap();
     tool.wait().unwrap();
@@ -562,41 +531,4 @@ fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
         // SAFETY: kill sends a signal to a worker of the process we spawned.
         unsafe { libc::kill(w.parse().unwrap(), libc::SIGKILL) };
     }
-}
-
-/// Runs `livepatch args...` until it stops itself at `point`; returns it stopped.
-fn stop_tool_at(args: &[&str], point: &str) -> std::process::Child {
-    use std::io::BufRead;
-    let mut tool = std::process::Command::new(livepatch_bin())
-        .args(args)
-        .env("LIVEPATCH_DEBUG_STOP", point)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(tool.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
-        if line.starts_with("livepatch: debug: stopped at") {
-            break;
-        }
-        seen.push(line);
-    }
-    let stat = format!("/proc/{}/stat", tool.id());
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
-    }) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not stopped at {point}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    tool.stderr = Some(stderr.into_inner());
-    tool
 }

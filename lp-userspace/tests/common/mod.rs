@@ -292,3 +292,42 @@ pub fn shared_lib(dir: &Path, source: &str, name: &str) -> PathBuf {
     );
     out
 }
+
+/// Runs `livepatch args...` until it stops itself at `point` (its `LIVEPATCH_DEBUG_STOP` hook,
+/// process/stop_point.rs), and returns it stopped there: a test then kills it (SIGKILL at
+/// exactly that moment) or lets it go on (SIGCONT).
+pub fn stop_tool_at(args: &[&str], point: &str) -> Child {
+    let mut tool = Command::new(livepatch_bin())
+        .args(args)
+        .env("LIVEPATCH_DEBUG_STOP", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(tool.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
+        if line.starts_with("livepatch: debug: stopped at") {
+            break;
+        }
+        seen.push(line);
+    }
+    // The line is printed right before the tool stops itself: wait for the stop.
+    let stat = format!("/proc/{}/stat", tool.id());
+    let deadline = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the tool did not stop at {point}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tool.stderr = Some(stderr.into_inner());
+    tool
+}
