@@ -13,7 +13,7 @@ pub mod observe;
 pub mod ptrace;
 pub mod remote_call;
 pub mod stop_point;
-mod stub;
+pub(crate) mod stub;
 mod syscall;
 
 pub use error::{ProcessError, Result};

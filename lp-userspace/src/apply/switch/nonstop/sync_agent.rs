@@ -416,20 +416,8 @@ impl Drop for SyncAgent {
 /// starting thread's own context (`saved`) as it must resume without the tool — a system call
 /// of its own that our stop interrupted restarted, as the kernel does when no handler runs.
 fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process::Result<()> {
-    let mut ctx = *saved;
-    if (ctx.orig_rax as i64) >= 0 {
-        match ctx.rax as i64 {
-            -514..=-512 => {
-                ctx.rax = ctx.orig_rax;
-                ctx.rip -= 2;
-            }
-            -516 => {
-                ctx.rax = libc::SYS_restart_syscall as u64;
-                ctx.rip -= 2;
-            }
-            _ => {}
-        }
-    }
+    // The same context the resume stub's slots hold (process/stub.rs).
+    let ctx = crate::process::stub::resume_context(saved);
     let tool = if same_pid_namespace(pid) {
         std::process::id()
     } else {
