@@ -2,11 +2,14 @@
 //! followed by a jump back into the original function, so that new code (or a trap handler that
 //! must "resume the original") can still run the old function.
 //!
-//! The displaced instructions are re-encoded with iced-x86's `BlockEncoder`: RIP-relative memory
-//! operands keep pointing at the same absolute address, relative branches keep their absolute
-//! target (`jcc rel8` grows to `jcc rel32`, or to `jncc` over an absolute jump when even rel32 does
-//! not reach), and branches between displaced instructions stay inside the trampoline. Then comes
-//! a jump to [`Site::resume_addr`].
+//! Nearly always the displaced instructions are copied as they are (RIP-relative displacements
+//! and branch targets rewritten by hand: [`copy_trampoline`]), which needs no instruction
+//! encoder. Otherwise they are re-encoded with iced-x86's `BlockEncoder`
+//! ([`build_trampoline_reencoded`]): RIP-relative memory operands keep pointing at the same
+//! absolute address, relative branches keep their absolute target (`jcc rel8` grows to
+//! `jcc rel32`, or to `jncc` over an absolute jump when even rel32 does not reach), and branches
+//! between displaced instructions stay inside the trampoline. Either way a jump to
+//! [`Site::resume_addr`] follows. [`build_trampoline`] takes the first that applies.
 //!
 //! **A displaced call returns into the original code, not here.** When the last displaced
 //! instruction is a call (direct or indirect), it is emitted as "push the return address it would
@@ -19,7 +22,8 @@
 //! A call that is not the last displaced instruction (only a 2–3 byte indirect one can be) runs
 //! as a call from the trampoline, as before.
 //!
-//! **Allocation.** `BlockEncoder` builds its result in a `Vec`, so this module uses `alloc`
+//! **Allocation.** `BlockEncoder` builds its result in a `Vec`, so this module uses `alloc` (the
+//! copy does not allocate)
 //! (iced-x86 itself always depends on `alloc`). That is planning code, run once per patch, never
 //! on the trap path; the kernel adapter provides a `kmalloc`-backed global allocator. The caller
 //! still supplies the output buffer, so nothing escapes as an allocation.
@@ -30,12 +34,14 @@
 extern crate alloc;
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
-    InstructionBlock, MemoryOperand, OpKind, Register,
+    BlockEncoder, BlockEncoderOptions, Code, ConstantOffsets, Decoder, DecoderOptions, FlowControl,
+    Instruction, InstructionBlock, MemoryOperand, OpKind, Register,
 };
 
 use crate::jump::Jump;
 use crate::site::{Site, MAX_DISPLACED_LEN};
+
+mod copy;
 
 /// An output buffer of this size always holds a trampoline: at most 32 displaced bytes, i.e. at
 /// most 16 relative branches of 2 bytes that each grow to 18 bytes (`loop`/`jrcxz` rewritten to
@@ -94,7 +100,8 @@ pub enum TrampolineError {
     },
 }
 
-/// Build the trampoline for `site` at address `at` into `out`; returns its length.
+/// Build the trampoline for `site` at address `at` into `out`; returns its length. The copy
+/// ([`copy_trampoline`]) when it applies, else the re-encoding ([`build_trampoline_reencoded`]).
 ///
 /// ```
 /// use lp_core::{site::validate_site, trampoline::{build_trampoline, MAX_TRAMPOLINE_LEN}};
@@ -111,31 +118,143 @@ pub enum TrampolineError {
 /// assert_eq!(n, 15);
 /// ```
 pub fn build_trampoline(site: &Site, at: u64, out: &mut [u8]) -> Result<usize, TrampolineError> {
-    let mut instrs = [Instruction::default(); MAX_DISPLACED_LEN];
-    let mut count = 0;
-    let mut decoder = Decoder::with_ip(64, site.displaced(), site.patch_addr, DecoderOptions::NONE);
-    while decoder.can_decode() {
-        let addr = decoder.ip();
-        let instr = decoder.decode();
-        if instr.is_invalid() {
-            return Err(TrampolineError::Undecodable { addr });
-        }
-        if instr.is_ip_rel_memory_operand() {
-            let target = instr.ip_rel_memory_address();
-            if !in_rip_reach(at, target) {
-                return Err(TrampolineError::OutOfReach { addr, target, at });
-            }
-        }
-        instrs[count] = instr;
-        count += 1;
+    match copy_trampoline(site, at, out)? {
+        Some(n) => Ok(n),
+        None => build_trampoline_reencoded(site, at, out),
     }
+}
+
+/// The trampoline for `site` at `at` built without an instruction encoder (no encoder tables:
+/// see the `copy` module): the displaced instructions copied, RIP-relative displacements and
+/// `call`/`jmp`/`jcc` targets rewritten for the new address, a last `call` as push + `jmp`,
+/// then the jump back. `Ok(None)` when some instruction needs [`build_trampoline_reencoded`]
+/// (an indirect call, `loop`, a branch into the displaced bytes or out of rel32 reach...).
+///
+/// ```
+/// use lp_core::{site::validate_site, trampoline::{copy_trampoline, MAX_TRAMPOLINE_LEN}};
+/// // endbr64; sub rsp,8; call 0x2000; ... — the call returns into the original at 0x100d
+/// let mut code = [0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08, 0xe8, 0, 0, 0, 0, 0xc3];
+/// code[9..13].copy_from_slice(&(0x2000u32 - 0x100d).to_le_bytes());
+/// let site = validate_site(&code, 0x1000, 5).unwrap();
+/// let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+/// let n = copy_trampoline(&site, 0x9000, &mut out).unwrap().unwrap();
+/// assert_eq!(out[..4], [0x48, 0x83, 0xec, 0x08]); // copied
+/// assert_eq!(out[4], 0x68); // push imm32 0x100d, then mov dword [rsp+4], 0
+/// assert_eq!(out[5..9], 0x100du32.to_le_bytes());
+/// assert_eq!(out[9..17], [0xc7, 0x44, 0x24, 0x04, 0, 0, 0, 0]);
+/// assert_eq!(out[17], 0xe9); // jmp 0x2000
+/// assert_eq!(i32::from_le_bytes(out[18..22].try_into().unwrap()), 0x2000 - 0x9016);
+/// assert_eq!(n, 22);
+/// // `loop` has no rel32 form: that one is re-encoded
+/// let mut code = [0x90u8; 0x20];
+/// code[..2].copy_from_slice(&[0xe2, 0x10]); // loop 0x1012
+/// code[0x1f] = 0xc3;
+/// let site = validate_site(&code, 0x1000, 5).unwrap();
+/// assert_eq!(copy_trampoline(&site, 0x9000, &mut out), Ok(None));
+/// ```
+pub fn copy_trampoline(
+    site: &Site,
+    at: u64,
+    out: &mut [u8],
+) -> Result<Option<usize>, TrampolineError> {
+    let d = Displaced::decode(site, at)?;
+    match copy::build(site, d.instrs(), d.offsets(), at) {
+        Some((bytes, n)) => place(out, &[&bytes[..n]]).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The displaced instructions of a site, decoded, each with the offsets of its constants.
+struct Displaced {
+    instrs: [Instruction; MAX_DISPLACED_LEN],
+    offsets: [ConstantOffsets; MAX_DISPLACED_LEN],
+    count: usize,
+}
+
+impl Displaced {
+    /// Decodes `site`'s displaced bytes; refuses what no trampoline at `at` can hold.
+    fn decode(site: &Site, at: u64) -> Result<Displaced, TrampolineError> {
+        let mut d = Displaced {
+            instrs: [Instruction::default(); MAX_DISPLACED_LEN],
+            offsets: [ConstantOffsets::default(); MAX_DISPLACED_LEN],
+            count: 0,
+        };
+        let mut decoder =
+            Decoder::with_ip(64, site.displaced(), site.patch_addr, DecoderOptions::NONE);
+        while decoder.can_decode() {
+            let addr = decoder.ip();
+            let instr = decoder.decode();
+            if instr.is_invalid() || d.count == MAX_DISPLACED_LEN {
+                return Err(TrampolineError::Undecodable { addr });
+            }
+            if instr.is_ip_rel_memory_operand() {
+                let target = instr.ip_rel_memory_address();
+                if !in_rip_reach(at, target) {
+                    return Err(TrampolineError::OutOfReach { addr, target, at });
+                }
+            }
+            d.offsets[d.count] = decoder.get_constant_offsets(&instr);
+            d.instrs[d.count] = instr;
+            d.count += 1;
+        }
+        Ok(d)
+    }
+
+    fn instrs(&self) -> &[Instruction] {
+        &self.instrs[..self.count]
+    }
+
+    fn offsets(&self) -> &[ConstantOffsets] {
+        &self.offsets[..self.count]
+    }
+}
+
+/// Writes `parts` one after the other at the start of `out`; their total length.
+fn place(out: &mut [u8], parts: &[&[u8]]) -> Result<usize, TrampolineError> {
+    let needed = parts.iter().map(|p| p.len()).sum();
+    let have = out.len();
+    let mut dst = out
+        .get_mut(..needed)
+        .ok_or(TrampolineError::BufferTooSmall { needed, have })?;
+    for p in parts {
+        let (head, rest) = dst.split_at_mut(p.len());
+        head.copy_from_slice(p);
+        dst = rest;
+    }
+    Ok(needed)
+}
+
+/// The trampoline for `site` at `at`, every displaced instruction re-encoded by iced-x86's
+/// `BlockEncoder` (which builds its encoder tables on first use): what [`build_trampoline`]
+/// does when [`copy_trampoline`] does not apply. It handles every instruction `validate_site`
+/// accepts: `loop`/`jrcxz` and far `jcc`s become a branch over an absolute jump, branches back
+/// to the patch address stay in the trampoline, a last indirect call becomes push + `jmp`.
+///
+/// ```
+/// use lp_core::{site::validate_site, trampoline::{build_trampoline_reencoded, MAX_TRAMPOLINE_LEN}};
+/// // 0: dec edi; 2: jne 0 (back to the patch address); 4: xor eax,eax; 6: ret
+/// let site = validate_site(&[0xff, 0xcf, 0x75, 0xfc, 0x31, 0xc0, 0xc3], 0x1000, 5).unwrap();
+/// let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+/// let n = build_trampoline_reencoded(&site, 0x9000, &mut out).unwrap();
+/// assert_eq!(out[..4], [0xff, 0xcf, 0x75, 0xfc]); // the loop stays inside the trampoline
+/// assert_eq!(out[4..6], [0x31, 0xc0]);
+/// assert_eq!(out[6], 0xe9); // jmp 0x1006
+/// assert_eq!(n, 11);
+/// ```
+pub fn build_trampoline_reencoded(
+    site: &Site,
+    at: u64,
+    out: &mut [u8],
+) -> Result<usize, TrampolineError> {
+    let d = Displaced::decode(site, at)?;
+    let (instrs, count) = (d.instrs(), d.count);
     let encode_err = TrampolineError::Encode {
         addr: site.patch_addr,
         at,
     };
     // A last displaced call becomes push + jmp (module doc): three instructions instead of one.
     let mut block_instrs = [Instruction::default(); MAX_DISPLACED_LEN + 2];
-    block_instrs[..count].copy_from_slice(&instrs[..count]);
+    block_instrs[..count].copy_from_slice(instrs);
     let mut block_len = count;
     let ends_with_call = count > 0 && is_call(&instrs[count - 1]);
     if ends_with_call {
@@ -154,14 +273,7 @@ pub fn build_trampoline(site: &Site, at: u64, out: &mut [u8]) -> Result<usize, T
     let back_at = at.wrapping_add(code.len() as u64);
     let back = Jump::to(back_at, site.resume_addr());
     let back: &[u8] = if ends_with_call { &[] } else { back.as_bytes() };
-    let needed = code.len() + back.len();
-    let have = out.len();
-    let dst = out
-        .get_mut(..needed)
-        .ok_or(TrampolineError::BufferTooSmall { needed, have })?;
-    dst[..code.len()].copy_from_slice(&code);
-    dst[code.len()..].copy_from_slice(back);
-    Ok(needed)
+    place(out, &[&code, back])
 }
 
 /// Whether `instr` is a near call (direct or indirect).
@@ -426,5 +538,105 @@ mod tests {
         let n = build_trampoline(&site, 0x9000, &mut out).unwrap();
         let instrs = decode_all(&out[..n], 0x9000);
         assert_eq!(instrs[1].near_branch_target(), 0x9000);
+    }
+
+    /// Semantics of each decoded instruction of a trampoline's body: (mnemonic, absolute
+    /// branch target or RIP-relative address, or the instruction itself).
+    fn meaning(i: &Instruction) -> (Mnemonic, u64, Option<Instruction>) {
+        if i.is_ip_rel_memory_operand() {
+            (i.mnemonic(), i.ip_rel_memory_address(), None)
+        } else if matches!(i.op0_kind(), OpKind::NearBranch64) {
+            (i.mnemonic(), i.near_branch_target(), None)
+        } else {
+            (i.mnemonic(), 0, Some(*i))
+        }
+    }
+
+    #[test]
+    fn the_copy_means_what_the_re_encoding_means() {
+        let mut call = [0x55u8, 0x48, 0x89, 0xe5, 0xe8, 0, 0, 0, 0, 0xc3];
+        call[5..9].copy_from_slice(&0x300i32.to_le_bytes());
+        let cases: &[&[u8]] = &[
+            // endbr64; push rbp; mov rbp,rsp; ...
+            &[
+                0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x31, 0xc0, 0x5d, 0xc3,
+            ],
+            // lea rax,[rip+0x2000]; mov ecx,[rip-0x10]; ret
+            &[
+                0x48, 0x8d, 0x05, 0, 0x20, 0, 0, 0x8b, 0x0d, 0xf0, 0xff, 0xff, 0xff, 0xc3,
+            ],
+            // cmp dword [rip+0x100],5 (displacement before an immediate); jne +0x20; ret
+            &[0x83, 0x3d, 0, 1, 0, 0, 5, 0x75, 0x20, 0xc3],
+            // push rbp; mov rbp,rsp; call +0x300 (last); ret
+            &call,
+            // jmp +0x40 (a tail call); nop*3; ret
+            &[0xeb, 0x40, 0x90, 0x90, 0x90, 0xc3],
+        ];
+        for code in cases {
+            let mut full = [0xccu8; 0x80];
+            full[..code.len()].copy_from_slice(code);
+            let site = validate_site(&full, 0x40_1000, 5).unwrap();
+            for at in [0x40_9000u64, 0x5000_0000] {
+                let mut copy = [0u8; MAX_TRAMPOLINE_LEN];
+                let n = copy_trampoline(&site, at, &mut copy)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{code:x?} is not copied"));
+                let mut re = [0u8; MAX_TRAMPOLINE_LEN];
+                let m = build_trampoline_reencoded(&site, at, &mut re).unwrap();
+                let a: alloc::vec::Vec<_> =
+                    decode_all(&copy[..n], at).iter().map(meaning).collect();
+                let b: alloc::vec::Vec<_> = decode_all(&re[..m], at).iter().map(meaning).collect();
+                assert_eq!(a, b, "{code:x?} at {at:#x}");
+                let mut built = [0u8; MAX_TRAMPOLINE_LEN];
+                assert_eq!(build_trampoline(&site, at, &mut built), Ok(n));
+                assert_eq!(built[..n], copy[..n]);
+            }
+        }
+    }
+
+    #[test]
+    fn position_independent_instructions_are_copied_byte_for_byte() {
+        // endbr64 (kept in place); push r15; push r14; mov r14,rdi; sub rsp,0x18; ret
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x41, 0x57, 0x41, 0x56, 0x49, 0x89, 0xfe, 0x48, 0x83, 0xec,
+            0x18, 0xc3,
+        ];
+        let site = validate_site(&code, 0x1000, 5).unwrap();
+        let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+        let n = copy_trampoline(&site, 0x9000, &mut out).unwrap().unwrap();
+        let d = site.displaced_len;
+        assert_eq!(out[..d], *site.displaced());
+        assert_eq!(
+            out[d..n],
+            *Jump::to(0x9000 + d as u64, site.resume_addr()).as_bytes()
+        );
+        // far away: the jump back is the absolute form
+        let n = copy_trampoline(&site, 0x7f00_0000_0000, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out[d..n], *Jump::absolute(site.resume_addr()).as_bytes());
+    }
+
+    #[test]
+    fn what_the_copy_cannot_express_is_left_to_the_re_encoding() {
+        let mut out = [0u8; MAX_TRAMPOLINE_LEN];
+        let mut far_jcc = [0x90u8; 0x20];
+        far_jcc[..5].copy_from_slice(&[0x85, 0xff, 0x74, 0x10, 0x90]);
+        far_jcc[0x1f] = 0xc3;
+        let cases: [(&[u8], u64); 4] = [
+            // dec edi; jne 0 (a branch to the patch address)
+            (&[0xff, 0xcf, 0x75, 0xfc, 0x31, 0xc0, 0xc3], 0x9000),
+            // call rax (indirect); nop*3; ret
+            (&[0xff, 0xd0, 0x90, 0x90, 0x90, 0xc3], 0x9000),
+            // nop*2; call [rsp] (indirect, last); ret
+            (&[0x90, 0x90, 0xff, 0x14, 0x24, 0xc3], 0x9000),
+            // test edi,edi; je +0x10 with the trampoline beyond rel32 reach
+            (&far_jcc, 0x7f00_0000_0000),
+        ];
+        for (code, at) in cases {
+            let site = validate_site(code, 0x1000, 5).unwrap();
+            assert_eq!(copy_trampoline(&site, at, &mut out), Ok(None), "{code:x?}");
+            assert!(build_trampoline(&site, at, &mut out).is_ok());
+        }
     }
 }

@@ -2,7 +2,11 @@
 //!
 //! iced builds its decoder tables on the first decode and its encoder tables on the first
 //! encode (about 0.6–0.8 ms of CPU each on this VM, measured with a program timing the first
-//! decode and encode: the two are a third of a fresh CLI apply). lp-core enables iced's
+//! decode and encode: the two are a third of a fresh CLI apply). A stop-mode apply needs only
+//! the decoder's nearly always: lp-core copies the displaced instructions into trampolines
+//! (`copy_trampoline`) and the thunks are encoded by hand; the encoder is built only for a
+//! trampoline that must be re-encoded, and for nonstop mode's code ([`Tables::Encoder`]).
+//! lp-core enables iced's
 //! `no_std`, so both are behind a *spinning* `Once`: a thread that needs a table while another
 //! builds it burns its CPU until the builder is done, and on two CPUs shared with the target
 //! that spinner may be what keeps the builder from running.
@@ -24,8 +28,12 @@ pub(crate) enum Tables {
     None,
     /// The decoder's (decoding, and lp-core's site validation, need only these).
     Decoder,
-    /// Decoder, encoder and block encoder, instruction info: all lp-core uses.
+    /// All an apply's path uses in the common case: the decoder's, and instruction info's
+    /// (static data, whose pages the clobber analysis touches).
     All,
+    /// All, and the encoder's and block encoder's: nonstop mode's code assembler, and a
+    /// trampoline that cannot be copied (which builds them in place when they are missing).
+    Encoder,
 }
 
 struct State {
@@ -49,7 +57,7 @@ fn lock() -> MutexGuard<'static, State> {
 /// so that a [`need`] right after this call waits for that thread.
 pub(crate) fn claim() -> bool {
     let mut s = lock();
-    if s.built == Tables::All || s.building {
+    if s.built >= Tables::All || s.building {
         return false;
     }
     s.building = true;
@@ -102,11 +110,18 @@ pub(crate) fn build_claimed(level: Tables) {
             return;
         }
         publish(Tables::Decoder, false);
-        if let Ok(site) = site {
-            let mut out = [0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
-            let _ = lp_core::trampoline::build_trampoline(&site, 0x2000, &mut out);
+        let mut out = [0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
+        if let Ok(site) = &site {
+            let _ = lp_core::trampoline::copy_trampoline(site, 0x2000, &mut out);
         }
         let _ = lp_core::clobber::registers_to_preserve(CODE, 0x1000, CODE, 0x3000);
+        if level < Tables::Encoder {
+            return;
+        }
+        publish(Tables::All, false);
+        if let Ok(site) = &site {
+            let _ = lp_core::trampoline::build_trampoline_reencoded(site, 0x2000, &mut out);
+        }
     });
     match result {
         Ok(()) => publish(level, true),
@@ -126,9 +141,14 @@ mod tests {
         need(Tables::Decoder);
         assert!(lock().built >= Tables::Decoder);
         need(Tables::All);
-        assert_eq!(lock().built, Tables::All);
+        assert!(lock().built >= Tables::All);
         need(Tables::Decoder);
-        assert!(!claim(), "no second builder once everything is built");
+        assert!(
+            !claim(),
+            "no second builder once an apply's tables are built"
+        );
+        need(Tables::Encoder);
+        assert_eq!(lock().built, Tables::Encoder);
         if let Some(b) = builder {
             b.join().unwrap();
         }

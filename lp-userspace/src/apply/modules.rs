@@ -123,9 +123,10 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 /// own so that it overlaps what the tracer thread does meanwhile (reading maps, attaching,
 /// reading the state, remote system calls: mostly waiting on the kernel):
 /// - lp-core's instruction decoder and encoder (iced-x86) build their tables on first use,
-///   about 1.5 ms of CPU — a third of a CLI apply. The tracer waits for them (asleep, see
-///   [`super::iced_tables`]) only when it reaches its first decode or encode before they are
-///   done.
+///   about 1.5 ms of CPU together (only a nonstop revert asks this thread for them, encoder
+///   included; an apply builds the decoder's on its calling thread). The tracer waits for
+///   them (asleep, see [`super::iced_tables`]) only when it reaches its first decode or
+///   encode before they are done.
 /// - every executable module of `pid` is opened (mapped, headers read: no symbols, no CFI),
 ///   so that an unwind during the stop that reaches one finds it in the cache. The modules
 ///   are those of the mappings handed over with [`WarmUp::mappings`] (the tracer reads them
@@ -149,7 +150,9 @@ fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
         .name("livepatch-warm".into())
         .spawn(move || {
             if tables {
-                iced_tables::build_claimed(Tables::All);
+                // Only a nonstop revert starts this thread with the tables: its code
+                // assembler needs the encoder's too.
+                iced_tables::build_claimed(Tables::Encoder);
             }
             if let Some(mappings) = rx.recv().ok().or_else(|| maps::read(pid).ok()) {
                 for m in maps::modules(&mappings) {
@@ -179,8 +182,9 @@ impl WarmUp {
     }
 }
 
-/// Every iced-x86 table lp-core uses, built (or being built by the warm-up thread: then
-/// waited for, asleep) when this returns.
+/// Every iced-x86 table lp-core and nonstop mode's code assembler use, the encoder's
+/// included, built (or being built by the warm-up thread: then waited for, asleep) when this
+/// returns.
 pub(crate) fn warm_instruction_tables() {
-    iced_tables::need(Tables::All);
+    iced_tables::need(Tables::Encoder);
 }

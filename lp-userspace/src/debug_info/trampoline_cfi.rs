@@ -7,10 +7,11 @@
 //!
 //! The trampoline does exactly what the displaced instructions did, so its CFI is the original
 //! function's, row by row: the rows of the original's FDE at each displaced instruction are
-//! re-emitted at that instruction's offset in the trampoline (found by encoding the displaced
-//! instructions again with iced-x86's `BlockEncoder`, like lp-core does, and checking that the
-//! bytes are the trampoline's), and the jump back gets the row of the first instruction after
-//! the displaced ones.
+//! re-emitted at that instruction's offset in the trampoline (found by decoding the trampoline
+//! and matching its instructions with the displaced ones; when lp-core had to re-encode them,
+//! by encoding them again with iced-x86's `BlockEncoder` as it does and checking that the bytes
+//! are the trampoline's), and the jump back gets the row of the first instruction after the
+//! displaced ones.
 //!
 //! A last displaced `call` may instead be relocated as "push the address after the call in the
 //! original, then jump to the callee" (lp-core's trampoline, so that the callee returns into the
@@ -106,16 +107,24 @@ pub fn trampoline_frame(
     if instrs.iter().any(|i| i.is_invalid()) {
         return Err("displaced bytes do not decode".into());
     }
-    // Every displaced instruction relocated, then the jump back; or a last call as push + jmp.
-    let points = match relocated(&instrs, at, code)? {
-        Some((mut points, end)) => {
-            if jump_target(at, code, end) != Some(site.resume_addr()) {
-                return Err("the trampoline does not jump back after the displaced code".into());
-            }
-            points.push((end, Point::Original(site.resume_addr())));
-            points
+    // Every displaced instruction relocated, then the jump back; or a last call as push + jmp
+    // (lp-core relocates a last call only that way).
+    let ends_with_call = instrs.last().is_some_and(|i| {
+        matches!(
+            i.flow_control(),
+            FlowControl::Call | FlowControl::IndirectCall
+        )
+    });
+    let points = if ends_with_call {
+        call_as_push_and_jump(&instrs, site.resume_addr(), at, code)?
+    } else {
+        let (mut points, end) = relocated(&instrs, at, code)?
+            .ok_or("the trampoline's bytes are not the displaced instructions")?;
+        if jump_target(at, code, end) != Some(site.resume_addr()) {
+            return Err("the trampoline does not jump back after the displaced code".into());
         }
-        None => call_as_push_and_jump(&instrs, site.resume_addr(), at, code)?,
+        points.push((end, Point::Original(site.resume_addr())));
+        points
     };
     let addrs: Vec<u64> = points
         .iter()
@@ -194,8 +203,12 @@ enum Point {
 /// (trampoline offset, what unwinds there) for each instruction of a trampoline.
 type Points = Vec<(u64, Point)>;
 
-/// (trampoline offset, original address) of each of `instrs` re-encoded at `at`, and the offset
+/// (trampoline offset, original address) of each of `instrs` relocated to `at`, and the offset
 /// where they end, when `code` starts with them; `None` when it does not.
+///
+/// Found by decoding `code` (lp-core copies the displaced instructions when it can: no
+/// encoder, whose tables cost a fresh process ~1 ms of CPU), else by re-encoding `instrs` as
+/// lp-core's `BlockEncoder` path does (which may have grown one instruction into several).
 fn relocated(
     instrs: &[Instruction],
     at: u64,
@@ -203,6 +216,9 @@ fn relocated(
 ) -> Result<Option<(Points, u64)>, String> {
     if instrs.is_empty() {
         return Ok(Some((Vec::new(), 0)));
+    }
+    if let Some(found) = decoded_one_for_one(instrs, at, code) {
+        return Ok(Some(found));
     }
     let encoded = BlockEncoder::encode(
         64,
@@ -222,6 +238,34 @@ fn relocated(
         return Err("an instruction has no offset in the trampoline".into());
     }
     Ok(Some((points, encoded.code_buffer.len() as u64)))
+}
+
+/// [`relocated`]'s points when `code` decodes to `instrs` one for one: each the same
+/// instruction, or the same branch to the same absolute target (`jcc rel8` may have become
+/// `jcc rel32`), or the same RIP-relative operand reaching the same address.
+fn decoded_one_for_one(instrs: &[Instruction], at: u64, code: &[u8]) -> Option<(Points, u64)> {
+    let mut dec = Decoder::with_ip(64, code, at, DecoderOptions::NONE);
+    let mut points = Vec::with_capacity(instrs.len());
+    for old in instrs {
+        if !dec.can_decode() {
+            return None;
+        }
+        let off = dec.ip() - at;
+        let new = dec.decode();
+        let same = if old.op0_kind() == OpKind::NearBranch64 {
+            new.op0_kind() == OpKind::NearBranch64
+                && new.mnemonic() == old.mnemonic()
+                && new.near_branch_target() == old.near_branch_target()
+        } else {
+            // (iced compares a RIP-relative operand by its absolute address)
+            !new.is_invalid() && new == *old
+        };
+        if !same {
+            return None;
+        }
+        points.push((off, Point::Original(old.ip())));
+    }
+    Some((points, dec.ip() - at))
 }
 
 /// The points of a trampoline whose last displaced instruction, a call, was relocated as a push
