@@ -205,7 +205,8 @@ pub enum StateError {
 
 /// Where a process's state mapping is, if it has one.
 pub fn locate(pid: i32) -> Option<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    // Read once while we trace `pid` (only a tracer maps or unmaps the state).
+    let maps = crate::process::maps_text::ours(pid).ok()?;
     let needle = format!("/memfd:{MEMFD_NAME}");
     maps.lines()
         .find(|l| {

@@ -8,6 +8,7 @@
 
 mod error;
 mod gaps;
+pub(crate) mod maps_text;
 mod mem;
 pub mod observe;
 pub mod ptrace;
@@ -125,9 +126,11 @@ impl Tracee {
             return Err(ProcessError::IsSelf(pid));
         }
         let lock = lock()?;
+        let mem = Memory::open(pid)?;
+        maps_text::track(pid);
         Ok(Tracee {
             pid,
-            mem: Memory::open(pid)?,
+            mem,
             threads: BTreeMap::new(),
             syscall_insn: None,
             stub: None,
@@ -607,11 +610,19 @@ impl Tracee {
         if let Some(slot) = guard {
             slot.guard(&self.mem, &saved)?;
         }
+        // (Forgotten before and after: another thread of ours may read the maps meanwhile.)
+        let maps_change = matches!(nr, libc::SYS_mmap | libc::SYS_munmap | libc::SYS_mremap);
+        if maps_change {
+            maps_text::changed(self.pid);
+        }
         self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
         if guard.is_some() {
             stop_point::reached_with("remote-syscall", nr);
         }
         let stepped = self.step_past(tid, insn, &mut saved, guard);
+        if maps_change {
+            maps_text::changed(self.pid);
+        }
         // Restore whatever happened: the thread must continue exactly where it was (or where
         // a trap it took meanwhile sends it).
         let after = stepped.and_then(|()| self.regs(tid));
@@ -1087,6 +1098,7 @@ impl Drop for Tracee {
         } else {
             let _ = self.detach_all();
         }
+        maps_text::untrack(self.pid);
     }
 }
 

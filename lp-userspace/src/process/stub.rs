@@ -177,7 +177,8 @@ pub fn is_area(mem: &Memory, addr: u64) -> bool {
 
 /// An existing area of ours in process `pid`.
 pub fn locate(pid: i32, mem: &Memory) -> Option<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    // Read once while we trace `pid` (only a tracer maps or unmaps the area).
+    let maps = super::maps_text::ours(pid).ok()?;
     maps.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
         let (start, end) = fields.next()?.split_once('-')?;

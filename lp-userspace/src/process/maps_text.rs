@@ -1,0 +1,90 @@
+//! `/proc/PID/maps` read once per traced process for what only livepatch maps into it.
+//!
+//! An apply looked for the state mapping (`state::read`, then `StateMap::open_or_create`) and
+//! for the resume stub's area (`stub::locate`) in three reads of the maps: tens of microseconds
+//! of the target's kernel time each, more for processes with many mappings. Those mappings are
+//! made and removed only by a livepatch that traces the process, and while a [`super::Tracee`]
+//! of ours exists no other livepatch does (ptrace's one tracer, and the per-process lock). So
+//! the text read first after attaching stays true for them until this process maps or unmaps
+//! something in the target itself, and is read again only then ([`changed`]).
+//!
+//! Anything else (modules, the threads' own mappings) changes while the threads run: such
+//! look-ups read the maps themselves.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Per traced pid: the text read since the last change by us, if any.
+static TRACED: Mutex<BTreeMap<i32, Option<Arc<str>>>> = Mutex::new(BTreeMap::new());
+
+fn traced() -> MutexGuard<'static, BTreeMap<i32, Option<Arc<str>>>> {
+    TRACED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A tracee of `pid` exists from now on (called once its lock is held).
+pub(crate) fn track(pid: i32) {
+    traced().insert(pid, None);
+}
+
+/// The tracee of `pid` is gone: later readers read the maps themselves.
+pub(crate) fn untrack(pid: i32) {
+    traced().remove(&pid);
+}
+
+/// We mapped or unmapped something in `pid`: the next reader reads the maps again.
+pub(crate) fn changed(pid: i32) {
+    if let Some(text) = traced().get_mut(&pid) {
+        *text = None;
+    }
+}
+
+/// The text of `/proc/PID/maps` for finding livepatch's own mappings in `pid`: read once
+/// while a tracee of `pid` exists (see the module doc), read afresh otherwise.
+pub(crate) fn ours(pid: i32) -> std::io::Result<Arc<str>> {
+    if let Some(Some(text)) = traced().get(&pid) {
+        return Ok(text.clone());
+    }
+    let text: Arc<str> = std::fs::read_to_string(format!("/proc/{pid}/maps"))?.into();
+    if let Some(slot @ None) = traced().get_mut(&pid) {
+        *slot = Some(text.clone());
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While tracked, the text is read once and kept until a change of ours; untracked, each
+    /// call reads the maps afresh.
+    #[test]
+    fn kept_while_tracked_until_changed() {
+        let pid = std::process::id() as i32;
+        const LEN: usize = 4096 * 3;
+        track(pid);
+        let before = ours(pid).unwrap();
+        // SAFETY: a fresh anonymous private mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        assert!(Arc::ptr_eq(&before, &ours(pid).unwrap()), "read again");
+        changed(pid);
+        let after = ours(pid).unwrap();
+        assert_ne!(
+            *after, *before,
+            "the new mapping does not show after a change"
+        );
+        untrack(pid);
+        // SAFETY: `p` is the mapping made above, unmapped once.
+        unsafe { libc::munmap(p, LEN) };
+        assert_ne!(*ours(pid).unwrap(), *after, "untracked: not read afresh");
+    }
+}
