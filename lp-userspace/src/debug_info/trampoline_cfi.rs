@@ -250,7 +250,7 @@ fn decoded_one_for_one(instrs: &[Instruction], at: u64, code: &[u8]) -> Option<(
         if !dec.can_decode() {
             return None;
         }
-        let off = dec.ip() - at;
+        let off = dec.ip().wrapping_sub(at);
         let new = dec.decode();
         let same = if old.op0_kind() == OpKind::NearBranch64 {
             new.op0_kind() == OpKind::NearBranch64
@@ -265,7 +265,7 @@ fn decoded_one_for_one(instrs: &[Instruction], at: u64, code: &[u8]) -> Option<(
         }
         points.push((off, Point::Original(old.ip())));
     }
-    Some((points, dec.ip() - at))
+    Some((points, dec.ip().wrapping_sub(at)))
 }
 
 /// The points of a trampoline whose last displaced instruction, a call, was relocated as a push
