@@ -190,23 +190,29 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 raise_priority();
             }
             let patch = load_patch(&patch)?;
+            trace_point("patch loaded");
             let opts = ApplyOptions {
                 mode: mode.into(),
                 timeout,
             };
             let applied = apply::apply(pid, &patch, opts)?;
+            trace_point("applied");
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&applied).unwrap_or_default()
                 );
             } else {
-                println!(
-                    "applied patch {} to process {} ({} mode, stall {} us, total {} us)",
+                // One write (stdout is line-buffered: a println per function was a system
+                // call each).
+                use std::fmt::Write as _;
+                let mut out = format!(
+                    "applied patch {} to process {} ({} mode, stall {} us, total {} us)\n",
                     applied.id, pid, applied.mode, applied.stats.stall_us, applied.total_us
                 );
                 for f in &applied.functions {
-                    println!(
+                    let _ = writeln!(
+                        out,
                         "  {} {:#x} -> {:#x}{}",
                         f.name,
                         f.old,
@@ -218,6 +224,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                         }
                     );
                 }
+                print!("{out}");
             }
             Ok(())
         }
@@ -312,6 +319,27 @@ fn parse_pid(s: &str) -> Result<i32, String> {
 
 /// Loads a patch file; a format error names the file (the reader's own message does not).
 /// The Python binding's `Patch.load` calls this too, so both say the same.
+/// `LIVEPATCH_TRACE`: prints `what` with the microseconds since [`trace_origin`] (the start of
+/// `main`), for the steps of an invocation outside the operation's own phases (the patch
+/// loaded, the tracer thread joined and reaped...).
+pub fn trace_point(what: &str) {
+    if let Some(origin) = TRACE_ORIGIN.get() {
+        eprintln!(
+            "livepatch: trace: {what} at {} us after main",
+            origin.elapsed().as_micros()
+        );
+    }
+}
+
+/// Starts [`trace_point`]'s clock when `LIVEPATCH_TRACE` is set (`main` calls this first).
+pub fn trace_origin() {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        let _ = TRACE_ORIGIN.set(std::time::Instant::now());
+    }
+}
+
+static TRACE_ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 pub fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Error> {
     crate::patchfile::Patch::load(path).map_err(|e| match Error::from(e) {
         Error::Format(why, kind) if kind != ErrorKind::Io => {

@@ -319,7 +319,7 @@ fn save_gdb_command(pid: i32, patch: &Patch, cmd: &str) -> std::io::Result<()> {
 /// ~1,200 files there: ~5% of their CPU time in ext4's readdir, on the warm-up thread but
 /// beside the tracer and the target on two CPUs), while a leftover costs only disk space.
 pub(crate) fn remove_stale_files() -> usize {
-    if std::process::id() % SWEEP_EVERY != 0 {
+    if !std::process::id().is_multiple_of(SWEEP_EVERY) {
         return 0;
     }
     stale_files::sweep(std::path::Path::new("/tmp"))

@@ -6,6 +6,7 @@ use lp_userspace::cli::{self, Cli};
 fn main() {
     let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
     let entered = monotonic_ns();
+    cli::trace_origin();
     // Behave like other command-line tools when the reader of our output goes away
     // (`livepatch status | head`): end quietly instead of failing on EPIPE.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.

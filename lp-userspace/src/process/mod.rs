@@ -1059,9 +1059,13 @@ pub fn with_tracer_thread_while<T: Send, E: From<ProcessError> + Send>(
             .spawn_scoped(s, || {
                 // SAFETY: gettid has no arguments and cannot fail.
                 let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-                (f(), tid)
+                let r = f();
+                crate::cli::trace_point("tracer returned");
+                (r, tid)
             });
+        crate::cli::trace_point("tracer started");
         meanwhile();
+        crate::cli::trace_point("meanwhile done");
         match tracer {
             Ok(tracer) => tracer
                 .join()
@@ -1073,7 +1077,9 @@ pub fn with_tracer_thread_while<T: Send, E: From<ProcessError> + Send>(
     let Some(tracer_tid) = tracer_tid else {
         return result;
     };
+    crate::cli::trace_point("tracer joined");
     wait_until_reaped(tracer_tid);
+    crate::cli::trace_point("tracer reaped");
     result
 }
 
