@@ -438,10 +438,17 @@ impl Tracee {
         }
     }
 
-    /// Lets every stopped thread run again.
+    /// Lets every stopped thread run again. Threads borrowed for remote system calls go last:
+    /// each first takes a round trip through a stop of its own (`fix_restart`), which the
+    /// others need not wait for (in stop mode they would stay stopped past the window).
     pub fn resume_all(&mut self) -> Result<()> {
         let mut first_err = None;
-        for tid in self.threads() {
+        let (borrowed, plain): (Vec<i32>, Vec<i32>) = self.threads().into_iter().partition(|t| {
+            self.threads
+                .get(t)
+                .is_some_and(|t| t.stopped && t.after_remote_syscall)
+        });
+        for tid in plain.into_iter().chain(borrowed) {
             if let Err(e) = self.resume_thread(tid) {
                 first_err.get_or_insert(e);
             }
