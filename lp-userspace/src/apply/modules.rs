@@ -132,6 +132,9 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 ///   are those of the mappings handed over with [`WarmUp::mappings`] (the tracer reads them
 ///   anyway: one read of /proc/PID/maps less), or read here when the handle is dropped
 ///   without.
+/// - the CPU's vector state for thunks ([`crate::thunk::VectorState::of_system`]): each
+///   `cpuid` traps to the hypervisor in a VM, ~20 µs, and std's first feature test makes
+///   several;
 /// - then the gdb files of processes that are gone are removed from /tmp.
 pub(crate) fn warm_up(pid: i32) -> WarmUp {
     spawn_warm_up(pid, iced_tables::claim())
@@ -149,6 +152,8 @@ fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
     let spawned = std::thread::Builder::new()
         .name("livepatch-warm".into())
         .spawn(move || {
+            // cpuid traps to the hypervisor in a VM: asked here, not in the tracer's prepare.
+            crate::thunk::VectorState::warm();
             if tables {
                 // Only a nonstop revert starts this thread with the tables: its code
                 // assembler needs the encoder's too.

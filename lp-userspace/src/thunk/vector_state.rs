@@ -26,10 +26,23 @@ impl VectorState {
 
     /// The state of processes on this machine: what the CPU has (`cpuid`) and the kernel
     /// enabled (`xgetbv`: XCR0 is one value for every process, so the target's too). Linux
-    /// lists `avx`, `avx512f`... in `/proc/cpuinfo` on the same condition; asking the CPU
-    /// costs about a microsecond where generating that text costs tens (an apply did it on
-    /// its critical path).
+    /// lists `avx`, `avx512f`... in `/proc/cpuinfo` on the same condition, but generating that
+    /// text costs tens of microseconds.
+    ///
+    /// Asked once per process: in a virtual machine each `cpuid` is a trap to the hypervisor
+    /// (16–20 µs on the development VM; std's first feature test makes several), so an apply's
+    /// warm-up thread asks first, off the tracer's path ([`VectorState::warm`]).
     pub fn of_system() -> VectorState {
+        static SYSTEM: std::sync::OnceLock<VectorState> = std::sync::OnceLock::new();
+        *SYSTEM.get_or_init(VectorState::detect)
+    }
+
+    /// Runs [`VectorState::of_system`]'s detection now, so that a later call returns at once.
+    pub fn warm() {
+        VectorState::of_system();
+    }
+
+    fn detect() -> VectorState {
         use std::arch::is_x86_feature_detected as has;
         // std's detection checks XCR0 for AVX and AVX-512 state, as the kernel's flags do.
         let avx512 = has!("avx512f");
