@@ -140,6 +140,11 @@ fn finish(
         }
     }
     if operation == Operation::Applying && all_written {
+        // Nonstop mode: the commit's first store, setting the dispatches' flag, may be
+        // missing too.
+        if let Some(flag) = patch.flag {
+            t.mem().write(flag, &[1])?;
+        }
         let mut done = current.clone();
         done.unfinished = None;
         StateMap::open(pid)
@@ -245,11 +250,11 @@ fn take_out(
             .rev()
             .flat_map(|p| p.functions.iter())
             .find(|g| g.old == f.old)
-            .map(|g| g.via);
+            .map(|g| g.reached());
         switches.push(SiteSwitch {
             name: f.name.clone(),
             plan,
-            top: f.via,
+            top: f.reached(),
             below,
             resume: f.trampoline,
             reverting: true,
@@ -305,7 +310,19 @@ fn take_out(
         statemap.store(m, &new_state)?;
         Ok(())
     };
-    let stats = match switch::run(t, mode, &switches, &busy, timeout, &mut begin, &mut commit) {
+    // Nonstop mode: the patch is out from the first store of the switch, which clears its
+    // dispatches' flag.
+    let flag = patch.flag.map(|addr| switch::Flag { addr, set: false });
+    let stats = match switch::run(
+        t,
+        mode,
+        &switches,
+        &busy,
+        timeout,
+        flag,
+        &mut begin,
+        &mut commit,
+    ) {
         Ok(s) => s,
         Err(e) => {
             // Nothing changed (a failed switch undoes its writes): nor does the state.

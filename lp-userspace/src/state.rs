@@ -59,6 +59,11 @@ pub struct AppliedFunction {
     /// The direct callers retargeted at `via` (none in a state written before call sites).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub call_sites: Vec<AppliedCallSite>,
+    /// Nonstop mode: the function's dispatch in the patch memory, where the entry's jump and
+    /// the callers' branches lead; it runs `via` while the patch's flag is set, the trampoline
+    /// otherwise (apply/dispatch.rs). None: they lead to `via` itself (stop mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<u64>,
 }
 
 impl AppliedFunction {
@@ -68,9 +73,15 @@ impl AppliedFunction {
         self.call_sites
             .iter()
             .filter(|c| {
-                lp_core::call_site::decode(c.addr, &c.written).is_ok_and(|s| s.target == self.via)
+                lp_core::call_site::decode(c.addr, &c.written)
+                    .is_ok_and(|s| s.target == self.reached())
             })
             .count()
+    }
+
+    /// Where the entry's jump and the callers' branches lead: the dispatch, or `via`.
+    pub fn reached(&self) -> u64 {
+        self.dispatch.unwrap_or(self.via)
     }
 }
 
@@ -117,6 +128,10 @@ pub struct AppliedPatch {
     /// Unwind info and symbols registered for the new code (C++ runtime, perf, gdb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug: Option<crate::debug_info::DebugRecord>,
+    /// Nonstop mode: the byte whose bit 0 sends the functions' dispatches to the new code
+    /// (set: the commit of the apply; cleared: the first step of a nonstop revert).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<u64>,
 }
 
 /// Everything applied to one process, oldest first.

@@ -220,6 +220,42 @@ fn e2e_kill_9_between_an_applys_writes_and_its_commit_is_finished_by_the_next_in
 }
 
 #[test]
+fn e2e_kill_9_before_a_nonstop_applys_flag_store_keeps_the_old_code_and_is_finished_next() {
+    // A nonstop apply points every site at its function's dispatch, which runs the old code
+    // until the commit's first store sets the patch's flag (apply/dispatch.rs). Killed right
+    // before that store: every site is written, yet the process still computes the old value
+    // (nothing of the patch ran), the state says "applying", and the next invocation finishes
+    // the apply — the flag included: the new value appears. A revert then takes it out.
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = busy_setup(dir.path());
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    kill_at(
+        &["apply", &pid, &patch, "--mode", "nonstop"],
+        "dispatch-flag",
+    );
+    assert!(target.alive());
+    target.expect_steady(3, |l| l == "value=42");
+    assert_eq!(unfinished(&pid).as_deref(), Some("applying"));
+    let out = livepatch(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("recorded as applied"), "{stderr}");
+    assert!(stderr.contains("already applied"), "{stderr}");
+    target.expect_steady(3, |l| l == "value=1041");
+    assert_eq!(unfinished(&pid), None);
+    // Killed between a nonstop revert's flag store and its commit: the old code runs at once;
+    // the next revert completes it.
+    kill_at(&["revert", &pid, "--mode", "nonstop"], "nonstop-sync:2");
+    assert!(target.alive());
+    target.expect_steady(3, |l| l == "value=42");
+    livepatch_ok(&["revert", &pid]);
+    assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 0);
+    target.expect_steady(3, |l| l == "value=42");
+}
+
+#[test]
 fn e2e_state_is_per_process_after_fork() {
     // The state is the target's own: a child forked from a patched process keeps a copy, and
     // reverting the child leaves the parent's record (review session 4, S6: with the state

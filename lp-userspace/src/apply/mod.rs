@@ -15,6 +15,7 @@
 //! Any failure after step 2 began unmaps the patch memory: the target is left as it was.
 
 mod call_sites;
+mod dispatch;
 mod error;
 mod iced_tables;
 mod modules;
@@ -92,8 +93,12 @@ pub struct Applied {
     pub total_us: u64,
 }
 
-/// Bytes reserved per function for its trampoline and thunk.
-const PER_FUNCTION_EXTRA: u64 = (MAX_TRAMPOLINE_LEN + crate::thunk::MAX_LEN) as u64;
+/// Bytes reserved per function for its trampoline, thunk and dispatch (each padded to 16).
+const PER_FUNCTION_EXTRA: u64 =
+    (MAX_TRAMPOLINE_LEN + crate::thunk::MAX_LEN + dispatch::DISPATCH_LEN + 3 * 15) as u64;
+/// Nonstop mode: the dispatch flag's line at the start of the trampolines' area (a cache line
+/// of its own: no instruction is fetched from the line the commit stores into).
+const FLAG_LINE: u64 = 64;
 const PAGE: u64 = 4096;
 
 /// Applies `patch` to process `pid`.
@@ -186,7 +191,8 @@ fn apply_here(
     phase("state mapped");
     let image_len = layout.size().div_ceil(PAGE) * PAGE;
     let site_count = callers.iter().map(Vec::len).sum::<usize>() as u64;
-    let extra_len = (PER_FUNCTION_EXTRA * patch.functions.len() as u64
+    let extra_len = (FLAG_LINE
+        + PER_FUNCTION_EXTRA * patch.functions.len() as u64
         + call_sites::PER_SITE_EXTRA * site_count)
         .div_ceil(PAGE)
         * PAGE;
@@ -214,8 +220,9 @@ fn apply_here(
         &existing,
         &callers,
         module_cfi.as_ref(),
+        opts.mode,
     );
-    let (image, switches, mut busy, functions, caller_frames) = match prepared {
+    let (image, switches, mut busy, functions, caller_frames, flag) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -274,6 +281,7 @@ fn apply_here(
         code_len: total_len,
         functions: functions.clone(),
         debug: Some(debug.clone()),
+        flag,
     };
     let mut new_state = existing.clone();
     new_state.patches.push(record);
@@ -315,6 +323,7 @@ fn apply_here(
             &switches,
             &busy,
             opts.timeout,
+            flag.map(|addr| switch::Flag { addr, set: true }),
             &mut begin,
             &mut commit,
         );
@@ -426,6 +435,7 @@ type Prepared = (
     Vec<BusyRange>,
     Vec<AppliedFunction>,
     Vec<crate::thunk_cfi::FrameCfi>,
+    Option<u64>,
 );
 
 /// Links, writes and protects the patch code; plans every site, the callers' (`callers`,
@@ -447,6 +457,7 @@ fn prepare(
     existing: &crate::state::State,
     callers: &[Vec<call_sites::Verified>],
     cfi: Option<&debug_info::ModuleCfi<'_>>,
+    mode: Mode,
 ) -> Result<Prepared, Error> {
     let image_addr = code_addr + extra_len;
     let image = layout
@@ -455,6 +466,11 @@ fn prepare(
     t.mem().write(image_addr, &image.bytes)?;
     let mut extra = Vec::new();
     let extra_addr = code_addr;
+    // Nonstop mode: the sites lead to dispatches, committed by this flag (dispatch.rs).
+    let flag = (mode == Mode::Nonstop).then(|| {
+        extra.resize(FLAG_LINE as usize, 0);
+        extra_addr
+    });
     let mut switches = Vec::new();
     let mut busy = Vec::new();
     let mut functions = Vec::new();
@@ -499,14 +515,39 @@ fn prepare(
             }
             None => new,
         };
+        // Where the entry and the callers lead: the dispatch, or `via` itself.
+        let dispatch = match flag {
+            Some(flag) => {
+                let at = extra_addr + extra.len() as u64;
+                let code = dispatch::encode(at, flag, via, tramp).ok_or_else(|| {
+                    Error::Other(format!(
+                        "function {}: the dispatch is out of reach of its code",
+                        f.old_name
+                    ))
+                })?;
+                extra.extend_from_slice(&code);
+                pad16(&mut extra);
+                // Entered as the function is (its return address on top, nothing pushed
+                // since): the CIE's initial rules are its whole CFI. Listed, too, so that the
+                // trampolines' .eh_frame is written behind it rather than over it.
+                frames.push(crate::thunk_cfi::FrameCfi {
+                    start: at,
+                    len: dispatch::DISPATCH_LEN as u64,
+                    program: Vec::new(),
+                });
+                Some(at)
+            }
+            None => None,
+        };
+        let reached = dispatch.unwrap_or(via);
         let current = t.mem().read_vec(site.patch_addr, site.displaced_len)?;
-        let plan = plan_apply(site, &current, via)
+        let plan = plan_apply(site, &current, reached)
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
-        let below = target::top_redirect(existing, site.entry).map(|p| p.via);
+        let below = target::top_redirect(existing, site.entry).map(|p| p.reached());
         switches.push(SiteSwitch {
             name: f.old_name.clone(),
             plan,
-            top: via,
+            top: reached,
             below,
             resume: tramp,
             reverting: false,
@@ -526,7 +567,7 @@ fn prepare(
         let mut call_sites = Vec::new();
         for c in callers {
             let at = extra_addr + extra.len() as u64;
-            if let Some((p, code)) = call_sites::prepare(&f.old_name, c, via, at, cfi)? {
+            if let Some((p, code)) = call_sites::prepare(&f.old_name, c, reached, at, cfi)? {
                 extra.extend_from_slice(&code);
                 pad16(&mut extra);
                 switches.push(p.switch);
@@ -545,6 +586,7 @@ fn prepare(
             written: plan.result().to_vec(),
             trampoline: tramp,
             call_sites,
+            dispatch,
         });
     }
     if !extra.is_empty() {
@@ -588,7 +630,7 @@ fn prepare(
             }
         }
     }
-    Ok((image, switches, busy, functions, frames))
+    Ok((image, switches, busy, functions, frames, flag))
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not

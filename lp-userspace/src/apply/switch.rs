@@ -12,6 +12,8 @@
 mod nonstop;
 mod trap_handler;
 
+pub(crate) use nonstop::Flag;
+
 use super::error::Error;
 use super::stacks;
 use crate::process::{Memory, Tracee};
@@ -40,6 +42,7 @@ impl std::fmt::Display for Mode {
 }
 
 /// One site to switch.
+#[derive(Clone)]
 pub(crate) struct SiteSwitch {
     /// Function name, for messages.
     pub name: String,
@@ -113,30 +116,36 @@ pub struct SwitchStats {
 /// before the first byte is written: in stop mode once the threads are stopped and found not
 /// busy); `commit` records the new state (called while the switch is complete but, in stop
 /// mode, before the threads resume). A switch that fails after `begin` has undone its writes.
+/// `flag`: the patch's dispatch flag (nonstop mode, apply/dispatch.rs), set by an apply's
+/// commit, cleared by a revert before its first write.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     t: &mut Tracee,
     mode: Mode,
     sites: &[SiteSwitch],
     busy: &[BusyRange],
     timeout: Duration,
+    flag: Option<Flag>,
     begin: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     match mode {
+        // Every thread is stopped: the sites switch at once, whatever they lead to (a revert
+        // of a patch with dispatches frees them with the rest of its memory).
         Mode::Stop => stop_mode(t, sites, busy, timeout, begin, commit),
         Mode::Nonstop => {
             begin(t.mem())?;
-            nonstop::run(t, sites, timeout, commit)
+            nonstop::run(t, sites, timeout, flag, commit)
         }
     }
 }
 
 /// Sites whose bytes lie close together in one page, read and written as one run: with many
 /// call sites, one `/proc/PID/mem` access per site would lengthen the stop window.
-struct Span {
-    start: u64,
+pub(super) struct Span {
+    pub(super) start: u64,
     end: u64,
-    sites: Vec<usize>,
+    pub(super) sites: Vec<usize>,
 }
 
 impl Span {
@@ -150,7 +159,7 @@ impl Span {
 /// less than another system call).
 const SPAN_GAP: u64 = 512;
 
-fn spans(sites: &[SiteSwitch]) -> Vec<Span> {
+pub(super) fn spans(sites: &[SiteSwitch]) -> Vec<Span> {
     let mut order: Vec<usize> = (0..sites.len()).collect();
     order.sort_by_key(|&i| sites[i].plan.addr());
     let mut out: Vec<Span> = Vec::new();
@@ -181,7 +190,7 @@ fn spans(sites: &[SiteSwitch]) -> Vec<Span> {
 }
 
 /// Reads each span's current bytes, checking every site holds its plan's expected bytes.
-fn read_verified(
+pub(super) fn read_verified(
     mem: &Memory,
     sites: &[SiteSwitch],
     spans: &[Span],

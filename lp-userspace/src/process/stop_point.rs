@@ -9,7 +9,8 @@
 //! call that cannot be guarded, is not a point),
 //! `remote-call` (a borrowed thread stopped with a function call's registers set),
 //! `switch-written` (stop mode: every site written, the state not yet committed),
-//! `revert-written` (the same in a revert: the record still says applied).
+//! `revert-written` (the same in a revert: the record still says applied),
+//! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

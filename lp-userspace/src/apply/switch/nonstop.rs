@@ -143,6 +143,7 @@ pub(crate) fn run(
     t: &mut Tracee,
     sites: &[SiteSwitch],
     timeout: Duration,
+    flag: Option<Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     verify_expected(t.mem(), sites)?;
@@ -212,7 +213,7 @@ pub(crate) fn run(
         .and_then(|()| Ok(t.register_sync_cores()?))
         .and_then(|()| {
             unmasked = !inner_ranges(sites).is_empty() && unmasked_handler(t, &area)?;
-            agent = SyncAgent::start(t, area.code, realtime, &mut held);
+            agent = SyncAgent::start(t, area.code, &mut held);
             trace(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
                 t0,
@@ -231,7 +232,7 @@ pub(crate) fn run(
             timeout,
             unmasked_handler: unmasked,
         };
-        steps(t, sites, &area, &phase, &mut agent, rules, commit)
+        switch_sites(t, sites, &area, &phase, &mut agent, rules, flag, commit)
     });
     // A process that died meanwhile (of a trap that was not ours, say) makes whatever call
     // came next fail with its own error (ESRCH from ptrace, a short read): it exited.
@@ -245,19 +246,35 @@ pub(crate) fn run(
     ) {
         let mut settled_bytes = true;
         if result.is_err() && was_installed && wrote {
+            // An apply's commit store may have been made (a failure after it): the dispatches
+            // run the old code again before their sites are put back.
+            if let Some(f) = flag.filter(|f| f.set) {
+                let _ = t.mem().write(f.addr, &[0]);
+            }
             // Put every site back with the same protocol: trapping threads run what the
             // restored bytes run.
             let rolled = rollback(t, sites, &area, &phase, &mut agent);
-            if let Err(e) = rolled {
-                result = Err(e);
-                settled_bytes = false;
+            match rolled {
+                Err(e) => {
+                    result = Err(e);
+                    settled_bytes = false;
+                }
+                // A revert cleared the flag first: every site leads to the dispatch again,
+                // which runs the new code again.
+                Ok(()) => {
+                    if let Some(f) = flag.filter(|f| !f.set) {
+                        if let Err(e) = t.mem().write(f.addr, &[1]) {
+                            result = Err(e.into());
+                        }
+                    }
+                }
             }
         }
         // No sync is left: the agent exits (it is waited for).
         drop(agent.take());
         drop(boost);
         if was_installed && settled_bytes {
-            finish_children(t.pid(), forks_before, sites, result.is_ok());
+            finish_children(t.pid(), forks_before, sites, flag, result.is_ok());
         }
         trace("switched", t0);
         let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
@@ -295,9 +312,10 @@ pub(crate) fn run(
     })
 }
 
-/// Whether the int3 window runs at real-time priority (the tool's thread and the sync agent
-/// SCHED_FIFO): only when the caller runs at a raised priority itself (a negative nice, as
-/// `livepatch --boost` sets; the tool's threads inherit it).
+/// Whether the tool's thread runs the int3 window at real-time priority (SCHED_FIFO): only
+/// when the caller runs at a raised priority itself (a negative nice, as `livepatch --boost`
+/// sets; the tool's threads inherit it). (The sync agent always does: its bursts are a few
+/// µs, see sync_agent.rs.)
 ///
 /// Why not always. Real-time priority shortens the window on a busy machine (fewer traps),
 /// but each wake-up of a SCHED_FIFO thread preempts a thread of the target at once, in the
@@ -412,7 +430,17 @@ fn children(pid: i32) -> Vec<i32> {
 /// Children are found only when the machine forked at all during the switch (`forks_before`);
 /// every child of the target is then looked at: one forked before the first int3 or after
 /// the last first byte has whole bytes and is not touched.
-fn finish_children(pid: i32, forks_before: Option<u64>, sites: &[SiteSwitch], committed: bool) {
+///
+/// A committed apply with a flag (apply/dispatch.rs) sets the child's flag too, once every
+/// site of the child holds the new bytes (one forked between the two windows keeps the old
+/// code everywhere, as its copy of the state says).
+fn finish_children(
+    pid: i32,
+    forks_before: Option<u64>,
+    sites: &[SiteSwitch],
+    flag: Option<Flag>,
+    committed: bool,
+) {
     if forks_before.is_some() && forks_so_far() == forks_before {
         return;
     }
@@ -448,6 +476,15 @@ fn finish_children(pid: i32, forks_before: Option<u64>, sites: &[SiteSwitch], co
                 break;
             }
             fixed += 1;
+        }
+        if let Some(f) = flag.filter(|f| f.set && committed) {
+            let all_new = sites.iter().all(|s| {
+                mem.read_vec(s.plan.addr(), s.plan.len())
+                    .is_ok_and(|cur| cur == s.plan.result())
+            });
+            if all_new && mem.write(f.addr, &[1]).is_ok() {
+                fixed += 1;
+            }
         }
         if fixed > 0 {
             trace(
@@ -1306,6 +1343,62 @@ fn first_insn_len(plan: &WritePlan) -> usize {
     }
 }
 
+/// Nonstop mode's commit byte (apply/dispatch.rs): the flag of a patch whose sites lead to
+/// its dispatches.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Flag {
+    /// Its address in the patch memory.
+    pub addr: u64,
+    /// Set by this switch (an apply's commit); otherwise cleared (a revert's first store).
+    pub set: bool,
+}
+
+/// The sites' writes, in [`steps`]. With a flag, an apply switches first the sites that need
+/// no settle (the callers' branches, one instruction each: three syncs), then the others —
+/// the entries, whose settle now runs while the hot direct calls already go through the
+/// dispatches and meet no `int3` — and commits by setting the flag. Until then the dispatches
+/// run the old code: a failure rolls back with no new code having run. A revert clears the
+/// flag first (the patch is out from there on); its sites, jumps and calls, need no settle.
+#[allow(clippy::too_many_arguments)]
+fn switch_sites(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    area: &Area,
+    phase: &Cell<u8>,
+    agent: &mut Option<SyncAgent>,
+    rules: SettleRules,
+    flag: Option<Flag>,
+    commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let Some(flag) = flag else {
+        return steps(t, sites, area, phase, agent, rules, commit);
+    };
+    if !flag.set {
+        t.mem().write(flag.addr, &[0])?;
+        return steps(t, sites, area, phase, agent, rules, commit);
+    }
+    let settles = |s: &SiteSwitch| !inner_ranges(std::slice::from_ref(s)).is_empty();
+    let (slow, quick): (Vec<SiteSwitch>, Vec<SiteSwitch>) =
+        sites.iter().cloned().partition(settles);
+    let w0 = Instant::now();
+    if !quick.is_empty() {
+        steps(t, &quick, area, phase, agent, rules, &mut |_| Ok(()))?;
+        trace("window without settle done", w0);
+        // The second window starts before its commit again (a late trap of the first one
+        // meanwhile runs the old code either way: the flag is clear).
+        area.set_phase(t.mem(), BEFORE)?;
+        phase.set(BEFORE);
+    }
+    let mut commit_with_flag = |m: &Memory| -> Result<(), Error> {
+        crate::process::stop_point::reached("dispatch-flag");
+        m.write(flag.addr, &[1])?;
+        commit(m)
+    };
+    steps(t, &slow, area, phase, agent, rules, &mut commit_with_flag)?;
+    trace("window with settle done, flag set", w0);
+    Ok(())
+}
+
 fn steps(
     t: &mut Tracee,
     sites: &[SiteSwitch],
@@ -1325,24 +1418,42 @@ fn steps(
     let mut committed = false;
     let mut settled = false;
     let w0 = Instant::now();
+    // Sites close together in a page are written as one run (each /proc/PID/mem write costs
+    // ~10-20 µs here, and every µs of a window is a µs in which calls trap): a copy of each
+    // run's bytes is kept, and a step writes the run from its first to its last changed byte.
+    // The bytes in between are rewritten with what they hold — only this switch changes them.
+    let runs = super::spans(sites);
+    let mut copies = super::read_verified(t.mem(), sites, &runs)?;
     for i in 0..max_steps {
         let mut needs_sync = false;
-        for s in sites {
-            match s.plan.steps().get(i) {
-                Some(Step::Sync) => needs_sync = true,
-                Some(step) => {
-                    if let Some((addr, data)) = step.data() {
-                        // The last write of a plan (its first byte) goes live only after the
-                        // commit: from then on trapping threads go to the new code.
-                        if !committed && is_last_write(&s.plan, i) {
-                            area.set_phase(t.mem(), COMMITTED)?;
-                            phase.set(COMMITTED);
-                            committed = true;
+        let mut dirty: Vec<Option<(usize, usize)>> = vec![None; runs.len()];
+        for (run, (copy, dirty)) in runs.iter().zip(copies.iter_mut().zip(&mut dirty)) {
+            for &k in &run.sites {
+                let s = &sites[k];
+                match s.plan.steps().get(i) {
+                    Some(Step::Sync) => needs_sync = true,
+                    Some(step) => {
+                        if let Some((addr, data)) = step.data() {
+                            // The last write of a plan (its first byte) goes live only after
+                            // the commit: from then on trapping threads go to the new code.
+                            if !committed && is_last_write(&s.plan, i) {
+                                area.set_phase(t.mem(), COMMITTED)?;
+                                phase.set(COMMITTED);
+                                committed = true;
+                            }
+                            let at = (addr - run.start) as usize;
+                            copy[at..at + data.len()].copy_from_slice(data);
+                            let (a, b) = dirty.unwrap_or((at, at + data.len()));
+                            *dirty = Some((a.min(at), b.max(at + data.len())));
                         }
-                        t.mem().write(addr, data)?;
                     }
+                    None => {}
                 }
-                None => {}
+            }
+        }
+        for ((run, copy), dirty) in runs.iter().zip(&copies).zip(&dirty) {
+            if let Some((a, b)) = *dirty {
+                t.mem().write(run.start + a as u64, &copy[a..b])?;
             }
         }
         if needs_sync {
