@@ -7,9 +7,12 @@
 //! per switch, all inside the int3 window. The agent waits on a futex in the trap area's memfd,
 //! which the tool maps too (a shared futex: both sides name the same file page); the tool
 //! writes a request word and wakes it, the agent runs the membarrier, publishes the result and
-//! wakes the tool. When the tool runs at a raised priority (`--boost`) the agent runs under
-//! SCHED_FIFO (set by the tool; without the privilege it stays an ordinary thread), so it gets a
-//! CPU at once; either way it is one wake-up each way.
+//! wakes the tool: one wake-up each way. The agent runs under SCHED_FIFO (set by the tool;
+//! without the privilege it stays an ordinary thread), so it gets a CPU at once: behind the
+//! target's trapping threads an ordinary agent waited up to 0.5 ms per sync (session 5), and
+//! every µs of the window costs the calls that trap meanwhile. Unlike the tool (real-time only
+//! with `--boost`, see nonstop.rs), it preempts a thread of the target for a few µs only: a
+//! membarrier and a futex wake per request.
 //!
 //! Started by the borrowed thread (stopped for us anyway), through a few instructions of ours
 //! in the area's code page: block every signal (the new thread inherits that mask: no handler
@@ -304,12 +307,11 @@ impl SyncAgent {
     /// remote system call: its own registers are put back the same way). None when it cannot
     /// be started: the caller syncs through ptrace. Signals the borrowed thread was about to
     /// take meanwhile are added to `held` (tid, signal): the caller sends them again once the
-    /// switch is over, as the tracee does with the signals it holds back. `realtime`: the
-    /// agent runs under SCHED_FIFO (see nonstop's `realtime_window_wanted`).
+    /// switch is over, as the tracee does with the signals it holds back. The agent runs under
+    /// SCHED_FIFO when the tool may set it (see the module documentation).
     pub(crate) fn start(
         t: &mut Tracee,
         code: u64,
-        realtime: bool,
         held: &mut Vec<(i32, i32)>,
     ) -> Option<SyncAgent> {
         let shared = Shared::map(t.pid(), code)?;
@@ -340,12 +342,10 @@ impl SyncAgent {
         // as after any remote system call, or is gone).
         let _ = t.set_regs(tid, &saved);
         let agent = clone.filter(|&r| r > 0)? as i32;
-        if realtime {
-            // SAFETY: a plain system call on a thread id; rt is a valid sched_param.
-            unsafe {
-                let rt = libc::sched_param { sched_priority: 1 };
-                libc::sched_setscheduler(agent, libc::SCHED_FIFO, &rt);
-            }
+        // SAFETY: a plain system call on a thread id; rt is a valid sched_param.
+        unsafe {
+            let rt = libc::sched_param { sched_priority: 1 };
+            libc::sched_setscheduler(agent, libc::SCHED_FIFO, &rt);
         }
         Some(SyncAgent {
             shared,
