@@ -11,7 +11,9 @@
 //! - **patched**: after `apply` of a patch whose new `f0` is the same code (the redirect
 //!   `jmp` at the old entry, the new code in patch memory: another page, within ±2 GiB);
 //! - **patched via thunk**: after `apply` of a patch whose new `f0` also writes `ecx`, which
-//!   the old one never does, so the redirect goes through a register-preserving thunk.
+//!   the old one never does, so the redirect goes through a register-preserving thunk;
+//! - **patched in nonstop mode**: the same patch as *patched*, applied in nonstop mode, whose
+//!   sites lead to the function's dispatch (a flag test, then the jump to the new code).
 //!
 //! Calls are counted per second of the target thread's CPU time (so that other load on the
 //! machine does not count); each round samples every case (the best of 5 windows of 50 ms)
@@ -20,7 +22,7 @@
 //! Run: `cargo bench -p lp-benches --bench call_overhead` (root; gcc needed).
 
 use lp_benches::{gcc, Fixture};
-use lp_userspace::apply::{apply, ApplyOptions};
+use lp_userspace::apply::{apply, ApplyOptions, Mode};
 use lp_userspace::patchfile::Patch;
 use lp_userspace::revert::revert;
 use std::path::{Path, PathBuf};
@@ -131,7 +133,7 @@ fn main() {
     let mut far = Target::start(&exe, &["far"]);
     let rounds = 7;
     let (mut orig, mut stub_near, mut stub_far) = (vec![], vec![], vec![]);
-    let (mut patched, mut thunk) = (vec![], vec![]);
+    let (mut patched, mut thunk, mut dispatched) = (vec![], vec![], vec![]);
     for _ in 0..rounds {
         let o = t.calls_per_s();
         orig.push(o);
@@ -148,6 +150,13 @@ fn main() {
         );
         thunk.push(t.calls_per_s() / o);
         revert(t.pid(), None, Default::default(), Duration::from_secs(5)).unwrap();
+        let nonstop = ApplyOptions {
+            mode: Mode::Nonstop,
+            ..ApplyOptions::default()
+        };
+        apply(t.pid(), &same, nonstop).unwrap();
+        dispatched.push(t.calls_per_s() / o);
+        revert(t.pid(), None, Mode::Nonstop, Duration::from_secs(5)).unwrap();
     }
     println!(
         "call_overhead: {rounds} rounds, f0 calls per CPU-second (best of 5 x 50 ms), medians"
@@ -171,6 +180,10 @@ fn main() {
     println!(
         "  patched via register-saving thunk       ratio {:.3}",
         median(thunk)
+    );
+    println!(
+        "  patched in nonstop mode (dispatch)      ratio {:.3}",
+        median(dispatched)
     );
     drop((t, near, far));
     let _ = std::fs::remove_dir_all(&dir);
