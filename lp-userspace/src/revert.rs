@@ -258,6 +258,7 @@ fn take_out(
             below,
             resume: f.trampoline,
             reverting: true,
+            call_site: false,
         });
     }
     // The callers' branches go back to what was there before: the original call of the old

@@ -551,6 +551,7 @@ fn prepare(
             below,
             resume: tramp,
             reverting: false,
+            call_site: false,
         });
         busy.push(BusyRange {
             range: CodeRange::new(site.entry, site.entry + f.old_size.max(1)),

@@ -57,6 +57,8 @@ pub(crate) struct SiteSwitch {
     pub resume: u64,
     /// This switch takes `top` out (revert) rather than putting it in.
     pub reverting: bool,
+    /// A caller's direct branch (one instruction), not a function's entry.
+    pub call_site: bool,
 }
 
 impl SiteSwitch {
@@ -77,6 +79,7 @@ impl SiteSwitch {
             below: None,
             resume: tramp,
             reverting: false,
+            call_site: true,
         }
     }
 

@@ -1353,12 +1353,14 @@ pub(crate) struct Flag {
     pub set: bool,
 }
 
-/// The sites' writes, in [`steps`]. With a flag, an apply switches first the sites that need
-/// no settle (the callers' branches, one instruction each: three syncs), then the others —
-/// the entries, whose settle now runs while the hot direct calls already go through the
-/// dispatches and meet no `int3` — and commits by setting the flag. Until then the dispatches
-/// run the old code: a failure rolls back with no new code having run. A revert clears the
-/// flag first (the patch is out from there on); its sites, jumps and calls, need no settle.
+/// The sites' writes, in [`steps`]. With a flag (apply/dispatch.rs) the callers' branches go
+/// first, in windows of a few sites each (each call of a site costs a trap while its window
+/// lasts: three syncs), then the entries in one window — an apply's with its settle, which
+/// now runs while the direct calls already go through the dispatches and meet no `int3`. The
+/// dispatches run the old code until an apply's commit sets the flag, so either window rolls
+/// back with no new code having run. A revert clears the flag first (the patch is out from
+/// there on); the entries come last there too, so that a failure never has to put a jump back
+/// over entry bytes restored earlier (a thread may be between their instructions by then).
 #[allow(clippy::too_many_arguments)]
 fn switch_sites(
     t: &mut Tracee,
@@ -1375,29 +1377,46 @@ fn switch_sites(
     };
     if !flag.set {
         t.mem().write(flag.addr, &[0])?;
-        return steps(t, sites, area, phase, agent, rules, commit);
     }
-    let settles = |s: &SiteSwitch| !inner_ranges(std::slice::from_ref(s)).is_empty();
-    let (slow, quick): (Vec<SiteSwitch>, Vec<SiteSwitch>) =
-        sites.iter().cloned().partition(settles);
+    let (callers, entries): (Vec<SiteSwitch>, Vec<SiteSwitch>) =
+        sites.iter().cloned().partition(|s| s.call_site);
     let w0 = Instant::now();
-    if !quick.is_empty() {
-        steps(t, &quick, area, phase, agent, rules, &mut |_| Ok(()))?;
-        trace("window without settle done", w0);
-        // The second window starts before its commit again (a late trap of the first one
-        // meanwhile runs the old code either way: the flag is clear).
+    let per_window = CALLERS_PER_WINDOW.max(callers.len().div_ceil(MAX_CALLER_WINDOWS));
+    for window in callers.chunks(per_window) {
+        steps(t, window, area, phase, agent, rules, &mut |_| Ok(()))?;
+        // The next window starts before its commit again (a late trap of this one meanwhile
+        // runs the old code either way: the flag is clear).
         area.set_phase(t.mem(), BEFORE)?;
         phase.set(BEFORE);
     }
+    trace("callers' windows done", w0);
     let mut commit_with_flag = |m: &Memory| -> Result<(), Error> {
-        crate::process::stop_point::reached("dispatch-flag");
-        m.write(flag.addr, &[1])?;
+        if flag.set {
+            crate::process::stop_point::reached("dispatch-flag");
+            m.write(flag.addr, &[1])?;
+        }
         commit(m)
     };
-    steps(t, &slow, area, phase, agent, rules, &mut commit_with_flag)?;
-    trace("window with settle done, flag set", w0);
+    steps(
+        t,
+        &entries,
+        area,
+        phase,
+        agent,
+        rules,
+        &mut commit_with_flag,
+    )?;
+    trace("entries' window done", w0);
     Ok(())
 }
+
+/// Callers' branches switched in one window (see [`switch_sites`]): each call reaching one
+/// of them costs a trap while the window lasts, and a thread whose loop calls them all takes
+/// that many traps per iteration.
+const CALLERS_PER_WINDOW: usize = 2;
+/// At most this many windows of callers: a patch with many callers switches them more at
+/// a time rather than in ever more syncs.
+const MAX_CALLER_WINDOWS: usize = 16;
 
 fn steps(
     t: &mut Tracee,
