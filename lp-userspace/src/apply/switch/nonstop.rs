@@ -1438,15 +1438,16 @@ fn steps(
     let mut settled = false;
     let w0 = Instant::now();
     // Sites close together in a page are written as one run (each /proc/PID/mem write costs
-    // ~10-20 µs here, and every µs of a window is a µs in which calls trap): a copy of each
-    // run's bytes is kept, and a step writes the run from its first to its last changed byte.
-    // The bytes in between are rewritten with what they hold — only this switch changes them.
+    // ~10-20 µs here, and every µs of a window is a µs in which calls trap): a step reads the
+    // run from its first to its last byte to change, puts this step's bytes in, and writes it
+    // back. The bytes in between are read right before (not from an earlier copy): the kernel
+    // may change them meanwhile — a uprobe's int3 put in or taken out (review session 5, #1).
     let runs = super::spans(sites);
-    let mut copies = super::read_verified(t.mem(), sites, &runs)?;
+    super::read_verified(t.mem(), sites, &runs)?;
     for i in 0..max_steps {
         let mut needs_sync = false;
-        let mut dirty: Vec<Option<(usize, usize)>> = vec![None; runs.len()];
-        for (run, (copy, dirty)) in runs.iter().zip(copies.iter_mut().zip(&mut dirty)) {
+        let mut writes: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); runs.len()];
+        for (run, writes) in runs.iter().zip(&mut writes) {
             for &k in &run.sites {
                 let s = &sites[k];
                 match s.plan.steps().get(i) {
@@ -1460,20 +1461,15 @@ fn steps(
                                 phase.set(COMMITTED);
                                 committed = true;
                             }
-                            let at = (addr - run.start) as usize;
-                            copy[at..at + data.len()].copy_from_slice(data);
-                            let (a, b) = dirty.unwrap_or((at, at + data.len()));
-                            *dirty = Some((a.min(at), b.max(at + data.len())));
+                            writes.push((addr, data));
                         }
                     }
                     None => {}
                 }
             }
         }
-        for ((run, copy), dirty) in runs.iter().zip(&copies).zip(&dirty) {
-            if let Some((a, b)) = *dirty {
-                t.mem().write(run.start + a as u64, &copy[a..b])?;
-            }
+        for w in writes.iter().filter(|w| !w.is_empty()) {
+            write_run(t.mem(), w)?;
         }
         if needs_sync {
             trace(&format!("step {i} written"), w0);
@@ -1634,6 +1630,27 @@ fn busy(tid: i32, sites: &[SiteSwitch], ranges: &[CodeRange], rip: u64) -> Error
         function: name,
         waited_ms: 0,
     }
+}
+
+/// Writes `writes` (address, bytes; sites of one run, in address order) with one
+/// `/proc/PID/mem` write when there are several: the bytes between them are read first and
+/// written back as they are.
+fn write_run(mem: &Memory, writes: &[(u64, &[u8])]) -> Result<(), Error> {
+    if let [(addr, data)] = writes {
+        return Ok(mem.write(*addr, data)?);
+    }
+    let start = writes.iter().map(|w| w.0).min().unwrap_or(0);
+    let end = writes
+        .iter()
+        .map(|w| w.0 + w.1.len() as u64)
+        .max()
+        .unwrap_or(start);
+    let mut run = mem.read_vec(start, (end - start) as usize)?;
+    for (addr, data) in writes {
+        let at = (addr - start) as usize;
+        run[at..at + data.len()].copy_from_slice(data);
+    }
+    Ok(mem.write(start, &run)?)
 }
 
 fn is_last_write(plan: &WritePlan, i: usize) -> bool {
