@@ -245,9 +245,9 @@ fn describe(image: &LinkedImage) -> DebugRecord {
 }
 
 /// Decodes the register-preserving thunks of `functions` from the target's memory and writes
-/// their `.eh_frame`, with the `trampolines`' CFI, after the last of them in the patch memory
-/// (which ends at `code_end`) or, when that is full, into the image's spare code bytes
-/// (between its code and the trap byte).
+/// their `.eh_frame`, with the `trampolines`' CFI, after the last of them and of every
+/// trampoline in the patch memory (which ends at `code_end`) or, when that is full, into the
+/// image's spare code bytes (between its code and the trap byte).
 fn write_stub_cfi(
     t: &mut Tracee,
     functions: &[AppliedFunction],
@@ -270,7 +270,20 @@ fn write_stub_cfi(
     }
     let stubs_start = frames.iter().map(|f| f.start).min().unwrap_or(0);
     let stubs_end = frames.iter().map(|f| f.start + f.len).max().unwrap_or(0);
-    let after_stubs = stubs_end.next_multiple_of(8);
+    // Trampolines without CFI (a tail call's, or one whose original CFI could not be
+    // re-emitted) lie among the others: the .eh_frame goes after them too, or it overwrites
+    // one (review session 5, #7: a trapping thread sent there died of SIGSEGV). Their length
+    // is not recorded; no trampoline is longer than MAX_TRAMPOLINE_LEN.
+    let unframed_end = functions
+        .iter()
+        .flat_map(|f| {
+            std::iter::once(f.trampoline).chain(f.call_sites.iter().map(|c| c.trampoline))
+        })
+        .filter(|&at| at != 0 && !frames.iter().any(|fr| fr.start == at))
+        .map(|at| at + lp_core::trampoline::MAX_TRAMPOLINE_LEN as u64)
+        .max()
+        .unwrap_or(0);
+    let after_stubs = stubs_end.max(unframed_end).next_multiple_of(8);
     let len = crate::thunk_cfi::eh_frame(&frames, after_stubs).len() as u64;
     let at = if after_stubs + len <= code_end {
         after_stubs
