@@ -176,7 +176,11 @@ fn e2e_a_uprobe_removed_during_a_nonstop_window_stays_removed() {
         eprintln!("cannot add a uprobe: skipped");
         return;
     };
-    assert_eq!(byte_at(&pid, at), Some(0xcc), "the uprobe's int3 is in place");
+    assert_eq!(
+        byte_at(&pid, at),
+        Some(0xcc),
+        "the uprobe's int3 is in place"
+    );
     target.expect_steady(3, |l| l == "value=44");
 
     // The callers' window: every int3 written, the tool stopped before its first sync.
