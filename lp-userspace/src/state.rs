@@ -34,6 +34,12 @@ const VERSION_WITHOUT_CALL_SITES: u32 = 1;
 /// Version 3: an operation is marked unfinished. An older tool refuses it rather than take
 /// the record for an applied patch (or miss that bytes are half restored).
 const VERSION_UNFINISHED: u32 = 3;
+/// Version 4: the unfinished operation is on a patch with dispatches (nonstop mode, see
+/// apply/dispatch.rs). An older tool would finish a killed apply without setting the flag —
+/// recorded as applied, the old code running for good (review session 5, #2) — so it must
+/// refuse it. A state whose patches have dispatches but no unfinished operation keeps the
+/// lower versions: an older tool's revert or stacking of such a patch works.
+const VERSION_UNFINISHED_DISPATCH: u32 = 4;
 
 /// One function redirected by an applied patch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -257,7 +263,7 @@ fn read_at(pid: i32, mem: &Memory, addr: u64) -> Result<State, StateError> {
         return Err(corrupt("bad magic"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    if !(VERSION_WITHOUT_CALL_SITES..=VERSION_UNFINISHED).contains(&version) {
+    if !(VERSION_WITHOUT_CALL_SITES..=VERSION_UNFINISHED_DISPATCH).contains(&version) {
         return Err(corrupt(&format!("unknown version {version}")));
     }
     let active = u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64;
@@ -358,7 +364,12 @@ impl StateMap {
             .patches
             .iter()
             .any(|p| p.functions.iter().any(|f| !f.call_sites.is_empty()));
-        let version = if state.unfinished.is_some() {
+        let unfinished_dispatch = state
+            .unfinished_patch()
+            .is_some_and(|(i, _)| state.patches[i].flag.is_some());
+        let version = if unfinished_dispatch {
+            VERSION_UNFINISHED_DISPATCH
+        } else if state.unfinished.is_some() {
             VERSION_UNFINISHED
         } else if has_call_sites {
             VERSION

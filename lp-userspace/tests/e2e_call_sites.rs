@@ -55,12 +55,6 @@ fn bias(pid: i32, exe: &Path) -> u64 {
 }
 
 /// The version in the header of the in-target state.
-fn state_version(pid: i32) -> u32 {
-    let at = state::locate(pid).expect("a state mapping");
-    let h = Memory::open(pid).unwrap().read_vec(at + 8, 4).unwrap();
-    u32::from_le_bytes(h.try_into().unwrap())
-}
-
 /// work's record in the newest applied patch.
 fn top_work(pid: i32) -> AppliedFunction {
     let st = state::read(pid).unwrap();

@@ -238,6 +238,8 @@ fn e2e_kill_9_before_a_nonstop_applys_flag_store_keeps_the_old_code_and_is_finis
     assert!(target.alive());
     target.expect_steady(3, |l| l == "value=42");
     assert_eq!(unfinished(&pid).as_deref(), Some("applying"));
+    // A version older tools refuse: they would record the patch applied without the flag.
+    assert_eq!(state_version(pid.parse().unwrap()), 4);
     let out = livepatch(&["apply", &pid, &patch, "--mode", "nonstop"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

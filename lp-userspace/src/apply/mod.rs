@@ -563,6 +563,20 @@ fn prepare(
                 range: CodeRange::new(prev.new, prev.new + prev.new_size.max(1)),
                 name: format!("{} (previous patch)", f.old_name),
             });
+            // So is what leads into it: a thread there goes on into the version replaced
+            // (review session 5, #3). A thunk's length is not recorded: its upper bound.
+            if let Some(d) = prev.dispatch {
+                busy.push(BusyRange {
+                    range: CodeRange::new(d, d + dispatch::DISPATCH_LEN as u64),
+                    name: format!("{} (previous patch's dispatch)", f.old_name),
+                });
+            }
+            if prev.via != prev.new {
+                busy.push(BusyRange {
+                    range: CodeRange::new(prev.via, prev.via + crate::thunk::MAX_LEN as u64),
+                    name: format!("{} (previous patch's thunk)", f.old_name),
+                });
+            }
         }
         // Direct callers go straight to where the redirect leads.
         let mut call_sites = Vec::new();

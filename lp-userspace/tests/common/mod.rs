@@ -331,3 +331,14 @@ pub fn stop_tool_at(args: &[&str], point: &str) -> Child {
     tool.stderr = Some(stderr.into_inner());
     tool
 }
+
+/// The format version in the header of process `pid`'s in-target state (state.rs).
+#[allow(dead_code)]
+pub fn state_version(pid: i32) -> u32 {
+    let at = lp_userspace::state::locate(pid).expect("a state mapping");
+    let h = lp_userspace::process::Memory::open(pid)
+        .unwrap()
+        .read_vec(at + 8, 4)
+        .unwrap();
+    u32::from_le_bytes(h.try_into().unwrap())
+}
