@@ -569,6 +569,7 @@ impl Tracee {
                     });
                 }
                 self.stub_created = true;
+                maps_text::changed(self.pid);
                 stub::install(&self.mem, r as u64)?
             }
         };
@@ -617,17 +618,13 @@ impl Tracee {
         if let Some(slot) = guard {
             slot.guard(&self.mem, &saved)?;
         }
-        // (Forgotten before and after: another thread of ours may read the maps meanwhile.)
-        let maps_change = matches!(nr, libc::SYS_mmap | libc::SYS_munmap | libc::SYS_mremap);
-        if maps_change {
-            maps_text::changed(self.pid);
-        }
         self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
         if guard.is_some() {
             stop_point::reached_with("remote-syscall", nr);
         }
         let stepped = self.step_past(tid, insn, &mut saved, guard);
-        if maps_change {
+        if nr == libc::SYS_munmap {
+            // Perhaps the state or the stub's area (see maps_text).
             maps_text::changed(self.pid);
         }
         // Restore whatever happened: the thread must continue exactly where it was (or where
@@ -860,6 +857,8 @@ impl Tracee {
             fd as i64,
             0,
         );
+        // A mapping of livepatch's own (the state, nonstop's area): see maps_text.
+        maps_text::changed(self.pid);
         let _ = close(self);
         addr
     }
