@@ -532,3 +532,96 @@ fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
         unsafe { libc::kill(w.parse().unwrap(), libc::SIGKILL) };
     }
 }
+
+/// A child and a grandchild forked while a nonstop apply is between its last site and its
+/// commit store (the dispatches' flag): each has every site written and a copy of the flag
+/// still clear, so it runs the old code. The switch finishes them too — the grandchild
+/// included (session 4's review: only the target's own children were looked at) — and both
+/// run the new code, as the target does. The forks come from a worker thread (the tool keeps
+/// the main thread, which it borrowed, stopped for the whole switch).
+#[test]
+fn e2e_nonstop_apply_finishes_children_and_grandchildren_forked_before_its_commit() {
+    const TARGET: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int __attribute__((noipa)) compute(int x) { int r = x + 1; if (x > 1000000) r = x * 5; return r; }
+static volatile sig_atomic_t fork_asked;
+static void on_usr1(int sig) { (void)sig; fork_asked = 1; }
+static void *loop(void *arg) {
+    (void)arg;
+    const char *who = "parent";
+    struct timespec ts = {0, 5000000L};
+    for (;;) {
+        if (fork_asked) {
+            fork_asked = 0;
+            if (fork() == 0) { who = "child"; printf("child %d\n", getpid()); }
+        }
+        printf("%s value=%d\n", who, compute(41));
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGUSR1, on_usr1);
+    pthread_t t;
+    pthread_create(&t, NULL, loop, NULL);
+    printf("ready %d\n", getpid());
+    for (;;) pause();
+}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("forks.c");
+    std::fs::write(&src, TARGET).unwrap();
+    let exe = dir.path().join("forks");
+    cc(
+        "gcc",
+        &[
+            "-O2",
+            "-g",
+            "-Wl,--build-id",
+            "-pthread",
+            src.to_str().unwrap(),
+            "-o",
+            exe.to_str().unwrap(),
+        ],
+    );
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "parent value=42");
+    let mut tool = stop_tool_at(
+        &["apply", &pid, &patch, "--mode", "nonstop"],
+        "dispatch-flag",
+    );
+    // SIGUSR1 goes to whichever thread does not block it: the worker (the main thread is
+    // stopped by the tool, and in a child the worker is the only thread).
+    let fork_of = |parent: &str| -> String {
+        let mark = target.count();
+        // SAFETY: a signal to a process of this test.
+        unsafe { libc::kill(parent.parse().unwrap(), libc::SIGUSR1) };
+        let line = target.wait_line_after(mark, |l| l.starts_with("child ") && !l.contains('='));
+        line["child ".len()..].to_string()
+    };
+    let child = fork_of(&pid);
+    let grandchild = fork_of(&child);
+    assert_ne!(child, grandchild);
+    // Before the commit: the old code everywhere.
+    target.expect_steady(3, |l| l.ends_with("value=42"));
+    // SAFETY: SIGCONT to the tool this test started.
+    unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
+    assert!(tool.wait().unwrap().success());
+    // Parent, child and grandchild: the new code.
+    target.expect_steady(9, |l| l.ends_with("value=1041"));
+    for p in [&child, &grandchild] {
+        let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+        assert!(!st.contains(") Z"), "process {p} ended");
+        // SAFETY: a signal to a process this test made fork.
+        unsafe { libc::kill(p.parse().unwrap(), libc::SIGKILL) };
+    }
+}

@@ -399,21 +399,32 @@ fn forks_so_far() -> Option<u64> {
         .ok()
 }
 
-/// The processes whose parent is `pid`, from a scan of /proc (reliable under concurrent
-/// forks and exits, unlike /proc/PID/task/TID/children, which can skip entries then).
-fn children(pid: i32) -> Vec<i32> {
+/// The processes descending from `pid` (children, their children...), from one scan of /proc
+/// (reliable under concurrent forks and exits, unlike /proc/PID/task/TID/children, which can
+/// skip entries then). A grandchild forked mid-switch by a child forked mid-switch has the
+/// same half-written code (session 4's review: it was missed).
+fn descendants(pid: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-                    == Some(pid)
-            })
-        })
-        .collect()
+    let parent_of = |p: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+    };
+    let links: Vec<(i32, i32)> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|p| Some((p, parent_of(p)?)))
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(links.iter().filter(|l| l.1 == parent).map(|l| l.0));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// A process forked while the switch ran (review N6) got a copy of the code as it was at
@@ -454,7 +465,7 @@ fn finish_children(
     if !has_children {
         return;
     }
-    for child in children(pid) {
+    for child in descendants(pid) {
         let Ok(mem) = Memory::open(child) else {
             continue; // gone
         };
