@@ -117,7 +117,12 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
         || apply_here(pid, patch, opts, warm),
         || {
             if tables {
-                iced_tables::build_claimed(iced_tables::Tables::All);
+                // Nonstop mode's code assembler needs the encoder's tables too: built here,
+                // they are not built on the tracer before the window.
+                iced_tables::build_claimed(match opts.mode {
+                    Mode::Stop => iced_tables::Tables::All,
+                    Mode::Nonstop => iced_tables::Tables::Encoder,
+                });
             }
         },
     )
@@ -412,10 +417,13 @@ fn map_in_gap(
             target.module.path
         ))
     })?;
+    // Read-only: every write goes through /proc/PID/mem, which writes into a read-only private
+    // mapping too; the protections `prepare` sets then need no call for read-only ranges, and
+    // one for the code (one remote system call fewer than from read-write).
     let got = t.mmap(
         addr,
         len,
-        prot::READ | prot::WRITE,
+        prot::READ,
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE,
         -1,
         0,
@@ -572,8 +580,13 @@ fn prepare(
                 });
             }
             if prev.via != prev.new {
+                // Its length from its code (an upper bound would cover the code after it:
+                // review session 5, #8).
+                let code = t.mem().read_vec(prev.via, crate::thunk::MAX_LEN)?;
+                let len = crate::thunk_cfi::decode(prev.via, &code)
+                    .map_or(crate::thunk::MAX_LEN as u64, |thunk| thunk.len);
                 busy.push(BusyRange {
-                    range: CodeRange::new(prev.via, prev.via + crate::thunk::MAX_LEN as u64),
+                    range: CodeRange::new(prev.via, prev.via + len),
                     name: format!("{} (previous patch's thunk)", f.old_name),
                 });
             }
@@ -615,7 +628,7 @@ fn prepare(
     }
     // Final protections: trampolines/thunks r-x (the whole reserved area), image regions as
     // the linker says; adjacent ranges with the same protection in one call, and none for
-    // what the mapping already is (read-write).
+    // what the mapping already is (read-only).
     let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
     for r in &image.regions {
         let p = match r.prot {
@@ -629,7 +642,7 @@ fn prepare(
         }
     }
     for (at, len, p) in ranges {
-        if len > 0 && p != prot::READ | prot::WRITE {
+        if len > 0 && p != prot::READ {
             t.mprotect(at, len, p)?;
         }
     }

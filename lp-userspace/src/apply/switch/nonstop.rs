@@ -221,6 +221,9 @@ pub(crate) fn run(
             wait_sigtrap_unblocked(t.pid(), &skipped(t, &agent), AgentCode(Some(area.code)))
         });
     let wrote = ready.is_ok();
+    // The sites whose window began writing (a window that found bytes changed by someone else
+    // writes nothing: its sites, and those of windows after it, are not rolled back).
+    let mut started: Vec<SiteSwitch> = Vec::new();
     let mut result = ready.and_then(|()| {
         // From the first int3 only, and only when asked (see `realtime_window_wanted`):
         // before, the tool mostly waits for the borrowed thread, and a SCHED_FIFO tool
@@ -232,7 +235,17 @@ pub(crate) fn run(
             timeout,
             unmasked_handler: unmasked,
         };
-        switch_sites(t, sites, &area, &phase, &mut agent, rules, flag, commit)
+        switch_sites(
+            t,
+            sites,
+            &area,
+            &phase,
+            &mut agent,
+            rules,
+            flag,
+            commit,
+            &mut started,
+        )
     });
     // A process that died meanwhile (of a trap that was not ours, say) makes whatever call
     // came next fail with its own error (ESRCH from ptrace, a short read): it exited.
@@ -251,9 +264,9 @@ pub(crate) fn run(
             if let Some(f) = flag.filter(|f| f.set) {
                 let _ = t.mem().write(f.addr, &[0]);
             }
-            // Put every site back with the same protocol: trapping threads run what the
-            // restored bytes run.
-            let rolled = rollback(t, sites, &area, &phase, &mut agent);
+            // Put every site written back with the same protocol: trapping threads run what
+            // the restored bytes run.
+            let rolled = rollback(t, &started, &area, &phase, &mut agent);
             match rolled {
                 Err(e) => {
                     result = Err(e);
@@ -1382,9 +1395,10 @@ fn switch_sites(
     rules: SettleRules,
     flag: Option<Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+    started: &mut Vec<SiteSwitch>,
 ) -> Result<(), Error> {
     let Some(flag) = flag else {
-        return steps(t, sites, area, phase, agent, rules, commit);
+        return steps(t, sites, area, phase, agent, rules, commit, started);
     };
     if !flag.set {
         t.mem().write(flag.addr, &[0])?;
@@ -1394,7 +1408,16 @@ fn switch_sites(
     let w0 = Instant::now();
     let per_window = CALLERS_PER_WINDOW.max(callers.len().div_ceil(MAX_CALLER_WINDOWS));
     for window in callers.chunks(per_window) {
-        steps(t, window, area, phase, agent, rules, &mut |_| Ok(()))?;
+        steps(
+            t,
+            window,
+            area,
+            phase,
+            agent,
+            rules,
+            &mut |_| Ok(()),
+            started,
+        )?;
         // The next window starts before its commit again (a late trap of this one meanwhile
         // runs the old code either way: the flag is clear).
         area.set_phase(t.mem(), BEFORE)?;
@@ -1416,6 +1439,7 @@ fn switch_sites(
         agent,
         rules,
         &mut commit_with_flag,
+        started,
     )?;
     trace("entries' window done", w0);
     Ok(())
@@ -1429,6 +1453,9 @@ const CALLERS_PER_WINDOW: usize = 2;
 /// a time rather than in ever more syncs.
 const MAX_CALLER_WINDOWS: usize = 16;
 
+/// One window: `sites` through the protocol together; they are added to `started` once
+/// their bytes were found as expected, before the first write.
+#[allow(clippy::too_many_arguments)]
 fn steps(
     t: &mut Tracee,
     sites: &[SiteSwitch],
@@ -1437,6 +1464,7 @@ fn steps(
     agent: &mut Option<SyncAgent>,
     rules: SettleRules,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+    started: &mut Vec<SiteSwitch>,
 ) -> Result<(), Error> {
     // All sites go through the protocol together: every int3 first, then every tail, then
     // every first byte, so the process switches all functions at one commit point.
@@ -1455,6 +1483,7 @@ fn steps(
     // may change them meanwhile — a uprobe's int3 put in or taken out (review session 5, #1).
     let runs = super::spans(sites);
     super::read_verified(t.mem(), sites, &runs)?;
+    started.extend(sites.iter().cloned());
     for i in 0..max_steps {
         let mut needs_sync = false;
         let mut writes: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); runs.len()];
