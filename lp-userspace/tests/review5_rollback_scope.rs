@@ -31,7 +31,6 @@ impl Drop for Stopped {
 }
 
 #[test]
-#[ignore = "review session 5, finding 9: passes once the rollback covers only the windows that began writing"]
 fn review5_9_a_failed_window_rolls_back_only_what_it_wrote() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["callers.c"], "callers", &[]);

@@ -185,6 +185,7 @@ pub(crate) fn run(
     // tool must not wait behind the trapping threads for a CPU.
     // Processes forked from now on may copy the code mid-switch (see finish_children).
     let forks_before = forks_so_far();
+    let began = boot_ticks_now();
     // Only the tool's own thread: a boosted thread of the target would stay SCHED_FIFO for
     // good if the tool were killed mid-switch, and a busy one would then starve its CPU
     // (review session 3, R1). iced-x86's tables (settle decodes) are built first: they are
@@ -287,7 +288,7 @@ pub(crate) fn run(
         drop(agent.take());
         drop(boost);
         if was_installed && settled_bytes {
-            finish_children(t.pid(), forks_before, sites, flag, result.is_ok());
+            finish_children(t.pid(), (forks_before, began), sites, flag, result.is_ok());
         }
         trace("switched", t0);
         let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
@@ -412,22 +413,23 @@ fn forks_so_far() -> Option<u64> {
         .ok()
 }
 
-/// The processes descending from `pid` (children, their children...), from one scan of /proc
-/// (reliable under concurrent forks and exits, unlike /proc/PID/task/TID/children, which can
-/// skip entries then). A grandchild forked mid-switch by a child forked mid-switch has the
-/// same half-written code (session 4's review: it was missed).
-fn descendants(pid: i32) -> Vec<i32> {
+/// The processes descending from `pid` (children, their children...) that started at clock
+/// tick `since` (after boot) or later, from one scan of /proc (reliable under concurrent
+/// forks and exits, unlike /proc/PID/task/TID/children, which can skip entries then). A
+/// grandchild forked mid-switch by a child forked mid-switch has the same half-written code
+/// (session 4's review: it was missed); a process started before the switch has code of its
+/// own, which this switch never touched — it may even be in a switch of its own, which must
+/// not be "finished" from here (review session 5, #10).
+fn descendants_since(pid: i32, since: u64) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let parent_of = |p: i32| {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        let (_, rest) = stat.rsplit_once(')')?;
-        rest.split_whitespace().nth(1)?.parse::<i32>().ok()
-    };
     let links: Vec<(i32, i32)> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|p| Some((p, parent_of(p)?)))
+        .filter_map(|p| {
+            let (parent, start) = parent_and_start(p)?;
+            (start >= since).then_some((p, parent))
+        })
         .collect();
     let mut found = vec![pid];
     let mut i = 0;
@@ -438,6 +440,27 @@ fn descendants(pid: i32) -> Vec<i32> {
     }
     found.remove(0);
     found
+}
+
+/// Process `pid`'s parent and its start time (clock ticks after boot), from /proc/PID/stat.
+fn parent_and_start(pid: i32) -> Option<(i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let parent = fields.nth(1)?.parse().ok()?;
+    let start = fields.nth(17)?.parse().ok()?;
+    Some((parent, start))
+}
+
+/// Now, in the clock ticks after boot that /proc/PID/stat's start times count (rounded down:
+/// a process started in this tick counts as started from now on).
+fn boot_ticks_now() -> u64 {
+    // SAFETY: clock_gettime fills the timespec it is given; sysconf takes a constant.
+    let (ts, hz) = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+        (ts, libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64)
+    };
+    ts.tv_sec as u64 * hz + ts.tv_nsec as u64 * hz / 1_000_000_000
 }
 
 /// A process forked while the switch ran (review N6) got a copy of the code as it was at
@@ -452,15 +475,15 @@ fn descendants(pid: i32) -> Vec<i32> {
 /// in it, and a thread of it that meets a stale int3 is still sent on by the handler.
 ///
 /// Children are found only when the machine forked at all during the switch (`forks_before`);
-/// every child of the target is then looked at: one forked before the first int3 or after
-/// the last first byte has whole bytes and is not touched.
+/// every descendant started since the switch began is then looked at: one forked after the
+/// last first byte has whole bytes and is not touched.
 ///
 /// A committed apply with a flag (apply/dispatch.rs) sets the child's flag too, once every
 /// site of the child holds the new bytes (one forked between the two windows keeps the old
 /// code everywhere, as its copy of the state says).
 fn finish_children(
     pid: i32,
-    forks_before: Option<u64>,
+    (forks_before, began): (Option<u64>, u64),
     sites: &[SiteSwitch],
     flag: Option<Flag>,
     committed: bool,
@@ -478,7 +501,7 @@ fn finish_children(
     if !has_children {
         return;
     }
-    for child in descendants(pid) {
+    for child in descendants_since(pid, began) {
         let Ok(mem) = Memory::open(child) else {
             continue; // gone
         };
