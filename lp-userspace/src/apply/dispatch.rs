@@ -12,14 +12,14 @@
 //! process_patch bench was 200–450 µs during a nonstop apply, against 2–20 µs during a revert,
 //! whose window has no settle).
 //!
-//! So a nonstop apply points every site at a dispatch of the function, in two windows:
-//! first the sites that need no settle (the callers' `call`s, which are one instruction), in
-//! a window of three syncs; then the entries, whose settle runs while the hot direct calls
-//! already go through the dispatch and trap nowhere. Until the commit the dispatch runs the
-//! old code (the entry's trampoline), so either window can be rolled back with no new code
-//! having run; the commit sets the patch's flag, and every dispatch of the patch runs the new
-//! code from the next call on. A nonstop revert clears the flag first (the patch is out), then
-//! restores the sites in one window without settle.
+//! So a nonstop apply points every site at a dispatch of the function, in windows: first the
+//! callers' branches (one instruction each: no settle), two per window of three syncs; then
+//! the entries in one window, whose settle runs while the hot direct calls already go through
+//! the dispatches and trap nowhere. Until the commit the dispatch runs the old code (the
+//! entry's trampoline), so any window can be rolled back with no new code having run; the
+//! commit sets the patch's flag, and every dispatch of the patch runs the new code from the
+//! next call on. A nonstop revert clears the flag first (the patch is out), then restores the
+//! callers and, last, the entries, without settle (see nonstop.rs's `switch_sites`).
 //!
 //! The dispatch, 18 bytes (flags are dead at a function's entry: no caller keeps a value in
 //! them across a call):

@@ -479,7 +479,7 @@ fn boot_ticks_now() -> u64 {
 /// last first byte has whole bytes and is not touched.
 ///
 /// A committed apply with a flag (apply/dispatch.rs) sets the child's flag too, once every
-/// site of the child holds the new bytes (one forked between the two windows keeps the old
+/// site of the child holds the new bytes (one forked between the windows keeps the old
 /// code everywhere, as its copy of the state says).
 fn finish_children(
     pid: i32,
@@ -1404,7 +1404,7 @@ pub(crate) struct Flag {
 /// first, in windows of a few sites each (each call of a site costs a trap while its window
 /// lasts: three syncs), then the entries in one window — an apply's with its settle, which
 /// now runs while the direct calls already go through the dispatches and meet no `int3`. The
-/// dispatches run the old code until an apply's commit sets the flag, so either window rolls
+/// dispatches run the old code until an apply's commit sets the flag, so any window rolls
 /// back with no new code having run. A revert clears the flag first (the patch is out from
 /// there on); the entries come last there too, so that a failure never has to put a jump back
 /// over entry bytes restored earlier (a thread may be between their instructions by then).
