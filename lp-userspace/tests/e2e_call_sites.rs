@@ -348,20 +348,7 @@ fn many_callers_source(n: usize) -> String {
 fn e2e_many_callers_are_capped() {
     let n = 100;
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("many.c");
-    std::fs::write(&src, many_callers_source(n)).unwrap();
-    let exe = dir.path().join("many");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wl,--build-id",
-            src.to_str().unwrap(),
-            "-o",
-            exe.to_str().unwrap(),
-        ],
-    );
+    let exe = executable_from_source(dir.path(), "many", &many_callers_source(n), &[]);
     let obj = object(dir.path(), "new_work.c", "n1.o", &[]);
     let (p1, _) = pack(dir.path(), &exe, &obj, &[], "p1.lp");
     let patch = Patch::load(&p1).unwrap();

@@ -574,21 +574,7 @@ int main(void) {
 }
 "#;
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("forks.c");
-    std::fs::write(&src, TARGET).unwrap();
-    let exe = dir.path().join("forks");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wl,--build-id",
-            "-pthread",
-            src.to_str().unwrap(),
-            "-o",
-            exe.to_str().unwrap(),
-        ],
-    );
+    let exe = executable_from_source(dir.path(), "forks", TARGET, &["-pthread"]);
     let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
     let patch = patch.display().to_string();

@@ -131,23 +131,10 @@ fn e2e_a_uprobe_removed_during_a_nonstop_window_stays_removed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("u.c");
-    std::fs::write(&src, TARGET).unwrap();
+    let exe = executable_from_source(dir.path(), "u", TARGET, &[]);
     let new_src = dir.path().join("n.c");
     std::fs::write(&new_src, NEW).unwrap();
-    let exe = dir.path().join("u");
     let obj = dir.path().join("n.o");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wl,--build-id",
-            src.to_str().unwrap(),
-            "-o",
-            exe.to_str().unwrap(),
-        ],
-    );
     cc(
         "gcc",
         &[

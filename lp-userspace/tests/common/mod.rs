@@ -342,3 +342,17 @@ pub fn state_version(pid: i32) -> u32 {
         .unwrap();
     u32::from_le_bytes(h.try_into().unwrap())
 }
+
+/// Writes `source` to DIR/NAME.c and builds it into DIR/NAME as the fixtures are built
+/// (`-O2 -g -Wl,--build-id`), with `flags` after the source (e.g. `-pthread`).
+#[allow(dead_code)]
+pub fn executable_from_source(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let exe = dir.join(name);
+    let mut args = vec!["-O2", "-g", "-Wl,--build-id", src.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["-o", exe.to_str().unwrap()]);
+    cc("gcc", &args);
+    exe
+}
