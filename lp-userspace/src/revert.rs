@@ -7,7 +7,7 @@
 use crate::apply::switch::{self, BusyRange, Mode, SiteSwitch};
 use crate::apply::{Error, SwitchStats};
 use crate::process::{ProcessError, Tracee};
-use crate::state::{self, Operation, State, StateMap};
+use crate::state::{self, AppliedCallSite, AppliedFunction, Operation, State, StateMap};
 use lp_core::consistency::CodeRange;
 use lp_core::plan::plan_write;
 use serde::Serialize;
@@ -133,10 +133,12 @@ fn finish(
     let short_id = short(&patch.id).to_string();
     let mut all_written = true;
     for f in &patch.functions {
-        let sites = std::iter::once((f.patch_addr, &f.written))
-            .chain(f.call_sites.iter().map(|c| (c.addr, &c.written)));
-        for (addr, written) in sites {
-            all_written &= t.mem().read_vec(addr, written.len())? == *written;
+        all_written &= t.mem().read_vec(f.patch_addr, f.written.len())? == f.written;
+        // A caller still leading to the dispatch (the apply had not pointed it on to the new
+        // code yet) is in as well: the dispatch runs the new code once the flag is set.
+        for c in &f.call_sites {
+            let cur = t.mem().read_vec(c.addr, c.written.len())?;
+            all_written &= cur == c.written || Some(&cur) == dispatch_form(f, c).as_ref();
         }
     }
     if operation == Operation::Applying && all_written {
@@ -167,10 +169,22 @@ fn finish(
     Ok((state::read(pid)?, Some(done)))
 }
 
+/// The branch of call site `c` to `f`'s dispatch (nonstop mode): what the site holds between
+/// an apply's first windows and its last ones (apply/dispatch.rs).
+fn dispatch_form(f: &AppliedFunction, c: &AppliedCallSite) -> Option<Vec<u8>> {
+    let d = f.dispatch?;
+    lp_core::call_site::plan_retarget(c.addr, &c.written, d)
+        .ok()
+        .map(|p| p.result().to_vec())
+}
+
 /// What a site of the patch being taken out holds now.
 enum SiteNow {
     /// The patch's bytes: to be restored.
     Written,
+    /// The branch to the dispatch, the patch's bytes before their last step (an apply that
+    /// was killed): to be restored from these.
+    ToDispatch(Vec<u8>),
     /// Already the bytes it replaced (a switch that was killed).
     Restored,
     /// Half-way through nonstop mode's int3 protocol (a switch that was killed): `int3` on
@@ -178,9 +192,18 @@ enum SiteNow {
     Int3(Vec<u8>),
 }
 
-fn site_now(cur: Vec<u8>, written: &[u8], saved: &[u8], unfinished: bool) -> Option<SiteNow> {
+fn site_now(
+    cur: Vec<u8>,
+    written: &[u8],
+    saved: &[u8],
+    to_dispatch: Option<&[u8]>,
+    unfinished: bool,
+) -> Option<SiteNow> {
     if cur == written {
         return Some(SiteNow::Written);
+    }
+    if to_dispatch == Some(&cur[..]) {
+        return Some(SiteNow::ToDispatch(cur));
     }
     if !unfinished {
         return None;
@@ -189,7 +212,8 @@ fn site_now(cur: Vec<u8>, written: &[u8], saved: &[u8], unfinished: bool) -> Opt
         return Some(SiteNow::Restored);
     }
     let int3_over = |b: &[u8]| cur.first() == Some(&0xcc) && cur.get(1..) == b.get(1..);
-    (int3_over(written) || int3_over(saved)).then_some(SiteNow::Int3(cur))
+    (int3_over(written) || int3_over(saved) || to_dispatch.is_some_and(int3_over))
+        .then_some(SiteNow::Int3(cur))
 }
 
 /// Takes patch `index` of `current` out: restores its sites (those of an unfinished switch
@@ -225,7 +249,7 @@ fn take_out(
     let mut int3_seen = false;
     for f in &patch.functions {
         let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;
-        let now = site_now(cur, &f.written, &f.saved, unfinished).ok_or_else(|| {
+        let now = site_now(cur, &f.written, &f.saved, None, unfinished).ok_or_else(|| {
             Error::Mismatch(format!(
                 "function {} at {:#x} no longer holds patch {}'s redirect: changed by someone else; nothing reverted",
                 f.name, f.patch_addr, patch.id
@@ -238,6 +262,7 @@ fn take_out(
         let from = match now {
             SiteNow::Restored => continue,
             SiteNow::Written => f.written.clone(),
+            SiteNow::ToDispatch(cur) => cur,
             SiteNow::Int3(cur) => {
                 int3_seen = true;
                 cur
@@ -266,7 +291,15 @@ fn take_out(
     for f in &patch.functions {
         for c in &f.call_sites {
             let cur = t.mem().read_vec(c.addr, c.written.len())?;
-            let now = site_now(cur, &c.written, &c.saved, unfinished).ok_or_else(|| {
+            let to_dispatch = dispatch_form(f, c);
+            let now = site_now(
+                cur,
+                &c.written,
+                &c.saved,
+                to_dispatch.as_deref(),
+                unfinished,
+            )
+            .ok_or_else(|| {
                 Error::Mismatch(format!(
                     "call site {} at {:#x} (a call of {}) no longer holds patch {}'s branch: changed by someone else; nothing reverted",
                     c.caller, c.addr, f.name, patch.id
@@ -275,6 +308,7 @@ fn take_out(
             let from = match now {
                 SiteNow::Restored => continue,
                 SiteNow::Written => c.written.clone(),
+                SiteNow::ToDispatch(cur) => cur,
                 SiteNow::Int3(cur) => {
                     int3_seen = true;
                     cur
@@ -313,7 +347,11 @@ fn take_out(
     };
     // Nonstop mode: the patch is out from the first store of the switch, which clears its
     // dispatches' flag.
-    let flag = patch.flag.map(|addr| switch::Flag { addr, set: false });
+    let flag = patch.flag.map(|addr| switch::Flag {
+        addr,
+        set: false,
+        then: Vec::new(),
+    });
     let stats = match switch::run(
         t,
         mode,

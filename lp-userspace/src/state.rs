@@ -80,7 +80,7 @@ impl AppliedFunction {
             .iter()
             .filter(|c| {
                 lp_core::call_site::decode(c.addr, &c.written)
-                    .is_ok_and(|s| s.target == self.reached())
+                    .is_ok_and(|s| s.target == self.via || Some(s.target) == self.dispatch)
             })
             .count()
     }

@@ -111,9 +111,9 @@ fn call_sites(mode: &str) {
     target.expect_steady(3, |l| l == NEW);
     let work = top_work(ipid);
     assert_eq!(work.call_sites.len(), 2, "{out}");
-    // Straight to the new code (its thunk when it has one), not to the old entry; in nonstop
-    // mode through the function's dispatch, which the commit set to run the new code.
-    let dest = work.reached();
+    // Straight to the new code (its thunk when it has one), not to the old entry: in nonstop
+    // mode too, once the apply is done (its callers lead to the dispatch until the commit).
+    let dest = work.via;
     assert_eq!(work.dispatch.is_some(), mode == "nonstop");
     assert_ne!(dest, work.old);
     assert_eq!(targets_in_memory(ipid, &patch, bias), vec![dest, dest]);
@@ -164,15 +164,12 @@ fn stacked(mode: &str) {
 
     livepatch_ok(&["apply", &pid, fx.p1.to_str().unwrap(), "--mode", mode]);
     target.expect_steady(2, |l| l == NEW);
-    let first = top_work(ipid).reached();
+    let first = top_work(ipid).via;
     livepatch_ok(&["apply", &pid, fx.p2.to_str().unwrap(), "--mode", mode]);
     target.expect_steady(2, |l| l == NEW2);
     let second = top_work(ipid);
-    assert_ne!(second.reached(), first);
-    assert_eq!(
-        targets_in_memory(ipid, &patch, bias),
-        vec![second.reached(); 2]
-    );
+    assert_ne!(second.via, first);
+    assert_eq!(targets_in_memory(ipid, &patch, bias), vec![second.via; 2]);
     // What the second patch replaced at each site is the first patch's branch.
     for c in &second.call_sites {
         let before = lp_core::call_site::decode(c.addr, &c.saved).unwrap().target;

@@ -247,11 +247,13 @@ fn e2e_kill_9_before_a_nonstop_applys_flag_store_keeps_the_old_code_and_is_finis
     assert!(stderr.contains("already applied"), "{stderr}");
     target.expect_steady(3, |l| l == "value=1041");
     assert_eq!(unfinished(&pid), None);
-    // Killed between a nonstop revert's flag store and its commit: the old code runs at once;
-    // the next revert completes it.
+    // Killed in a nonstop revert's first window (its callers', which come before its flag
+    // store: they lead through the entry to the dispatch, which still runs the new code): the
+    // new code runs on, consistently, and the next revert completes it.
     kill_at(&["revert", &pid, "--mode", "nonstop"], "nonstop-sync:2");
     assert!(target.alive());
-    target.expect_steady(3, |l| l == "value=42");
+    target.expect_steady(3, |l| l == "value=1041");
+    assert_eq!(unfinished(&pid).as_deref(), Some("reverting"));
     livepatch_ok(&["revert", &pid]);
     assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 0);
     target.expect_steady(3, |l| l == "value=42");

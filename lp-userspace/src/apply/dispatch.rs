@@ -18,8 +18,11 @@
 //! the dispatches and trap nowhere. Until the commit the dispatch runs the old code (the
 //! entry's trampoline), so any window can be rolled back with no new code having run; the
 //! commit sets the patch's flag, and every dispatch of the patch runs the new code from the
-//! next call on. A nonstop revert clears the flag first (the patch is out), then restores the
-//! callers and, last, the entries, without settle (see nonstop.rs's `switch_sites`).
+//! next call on. The callers' branches are then pointed on from the dispatches to the new code
+//! (a call through a dispatch costs a flag test and a branch), before the state's commit. A
+//! nonstop revert restores the callers first (the dispatches still run the new code), then
+//! clears the flag (the patch is out), then restores the entries (see nonstop.rs's
+//! `switch_sites`).
 //!
 //! The dispatch, 18 bytes (flags are dead at a function's entry: no caller keeps a value in
 //! them across a call):

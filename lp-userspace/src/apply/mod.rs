@@ -227,7 +227,7 @@ fn apply_here(
         module_cfi.as_ref(),
         opts.mode,
     );
-    let (image, switches, mut busy, functions, caller_frames, flag) = match prepared {
+    let (image, switches, mut busy, functions, caller_frames, (flag, then)) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -328,7 +328,11 @@ fn apply_here(
             &switches,
             &busy,
             opts.timeout,
-            flag.map(|addr| switch::Flag { addr, set: true }),
+            flag.map(|addr| switch::Flag {
+                addr,
+                set: true,
+                then: then.clone(),
+            }),
             &mut begin,
             &mut commit,
         );
@@ -443,7 +447,7 @@ type Prepared = (
     Vec<BusyRange>,
     Vec<AppliedFunction>,
     Vec<crate::thunk_cfi::FrameCfi>,
-    Option<u64>,
+    (Option<u64>, Vec<SiteSwitch>),
 );
 
 /// Links, writes and protects the patch code; plans every site, the callers' (`callers`,
@@ -473,6 +477,7 @@ fn prepare(
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
     t.mem().write(image_addr, &image.bytes)?;
     let mut extra = Vec::new();
+    let mut then = Vec::new();
     let extra_addr = code_addr;
     // Nonstop mode: the sites lead to dispatches, committed by this flag (dispatch.rs).
     let flag = (mode == Mode::Nonstop).then(|| {
@@ -591,15 +596,27 @@ fn prepare(
                 });
             }
         }
-        // Direct callers go straight to where the redirect leads.
+        // Direct callers go straight to where the redirect leads. In nonstop mode that is the
+        // dispatch until the commit, then the new code (the second plan, in `then`: a call
+        // through the dispatch costs a flag test and a branch more); the state records the
+        // end, the new code's branch.
         let mut call_sites = Vec::new();
         for c in callers {
             let at = extra_addr + extra.len() as u64;
             if let Some((p, code)) = call_sites::prepare(&f.old_name, c, reached, at, cfi)? {
                 extra.extend_from_slice(&code);
                 pad16(&mut extra);
+                let mut record = p.record;
+                if dispatch.is_some() && p.switch.plan.result() != p.switch.plan.expected() {
+                    if let Ok(on) =
+                        lp_core::call_site::plan_retarget(record.addr, &record.written, via)
+                    {
+                        record.written = on.result().to_vec();
+                        then.push(SiteSwitch::call_site(p.switch.name.clone(), on, at));
+                    }
+                }
                 switches.push(p.switch);
-                call_sites.push(p.record);
+                call_sites.push(record);
                 frames.extend(p.frame);
             }
         }
@@ -658,7 +675,7 @@ fn prepare(
             }
         }
     }
-    Ok((image, switches, busy, functions, frames, flag))
+    Ok((image, switches, busy, functions, frames, (flag, then)))
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not

@@ -138,7 +138,7 @@ pub(crate) fn run(
         Mode::Stop => stop_mode(t, sites, busy, timeout, begin, commit),
         Mode::Nonstop => {
             begin(t.mem())?;
-            nonstop::run(t, sites, timeout, flag, commit)
+            nonstop::run(t, sites, timeout, flag.as_ref(), commit)
         }
     }
 }

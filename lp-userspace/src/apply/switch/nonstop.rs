@@ -143,7 +143,7 @@ pub(crate) fn run(
     t: &mut Tracee,
     sites: &[SiteSwitch],
     timeout: Duration,
-    flag: Option<Flag>,
+    flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     verify_expected(t.mem(), sites)?;
@@ -160,7 +160,20 @@ pub(crate) fn run(
     refuse_if_sigtrap_blocked(t.pid(), timeout, agents)?;
     let columns = decisions(sites)?;
     let mut area = open_area(t)?;
-    write_table(t.mem(), &mut area, sites, &published(sites, &columns))?;
+    // With dispatches the callers and the entries switch in windows of their own: a call
+    // site's trap takes the original branch, through the entry (whole then) and the dispatch
+    // (whose flag decides); the shortcut to the entry's own decision would be wrong there —
+    // the entry's "before the commit" is the old code even after the flag store, while the
+    // callers are pointed on to the new code, or before a revert's store. The sites an apply
+    // points on from the dispatch (`flag.then`) have the same address and trampoline as their
+    // first switch: the same rows serve them.
+    let shortcut = flag.is_none();
+    write_table(
+        t.mem(),
+        &mut area,
+        sites,
+        &published(sites, &columns, shortcut),
+    )?;
     let hits0 = area.read_u64(t.mem(), th::HITS)?;
 
     // The borrowed thread is traced: a trap it takes reaches us, not the handler. The same
@@ -267,6 +280,10 @@ pub(crate) fn run(
             }
             // Put every site written back with the same protocol: trapping threads run what
             // the restored bytes run.
+            // A caller's branch is in `started` twice when an apply pointed it on from the
+            // dispatch to the new code: its bytes before the switch are the first one's.
+            let mut seen = std::collections::BTreeSet::new();
+            started.retain(|s| seen.insert(s.plan.addr()));
             let rolled = rollback(t, &started, &area, &phase, &mut agent);
             match rolled {
                 Err(e) => {
@@ -288,7 +305,9 @@ pub(crate) fn run(
         drop(agent.take());
         drop(boost);
         if was_installed && settled_bytes {
-            finish_children(t.pid(), (forks_before, began), sites, flag, result.is_ok());
+            let mut all = sites.to_vec();
+            all.extend(flag.iter().flat_map(|f| f.then.iter().cloned()));
+            finish_children(t.pid(), (forks_before, began), &all, flag, result.is_ok());
         }
         trace("switched", t0);
         let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
@@ -485,7 +504,7 @@ fn finish_children(
     pid: i32,
     (forks_before, began): (Option<u64>, u64),
     sites: &[SiteSwitch],
-    flag: Option<Flag>,
+    flag: Option<&Flag>,
     committed: bool,
 ) {
     if forks_before.is_some() && forks_so_far() == forks_before {
@@ -525,9 +544,15 @@ fn finish_children(
             fixed += 1;
         }
         if let Some(f) = flag.filter(|f| f.set && committed) {
+            // A caller's branch has two plans (to the dispatch, then on to the new code):
+            // either result is new.
             let all_new = sites.iter().all(|s| {
-                mem.read_vec(s.plan.addr(), s.plan.len())
-                    .is_ok_and(|cur| cur == s.plan.result())
+                mem.read_vec(s.plan.addr(), s.plan.len()).is_ok_and(|cur| {
+                    sites
+                        .iter()
+                        .filter(|o| o.plan.addr() == s.plan.addr())
+                        .any(|o| cur == o.plan.result())
+                })
             });
             if all_new && mem.write(f.addr, &[1]).is_ok() {
                 fixed += 1;
@@ -685,7 +710,11 @@ fn decisions(sites: &[SiteSwitch]) -> Result<Vec<[u64; th::NPHASES]>, Error> {
 /// trap would go in the same phase ([`th::CALL`]). A direct `jmp` (a tail call) goes there
 /// with nothing pushed. The tool's own trap hook (the borrowed thread) keeps lp-core's
 /// decisions: it cannot push.
-fn published(sites: &[SiteSwitch], columns: &[[u64; th::NPHASES]]) -> Vec<[u64; th::NPHASES]> {
+fn published(
+    sites: &[SiteSwitch],
+    columns: &[[u64; th::NPHASES]],
+    shortcut: bool,
+) -> Vec<[u64; th::NPHASES]> {
     let entry = |addr: u64| {
         sites
             .iter()
@@ -697,7 +726,7 @@ fn published(sites: &[SiteSwitch], columns: &[[u64; th::NPHASES]]) -> Vec<[u64; 
         .iter()
         .zip(columns)
         .map(|(s, c)| {
-            if !is_call_site(s) {
+            if !shortcut || !is_call_site(s) {
                 return *c;
             }
             // The original branch: the bytes before an apply, the bytes after a revert.
@@ -1392,22 +1421,33 @@ fn first_insn_len(plan: &WritePlan) -> usize {
 
 /// Nonstop mode's commit byte (apply/dispatch.rs): the flag of a patch whose sites lead to
 /// its dispatches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Flag {
     /// Its address in the patch memory.
     pub addr: u64,
-    /// Set by this switch (an apply's commit); otherwise cleared (a revert's first store).
+    /// Set by this switch (an apply's commit); otherwise cleared (a revert's store).
     pub set: bool,
+    /// An apply's callers' branches pointed from the dispatch straight at the new code once
+    /// the flag is set, before the state's commit (a call through the dispatch costs a flag
+    /// test and a branch more: `call_overhead`).
+    pub then: Vec<SiteSwitch>,
 }
 
-/// The sites' writes, in [`steps`]. With a flag (apply/dispatch.rs) the callers' branches go
-/// first, in windows of a few sites each (each call of a site costs a trap while its window
-/// lasts: three syncs), then the entries in one window — an apply's with its settle, which
-/// now runs while the direct calls already go through the dispatches and meet no `int3`. The
-/// dispatches run the old code until an apply's commit sets the flag, so any window rolls
-/// back with no new code having run. A revert clears the flag first (the patch is out from
-/// there on); the entries come last there too, so that a failure never has to put a jump back
-/// over entry bytes restored earlier (a thread may be between their instructions by then).
+/// The sites' writes, in [`steps`]. With a flag (apply/dispatch.rs) an apply switches:
+/// 1. the callers' branches, to the dispatches, in windows of a few sites each (each call of
+///    a site costs a trap while its window lasts: three syncs);
+/// 2. the entries, to the dispatches, in one window with their settle, which now runs while
+///    the direct calls already go through the dispatches and meet no `int3`;
+/// 3. the flag (the commit: until this store the dispatches run the old code, so any window
+///    rolls back with no new code having run);
+/// 4. the callers' branches again, on from the dispatches to the new code (`flag.then`), in
+///    windows like the first ones — a call through a dispatch costs a flag test and a branch;
+///    then the state's commit.
+///
+/// A revert switches the callers' branches back first (they then lead through the entries to
+/// the dispatches, which still run the new code), clears the flag (from there on every call
+/// runs the old code), and restores the entries last, so that a failure never has to put a
+/// jump back over entry bytes restored earlier (a thread may be between their instructions).
 #[allow(clippy::too_many_arguments)]
 fn switch_sites(
     t: &mut Tracee,
@@ -1416,16 +1456,13 @@ fn switch_sites(
     phase: &Cell<u8>,
     agent: &mut Option<SyncAgent>,
     rules: SettleRules,
-    flag: Option<Flag>,
+    flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     started: &mut Vec<SiteSwitch>,
 ) -> Result<(), Error> {
     let Some(flag) = flag else {
         return steps(t, sites, area, phase, agent, rules, commit, started);
     };
-    if !flag.set {
-        t.mem().write(flag.addr, &[0])?;
-    }
     let (callers, entries): (Vec<SiteSwitch>, Vec<SiteSwitch>) =
         sites.iter().cloned().partition(|s| s.call_site);
     let w0 = Instant::now();
@@ -1447,12 +1484,20 @@ fn switch_sites(
         phase.set(BEFORE);
     }
     trace("callers' windows done", w0);
+    if !flag.set {
+        // A revert: its callers lead to the entries again, which lead to the dispatches, which
+        // still run the new code; from this store on every call runs the old code.
+        t.mem().write(flag.addr, &[0])?;
+    }
     let mut commit_with_flag = |m: &Memory| -> Result<(), Error> {
         if flag.set {
             crate::process::stop_point::reached("dispatch-flag");
             m.write(flag.addr, &[1])?;
         }
-        commit(m)
+        if flag.then.is_empty() {
+            commit(m)?;
+        }
+        Ok(())
     };
     steps(
         t,
@@ -1465,6 +1510,32 @@ fn switch_sites(
         started,
     )?;
     trace("entries' window done", w0);
+    if flag.then.is_empty() {
+        return Ok(());
+    }
+    // The patch is in. The callers' branches go on from the dispatches to the new code, in
+    // windows like the first ones (a thread trapping there runs the original branch, which
+    // leads through the entry and the dispatch to the new code as well); the last commits.
+    let windows: Vec<&[SiteSwitch]> = flag.then.chunks(per_window).collect();
+    for (k, window) in windows.iter().enumerate() {
+        area.set_phase(t.mem(), BEFORE)?;
+        phase.set(BEFORE);
+        if k + 1 == windows.len() {
+            steps(t, window, area, phase, agent, rules, commit, started)?;
+        } else {
+            steps(
+                t,
+                window,
+                area,
+                phase,
+                agent,
+                rules,
+                &mut |_| Ok(()),
+                started,
+            )?;
+        }
+    }
+    trace("callers straight to the new code", w0);
     Ok(())
 }
 
