@@ -1467,22 +1467,13 @@ fn switch_sites(
         sites.iter().cloned().partition(|s| s.call_site);
     let w0 = Instant::now();
     let per_window = CALLERS_PER_WINDOW.max(callers.len().div_ceil(MAX_CALLER_WINDOWS));
-    for window in callers.chunks(per_window) {
-        steps(
-            t,
-            window,
-            area,
-            phase,
-            agent,
-            rules,
-            &mut |_| Ok(()),
-            started,
-        )?;
-        // The next window starts before its commit again (a late trap of this one meanwhile
-        // runs the old code either way: the flag is clear).
-        area.set_phase(t.mem(), BEFORE)?;
-        phase.set(BEFORE);
-    }
+    let windows = Windows {
+        per_window,
+        area,
+        phase,
+        rules,
+    };
+    windows.run(t, &callers, agent, None, started)?;
     trace("callers' windows done", w0);
     if !flag.set {
         // A revert: its callers lead to the entries again, which lead to the dispatches, which
@@ -1499,6 +1490,8 @@ fn switch_sites(
         }
         Ok(())
     };
+    area.set_phase(t.mem(), BEFORE)?;
+    phase.set(BEFORE);
     steps(
         t,
         &entries,
@@ -1514,29 +1507,50 @@ fn switch_sites(
         return Ok(());
     }
     // The patch is in. The callers' branches go on from the dispatches to the new code, in
-    // windows like the first ones (a thread trapping there runs the original branch, which
-    // leads through the entry and the dispatch to the new code as well); the last commits.
-    let windows: Vec<&[SiteSwitch]> = flag.then.chunks(per_window).collect();
-    for (k, window) in windows.iter().enumerate() {
-        area.set_phase(t.mem(), BEFORE)?;
-        phase.set(BEFORE);
-        if k + 1 == windows.len() {
-            steps(t, window, area, phase, agent, rules, commit, started)?;
-        } else {
-            steps(
-                t,
-                window,
-                area,
-                phase,
-                agent,
-                rules,
-                &mut |_| Ok(()),
-                started,
-            )?;
-        }
-    }
+    // windows like the first ones; the last commits.
+    windows.run(t, &flag.then, agent, Some(commit), started)?;
     trace("callers straight to the new code", w0);
     Ok(())
+}
+
+/// What a window calls once its sites are switched (the state's commit, with the last one).
+type Commit<'c> = &'c mut dyn FnMut(&Memory) -> Result<(), Error>;
+
+/// Callers' branches switched a few at a time (see [`switch_sites`]).
+struct Windows<'a> {
+    per_window: usize,
+    area: &'a Area,
+    phase: &'a Cell<u8>,
+    rules: SettleRules,
+}
+
+impl Windows<'_> {
+    /// `sites` in windows of `per_window`, each starting before its commit (a late trap of
+    /// the previous one takes the original branch, through the entry and the dispatch, in
+    /// either phase); `last` commits with the last window.
+    fn run(
+        &self,
+        t: &mut Tracee,
+        sites: &[SiteSwitch],
+        agent: &mut Option<SyncAgent>,
+        mut last: Option<Commit<'_>>,
+        started: &mut Vec<SiteSwitch>,
+    ) -> Result<(), Error> {
+        let n = sites.chunks(self.per_window).count();
+        for (k, window) in sites.chunks(self.per_window).enumerate() {
+            self.area.set_phase(t.mem(), BEFORE)?;
+            self.phase.set(BEFORE);
+            let mut none = |_: &Memory| Ok(());
+            let commit: &mut dyn FnMut(&Memory) -> Result<(), Error> = match last.as_deref_mut() {
+                Some(c) if k + 1 == n => c,
+                _ => &mut none,
+            };
+            steps(
+                t, window, self.area, self.phase, agent, self.rules, commit, started,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Callers' branches switched in one window (see [`switch_sites`]): each call reaching one
