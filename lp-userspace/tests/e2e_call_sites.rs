@@ -13,7 +13,6 @@ use lp_userspace::elf::Module;
 use lp_userspace::patchfile::Patch;
 use lp_userspace::process::Memory;
 use lp_userspace::state::{self, AppliedFunction};
-use std::path::Path;
 
 const ORIGINAL: &str = "direct=42 tail=100021 pointer=42";
 const NEW: &str = "direct=1041 tail=101020 pointer=1041";
@@ -39,19 +38,6 @@ fn fixture() -> Fixture {
         p1,
         p2,
     }
-}
-
-/// The load bias of the executable in process `pid`.
-fn bias(pid: i32, exe: &Path) -> u64 {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let line = maps
-        .lines()
-        .find(|l| {
-            l.ends_with(exe.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000")
-        })
-        .expect("executable mapped");
-    let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
-    start - Module::open(exe).unwrap().min_vaddr()
 }
 
 /// The version in the header of the in-target state.

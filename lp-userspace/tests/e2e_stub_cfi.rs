@@ -12,23 +12,9 @@ use common::*;
 use lp_core::jump::REL32_JUMP_LEN;
 use lp_core::site::validate_site;
 use lp_core::trampoline::{build_trampoline, MAX_TRAMPOLINE_LEN};
-use lp_userspace::elf::Module;
 use lp_userspace::patchfile::Patch;
 use lp_userspace::process::Memory;
 use lp_userspace::state;
-
-/// The load bias of `exe` in process `pid`.
-fn bias(pid: i32, exe: &std::path::Path) -> u64 {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let line = maps
-        .lines()
-        .find(|l| {
-            l.ends_with(exe.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000")
-        })
-        .expect("executable mapped");
-    let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
-    start - Module::open(exe).unwrap().min_vaddr()
-}
 
 /// `site`'s trampoline as lp-core builds it at `at`.
 fn expected(site: &lp_core::site::Site, at: u64) -> Vec<u8> {

@@ -227,7 +227,7 @@ fn apply_here(
         module_cfi.as_ref(),
         opts.mode,
     );
-    let (image, switches, mut busy, functions, caller_frames, (flag, then)) = match prepared {
+    let (image, switches, mut busy, functions, caller_frames, (flag, mut then)) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -331,7 +331,7 @@ fn apply_here(
             flag.map(|addr| switch::Flag {
                 addr,
                 set: true,
-                then: then.clone(),
+                then: std::mem::take(&mut then),
             }),
             &mut begin,
             &mut commit,

@@ -356,3 +356,18 @@ pub fn executable_from_source(dir: &Path, name: &str, source: &str, flags: &[&st
     cc("gcc", &args);
     exe
 }
+
+/// The load bias of executable `exe` in process `pid` (where its file offset 0 is mapped,
+/// less its lowest virtual address).
+#[allow(dead_code)]
+pub fn bias(pid: i32, exe: &Path) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| {
+            l.ends_with(exe.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000")
+        })
+        .expect("executable mapped");
+    let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
+    start - lp_userspace::elf::Module::open(exe).unwrap().min_vaddr()
+}
