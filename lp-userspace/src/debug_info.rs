@@ -12,8 +12,12 @@
 //!   `/tmp/livepatch-PID.gdb`: `gdb -p PID -x /tmp/livepatch-PID.gdb` names the new functions.
 //!   The command is part of the state (`livepatch status` shows it); the perf and gdb files
 //!   are written while the switch runs ([`write_names`]).
-//! - **trampolines and thunks** (code livepatch generates around the patch) get a generated
-//!   `.eh_frame` too ([`crate::thunk_cfi`], [`trampoline_cfi`]), registered the same way.
+//! - **trampolines, thunks and dispatches** (code livepatch generates around the patch) get a
+//!   generated `.eh_frame` too ([`crate::thunk_cfi`], [`trampoline_cfi`]), registered the same
+//!   way, and names ([`stub_names`]): a perf map line each (`livepatch dispatch F`,
+//!   `livepatch trampoline F`, `livepatch thunk F`), and, for gdb, a symbol file of their own
+//!   (`/tmp/livepatch-PID-ID-stubs.o`, [`stub_object`]) whose `add-symbol-file` command is a
+//!   second line in the script.
 //! - **stack checks**: the image's `.eh_frame` location is kept in the in-target state
 //!   ([`DebugRecord`]), so a later stop-mode check unwinds threads inside patch code with its
 //!   CFI ([`add_patch_cfi`]) instead of scanning their stacks conservatively.
@@ -22,6 +26,8 @@
 //! the patch stays applied (or reverted).
 
 mod stale_files;
+pub mod stub_names;
+pub mod stub_object;
 mod trampoline_cfi;
 
 pub use trampoline_cfi::{trampoline_frame, ModuleCfi};
@@ -76,6 +82,14 @@ pub struct DebugRecord {
     pub thunk_frame_registered: bool,
     /// The gdb command naming the new functions (its object file is saved beside it).
     pub gdb_command: String,
+    /// The gdb command naming the trampolines, thunks and dispatches (its symbol file,
+    /// [`stub_object`], is saved beside the patch's); empty when there are none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gdb_stubs_command: String,
+    /// Those pieces of code, measured by [`before_switch`] for [`write_names`]. Not kept in the
+    /// state: a revert removes their names by the patch's id.
+    #[serde(skip)]
+    pub stubs: Vec<stub_names::StubSymbol>,
 }
 
 /// The object file saved for gdb.
@@ -83,7 +97,12 @@ pub fn gdb_object_path(pid: i32, id: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/livepatch-{pid}-{id}.o"))
 }
 
-/// The gdb script holding one `add-symbol-file` command per applied patch.
+/// The symbol file saved for gdb naming the trampolines, thunks and dispatches of patch `id`.
+pub fn gdb_stubs_object_path(pid: i32, id: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/livepatch-{pid}-{id}-stubs.o"))
+}
+
+/// The gdb script holding the `add-symbol-file` commands of every applied patch.
 pub fn gdb_script_path(pid: i32) -> PathBuf {
     PathBuf::from(format!("/tmp/livepatch-{pid}.gdb"))
 }
@@ -157,25 +176,34 @@ pub fn before_switch(
     }
     record.gdb_command =
         crate::perf_map::gdb_add_symbol_file(&gdb_object_path(pid, &patch.id), image);
+    record.stubs = stub_names::stub_symbols(patch, functions, t.mem());
+    if let Some(base) = record.stubs.iter().map(|s| s.addr).min() {
+        record.gdb_stubs_command = format!(
+            "add-symbol-file {} -s {} {base:#x}",
+            gdb_stubs_object_path(pid, &patch.id).display(),
+            stub_object::SECTION
+        );
+    }
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
         eprintln!("livepatch: trace: debug info {record:x?}");
     }
     Ok(record)
 }
 
-/// Names the new functions for perf (`/tmp/perf-PID.map`) and saves the object and the gdb
-/// command [`before_switch`] recorded. Not needed before the switch: apply writes them while
+/// Names the new functions and the generated code around them for perf (`/tmp/perf-PID.map`)
+/// and saves the objects and the gdb commands [`before_switch`] recorded. Not needed before the switch: apply writes them while
 /// the switch runs, on another thread, and waits for them before it detaches (so no other
 /// livepatch can revert meanwhile) or undoes a failed switch. Files that cannot be written
 /// give warnings; the patch stays.
 pub fn write_names(pid: i32, patch: &Patch, image: &LinkedImage, record: &DebugRecord) {
-    if let Err(e) = crate::perf_map::record(pid, &image.symbol_list, &patch.id) {
+    let stubs = stub_names::perf_lines(&record.stubs, &patch.id);
+    if let Err(e) = crate::perf_map::record_with(pid, &image.symbol_list, &stubs, &patch.id) {
         warn(&format!(
             "cannot write {}: {e}",
             crate::perf_map::path(pid).display()
         ));
     }
-    if let Err(e) = save_gdb_command(pid, patch, &record.gdb_command) {
+    if let Err(e) = save_gdb_commands(pid, patch, record) {
         warn(&format!(
             "cannot save the gdb symbol file (`livepatch status` shows a command that will not work): {e}"
         ));
@@ -303,14 +331,22 @@ fn write_stub_cfi(
     Ok(())
 }
 
-/// Saves the patch object and appends its `add-symbol-file` command `cmd` to the gdb script.
-fn save_gdb_command(pid: i32, patch: &Patch, cmd: &str) -> std::io::Result<()> {
+/// Saves the patch object (and the stubs' symbol file) and appends their `add-symbol-file`
+/// commands (in `record`) to the gdb script.
+fn save_gdb_commands(pid: i32, patch: &Patch, record: &DebugRecord) -> std::io::Result<()> {
     use std::io::Write;
     // Files of ours only: a gdb script planted by another user would run its `shell` lines as
     // whoever loads it (see `open_own`).
     open_own(&gdb_object_path(pid, &patch.id), false, None)?
         .0
         .write_all(&patch.object)?;
+    let mut cmds = format!("{}\n", record.gdb_command);
+    if let Some((stubs, _)) = stub_object::build(&record.stubs) {
+        open_own(&gdb_stubs_object_path(pid, &patch.id), false, None)?
+            .0
+            .write_all(&stubs)?;
+        cmds.push_str(&format!("{}\n", record.gdb_stubs_command));
+    }
     // The script is named by pid, and pids are reused: one left by a dead process that had the
     // same pid (its header names another start time) is started afresh, not appended to.
     let header = gdb_script_header(pid);
@@ -320,7 +356,8 @@ fn save_gdb_command(pid: i32, patch: &Patch, cmd: &str) -> std::io::Result<()> {
     if fresh || !current {
         script.write_all(header.as_bytes())?;
     }
-    script.write_all(format!("{cmd}\n").as_bytes())?;
+    // One write: the script never holds one command of a patch without the other.
+    script.write_all(cmds.as_bytes())?;
     Ok(())
 }
 
@@ -452,16 +489,18 @@ fn forget_names(pid: i32, id: &str) {
 }
 
 fn forget_gdb_command(pid: i32, id: &str) {
-    let object = gdb_object_path(pid, id);
-    let _ = std::fs::remove_file(&object);
+    let objects = [gdb_object_path(pid, id), gdb_stubs_object_path(pid, id)];
+    for o in &objects {
+        let _ = std::fs::remove_file(o);
+    }
     let script = gdb_script_path(pid);
     let Ok(text) = std::fs::read_to_string(&script) else {
         return;
     };
-    let needle = format!("add-symbol-file {} ", object.display());
+    let needles = objects.map(|o| format!("add-symbol-file {} ", o.display()));
     let kept: String = text
         .lines()
-        .filter(|l| !l.starts_with(&needle))
+        .filter(|l| !needles.iter().any(|n| l.starts_with(n)))
         .map(|l| format!("{l}\n"))
         .collect();
     let _ = if !kept.lines().any(|l| l.starts_with("add-symbol-file ")) {

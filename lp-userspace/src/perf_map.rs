@@ -1,9 +1,10 @@
 //! Names for patch code in profilers and debuggers.
 //!
 //! perf: the JIT map convention, one `START SIZE name` line (hex, no 0x) per function in
-//! `/tmp/perf-PID.map`. perf reads the file when it resolves samples of an anonymous executable
-//! mapping in process PID, so the lines must exist while the patch is applied; [`forget`]
-//! removes them on revert.
+//! `/tmp/perf-PID.map`, and per trampoline, thunk and dispatch (`livepatch dispatch F`, see
+//! `debug_info::stub_names`). perf reads the file when it resolves samples of an anonymous
+//! executable mapping in process PID, so the lines must exist while the patch is applied;
+//! [`forget`] removes them on revert.
 //!
 //! `/tmp` is writable by everyone and the tool runs as root: the map file is never opened
 //! through a symbolic link (`O_NOFOLLOW`), so a link planted at the well-known name cannot make
@@ -48,7 +49,18 @@ pub fn lines(symbols: &[LinkedSymbol], tag: &str) -> String {
 /// Appends the functions of a linked patch to `/tmp/perf-PID.map`, or writes them to a new
 /// map when the one there was left by an earlier process with the same pid.
 pub fn record(pid: i32, symbols: &[LinkedSymbol], tag: &str) -> std::io::Result<()> {
-    let text = lines(symbols, tag);
+    record_with(pid, symbols, "", tag)
+}
+
+/// [`record`], with more lines (`extra`, already tagged: the trampolines, thunks and dispatches
+/// of `debug_info::stub_names`) in the same write.
+pub fn record_with(
+    pid: i32,
+    symbols: &[LinkedSymbol],
+    extra: &str,
+    tag: &str,
+) -> std::io::Result<()> {
+    let text = lines(symbols, tag) + extra;
     if text.is_empty() {
         return Ok(());
     }

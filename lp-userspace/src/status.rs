@@ -16,6 +16,16 @@ pub struct FunctionStatus {
     pub new: String,
     /// Direct callers retargeted at the new code (their calls skip the redirect).
     pub call_sites: usize,
+    /// The trampoline running the original's displaced instructions (the old version's way
+    /// in while the patch is not committed, and after a revert for a thread that trapped).
+    pub trampoline: String,
+    /// The register-preserving thunk calling the new version, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thunk: Option<String>,
+    /// Nonstop mode: the dispatch the entry leads to (`testb $1,flag(%rip); jnz new; jmp
+    /// trampoline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<String>,
 }
 
 /// One applied patch.
@@ -36,6 +46,10 @@ pub struct PatchStatus {
     /// The gdb command naming the new functions (`add-symbol-file` of the saved patch object
     /// with each section at its runtime address); empty when none was saved.
     pub gdb_command: String,
+    /// The gdb command naming the trampolines, thunks and dispatches (`add-symbol-file` of a
+    /// symbol file livepatch writes for them); absent when none was saved.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub gdb_stubs_command: String,
     /// "applying" or "reverting": a livepatch was killed in the middle of that switch of this
     /// patch, whose bytes may be only partly written; the next revert or apply takes it out.
     /// Absent normally.
@@ -74,12 +88,20 @@ fn patch_status(p: &AppliedPatch, st: &State) -> PatchStatus {
                 old: format!("{:#x}", f.old),
                 new: format!("{:#x}", f.new),
                 call_sites: f.direct_callers(),
+                trampoline: format!("{:#x}", f.trampoline),
+                thunk: (f.via != f.new).then(|| format!("{:#x}", f.via)),
+                dispatch: f.dispatch.map(|d| format!("{d:#x}")),
             })
             .collect(),
         gdb_command: p
             .debug
             .as_ref()
             .map(|d| d.gdb_command.clone())
+            .unwrap_or_default(),
+        gdb_stubs_command: p
+            .debug
+            .as_ref()
+            .map(|d| d.gdb_stubs_command.clone())
             .unwrap_or_default(),
     }
 }
@@ -140,6 +162,9 @@ pub fn render(list: &[ProcessStatus]) -> String {
             if !pa.gdb_command.is_empty() {
                 out.push_str(&format!("    gdb: {}\n", pa.gdb_command));
             }
+            if !pa.gdb_stubs_command.is_empty() {
+                out.push_str(&format!("    gdb: {}\n", pa.gdb_stubs_command));
+            }
             if let Some(op) = &pa.unfinished {
                 out.push_str(&format!(
                     "    UNFINISHED: a livepatch was killed while {op} this patch; `livepatch revert {}` takes it out\n",
@@ -191,8 +216,12 @@ mod tests {
                     old: "0x1000".into(),
                     new: "0x2000".into(),
                     call_sites: 0,
+                    trampoline: "0x3000".into(),
+                    thunk: None,
+                    dispatch: None,
                 }],
                 gdb_command: gdb_command.into(),
+                gdb_stubs_command: String::new(),
                 unfinished: None,
             }],
         }]
@@ -225,6 +254,33 @@ mod tests {
         assert_eq!(json[0]["patches"][0]["gdb_command"], cmd);
         // None saved (an older state, or the object could not be written): no gdb line.
         assert!(!render(&one("")).contains("gdb:"));
+        // The generated code's symbol file: a second line, and its own key.
+        let stubs = "add-symbol-file /tmp/livepatch-42-abc-stubs.o -s .livepatch 0x3000";
+        let mut list = one(cmd);
+        list[0].patches[0].gdb_stubs_command = stubs.into();
+        assert!(render(&list).contains(&format!("    gdb: {cmd}\n    gdb: {stubs}\n")));
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json[0]["patches"][0]["gdb_stubs_command"], stubs);
+        assert!(serde_json::to_value(one(cmd)).unwrap()[0]["patches"][0]
+            .get("gdb_stubs_command")
+            .is_none());
+    }
+
+    /// The generated code's addresses are in the JSON (what perf and gdb name), the thunk and
+    /// the dispatch only when there are some.
+    #[test]
+    fn the_generated_code_is_listed_per_function() {
+        let mut list = one("");
+        let f = &serde_json::to_value(&list).unwrap()[0]["patches"][0]["functions"][0];
+        assert_eq!(f["trampoline"], "0x3000");
+        assert!(f.get("thunk").is_none() && f.get("dispatch").is_none());
+        list[0].patches[0].functions[0].thunk = Some("0x3010".into());
+        list[0].patches[0].functions[0].dispatch = Some("0x3040".into());
+        let f = &serde_json::to_value(&list).unwrap()[0]["patches"][0]["functions"][0];
+        assert_eq!(
+            (&f["thunk"], &f["dispatch"]),
+            (&"0x3010".into(), &"0x3040".into())
+        );
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! gdb files of processes that are gone.
 //!
-//! An apply saves `/tmp/livepatch-PID-ID.o` and `/tmp/livepatch-PID.gdb`; a revert removes
-//! them, but a patched process that exits (or is killed) keeps its patches to the end, and
-//! nothing removed its files: they piled up in /tmp (thousands on a test machine). [`sweep`]
-//! removes those whose process is gone, or whose pid now names another process, at a later
-//! apply (on its warm-up thread, off the tracer's path; one apply in eight, see
+//! An apply saves `/tmp/livepatch-PID-ID.o`, `/tmp/livepatch-PID-ID-stubs.o` and
+//! `/tmp/livepatch-PID.gdb`; a revert removes them, but a patched process that exits (or is
+//! killed) keeps its patches to the end, and nothing removed its files: they piled up in /tmp
+//! (thousands on a test machine). [`sweep`] removes those whose process is gone, or whose pid
+//! now names another process, at a later apply (on its warm-up thread, off the tracer's path; one apply in eight, see
 //! `remove_stale_files`).
 //!
 //! /tmp is shared, and we usually run as root (who may unlink anybody's file there):
@@ -31,7 +31,8 @@ const MARGIN: Duration = Duration::from_secs(1);
 enum Ours {
     /// `livepatch-PID.gdb`
     Script(i32),
-    /// `livepatch-PID-ID.o` (ID: 16 hex digits)
+    /// `livepatch-PID-ID.o` (ID: 16 hex digits), or `livepatch-PID-ID-stubs.o` (the
+    /// generated code's symbol file)
     Object(i32),
 }
 
@@ -45,7 +46,11 @@ fn classify(name: &str) -> Option<Ours> {
     if let Some(p) = rest.strip_suffix(".gdb") {
         return pid(p).map(Ours::Script);
     }
-    let (p, id) = rest.strip_suffix(".o")?.split_once('-')?;
+    let object = rest.strip_suffix(".o")?;
+    let (p, id) = object
+        .strip_suffix("-stubs")
+        .unwrap_or(object)
+        .split_once('-')?;
     let hex = id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
     pid(p).filter(|_| hex).map(Ours::Object)
 }
@@ -105,12 +110,18 @@ mod tests {
             classify("livepatch-42-0123456789abcdef.o"),
             Some(Ours::Object(42))
         );
+        assert_eq!(
+            classify("livepatch-42-0123456789abcdef-stubs.o"),
+            Some(Ours::Object(42))
+        );
         for other in [
             "livepatch-42.gdb.bak",
             "livepatch-+42.gdb",
             "livepatch-0.gdb",
             "livepatch-42-0123.o",
             "livepatch-42-0123456789abcdeg.o",
+            "livepatch-42-0123456789abcdef-stub.o",
+            "livepatch-42-stubs.o",
             "livepatch-x-0123456789abcdef.o",
             "livepatch-lock",
             "perf-42.map",
