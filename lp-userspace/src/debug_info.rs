@@ -364,19 +364,35 @@ fn save_gdb_commands(pid: i32, patch: &Patch, record: &DebugRecord) -> std::io::
 /// Removes the gdb files in /tmp of processes that are gone (see [`stale_files`]): nothing
 /// else does once a patched process exits without a revert. Returns how many went.
 ///
-/// Only one invocation in [`SWEEP_EVERY`] sweeps (chosen by our own pid): the sweep reads the
-/// whole of /tmp, whose entries are mostly not ours (perf of fresh applies on a machine with
-/// ~1,200 files there: ~5% of their CPU time in ext4's readdir, on the warm-up thread but
-/// beside the tracer and the target on two CPUs), while a leftover costs only disk space.
+/// Only one call in [`SWEEP_EVERY`] sweeps ([`sweeps_now`]): the sweep reads the whole of
+/// /tmp, whose entries are mostly not ours (perf of fresh applies on a machine with ~1,200
+/// files there: ~5% of their CPU time in ext4's readdir, on the warm-up thread but beside the
+/// tracer and the target on two CPUs), while a leftover costs only disk space.
 pub(crate) fn remove_stale_files() -> usize {
-    if !std::process::id().is_multiple_of(SWEEP_EVERY) {
+    let call = SWEEP_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if !sweeps_now(std::process::id(), call) {
         return 0;
     }
     stale_files::sweep(std::path::Path::new("/tmp"))
 }
 
-/// One invocation in this many sweeps /tmp (see [`remove_stale_files`]).
-const SWEEP_EVERY: u32 = 8;
+/// One call in this many sweeps /tmp (see [`remove_stale_files`]).
+const SWEEP_EVERY: u64 = 8;
+
+/// Calls of [`remove_stale_files`] in this process so far.
+static SWEEP_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether call number `call` (from 0) of [`remove_stale_files`] in process `pid` sweeps.
+///
+/// Both the pid and the count choose (review session 5, #5): the CLI makes one call per
+/// process, so its pid picks one invocation in eight, as before (a sweep on every process's
+/// first call would make every CLI apply pay the readdir); a long-lived caller of the library
+/// (lp-py, a management daemon) keeps one pid and sweeps on every eighth call after a start
+/// its pid sets (within its first eight), where a choice by pid alone swept on every call in
+/// one process of eight and never in the others.
+fn sweeps_now(pid: u32, call: u64) -> bool {
+    (u64::from(pid) + call).is_multiple_of(SWEEP_EVERY)
+}
 
 /// The first line of process `pid`'s gdb script: a gdb comment naming the process by pid and
 /// start time (field 22 of /proc/PID/stat), which together identify it.
@@ -548,5 +564,27 @@ pub fn add_patch_cfi(pid: i32, unwinder: &mut Unwinder) {
                 bytes,
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any process — a CLI invocation or a long-lived library caller — sweeps on exactly one
+    /// call in every eight consecutive ones; a process's first call sweeps for one pid in
+    /// eight (the CLI's rate).
+    #[test]
+    fn every_process_sweeps_once_in_eight_calls() {
+        for pid in [1u32, 7, 8, 4_194_303, 123_457] {
+            for start in [0u64, 1, 5, 1000] {
+                let n = (start..start + SWEEP_EVERY)
+                    .filter(|&c| sweeps_now(pid, c))
+                    .count();
+                assert_eq!(n, 1, "pid {pid}, calls {start}..");
+            }
+        }
+        let first = (1..=8000u32).filter(|&pid| sweeps_now(pid, 0)).count();
+        assert_eq!(first, 1000);
     }
 }

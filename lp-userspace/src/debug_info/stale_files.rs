@@ -4,8 +4,8 @@
 //! `/tmp/livepatch-PID.gdb`; a revert removes them, but a patched process that exits (or is
 //! killed) keeps its patches to the end, and nothing removed its files: they piled up in /tmp
 //! (thousands on a test machine). [`sweep`] removes those whose process is gone, or whose pid
-//! now names another process, at a later apply (on its warm-up thread, off the tracer's path; one apply in eight, see
-//! `remove_stale_files`).
+//! now names another process, at a later apply (on its warm-up thread, off the tracer's path;
+//! one apply in eight, see `remove_stale_files`).
 //!
 //! /tmp is shared, and we usually run as root (who may unlink anybody's file there):
 //! only regular files owned by our own user, named exactly as we name them, are considered
