@@ -131,14 +131,22 @@ fn finish(
     let pid = t.pid();
     let patch = &current.patches[index];
     let short_id = short(&patch.id).to_string();
+    // Written, or written under an int3 that is someone else's (then it stays: see
+    // `int3s_may_be_ours`).
+    let foreign = !int3s_may_be_ours(pid);
+    let is = |cur: &[u8], bytes: &[u8]| cur == bytes || (foreign && int3_over(cur, bytes));
     let mut all_written = true;
     for f in &patch.functions {
-        all_written &= t.mem().read_vec(f.patch_addr, f.written.len())? == f.written;
+        all_written &= is(
+            &t.mem().read_vec(f.patch_addr, f.written.len())?,
+            &f.written,
+        );
         // A caller still leading to the dispatch (the apply had not pointed it on to the new
         // code yet) is in as well: the dispatch runs the new code once the flag is set.
         for c in &f.call_sites {
             let cur = t.mem().read_vec(c.addr, c.written.len())?;
-            all_written &= cur == c.written || Some(&cur) == dispatch_form(f, c).as_ref();
+            all_written &=
+                is(&cur, &c.written) || dispatch_form(f, c).is_some_and(|d| is(&cur, &d));
         }
     }
     if operation == Operation::Applying && all_written {
@@ -185,19 +193,28 @@ enum SiteNow {
     /// The branch to the dispatch, the patch's bytes before their last step (an apply that
     /// was killed): to be restored from these.
     ToDispatch(Vec<u8>),
-    /// Already the bytes it replaced (a switch that was killed).
+    /// Already the bytes it replaced (a switch that was killed), possibly with someone else's
+    /// `int3` on the first byte (a uprobe: it stays).
     Restored,
     /// Half-way through nonstop mode's int3 protocol (a switch that was killed): `int3` on
     /// the first byte, the rest either version's.
     Int3(Vec<u8>),
+    /// Someone else's `int3` (a uprobe, a debugger's breakpoint) on the first byte of the
+    /// patch's bytes: restoring them would remove it, so nothing is written.
+    ForeignInt3,
 }
 
+/// What a site holds now (`cur`), given the bytes the patch wrote there, those it replaced,
+/// its branch to the dispatch (a call site in nonstop mode), whether the switch was killed
+/// (`unfinished`) and whether an `int3` there can be ours (`int3_ours`, see
+/// [`int3s_may_be_ours`]). None: none of these, changed by someone else.
 fn site_now(
     cur: Vec<u8>,
     written: &[u8],
     saved: &[u8],
     to_dispatch: Option<&[u8]>,
     unfinished: bool,
+    int3_ours: bool,
 ) -> Option<SiteNow> {
     if cur == written {
         return Some(SiteNow::Written);
@@ -211,9 +228,32 @@ fn site_now(
     if cur == saved {
         return Some(SiteNow::Restored);
     }
-    let int3_over = |b: &[u8]| cur.first() == Some(&0xcc) && cur.get(1..) == b.get(1..);
-    (int3_over(written) || int3_over(saved) || to_dispatch.is_some_and(int3_over))
-        .then_some(SiteNow::Int3(cur))
+    let over_ours = int3_over(&cur, written) || to_dispatch.is_some_and(|d| int3_over(&cur, d));
+    match (int3_ours, int3_over(&cur, saved), over_ours) {
+        (true, true, _) | (true, _, true) => Some(SiteNow::Int3(cur)),
+        // Not ours: the site holds what it held before the patch, under someone's probe.
+        (false, true, _) => Some(SiteNow::Restored),
+        (false, _, true) => Some(SiteNow::ForeignInt3),
+        _ => None,
+    }
+}
+
+/// `cur` is `bytes` with an `int3` on the first byte.
+fn int3_over(cur: &[u8], bytes: &[u8]) -> bool {
+    cur.first() == Some(&0xcc) && cur.len() == bytes.len() && cur.get(1..) == bytes.get(1..)
+}
+
+/// Whether an `int3` on a site of a killed switch of process `pid` can be one of ours (review
+/// session 4, L6). Only nonstop mode writes them, and only while its SIGTRAP handler is the
+/// process's action: installed before the first `int3`, given back after the last one is
+/// gone, left in place when the tool is killed in between. A process that catches no SIGTRAP
+/// has no int3 of ours — one on a site is a uprobe's (perf probe, bpftrace) or a debugger's,
+/// and is never overwritten. When it catches SIGTRAP (our handler left by a killed nonstop
+/// switch, or its own), an int3 over our bytes is taken for ours, as before: a uprobe put on a
+/// site of a killed nonstop switch before the next livepatch finishes it is still removed.
+fn int3s_may_be_ours(pid: i32) -> bool {
+    use crate::process::observe;
+    observe::process_signal_mask(pid, &["SigCgt"]) & observe::bit(libc::SIGTRAP) != 0
 }
 
 /// Takes patch `index` of `current` out: restores its sites (those of an unfinished switch
@@ -247,9 +287,10 @@ fn take_out(
     let mut switches = Vec::new();
     let mut busy = Vec::new();
     let mut int3_seen = false;
+    let int3_ours = !unfinished || int3s_may_be_ours(pid);
     for f in &patch.functions {
         let cur = t.mem().read_vec(f.patch_addr, f.written.len())?;
-        let now = site_now(cur, &f.written, &f.saved, None, unfinished).ok_or_else(|| {
+        let now = site_now(cur, &f.written, &f.saved, None, unfinished, int3_ours).ok_or_else(|| {
             Error::Mismatch(format!(
                 "function {} at {:#x} no longer holds patch {}'s redirect: changed by someone else; nothing reverted",
                 f.name, f.patch_addr, patch.id
@@ -267,6 +308,7 @@ fn take_out(
                 int3_seen = true;
                 cur
             }
+            SiteNow::ForeignInt3 => return Err(foreign_int3(&f.name, f.patch_addr, &patch.id)),
         };
         let plan = plan_write(f.patch_addr, &from, &f.saved)
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.name)))?;
@@ -298,6 +340,7 @@ fn take_out(
                 &c.saved,
                 to_dispatch.as_deref(),
                 unfinished,
+                int3_ours,
             )
             .ok_or_else(|| {
                 Error::Mismatch(format!(
@@ -312,6 +355,10 @@ fn take_out(
                 SiteNow::Int3(cur) => {
                     int3_seen = true;
                     cur
+                }
+                SiteNow::ForeignInt3 => {
+                    let site = format!("call site {} (a call of {})", c.caller, f.name);
+                    return Err(foreign_int3(&site, c.addr, &patch.id));
                 }
             };
             let plan = plan_write(c.addr, &from, &c.saved).map_err(|e| {
@@ -406,6 +453,75 @@ fn take_out(
     })
 }
 
+/// The refusal for someone else's `int3` on the first byte of `site` (at `addr`), which
+/// holds patch `id`'s bytes otherwise.
+fn foreign_int3(site: &str, addr: u64, id: &str) -> Error {
+    Error::Mismatch(format!(
+        "{site} at {addr:#x} holds patch {}'s bytes under an int3 livepatch did not write (a uprobe or a debugger's breakpoint): left as it is, nothing written",
+        short(id)
+    ))
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVED: [u8; 5] = [0x8d, 0x47, 0x01, 0x81, 0xff];
+    const WRITTEN: [u8; 5] = [0xe9, 0x10, 0x20, 0x30, 0x00];
+
+    fn with_int3(b: &[u8]) -> Vec<u8> {
+        let mut v = b.to_vec();
+        v[0] = 0xcc;
+        v
+    }
+
+    fn now(cur: Vec<u8>, unfinished: bool, int3_ours: bool) -> Option<SiteNow> {
+        site_now(cur, &WRITTEN, &SAVED, None, unfinished, int3_ours)
+    }
+
+    /// Review session 4, L6: an int3 that cannot be ours (no handler of ours installed) is
+    /// never taken for our leftover: over the old bytes the site counts as restored (nothing
+    /// to write, the probe stays), over the patch's bytes it is refused.
+    #[test]
+    fn a_foreign_int3_is_never_written_over() {
+        assert!(matches!(
+            now(with_int3(&SAVED), true, false),
+            Some(SiteNow::Restored)
+        ));
+        assert!(matches!(
+            now(with_int3(&WRITTEN), true, false),
+            Some(SiteNow::ForeignInt3)
+        ));
+        // While an int3 can be ours (our handler is installed), it is taken out as before.
+        assert!(matches!(
+            now(with_int3(&SAVED), true, true),
+            Some(SiteNow::Int3(_))
+        ));
+        assert!(matches!(
+            now(with_int3(&WRITTEN), true, true),
+            Some(SiteNow::Int3(_))
+        ));
+        // Outside a killed switch an int3 is nobody's business of ours: changed by someone else.
+        assert!(now(with_int3(&WRITTEN), false, true).is_none());
+        assert!(matches!(
+            now(WRITTEN.to_vec(), false, false),
+            Some(SiteNow::Written)
+        ));
+        assert!(matches!(
+            now(SAVED.to_vec(), true, false),
+            Some(SiteNow::Restored)
+        ));
+        assert!(now(vec![0xcc, 0, 0, 0, 0], true, true).is_none());
+    }
+
+    /// A process catches SIGTRAP only when a handler is installed: this test process has
+    /// none (Rust's runtime installs SIGSEGV/SIGBUS handlers only), so no int3 can be ours.
+    #[test]
+    fn without_a_sigtrap_handler_no_int3_is_ours() {
+        assert!(!int3s_may_be_ours(std::process::id() as i32));
+    }
 }
