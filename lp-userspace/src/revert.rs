@@ -437,8 +437,9 @@ fn take_out(
     };
     // A handler kept installed (its action could not be given back) may still send a late
     // trap to a trampoline in this memory: it stays mapped then. So it does after a killed
-    // nonstop switch left int3s: a thread that took one may not have run the handler yet.
-    let free = free && !stats.trap_handler_kept && !int3_seen;
+    // nonstop switch left int3s, while its handler is still the process's action: a thread
+    // that took one may not have run the handler yet (`leftover_traps_may_follow`).
+    let free = free && !stats.trap_handler_kept && !(int3_seen && leftover_traps_may_follow(pid));
     let free = crate::debug_info::on_revert(t, &patch, free);
     if free {
         t.munmap(patch.code_addr, patch.code_len)?;
@@ -451,6 +452,16 @@ fn take_out(
         stats,
         total_us: t0.elapsed().as_micros() as u64,
     })
+}
+
+/// Whether a thread may still be sent into the memory of a patch taken out after a killed
+/// nonstop switch left int3s on its sites: only through our SIGTRAP handler, by a trap it took
+/// before its int3 was removed. Once the handler is no longer the process's action (a nonstop
+/// recovery's own switch gives the original action back when no thread can still need it),
+/// none can: the memory is freed. After a stop-mode recovery the killed switch's handler is
+/// still installed, and the memory stays mapped (unreferenced).
+fn leftover_traps_may_follow(pid: i32) -> bool {
+    int3s_may_be_ours(pid)
 }
 
 /// The refusal for someone else's `int3` on the first byte of `site` (at `addr`), which
