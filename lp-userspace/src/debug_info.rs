@@ -16,8 +16,8 @@
 //!   generated `.eh_frame` too ([`crate::thunk_cfi`], [`trampoline_cfi`]), registered the same
 //!   way, and names ([`stub_names`]): a perf map line each (`livepatch dispatch F`,
 //!   `livepatch trampoline F`, `livepatch thunk F`), and, for gdb, a symbol file of their own
-//!   (`/tmp/livepatch-PID-ID-stubs.o`, [`stub_object`]) whose `add-symbol-file` command is a
-//!   second line in the script.
+//!   (`/tmp/livepatch-PID-ID-stubs.o`, [`stub_object`], with their `.eh_frame` so that gdb
+//!   unwinds through them) whose `add-symbol-file` command is a second line in the script.
 //! - **stack checks**: the image's `.eh_frame` location is kept in the in-target state
 //!   ([`DebugRecord`]), so a later stop-mode check unwinds threads inside patch code with its
 //!   CFI ([`add_patch_cfi`]) instead of scanning their stacks conservatively.
@@ -90,6 +90,18 @@ pub struct DebugRecord {
     /// state: a revert removes their names by the patch's id.
     #[serde(skip)]
     pub stubs: Vec<stub_names::StubSymbol>,
+    /// The bytes of their `.eh_frame` (at `thunk_eh_frame`), for the same file. Not kept in
+    /// the state either.
+    #[serde(skip)]
+    pub stubs_eh_frame: Vec<u8>,
+}
+
+impl DebugRecord {
+    /// The generated code's `.eh_frame` (address and bytes), when one was written.
+    fn stubs_cfi(&self) -> stub_object::EhFrame<'_> {
+        (self.thunk_eh_frame != 0 && !self.stubs_eh_frame.is_empty())
+            .then_some((self.thunk_eh_frame, &self.stubs_eh_frame[..]))
+    }
 }
 
 /// The object file saved for gdb.
@@ -177,13 +189,12 @@ pub fn before_switch(
     record.gdb_command =
         crate::perf_map::gdb_add_symbol_file(&gdb_object_path(pid, &patch.id), image);
     record.stubs = stub_names::stub_symbols(patch, functions, t.mem());
-    if let Some(base) = record.stubs.iter().map(|s| s.addr).min() {
-        record.gdb_stubs_command = format!(
-            "add-symbol-file {} -s {} {base:#x}",
-            gdb_stubs_object_path(pid, &patch.id).display(),
-            stub_object::SECTION
-        );
-    }
+    record.gdb_stubs_command = stub_object::gdb_command(
+        &gdb_stubs_object_path(pid, &patch.id),
+        &record.stubs,
+        record.stubs_cfi(),
+    )
+    .unwrap_or_default();
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
         eprintln!("livepatch: trace: debug info {record:x?}");
     }
@@ -324,6 +335,7 @@ fn write_stub_cfi(
     };
     let bytes = crate::thunk_cfi::eh_frame(&frames, at);
     t.mem().write(at, &bytes).map_err(|e| e.to_string())?;
+    r.stubs_eh_frame = bytes.clone();
     r.thunk_eh_frame = at;
     r.thunk_eh_frame_len = bytes.len() as u64;
     r.thunks_start = stubs_start;
@@ -341,7 +353,7 @@ fn save_gdb_commands(pid: i32, patch: &Patch, record: &DebugRecord) -> std::io::
         .0
         .write_all(&patch.object)?;
     let mut cmds = format!("{}\n", record.gdb_command);
-    if let Some((stubs, _)) = stub_object::build(&record.stubs) {
+    if let Some(stubs) = stub_object::build(&record.stubs, record.stubs_cfi()) {
         open_own(&gdb_stubs_object_path(pid, &patch.id), false, None)?
             .0
             .write_all(&stubs)?;

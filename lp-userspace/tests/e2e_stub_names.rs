@@ -266,3 +266,69 @@ fn e2e_thunks_have_names() {
     target.expect_steady(2, |l| l == "sum=9900");
     assert_forgotten(&pid, &id);
 }
+
+/// ipa_ra.c's target with a replacement of twice() that sleeps: it writes every caller-saved
+/// register (a call), so it runs through a thunk, and the thread is nearly always inside it.
+const SLEEPY_TWICE: &str = r#"
+#include <unistd.h>
+int twice(int x) {
+    usleep(2000);
+    return x + x + 1;
+}
+"#;
+
+/// gdb, given the script, unwinds from the new function through its thunk (with the thunk's
+/// CFI from the symbol file) up to the caller and main: without it gdb would guess the
+/// thunk's frame (registers it pushed taken for the return address).
+#[test]
+fn e2e_gdb_unwinds_through_a_thunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["ipa_ra.c"], "ipa_ra", &[]);
+    let src = dir.path().join("sleepy.c");
+    std::fs::write(&src, SLEEPY_TWICE).unwrap();
+    let obj = dir.path().join("sleepy.o");
+    let (s, o) = (src.to_str().unwrap(), obj.to_str().unwrap());
+    cc("gcc", &["-O2", "-c", "-fPIC", s, "-o", o]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "sum=9900");
+    let out = livepatch_ok(&["apply", &pid, patch.to_str().unwrap()]);
+    assert!(out.contains("via register-saving thunk"), "{out}");
+    target.expect_steady(2, |l| l == "sum=10000");
+    let cmd = status_json(&pid)[0]["patches"][0]["gdb_stubs_command"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(cmd.contains(" -s .eh_frame 0x"), "{cmd}");
+
+    // The thread sleeps in twice ~90% of the time: a few tries find it there.
+    let script = format!("/tmp/livepatch-{pid}.gdb");
+    let mut last = String::new();
+    for _ in 0..20 {
+        let out = Command::new("gdb")
+            .args(["-batch", "-nx", "-p", &pid, "-x", &script, "-ex", "bt"])
+            .output()
+            .expect("run gdb");
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        let frames: Vec<&str> = last.lines().filter(|l| l.starts_with('#')).collect();
+        let Some(at) = frames
+            .iter()
+            .position(|f| f.contains("livepatch thunk twice"))
+        else {
+            continue;
+        };
+        assert!(
+            frames[at - 1].contains(" twice "),
+            "the new twice called by the thunk:\n{last}"
+        );
+        let rest: Vec<_> = frames[at + 1..].to_vec();
+        assert!(
+            rest.len() >= 2 && rest[0].contains(" run_loop ") && rest[1].contains(" main "),
+            "the thunk's caller and main after it:\n{last}"
+        );
+        livepatch_ok(&["revert", &pid]);
+        return;
+    }
+    panic!("never stopped inside the thunk:\n{last}");
+}
