@@ -330,6 +330,7 @@ fn take_out(
     }
     // The callers' branches go back to what was there before: the original call of the old
     // entry, or the branch of the patch below (whose memory stays).
+    let mut then = Vec::new();
     for f in &patch.functions {
         for c in &f.call_sites {
             let cur = t.mem().read_vec(c.addr, c.written.len())?;
@@ -348,6 +349,7 @@ fn take_out(
                     c.caller, c.addr, f.name, patch.id
                 ))
             })?;
+            let written_now = matches!(now, SiteNow::Written);
             let from = match now {
                 SiteNow::Restored => continue,
                 SiteNow::Written => c.written.clone(),
@@ -361,14 +363,36 @@ fn take_out(
                     return Err(foreign_int3(&site, c.addr, &patch.id));
                 }
             };
-            let plan = plan_write(c.addr, &from, &c.saved).map_err(|e| {
+            let name = format!("{} (call site {})", f.name, c.caller);
+            let unsupported = |e: &dyn std::fmt::Display| {
                 Error::Unsupported(format!("call site {} of {}: {e}", c.caller, f.name))
-            })?;
-            switches.push(SiteSwitch::call_site_revert(
-                format!("{} (call site {})", f.name, c.caller),
-                plan,
-                c.trampoline,
-            ));
+            };
+            // A caller that the patch below had pointed at its own code goes back there in
+            // two steps, as an apply's callers come: first to this patch's dispatch (which
+            // runs this patch's code until the flag is cleared, the patch below's after),
+            // then, once the flag is cleared, straight to the patch below's code. Put back
+            // in one step, it would run the patch below while the calls through the entry
+            // still run this patch, for as long as the callers' windows last. A caller that
+            // goes back to the old entry needs no such step: the entry leads to the dispatch.
+            if written_now && mode == Mode::Nonstop {
+                if let Some(via_dispatch) = to_dispatch.as_deref() {
+                    if leads_elsewhere(c.addr, &c.saved, &[f.old, f.patch_addr]) {
+                        let first =
+                            plan_write(c.addr, &from, via_dispatch).map_err(|e| unsupported(&e))?;
+                        let second = plan_write(c.addr, via_dispatch, &c.saved)
+                            .map_err(|e| unsupported(&e))?;
+                        switches.push(SiteSwitch::call_site_revert(
+                            name.clone(),
+                            first,
+                            c.trampoline,
+                        ));
+                        then.push(SiteSwitch::call_site_revert(name, second, c.trampoline));
+                        continue;
+                    }
+                }
+            }
+            let plan = plan_write(c.addr, &from, &c.saved).map_err(|e| unsupported(&e))?;
+            switches.push(SiteSwitch::call_site_revert(name, plan, c.trampoline));
         }
     }
     busy.push(BusyRange {
@@ -397,7 +421,7 @@ fn take_out(
     let flag = patch.flag.map(|addr| switch::Flag {
         addr,
         set: false,
-        then: Vec::new(),
+        then,
     });
     let stats = match switch::run(
         t,
@@ -471,6 +495,12 @@ fn foreign_int3(site: &str, addr: u64, id: &str) -> Error {
         "{site} at {addr:#x} holds patch {}'s bytes under an int3 livepatch did not write (a uprobe or a debugger's breakpoint): left as it is, nothing written",
         short(id)
     ))
+}
+
+/// Whether the branch `saved` at `addr` leads somewhere else than to the old entry (`entry`:
+/// its addresses): to the code of a patch below.
+fn leads_elsewhere(addr: u64, saved: &[u8], entry: &[u64]) -> bool {
+    lp_core::call_site::decode(addr, saved).is_ok_and(|s| !entry.contains(&s.target))
 }
 
 fn short(id: &str) -> &str {

@@ -18,7 +18,8 @@
 //! the dispatches and trap nowhere. Until the commit the dispatch runs the old code (the
 //! entry's trampoline), so any window can be rolled back with no new code having run; the
 //! commit sets the patch's flag, and every dispatch of the patch runs the new code from the
-//! next call on. The callers' branches are then pointed on from the dispatches to the new code
+//! next call on. (A patch stacked on another runs the version below until its commit, never
+//! the original: that would come back for as long as the windows last.) The callers' branches are then pointed on from the dispatches to the new code
 //! (a call through a dispatch costs a flag test and a branch), before the state's commit. A
 //! nonstop revert restores the callers first (the dispatches still run the new code), then
 //! clears the flag (the patch is out), then restores the entries (see nonstop.rs's
@@ -29,7 +30,9 @@
 //! ```text
 //! testb $1, flag(%rip)
 //! jnz   new          ; the new version (or its register-saving thunk)
-//! jmp   old          ; the trampoline: the original's displaced instructions, then back
+//! jmp   old          ; what ran before: the trampoline (the original's displaced
+//!                    ; instructions, then back), or the version below when the patch
+//!                    ; stacks on another
 //! ```
 
 /// Length of a dispatch.

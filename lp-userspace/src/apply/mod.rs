@@ -532,7 +532,12 @@ fn prepare(
         let dispatch = match flag {
             Some(flag) => {
                 let at = extra_addr + extra.len() as u64;
-                let code = dispatch::encode(at, flag, via, tramp).ok_or_else(|| {
+                // Until the flag is set the dispatch runs what runs now: the version below
+                // when this patch stacks on another (never the original it replaced, which
+                // would come back for the windows of the switch, and of a revert once the
+                // flag is cleared), else the original through its trampoline.
+                let old = target::top_redirect(existing, site.entry).map_or(tramp, |p| p.reached());
+                let code = dispatch::encode(at, flag, via, old).ok_or_else(|| {
                     Error::Other(format!(
                         "function {}: the dispatch is out of reach of its code",
                         f.old_name

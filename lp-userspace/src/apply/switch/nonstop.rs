@@ -1427,9 +1427,10 @@ pub(crate) struct Flag {
     pub addr: u64,
     /// Set by this switch (an apply's commit); otherwise cleared (a revert's store).
     pub set: bool,
-    /// An apply's callers' branches pointed from the dispatch straight at the new code once
-    /// the flag is set, before the state's commit (a call through the dispatch costs a flag
-    /// test and a branch more: `call_overhead`).
+    /// Callers' branches switched on from the dispatch after the flag store, before the
+    /// state's commit: an apply's, straight to the new code (a call through the dispatch costs
+    /// a flag test and a branch more: `call_overhead`); a revert's, to the code of the patch
+    /// below that had retargeted them (they went to the dispatch first: see revert.rs).
     pub then: Vec<SiteSwitch>,
 }
 
@@ -1445,9 +1446,11 @@ pub(crate) struct Flag {
 ///    then the state's commit.
 ///
 /// A revert switches the callers' branches back first (they then lead through the entries to
-/// the dispatches, which still run the new code), clears the flag (from there on every call
-/// runs the old code), and restores the entries last, so that a failure never has to put a
-/// jump back over entry bytes restored earlier (a thread may be between their instructions).
+/// the dispatches, which still run the new code; a caller that the patch below had retargeted
+/// leads to the dispatch itself, and goes on to that patch's code in `then`), clears the flag
+/// (from there on every call runs the old code), and restores the entries last, so that a
+/// failure never has to put a jump back over entry bytes restored earlier (a thread may be
+/// between their instructions).
 #[allow(clippy::too_many_arguments)]
 fn switch_sites(
     t: &mut Tracee,
