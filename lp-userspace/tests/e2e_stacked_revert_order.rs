@@ -84,7 +84,18 @@ const THREADS: u64 = 3;
 const CYCLES: u64 = 12;
 
 #[test]
-fn nonstop_patch_stacked_and_taken_out_switches_every_call_at_one_point() {
+fn nonstop_patch_stacked_on_a_nonstop_one_switches_every_call_at_one_point() {
+    stacked_cycles("nonstop");
+}
+
+/// The patch below applied in stop mode: no dispatch of its own, its callers and its entry
+/// lead straight to its code, which the top patch's dispatch runs until its flag.
+#[test]
+fn nonstop_patch_stacked_on_a_stop_mode_one_switches_every_call_at_one_point() {
+    stacked_cycles("stop");
+}
+
+fn stacked_cycles(below_mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let threads = format!("-DTHREADS={THREADS}");
     let exe = executable_from_source(dir.path(), "stacked", TARGET, &["-pthread", &threads]);
@@ -95,7 +106,7 @@ fn nonstop_patch_stacked_and_taken_out_switches_every_call_at_one_point() {
     let (below, top) = (below.display().to_string(), top.display().to_string());
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
-    livepatch_ok(&["apply", &pid, &below, "--mode", "nonstop"]);
+    livepatch_ok(&["apply", &pid, &below, "--mode", below_mode]);
     target.expect_steady(2, |l| l.contains("direct=1001 pointer=1001"));
     // The direct caller is retargeted: a revert of the top patch puts it back on the patch
     // below's code, not on the entry.
