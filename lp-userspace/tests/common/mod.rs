@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 /// Generous default for waiting on a target's output.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+/// Lines [`Target::expect_steady`] lets go by before the state it waits for.
+pub const STALE_LINES: usize = 3;
 
 /// The fixtures directory of process tests.
 pub fn fixture(name: &str) -> PathBuf {
@@ -206,17 +208,34 @@ impl Target {
         }
     }
 
-    /// Waits for `n` more lines after now, and asserts every one satisfies `pred` (the output
-    /// is steady in this state). The first line after now is skipped: it may have been
-    /// computed before the change that the caller just made.
+    /// Waits until the output shows the state `pred` describes, then for `n` more lines, and
+    /// asserts every one satisfies `pred` too (the output is steady in this state). Up to
+    /// [`STALE_LINES`] lines before the first match are skipped: computed before the change
+    /// that the caller just made, or printed before it but read only now (on a loaded machine
+    /// the thread that reads the target's output lags behind: e2e_ipa_ra once saw its old
+    /// sum two lines after the apply at load 36).
     pub fn expect_steady(&self, n: usize, pred: impl Fn(&str) -> bool) {
-        let mark = self.count() + 1;
+        let mark = self.count();
         let deadline = Instant::now() + PATIENCE;
-        while self.count() < mark + n {
+        let first = loop {
+            let lines = self.lines();
+            if let Some(i) = (mark..lines.len()).find(|&i| pred(&lines[i])) {
+                break i;
+            }
+            if lines.len() > mark + STALE_LINES {
+                panic!(
+                    "unexpected lines {:?}",
+                    &lines[mark..(mark + STALE_LINES + 1).min(lines.len())]
+                );
+            }
+            assert!(Instant::now() < deadline, "target stopped printing");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while self.count() <= first + n {
             assert!(Instant::now() < deadline, "target stopped printing");
             std::thread::sleep(Duration::from_millis(10));
         }
-        for l in self.lines().iter().skip(mark) {
+        for l in self.lines().iter().skip(first) {
             assert!(pred(l), "unexpected line {l:?}");
         }
     }
