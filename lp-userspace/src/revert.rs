@@ -350,6 +350,7 @@ fn take_out(
                 ))
             })?;
             let written_now = matches!(now, SiteNow::Written);
+            let at_dispatch = matches!(now, SiteNow::ToDispatch(_));
             let from = match now {
                 SiteNow::Restored => continue,
                 SiteNow::Written => c.written.clone(),
@@ -374,18 +375,22 @@ fn take_out(
             // in one step, it would run the patch below while the calls through the entry
             // still run this patch, for as long as the callers' windows last. A caller that
             // goes back to the old entry needs no such step: the entry leads to the dispatch.
-            if written_now && mode == Mode::Nonstop {
+            // One found at the dispatch already (a switch killed between its windows) only
+            // goes on from there, after the flag.
+            if (written_now || at_dispatch) && mode == Mode::Nonstop {
                 if let Some(via_dispatch) = to_dispatch.as_deref() {
                     if leads_elsewhere(c.addr, &c.saved, &[f.old, f.patch_addr]) {
-                        let first =
-                            plan_write(c.addr, &from, via_dispatch).map_err(|e| unsupported(&e))?;
+                        if written_now {
+                            let first = plan_write(c.addr, &from, via_dispatch)
+                                .map_err(|e| unsupported(&e))?;
+                            switches.push(SiteSwitch::call_site_revert(
+                                name.clone(),
+                                first,
+                                c.trampoline,
+                            ));
+                        }
                         let second = plan_write(c.addr, via_dispatch, &c.saved)
                             .map_err(|e| unsupported(&e))?;
-                        switches.push(SiteSwitch::call_site_revert(
-                            name.clone(),
-                            first,
-                            c.trampoline,
-                        ));
                         then.push(SiteSwitch::call_site_revert(name, second, c.trampoline));
                         continue;
                     }

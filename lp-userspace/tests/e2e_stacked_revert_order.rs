@@ -136,3 +136,48 @@ fn stacked_cycles(below_mode: &str) {
     livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
     target.expect_steady(2, |l| l.contains("direct=1 pointer=1"));
 }
+
+/// A revert of the top patch killed between its windows (its callers' branches at its
+/// dispatch, the flag still set: every call runs the top patch) is finished by the next
+/// `livepatch revert` at one point too: the callers go on from the dispatch after the flag.
+#[test]
+fn a_stacked_nonstop_revert_killed_between_its_windows_is_finished_at_one_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let threads = format!("-DTHREADS={THREADS}");
+    let exe = executable_from_source(dir.path(), "stacked", TARGET, &["-pthread", &threads]);
+    let below = patch_object(dir.path(), "below", 1001);
+    let top = patch_object(dir.path(), "top", 2001);
+    let (below, _) = pack(dir.path(), &exe, &below, &[], "below.lp");
+    let (top, _) = pack(dir.path(), &exe, &top, &[], "top.lp");
+    let (below, top) = (below.display().to_string(), top.display().to_string());
+    let target = Target::spawn_niced(&exe, &[]);
+    let pid = target.pid();
+    livepatch_ok(&["apply", &pid, &below, "--mode", "nonstop"]);
+    target.expect_steady(2, |l| l.contains("direct=1001 pointer=1001"));
+    let before = target.lines().last().unwrap().clone();
+    const KILLED: u64 = 4;
+    for _ in 0..KILLED {
+        livepatch_ok(&["apply", &pid, &top, "--mode", "nonstop"]);
+        target.expect_steady(1, |l| l.contains("direct=2001 pointer=2001"));
+        // The third sync is the last of the callers' first window: the caller leads to the
+        // top patch's dispatch, whose flag is still set.
+        let mut tool = stop_tool_at(&["revert", &pid, "--mode", "nonstop"], "nonstop-sync:3");
+        tool.kill().unwrap();
+        tool.wait().unwrap();
+        target.expect_steady(1, |l| l.contains("direct=2001 pointer=2001"));
+        let out = livepatch(&["revert", &pid, "--mode", "nonstop"]);
+        assert!(out.status.success(), "{out:?}");
+        target.expect_steady(1, |l| l.contains("direct=1001 pointer=1001"));
+    }
+    let after = target.lines().last().unwrap().clone();
+    assert_eq!(
+        counter(&after, "unpatched"),
+        counter(&before, "unpatched"),
+        "{before} / {after}"
+    );
+    assert_eq!(
+        (counter(&after, "ups"), counter(&after, "downs")),
+        (THREADS * KILLED, THREADS * KILLED),
+        "{after}"
+    );
+}
