@@ -1147,24 +1147,22 @@ fn lock_process_patiently(pid: i32) -> Result<std::os::fd::OwnedFd> {
 const LOCK_HELD: &str = "another livepatch is working on this process";
 
 /// Takes the per-process livepatch lock: binds the abstract unix socket
-/// `livepatch-lock-PID`. Busy: another livepatch works on the process.
+/// `livepatch-lock-NS-PID` ([`lock_name`]). Busy: another livepatch works on the process.
+///
+/// Abstract socket names live in a network namespace — the one the socket was created in. A
+/// livepatch in another namespace (`unshare -n`, a container agent sharing the host's pids)
+/// must meet the same name (review session 4, S7: it ran beside one stopped mid-switch, and
+/// the first one's commit dropped the second's record), so the socket is created in the
+/// *target's* network namespace ([`lock_socket`]), and named from what every viewer of the
+/// target agrees on, not the pid this tool sees.
 fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(ProcessError::Unexpected {
-            pid,
-            tid: pid,
-            what: format!("cannot create lock socket: {}", io::Error::last_os_error()),
-        });
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let owned = lock_socket(pid)?;
+    let fd = owned.as_raw_fd();
     // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let name = format!("livepatch-lock-{pid}");
+    let name = lock_name(pid);
     // sun_path[0] = 0: the abstract namespace (no file, gone with the socket).
     for (dst, b) in addr.sun_path[1..].iter_mut().zip(name.bytes()) {
         *dst = b as libc::c_char;
@@ -1208,6 +1206,74 @@ fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
         });
     }
     Ok(owned)
+}
+
+/// The lock's name for process `pid`: `livepatch-lock-NS-PID` with NS the inode of its pid
+/// namespace and PID its pid there (the last of /proc/PID/status's `NSpid`), which every
+/// livepatch sees alike, whatever pid namespace it runs in (the pid it sees may differ).
+/// `livepatch-lock-PID` when they cannot be read.
+fn lock_name(pid: i32) -> String {
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .ok()
+        .and_then(|l| {
+            let l = l
+                .to_str()?
+                .strip_prefix("pid:[")?
+                .strip_suffix(']')?
+                .to_string();
+            l.parse::<u64>().ok()
+        });
+    let own_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))?
+                .split_whitespace()
+                .last()?
+                .parse::<u32>()
+                .ok()
+        });
+    match (ns, own_pid) {
+        (Some(ns), Some(own)) => format!("livepatch-lock-{ns}-{own}"),
+        _ => format!("livepatch-lock-{pid}"),
+    }
+}
+
+/// A unix socket created in process `pid`'s network namespace, for the lock: made on a
+/// short-lived thread that enters that namespace first (`setns` moves the calling thread
+/// only, and a socket keeps the namespace it was created in). Where that is refused (no
+/// privilege over the target's namespace), the socket is made in ours, as before: two
+/// livepatches in different namespaces then do not see each other's lock.
+fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let new_socket = || {
+        // SAFETY: socket() takes no pointers; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        // SAFETY: fd is a fresh descriptor we own.
+        (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    };
+    let in_target = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .and_then(|netns| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    // SAFETY: setns takes a descriptor we own; it changes this thread's
+                    // network namespace only, and the thread ends right after.
+                    let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    (entered == 0).then(new_socket).flatten()
+                })
+                .join()
+                .ok()
+                .flatten()
+            })
+        });
+    in_target
+        .or_else(new_socket)
+        .ok_or_else(|| ProcessError::Unexpected {
+            pid,
+            tid: pid,
+            what: format!("cannot create lock socket: {}", io::Error::last_os_error()),
+        })
 }
 
 /// The process no longer runs: gone, or a zombie waiting to be reaped.
