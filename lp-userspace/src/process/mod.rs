@@ -158,14 +158,9 @@ impl Tracee {
         Ok(t)
     }
 
-    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]): the one that used the
-    /// least CPU over a short look (the most idle: it will not want to run soon), preferring
-    /// one seen blocked in a system call among threads that used about as little. The CPU
-    /// used comes first: a thread that computes most of the time and is caught in a short
-    /// system call by the one look would be held stopped, maybe in the middle of its work,
-    /// for the whole switch, while an idle thread caught running at that instant is the
-    /// better choice (seen on the bench target: a worker borrowed instead of its idle main
-    /// thread).
+    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]): among threads seen
+    /// blocked in a system call, the one that used the least CPU over a short look (the most
+    /// idle: it will not want to run soon).
     fn seize_one(&mut self) -> Result<()> {
         for _ in 0..100 {
             let before: BTreeMap<i32, u64> = list_tasks(self.pid)?
@@ -188,7 +183,7 @@ impl Tracee {
                 let used = observe::runtime_ns(pid, tid)
                     .zip(before.get(&tid))
                     .map_or(u64::MAX, |(now, was)| now.saturating_sub(*was));
-                (used / Self::IDLE_ALIKE_NS, class, used)
+                (class, used)
             };
             let Some(tid) = list_tasks(self.pid)?.into_iter().min_by_key(|&t| key(t)) else {
                 return Err(ProcessError::Exited(self.pid));
@@ -204,10 +199,6 @@ impl Tracee {
         }
         Err(ProcessError::Exited(self.pid))
     }
-
-    /// CPU time over [`Tracee::seize_one`]'s look (2 ms) within which threads count as
-    /// equally idle: a thread woken a few times for a few µs each.
-    const IDLE_ALIKE_NS: u64 = 50_000;
 
     /// Seizes every other thread too (a single-thread tracee becomes an ordinary one).
     pub fn attach_rest(&mut self) -> Result<()> {
