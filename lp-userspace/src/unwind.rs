@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult,
-    LittleEndian, Location, Register, RegisterRule, UnwindContext, UnwindSection, UnwindTableRow,
-    Value,
+    LittleEndian, Location, Register, RegisterRule, UnwindContext, UnwindSection, Value,
 };
 
 use crate::elf::{Module, SectionRef};
@@ -304,14 +303,34 @@ impl CfiSource {
 }
 
 type Slice<'a> = EndianSlice<'a, LittleEndian>;
-type Row = UnwindTableRow<usize>;
 
-/// Cached unwind information of one address.
-#[derive(Clone)]
+/// Cached unwind information of one address: the rules of its row that [`step`] applies, kept
+/// compact. (gimli's `UnwindTableRow` holds room for every register rule, ~8 KB: a row cached
+/// per address took ~34 fresh heap pages, page faults while every thread of the target was
+/// stopped.)
 struct Cached {
     source: usize,
-    row: Row,
+    rule: Rule,
     signal: bool,
+}
+
+/// How to find the caller's registers from a frame's: its row's CFA rule and register rules.
+struct Rule {
+    cfa: CfaRule<usize>,
+    /// The return address column is undefined: the outermost frame.
+    outermost: bool,
+    /// Every register with a rule (the return address's included).
+    registers: Box<[(Register, RegisterRule<usize>)]>,
+}
+
+impl Rule {
+    fn of(row: &gimli::UnwindTableRow<usize>) -> Rule {
+        Rule {
+            cfa: row.cfa().clone(),
+            outermost: matches!(row.register(Register(reg::RA)), RegisterRule::Undefined),
+            registers: row.registers().cloned().collect(),
+        }
+    }
 }
 
 /// Unwinds threads of one process. Build it before stopping the threads.
@@ -328,7 +347,9 @@ pub struct Unwinder {
     /// Ranges whose CFI is read on first use, by start address.
     pending: Vec<PendingCfi>,
     ctx: Box<UnwindContext<usize>>,
-    cache: HashMap<u64, Option<Cached>>,
+    /// The rule of each address looked up, as an index into `rules` (`None`: no CFI).
+    cache: HashMap<u64, Option<usize>>,
+    rules: Vec<Cached>,
 }
 
 /// Reads the CFI of a lazily added range (`None`: the module has none or cannot be read).
@@ -359,6 +380,7 @@ impl Unwinder {
             pending: Vec::new(),
             ctx: Box::new(UnwindContext::new()),
             cache: HashMap::new(),
+            rules: Vec::new(),
         }
     }
 
@@ -367,6 +389,7 @@ impl Unwinder {
         self.insert(source);
         // An address cached as "no FDE" may be covered now.
         self.cache.clear();
+        self.rules.clear();
     }
 
     fn insert(&mut self, source: CfiSource) -> usize {
@@ -462,9 +485,10 @@ impl Unwinder {
         Some(self.insert(src))
     }
 
-    fn row_for(&mut self, addr: u64) -> Result<Option<Cached>, StopReason> {
+    /// The rule of `addr` (an index into `rules`), `None` when no FDE covers it.
+    fn row_for(&mut self, addr: u64) -> Result<Option<usize>, StopReason> {
         if let Some(c) = self.cache.get(&addr) {
-            return Ok(c.clone());
+            return Ok(*c);
         }
         let Some(si) = self.source_for(addr) else {
             return Err(StopReason::NoModule(addr));
@@ -492,16 +516,19 @@ impl Unwinder {
         let cached = fde.and_then(|fde| {
             let row = fde
                 .unwind_info_for_address(&eh, &bases, &mut self.ctx, addr)
-                .ok()?
-                .clone();
+                .ok()?;
             Some(Cached {
                 source: si,
-                row,
+                rule: Rule::of(row),
                 signal: fde.cie().is_signal_trampoline(),
             })
         });
-        self.cache.insert(addr, cached.clone());
-        Ok(cached)
+        let index = cached.map(|c| {
+            self.rules.push(c);
+            self.rules.len() - 1
+        });
+        self.cache.insert(addr, index);
+        Ok(index)
     }
 
     /// Unwinds one stopped thread from `regs`, at most `max_depth` frames.
@@ -532,7 +559,7 @@ impl Unwinder {
             }
             let lookup = if exact { pc } else { pc.wrapping_sub(1) };
             let cached = match self.row_for(lookup) {
-                Ok(Some(c)) => c,
+                Ok(Some(i)) => &self.rules[i],
                 Ok(None) => {
                     bt.stop = StopReason::NoCfi(pc);
                     return bt;
@@ -543,7 +570,7 @@ impl Unwinder {
                 }
             };
             let src = &self.sources[cached.source];
-            match step(src, &cached.row, &regs, mem) {
+            match step(src, &cached.rule, &regs, mem) {
                 Ok(None) => {
                     bt.stop = StopReason::End;
                     return bt;
@@ -627,12 +654,12 @@ fn read_u64(mem: &dyn MemoryReader, addr: u64) -> Result<u64, String> {
 /// The caller's registers, or `None` at the outermost frame.
 fn step(
     src: &CfiSource,
-    row: &Row,
+    row: &Rule,
     regs: &Registers,
     mem: &dyn MemoryReader,
 ) -> Result<Option<Registers>, String> {
     let eh = EhFrame::new(src.eh_frame(), LittleEndian);
-    let cfa = match row.cfa() {
+    let cfa = match &row.cfa {
         CfaRule::RegisterAndOffset { register, offset } => regs
             .get(register.0)
             .ok_or_else(|| format!("CFA register {} unknown", register.0))?
@@ -643,7 +670,7 @@ fn step(
         }
     };
     // The return address column undefined: the outermost frame (_start, clone's child).
-    if matches!(row.register(Register(reg::RA)), RegisterRule::Undefined) {
+    if row.outermost {
         return Ok(None);
     }
     let mut next = *regs;
@@ -654,7 +681,7 @@ fn step(
     for r in CALLER_SAVED {
         next.0[r as usize] = None;
     }
-    for (r, rule) in row.registers() {
+    for (r, rule) in row.registers.iter() {
         let value = match rule {
             RegisterRule::Undefined => None,
             RegisterRule::SameValue => regs.get(r.0),
