@@ -195,38 +195,15 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 mode: mode.into(),
                 timeout,
             };
-            let applied = apply::apply(pid, &patch, opts)?;
-            trace_point("applied");
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&applied).unwrap_or_default()
-                );
-            } else {
-                // One write (stdout is line-buffered: a println per function was a system
-                // call each).
-                use std::fmt::Write as _;
-                let mut out = format!(
-                    "applied patch {} to process {} ({} mode, stall {} us, total {} us)\n",
-                    applied.id, pid, applied.mode, applied.stats.stall_us, applied.total_us
-                );
-                for f in &applied.functions {
-                    let _ = writeln!(
-                        out,
-                        "  {} {:#x} -> {:#x}{}",
-                        f.name,
-                        f.old,
-                        f.new,
-                        if f.thunk {
-                            " (via register-saving thunk)"
-                        } else {
-                            ""
-                        }
-                    );
+            // This thread is the tracer; the report is printed and the process ended as soon as
+            // the outcome is known (see `apply::apply_then_exit`).
+            apply::apply_then_exit(pid, &patch, opts, |r| {
+                trace_point("applied");
+                if let Ok(applied) = r {
+                    print_applied(applied, pid, json);
                 }
-                print!("{out}");
-            }
-            Ok(())
+                end_process(r.as_ref().err())
+            })
         }
         Command::Revert {
             pid,
@@ -298,6 +275,154 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// Prints what an apply did: JSON, or a line per function under a summary line.
+fn print_applied(applied: &apply::Applied, pid: i32, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(applied).unwrap_or_default()
+        );
+        return;
+    }
+    // One write (stdout is line-buffered: a println per function was a system call each).
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "applied patch {} to process {} ({} mode, stall {} us, total {} us)\n",
+        applied.id, pid, applied.mode, applied.stats.stall_us, applied.total_us
+    );
+    for f in &applied.functions {
+        let _ = writeln!(
+            out,
+            "  {} {:#x} -> {:#x}{}",
+            f.name,
+            f.old,
+            f.new,
+            if f.thunk {
+                " (via register-saving thunk)"
+            } else {
+                ""
+            }
+        );
+    }
+    print!("{out}");
+}
+
+/// Whether `args` (the process's arguments) ask for an apply, and in which mode, guessed from
+/// the words alone before they are parsed (`apply` first, a `nonstop` anywhere: the mode), so
+/// that `main` can have iced-x86's instruction tables built while another thread parses the
+/// arguments, loads the patch and starts the apply. A wrong guess costs CPU time, never a
+/// wrong result: the arguments are parsed for real all the same. With `--boost` among them,
+/// the priority is raised here already (for every thread started from now on).
+pub fn early_apply(args: impl Iterator<Item = std::ffi::OsString>) -> Option<Mode> {
+    let words: Vec<std::ffi::OsString> = args.skip(1).collect();
+    if words.first().is_none_or(|w| w != "apply") {
+        return None;
+    }
+    if words.iter().any(|w| w == "--boost") {
+        raise_priority();
+    }
+    let nonstop = words
+        .iter()
+        .any(|w| w.to_str().is_some_and(|w| w.ends_with("nonstop")));
+    Some(if nonstop { Mode::Nonstop } else { Mode::Stop })
+}
+
+/// What `main` noted at its start for [`end_process`].
+struct Start {
+    /// CLOCK_MONOTONIC at the start of `main`, in nanoseconds.
+    entered_ns: u64,
+    /// The signal mask before [`interrupts_deferred`] blocked the interrupts, if it did.
+    mask: std::sync::OnceLock<Mask>,
+}
+
+/// A signal mask (plain data).
+#[derive(Clone, Copy)]
+struct Mask(libc::sigset_t);
+
+static START: std::sync::OnceLock<Start> = std::sync::OnceLock::new();
+
+/// Notes the start of `main` (CLOCK_MONOTONIC, nanoseconds) for the `LIVEPATCH_TRACE` line of
+/// [`end_process`], and starts [`trace_point`]'s clock.
+pub fn started(entered_ns: u64) {
+    let _ = START.set(Start {
+        entered_ns,
+        mask: std::sync::OnceLock::new(),
+    });
+    trace_origin();
+}
+
+/// Notes that `main` blocked the interrupts until the command is over; `old` is the mask to
+/// restore then (see [`end_process`]).
+pub fn interrupts_deferred(old: libc::sigset_t) {
+    if let Some(s) = START.get() {
+        let _ = s.mask.set(Mask(old));
+    }
+}
+
+/// [`interrupts_deferred`] was called.
+pub fn interrupts_are_deferred() -> bool {
+    START.get().is_some_and(|s| s.mask.get().is_some())
+}
+
+/// Ends the process, from any thread, once the command is over: the `LIVEPATCH_TRACE` line
+/// with the process's figures, `error` on one line, stdout flushed, the interrupts held back
+/// meanwhile delivered (one that came ends the process now, by its default action: a shell
+/// sees "killed by SIGINT", with the target whole), then the exit code of `error`'s kind (0
+/// without one). Nothing else runs: no destructor, no other thread (an apply calls this on
+/// its tracer thread, see `apply::apply_then`).
+pub fn end_process(error: Option<&Error>) -> ! {
+    use std::io::Write as _;
+    if let Some(start) = START.get().filter(|_| TRACE_ORIGIN.get().is_some()) {
+        trace_process(start.entered_ns);
+    }
+    if let Some(e) = error {
+        eprintln!("livepatch: error: {e}");
+    }
+    let _ = std::io::stdout().flush();
+    if let Some(Mask(old)) = START.get().and_then(|s| s.mask.get()) {
+        // SAFETY: restores the signal mask noted by `interrupts_deferred`; no memory involved.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
+        }
+    }
+    let code = error.map_or(0, |e| e.kind().exit_code());
+    // SAFETY: _exit ends the process at once; our output is flushed above (stderr is not
+    // buffered), and nothing else is owed to anyone: every thread of the target was let go.
+    unsafe { libc::_exit(code) }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock a benchmark's `Instant` reads).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `LIVEPATCH_TRACE`: when `main` was entered (CLOCK_MONOTONIC: a caller that noted the time
+/// of its spawn gets the exec and dynamic loading time), how long the command took from
+/// there, and the CPU time of all our threads (exited ones included).
+fn trace_process(entered: u64) {
+    // SAFETY: getrusage fills the rusage we own.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    eprintln!(
+        "livepatch: trace: main entered at {entered} ns, command done after {} us, cpu user {} us sys {} us, context switches {} voluntary {} involuntary",
+        (monotonic_ns() - entered) / 1000,
+        us(usage.ru_utime),
+        us(usage.ru_stime),
+        usage.ru_nvcsw,
+        usage.ru_nivcsw
+    );
+}
+
 /// `--timeout`: seconds, fractions allowed (a usage error otherwise, exit 2).
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -317,8 +442,6 @@ fn parse_pid(s: &str) -> Result<i32, String> {
     }
 }
 
-/// Loads a patch file; a format error names the file (the reader's own message does not).
-/// The Python binding's `Patch.load` calls this too, so both say the same.
 /// `LIVEPATCH_TRACE`: prints `what` with the microseconds since [`trace_origin`] (the start of
 /// `main`), for the steps of an invocation outside the operation's own phases (the patch
 /// loaded, the tracer thread joined and reaped...).
@@ -331,7 +454,7 @@ pub fn trace_point(what: &str) {
     }
 }
 
-/// Starts [`trace_point`]'s clock when `LIVEPATCH_TRACE` is set (`main` calls this first).
+/// Starts [`trace_point`]'s clock when `LIVEPATCH_TRACE` is set ([`started`] calls this).
 pub fn trace_origin() {
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
         let _ = TRACE_ORIGIN.set(std::time::Instant::now());
@@ -340,6 +463,8 @@ pub fn trace_origin() {
 
 static TRACE_ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
+/// Loads a patch file; a format error names the file (the reader's own message does not).
+/// The Python binding's `Patch.load` calls this too, so both say the same.
 pub fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Error> {
     crate::patchfile::Patch::load(path).map_err(|e| match Error::from(e) {
         Error::Format(why, kind) if kind != ErrorKind::Io => {
@@ -361,8 +486,17 @@ pub fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Err
 /// initializing thread waits for the same CPU never yields — a run of the tool at SCHED_FIFO
 /// with three threads on two CPUs spun for minutes. Fails with a warning when not allowed.
 fn raise_priority() {
+    // `early_apply` may have raised it already on the thread that started this one (which
+    // inherited it), or failed to: once is enough, and so is one warning.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SAFETY: getpriority has no memory arguments; 0 names the calling thread (Linux).
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } == -20 {
+        return;
+    }
     // SAFETY: setpriority has no memory arguments; 0 names the calling thread (Linux).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -20) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -20) } != 0
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
         eprintln!(
             "livepatch: warning: --boost: cannot raise the priority: {}",
             std::io::Error::last_os_error()

@@ -64,6 +64,20 @@ pub(crate) fn claim() -> bool {
     true
 }
 
+/// Builds the tables up to `level` on a thread of its own, started now, unless they exist or
+/// are being built (for an apply whose calling thread is the tracer: `apply_then_exit`).
+pub(crate) fn build_on_new_thread(level: Tables) {
+    if !claim() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("livepatch-iced".into())
+        .spawn(move || build_claimed(level));
+    if spawned.is_err() {
+        unclaim();
+    }
+}
+
 /// Gives a [`claim`] back unused (the thread could not be started): the first [`need`]
 /// builds in place.
 pub(crate) fn unclaim() {

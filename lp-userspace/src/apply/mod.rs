@@ -101,6 +101,16 @@ const PER_FUNCTION_EXTRA: u64 =
 const FLAG_LINE: u64 = 64;
 const PAGE: u64 = 4096;
 
+/// The instruction tables an apply in `mode` uses (see `iced_tables`).
+fn tables_for(mode: Mode) -> iced_tables::Tables {
+    match mode {
+        Mode::Stop => iced_tables::Tables::All,
+        // Nonstop mode's code assembler needs the encoder's tables too: built beforehand, they
+        // are not built on the tracer before the window.
+        Mode::Nonstop => iced_tables::Tables::Encoder,
+    }
+}
+
 /// Applies `patch` to process `pid`.
 ///
 /// Three threads work at once: the tracer (a thread of its own, which must exit when done, see
@@ -114,26 +124,62 @@ pub fn apply(pid: i32, patch: &Patch, opts: ApplyOptions) -> Result<Applied, Err
     let warm = modules::warm_up_modules(pid);
     let tables = iced_tables::claim();
     crate::process::with_tracer_thread_while(
-        || apply_here(pid, patch, opts, warm),
+        || apply_here(pid, patch, opts, warm, &mut |_| {}),
         || {
             if tables {
-                // Nonstop mode's code assembler needs the encoder's tables too: built here,
-                // they are not built on the tracer before the window.
-                iced_tables::build_claimed(match opts.mode {
-                    Mode::Stop => iced_tables::Tables::All,
-                    Mode::Nonstop => iced_tables::Tables::Encoder,
-                });
+                iced_tables::build_claimed(tables_for(opts.mode));
             }
         },
     )
 }
 
-/// [`apply`] on the calling thread, which must exit afterwards (see `with_tracer_thread`).
+/// Builds iced-x86's instruction tables for an apply in `mode` on the calling thread (waiting,
+/// asleep, if another thread builds them), for a caller that knows an apply is coming before
+/// it knows its target and patch: a command line whose main thread builds them while another
+/// thread parses the arguments, loads the patch and applies it with [`apply_then_exit`].
+pub fn build_instruction_tables(mode: Mode) {
+    iced_tables::need(tables_for(mode));
+}
+
+/// [`apply`] for a caller that ends its process as soon as the apply is over (the command
+/// line): the calling thread is the tracer, and `end` is given the outcome — a success right
+/// after the target's threads were let go, before anything built for the apply is freed; a
+/// failure once the target is as it was — and must end the process.
+///
+/// The end of the process detaches every thread the calling thread still traces, before its
+/// parent sees it end, as the exit of [`apply`]'s tracer thread does; so no thread is started
+/// for the tracer, and none of what [`apply`] does after the switch for a caller that goes on
+/// happens (freeing the apply's memory, the tracer thread's exit, join and reap: ~0.2-0.4 ms
+/// while the target's threads, just resumed, compete for the CPUs). The instruction tables
+/// are built meanwhile by another thread: the caller's ([`build_instruction_tables`]), or one
+/// started here when nobody builds them.
+pub fn apply_then_exit(
+    pid: i32,
+    patch: &Patch,
+    opts: ApplyOptions,
+    end: impl FnOnce(&Result<Applied, Error>) -> std::convert::Infallible,
+) -> ! {
+    let warm = modules::warm_up_modules(pid);
+    iced_tables::build_on_new_thread(tables_for(opts.mode));
+    let mut end = Some(end);
+    let mut report = |r: &Result<Applied, Error>| {
+        if let Some(end) = end.take() {
+            match end(r) {}
+        }
+    };
+    let r = apply_here(pid, patch, opts, warm, &mut report);
+    report(&r);
+    unreachable!("`end` ends the process")
+}
+
+/// [`apply`] on the calling thread, which must exit afterwards (see `with_tracer_thread`);
+/// `report` is given a success before the locals are freed.
 fn apply_here(
     pid: i32,
     patch: &Patch,
     opts: ApplyOptions,
     warm: modules::WarmUp,
+    report: &mut dyn FnMut(&Result<Applied, Error>),
 ) -> Result<Applied, Error> {
     let t0 = Instant::now();
     let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
@@ -176,8 +222,16 @@ fn apply_here(
     phase("bytes verified");
     let callers = call_sites::verify(pid, t.mem(), &target, patch, &existing)?;
     phase("callers verified");
-    // The first decode: wait (asleep) for the warm-up thread's tables if it is not done.
+    // What needs no instruction tables first: the calling thread is still building them.
+    let layout = Layout::of(&patch.object)
+        .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
+    phase("object laid out");
+    let symbol_mem = crate::process::Memory::open(pid)?;
+    let resolver = target::Resolver::new(pid, &target, &symbol_mem)?;
+    phase("symbols ready");
+    // The first decode: wait (asleep) for the calling thread's tables if it is not done.
     iced_tables::need(iced_tables::Tables::Decoder);
+    phase("decoder tables ready");
     let mut sites: Vec<Site> = Vec::new();
     for f in &patch.functions {
         let old = target.bias + f.old_vaddr;
@@ -185,10 +239,6 @@ fn apply_here(
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
         sites.push(site);
     }
-    let layout = Layout::of(&patch.object)
-        .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
-    let symbol_mem = crate::process::Memory::open(pid)?;
-    let resolver = target::Resolver::new(pid, &target, &symbol_mem)?;
     phase("checks and symbols done");
 
     // 2. Preparation; threads keep running.
@@ -215,6 +265,7 @@ fn apply_here(
     iced_tables::need(iced_tables::Tables::All);
     phase("instruction tables ready");
     let prepared = prepare(
+        &phase,
         &mut t,
         patch,
         &layout,
@@ -306,6 +357,7 @@ fn apply_here(
             return Err(e.into());
         }
     };
+    phase("state staged");
     let mut begin = |m: &crate::process::Memory| -> Result<(), Error> {
         statemap.publish(m, &staged)?;
         Ok(())
@@ -372,7 +424,7 @@ fn apply_here(
     phase("switched");
     t.release()?;
     phase("detached");
-    Ok(Applied {
+    let applied = Ok(Applied {
         pid,
         id: patch.id.clone(),
         module: target.module.path.clone(),
@@ -389,7 +441,10 @@ fn apply_here(
             .collect(),
         stats,
         total_us: t0.elapsed().as_micros() as u64,
-    })
+    });
+    // Before this function's locals are freed (see `apply_then`).
+    report(&applied);
+    applied
 }
 
 /// Maps `len` bytes of read-write anonymous memory within reach of the target module, in a
@@ -459,6 +514,7 @@ type Prepared = (
 /// thread of the target: tens of microseconds, more when its CPU is busy).
 #[allow(clippy::too_many_arguments)]
 fn prepare(
+    phase: &dyn Fn(&str),
     t: &mut Tracee,
     patch: &Patch,
     layout: &Layout,
@@ -476,6 +532,7 @@ fn prepare(
         .link(image_addr, &|name| resolver.resolve(name))
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
     t.mem().write(image_addr, &image.bytes)?;
+    phase("image linked and written");
     let mut extra = Vec::new();
     let mut then = Vec::new();
     let extra_addr = code_addr;
@@ -639,6 +696,7 @@ fn prepare(
             dispatch,
         });
     }
+    phase("sites planned");
     if !extra.is_empty() {
         t.mem().write(extra_addr, &extra)?;
     }
@@ -668,6 +726,7 @@ fn prepare(
             t.mprotect(at, len, p)?;
         }
     }
+    phase("protections set");
     // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
     // copy-on-write now, while threads run, instead of during the stop.
     // One byte per page is enough (call sites share pages with each other and the entries).

@@ -116,6 +116,7 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
         );
     }
     crate::debug_info::add_patch_cfi(pid, &mut u);
+    crate::cli::trace_point("unwinder made");
     Ok(u)
 }
 

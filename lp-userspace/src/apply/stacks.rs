@@ -28,6 +28,7 @@ pub(crate) fn collect(
 ) -> Result<Vec<Stack>, ProcessError> {
     // The mappings are read only when an unwind is incomplete: this runs while every thread is
     // stopped, and one read of /proc/PID/maps costs tens of microseconds.
+    crate::cli::trace_point("threads stopped, stacks next");
     let mut maps: Option<String> = None;
     let mut out = Vec::new();
     for tid in t.threads() {
@@ -51,6 +52,7 @@ pub(crate) fn collect(
             returns,
         });
     }
+    crate::cli::trace_point("stacks collected");
     Ok(out)
 }
 
