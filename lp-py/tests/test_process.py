@@ -30,6 +30,9 @@ def test_apply_changes_what_the_process_prints_and_revert_restores_it(counter, p
     assert report["functions"][0]["call_sites"] == 1
     counter.wait_for("value=2")
     counter.only("value=2")
+    # a nonstop patch's calls go through its dispatch, which status names
+    [function] = livepatch.status(counter.pid)[0]["patches"][0]["functions"]
+    assert ("dispatch" in function) == (mode == "nonstop"), function
 
     reverted = livepatch.revert(counter.pid, mode=mode)
     assert reverted["id"] == patch.id
@@ -174,6 +177,12 @@ def keys_of(typed_dict):
     return set(typed_dict.__annotations__)
 
 
+def fits(record, typed_dict):
+    """Every required key of `typed_dict` is there, and no key it does not document."""
+    required = getattr(typed_dict, "__required_keys__", keys_of(typed_dict))
+    return required <= set(record) <= keys_of(typed_dict)
+
+
 def test_results_have_exactly_the_documented_fields(counter, patches):
     """The TypedDicts in the stubs describe what the functions really return."""
     applied = livepatch.apply(counter.pid, patches["v2"])
@@ -182,8 +191,11 @@ def test_results_have_exactly_the_documented_fields(counter, patches):
     assert set(applied["functions"][0]) == keys_of(livepatch.AppliedFunction)
     [record] = livepatch.status(counter.pid)
     assert set(record) == keys_of(livepatch.ProcessStatus)
-    assert set(record["patches"][0]) == keys_of(livepatch.PatchStatus)
-    assert set(record["patches"][0]["functions"][0]) == keys_of(livepatch.FunctionStatus)
+    assert fits(record["patches"][0], livepatch.PatchStatus), record
+    assert fits(record["patches"][0]["functions"][0], livepatch.FunctionStatus), record
+    # stop mode: no dispatch; the generated code is named for gdb
+    assert "dispatch" not in record["patches"][0]["functions"][0]
+    assert record["patches"][0]["gdb_stubs_command"].startswith("add-symbol-file /tmp/")
     reverted = livepatch.revert(counter.pid)
     assert set(reverted) == keys_of(livepatch.Reverted)
 

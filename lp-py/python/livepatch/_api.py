@@ -51,16 +51,31 @@ class Reverted(TypedDict):
     total_us: int
 
 
-class FunctionStatus(TypedDict):
+class _FunctionStatusOptional(TypedDict, total=False):
+    #: the register-preserving thunk in front of the new code, when it needs one
+    thunk: str
+    #: the dispatch every call goes through (a patch applied in nonstop mode)
+    dispatch: str
+
+
+class FunctionStatus(_FunctionStatusOptional):
     """One redirected function in :func:`status` (addresses as hex strings, like the CLI)."""
 
     name: str
     old: str
     new: str
     call_sites: int  #: direct callers in the module retargeted at the new code
+    #: the original's displaced first instructions, then a jump back (runs the old code)
+    trampoline: str
 
 
-class PatchStatus(TypedDict):
+class _PatchStatusOptional(TypedDict, total=False):
+    #: gdb command naming the generated code (trampolines, thunks, dispatches): absent when
+    #: its symbol file could not be written
+    gdb_stubs_command: str
+
+
+class PatchStatus(_PatchStatusOptional):
     """One applied patch in :func:`status`."""
 
     id: str
