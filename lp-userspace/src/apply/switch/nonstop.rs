@@ -1478,17 +1478,24 @@ fn switch_sites(
     };
     windows.run(t, &callers, agent, None, started)?;
     trace("callers' windows done", w0);
+    // An apply's callers go on to the new code after the entries' window; a revert's (those a
+    // patch below had retargeted, at the dispatch now) right after the flag's store, before
+    // the entries: the entries go last in a revert, so that a failure never puts a jump back
+    // over entry bytes restored earlier while a thread is between them (review session 6, 1).
+    let then_after_entries = flag.set && !flag.then.is_empty();
     if !flag.set {
         // A revert: its callers lead to the entries again, which lead to the dispatches, which
-        // still run the new code; from this store on every call runs the old code.
+        // still run the new code; from this store on every call runs the old code (the
+        // version below, for a patch stacked on another).
         t.mem().write(flag.addr, &[0])?;
+        windows.run(t, &flag.then, agent, None, started)?;
     }
     let mut commit_with_flag = |m: &Memory| -> Result<(), Error> {
         if flag.set {
             crate::process::stop_point::reached("dispatch-flag");
             m.write(flag.addr, &[1])?;
         }
-        if flag.then.is_empty() {
+        if !then_after_entries {
             commit(m)?;
         }
         Ok(())
@@ -1506,12 +1513,31 @@ fn switch_sites(
         started,
     )?;
     trace("entries' window done", w0);
-    if flag.then.is_empty() {
+    if !then_after_entries {
         return Ok(());
     }
     // The patch is in. The callers' branches go on from the dispatches to the new code, in
-    // windows like the first ones; the last commits.
-    windows.run(t, &flag.then, agent, Some(commit), started)?;
+    // windows like the first ones; the last commits. One found changed since its first window
+    // (a uprobe put on it meanwhile, say) stays at its dispatch, which runs the new code now:
+    // this step only saves a flag test per call, and rolling the whole switch back would
+    // write over the other party's change (review session 6, 3).
+    let mut then = Vec::with_capacity(flag.then.len());
+    for s in &flag.then {
+        let now = t.mem().read_vec(s.plan.addr(), s.plan.len())?;
+        if now == s.plan.expected() {
+            then.push(s.clone());
+        } else {
+            eprintln!(
+                "livepatch: warning: {} at {:#x} changed by someone else since it was pointed at the dispatch: left there (its calls run the new code through the dispatch)",
+                s.name,
+                s.plan.addr()
+            );
+        }
+    }
+    if then.is_empty() {
+        return commit(t.mem());
+    }
+    windows.run(t, &then, agent, Some(commit), started)?;
     trace("callers straight to the new code", w0);
     Ok(())
 }
