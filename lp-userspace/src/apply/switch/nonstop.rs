@@ -1447,10 +1447,10 @@ pub(crate) struct Flag {
 ///
 /// A revert switches the callers' branches back first (they then lead through the entries to
 /// the dispatches, which still run the new code; a caller that the patch below had retargeted
-/// leads to the dispatch itself, and goes on to that patch's code in `then`), clears the flag
-/// (from there on every call runs the old code), and restores the entries last, so that a
-/// failure never has to put a jump back over entry bytes restored earlier (a thread may be
-/// between their instructions).
+/// leads to the dispatch itself), clears the flag (from there on every call runs the old code,
+/// or the patch below's), moves those callers on to the patch below's code (`then`), and
+/// restores the entries last, so that a failure never has to put a jump back over entry bytes
+/// restored earlier (a thread may be between their instructions: review session 6, 1).
 #[allow(clippy::too_many_arguments)]
 fn switch_sites(
     t: &mut Tracee,
