@@ -1522,16 +1522,19 @@ fn switch_sites(
     // this step only saves a flag test per call, and rolling the whole switch back would
     // write over the other party's change (review session 6, 3).
     let mut then = Vec::with_capacity(flag.then.len());
-    for s in &flag.then {
-        let now = t.mem().read_vec(s.plan.addr(), s.plan.len())?;
-        if now == s.plan.expected() {
-            then.push(s.clone());
-        } else {
-            eprintln!(
-                "livepatch: warning: {} at {:#x} changed by someone else since it was pointed at the dispatch: left there (its calls run the new code through the dispatch)",
-                s.name,
-                s.plan.addr()
-            );
+    for sp in super::spans(&flag.then) {
+        let now = t.mem().read_vec(sp.start, (sp.end - sp.start) as usize)?;
+        for &i in &sp.sites {
+            let s = &flag.then[i];
+            if now[sp.range(s)] == *s.plan.expected() {
+                then.push(s.clone());
+            } else {
+                eprintln!(
+                    "livepatch: warning: {} at {:#x} changed by someone else since it was pointed at the dispatch: left there (its calls run the new code through the dispatch)",
+                    s.name,
+                    s.plan.addr()
+                );
+            }
         }
     }
     if then.is_empty() {
