@@ -18,14 +18,14 @@ fn main() {
     if let Some(mode) = cli::early_apply(std::env::args_os()) {
         // Before any other thread starts: all inherit the mask.
         cli::interrupts_deferred(defer_interrupts());
+        // Then this thread runs what the apply would start threads for (`apply::helper`).
+        let helper = lp_userspace::apply::helper::Helper::open();
         let command = std::thread::Builder::new()
             .name("livepatch-tracer".into())
             .spawn(run_command);
         if command.is_ok() {
             lp_userspace::apply::build_instruction_tables(mode);
-            loop {
-                std::thread::park();
-            }
+            helper.serve();
         }
     }
     run_command()

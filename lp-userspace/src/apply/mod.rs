@@ -17,6 +17,7 @@
 mod call_sites;
 mod dispatch;
 mod error;
+pub mod helper;
 mod iced_tables;
 mod modules;
 mod stacks;
@@ -152,7 +153,9 @@ pub fn build_instruction_tables(mode: Mode) {
 /// happens (freeing the apply's memory, the tracer thread's exit, join and reap: ~0.2-0.4 ms
 /// while the target's threads, just resumed, compete for the CPUs). The instruction tables
 /// are built meanwhile by another thread: the caller's ([`build_instruction_tables`]), or one
-/// started here when nobody builds them.
+/// started here when nobody builds them. A caller with a thread to spare opens a
+/// [`helper::Helper`] on it first: the warm-up and the gdb and perf files then need no thread
+/// of their own either.
 pub fn apply_then_exit(
     pid: i32,
     patch: &Patch,
@@ -366,36 +369,41 @@ fn apply_here(
         statemap.store(m, &new_state)?;
         Ok(())
     };
-    // The perf map line and the gdb files are written by another thread while the switch runs:
-    // nothing needs them before (the gdb command is in the state record already), and this
-    // thread joins it before it detaches or undoes anything, so no other livepatch can revert
-    // in between and a failed switch removes what was written.
-    let switched = std::thread::scope(|s| {
-        let names = std::thread::Builder::new()
-            .name("livepatch-names".into())
-            .spawn_scoped(s, || debug_info::write_names(pid, patch, &image, &debug));
-        let r = switch::run(
-            &mut t,
-            opts.mode,
-            &switches,
-            &busy,
-            opts.timeout,
-            flag.map(|addr| switch::Flag {
-                addr,
-                set: true,
-                then: std::mem::take(&mut then),
-            }),
-            &mut begin,
-            &mut commit,
-        );
-        match names {
-            Ok(h) => {
-                let _ = h.join();
-            }
-            Err(_) => debug_info::write_names(pid, patch, &image, &debug),
+    // The perf map line and the gdb files are written by another thread while the switch runs
+    // (the helper, see `helper`, or one of their own): nothing needs them before (the gdb
+    // command is in the state record already), and this thread waits for them before it
+    // detaches or undoes anything, so no other livepatch can revert in between and a failed
+    // switch removes what was written.
+    let names = {
+        let (patch, image, debug) = (patch.clone(), image.clone(), debug.clone());
+        let (written, finished) = std::sync::mpsc::sync_channel::<()>(1);
+        helper::run_or_spawn("livepatch-names", move || {
+            debug_info::write_names(pid, &patch, &image, &debug);
+            let _ = written.send(());
+        })
+        .map(|()| finished)
+    };
+    let switched = switch::run(
+        &mut t,
+        opts.mode,
+        &switches,
+        &busy,
+        opts.timeout,
+        flag.map(|addr| switch::Flag {
+            addr,
+            set: true,
+            then: std::mem::take(&mut then),
+        }),
+        &mut begin,
+        &mut commit,
+    );
+    match names {
+        // Written, or the job panicked (its sender dropped): either way, done.
+        Ok(finished) => {
+            let _ = finished.recv();
         }
-        r
-    });
+        Err(_) => debug_info::write_names(pid, patch, &image, &debug),
+    }
     let stats = match switched {
         Ok(s) => s,
         Err(e) => {

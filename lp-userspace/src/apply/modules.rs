@@ -121,7 +121,7 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 }
 
 /// Work a fresh process would otherwise do on the critical path, started on a thread of its
-/// own so that it overlaps what the tracer thread does meanwhile (reading maps, attaching,
+/// own (or given to the command line's helper, see `super::helper`) so that it overlaps what the tracer thread does meanwhile (reading maps, attaching,
 /// reading the state, remote system calls: mostly waiting on the kernel):
 /// - lp-core's instruction decoder and encoder (iced-x86) build their tables on first use,
 ///   about 1.5 ms of CPU together (only a nonstop revert asks this thread for them, encoder
@@ -150,26 +150,24 @@ pub(crate) fn warm_up_modules(pid: i32) -> WarmUp {
 /// The warm-up thread; `tables`: this thread has claimed the building of iced's tables.
 fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Mapping>>(1);
-    let spawned = std::thread::Builder::new()
-        .name("livepatch-warm".into())
-        .spawn(move || {
-            // cpuid traps to the hypervisor in a VM: asked here, not in the tracer's prepare.
-            crate::thunk::VectorState::warm();
-            if tables {
-                // Only a nonstop revert starts this thread with the tables: its code
-                // assembler needs the encoder's too.
-                iced_tables::build_claimed(Tables::Encoder);
-            }
-            if let Some(mappings) = rx.recv().ok().or_else(|| maps::read(pid).ok()) {
-                for m in maps::modules(&mappings) {
-                    if m.exec_ranges().next().is_some() && !m.path.starts_with("/memfd:") {
-                        let _ = open(&m.open_path(pid));
-                    }
+    let spawned = super::helper::run_or_spawn("livepatch-warm", move || {
+        // cpuid traps to the hypervisor in a VM: asked here, not in the tracer's prepare.
+        crate::thunk::VectorState::warm();
+        if tables {
+            // Only a nonstop revert starts this thread with the tables: its code
+            // assembler needs the encoder's too.
+            iced_tables::build_claimed(Tables::Encoder);
+        }
+        if let Some(mappings) = rx.recv().ok().or_else(|| maps::read(pid).ok()) {
+            for m in maps::modules(&mappings) {
+                if m.exec_ranges().next().is_some() && !m.path.starts_with("/memfd:") {
+                    let _ = open(&m.open_path(pid));
                 }
             }
-            // Housekeeping no apply waits for (the thread may be cut short by our exit).
-            crate::debug_info::remove_stale_files();
-        });
+        }
+        // Housekeeping no apply waits for (the thread may be cut short by our exit).
+        crate::debug_info::remove_stale_files();
+    });
     if spawned.is_err() && tables {
         iced_tables::unclaim();
     }
