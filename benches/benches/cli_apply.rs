@@ -16,10 +16,10 @@
 //! `LIVEPATCH_DYNAMIC_BIN`.
 //! `CLI_BENCH_RT=1` runs each `livepatch` under `chrt -f 50` (see `timed`).
 //! `LIVEPATCH_BASELINE_BIN=PATH` also runs another build (e.g. an older commit's, built into
-//! another target directory) plain in every round, interleaved: before/after on the same load.
-//! It packs its own patch (an older build may not read today's format, nor do all it asks).
-//! `CLI_BENCH_CPU=1` also prints each variant's process CPU time (see `timed`; builds from
-//! before e248d1e do not report it).
+//! another target directory) plain in every round, interleaved: before/after on the same load;
+//! `LIVEPATCH_BASELINE_DYNAMIC_BIN=PATH` the same for a dynamically linked one. Each packs its
+//! own patch (an older build may not read today's format, nor do all it asks).
+//! `CLI_BENCH_CPU=1` also prints each variant's process CPU time (see `timed`).
 
 use lp_benches::{build_fixture, Fixture};
 use std::path::{Path, PathBuf};
@@ -128,9 +128,11 @@ fn start_target(exe: &Path) -> Fixture {
 /// more: the tool's tracer and warm-up threads may both wait on iced-x86's spinning `Once`,
 /// and a real-time thread spinning for one that cannot get the CPU never yields.
 ///
-/// With `CLI_BENCH_CPU` set, each run has `LIVEPATCH_TRACE=1` and its stderr is kept: the
-/// tool's last trace line gives the CPU time of all its threads (a few trace lines more are
-/// written to a pipe, microseconds).
+/// With `CLI_BENCH_CPU` set, the CPU time of the run (all its threads, user and system) is
+/// appended to the stdout returned as a line `cpu N ns`: the growth of this process's
+/// `RUSAGE_CHILDREN` across it (the only child waited for meanwhile). Not from the tool's own
+/// `LIVEPATCH_TRACE` figures, as before: tracing writes lines to stderr, some of them in
+/// hundreds of pieces, which costs the traced run CPU time of its own.
 fn timed(bin: &Path, args: &[&str]) -> (Duration, String) {
     let mut cmd = if realtime() {
         let mut c = Command::new("chrt");
@@ -140,31 +142,57 @@ fn timed(bin: &Path, args: &[&str]) -> (Duration, String) {
         Command::new(bin)
     };
     let cpu = std::env::var_os("CLI_BENCH_CPU").is_some();
-    if cpu {
-        cmd.env("LIVEPATCH_TRACE", "1").stderr(Stdio::piped());
-    } else {
-        cmd.stderr(Stdio::inherit());
-    }
+    cmd.stderr(Stdio::piped());
+    let before = children_cpu_ns();
     let start = Instant::now();
     let out = cmd.args(args).output().expect("run livepatch");
     let wall = start.elapsed();
+    let used = children_cpu_ns() - before;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "livepatch {args:?} failed: {stderr}");
+    eprint!("{stderr}");
     let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if let Some(line) = stderr.lines().find(|l| l.contains("cpu user ")) {
-        stdout.push_str(&format!("\n{line}"));
+    if cpu {
+        stdout.push_str(&format!("\ncpu {used} ns"));
     }
     (wall, stdout)
 }
 
-/// The process's CPU time in ms from its `LIVEPATCH_TRACE` line (`cpu user U us sys S us`).
-fn process_cpu(out: &str) -> Option<f64> {
-    let line = out.lines().find(|l| l.contains("cpu user "))?;
-    let num = |key: &str| -> Option<f64> {
-        let at = line.find(key)? + key.len();
-        line[at..].split_whitespace().next()?.parse().ok()
+/// User and system CPU time of this process's terminated, waited-for children, in ns.
+fn children_cpu_ns() -> u64 {
+    // getrusage(2) as x86-64 Linux lays out `struct rusage` (two timevals, 14 longs): declared
+    // here, the benches do not depend on the libc crate (std links libc itself).
+    #[repr(C)]
+    struct Timeval {
+        sec: i64,
+        usec: i64,
+    }
+    #[repr(C)]
+    struct Rusage {
+        user: Timeval,
+        system: Timeval,
+        _rest: [i64; 14],
+    }
+    extern "C" {
+        fn getrusage(who: i32, usage: *mut Rusage) -> i32;
+    }
+    const RUSAGE_CHILDREN: i32 = -1;
+    let mut u = Rusage {
+        user: Timeval { sec: 0, usec: 0 },
+        system: Timeval { sec: 0, usec: 0 },
+        _rest: [0; 14],
     };
-    Some((num("cpu user ")? + num(" sys ")?) / 1e3)
+    // SAFETY: getrusage fills the struct we own, laid out as the kernel's.
+    unsafe { getrusage(RUSAGE_CHILDREN, &mut u) };
+    let ns = |t: &Timeval| t.sec as u64 * 1_000_000_000 + t.usec as u64 * 1000;
+    ns(&u.user) + ns(&u.system)
+}
+
+/// The run's CPU time in ms from the `cpu N ns` line `timed` appends.
+fn process_cpu(out: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.starts_with("cpu "))?;
+    let ns: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ns / 1e6)
 }
 
 /// `CLI_BENCH_RT` is set (and the machine has the CPUs for it, see `timed`).
@@ -271,6 +299,12 @@ fn main() {
     if let Some(b) = &baseline_bin {
         pack(b, &baseline_patch);
     }
+    let baseline_dynamic_bin =
+        std::env::var_os("LIVEPATCH_BASELINE_DYNAMIC_BIN").map(PathBuf::from);
+    let baseline_dynamic_patch = d("patch-baseline-dynamic.lp");
+    if let Some(b) = &baseline_dynamic_bin {
+        pack(b, &baseline_dynamic_patch);
+    }
 
     let t = start_target(&dir.join("target"));
     let pid = t.child.id().to_string();
@@ -291,12 +325,15 @@ fn main() {
     let (mut version, mut dynamic_version) = (vec![], vec![]);
     let (mut plain, mut boosted, mut dynamic) =
         (Figures::default(), Figures::default(), Figures::default());
-    let mut baseline = Figures::default();
+    let (mut baseline, mut baseline_dynamic) = (Figures::default(), Figures::default());
     for round in 0..ROUNDS {
         version.push(ms(timed(&bin, &["--version"]).0));
         dynamic_version.push(ms(timed(&dynamic_bin, &["--version"]).0));
         if let Some(b) = &baseline_bin {
             baseline.round(b, &pid, &baseline_patch, &[]);
+        }
+        if let Some(b) = &baseline_dynamic_bin {
+            baseline_dynamic.round(b, &pid, &baseline_dynamic_patch, &[]);
         }
         // Rotate the order: whoever runs first after the `--version`s is not always the same.
         for i in 0..3 {
@@ -318,6 +355,9 @@ fn main() {
     );
     if let Some(b) = &baseline_bin {
         baseline.print(&format!("baseline {}, plain", b.display()));
+    }
+    if let Some(b) = &baseline_dynamic_bin {
+        baseline_dynamic.print(&format!("baseline {}, plain (dynamic)", b.display()));
     }
     plain.print("plain (static build)");
     boosted.print("--boost (static build, the tool at nice -20)");
