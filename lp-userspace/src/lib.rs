@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod cli;
+mod deadline;
 pub mod debug_info;
 pub mod demo;
 pub mod elf;

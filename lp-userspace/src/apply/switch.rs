@@ -367,7 +367,7 @@ pub(crate) fn wait_threads_outside(
     if ranges.is_empty() {
         return Ok(());
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::after(timeout);
     let mut pending = t.threads();
     while !pending.is_empty() {
         let mut still = Vec::new();

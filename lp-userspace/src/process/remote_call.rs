@@ -203,7 +203,7 @@ impl Tracee {
     /// Lets `tid` run the call until it returns to `end`; returns its result then. The thread
     /// is stopped (and marked so) when this returns, unless it is gone.
     fn run_call(&mut self, tid: i32, what: &str, end: CallEnd, timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::after(timeout);
         // Through the stub the end is a system call: the thread runs under PTRACE_SYSCALL,
         // and the callee's own system calls are let through.
         let syscall_stops = matches!(end, CallEnd::Stub(..));

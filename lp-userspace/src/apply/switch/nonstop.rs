@@ -583,7 +583,7 @@ fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration, agents: AgentCode) -> 
         .filter(|&tid| blocked(tid))
         .filter_map(|tid| Some((tid, (observe::runtime_ns(pid, tid)?, None))))
         .collect();
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::after(timeout);
     loop {
         let mut refuse = None;
         suspects.retain(|&tid, (at_start, base)| {
@@ -1042,7 +1042,7 @@ fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error>
     }
     let pid = t.pid();
     let start = Instant::now();
-    let deadline = start + wait;
+    let deadline = crate::deadline::after(wait);
     let borrowed = t.threads();
     if let Some((tid, _)) =
         wait_moved_on(t.mem(), pid, &borrowed, &[], deadline, UNINSTALL_POLL, None)?
@@ -1775,7 +1775,7 @@ fn settle(
             });
         }
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::after(timeout);
     match wait_moved_on(
         t.mem(),
         t.pid(),
