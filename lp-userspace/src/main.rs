@@ -22,7 +22,14 @@ fn main() {
         let helper = lp_userspace::apply::helper::Helper::open();
         let command = std::thread::Builder::new()
             .name("livepatch-tracer".into())
-            .spawn(run_command);
+            .spawn(|| {
+                // A panic (a bug) ends the process as one on the main thread would (the hook
+                // has printed it): this thread never comes back otherwise.
+                let _ = std::panic::catch_unwind(|| {
+                    run_command();
+                });
+                std::process::exit(101)
+            });
         if command.is_ok() {
             lp_userspace::apply::build_instruction_tables(mode);
             helper.serve();
