@@ -198,6 +198,22 @@ pub(super) fn read_verified(
     sites: &[SiteSwitch],
     spans: &[Span],
 ) -> Result<Vec<Vec<u8>>, Error> {
+    read_verified_when(
+        mem,
+        sites,
+        spans,
+        "while we prepared the switch; nothing written",
+    )
+}
+
+/// [`read_verified`], saying `when` the bytes were found changed (and what became of the
+/// writes) in its error.
+pub(super) fn read_verified_when(
+    mem: &Memory,
+    sites: &[SiteSwitch],
+    spans: &[Span],
+    when: &str,
+) -> Result<Vec<Vec<u8>>, Error> {
     let mut out = Vec::with_capacity(spans.len());
     for sp in spans {
         let cur = mem.read_vec(sp.start, (sp.end - sp.start) as usize)?;
@@ -205,7 +221,7 @@ pub(super) fn read_verified(
             let s = &sites[i];
             if cur[sp.range(s)] != *s.plan.expected() {
                 return Err(Error::Mismatch(format!(
-                    "bytes of {} at {:#x} changed while we prepared the switch; nothing written",
+                    "bytes of {} at {:#x} changed {when}",
                     s.name,
                     s.plan.addr()
                 )));

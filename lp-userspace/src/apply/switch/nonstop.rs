@@ -237,7 +237,7 @@ pub(crate) fn run(
     let wrote = ready.is_ok();
     // The sites whose window began writing (a window that found bytes changed by someone else
     // writes nothing: its sites, and those of windows after it, are not rolled back).
-    let mut started: Vec<SiteSwitch> = Vec::new();
+    let mut started = Started::default();
     let mut result = ready.and_then(|()| {
         // From the first int3 only, and only when asked (see `realtime_window_wanted`):
         // before, the tool mostly waits for the borrowed thread, and a SCHED_FIFO tool
@@ -283,8 +283,12 @@ pub(crate) fn run(
             // A caller's branch is in `started` twice when an apply pointed it on from the
             // dispatch to the new code: its bytes before the switch are the first one's.
             let mut seen = std::collections::BTreeSet::new();
-            started.retain(|s| seen.insert(s.plan.addr()));
-            let rolled = rollback(t, &started, &area, &phase, &mut agent);
+            let mut sites = std::mem::take(&mut started.sites);
+            sites.retain(|s| seen.insert(s.plan.addr()));
+            if let Some(f) = flag.filter(|f| !f.set) {
+                sites.retain(|s| !left_at_dispatch(t.mem(), s, f, &started.done));
+            }
+            let rolled = rollback(t, &sites, &area, &phase, &mut agent);
             match rolled {
                 Err(e) => {
                     result = Err(e);
@@ -1461,7 +1465,7 @@ fn switch_sites(
     rules: SettleRules,
     flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
-    started: &mut Vec<SiteSwitch>,
+    started: &mut Started,
 ) -> Result<(), Error> {
     let Some(flag) = flag else {
         return steps(t, sites, area, phase, agent, rules, commit, started);
@@ -1548,6 +1552,14 @@ fn switch_sites(
 /// What a window calls once its sites are switched (the state's commit, with the last one).
 type Commit<'c> = &'c mut dyn FnMut(&Memory) -> Result<(), Error>;
 
+/// The sites a switch began writing (in order; a caller with two plans is there twice), and
+/// the bytes each site was left with by its last window that ran to the end.
+#[derive(Default)]
+struct Started {
+    sites: Vec<SiteSwitch>,
+    done: BTreeMap<u64, Vec<u8>>,
+}
+
 /// Callers' branches switched a few at a time (see [`switch_sites`]).
 struct Windows<'a> {
     per_window: usize,
@@ -1566,7 +1578,7 @@ impl Windows<'_> {
         sites: &[SiteSwitch],
         agent: &mut Option<SyncAgent>,
         mut last: Option<Commit<'_>>,
-        started: &mut Vec<SiteSwitch>,
+        started: &mut Started,
     ) -> Result<(), Error> {
         let n = sites.chunks(self.per_window).count();
         for (k, window) in sites.chunks(self.per_window).enumerate() {
@@ -1604,7 +1616,7 @@ fn steps(
     agent: &mut Option<SyncAgent>,
     rules: SettleRules,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
-    started: &mut Vec<SiteSwitch>,
+    started: &mut Started,
 ) -> Result<(), Error> {
     // All sites go through the protocol together: every int3 first, then every tail, then
     // every first byte, so the process switches all functions at one commit point.
@@ -1622,8 +1634,17 @@ fn steps(
     // back. The bytes in between are read right before (not from an earlier copy): the kernel
     // may change them meanwhile — a uprobe's int3 put in or taken out (review session 5, #1).
     let runs = super::spans(sites);
-    super::read_verified(t.mem(), sites, &runs)?;
-    started.extend(sites.iter().cloned());
+    // A window after others that wrote: what they wrote is rolled back if this one fails.
+    let when = if started.sites.is_empty() {
+        "while we prepared the switch; nothing written"
+    } else {
+        "by someone else during the switch; what it had written was put back"
+    };
+    super::read_verified_when(t.mem(), sites, &runs, when)?;
+    started.sites.extend(sites.iter().cloned());
+    for s in sites {
+        started.done.remove(&s.plan.addr());
+    }
     for i in 0..max_steps {
         let mut needs_sync = false;
         let mut writes: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); runs.len()];
@@ -1670,6 +1691,9 @@ fn steps(
     if !committed {
         area.set_phase(t.mem(), COMMITTED)?;
         phase.set(COMMITTED);
+    }
+    for s in sites {
+        started.done.insert(s.plan.addr(), s.plan.result().to_vec());
     }
     commit(t.mem())
 }
@@ -1835,6 +1859,41 @@ fn write_run(mem: &Memory, writes: &[(u64, &[u8])]) -> Result<(), Error> {
 
 fn is_last_write(plan: &WritePlan, i: usize) -> bool {
     !plan.steps()[i + 1..].iter().any(|s| s.data().is_some())
+}
+
+/// Whether a failed revert leaves caller `s` as it is: a caller the patch below had
+/// retargeted, which this revert pointed at the top patch's dispatch (its window ran to the
+/// end) and which someone else has changed since (a uprobe put on it). Rolled back, it would
+/// lose their change (review session 6, 6); left, it leads to the dispatch, which runs the
+/// top patch again once the flag is set back, and a later revert takes it from there.
+fn left_at_dispatch(
+    mem: &Memory,
+    s: &SiteSwitch,
+    flag: &Flag,
+    done: &BTreeMap<u64, Vec<u8>>,
+) -> bool {
+    let addr = s.plan.addr();
+    let Some(at_dispatch) = flag
+        .then
+        .iter()
+        .find(|o| o.plan.addr() == addr)
+        .map(|o| o.plan.expected())
+    else {
+        return false;
+    };
+    if done.get(&addr).map(Vec::as_slice) != Some(at_dispatch) {
+        return false;
+    }
+    let changed = mem
+        .read_vec(addr, at_dispatch.len())
+        .is_ok_and(|cur| cur != at_dispatch);
+    if changed {
+        eprintln!(
+            "livepatch: warning: {} at {addr:#x} changed by someone else since this revert pointed it at the dispatch: left as it is (it leads to the patch, which stays in)",
+            s.name
+        );
+    }
+    changed
 }
 
 /// Puts every site back as it was with the same protocol, trapping threads sent where the
