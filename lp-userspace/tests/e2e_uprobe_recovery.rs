@@ -10,8 +10,8 @@
 //! counts hits. Needs root and tracefs (skipped otherwise).
 
 mod common;
+use common::uprobe::{byte_at, tracefs_missing, Uprobe};
 use common::*;
-use std::time::{Duration, Instant};
 
 const TARGET: &str = r#"
 #include <stdio.h>
@@ -35,70 +35,6 @@ int main(void) {
 
 const NEW: &str = "int work(int x) { return x + 1000; }\n";
 
-const TRACING: &str = "/sys/kernel/tracing";
-
-/// A uprobe event through tracefs, removed on drop.
-struct Uprobe {
-    name: String,
-}
-
-impl Uprobe {
-    fn add(name: &str, exe: &std::path::Path, offset: u64) -> Option<Uprobe> {
-        let def = format!("p:lptest/{name} {}:{offset:#x}\n", exe.display());
-        append(&format!("{TRACING}/uprobe_events"), &def).ok()?;
-        let u = Uprobe { name: name.into() };
-        std::fs::write(u.enable_path(), "1").ok()?;
-        Some(u)
-    }
-
-    fn enable_path(&self) -> String {
-        format!("{TRACING}/events/lptest/{}/enable", self.name)
-    }
-
-    /// Hits so far (tracefs `uprobe_profile`: file, event, hits).
-    fn hits(&self) -> u64 {
-        let text = std::fs::read_to_string(format!("{TRACING}/uprobe_profile")).unwrap();
-        text.lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(self.name.as_str()))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .expect("our event in uprobe_profile")
-    }
-
-    /// Waits until the probe has fired more than `than` times.
-    fn fires_after(&self, than: u64) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.hits() > than {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    fn remove(&self) {
-        let _ = std::fs::write(self.enable_path(), "0");
-        let _ = append(
-            &format!("{TRACING}/uprobe_events"),
-            &format!("-:lptest/{}\n", self.name),
-        );
-    }
-}
-
-impl Drop for Uprobe {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-fn append(path: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)?
-        .write_all(text.as_bytes())
-}
-
 /// work()'s file vaddr (= its file offset in gcc's PIE output), from nm.
 fn work_vaddr(exe: &std::path::Path) -> u64 {
     let out = std::process::Command::new("nm").arg(exe).output().unwrap();
@@ -110,15 +46,9 @@ fn work_vaddr(exe: &std::path::Path) -> u64 {
     u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
 }
 
-fn byte_at(pid: &str, addr: u64) -> u8 {
-    let mem = lp_userspace::process::Memory::open(pid.parse().unwrap()).unwrap();
-    mem.read_vec(addr, 1).unwrap()[0]
-}
-
 #[test]
 fn e2e_a_uprobe_on_a_site_of_a_killed_revert_is_kept_by_the_recovery() {
-    if !std::path::Path::new(&format!("{TRACING}/uprobe_events")).exists() {
-        eprintln!("no tracefs uprobe_events: skipped");
+    if tracefs_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -148,7 +78,7 @@ fn e2e_a_uprobe_on_a_site_of_a_killed_revert_is_kept_by_the_recovery() {
     assert_eq!(byte_at(&pid, entry), original);
 
     // Someone probes work() now.
-    let Some(probe) = Uprobe::add(&format!("r{pid}"), &exe, vaddr) else {
+    let Some(probe) = Uprobe::add("lptest", &format!("r{pid}"), &exe, vaddr) else {
         eprintln!("cannot add a uprobe: skipped");
         return;
     };

@@ -9,6 +9,7 @@
 //! uprobe removed, the tool let go. Needs root and tracefs (skipped otherwise).
 
 mod common;
+use common::uprobe::{byte_at, direct_calls, disassembly, tracefs_missing, try_byte_at, Uprobe};
 use common::*;
 use std::time::{Duration, Instant};
 
@@ -45,70 +46,6 @@ int main(void) {
 
 const NEW: &str = "int work(int x) { return x + 1000; }\n";
 
-const TRACING: &str = "/sys/kernel/tracing";
-
-/// A uprobe event, removed on drop.
-struct Uprobe {
-    name: String,
-}
-
-impl Uprobe {
-    fn add(name: &str, exe: &std::path::Path, offset: u64) -> Option<Uprobe> {
-        let def = format!("p:lptest/{name} {}:{offset:#x}\n", exe.display());
-        append(&format!("{TRACING}/uprobe_events"), &def).ok()?;
-        let u = Uprobe { name: name.into() };
-        std::fs::write(u.enable_path(), "1").ok()?;
-        Some(u)
-    }
-
-    fn enable_path(&self) -> String {
-        format!("{TRACING}/events/lptest/{}/enable", self.name)
-    }
-
-    fn remove(&self) {
-        let _ = std::fs::write(self.enable_path(), "0");
-        let _ = append(
-            &format!("{TRACING}/uprobe_events"),
-            &format!("-:lptest/{}\n", self.name),
-        );
-    }
-}
-
-impl Drop for Uprobe {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-fn append(path: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)?
-        .write_all(text.as_bytes())
-}
-
-/// The file vaddr of each `call work` in caller(), from objdump.
-fn calls_of_work(exe: &std::path::Path) -> Vec<u64> {
-    let out = std::process::Command::new("objdump")
-        .args(["-d", "--no-show-raw-insn"])
-        .arg(exe)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let body = text
-        .split("<caller>:")
-        .nth(1)
-        .unwrap()
-        .split("\n\n")
-        .next()
-        .unwrap();
-    body.lines()
-        .filter(|l| l.contains("call") && l.contains("<work>"))
-        .map(|l| u64::from_str_radix(l.trim().split(':').next().unwrap(), 16).unwrap())
-        .collect()
-}
-
 /// The load address of `exe` in `pid` (PIE: file offset 0 mapped there; text vaddr = offset).
 fn base(pid: &str, exe: &std::path::Path) -> u64 {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -119,15 +56,9 @@ fn base(pid: &str, exe: &std::path::Path) -> u64 {
     u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap()
 }
 
-fn byte_at(pid: &str, addr: u64) -> Option<u8> {
-    let mem = lp_userspace::process::Memory::open(pid.parse().unwrap()).ok()?;
-    mem.read_vec(addr, 1).ok().map(|v| v[0])
-}
-
 #[test]
 fn e2e_a_uprobe_removed_during_a_nonstop_window_stays_removed() {
-    if !std::path::Path::new(&format!("{TRACING}/uprobe_events")).exists() {
-        eprintln!("no tracefs uprobe_events: skipped");
+    if tracefs_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -146,7 +77,7 @@ fn e2e_a_uprobe_removed_during_a_nonstop_window_stays_removed() {
             obj.to_str().unwrap(),
         ],
     );
-    let calls = calls_of_work(&exe);
+    let calls = direct_calls(&disassembly(&exe), "caller", "work");
     assert_eq!(calls.len(), 2, "caller() calls work() twice: {calls:?}");
     // The instruction right after the first call: between the two call sites.
     let probe = calls[0] + 5;
@@ -158,13 +89,13 @@ fn e2e_a_uprobe_removed_during_a_nonstop_window_stays_removed() {
     let pid = target.pid();
     target.expect_steady(3, |l| l == "value=44");
     let at = base(&pid, &exe) + probe;
-    let original = byte_at(&pid, at).unwrap();
-    let Some(uprobe) = Uprobe::add(&format!("u{pid}"), &exe, probe) else {
+    let original = byte_at(&pid, at);
+    let Some(uprobe) = Uprobe::add("lptest", &format!("u{pid}"), &exe, probe) else {
         eprintln!("cannot add a uprobe: skipped");
         return;
     };
     assert_eq!(
-        byte_at(&pid, at),
+        try_byte_at(&pid, at),
         Some(0xcc),
         "the uprobe's int3 is in place"
     );
@@ -178,14 +109,18 @@ fn e2e_a_uprobe_removed_during_a_nonstop_window_stays_removed() {
     // The uprobe goes (perf probe -d, the end of a bpftrace session): the kernel puts the
     // original byte back.
     uprobe.remove();
-    assert_eq!(byte_at(&pid, at), Some(original), "the kernel restored it");
+    assert_eq!(
+        try_byte_at(&pid, at),
+        Some(original),
+        "the kernel restored it"
+    );
     // SAFETY: SIGCONT to the tool we started.
     unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
     let status = tool.wait().unwrap();
     assert!(status.success(), "apply failed");
 
     // Nothing of ours belongs at the probed instruction.
-    let now = byte_at(&pid, at);
+    let now = try_byte_at(&pid, at);
     let deadline = Instant::now() + Duration::from_secs(2);
     while target.alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

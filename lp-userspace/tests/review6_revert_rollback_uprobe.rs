@@ -16,108 +16,12 @@
 //! the target must print consistent lines. Needs root and tracefs (skipped otherwise).
 
 mod common;
+use common::uprobe::{byte_at, main_call_of_work, tracefs_missing, Stopped, Uprobe};
 use common::*;
-use std::time::{Duration, Instant};
-
-const TRACING: &str = "/sys/kernel/tracing";
-
-/// A uprobe event through tracefs, removed on drop.
-struct Uprobe(String);
-
-impl Uprobe {
-    fn add(name: &str, exe: &std::path::Path, offset: u64) -> Option<Uprobe> {
-        let def = format!("p:lpreview6/{name} {}:{offset:#x}\n", exe.display());
-        append(&format!("{TRACING}/uprobe_events"), &def).ok()?;
-        let u = Uprobe(name.into());
-        std::fs::write(u.enable_path(), "1").ok()?;
-        Some(u)
-    }
-
-    fn enable_path(&self) -> String {
-        format!("{TRACING}/events/lpreview6/{}/enable", self.0)
-    }
-
-    fn hits(&self) -> u64 {
-        let text = std::fs::read_to_string(format!("{TRACING}/uprobe_profile")).unwrap();
-        text.lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(self.0.as_str()))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .expect("our event in uprobe_profile")
-    }
-
-    fn fires_after(&self, than: u64) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.hits() > than {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-}
-
-impl Drop for Uprobe {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.enable_path(), "0");
-        let _ = append(
-            &format!("{TRACING}/uprobe_events"),
-            &format!("-:lpreview6/{}\n", self.0),
-        );
-    }
-}
-
-fn append(path: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)?
-        .write_all(text.as_bytes())
-}
-
-/// File vaddr of main's `call work`, from objdump.
-fn main_call_of_work(exe: &std::path::Path) -> u64 {
-    let out = std::process::Command::new("objdump")
-        .args(["-d", "--no-show-raw-insn"])
-        .arg(exe)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut in_main = false;
-    for l in text.lines() {
-        if l.ends_with(">:") {
-            in_main = l.ends_with(" <main>:");
-            continue;
-        }
-        if in_main && l.contains("call") && l.ends_with(" <work>") {
-            let a = l.split(':').next().unwrap().trim();
-            return u64::from_str_radix(a, 16).unwrap();
-        }
-    }
-    panic!("main calls work directly")
-}
-
-fn byte_at(pid: &str, addr: u64) -> u8 {
-    let mem = lp_userspace::process::Memory::open(pid.parse().unwrap()).unwrap();
-    mem.read_vec(addr, 1).unwrap()[0]
-}
-
-/// A tool stopped at a debug point, killed if still there when dropped.
-struct Stopped(Option<std::process::Child>);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[test]
 fn review6_6_a_failed_stacked_revert_never_rolls_back_over_a_uprobe() {
-    if !std::path::Path::new(&format!("{TRACING}/uprobe_events")).exists() {
-        eprintln!("no tracefs uprobe_events: skipped");
+    if tracefs_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -153,19 +57,16 @@ fn review6_6_a_failed_stacked_revert_never_rolls_back_over_a_uprobe() {
     livepatch_ok(&["apply", &pid, &top, "--mode", "nonstop"]);
     target.expect_steady(3, |l| l == "direct=2041 tail=102020 pointer=2041");
 
-    let mut tool = Stopped(Some(stop_tool_at(
+    let mut tool = Stopped::at(
         &["revert", &pid, "--mode", "nonstop"],
         &format!("nonstop-sync:{n}"),
-    )));
-    let tool_pid = tool.0.as_ref().unwrap().id() as i32;
-    let Some(probe) = Uprobe::add(&format!("s6_{pid}"), &exe, vaddr) else {
+    );
+    let Some(probe) = Uprobe::add("lpreview6", &format!("s6_{pid}"), &exe, vaddr) else {
         eprintln!("cannot add a uprobe: skipped");
         return;
     };
     assert_eq!(byte_at(&pid, site), 0xcc, "the uprobe's int3 is in place");
-    // SAFETY: kill() with a pid and a signal number.
-    unsafe { libc::kill(tool_pid, libc::SIGCONT) };
-    let out = tool.0.take().unwrap().wait_with_output().unwrap();
+    let out = tool.go_on();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(target.alive(), "{stderr}");
     assert_eq!(

@@ -17,6 +17,7 @@
 //! the target). Needs root and tracefs (skipped otherwise).
 
 mod common;
+use common::uprobe::{direct_calls, disassembly, tracefs_missing, Stopped, Uprobe};
 use common::*;
 use std::time::{Duration, Instant};
 
@@ -115,43 +116,6 @@ const BELOW: &str = "int work(int x) { return x + 1001; }\n";
 const TOP: &str = "int work(int x) { return x + 2001; }\n\
                    int compute(int x, const int *p) { return x * 3 + *p + 1000; }\n";
 
-const TRACING: &str = "/sys/kernel/tracing";
-
-/// A uprobe event through tracefs, removed on drop.
-struct Uprobe(String);
-
-impl Uprobe {
-    fn add(name: &str, exe: &std::path::Path, offset: u64) -> Option<Uprobe> {
-        let def = format!("p:lpreview6/{name} {}:{offset:#x}\n", exe.display());
-        append(&format!("{TRACING}/uprobe_events"), &def).ok()?;
-        let u = Uprobe(name.into());
-        std::fs::write(u.enable_path(), "1").ok()?;
-        Some(u)
-    }
-
-    fn enable_path(&self) -> String {
-        format!("{TRACING}/events/lpreview6/{}/enable", self.0)
-    }
-}
-
-impl Drop for Uprobe {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.enable_path(), "0");
-        let _ = append(
-            &format!("{TRACING}/uprobe_events"),
-            &format!("-:lpreview6/{}\n", self.0),
-        );
-    }
-}
-
-fn append(path: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)?
-        .write_all(text.as_bytes())
-}
-
 fn object_of(dir: &std::path::Path, name: &str, source: &str) -> std::path::PathBuf {
     let src = dir.join(format!("{name}.c"));
     std::fs::write(&src, source).unwrap();
@@ -161,31 +125,15 @@ fn object_of(dir: &std::path::Path, name: &str, source: &str) -> std::path::Path
     out
 }
 
-/// (file vaddr of `compute`, file vaddr of main's `call work`), from objdump.
+/// (file vaddr of `compute`, file vaddr of main's (last) `call work`), from objdump.
 fn addresses(exe: &std::path::Path) -> (u64, u64) {
-    let out = std::process::Command::new("objdump")
-        .args(["-d", "--no-show-raw-insn"])
-        .arg(exe)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let addr = |l: &str| u64::from_str_radix(l.split(':').next().unwrap().trim(), 16).unwrap();
+    let text = disassembly(exe);
     let compute = text
         .lines()
         .find(|l| l.ends_with(" <compute>:"))
         .map(|l| u64::from_str_radix(l.split_whitespace().next().unwrap(), 16).unwrap())
         .expect("compute in objdump");
-    let mut in_main = false;
-    let mut call = None;
-    for l in text.lines() {
-        if l.ends_with(">:") {
-            in_main = l.ends_with(" <main>:");
-            continue;
-        }
-        if in_main && l.contains("call") && l.ends_with(" <work>") {
-            call = Some(addr(l));
-        }
-    }
+    let call = direct_calls(&text, "main", "work").pop();
     (compute, call.expect("main calls work directly"))
 }
 
@@ -216,22 +164,9 @@ fn next_event(target: &mut Target, mark: usize, prefixes: &[&str]) -> Option<Str
     }
 }
 
-/// A tool stopped at a debug point, killed if still there when dropped.
-struct Stopped(Option<std::process::Child>);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn review6_1_a_failed_stacked_revert_never_rolls_a_jump_back_over_restored_entry_bytes() {
-    if !std::path::Path::new(&format!("{TRACING}/uprobe_events")).exists() {
-        eprintln!("no tracefs uprobe_events: skipped");
+    if tracefs_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -282,11 +217,10 @@ fn review6_1_a_failed_stacked_revert_never_rolls_a_jump_back_over_restored_entry
 
     // Stopped at the last sync of the entries' window: compute is whole again. (The tool is
     // killed if the test fails while it is stopped: it traces a thread of the target.)
-    let mut tool = Stopped(Some(stop_tool_at(
+    let mut tool = Stopped::at(
         &["revert", &pid, "--mode", "nonstop"],
         &format!("nonstop-sync:{n}"),
-    )));
-    let tool_pid = tool.0.as_ref().unwrap().id() as i32;
+    );
     assert_eq!(
         read(&pid, compute, 5),
         original,
@@ -307,13 +241,12 @@ fn review6_1_a_failed_stacked_revert_never_rolls_a_jump_back_over_restored_entry
     std::fs::write(fifo, b"x").unwrap();
     target.wait_line_after(mark, |l| l == "parked");
     // Someone probes main's call of work meanwhile: the callers' last window finds it changed.
-    let probe = Uprobe::add(&format!("r6_{pid}"), &exe, call_vaddr);
+    let probe = Uprobe::add("lpreview6", &format!("r6_{pid}"), &exe, call_vaddr);
     let Some(_probe) = probe else {
         eprintln!("cannot add a uprobe: skipped");
         return;
     };
-    unsafe { libc::kill(tool_pid, libc::SIGCONT) };
-    let out = tool.0.take().unwrap().wait_with_output().unwrap();
+    let out = tool.go_on();
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("revert: {} {stderr}", out.status);
 

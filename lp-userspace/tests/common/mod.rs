@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod uprobe;
+
 /// Generous default for waiting on a target's output.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 /// Lines [`Target::expect_steady`] lets go by before the state it waits for.
