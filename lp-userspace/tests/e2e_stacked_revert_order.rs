@@ -95,7 +95,15 @@ fn nonstop_patch_stacked_on_a_stop_mode_one_switches_every_call_at_one_point() {
     stacked_cycles("stop");
 }
 
-fn stacked_cycles(below_mode: &str) {
+/// The target with the patch below applied in `below_mode` (and steady), the top patch packed.
+struct Stacked {
+    _dir: tempfile::TempDir,
+    target: Target,
+    pid: String,
+    top: String,
+}
+
+fn stacked(below_mode: &str) -> Stacked {
     let dir = tempfile::tempdir().unwrap();
     let threads = format!("-DTHREADS={THREADS}");
     let exe = executable_from_source(dir.path(), "stacked", TARGET, &["-pthread", &threads]);
@@ -103,37 +111,53 @@ fn stacked_cycles(below_mode: &str) {
     let top = patch_object(dir.path(), "top", 2001);
     let (below, _) = pack(dir.path(), &exe, &below, &[], "below.lp");
     let (top, _) = pack(dir.path(), &exe, &top, &[], "top.lp");
-    let (below, top) = (below.display().to_string(), top.display().to_string());
     // The threads never block: at the lowest priority, so that the tool gets the CPUs it needs.
     let target = Target::spawn_niced(&exe, &[]);
     let pid = target.pid();
-    livepatch_ok(&["apply", &pid, &below, "--mode", below_mode]);
+    livepatch_ok(&["apply", &pid, below.to_str().unwrap(), "--mode", below_mode]);
     target.expect_steady(2, |l| l.contains("direct=1001 pointer=1001"));
+    Stacked {
+        _dir: dir,
+        target,
+        pid,
+        top: top.display().to_string(),
+    }
+}
+
+/// Between output lines `before` and `after`, `cycles` applies and reverts of the top patch:
+/// the original never ran, and every thread switched once up per apply and once down per
+/// revert (more means it went back and forth between the two patches).
+fn assert_switched_at_one_point(before: &str, after: &str, cycles: u64) {
+    assert_eq!(
+        counter(after, "unpatched"),
+        counter(before, "unpatched"),
+        "the original function ran again while the top patch went in or out: {before} / {after}"
+    );
+    assert_eq!(
+        (counter(after, "ups"), counter(after, "downs")),
+        (THREADS * cycles, THREADS * cycles),
+        "{after}"
+    );
+}
+
+fn stacked_cycles(below_mode: &str) {
+    let Stacked {
+        target, pid, top, ..
+    } = &stacked(below_mode);
     // The direct caller is retargeted: a revert of the top patch puts it back on the patch
     // below's code, not on the entry.
-    let callers = status_json(&pid)[0]["patches"][0]["functions"][0]["call_sites"].as_u64();
-    assert_eq!(callers, Some(1), "{}", status_json(&pid));
+    let callers = status_json(pid)[0]["patches"][0]["functions"][0]["call_sites"].as_u64();
+    assert_eq!(callers, Some(1), "{}", status_json(pid));
     let before = target.lines().last().unwrap().clone();
     for _ in 0..CYCLES {
-        livepatch_ok(&["apply", &pid, &top, "--mode", "nonstop"]);
+        livepatch_ok(&["apply", pid, top, "--mode", "nonstop"]);
         target.expect_steady(1, |l| l.contains("direct=2001 pointer=2001"));
-        livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+        livepatch_ok(&["revert", pid, "--mode", "nonstop"]);
         target.expect_steady(1, |l| l.contains("direct=1001 pointer=1001"));
     }
     let after = target.lines().last().unwrap().clone();
-    assert_eq!(
-        counter(&after, "unpatched"),
-        counter(&before, "unpatched"),
-        "the original function ran again while the top patch went in or out: {before} / {after}"
-    );
-    // One switch up per apply and one down per revert, in every thread: more means a thread
-    // went back and forth between the two patches.
-    assert_eq!(
-        (counter(&after, "ups"), counter(&after, "downs")),
-        (THREADS * CYCLES, THREADS * CYCLES),
-        "{after}"
-    );
-    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+    assert_switched_at_one_point(&before, &after, CYCLES);
+    livepatch_ok(&["revert", pid, "--mode", "nonstop"]);
     target.expect_steady(2, |l| l.contains("direct=1 pointer=1"));
 }
 
@@ -142,42 +166,24 @@ fn stacked_cycles(below_mode: &str) {
 /// `livepatch revert` at one point too: the callers go on from the dispatch after the flag.
 #[test]
 fn a_stacked_nonstop_revert_killed_between_its_windows_is_finished_at_one_point() {
-    let dir = tempfile::tempdir().unwrap();
-    let threads = format!("-DTHREADS={THREADS}");
-    let exe = executable_from_source(dir.path(), "stacked", TARGET, &["-pthread", &threads]);
-    let below = patch_object(dir.path(), "below", 1001);
-    let top = patch_object(dir.path(), "top", 2001);
-    let (below, _) = pack(dir.path(), &exe, &below, &[], "below.lp");
-    let (top, _) = pack(dir.path(), &exe, &top, &[], "top.lp");
-    let (below, top) = (below.display().to_string(), top.display().to_string());
-    let target = Target::spawn_niced(&exe, &[]);
-    let pid = target.pid();
-    livepatch_ok(&["apply", &pid, &below, "--mode", "nonstop"]);
-    target.expect_steady(2, |l| l.contains("direct=1001 pointer=1001"));
+    let Stacked {
+        target, pid, top, ..
+    } = &stacked("nonstop");
     let before = target.lines().last().unwrap().clone();
     const KILLED: u64 = 4;
     for _ in 0..KILLED {
-        livepatch_ok(&["apply", &pid, &top, "--mode", "nonstop"]);
+        livepatch_ok(&["apply", pid, top, "--mode", "nonstop"]);
         target.expect_steady(1, |l| l.contains("direct=2001 pointer=2001"));
         // The third sync is the last of the callers' first window: the caller leads to the
         // top patch's dispatch, whose flag is still set.
-        let mut tool = stop_tool_at(&["revert", &pid, "--mode", "nonstop"], "nonstop-sync:3");
+        let mut tool = stop_tool_at(&["revert", pid, "--mode", "nonstop"], "nonstop-sync:3");
         tool.kill().unwrap();
         tool.wait().unwrap();
         target.expect_steady(1, |l| l.contains("direct=2001 pointer=2001"));
-        let out = livepatch(&["revert", &pid, "--mode", "nonstop"]);
+        let out = livepatch(&["revert", pid, "--mode", "nonstop"]);
         assert!(out.status.success(), "{out:?}");
         target.expect_steady(1, |l| l.contains("direct=1001 pointer=1001"));
     }
     let after = target.lines().last().unwrap().clone();
-    assert_eq!(
-        counter(&after, "unpatched"),
-        counter(&before, "unpatched"),
-        "{before} / {after}"
-    );
-    assert_eq!(
-        (counter(&after, "ups"), counter(&after, "downs")),
-        (THREADS * KILLED, THREADS * KILLED),
-        "{after}"
-    );
+    assert_switched_at_one_point(&before, &after, KILLED);
 }
