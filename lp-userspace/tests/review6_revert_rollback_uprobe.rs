@@ -16,7 +16,9 @@
 //! the target must print consistent lines. Needs root and tracefs (skipped otherwise).
 
 mod common;
-use common::uprobe::{byte_at, main_call_of_work, tracefs_missing, Stopped, Uprobe};
+use common::uprobe::{
+    assert_probe_kept, byte_at, main_call_of_work, tracefs_missing, Stopped, Uprobe,
+};
 use common::*;
 
 #[test]
@@ -41,18 +43,8 @@ fn review6_6_a_failed_stacked_revert_never_rolls_back_over_a_uprobe() {
 
     // Which sync ends the revert's first callers' window (LIVEPATCH_TRACE): a revert, and the
     // top patch applied again.
-    let out = std::process::Command::new(livepatch_bin())
-        .args(["revert", &pid, "--mode", "nonstop"])
-        .env("LIVEPATCH_TRACE", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let trace = String::from_utf8_lossy(&out.stderr);
-    let first_done = trace
-        .find("callers' windows done")
-        .expect("a revert with windows");
-    let n = trace[..first_done].matches(" synced").count();
-    assert!(n > 0, "{trace}");
+    let n = revert_syncs_before(&pid, "callers' windows done");
+    assert!(n > 0, "no sync before the callers' windows were done");
     target.expect_steady(3, |l| l == "direct=1041 tail=101020 pointer=1041");
     livepatch_ok(&["apply", &pid, &top, "--mode", "nonstop"]);
     target.expect_steady(3, |l| l == "direct=2041 tail=102020 pointer=2041");
@@ -67,16 +59,7 @@ fn review6_6_a_failed_stacked_revert_never_rolls_back_over_a_uprobe() {
     };
     assert_eq!(byte_at(&pid, site), 0xcc, "the uprobe's int3 is in place");
     let out = tool.go_on();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(target.alive(), "{stderr}");
-    assert_eq!(
-        byte_at(&pid, site),
-        0xcc,
-        "the uprobe's int3 on main's call of work was written over (the revert said: {} {stderr})",
-        out.status
-    );
-    let hits = probe.hits();
-    assert!(probe.fires_after(hits), "the probe stopped firing");
+    assert_probe_kept(&mut target, &pid, site, &probe, &out, "revert");
     if out.status.success() {
         target.expect_steady(3, |l| l == "direct=1041 tail=101020 pointer=1041");
     } else {

@@ -13,7 +13,9 @@
 //! Needs root and tracefs (skipped otherwise).
 
 mod common;
-use common::uprobe::{byte_at, main_call_of_work, tracefs_missing, Stopped, Uprobe};
+use common::uprobe::{
+    assert_probe_kept, byte_at, main_call_of_work, tracefs_missing, Stopped, Uprobe,
+};
 use common::*;
 
 #[test]
@@ -44,17 +46,7 @@ fn review6_3_a_failed_window_never_rolls_back_over_a_uprobe() {
     assert_eq!(byte_at(&pid, site), 0xcc, "the uprobe's int3 is in place");
     // (callers.c's only thread is the one the tool borrowed: stopped until the end.)
     let out = tool.go_on();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(target.alive(), "{stderr}");
-
-    assert_eq!(
-        byte_at(&pid, site),
-        0xcc,
-        "the uprobe's int3 on main's call of work was written over (the apply said: {} {stderr})",
-        out.status
-    );
-    let hits = probe.hits();
-    assert!(probe.fires_after(hits), "the probe stopped firing");
+    assert_probe_kept(&mut target, &pid, site, &probe, &out, "apply");
     // Whatever the apply did, every line is one version or the other.
     if out.status.success() {
         target.expect_steady(3, |l| l == "direct=1041 tail=101020 pointer=1041");

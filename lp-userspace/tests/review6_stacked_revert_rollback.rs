@@ -201,17 +201,7 @@ fn review6_1_a_failed_stacked_revert_never_rolls_a_jump_back_over_restored_entry
 
     // Which sync is the last of the revert's entries' window (LIVEPATCH_TRACE): a revert, and
     // the top patch applied again.
-    let out = std::process::Command::new(livepatch_bin())
-        .args(["revert", &pid, "--mode", "nonstop"])
-        .env("LIVEPATCH_TRACE", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let trace = String::from_utf8_lossy(&out.stderr);
-    let entries_done = trace
-        .find("entries' window done")
-        .expect("a revert with windows");
-    let n = trace[..entries_done].matches(" synced").count();
+    let n = revert_syncs_before(&pid, "entries' window done");
     livepatch_ok(&["apply", &pid, &top, "--mode", "nonstop"]);
     target.expect_steady(3, |l| l == "work=2042" || l.starts_with("compute"));
 

@@ -392,3 +392,21 @@ pub fn bias(pid: i32, exe: &Path) -> u64 {
     let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
     start - lp_userspace::elf::Module::open(exe).unwrap().min_vaddr()
 }
+
+/// How many syncs a traced nonstop revert of process `pid` runs before the `LIVEPATCH_TRACE`
+/// line `marker` (e.g. "callers' windows done"): the N to stop a later revert at with
+/// `nonstop-sync:N`. The revert must succeed; the caller applies the patch again.
+#[allow(dead_code)]
+pub fn revert_syncs_before(pid: &str, marker: &str) -> usize {
+    let out = Command::new(livepatch_bin())
+        .args(["revert", pid, "--mode", "nonstop"])
+        .env("LIVEPATCH_TRACE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let trace = String::from_utf8_lossy(&out.stderr);
+    let at = trace
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker:?} in the revert's trace: {trace}"));
+    trace[..at].matches(" synced").count()
+}

@@ -180,3 +180,25 @@ impl Drop for Stopped {
         }
     }
 }
+
+/// After a switch that met `probe` on the caller at `site` (its outcome `out`, from the tool
+/// doing `what`): the target lives, the probe's int3 is still on the site, and it still fires.
+pub fn assert_probe_kept(
+    target: &mut super::Target,
+    pid: &str,
+    site: u64,
+    probe: &Uprobe,
+    out: &Output,
+    what: &str,
+) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(target.alive(), "{stderr}");
+    assert_eq!(
+        byte_at(pid, site),
+        0xcc,
+        "the uprobe's int3 on main's call of work was written over (the {what} said: {} {stderr})",
+        out.status
+    );
+    let hits = probe.hits();
+    assert!(probe.fires_after(hits), "the probe stopped firing");
+}
