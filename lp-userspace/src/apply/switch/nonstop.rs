@@ -42,7 +42,7 @@ use sync_agent::SyncAgent;
 /// not reused — a new one is made beside it. If the earlier handler is still the SIGTRAP
 /// action (its switch could not restore the action), ours simply chains to it like to any
 /// action of the process.
-const AREA_NAME: &str = "livepatch-trap.3";
+const AREA_NAME: &str = "livepatch-trap.4";
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
@@ -267,7 +267,12 @@ pub(crate) fn run(
         result = Err(crate::process::ProcessError::Exited(t.pid()).into());
     }
     let mut kept = false;
-    if !matches!(
+    // An agent that may still write a byte of the switch (see `Burst::flush`): nothing more is
+    // written, the handler stays, as after a killed tool; the next livepatch finishes it.
+    let stuck = agent.as_ref().is_some_and(SyncAgent::is_stuck);
+    if stuck {
+        kept = true;
+    } else if !matches!(
         result,
         Err(Error::Process(crate::process::ProcessError::Exited(_)))
     ) {
@@ -1645,6 +1650,10 @@ fn steps(
     for s in sites {
         started.done.remove(&s.plan.addr());
     }
+    // The writes and syncs go to the sync agent as one program where they can (see Burst),
+    // up to the settle, which the tool runs between them.
+    let ranges = !inner_ranges(sites).is_empty();
+    let mut burst = Burst::new(agent);
     for i in 0..max_steps {
         let mut needs_sync = false;
         let mut writes: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); runs.len()];
@@ -1658,7 +1667,12 @@ fn steps(
                             // The last write of a plan (its first byte) goes live only after
                             // the commit: from then on trapping threads go to the new code.
                             if !committed && is_last_write(&s.plan, i) {
-                                area.set_phase(t.mem(), COMMITTED)?;
+                                burst.write(
+                                    t,
+                                    agent,
+                                    area.data() + th::PHASE + area.bank,
+                                    &[COMMITTED],
+                                )?;
                                 phase.set(COMMITTED);
                                 committed = true;
                             }
@@ -1670,12 +1684,14 @@ fn steps(
             }
         }
         for w in writes.iter().filter(|w| !w.is_empty()) {
-            write_run(t.mem(), w)?;
+            burst.write_run(t, agent, w)?;
         }
         if needs_sync {
             trace(&format!("step {i} written"), w0);
-            sync(t, agent)?;
-            trace(&format!("step {i} synced"), w0);
+            burst.sync(t, agent, i)?;
+            if !settled && ranges {
+                burst.flush(t, agent)?;
+            }
             if !settled {
                 // Every int3 is in place and seen: no thread can enter a site any more. One
                 // already past an int3, between the instructions the tail will overwrite,
@@ -1689,13 +1705,153 @@ fn steps(
         }
     }
     if !committed {
-        area.set_phase(t.mem(), COMMITTED)?;
+        burst.write(
+            t,
+            agent,
+            area.data() + th::PHASE + area.bank,
+            &[COMMITTED],
+        )?;
         phase.set(COMMITTED);
     }
+    burst.flush(t, agent)?;
+    trace("window written", w0);
     for s in sites {
         started.done.insert(s.plan.addr(), s.plan.result().to_vec());
     }
     commit(t.mem())
+}
+
+/// A window's writes and syncs, queued for the sync agent, which carries them out as one
+/// program (`SyncAgent::run`): no round trip through the tool between the steps of the
+/// protocol. Without an agent that writes, each is carried out by the tool at once, as it is
+/// queued; so is whatever the agent did not get to.
+///
+/// Why. Each sync woke the tool, an ordinary thread, which then waited for a CPU behind the
+/// target's threads before its next write; the window — during which every call of a site
+/// traps — lasted 0.3–0.7 ms, mostly that wait (session 6). The agent runs under SCHED_FIFO and
+/// goes from one step to the next at once.
+///
+/// With a debugging stop point set (`LIVEPATCH_DEBUG_STOP`: the tests of a killed tool), the
+/// queue is carried out before each sync, and the sync is a request of its own, so that the
+/// tool stops at `nonstop-sync` with the window's bytes as they were without the agent.
+struct Burst {
+    ops: Vec<Step>,
+    /// The step index of each queued sync (for the trace).
+    syncs: Vec<usize>,
+    queue: bool,
+    stop_points: bool,
+}
+
+impl Burst {
+    fn new(agent: &Option<SyncAgent>) -> Burst {
+        Burst {
+            ops: Vec::new(),
+            syncs: Vec::new(),
+            queue: agent.as_ref().is_some_and(SyncAgent::writes),
+            stop_points: std::env::var_os(crate::process::stop_point::VAR).is_some(),
+        }
+    }
+
+    fn write(
+        &mut self,
+        t: &mut Tracee,
+        agent: &mut Option<SyncAgent>,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), Error> {
+        if !self.queue {
+            return Ok(t.mem().write(addr, data)?);
+        }
+        if self.ops.len() == sync_agent::MAX_OPS {
+            self.flush(t, agent)?;
+        }
+        let mut bytes = [0u8; lp_core::plan::MAX_WRITE_LEN];
+        bytes[..data.len()].copy_from_slice(data);
+        self.ops.push(Step::Write {
+            addr,
+            bytes,
+            len: data.len() as u8,
+        });
+        Ok(())
+    }
+
+    /// The writes of one run of sites (see [`write_run`]): one by one when queued (the bytes
+    /// between the sites are not written at all then).
+    fn write_run(
+        &mut self,
+        t: &mut Tracee,
+        agent: &mut Option<SyncAgent>,
+        writes: &[(u64, &[u8])],
+    ) -> Result<(), Error> {
+        if !self.queue {
+            return write_run(t.mem(), writes);
+        }
+        for (addr, data) in writes {
+            self.write(t, agent, *addr, data)?;
+        }
+        Ok(())
+    }
+
+    /// A sync after the writes queued so far (step `step` of the plans).
+    fn sync(
+        &mut self,
+        t: &mut Tracee,
+        agent: &mut Option<SyncAgent>,
+        step: usize,
+    ) -> Result<(), Error> {
+        if !self.queue || self.stop_points {
+            self.flush(t, agent)?;
+            let w0 = Instant::now();
+            sync(t, agent)?;
+            trace(&format!("step {step} synced"), w0);
+            return Ok(());
+        }
+        if self.ops.len() == sync_agent::MAX_OPS {
+            self.flush(t, agent)?;
+        }
+        self.ops.push(Step::Sync);
+        self.syncs.push(step);
+        Ok(())
+    }
+
+    /// Carries out what is queued: through the agent, then whatever it did not do, in order,
+    /// by the tool.
+    fn flush(&mut self, t: &mut Tracee, agent: &mut Option<SyncAgent>) -> Result<(), Error> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut self.ops);
+        let mut syncs = std::mem::take(&mut self.syncs).into_iter();
+        let w0 = Instant::now();
+        let done = match agent.as_mut() {
+            Some(a) => a.run(&ops).map_err(|e| {
+                Error::Other(format!(
+                    "process {}: our sync agent (thread {}) stopped in the middle of the switch's writes (is the process stopped?): nothing more was written; the switch is left as a killed livepatch leaves it, and the next apply or revert finishes it",
+                    t.pid(),
+                    e.tid
+                ))
+            })?,
+            None => 0,
+        };
+        trace(&format!("agent ran {done} of {} operations", ops.len()), w0);
+        for (i, op) in ops.iter().enumerate() {
+            match op.data() {
+                Some((addr, data)) if i >= done => t.mem().write(addr, data)?,
+                Some(_) => {}
+                None => {
+                    if i >= done {
+                        sync(t, agent)?;
+                    }
+                    let step = syncs.next().unwrap_or_default();
+                    trace(&format!("step {step} synced"), w0);
+                }
+            }
+        }
+        if done < ops.len() {
+            self.queue = agent.as_ref().is_some_and(SyncAgent::writes);
+        }
+        Ok(())
+    }
 }
 
 /// Whether the process handles a signal with an action that blocks no handled signal while

@@ -40,6 +40,7 @@ use crate::apply::switch::trap_handler as th;
 use crate::process::ptrace::{self, Regs, WaitStatus};
 use crate::process::{Memory, Tracee};
 use iced_x86::code_asm::*;
+use lp_core::plan::Step;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -69,9 +70,32 @@ const CTX: u64 = 64;
 const CTX_RIP: i32 = 15 * 8;
 const CTX_RFLAGS: i32 = 16 * 8;
 const CTX_RSP: i32 = 17 * 8;
+/// The agent's own descriptor of `/proc/self/mem` (i32), or the negative errno of its opening;
+/// [`NO_FD`] until the agent has started.
+const FD: u64 = 208;
+/// Operations in the program (u32, see [`SyncAgent::run`]).
+const NOPS: u64 = 212;
+/// The next operation to claim (u32); bit 31 set by the tool: cancelled, claim no more.
+const NEXT: u64 = 216;
+/// Operations carried out so far (u32).
+const COMPLETED: u64 = 220;
+/// `/proc/self/mem`, NUL-terminated.
+const PATH: u64 = 232;
+/// The program: [`MAX_OPS`] operations of [`OP_LEN`] bytes (kind u32, length u32, address
+/// u64, up to 16 bytes of data).
+const OPS: u64 = 256;
+const OP_LEN: u64 = 32;
+/// Operations a program holds (the page's last 512 bytes are the agent's stack).
+pub(crate) const MAX_OPS: usize = ((th::PAGE - 512 - OPS) / OP_LEN) as usize;
+const OP_WRITE: u32 = 1;
+const OP_SYNC: u32 = 2;
+const CANCELLED: u32 = 1 << 31;
+const NO_FD: i32 = -libc::EBADF;
 
 const CMD_SYNC: u32 = 1;
 const CMD_QUIT: u32 = 2;
+const CMD_RUN: u32 = 3;
+const CLOSE_RANGE_UNSHARE: u32 = 2;
 
 /// The agent's futex timeout: how soon it notices that the tool is gone.
 const WAIT_TIMEOUT_NS: u64 = 10_000_000;
@@ -95,12 +119,48 @@ const CLONE_FLAGS: u32 = (libc::CLONE_VM
 /// The agent's code for an area whose code page is at `code` (placed at
 /// `code + AGENT_CODE`): the start-up sequence (entry at its first byte), then the agent.
 pub(crate) fn generate(code: u64) -> Result<Vec<u8>, IcedError> {
-    let page = code + th::PAGE + th::AGENT;
+    assemble(code).map(|(bytes, _)| bytes)
+}
+
+/// Where the agent is in a program, from its instruction pointer (see [`SyncAgent::resolve`]).
+struct Landmarks {
+    /// The first instruction after a successful claim.
+    claimed: u64,
+    /// The write's `syscall` instruction.
+    write_call: u64,
+    /// The first instruction of a sync operation.
+    sync_op: u64,
+    /// The sync's `syscall` instruction.
+    sync_call: u64,
+    /// Where a program ends: the answer to the tool.
+    publish: u64,
+}
+
+impl Landmarks {
+    /// Whether an agent stopped at `rip` has claimed an operation and not yet entered its
+    /// system call.
+    fn before_the_call(&self, rip: u64) -> bool {
+        (self.claimed..=self.write_call).contains(&rip)
+            || (self.sync_op..=self.sync_call).contains(&rip)
+    }
+}
+
+fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut agent = a.create_label();
     let mut wait = a.create_label();
     let mut work = a.create_label();
     let mut quit = a.create_label();
+    let mut opened = a.create_label();
+    let mut run = a.create_label();
+    let mut next = a.create_label();
+    let mut op_sync = a.create_label();
+    let mut op_done = a.create_label();
+    let mut failed = a.create_label();
+    let mut publish = a.create_label();
+    let mut write_call = a.create_label();
+    let mut sync_call = a.create_label();
+    let mut claimed = a.create_label();
 
     // Start-up, run by the borrowed thread with rbx = the agent's page.
     a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
@@ -147,8 +207,24 @@ pub(crate) fn generate(code: u64) -> Result<Vec<u8>, IcedError> {
     a.popfq()?;
     a.ret_1(128)?; // rip, then rsp back to its own value
 
-    // The agent: rbx = its page (inherited), every signal blocked.
+    // The agent: rbx = its page (inherited), every signal blocked. Its own descriptor table,
+    // empty (CLONE_FILES shared the program's: unshared copying none of it), and in it
+    // /proc/self/mem, through which it writes the code (see `SyncAgent::run`): the program's
+    // descriptors are never touched, and a descriptor of ours never shows up among them.
     a.set_label(&mut agent)?;
+    a.mov(eax, 436u32)?; // close_range
+    a.xor(edi, edi)?;
+    a.mov(esi, u32::MAX)?;
+    a.mov(edx, CLOSE_RANGE_UNSHARE)?;
+    a.syscall()?;
+    a.test(eax, eax)?;
+    a.jnz(opened)?;
+    a.mov(eax, libc::SYS_open as u32)?;
+    a.lea(rdi, qword_ptr(rbx + PATH))?;
+    a.mov(esi, (libc::O_RDWR | libc::O_CLOEXEC) as u32)?;
+    a.syscall()?;
+    a.set_label(&mut opened)?;
+    a.mov(dword_ptr(rbx + FD), eax)?;
     a.xor(r14d, r14d)?; // timeouts in a row
     a.set_label(&mut wait)?;
     a.mov(eax, dword_ptr(rbx + REQ))?;
@@ -179,12 +255,65 @@ pub(crate) fn generate(code: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(r12d, eax)?;
     a.cmp(dword_ptr(rbx + CMD), CMD_QUIT)?;
     a.je(quit)?;
+    a.cmp(dword_ptr(rbx + CMD), CMD_RUN)?;
+    a.je(run)?;
     a.mov(eax, libc::SYS_membarrier as u32)?;
     a.mov(edi, MEMBARRIER_SYNC_CORE)?;
     a.xor(esi, esi)?;
     a.xor(edx, edx)?;
     a.syscall()?;
     a.mov(qword_ptr(rbx + RESULT), rax)?;
+    a.jmp(publish)?;
+
+    // A program: claim the next operation (the tool may cancel between two), carry it out,
+    // count it; the first failure ends the program with its error in RESULT.
+    a.set_label(&mut run)?;
+    a.mov(qword_ptr(rbx + RESULT), 0)?;
+    a.set_label(&mut next)?;
+    a.mov(eax, dword_ptr(rbx + NEXT))?;
+    a.test(eax, eax)?;
+    a.js(publish)?; // cancelled
+    a.cmp(eax, dword_ptr(rbx + NOPS))?;
+    a.jae(publish)?;
+    a.lea(ecx, dword_ptr(rax + 1))?;
+    a.lock().cmpxchg(dword_ptr(rbx + NEXT), ecx)?;
+    a.jne(publish)?; // cancelled meanwhile
+    a.set_label(&mut claimed)?;
+    a.mov(r13d, eax)?;
+    a.shl(eax, 5)?; // OP_LEN
+    a.lea(r15, qword_ptr(rbx + rax + OPS))?;
+    a.cmp(dword_ptr(r15), OP_SYNC)?;
+    a.je(op_sync)?;
+    a.mov(edi, dword_ptr(rbx + FD))?;
+    a.lea(rsi, qword_ptr(r15 + 16))?;
+    a.mov(edx, dword_ptr(r15 + 4))?;
+    a.mov(r10, qword_ptr(r15 + 8))?;
+    a.mov(eax, libc::SYS_pwrite64 as u32)?;
+    a.set_label(&mut write_call)?;
+    a.syscall()?;
+    a.cmp(rax, rdx)?;
+    a.je(op_done)?;
+    a.test(rax, rax)?;
+    a.js(failed)?;
+    a.mov(rax, -(libc::EIO as i64))?; // a short write
+    a.jmp(failed)?;
+    a.set_label(&mut op_sync)?;
+    a.mov(eax, libc::SYS_membarrier as u32)?;
+    a.mov(edi, MEMBARRIER_SYNC_CORE)?;
+    a.xor(esi, esi)?;
+    a.xor(edx, edx)?;
+    a.set_label(&mut sync_call)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.jnz(failed)?;
+    a.set_label(&mut op_done)?;
+    a.lea(eax, dword_ptr(r13 + 1))?;
+    a.mov(dword_ptr(rbx + COMPLETED), eax)?;
+    a.jmp(next)?;
+    a.set_label(&mut failed)?;
+    a.mov(qword_ptr(rbx + RESULT), rax)?;
+
+    a.set_label(&mut publish)?;
     a.mov(dword_ptr(rbx + DONE), r12d)?;
     a.lea(rdi, qword_ptr(rbx + DONE))?;
     a.mov(esi, libc::FUTEX_WAKE as u32)?;
@@ -197,13 +326,23 @@ pub(crate) fn generate(code: u64) -> Result<Vec<u8>, IcedError> {
     a.xor(edi, edi)?;
     a.syscall()?;
     a.ud2()?;
-    let bytes = a.assemble(code + th::AGENT_CODE)?;
-    let _ = page;
+    let result = a.assemble_options(
+        code + th::AGENT_CODE,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let landmarks = Landmarks {
+        claimed: result.label_ip(&claimed)?,
+        write_call: result.label_ip(&write_call)?,
+        sync_op: result.label_ip(&op_sync)?,
+        sync_call: result.label_ip(&sync_call)?,
+        publish: result.label_ip(&publish)?,
+    };
+    let bytes = result.inner.code_buffer;
     assert!(
         th::AGENT_CODE + (bytes.len() as u64) <= th::PAGE,
         "the sync agent's code overflows the code page"
     );
-    Ok(bytes)
+    Ok((bytes, landmarks))
 }
 
 /// The agent's page mapped in the tool (shared with the target: the same memfd page).
@@ -253,6 +392,15 @@ impl Shared {
             as i64
     }
 
+    /// Copies `bytes` to offset `off` of the page (read by the agent only after the request
+    /// word's release store).
+    fn put(&self, off: u64, bytes: &[u8]) {
+        assert!(off as usize + bytes.len() <= th::PAGE as usize);
+        // SAFETY: inside the mapped page (checked above), which lives as long as self; the
+        // agent does not read these bytes before the next request.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off as usize), bytes.len()) };
+    }
+
     /// FUTEX_WAKE of the target's waiter on word `off` (shared futex).
     fn wake(&self, off: u64) {
         // SAFETY: a futex system call on a word of our mapping; no other memory is touched.
@@ -300,6 +448,20 @@ pub(crate) struct SyncAgent {
     seq: u32,
     /// It did not answer once: no more requests (the ptrace sync is used).
     failed: bool,
+    /// A write of a program failed, or it has no /proc/self/mem: no more programs (the tool
+    /// writes).
+    no_writes: bool,
+    /// The area's code page (where the agent's code is).
+    code: u64,
+    /// It may still carry out an operation of a cancelled program (see [`Stuck`]).
+    stuck: bool,
+}
+
+/// An agent that took an operation of a cancelled program and neither carried it out nor
+/// answered: it may still carry it out later, so nothing may be written over it.
+#[derive(Debug)]
+pub(crate) struct Stuck {
+    pub tid: i32,
 }
 
 impl SyncAgent {
@@ -352,6 +514,9 @@ impl SyncAgent {
             tid: agent,
             seq: 0,
             failed: false,
+            no_writes: false,
+            code,
+            stuck: false,
         })
     }
 
@@ -359,6 +524,17 @@ impl SyncAgent {
     /// watched).
     pub(crate) fn tid(&self) -> i32 {
         self.tid
+    }
+
+    /// Whether it may still write a byte of a program that was cancelled (see [`Stuck`]):
+    /// then nothing of the switch may be written any more.
+    pub(crate) fn is_stuck(&self) -> bool {
+        self.stuck
+    }
+
+    /// Whether programs go to it (see [`SyncAgent::run`]).
+    pub(crate) fn writes(&self) -> bool {
+        !self.failed && !self.no_writes
     }
 
     /// Runs one sync; false when the agent did not do it (gone, silent, or the membarrier
@@ -371,6 +547,120 @@ impl SyncAgent {
         let done = self.request(CMD_SYNC, ANSWER_WAIT);
         self.failed = !done || self.shared.result() != 0;
         !self.failed
+    }
+
+    /// Runs `ops` in the agent, in order, at once: writes through its /proc/self/mem and
+    /// syncs, with no round trip through the tool in between (the tool, an ordinary thread,
+    /// waited for a CPU after each sync behind the target's threads — which trap on our int3s
+    /// for as long as a window lasts; the agent runs under SCHED_FIFO). Returns how many of
+    /// them were carried out, a prefix: the caller carries out the rest itself. 0 when the
+    /// agent cannot write (no /proc/self/mem, an earlier failure) or did not start them.
+    ///
+    /// The agent claims each operation before it starts it; when it does not answer in
+    /// [`ANSWER_WAIT`] the program is cancelled (no further claim) and the one it has claimed,
+    /// if any, is waited for. An agent that stays stopped with a claimed operation is
+    /// [`Stuck`].
+    pub(crate) fn run(&mut self, ops: &[Step]) -> Result<usize, Stuck> {
+        if self.failed || self.no_writes || ops.is_empty() || ops.len() > MAX_OPS {
+            return Ok(0);
+        }
+        let s = &self.shared;
+        if (s.word(FD).load(Ordering::Acquire) as i32) < 0 {
+            // Not started yet (then the next program may find it), or no descriptor.
+            self.no_writes = s.word(FD).load(Ordering::Acquire) as i32 != NO_FD;
+            return Ok(0);
+        }
+        for (i, op) in ops.iter().enumerate() {
+            let mut raw = [0u8; OP_LEN as usize];
+            match op.data() {
+                Some((addr, data)) => {
+                    raw[..4].copy_from_slice(&OP_WRITE.to_le_bytes());
+                    raw[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                    raw[8..16].copy_from_slice(&addr.to_le_bytes());
+                    raw[16..16 + data.len()].copy_from_slice(data);
+                }
+                None => raw[..4].copy_from_slice(&OP_SYNC.to_le_bytes()),
+            }
+            s.put(OPS + i as u64 * OP_LEN, &raw);
+        }
+        s.word(NOPS).store(ops.len() as u32, Ordering::Release);
+        s.word(NEXT).store(0, Ordering::Release);
+        s.word(COMPLETED).store(0, Ordering::Release);
+        self.seq = self.seq.wrapping_add(1);
+        let answered = self.request(CMD_RUN, ANSWER_WAIT);
+        let s = &self.shared;
+        if answered {
+            let done = s.word(COMPLETED).load(Ordering::Acquire) as usize;
+            if s.result() != 0 {
+                self.no_writes = true;
+            }
+            return Ok(done.min(ops.len()));
+        }
+        // Silent: no more claims; the claimed operation, if any, is a few instructions away
+        // from its end unless the agent is stopped (a stopped process).
+        self.failed = true;
+        let claimed = s.word(NEXT).fetch_or(CANCELLED, Ordering::AcqRel) & !CANCELLED;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let done = s.word(COMPLETED).load(Ordering::Acquire);
+            if done >= claimed || s.word(DONE).load(Ordering::Acquire) == self.seq {
+                return Ok(done as usize);
+            }
+            if s.word(TID).load(Ordering::Acquire) == 0 {
+                // Gone (the process is exiting): it carries out nothing more.
+                return Ok(done as usize);
+            }
+            if Instant::now() > deadline {
+                let resolved = self.resolve();
+                self.stuck = resolved.is_err();
+                return resolved;
+            }
+            s.wait(DONE, s.word(DONE).load(Ordering::Acquire), 1_000_000);
+        }
+    }
+
+    /// A cancelled program whose claimed operation was not carried out in time: the agent is
+    /// stopped (a stopped process) or starved. It is stopped through ptrace and looked at. If it
+    /// has not entered the operation's system call, it is sent to the end of the program: it
+    /// will never carry the operation out. Either way the operations counted as done are
+    /// returned; the caller carries out the rest (redoing one whose count was not yet stored:
+    /// a write of the same bytes, or a sync, again). The agent is let go as it was (still
+    /// stopped, in a stopped process).
+    fn resolve(&self) -> Result<usize, Stuck> {
+        let tid = self.tid;
+        let stuck = Stuck { tid };
+        let landmarks = assemble(self.code).map_err(|_| Stuck { tid })?.1;
+        ptrace::seize(tid).map_err(|_| Stuck { tid })?;
+        let mut sig = 0;
+        let stopped = ptrace::interrupt(tid).is_ok() && {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                match ptrace::wait(tid, true) {
+                    Ok(Some((_, WaitStatus::Signal(s)))) => {
+                        sig = s;
+                        break true;
+                    }
+                    Ok(Some((_, WaitStatus::Gone))) | Err(_) => break false,
+                    Ok(Some(_)) => break true,
+                    Ok(None) if Instant::now() > deadline => break false,
+                    Ok(None) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        };
+        let sent_away = stopped
+            && ptrace::get_regs(tid).is_ok_and(|mut regs| {
+                !landmarks.before_the_call(regs.rip) || {
+                    regs.rip = landmarks.publish;
+                    ptrace::set_regs(tid, &regs).is_ok()
+                }
+            });
+        let done = self.shared.word(COMPLETED).load(Ordering::Acquire) as usize;
+        let _ = ptrace::detach(tid, sig);
+        if sent_away {
+            Ok(done)
+        } else {
+            Err(stuck)
+        }
     }
 
     fn request(&mut self, cmd: u32, within: Duration) -> bool {
@@ -401,6 +691,10 @@ impl Drop for SyncAgent {
         s.word(CMD).store(CMD_QUIT, Ordering::Release);
         s.word(REQ).store(self.seq, Ordering::Release);
         s.wake(REQ);
+        if self.stuck {
+            // Stopped: it quits once it runs again.
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             let tid = s.word(TID).load(Ordering::Acquire);
@@ -423,8 +717,10 @@ fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process
     } else {
         0
     };
-    let mut b = vec![0u8; (CTX + 18 * 8) as usize];
+    let mut b = vec![0u8; OPS as usize];
     b[TOOL as usize..TOOL as usize + 4].copy_from_slice(&tool.to_le_bytes());
+    b[FD as usize..FD as usize + 4].copy_from_slice(&NO_FD.to_le_bytes());
+    b[PATH as usize..PATH as usize + 15].copy_from_slice(b"/proc/self/mem\0");
     b[TS as usize + 8..TS as usize + 16].copy_from_slice(&WAIT_TIMEOUT_NS.to_le_bytes());
     b[ALL as usize..ALL as usize + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     let regs = [
