@@ -1705,12 +1705,7 @@ fn steps(
         }
     }
     if !committed {
-        burst.write(
-            t,
-            agent,
-            area.data() + th::PHASE + area.bank,
-            &[COMMITTED],
-        )?;
+        burst.write(t, agent, area.data() + th::PHASE + area.bank, &[COMMITTED])?;
         phase.set(COMMITTED);
     }
     burst.flush(t, agent)?;

@@ -398,7 +398,9 @@ impl Shared {
         assert!(off as usize + bytes.len() <= th::PAGE as usize);
         // SAFETY: inside the mapped page (checked above), which lives as long as self; the
         // agent does not read these bytes before the next request.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off as usize), bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off as usize), bytes.len())
+        };
     }
 
     /// FUTEX_WAKE of the target's waiter on word `off` (shared futex).
