@@ -194,7 +194,7 @@ fn e2e_agent_of_a_stopped_process_leaves_the_writes_to_the_tool() {
     let mut target = Target::spawn(&exe, &["4"]);
     let pid = target.pid();
     target.expect_steady(5, |l| l.ends_with("value=42"));
-    let mut tool = Command::new(livepatch_bin())
+    let tool = Command::new(livepatch_bin())
         .args(["apply", &pid, &patch, "--mode", "nonstop"])
         .env("LIVEPATCH_TRACE", "1")
         .env("LIVEPATCH_DEBUG_STOP", "nonstop-sync:2")

@@ -796,14 +796,26 @@ mod tests {
             code + th::AGENT_CODE,
             iced_x86::DecoderOptions::NONE,
         );
-        let mut syscalls = 0;
+        let mut syscalls = Vec::new();
         while d.can_decode() {
             let i = d.decode();
             assert!(!i.is_invalid());
-            syscalls += usize::from(i.mnemonic() == iced_x86::Mnemonic::Syscall);
+            if i.mnemonic() == iced_x86::Mnemonic::Syscall {
+                syscalls.push(i.ip());
+            }
         }
-        // start-up: sigprocmask, clone, sigprocmask; agent: futex wait, kill, membarrier,
+        // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, futex wait,
+        // kill, membarrier (a sync request), pwrite and membarrier (a program's operations),
         // futex wake, exit.
-        assert_eq!(syscalls, 8);
+        assert_eq!(syscalls.len(), 12);
+        // The landmarks a cancelled program is resolved by: the two operations' system calls,
+        // each after its claim, and the answer after both.
+        let (_, l) = assemble(code).unwrap();
+        assert!(syscalls.contains(&l.write_call) && syscalls.contains(&l.sync_call));
+        assert!(l.claimed < l.write_call && l.write_call < l.sync_op);
+        assert!(l.sync_op < l.sync_call && l.sync_call < l.publish);
+        assert!(l.before_the_call(l.claimed) && l.before_the_call(l.sync_call));
+        assert!(!l.before_the_call(l.write_call + 2) && !l.before_the_call(l.sync_call + 2));
+        assert!(!l.before_the_call(l.publish));
     }
 }
