@@ -1,0 +1,256 @@
+//! Review session 7 (coverage, no finding): the cancellation of a program whose agent stopped
+//! between claiming an operation and counting it done, and its resolution through ptrace
+//! (`SyncAgent::run` → `resolve`), which e2e_agent_writes does not reach (its target stops
+//! while the agent waits between requests: nothing is claimed).
+//!
+//! The target's threads are all on CPU 1 (the agent inherits that affinity); a watcher thread
+//! at SCHED_FIFO 2 (above the agent's 1) takes the agent's futex wake-ups and passes them on; in
+//! the second apply's entries' last program (the one writing compute's first byte) it lets the
+//! agent run a few µs at a time until it is between a claim and its count, then stops the
+//! process (SIGSTOP). The tool cancels the program after 100 ms, resolves the claimed operation
+//! after another second, and finishes the switch alone; once continued, the process runs the
+//! new code, the agent writes nothing more and exits, and nothing stays traced.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STOPPER: &str = r#"
+#define _GNU_SOURCE
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int __attribute__((noipa)) compute(int x) {
+    int r = x + 1;
+    if (x > 1000000) r = x * 5;
+    return r;
+}
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("thread=%ld value=%d\n", id, compute(41));
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static volatile uint32_t *agent_page(void) {
+    for (;;) {
+        FILE *f = fopen("/proc/self/maps", "r");
+        char line[512];
+        while (f && fgets(line, sizeof line, f)) {
+            unsigned long lo, hi;
+            char perms[8];
+            if (strstr(line, "livepatch-trap.4") &&
+                sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && perms[1] == 'w') {
+                fclose(f);
+                return (volatile uint32_t *)(hi - 4096);
+            }
+        }
+        if (f) fclose(f);
+        usleep(500);
+    }
+}
+
+static void *watcher(void *arg) {
+    (void)arg;
+    struct sched_param sp = {.sched_priority = 2};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) {
+        printf("watcher: no SCHED_FIFO\n");
+        return NULL;
+    }
+    volatile uint32_t *w = agent_page();
+    printf("agent page %p\n", (void *)w);
+    uint32_t seen = w[0];
+    int applies = 0; /* the programs writing compute's first byte seen so far */
+    int armed = 1;
+    for (;;) {
+        /* REQ (offset 0) is the word the agent waits on; CMD at 8 (3: a program), NOPS at
+           212, NEXT at 216 (bit 31: cancelled), COMPLETED at 220, DONE at 4; the operations
+           at 256, 32 bytes each: kind (1: write), length, address, data. */
+        syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAIT, seen, NULL, NULL, 0);
+        uint32_t req = w[0];
+        if (req == seen) continue;
+        seen = req;
+        int target = 0;
+        uint32_t n = w[212 / 4];
+        if (armed && w[2] == 3) {
+            for (uint32_t i = 0; i < n && i < 104; i++) {
+                const volatile uint8_t *op = (const volatile uint8_t *)w + 256 + 32 * i;
+                uint64_t addr;
+                memcpy(&addr, (const void *)(op + 8), 8);
+                if (op[0] == 1 && op[4] == 1 && addr == (uint64_t)(uintptr_t)compute &&
+                    op[16] == 0xe9)
+                    target = 1;
+            }
+            /* The first apply (the area is new: it may have been found late) is let go. */
+            if (target && ++applies < 2) target = 0;
+        }
+        syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        if (!target) continue;
+        armed = 0;
+        for (int tries = 0; tries < 10000; tries++) {
+            struct timespec ts = {0, 8000};
+            nanosleep(&ts, NULL);
+            uint32_t next = w[216 / 4] & 0x7fffffff, completed = w[220 / 4];
+            if (next > completed) {
+                /* To the agent itself: it takes the stop on its way back from the current
+                   system call (any other thread of CPU 1 would wait behind it). */
+                syscall(SYS_tgkill, getpid(), w[16 / 4], SIGSTOP);
+                printf("stopped the agent with %u claimed, %u done\n", next, completed);
+                break;
+            }
+            if (completed >= n || w[1] == req || tries == 9999) {
+                printf("missed: the agent was never caught mid-operation\n");
+                break;
+            }
+        }
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int n = argc > 1 ? atoi(argv[1]) : 4;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(1, &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0) printf("no CPU 1\n");
+    pthread_t t;
+    pthread_create(&t, NULL, watcher, NULL);
+    for (long i = 0; i < n; i++) pthread_create(&t, NULL, worker, (void *)i);
+    printf("ready %d\n", getpid());
+    worker((void *)(long)n);
+}
+"#;
+
+/// Whether a thread of `pid` is in a job-control stop (state T).
+fn job_stopped(pid: &str) -> bool {
+    tasks(pid).iter().any(|t| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+        })
+    })
+}
+
+fn tasks(pid: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn tracers(pid: &str) -> Vec<String> {
+    tasks(pid)
+        .iter()
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).ok()?;
+            let tracer = s.lines().find_map(|l| l.strip_prefix("TracerPid:"))?.trim();
+            (tracer != "0").then(|| format!("{t} traced by {tracer}"))
+        })
+        .collect()
+}
+
+#[test]
+fn review7_a_program_stopped_mid_operation_is_resolved_and_finished_by_the_tool() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "stopper", STOPPER, &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &["4"]);
+    let pid = target.pid();
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    // A first apply and revert make the trap area, which the watcher finds meanwhile.
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=1041"));
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    let deadline = Instant::now() + PATIENCE;
+    while !target.lines().iter().any(|l| l.starts_with("agent page ")) {
+        let other: Vec<String> = target
+            .lines()
+            .into_iter()
+            .filter(|l| !l.starts_with("thread="))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "the watcher did not find the area: {other:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let threads = tasks(&pid).len();
+
+    let tool = Command::new("taskset")
+        .args(["-c", "0", livepatch_bin()])
+        .args(["apply", &pid, &patch, "--mode", "nonstop"])
+        .env("LIVEPATCH_TRACE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while !job_stopped(&pid) {
+        assert!(Instant::now() < deadline, "the target never stopped");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = tool.wait_with_output().unwrap();
+    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{trace}");
+    // The last program went to the agent, which did not finish it: cancelled, and resolved
+    // after the claimed operation's second.
+    let resolved = trace
+        .lines()
+        .filter_map(|l| l.split_once("agent ran ")?.1.split_once(" operations +"))
+        .filter_map(|(counts, us)| {
+            let (done, queued) = counts.split_once(" of ")?;
+            let us: u64 = us.trim_end_matches(" us").parse().ok()?;
+            Some((
+                done.parse::<usize>().ok()?,
+                queued.parse::<usize>().ok()?,
+                us,
+            ))
+        })
+        .find(|&(done, queued, _)| done < queued);
+    assert!(
+        resolved.is_some_and(|(_, _, us)| us >= 1_000_000),
+        "{resolved:?}: {trace}"
+    );
+    // SAFETY: kill only sends SIGCONT to the target.
+    unsafe { libc::kill(target.child.id() as i32, libc::SIGCONT) };
+    let caught =
+        target.wait_line(|l| l.starts_with("stopped the agent") || l.starts_with("missed"));
+    assert!(caught.starts_with("stopped the agent"), "setup: {caught}");
+    target.expect_steady(10, |l| l.ends_with("value=1041"));
+    // The agent is gone, and nothing of the target stays traced.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tasks(&pid).len() > threads {
+        assert!(Instant::now() < deadline, "the agent is still there");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(tracers(&pid), Vec::<String>::new());
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    assert!(target.alive());
+}
