@@ -11,29 +11,23 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // An apply: another thread parses the arguments, loads the patch and applies it (it is the
-    // tracer, and ends the process when done: `cli::end_process`), while this one builds
-    // iced-x86's instruction tables from the start (~0.5 ms of CPU the tracer needs from its
-    // first decode on), instead of after all that.
+    // An apply: this thread parses the arguments, loads the patch and applies it (it is the
+    // tracer, and ends the process when done: `cli::end_process`), while the one thread it
+    // starts builds iced-x86's instruction tables from the start (~0.5 ms of CPU the tracer
+    // needs from its first decode on), then runs what the apply would start threads for
+    // (`apply::helper`). The tracer is this thread, not a new one: it starts at once, on the
+    // malloc arena already set up, while the new thread's start (stack, signal stack, arena)
+    // goes off its path.
     if let Some(mode) = cli::early_apply(std::env::args_os()) {
         // Before any other thread starts: all inherit the mask.
         cli::interrupts_deferred(defer_interrupts());
-        // Then this thread runs what the apply would start threads for (`apply::helper`).
-        let helper = lp_userspace::apply::helper::Helper::open();
-        let command = std::thread::Builder::new()
-            .name("livepatch-tracer".into())
-            .spawn(|| {
-                // A panic (a bug) ends the process as one on the main thread would (the hook
-                // has printed it): this thread never comes back otherwise.
-                let _ = std::panic::catch_unwind(|| {
-                    run_command();
-                });
-                std::process::exit(101)
-            });
-        if command.is_ok() {
-            lp_userspace::apply::build_instruction_tables(mode);
-            helper.serve();
-        }
+        // Claims the tables before the helper starts, so the apply never starts a thread of
+        // its own for them; when the thread cannot be started, the helper (dropped with the
+        // closure) gives the claim back and the tracer builds them itself.
+        let helper = lp_userspace::apply::helper::Helper::open_for_apply(mode);
+        let _ = std::thread::Builder::new()
+            .name("livepatch-helper".into())
+            .spawn(move || helper.serve());
     }
     run_command()
 }
@@ -46,7 +40,10 @@ fn run_command() -> ! {
     // calls, ~15 waits of 0.1-0.6 ms; 26 with an arena per thread, for 11 more `mprotect`s
     // growing the tracer's arena). A MALLOC_ARENA_MAX in the environment still rules (glibc
     // reads it at start-up).
-    let cli = match Cli::try_parse() {
+    // `livepatch apply PID PATCH` needs no clap (building its parser for every command costs
+    // the tracer ~0.1 ms): parsed by hand into what clap would give (see `plain_apply`).
+    let parsed = cli::plain_apply(std::env::args_os()).map_or_else(Cli::try_parse, Ok);
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind as K;
