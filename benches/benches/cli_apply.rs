@@ -11,9 +11,9 @@
 //!
 //! Run: `cargo bench -p lp-benches --bench cli_apply` (root; gcc needed). It builds both
 //! `livepatch` binaries first — `cargo build --release -p lp-userspace` and the static one
-//! (`--target x86_64-unknown-linux-gnu` with `-C target-feature=+crt-static`, as the README
-//! says to build it; a no-op when up to date) — or uses `LIVEPATCH_BIN` (static) and
-//! `LIVEPATCH_DYNAMIC_BIN`.
+//! (`--profile cli --target x86_64-unknown-linux-gnu` with `-C target-feature=+crt-static`, as
+//! the README says to install it: the `cli` profile adds fat LTO to release; a no-op when up
+//! to date) — or uses `LIVEPATCH_BIN` (static) and `LIVEPATCH_DYNAMIC_BIN`.
 //! `CLI_BENCH_RT=1` runs each `livepatch` under `chrt -f 50` (see `timed`).
 //! `LIVEPATCH_BASELINE_BIN=PATH` also runs another build (e.g. an older commit's, built into
 //! another target directory) plain in every round, interleaved: before/after on the same load;
@@ -67,6 +67,9 @@ const ROUNDS: usize = 30;
 /// must stay dynamic: with an explicit `--target` the flags below apply only to this one).
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
+/// The Cargo profile of the static binary: release with fat LTO (the workspace's Cargo.toml).
+const STATIC_PROFILE: &str = "cli";
+
 /// The release `livepatch` binaries, built now (a no-op when up to date): (static, dynamic).
 fn livepatch_bins() -> (PathBuf, PathBuf) {
     // This bench runs from <target>/release/deps/.
@@ -79,15 +82,8 @@ fn livepatch_bins() -> (PathBuf, PathBuf) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let build = |extra: &[&str], rustflags: Option<&str>| {
         let mut c = Command::new(&cargo);
-        c.args([
-            "build",
-            "--release",
-            "-p",
-            "lp-userspace",
-            "--bin",
-            "livepatch",
-        ])
-        .args(extra);
+        c.args(["build", "-p", "lp-userspace", "--bin", "livepatch"])
+            .args(extra);
         if let Some(f) = rustflags {
             c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", f);
         }
@@ -97,7 +93,7 @@ fn livepatch_bins() -> (PathBuf, PathBuf) {
     let dynamic = match std::env::var_os("LIVEPATCH_DYNAMIC_BIN") {
         Some(p) => PathBuf::from(p),
         None => {
-            build(&[], None);
+            build(&["--release"], None);
             target_dir.join("release/livepatch")
         }
     };
@@ -105,10 +101,13 @@ fn livepatch_bins() -> (PathBuf, PathBuf) {
         Some(p) => PathBuf::from(p),
         None => {
             build(
-                &["--target", STATIC_TARGET],
+                &["--profile", STATIC_PROFILE, "--target", STATIC_TARGET],
                 Some("-C target-feature=+crt-static"),
             );
-            target_dir.join(STATIC_TARGET).join("release/livepatch")
+            target_dir
+                .join(STATIC_TARGET)
+                .join(STATIC_PROFILE)
+                .join("livepatch")
         }
     };
     for b in [&fixed, &dynamic] {
