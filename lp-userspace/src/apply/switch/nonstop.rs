@@ -1478,7 +1478,16 @@ fn switch_sites(
     let (callers, entries): (Vec<SiteSwitch>, Vec<SiteSwitch>) =
         sites.iter().cloned().partition(|s| s.call_site);
     let w0 = Instant::now();
-    let per_window = CALLERS_PER_WINDOW.max(callers.len().div_ceil(MAX_CALLER_WINDOWS));
+    // Written by the agent, a window lasts tens of µs (see `Burst`): every caller goes in one,
+    // which saves the syncs of the others — each one the agent's CPU held for an IPI round trip
+    // (12–25 µs here), with the thread it preempted waiting meanwhile. Written by the tool, a
+    // window lasts hundreds of µs, and fewer sites in each means fewer traps per iteration of a
+    // thread that calls them all.
+    let per_window = if agent.as_ref().is_some_and(SyncAgent::writes) {
+        callers.len().max(flag.then.len()).max(1)
+    } else {
+        CALLERS_PER_WINDOW.max(callers.len().div_ceil(MAX_CALLER_WINDOWS))
+    };
     let windows = Windows {
         per_window,
         area,
@@ -1602,9 +1611,9 @@ impl Windows<'_> {
     }
 }
 
-/// Callers' branches switched in one window (see [`switch_sites`]): each call reaching one
-/// of them costs a trap while the window lasts, and a thread whose loop calls them all takes
-/// that many traps per iteration.
+/// Callers' branches switched in one window when the tool writes them (see [`switch_sites`]):
+/// each call reaching one of them costs a trap while the window lasts, and a thread whose loop
+/// calls them all takes that many traps per iteration.
 const CALLERS_PER_WINDOW: usize = 2;
 /// At most this many windows of callers: a patch with many callers switches them more at
 /// a time rather than in ever more syncs.
