@@ -58,6 +58,8 @@ fn revert_here(
     let t0 = Instant::now();
     // Attached first: the state cannot change under us (one tracer at a time).
     // Nonstop mode traces one thread only during the switch (see apply).
+    // An agent a killed nonstop switch left behind may still hold a write of its program.
+    switch::quiet_orphaned_agent(pid, None)?;
     let mut t = match mode {
         Mode::Stop => Tracee::attach(pid)?,
         Mode::Nonstop => Tracee::attach_one(pid)?,
@@ -440,8 +442,12 @@ fn take_out(
     ) {
         Ok(s) => s,
         Err(e) => {
-            // Nothing changed (a failed switch undoes its writes): nor does the state.
-            if !matches!(e, Error::Process(ProcessError::Exited(_))) {
+            // Nothing changed (a failed switch undoes its writes): nor does the state. An
+            // unfinished one keeps its mark, for the next invocation to finish.
+            if !matches!(
+                e,
+                Error::Process(ProcessError::Exited(_)) | Error::Unfinished(_)
+            ) {
                 let _ = statemap.store(t.mem(), current);
             }
             return Err(e);

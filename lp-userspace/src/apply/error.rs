@@ -93,6 +93,12 @@ pub enum Error {
     /// The patch cannot be applied safely.
     #[error("{0}")]
     Unsupported(String),
+    /// The switch stopped part-way and could neither finish nor undo its writes (our sync
+    /// agent stopped in the middle of them): the target is left as a killed livepatch leaves
+    /// it — its state marked unfinished, the patch memory kept — for the next apply or revert
+    /// to finish.
+    #[error("{0}")]
+    Unfinished(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -193,7 +199,7 @@ impl Error {
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::NotTop(_) => ErrorKind::NotTop,
             Error::Unsupported(_) => ErrorKind::Unsupported,
-            Error::Other(_) => ErrorKind::Other,
+            Error::Other(_) | Error::Unfinished(_) => ErrorKind::Other,
         }
     }
 }

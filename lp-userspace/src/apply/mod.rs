@@ -205,6 +205,8 @@ fn apply_here(
     // process, and the state and bytes read below stay true until we write. (Seizing does not
     // stop or change anything.)
     // Nonstop mode traces one thread only (borrowed for system calls): the others never stop.
+    // An agent a killed nonstop switch left behind may still hold a write of its program.
+    switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
     let mut t = match opts.mode {
         Mode::Stop => Tracee::attach(pid)?,
         Mode::Nonstop => Tracee::attach_one(pid)?,
@@ -407,8 +409,12 @@ fn apply_here(
     let stats = match switched {
         Ok(s) => s,
         Err(e) => {
-            // Nothing redirects into the patch memory: give it back.
-            if !matches!(e, Error::Process(crate::process::ProcessError::Exited(_))) {
+            // Nothing redirects into the patch memory: give it back. (Unless the switch is
+            // unfinished: then its mark stays published, for the next invocation to finish.)
+            if !matches!(
+                e,
+                Error::Process(crate::process::ProcessError::Exited(_)) | Error::Unfinished(_)
+            ) {
                 // Nonstop mode: threads that trapped meanwhile were sent through trampolines in
                 // the patch memory; each must be seen outside it (and not returning into it)
                 // before it goes, or it stays mapped.

@@ -12,7 +12,7 @@
 mod nonstop;
 mod trap_handler;
 
-pub(crate) use nonstop::Flag;
+pub(crate) use nonstop::{quiet_orphaned_agent, Flag};
 
 use super::error::Error;
 use super::stacks;

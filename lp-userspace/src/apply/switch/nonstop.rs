@@ -805,6 +805,31 @@ fn find_area(pid: i32, mem: &Memory) -> Result<Option<u64>, Error> {
         }))
 }
 
+/// Makes a sync agent that a killed livepatch left in process `pid` harmless before anything
+/// is written (see `sync_agent::quiet_orphan`), in either mode. `maps`: the process's mappings
+/// when the caller has read them already (no area among them: nothing to do, nothing read).
+pub(crate) fn quiet_orphaned_agent(
+    pid: i32,
+    maps: Option<&[crate::maps::Mapping]>,
+) -> Result<(), Error> {
+    let area_mapped = |m: &crate::maps::Mapping| {
+        m.exec && m.path.as_deref() == Some(&format!("/memfd:{AREA_NAME}"))
+    };
+    if maps.is_some_and(|maps| !maps.iter().any(area_mapped)) {
+        return Ok(());
+    }
+    let mem = Memory::open(pid)?;
+    let Some(code) = find_area(pid, &mem)? else {
+        return Ok(());
+    };
+    sync_agent::quiet_orphan(pid, code).map_err(|e| {
+        Error::Unfinished(format!(
+            "process {pid}: the sync agent (thread {}) of a killed livepatch is stopped in the middle of a write: nothing written; continue the process and try again",
+            e.tid
+        ))
+    })
+}
+
 /// Process `pid`'s identity as an area records it: its pid and its start time (clock ticks
 /// after boot, /proc/PID/stat field 22), so that a reused pid is not taken for it.
 fn owner_of(pid: i32) -> Option<[u8; 16]> {
@@ -1829,7 +1854,7 @@ impl Burst {
         let w0 = Instant::now();
         let done = match agent.as_mut() {
             Some(a) => a.run(&ops).map_err(|e| {
-                Error::Other(format!(
+                Error::Unfinished(format!(
                     "process {}: our sync agent (thread {}) stopped in the middle of the switch's writes (is the process stopped?): nothing more was written; the switch is left as a killed livepatch leaves it, and the next apply or revert finishes it",
                     t.pid(),
                     e.tid

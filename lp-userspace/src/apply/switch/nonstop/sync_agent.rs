@@ -22,12 +22,21 @@
 //! back. The tool steps the starting thread through those system calls and puts its own
 //! registers back at the last one's exit stop, as after any remote system call.
 //!
-//! Nothing is left behind by a tool killed at any point (`kill -9`):
+//! It also carries out whole windows of the switch: programs of writes (through a
+//! `/proc/self/mem` descriptor of its own, in a descriptor table of its own, procfs checked)
+//! and syncs, queued by the tool in its page ([`SyncAgent::run`]).
+//!
+//! A tool killed at any point (`kill -9`) leaves nothing that outlives the next livepatch:
 //! - the agent waits with a timeout ([`WAIT_TIMEOUT_NS`]); at each timeout it checks that the
 //!   tool's process still exists (`kill(pid, 0)`; only when the target sees the tool's pid, i.e.
 //!   shares its pid namespace) and exits when it does not, or when no request came for
-//!   [`MAX_IDLE`] timeouts; it holds no lock and owns nothing: its exit is the end of it. It is
-//!   a thread of ours: no thread of the program ever changes its scheduling policy.
+//!   [`MAX_IDLE`] timeouts; it holds no lock, and its descriptor closes with it: its exit is
+//!   the end of it. It is a thread of ours: no thread of the program ever changes its
+//!   scheduling policy.
+//! - a program it was given and had not finished when the tool died (the process stopped, say)
+//!   would still be carried out when it runs again: so every livepatch, before it writes
+//!   anything, cancels an orphaned agent's program and resolves an operation it had claimed
+//!   ([`quiet_orphan`]; review 7, finding 1).
 //! - the starting thread, if the tool dies while it runs the start-up instructions, runs them to
 //!   the end by itself: its mask is given back, and it reloads its own registers (saved by the
 //!   tool in the agent's page, adjusted like the kernel does for a call interrupted without a
@@ -85,8 +94,13 @@ const PATH: u64 = 232;
 /// u64, up to 16 bytes of data).
 const OPS: u64 = 256;
 const OP_LEN: u64 = 32;
-/// Operations a program holds (the page's last 512 bytes are the agent's stack).
-pub(crate) const MAX_OPS: usize = ((th::PAGE - 512 - OPS) / OP_LEN) as usize;
+/// Operations a program holds (after them: the agent's `struct statfs`, then 512 bytes of
+/// stack at the page's end).
+pub(crate) const MAX_OPS: usize = ((th::PAGE - 512 - STATFS_LEN - OPS) / OP_LEN) as usize;
+/// Where the agent's fstatfs writes (`struct statfs`, 120 bytes on x86-64).
+const STATFS: u64 = OPS + MAX_OPS as u64 * OP_LEN;
+const STATFS_LEN: u64 = 128;
+const PROC_SUPER_MAGIC: i32 = 0x9fa0;
 const OP_WRITE: u32 = 1;
 const OP_SYNC: u32 = 2;
 const CANCELLED: u32 = 1 << 31;
@@ -161,6 +175,7 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     let mut write_call = a.create_label();
     let mut sync_call = a.create_label();
     let mut claimed = a.create_label();
+    let mut not_proc = a.create_label();
 
     // Start-up, run by the borrowed thread with rbx = the agent's page.
     a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
@@ -223,6 +238,26 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.lea(rdi, qword_ptr(rbx + PATH))?;
     a.mov(esi, (libc::O_RDWR | libc::O_CLOEXEC) as u32)?;
     a.syscall()?;
+    a.test(eax, eax)?;
+    a.js(opened)?;
+    // Only procfs's own file (review 7, finding 3: a /proc of the target's mount namespace
+    // could be anything, and writes into a plain file there would be counted as done).
+    a.mov(r12d, eax)?;
+    a.mov(edi, eax)?;
+    a.lea(rsi, qword_ptr(rbx + STATFS))?;
+    a.mov(eax, libc::SYS_fstatfs as u32)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.jnz(not_proc)?;
+    a.cmp(qword_ptr(rbx + STATFS), PROC_SUPER_MAGIC)?;
+    a.jne(not_proc)?;
+    a.mov(eax, r12d)?;
+    a.jmp(opened)?;
+    a.set_label(&mut not_proc)?;
+    a.mov(edi, r12d)?;
+    a.mov(eax, libc::SYS_close as u32)?;
+    a.syscall()?;
+    a.mov(eax, -libc::ENOTSUP)?;
     a.set_label(&mut opened)?;
     a.mov(dword_ptr(rbx + FD), eax)?;
     a.xor(r14d, r14d)?; // timeouts in a row
@@ -277,8 +312,10 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.jae(publish)?;
     a.lea(ecx, dword_ptr(rax + 1))?;
     a.lock().cmpxchg(dword_ptr(rbx + NEXT), ecx)?;
-    a.jne(publish)?; // cancelled meanwhile
+    // Claimed from here when the compare-and-swap won (review 7, finding 4: an agent stopped
+    // at this jne has its operation claimed).
     a.set_label(&mut claimed)?;
+    a.jne(publish)?; // cancelled meanwhile
     a.mov(r13d, eax)?;
     a.shl(eax, 5)?; // OP_LEN
     a.lea(r15, qword_ptr(rbx + rax + OPS))?;
@@ -608,6 +645,10 @@ impl SyncAgent {
             if done >= claimed || s.word(DONE).load(Ordering::Acquire) == self.seq {
                 return Ok(done as usize);
             }
+            // A sync carried out late writes nothing (review 7): the caller syncs again.
+            if done + 1 == claimed && ops[done as usize].data().is_none() {
+                return Ok(done as usize);
+            }
             if s.word(TID).load(Ordering::Acquire) == 0 {
                 // Gone (the process is exiting): it carries out nothing more.
                 return Ok(done as usize);
@@ -629,40 +670,7 @@ impl SyncAgent {
     /// a write of the same bytes, or a sync, again). The agent is let go as it was (still
     /// stopped, in a stopped process).
     fn resolve(&self) -> Result<usize, Stuck> {
-        let tid = self.tid;
-        let stuck = Stuck { tid };
-        let landmarks = assemble(self.code).map_err(|_| Stuck { tid })?.1;
-        ptrace::seize(tid).map_err(|_| Stuck { tid })?;
-        let mut sig = 0;
-        let stopped = ptrace::interrupt(tid).is_ok() && {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            loop {
-                match ptrace::wait(tid, true) {
-                    Ok(Some((_, WaitStatus::Signal(s)))) => {
-                        sig = s;
-                        break true;
-                    }
-                    Ok(Some((_, WaitStatus::Gone))) | Err(_) => break false,
-                    Ok(Some(_)) => break true,
-                    Ok(None) if Instant::now() > deadline => break false,
-                    Ok(None) => std::thread::sleep(Duration::from_micros(200)),
-                }
-            }
-        };
-        let sent_away = stopped
-            && ptrace::get_regs(tid).is_ok_and(|mut regs| {
-                !landmarks.before_the_call(regs.rip) || {
-                    regs.rip = landmarks.publish;
-                    ptrace::set_regs(tid, &regs).is_ok()
-                }
-            });
-        let done = self.shared.word(COMPLETED).load(Ordering::Acquire) as usize;
-        let _ = ptrace::detach(tid, sig);
-        if sent_away {
-            Ok(done)
-        } else {
-            Err(stuck)
-        }
+        resolve_claim(self.tid, self.code, &self.shared)
     }
 
     fn request(&mut self, cmd: u32, within: Duration) -> bool {
@@ -705,6 +713,81 @@ impl Drop for SyncAgent {
             }
             s.wait(TID, tid, 10_000_000);
         }
+    }
+}
+
+/// Resolves the operation the agent `tid` (of the area at `code`, page `shared`) has claimed
+/// in a cancelled program and not counted (see [`SyncAgent::resolve`]): the operations counted
+/// as done, or [`Stuck`].
+fn resolve_claim(tid: i32, code: u64, shared: &Shared) -> Result<usize, Stuck> {
+    let stuck = Stuck { tid };
+    let landmarks = assemble(code).map_err(|_| Stuck { tid })?.1;
+    ptrace::seize(tid).map_err(|_| Stuck { tid })?;
+    let mut sig = 0;
+    let stopped = ptrace::interrupt(tid).is_ok() && {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match ptrace::wait(tid, true) {
+                Ok(Some((_, WaitStatus::Signal(s)))) => {
+                    sig = s;
+                    break true;
+                }
+                Ok(Some((_, WaitStatus::Gone))) | Err(_) => break false,
+                Ok(Some(_)) => break true,
+                Ok(None) if Instant::now() > deadline => break false,
+                Ok(None) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    };
+    let sent_away = stopped
+        && ptrace::get_regs(tid).is_ok_and(|mut regs| {
+            !landmarks.before_the_call(regs.rip) || {
+                regs.rip = landmarks.publish;
+                ptrace::set_regs(tid, &regs).is_ok()
+            }
+        });
+    let done = shared.word(COMPLETED).load(Ordering::Acquire) as usize;
+    let _ = ptrace::detach(tid, sig);
+    if sent_away {
+        Ok(done)
+    } else {
+        Err(stuck)
+    }
+}
+
+/// Before anything is written to process `pid`: an agent that a killed livepatch left in the
+/// area at `code` gets its program cancelled — it claims no operation after this — and an
+/// operation it claimed and has not counted is waited for a moment, then resolved as a live
+/// tool resolves it ([`resolve_claim`]): a write of a killed tool's program carried out after
+/// the next livepatch's recovery would undo it (review 7, finding 1: SIGSEGV). A claimed sync
+/// writes nothing and needs nothing. An agent that cannot be made harmless is [`Stuck`]. The
+/// agent itself exits on its own (its tool is gone).
+pub(crate) fn quiet_orphan(pid: i32, code: u64) -> Result<(), Stuck> {
+    let Some(s) = Shared::map(pid, code) else {
+        return Ok(());
+    };
+    let tid = s.word(TID).load(Ordering::Acquire) as i32;
+    if tid == 0 {
+        return Ok(());
+    }
+    let claimed = s.word(NEXT).fetch_or(CANCELLED, Ordering::AcqRel) & !CANCELLED;
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        let done = s.word(COMPLETED).load(Ordering::Acquire);
+        if done >= claimed || s.word(TID).load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let op = OPS + u64::from(done) * OP_LEN;
+        if done + 1 == claimed
+            && (done as usize) < MAX_OPS
+            && s.word(op).load(Ordering::Acquire) == OP_SYNC
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return resolve_claim(tid, code, &s).map(drop);
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -804,10 +887,10 @@ mod tests {
                 syscalls.push(i.ip());
             }
         }
-        // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, futex wait,
-        // kill, membarrier (a sync request), pwrite and membarrier (a program's operations),
-        // futex wake, exit.
-        assert_eq!(syscalls.len(), 12);
+        // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, fstatfs, close
+        // (not procfs), futex wait, kill, membarrier (a sync request), pwrite and membarrier
+        // (a program's operations), futex wake, exit.
+        assert_eq!(syscalls.len(), 14);
         // The landmarks a cancelled program is resolved by: the two operations' system calls,
         // each after its claim, and the answer after both.
         let (_, l) = assemble(code).unwrap();
@@ -815,6 +898,18 @@ mod tests {
         assert!(l.claimed < l.write_call && l.write_call < l.sync_op);
         assert!(l.sync_op < l.sync_call && l.sync_call < l.publish);
         assert!(l.before_the_call(l.claimed) && l.before_the_call(l.sync_call));
+        // The claim holds from the instruction right after the compare-and-swap: the `jne`
+        // that leaves when it failed (review 7, finding 4).
+        let at = |ip: u64| {
+            let off = (ip - code - th::AGENT_CODE) as usize;
+            iced_x86::Decoder::with_ip(64, &bytes[off..], ip, iced_x86::DecoderOptions::NONE)
+                .decode()
+        };
+        assert_eq!(at(l.claimed).mnemonic(), iced_x86::Mnemonic::Jne);
+        let cas = (code + th::AGENT_CODE..l.claimed).rev().find(|&ip| {
+            at(ip).mnemonic() == iced_x86::Mnemonic::Cmpxchg && at(ip).next_ip() == l.claimed
+        });
+        assert!(cas.is_some(), "the claim's cmpxchg right before `claimed`");
         assert!(!l.before_the_call(l.write_call + 2) && !l.before_the_call(l.sync_call + 2));
         assert!(!l.before_the_call(l.publish));
     }

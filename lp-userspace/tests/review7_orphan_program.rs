@@ -1,0 +1,224 @@
+//! Review session 7, finding 1: a program queued for the sync agent by a livepatch that is then
+//! killed must not be carried out after the next livepatch has finished the killed switch.
+//!
+//! The agent carries out a window's writes (nonstop mode, sync_agent.rs `run`). When it does
+//! not run the program at once — its process is stopped (SIGSTOP), or it is starved — and the
+//! tool is killed before it cancels the program (within its answer wait), the program stays
+//! queued. A later `livepatch revert` finishes the killed switch and takes the patch out (its
+//! memory unmapped); once the process runs again, the orphaned agent must not write the old
+//! program's bytes over that.
+//!
+//! The target is threads.c's workers plus a watcher thread (SCHED_FIFO 2, above the agent's
+//! 1, so that the futex wake-up of each request reaches it first) which passes each wake-up on
+//! to the agent, except that of the program after the one writing compute's first byte (the
+//! callers' program of the second apply): then it stops its own process, that program requested and
+//! not started.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STOPPER: &str = r#"
+#define _GNU_SOURCE
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int __attribute__((noipa)) compute(int x) {
+    int r = x + 1;
+    if (x > 1000000) r = x * 5;
+    return r;
+}
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("thread=%ld value=%d\n", id, compute(41));
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+/* The sync agent's page: the last page of the trap area's data mapping. */
+static volatile uint32_t *agent_page(void) {
+    for (;;) {
+        FILE *f = fopen("/proc/self/maps", "r");
+        char line[512];
+        while (f && fgets(line, sizeof line, f)) {
+            unsigned long lo, hi;
+            char perms[8];
+            if (strstr(line, "livepatch-trap.4") &&
+                sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && perms[1] == 'w') {
+                fclose(f);
+                return (volatile uint32_t *)(hi - 4096);
+            }
+        }
+        if (f) fclose(f);
+        usleep(500);
+    }
+}
+
+static void *watcher(void *arg) {
+    (void)arg;
+    struct sched_param sp = {.sched_priority = 2};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) {
+        printf("watcher: no SCHED_FIFO\n");
+        return NULL;
+    }
+    volatile uint32_t *w = agent_page();
+    printf("agent page %p\n", (void *)w);
+    uint32_t seen = w[0];
+    int armed = 0, applies = 0;
+    for (;;) {
+        /* REQ (offset 0): the word the agent waits on. */
+        syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAIT, seen, NULL, NULL, 0);
+        uint32_t req = w[0];
+        if (req == seen) continue;
+        seen = req;
+        if (w[2] == 3) { /* CMD (offset 8) = CMD_RUN */
+            uint32_t n = w[212 / 4]; /* NOPS */
+            if (armed) {
+                printf("stopping with a program of %u operations requested\n", n);
+                /* To the agent itself (TID at 16): it leaves its futex wait for the stop
+                   at once, before its wait times out and it finds the request. */
+                syscall(SYS_tgkill, getpid(), w[16 / 4], SIGSTOP);
+                armed = 0;
+                continue; /* not passed on: the agent finds the request after SIGCONT */
+            }
+            for (uint32_t i = 0; i < n && i < 104; i++) {
+                /* OPS at 256, 32 bytes each: kind, length, address, data */
+                const volatile uint8_t *op = (const volatile uint8_t *)w + 256 + 32 * i;
+                uint64_t addr;
+                memcpy(&addr, (const void *)(op + 8), 8);
+                /* compute's first byte (the entries' last program); the first apply, whose
+                   area is new and may be found late, is let go. */
+                if (op[0] == 1 && op[4] == 1 && addr == (uint64_t)(uintptr_t)compute &&
+                    op[16] == 0xe9 && ++applies == 2)
+                    armed = 1;
+            }
+        }
+        syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int n = argc > 1 ? atoi(argv[1]) : 4;
+    pthread_t t;
+    pthread_create(&t, NULL, watcher, NULL);
+    for (long i = 0; i < n; i++) pthread_create(&t, NULL, worker, (void *)i);
+    printf("ready %d\n", getpid());
+    worker((void *)(long)n);
+}
+"#;
+
+/// Whether a thread of `pid` is in a job-control stop (state T).
+fn job_stopped(pid: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+            })
+        })
+}
+
+fn read_u32(pid: &str, addr: u64) -> u32 {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut b = [0u8; 4];
+    mem.read_exact_at(&mut b, addr).unwrap();
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn review7_a_killed_tools_program_is_not_carried_out_after_the_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "stopper", STOPPER, &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &["4"]);
+    let pid = target.pid();
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    // A first apply and revert make the trap area (kept for the life of the process), which the
+    // watcher finds meanwhile; it acts in the next apply.
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=1041"));
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    target.wait_line(|l| l.starts_with("agent page "));
+
+    let mut tool = Command::new(livepatch_bin())
+        .args(["apply", &pid, &patch, "--mode", "nonstop"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The watcher stops the process with the callers' program requested; the tool is killed
+    // while it waits for the agent's answer (100 ms), before it could cancel the program.
+    let deadline = Instant::now() + PATIENCE;
+    while !job_stopped(&pid) {
+        assert!(
+            tool.try_wait().unwrap().is_none(),
+            "the apply ended before the target stopped: {:?}",
+            target.lines().iter().rev().take(5).collect::<Vec<_>>()
+        );
+        assert!(Instant::now() < deadline, "the target never stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    let page = target.wait_line(|l| l.starts_with("agent page "));
+    let page = u64::from_str_radix(page.trim_start_matches("agent page 0x"), 16).unwrap();
+    target.wait_line(|l| l.starts_with("stopping with a program"));
+    // The setup: a program requested (REQ != DONE), queued (NOPS), not started nor
+    // cancelled (NEXT = 0), and the agent alive (TID).
+    let (req, done, nops, next) = (
+        read_u32(&pid, page),
+        read_u32(&pid, page + 4),
+        read_u32(&pid, page + 212),
+        read_u32(&pid, page + 216),
+    );
+    assert!(
+        req != done && nops > 0 && next == 0 && read_u32(&pid, page + 16) != 0,
+        "setup: REQ {req} DONE {done} NOPS {nops} NEXT {next:#x}"
+    );
+
+    // The next livepatch finishes the killed apply and reverts the patch (on the stopped
+    // process): it succeeds, and the process has no patch.
+    livepatch_ok(&["revert", &pid]);
+    let status = livepatch_ok(&["status", &pid]);
+    assert!(status.contains("no patches applied"), "{status}");
+
+    // The process runs again: it must run its original code, as the revert said.
+    // SAFETY: kill only sends SIGCONT to the target.
+    unsafe { libc::kill(target.child.id() as i32, libc::SIGCONT) };
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if let Some(status) = target.child.try_wait().unwrap() {
+            panic!(
+                "the reverted process died once continued ({status}): the killed tool's agent carried out its program after the revert"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    assert!(target.alive());
+}

@@ -1,0 +1,203 @@
+//! Review session 7, finding 2: a nonstop switch whose sync agent is left holding a claimed
+//! operation (`Stuck`: it cannot be stopped through ptrace within a second) is kept as a killed
+//! livepatch leaves it — the tool says "the next apply or revert finishes it". That must hold:
+//! the record keeps its write-ahead mark, and the next apply finishes the switch and applies.
+//!
+//! The agent is starved for real: the target's threads are all on CPU 1 (the agent inherits
+//! that affinity), and a watcher thread of the target at SCHED_FIFO 2 (above the agent's 1)
+//! takes the agent's futex wake-ups and passes them on; at the entries' last program (the one
+//! writing compute's first byte, in the second apply) it lets the agent run a few µs at a time until it is between
+//! claiming an operation and counting it done, then spins on CPU 1 for 3 s. The tool runs on
+//! CPU 0.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+const STARVER: &str = r#"
+#define _GNU_SOURCE
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int __attribute__((noipa)) compute(int x) {
+    int r = x + 1;
+    if (x > 1000000) r = x * 5;
+    return r;
+}
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("thread=%ld value=%d\n", id, compute(41));
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static volatile uint32_t *agent_page(void) {
+    for (;;) {
+        FILE *f = fopen("/proc/self/maps", "r");
+        char line[512];
+        while (f && fgets(line, sizeof line, f)) {
+            unsigned long lo, hi;
+            char perms[8];
+            if (strstr(line, "livepatch-trap.4") &&
+                sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && perms[1] == 'w') {
+                fclose(f);
+                return (volatile uint32_t *)(hi - 4096);
+            }
+        }
+        if (f) fclose(f);
+        usleep(500);
+    }
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void *watcher(void *arg) {
+    (void)arg;
+    struct sched_param sp = {.sched_priority = 2};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) {
+        printf("watcher: no SCHED_FIFO\n");
+        return NULL;
+    }
+    volatile uint32_t *w = agent_page();
+    printf("agent page %p\n", (void *)w);
+    uint32_t seen = w[0];
+    int applies = 0; /* the programs writing compute's first byte seen so far */
+    int armed = 1;
+    for (;;) {
+        /* REQ (offset 0) is the word the agent waits on; CMD at 8 (3: a program), NOPS at
+           212, NEXT at 216 (bit 31: cancelled), COMPLETED at 220, DONE at 4; the operations
+           at 256, 32 bytes each: kind (1: write), length, address, data. */
+        syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAIT, seen, NULL, NULL, 0);
+        uint32_t req = w[0];
+        if (req == seen) continue;
+        seen = req;
+        int target = 0;
+        uint32_t n = w[212 / 4];
+        if (armed && w[2] == 3) {
+            for (uint32_t i = 0; i < n && i < 104; i++) {
+                const volatile uint8_t *op = (const volatile uint8_t *)w + 256 + 32 * i;
+                uint64_t addr;
+                memcpy(&addr, (const void *)(op + 8), 8);
+                if (op[0] == 1 && op[4] == 1 && addr == (uint64_t)(uintptr_t)compute &&
+                    op[16] == 0xe9)
+                    target = 1;
+            }
+            /* The first apply (the area is new: it may have been found late) is let go. */
+            if (target && ++applies < 2) target = 0;
+        }
+        syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        if (!target) continue;
+        armed = 0;
+        for (int tries = 0; tries < 10000; tries++) {
+            struct timespec ts = {0, 8000};
+            nanosleep(&ts, NULL);
+            uint32_t next = w[216 / 4] & 0x7fffffff, completed = w[220 / 4];
+            if (next > completed) {
+                double t0 = now();
+                while (now() - t0 < 3.0) {
+                }
+                printf("starved the agent with %u claimed, %u done\n", next, completed);
+                break;
+            }
+            if (completed >= n || w[1] == req || tries == 9999) {
+                printf("missed: the agent was never caught mid-operation\n");
+                break;
+            }
+        }
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int n = argc > 1 ? atoi(argv[1]) : 4;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(1, &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0) printf("no CPU 1\n");
+    pthread_t t;
+    pthread_create(&t, NULL, watcher, NULL);
+    for (long i = 0; i < n; i++) pthread_create(&t, NULL, worker, (void *)i);
+    printf("ready %d\n", getpid());
+    worker((void *)(long)n);
+}
+"#;
+
+/// `livepatch args...` on CPU 0 (the target's threads are on CPU 1).
+fn livepatch_on_cpu0(args: &[&str]) -> std::process::Output {
+    Command::new("taskset")
+        .args(["-c", "0", livepatch_bin()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn review7_a_stuck_switch_is_finished_by_the_next_apply() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "starver", STARVER, &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &["4"]);
+    let pid = target.pid();
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    // A first apply and revert make the trap area (kept for the life of the process), which the
+    // watcher finds meanwhile; it acts at the next apply.
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=1041"));
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    target.wait_line(|l| l.starts_with("agent page "));
+
+    let first = livepatch_on_cpu0(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    let stderr = String::from_utf8_lossy(&first.stderr).into_owned();
+    let caught = target.wait_line(|l| l.starts_with("starved") || l.starts_with("missed"));
+    assert!(
+        caught.starts_with("starved"),
+        "setup: {caught} (apply: {stderr})"
+    );
+    // Stuck: the apply fails, leaving the switch for the next livepatch.
+    assert!(!first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the next apply or revert finishes it"),
+        "{stderr}"
+    );
+    // The watcher's spin is over (it printed after it) and the agent ran on.
+    target.wait_line(|l| l.ends_with("value=42"));
+
+    // What the tool said: the next apply finishes the switch, and applies the patch.
+    let again = livepatch_on_cpu0(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    assert!(
+        again.status.success(),
+        "the apply after the stuck one: {} (status: {})",
+        String::from_utf8_lossy(&again.stderr).trim_end(),
+        livepatch_ok(&["status", &pid]).trim_end()
+    );
+    target.expect_steady(5, |l| l.ends_with("value=1041"));
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
+    target.expect_steady(5, |l| l.ends_with("value=42"));
+    assert!(target.alive());
+}
