@@ -13,6 +13,7 @@ mod mem;
 pub mod observe;
 pub mod ptrace;
 pub mod remote_call;
+mod restart;
 pub mod stop_point;
 pub(crate) mod stub;
 mod syscall;
@@ -23,6 +24,7 @@ pub use mem::Memory;
 pub use ptrace::Regs;
 
 use ptrace::WaitStatus;
+use restart::{Release, Walk};
 use std::collections::BTreeMap;
 use std::io;
 
@@ -61,6 +63,9 @@ pub struct Tracee {
     single: bool,
     /// Held while a single-thread tracee exists (see [`Tracee::attach_one`]).
     _lock: Option<std::os::fd::OwnedFd>,
+    /// Threads let go on their way back into a system call our stop interrupted, followed
+    /// until they are inside it (restart.rs).
+    walks: BTreeMap<i32, Walk>,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -141,6 +146,7 @@ impl Tracee {
             release_on_drop: false,
             single,
             _lock: lock,
+            walks: BTreeMap::new(),
         })
     }
 
@@ -185,7 +191,11 @@ impl Tracee {
                     .map_or(u64::MAX, |(now, was)| now.saturating_sub(*was));
                 (class, used)
             };
-            let Some(tid) = list_tasks(self.pid)?.into_iter().min_by_key(|&t| key(t)) else {
+            let forced = borrow_forced(pid);
+            let Some(tid) = list_tasks(self.pid)?
+                .into_iter()
+                .min_by_key(|&t| (forced != Some(t), key(t)))
+            else {
                 return Err(ProcessError::Exited(self.pid));
             };
             match ptrace::seize(tid) {
@@ -267,6 +277,10 @@ impl Tracee {
 
     /// Handles one wait report of `tid`. Returns true when the thread is now stopped for us.
     fn handle_report(&mut self, tid: i32, status: WaitStatus) -> Result<bool> {
+        if let Some(walk) = self.walks.remove(&tid) {
+            self.walk_on(tid, walk, status)?;
+            return Ok(false);
+        }
         match status {
             WaitStatus::EventStop | WaitStatus::OtherEvent(_) | WaitStatus::Syscall => {
                 if let Some(t) = self.threads.get_mut(&tid) {
@@ -412,6 +426,13 @@ impl Tracee {
 
     /// Lets one stopped thread run again.
     pub fn resume_thread(&mut self, tid: i32) -> Result<()> {
+        self.start_resume(tid)?;
+        self.finish_let_go()
+    }
+
+    /// [`Tracee::resume_thread`] up to the thread's way back into a system call our stop
+    /// interrupted, which the caller follows ([`Tracee::finish_let_go`]).
+    fn start_resume(&mut self, tid: i32) -> Result<()> {
         let Some(t) = self.threads.get_mut(&tid) else {
             return Ok(());
         };
@@ -431,16 +452,14 @@ impl Tracee {
                 libc::syscall(libc::SYS_tgkill, self.pid, tid, sig);
             }
         }
-        match ptrace::cont(tid, 0) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => self.thread_gone(tid),
-            Err(e) => Err(ProcessError::from_ptrace("CONT", self.pid, tid, e)),
-        }
+        self.let_go(tid, 0, Release::Resume)
     }
 
     /// Lets every stopped thread run again. Threads borrowed for remote system calls go last:
     /// each first takes a round trip through a stop of its own (`fix_restart`), which the
-    /// others need not wait for (in stop mode they would stay stopped past the window).
+    /// others need not wait for (in stop mode they would stay stopped past the window). Threads
+    /// going back into an interrupted system call are followed there once all run (the way
+    /// back of one may need another: restart.rs).
     pub fn resume_all(&mut self) -> Result<()> {
         let mut first_err = None;
         let (borrowed, plain): (Vec<i32>, Vec<i32>) = self.threads().into_iter().partition(|t| {
@@ -449,9 +468,12 @@ impl Tracee {
                 .is_some_and(|t| t.stopped && t.after_remote_syscall)
         });
         for tid in plain.into_iter().chain(borrowed) {
-            if let Err(e) = self.resume_thread(tid) {
+            if let Err(e) = self.start_resume(tid) {
                 first_err.get_or_insert(e);
             }
+        }
+        if let Err(e) = self.finish_let_go() {
+            first_err.get_or_insert(e);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -922,8 +944,9 @@ impl Tracee {
     }
 
     /// Lets every thread go without stopping the running ones again: stopped threads are
-    /// detached where they are; running threads stay traced until the calling thread exits,
-    /// when the kernel detaches them (exit_ptrace). Only for a thread that exits right after:
+    /// detached where they are (one going back into a system call our stop interrupted is
+    /// followed into it first, and then runs on: restart.rs); running threads stay traced
+    /// until the calling thread exits, when the kernel detaches them (exit_ptrace). Only for a thread that exits right after:
     /// see [`with_tracer_thread`]. Much faster than [`Tracee::detach`] on a busy process,
     /// whose running threads would each have to be stopped first.
     pub fn release(mut self) -> Result<()> {
@@ -961,13 +984,13 @@ impl Tracee {
                 }
             }
             if stopped {
-                if let Err(e) = ptrace::detach(tid, 0) {
-                    if e.raw_os_error() != Some(libc::ESRCH) {
-                        first_err
-                            .get_or_insert(ProcessError::from_ptrace("DETACH", self.pid, tid, e));
-                    }
+                if let Err(e) = self.let_go(tid, 0, Release::Leave) {
+                    first_err.get_or_insert(e);
                 }
             }
+        }
+        if let Err(e) = self.finish_let_go() {
+            first_err.get_or_insert(e);
         }
         self.threads.clear();
         first_err.map_or(Ok(()), Err)
@@ -981,9 +1004,12 @@ impl Tracee {
         self.release_stub_slot();
         let mut first_err = None;
         for tid in self.threads() {
-            if let Err(e) = self.detach_thread(tid) {
+            if let Err(e) = self.start_detach(tid) {
                 first_err.get_or_insert(e);
             }
+        }
+        if let Err(e) = self.finish_let_go() {
+            first_err.get_or_insert(e);
         }
         self.threads.clear();
         first_err.map_or(Ok(()), Err)
@@ -991,6 +1017,14 @@ impl Tracee {
 
     /// Detaches one thread (stopping it first when it runs), its held-back signals re-queued.
     fn detach_thread(&mut self, tid: i32) -> Result<()> {
+        let started = self.start_detach(tid);
+        let walked = self.finish_let_go();
+        started.and(walked)
+    }
+
+    /// [`Tracee::detach_thread`] up to the thread's way back into a system call our stop
+    /// interrupted, which the caller follows ([`Tracee::finish_let_go`]).
+    fn start_detach(&mut self, tid: i32) -> Result<()> {
         let stopped = self.threads.get(&tid).map(|t| t.stopped).unwrap_or(true);
         let mut sig = 0;
         if !stopped {
@@ -1003,7 +1037,7 @@ impl Tracee {
                 Ok(_) => {}
             }
         }
-        let mut first_err = self.fix_restart(tid).err();
+        let fixed = self.fix_restart(tid);
         let deferred = self
             .threads
             .get_mut(&tid)
@@ -1015,12 +1049,8 @@ impl Tracee {
                 libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
             }
         }
-        if let Err(e) = ptrace::detach(tid, sig) {
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                first_err.get_or_insert(ProcessError::from_ptrace("DETACH", self.pid, tid, e));
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        let let_go = self.let_go(tid, sig, Release::Detach);
+        fixed.and(let_go)
     }
 
     /// Makes a tracee of every thread ([`Tracee::attach_rest`]) a single-thread one again:
@@ -1281,6 +1311,22 @@ fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
             tid: pid,
             what: format!("cannot create lock socket: {}", io::Error::last_os_error()),
         })
+}
+
+/// The variable of [`borrow_forced`].
+const BORROW_COMM_VAR: &str = "LIVEPATCH_BORROW_COMM";
+
+/// For tests only: `LIVEPATCH_BORROW_COMM=NAME` makes a thread of `pid` named NAME (its
+/// `comm`, as `pthread_setname_np` sets it) the one [`Tracee::attach_one`] borrows, whatever
+/// it is doing. Which thread is borrowed changes what a signal sent meanwhile meets (a worker
+/// that blocks it, or the thread that waits for it): `tests/e2e_borrowed_signals.rs` forces
+/// each. A process without such a thread is not affected; read here only.
+fn borrow_forced(pid: i32) -> Option<i32> {
+    let want = std::env::var_os(BORROW_COMM_VAR)?;
+    observe::tasks(pid).into_iter().find(|tid| {
+        std::fs::read(format!("/proc/{pid}/task/{tid}/comm"))
+            .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == want.as_encoded_bytes())
+    })
 }
 
 /// The process no longer runs: gone, or a zombie waiting to be reaped.

@@ -24,8 +24,13 @@ pub fn seize(tid: i32) -> io::Result<()> {
 /// Resumes a stopped thread until its next system call entry or exit (a syscall-stop, which
 /// is no signal: unlike a single-step's trap it never touches the thread's SIGTRAP action).
 pub fn syscall(tid: i32) -> io::Result<()> {
-    // SAFETY: PTRACE_SYSCALL takes no pointers.
-    check(unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid, 0usize, 0usize) }).map(drop)
+    syscall_delivering(tid, 0)
+}
+
+/// [`syscall`], delivering `sig` when the thread is in a signal-delivery stop.
+pub fn syscall_delivering(tid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_SYSCALL takes no pointers; the signal is an integer in `data`.
+    check(unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid, 0usize, sig as usize) }).map(drop)
 }
 
 /// Asks a seized thread to stop (it reports PTRACE_EVENT_STOP).
