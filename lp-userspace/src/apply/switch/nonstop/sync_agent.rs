@@ -767,7 +767,9 @@ pub(crate) fn quiet_orphan(pid: i32, code: u64) -> Result<(), Stuck> {
         return Ok(());
     };
     let tid = s.word(TID).load(Ordering::Acquire) as i32;
-    if tid == 0 {
+    if tid == 0 || tool_still_tracing(pid, s.word(TOOL).load(Ordering::Acquire)) {
+        // No agent, or one whose tool lives: that tool holds the process (the attach that
+        // follows is refused), and its program is its own business (review 7, finding 6).
         return Ok(());
     }
     let claimed = s.word(NEXT).fetch_or(CANCELLED, Ordering::AcqRel) & !CANCELLED;
@@ -789,6 +791,26 @@ pub(crate) fn quiet_orphan(pid: i32, code: u64) -> Result<(), Stuck> {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+}
+
+/// Whether `tool` (the pid an agent's page names, 0 when unknown) still traces a thread of
+/// process `pid`: a nonstop switch traces its borrowed thread for as long as its agent lives.
+/// (TracerPid names the tracing thread: its thread group is the tool's process.)
+fn tool_still_tracing(pid: i32, tool: u32) -> bool {
+    let field = |path: String, name: &str| -> Option<u32> {
+        let st = std::fs::read_to_string(path).ok()?;
+        st.lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    tool != 0
+        && crate::process::observe::tasks(pid).into_iter().any(|tid| {
+            field(format!("/proc/{pid}/task/{tid}/status"), "TracerPid:").is_some_and(|t| {
+                t != 0 && (t == tool || field(format!("/proc/{t}/status"), "Tgid:") == Some(tool))
+            })
+        })
 }
 
 /// Writes the agent's page before the start-up: the words, the timeout, the masks, and the
