@@ -604,9 +604,12 @@ impl SyncAgent {
             return Ok(0);
         }
         let s = &self.shared;
-        if (s.word(FD).load(Ordering::Acquire) as i32) < 0 {
-            // Not started yet (then the next program may find it), or no descriptor.
-            self.no_writes = s.word(FD).load(Ordering::Acquire) as i32 != NO_FD;
+        let fd = s.word(FD).load(Ordering::Acquire) as i32;
+        if fd < 0 && fd != NO_FD {
+            // No descriptor (no procfs /proc in its namespace). (NO_FD: the agent has not run
+            // its start-up yet; it takes the request after it, and a write without a
+            // descriptor fails at the first operation, which the tool then carries out.)
+            self.no_writes = true;
             return Ok(0);
         }
         for (i, op) in ops.iter().enumerate() {
