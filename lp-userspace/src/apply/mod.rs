@@ -233,6 +233,8 @@ fn apply_here(
     phase("object laid out");
     let symbol_mem = crate::process::Memory::open(pid)?;
     let resolver = target::Resolver::new(pid, &target, &symbol_mem)?;
+    // The module's CFI reads only its file: before the wait for the tables too (fastcli4).
+    let module_cfi = debug_info::ModuleCfi::new(&target.elf, target.bias);
     phase("symbols ready");
     // The first decode: wait (asleep) for the calling thread's tables if it is not done.
     iced_tables::need(iced_tables::Tables::Decoder);
@@ -264,7 +266,6 @@ fn apply_here(
             return Err(e);
         }
     };
-    let module_cfi = debug_info::ModuleCfi::new(&target.elf, target.bias);
     phase("patch memory mapped");
     // Trampolines and thunks encode instructions.
     iced_tables::need(iced_tables::Tables::All);
