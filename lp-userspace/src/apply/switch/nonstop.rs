@@ -1855,7 +1855,7 @@ impl Burst {
         let done = match agent.as_mut() {
             Some(a) => a.run(&ops).map_err(|e| {
                 Error::Unfinished(format!(
-                    "process {}: our sync agent (thread {}) stopped in the middle of the switch's writes (is the process stopped?): nothing more was written; the switch is left as a killed livepatch leaves it, and the next apply or revert finishes it",
+                    "process {}: our sync agent (thread {}) could not be stopped in the middle of the switch's writes (starved by a real-time thread?): nothing more was written; the switch is left as a killed livepatch leaves it, and the next apply or revert finishes it",
                     t.pid(),
                     e.tid
                 ))
