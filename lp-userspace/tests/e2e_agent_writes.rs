@@ -95,6 +95,45 @@ fn e2e_agent_writes_every_window_of_an_apply_and_a_revert() {
     assert!(target.alive());
 }
 
+/// Sites close together are one operation of the agent's program (a merged run: read right
+/// before, our bytes put in, written back): callers.c's direct callers of work() are written
+/// that way, and the switch is right — the new code runs, then the old code again.
+#[test]
+fn e2e_agent_writes_nearby_sites_as_one_run() {
+    const ORIGINAL: &str = "direct=42 tail=100021 pointer=42";
+    const NEW: &str = "direct=1041 tail=101020 pointer=1041";
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["callers.c"], "callers", &[]);
+    let obj = object(dir.path(), "new_work.c", "n1.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p1.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &["2"]);
+    let pid = target.pid();
+    target.expect_steady(3, |l| l == ORIGINAL);
+    let merged = |trace: &str| {
+        trace
+            .lines()
+            .filter_map(|l| {
+                l.split_once("operations (")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum::<usize>()
+    };
+    let trace = traced(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    assert_agent_wrote(&trace);
+    assert!(merged(&trace) > 0, "no merged run: {trace}");
+    target.expect_steady(5, |l| l == NEW);
+    let trace = traced(&["revert", &pid, "--mode", "nonstop"]);
+    assert_agent_wrote(&trace);
+    assert!(merged(&trace) > 0, "no merged run: {trace}");
+    target.expect_steady(5, |l| l == ORIGINAL);
+    assert!(target.alive());
+}
+
 /// The agent opens `/proc/self/mem` in a table of its own: the program's table (shared by its
 /// threads) never holds a descriptor of ours, not even mid-switch, and holds all of its own.
 #[test]

@@ -91,18 +91,29 @@ const COMPLETED: u64 = 220;
 /// `/proc/self/mem`, NUL-terminated.
 const PATH: u64 = 232;
 /// The program: [`MAX_OPS`] operations of [`OP_LEN`] bytes (kind u32, length u32, address
-/// u64, up to 16 bytes of data).
+/// u64, then up to 16 bytes of data — for a merged run, the u32 offset of its patch list in
+/// [`DATA`] and the u32 number of patches).
 const OPS: u64 = 256;
 const OP_LEN: u64 = 32;
-/// Operations a program holds (after them: the agent's `struct statfs`, then 512 bytes of
-/// stack at the page's end).
-pub(crate) const MAX_OPS: usize = ((th::PAGE - 512 - STATFS_LEN - OPS) / OP_LEN) as usize;
+/// Operations a program holds.
+pub(crate) const MAX_OPS: usize = 48;
+/// The merged runs' patch lists (each patch: u16 offset in the run, u8 length, a pad byte,
+/// then its bytes; each list 8-aligned).
+const DATA: u64 = OPS + MAX_OPS as u64 * OP_LEN;
+const DATA_LEN: u64 = 896;
 /// Where the agent's fstatfs writes (`struct statfs`, 120 bytes on x86-64).
-const STATFS: u64 = OPS + MAX_OPS as u64 * OP_LEN;
+const STATFS: u64 = DATA + DATA_LEN;
 const STATFS_LEN: u64 = 128;
+/// The agent's buffer for a merged run (read, patched, written back); then 512 bytes of stack
+/// up to the page's end.
+const BUF: u64 = STATFS + STATFS_LEN;
+/// The longest run of sites written as one (see [`Op::Merge`]).
+pub(crate) const MAX_RUN: usize = 768;
+const _: () = assert!(BUF + MAX_RUN as u64 + 512 <= th::PAGE);
 const PROC_SUPER_MAGIC: i32 = 0x9fa0;
 const OP_WRITE: u32 = 1;
 const OP_SYNC: u32 = 2;
+const OP_MERGE: u32 = 3;
 const CANCELLED: u32 = 1 << 31;
 const NO_FD: i32 = -libc::EBADF;
 
@@ -146,6 +157,10 @@ struct Landmarks {
     sync_op: u64,
     /// The sync's `syscall` instruction.
     sync_call: u64,
+    /// The first instruction of a merged run's operation.
+    merge_op: u64,
+    /// Its write's `syscall` instruction (its read before is harmless when done late).
+    merge_call: u64,
     /// Where a program ends: the answer to the tool.
     publish: u64,
 }
@@ -156,6 +171,7 @@ impl Landmarks {
     fn before_the_call(&self, rip: u64) -> bool {
         (self.claimed..=self.write_call).contains(&rip)
             || (self.sync_op..=self.sync_call).contains(&rip)
+            || (self.merge_op..=self.merge_call).contains(&rip)
     }
 }
 
@@ -176,6 +192,13 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     let mut sync_call = a.create_label();
     let mut claimed = a.create_label();
     let mut not_proc = a.create_label();
+    let mut op_merge = a.create_label();
+    let mut merge_loop = a.create_label();
+    let mut merge_skip = a.create_label();
+    let mut merge_write = a.create_label();
+    let mut merge_short = a.create_label();
+    let mut merge_next = a.create_label();
+    let mut merge_call = a.create_label();
 
     // Start-up, run by the borrowed thread with rbx = the agent's page.
     a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
@@ -321,6 +344,8 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.lea(r15, qword_ptr(rbx + rax + OPS))?;
     a.cmp(dword_ptr(r15), OP_SYNC)?;
     a.je(op_sync)?;
+    a.cmp(dword_ptr(r15), OP_MERGE)?;
+    a.je(op_merge)?;
     a.mov(edi, dword_ptr(rbx + FD))?;
     a.lea(rsi, qword_ptr(r15 + 16))?;
     a.mov(edx, dword_ptr(r15 + 4))?;
@@ -333,6 +358,51 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.test(rax, rax)?;
     a.js(failed)?;
     a.mov(rax, -(libc::EIO as i64))?; // a short write
+    a.jmp(failed)?;
+    // A merged run: read right before, our bytes put in where the mask says, written back.
+    a.set_label(&mut op_merge)?;
+    a.mov(edi, dword_ptr(rbx + FD))?;
+    a.lea(rsi, qword_ptr(rbx + BUF))?;
+    a.mov(edx, dword_ptr(r15 + 4))?;
+    a.mov(r10, qword_ptr(r15 + 8))?;
+    a.mov(eax, libc::SYS_pread64 as u32)?;
+    a.syscall()?;
+    a.cmp(rax, rdx)?;
+    a.jne(merge_short)?;
+    a.mov(ecx, dword_ptr(r15 + 16))?;
+    a.lea(rsi, qword_ptr(rbx + rcx))?; // the patch list
+    a.mov(ecx, dword_ptr(r15 + 20))?; // patches
+    a.set_label(&mut merge_loop)?;
+    a.test(ecx, ecx)?;
+    a.jz(merge_write)?;
+    a.movzx(r8d, word_ptr(rsi))?; // offset in the run
+    a.movzx(r9d, byte_ptr(rsi + 2))?; // length
+    a.add(rsi, 4)?;
+    a.set_label(&mut merge_skip)?; // one byte of the patch
+    a.test(r9d, r9d)?;
+    a.jz(merge_next)?;
+    a.mov(al, byte_ptr(rsi))?;
+    a.mov(byte_ptr(rbx + r8 + BUF), al)?;
+    a.inc(rsi)?;
+    a.inc(r8d)?;
+    a.dec(r9d)?;
+    a.jmp(merge_skip)?;
+    a.set_label(&mut merge_next)?;
+    a.dec(ecx)?;
+    a.jmp(merge_loop)?;
+    a.set_label(&mut merge_write)?;
+    a.mov(edi, dword_ptr(rbx + FD))?;
+    a.lea(rsi, qword_ptr(rbx + BUF))?;
+    a.mov(r10, qword_ptr(r15 + 8))?;
+    a.mov(eax, libc::SYS_pwrite64 as u32)?;
+    a.set_label(&mut merge_call)?;
+    a.syscall()?;
+    a.cmp(rax, rdx)?;
+    a.je(op_done)?;
+    a.set_label(&mut merge_short)?;
+    a.test(rax, rax)?;
+    a.js(failed)?;
+    a.mov(rax, -(libc::EIO as i64))?;
     a.jmp(failed)?;
     a.set_label(&mut op_sync)?;
     a.mov(eax, libc::SYS_membarrier as u32)?;
@@ -372,6 +442,8 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
         write_call: result.label_ip(&write_call)?,
         sync_op: result.label_ip(&op_sync)?,
         sync_call: result.label_ip(&sync_call)?,
+        merge_op: result.label_ip(&op_merge)?,
+        merge_call: result.label_ip(&merge_call)?,
         publish: result.label_ip(&publish)?,
     };
     let bytes = result.inner.code_buffer;
@@ -496,6 +568,68 @@ pub(crate) struct SyncAgent {
     stuck: bool,
 }
 
+/// One operation of a program (see [`SyncAgent::run`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// lp-core's step: a write of up to 16 bytes, or a sync.
+    Step(Step),
+    /// Sites close together written at once (at most [`MAX_RUN`] bytes from `addr`): the
+    /// bytes there are read right before — a uprobe's `int3` the kernel put in or took out
+    /// meanwhile stays as it is —, `bytes` put in where `mask` is set, and written back.
+    Merge {
+        addr: u64,
+        bytes: Vec<u8>,
+        mask: Vec<bool>,
+    },
+}
+
+impl Op {
+    fn is_sync(&self) -> bool {
+        matches!(self, Op::Step(Step::Sync))
+    }
+
+    /// Its patch list (see [`DATA`]) and the number of patches: one per stretch of set mask.
+    fn patch_list(&self) -> (Vec<u8>, u32) {
+        let (mut list, mut n) = (Vec::new(), 0);
+        if let Op::Merge { bytes, mask, .. } = self {
+            let mut k = 0;
+            while k < mask.len() {
+                if !mask[k] {
+                    k += 1;
+                    continue;
+                }
+                let end = (k..mask.len())
+                    .find(|&j| !mask[j] || j - k == 255)
+                    .unwrap_or(mask.len());
+                list.extend((k as u16).to_le_bytes());
+                list.extend([(end - k) as u8, 0]);
+                list.extend(&bytes[k..end]);
+                n += 1;
+                k = end;
+            }
+        }
+        (list, n)
+    }
+
+    /// Bytes of [`DATA`] it takes.
+    fn data_len(&self) -> u64 {
+        match self {
+            Op::Merge { .. } => (self.patch_list().0.len() as u64).div_ceil(8) * 8,
+            Op::Step(_) => 0,
+        }
+    }
+}
+
+/// Whether `ops` fit in one program.
+pub(crate) fn fits(ops: &[Op]) -> bool {
+    ops.len() <= MAX_OPS
+        && ops.iter().map(Op::data_len).sum::<u64>() <= DATA_LEN
+        && ops.iter().all(|op| match op {
+            Op::Merge { bytes, mask, .. } => bytes.len() <= MAX_RUN && mask.len() == bytes.len(),
+            Op::Step(_) => true,
+        })
+}
+
 /// An agent that took an operation of a cancelled program and neither carried it out nor
 /// answered: it may still carry it out later, so nothing may be written over it.
 #[derive(Debug)]
@@ -599,8 +733,8 @@ impl SyncAgent {
     /// [`ANSWER_WAIT`] the program is cancelled (no further claim) and the one it has claimed,
     /// if any, is waited for. An agent that stays stopped with a claimed operation is
     /// [`Stuck`].
-    pub(crate) fn run(&mut self, ops: &[Step]) -> Result<usize, Stuck> {
-        if self.failed || self.no_writes || ops.is_empty() || ops.len() > MAX_OPS {
+    pub(crate) fn run(&mut self, ops: &[Op]) -> Result<usize, Stuck> {
+        if self.failed || self.no_writes || ops.is_empty() || !fits(ops) {
             return Ok(0);
         }
         let s = &self.shared;
@@ -612,16 +746,29 @@ impl SyncAgent {
             self.no_writes = true;
             return Ok(0);
         }
+        let mut data_at = DATA;
         for (i, op) in ops.iter().enumerate() {
             let mut raw = [0u8; OP_LEN as usize];
-            match op.data() {
-                Some((addr, data)) => {
-                    raw[..4].copy_from_slice(&OP_WRITE.to_le_bytes());
-                    raw[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
-                    raw[8..16].copy_from_slice(&addr.to_le_bytes());
+            let head = |raw: &mut [u8], kind: u32, len: usize, addr: u64| {
+                raw[..4].copy_from_slice(&kind.to_le_bytes());
+                raw[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+                raw[8..16].copy_from_slice(&addr.to_le_bytes());
+            };
+            match op {
+                Op::Step(Step::Sync) => head(&mut raw, OP_SYNC, 0, 0),
+                Op::Step(step) => {
+                    let (addr, data) = step.data().unwrap_or_default();
+                    head(&mut raw, OP_WRITE, data.len(), addr);
                     raw[16..16 + data.len()].copy_from_slice(data);
                 }
-                None => raw[..4].copy_from_slice(&OP_SYNC.to_le_bytes()),
+                Op::Merge { addr, bytes, .. } => {
+                    head(&mut raw, OP_MERGE, bytes.len(), *addr);
+                    let (list, n) = op.patch_list();
+                    raw[16..20].copy_from_slice(&(data_at as u32).to_le_bytes());
+                    raw[20..24].copy_from_slice(&n.to_le_bytes());
+                    s.put(data_at, &list);
+                    data_at += op.data_len();
+                }
             }
             s.put(OPS + i as u64 * OP_LEN, &raw);
         }
@@ -649,7 +796,7 @@ impl SyncAgent {
                 return Ok(done as usize);
             }
             // A sync carried out late writes nothing (review 7): the caller syncs again.
-            if done + 1 == claimed && ops[done as usize].data().is_none() {
+            if done + 1 == claimed && ops[done as usize].is_sync() {
                 return Ok(done as usize);
             }
             if s.word(TID).load(Ordering::Acquire) == 0 {
@@ -894,6 +1041,40 @@ fn run_start_up(tid: i32, held: &mut Vec<(i32, i32)>) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// A merged run's patch list: one patch per stretch of our bytes (offset, length, bytes),
+    /// none for the bytes between them, which the agent reads and writes back as they are.
+    #[test]
+    fn a_merged_run_lists_only_its_sites_bytes() {
+        let mut bytes = vec![0u8; 300];
+        let mut mask = vec![false; 300];
+        for (at, data) in [(0usize, &[0xcc][..]), (7, &[1, 2, 3, 4]), (295, &[9; 5])] {
+            bytes[at..at + data.len()].copy_from_slice(data);
+            mask[at..at + data.len()].fill(true);
+        }
+        let op = Op::Merge {
+            addr: 0x1000,
+            bytes,
+            mask,
+        };
+        let (list, n) = op.patch_list();
+        assert_eq!(n, 3);
+        let want: Vec<u8> = [
+            &[0, 0, 1, 0, 0xcc][..],
+            &[7, 0, 4, 0, 1, 2, 3, 4],
+            &[39, 1, 5, 0, 9, 9, 9, 9, 9],
+        ]
+        .concat();
+        assert_eq!(list, want);
+        assert_eq!(op.data_len(), 24);
+        assert!(fits(&[op.clone(), Op::Step(Step::Sync)]));
+        let long = Op::Merge {
+            addr: 0,
+            bytes: vec![0; MAX_RUN + 1],
+            mask: vec![true; MAX_RUN + 1],
+        };
+        assert!(!fits(&[long]));
+    }
+
     #[test]
     fn the_agent_code_fits_and_decodes() {
         let code = 0x7000_0000_0000;
@@ -913,13 +1094,17 @@ mod tests {
             }
         }
         // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, fstatfs, close
-        // (not procfs), futex wait, kill, membarrier (a sync request), pwrite and membarrier
-        // (a program's operations), futex wake, exit.
-        assert_eq!(syscalls.len(), 14);
+        // (not procfs), futex wait, kill, membarrier (a sync request), pwrite, pread and pwrite
+        // (a merged run), membarrier (a program's operations), futex wake, exit.
+        assert_eq!(syscalls.len(), 16);
         // The landmarks a cancelled program is resolved by: the two operations' system calls,
         // each after its claim, and the answer after both.
         let (_, l) = assemble(code).unwrap();
         assert!(syscalls.contains(&l.write_call) && syscalls.contains(&l.sync_call));
+        assert!(syscalls.contains(&l.merge_call) && l.write_call < l.merge_op);
+        assert!(l.merge_op < l.merge_call && l.merge_call < l.sync_op);
+        assert!(l.before_the_call(l.merge_op) && l.before_the_call(l.merge_call));
+        assert!(!l.before_the_call(l.merge_call + 2));
         assert!(l.claimed < l.write_call && l.write_call < l.sync_op);
         assert!(l.sync_op < l.sync_call && l.sync_call < l.publish);
         assert!(l.before_the_call(l.claimed) && l.before_the_call(l.sync_call));
