@@ -114,12 +114,12 @@ fn e2e_agent_writes_nearby_sites_as_one_run() {
         trace
             .lines()
             .filter_map(|l| {
-                l.split_once("operations (")?
+                let n = l
+                    .split_once("agent program: ")?
                     .1
                     .split_whitespace()
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
+                    .next()?;
+                n.parse::<usize>().ok()
             })
             .sum::<usize>()
     };

@@ -1907,13 +1907,8 @@ impl Burst {
             .iter()
             .filter(|op| matches!(op, Op::Merge { .. }))
             .count();
-        trace(
-            &format!(
-                "agent ran {done} of {} operations ({merged} merged runs)",
-                ops.len()
-            ),
-            w0,
-        );
+        trace(&format!("agent program: {merged} merged runs"), w0);
+        trace(&format!("agent ran {done} of {} operations", ops.len()), w0);
         for (i, op) in ops.iter().enumerate() {
             match op {
                 Op::Step(Step::Sync) => {
