@@ -110,7 +110,11 @@ static void *watcher(void *arg) {
             struct timespec ts = {0, 8000};
             nanosleep(&ts, NULL);
             uint32_t next = w[216 / 4] & 0x7fffffff, completed = w[220 / 4];
-            if (next > completed) {
+            /* A claimed sync needs no resolving (done late, it writes nothing: the tool
+               syncs again and goes on); only a claimed write makes the switch stuck. */
+            const volatile uint8_t *claimed =
+                (const volatile uint8_t *)w + 256 + 32 * (next > 0 ? next - 1 : 0);
+            if (next > completed && claimed[0] != 2) {
                 double t0 = now();
                 while (now() - t0 < 3.0) {
                 }
