@@ -16,52 +16,7 @@ use common::*;
 use std::process::Command;
 
 const STARVER: &str = r#"
-#define _GNU_SOURCE
-#include <limits.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = x * 5;
-    return r;
-}
-
-static void *worker(void *arg) {
-    long id = (long)arg;
-    struct timespec ts = {0, 20 * 1000000L};
-    for (;;) {
-        printf("thread=%ld value=%d\n", id, compute(41));
-        nanosleep(&ts, NULL);
-    }
-    return NULL;
-}
-
-static volatile uint32_t *agent_page(void) {
-    for (;;) {
-        FILE *f = fopen("/proc/self/maps", "r");
-        char line[512];
-        while (f && fgets(line, sizeof line, f)) {
-            unsigned long lo, hi;
-            char perms[8];
-            if (strstr(line, "livepatch-trap.4") &&
-                sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && perms[1] == 'w') {
-                fclose(f);
-                return (volatile uint32_t *)(hi - 4096);
-            }
-        }
-        if (f) fclose(f);
-        usleep(500);
-    }
-}
+#include "agent_watched.h"
 
 static double now(void) {
     struct timespec t;
@@ -161,7 +116,12 @@ fn review7_a_stuck_switch_is_finished_by_the_next_apply() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "starver", STARVER, &["-pthread"]);
+    let exe = executable_from_source(
+        dir.path(),
+        "starver",
+        STARVER,
+        &["-pthread", &format!("-I{}", fixture("").display())],
+    );
     let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
     let patch = patch.display().to_string();
