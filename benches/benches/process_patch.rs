@@ -1,11 +1,17 @@
 //! Process patching benchmark (harness = false; prints figures).
 //!
 //! (a) the longest stall a running thread sees while a 10-function patch is applied to an
-//!     8-thread process, per mode, two ways (the target's threads time with clock_gettime; each
-//!     iteration of their loop calls the 10 functions and sleeps 50 µs; baselines without
-//!     patching alongside):
-//!     - the longest single call of a patched function: the time one call took, trap included
-//!       (a call meeting a temporary int3 in nonstop mode; a call interrupted by the stop);
+//!     8-thread process, per mode (the target's threads time with clock_gettime; each
+//!     iteration of their loop calls the 10 functions and sleeps 50 µs):
+//!     - the longest single call of a patched function *that overlapped the apply* (or the
+//!       revert): the time one call took, trap included (a call meeting a temporary int3 in
+//!       nonstop mode; a call interrupted by the stop). The threads log every call over 2 µs
+//!       with its start; the bench reads CLOCK_MONOTONIC right before and after the library
+//!       call and asks for the longest logged call that overlapped that interval;
+//!     - its baseline: the same figure over intervals of the same length with no patching
+//!       (the machine's own noise grows with the length of the interval looked at);
+//!     - the longest single call in the whole measurement window (5 ms before the call, the
+//!       call, 5 ms after: the figure of earlier sessions), with its baseline over a 3 ms sleep;
 //!     - the largest gap between two iterations of the loop: the sleep, scheduling noise, and
 //!       every stall of the iteration together (in nonstop mode an iteration can meet all ten
 //!       int3s, one trap each);
@@ -39,6 +45,11 @@ const TARGET: &str = r#"
 #include <time.h>
 #include <unistd.h>
 #include "funcs.h"
+/* every call over 2 us, per thread: its start and its length (ns), read by `report` */
+#define LOGN 4096
+static struct { long start, dur; } calls[64][LOGN];
+static volatile long logged[64];
+static const char *interval_file;
 static volatile int epoch;          /* bumped by SIGUSR1: start a new measurement window */
 static volatile sig_atomic_t report; /* set by SIGUSR2: print the window's largest gap */
 static long max_gap[64], max_call[64];
@@ -46,7 +57,8 @@ static int seen[64];
 static long clock_ns(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
 static long now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 /* one call, timed: the longest of the iteration in `call` */
-#define TIMED(n) do { long a_ = now_ns(); acc += f##n(1); long d_ = now_ns() - a_; if (d_ > call) call = d_; } while (0)
+#define TIMED(n) do { long a_ = now_ns(); acc += f##n(1); long d_ = now_ns() - a_; if (d_ > call) call = d_; \
+    if (d_ > 2000) { long k_ = logged[id] % LOGN; calls[id][k_].start = a_; calls[id][k_].dur = d_; __atomic_store_n(&logged[id], logged[id] + 1, __ATOMIC_RELEASE); } } while (0)
 static void *worker(void *arg) {
     long id = (long)arg; long last = now_ns(); unsigned acc = 0;
     struct timespec pause = {0, 50000};
@@ -64,6 +76,18 @@ static void *worker(void *arg) {
     }
     return NULL;
 }
+/* the longest logged call that overlapped [a, b] (ns; 2 us when none did) */
+static long longest_within(int threads, long a, long b) {
+    long c = 2000;
+    for (int i = 0; i < threads; i++) {
+        long n = __atomic_load_n(&logged[i], __ATOMIC_ACQUIRE);
+        for (long k = n > LOGN ? n - LOGN : 0; k < n; k++) {
+            long st = calls[i][k % LOGN].start, d = calls[i][k % LOGN].dur;
+            if (st < b && st + d > a && d > c) c = d;
+        }
+    }
+    return c;
+}
 static void on_usr1(int s) { (void)s; epoch++; }
 static void on_usr2(int s) { (void)s; report = 1; }
 int main(int argc, char **argv) {
@@ -78,6 +102,7 @@ int main(int argc, char **argv) {
         }
     }
     int threads = argc > 1 ? atoi(argv[1]) : 8;
+    interval_file = argc > 2 ? argv[2] : NULL;
     signal(SIGUSR1, on_usr1); signal(SIGUSR2, on_usr2);
     pthread_t t;
     for (long i = 0; i < threads; i++) pthread_create(&t, NULL, worker, (void *)i);
@@ -88,17 +113,36 @@ int main(int argc, char **argv) {
             report = 0; long m = 0, c = 0;
             for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_gap[i] > m) m = max_gap[i];
             for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_call[i] > c) c = max_call[i];
-            printf("gap %ld call %ld\n", m, c);
+            long a = 0, b = 0, w = 0;
+            FILE *f = interval_file ? fopen(interval_file, "r") : NULL;
+            if (f) { if (fscanf(f, "%ld %ld", &a, &b) == 2) w = longest_within(threads, a, b); fclose(f); }
+            printf("gap %ld call %ld within %ld\n", m, c, w);
         }
     }
 }
 "#;
 
-struct Target(Fixture);
+/// A running target, and the file through which it is told the interval to look at.
+struct Target(Fixture, PathBuf);
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the target's threads time their calls with.
+fn monotonic_ns() -> i64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `t` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
 
 impl Target {
     fn start(exe: &Path, args: &[&str]) -> Target {
-        Target(Fixture::start(exe, args).0)
+        let interval = exe.with_file_name("interval");
+        let mut all: Vec<&str> = args.to_vec();
+        let path = interval.display().to_string();
+        all.push(&path);
+        Target(Fixture::start(exe, &all).0, interval)
     }
     fn pid(&self) -> i32 {
         self.0.pid()
@@ -114,11 +158,15 @@ impl Target {
             .unwrap_or(false);
         assert!(ok, "kill {sig} failed");
     }
-    /// The largest loop gap and the longest single call (µs) seen by any thread while `f` runs.
+    /// The largest loop gap and the longest single call (µs) seen by any thread in a window
+    /// around `f`, and the longest call that overlapped `f` itself.
     fn stalls_during(&mut self, f: impl FnOnce()) -> Stalls {
         self.signal("-USR1");
         std::thread::sleep(Duration::from_millis(5));
+        let a = monotonic_ns();
         f();
+        let b = monotonic_ns();
+        std::fs::write(&self.1, format!("{a} {b}\n")).expect("write the interval");
         std::thread::sleep(Duration::from_millis(5));
         self.signal("-USR2");
         let l = self.line();
@@ -130,6 +178,7 @@ impl Target {
         Stalls {
             gap: us("gap"),
             call: us("call"),
+            within: us("within"),
         }
     }
 }
@@ -141,6 +190,8 @@ struct Stalls {
     gap: f64,
     /// Longest single call of a patched function.
     call: f64,
+    /// Longest single call that overlapped the measured operation itself.
+    within: f64,
 }
 
 fn column(v: &[Stalls], pick: fn(&Stalls) -> f64) -> Vec<f64> {
@@ -183,7 +234,7 @@ fn main() {
         .collect();
     let (base_gap, base_call) = (column(&baseline, |s| s.gap), column(&baseline, |s| s.call));
     println!(
-        "  baseline (no patching): longest single call median {:.1} us, max {:.1} us; largest loop gap median {:.0} us, max {:.0} us",
+        "  baseline (no patching, 3 ms between the windows' 5 ms margins): longest single call median {:.1} us, max {:.1} us; largest loop gap median {:.0} us, max {:.0} us",
         median(base_call.clone()),
         max(&base_call),
         median(base_gap.clone()),
@@ -214,10 +265,29 @@ fn main() {
                 revert_ms.push(s.elapsed().as_secs_f64() * 1e3);
             }));
         }
+        // The machine's own noise over intervals as long as the applies and the reverts.
+        let quiet = |t: &mut Target, ms: &[f64]| -> Vec<f64> {
+            let v: Vec<Stalls> = ms
+                .iter()
+                .map(|&d| t.stalls_during(|| std::thread::sleep(Duration::from_secs_f64(d / 1e3))))
+                .collect();
+            column(&v, |s| s.within)
+        };
+        let (quiet_apply, quiet_revert) = (quiet(&mut t, &apply_ms), quiet(&mut t, &revert_ms));
         println!("  mode {mode}:");
+        let (within, rwithin) = (column(&gaps, |s| s.within), column(&rgaps, |s| s.within));
+        println!(
+            "    (a) longest single call overlapping the apply: median {:.1} us, max {:.1} us (no patching, same lengths: median {:.1} us); overlapping the revert: median {:.1} us, max {:.1} us (no patching: {:.1} us)",
+            median(within.clone()),
+            max(&within),
+            median(quiet_apply),
+            median(rwithin.clone()),
+            max(&rwithin),
+            median(quiet_revert)
+        );
         let (calls, rcalls) = (column(&gaps, |s| s.call), column(&rgaps, |s| s.call));
         println!(
-            "    (a) longest single call during apply: median {:.1} us, max {:.1} us; during revert: median {:.1} us, max {:.1} us",
+            "    (a) longest single call in the window around the apply (5 ms before, 5 after): median {:.1} us, max {:.1} us; around the revert: median {:.1} us, max {:.1} us",
             median(calls.clone()),
             max(&calls),
             median(rcalls.clone()),

@@ -166,14 +166,17 @@ impl Tracee {
 
     /// Seizes the best thread to borrow (see [`Tracee::attach_one`]): among threads seen
     /// blocked in a system call, the one that used the least CPU over a short look (the most
-    /// idle: it will not want to run soon).
+    /// idle: it will not want to run soon). The look ends early, after [`BORROW_LOOK_FIRST`],
+    /// when a thread blocked in a system call other than a futex wait used at most 2% of a CPU
+    /// meanwhile (a server's accept or poll loop, a main thread waiting): every millisecond of
+    /// the look is wall time of the apply. Otherwise it lasts [`BORROW_LOOK`].
     fn seize_one(&mut self) -> Result<()> {
         for _ in 0..100 {
-            let before: BTreeMap<i32, u64> = list_tasks(self.pid)?
+            let started = std::time::Instant::now();
+            let before: BTreeMap<i32, observe::SchedStat> = list_tasks(self.pid)?
                 .into_iter()
-                .filter_map(|tid| Some((tid, observe::runtime_ns(self.pid, tid)?)))
+                .filter_map(|tid| Some((tid, observe::schedstat(self.pid, tid)?)))
                 .collect();
-            std::thread::sleep(std::time::Duration::from_millis(2));
             let pid = self.pid;
             let key = |tid: i32| {
                 let class = match observe::activity(pid, tid) {
@@ -186,17 +189,34 @@ impl Tracee {
                     _ if tid == pid => 2,
                     _ => 3,
                 };
-                let used = observe::runtime_ns(pid, tid)
-                    .zip(before.get(&tid))
-                    .map_or(u64::MAX, |(now, was)| now.saturating_sub(*was));
+                // CPU used, and whether it was switched in at all, over the look.
+                let used = observe::schedstat(pid, tid).zip(before.get(&tid)).map_or(
+                    u64::MAX,
+                    |(now, was)| {
+                        if now == *was {
+                            0
+                        } else {
+                            now.runtime_ns.saturating_sub(was.runtime_ns).max(1)
+                        }
+                    },
+                );
                 (class, used)
             };
             let forced = borrow_forced(pid);
-            let Some(tid) = list_tasks(self.pid)?
-                .into_iter()
-                .min_by_key(|&t| (forced != Some(t), key(t)))
-            else {
-                return Err(ProcessError::Exited(self.pid));
+            let mut look = BORROW_LOOK_FIRST;
+            let tid = loop {
+                std::thread::sleep(look.saturating_sub(started.elapsed()));
+                let best = list_tasks(self.pid)?
+                    .into_iter()
+                    .map(|t| (forced != Some(t), key(t), t))
+                    .min();
+                match best {
+                    None => return Err(ProcessError::Exited(self.pid)),
+                    Some((false, _, t)) => break t,
+                    Some((_, (0, used), t)) if used <= look.as_nanos() as u64 / 50 => break t,
+                    Some((_, _, t)) if look >= BORROW_LOOK => break t,
+                    Some(_) => look = BORROW_LOOK,
+                }
             };
             match ptrace::seize(tid) {
                 Ok(()) => {
@@ -1315,6 +1335,13 @@ fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
 
 /// The variable of [`borrow_forced`].
 const BORROW_COMM_VAR: &str = "LIVEPATCH_BORROW_COMM";
+
+/// The first look at the threads before one is borrowed (see [`Tracee::seize_one`]): enough
+/// for a thread of a busy loop to show CPU use (a loop that sleeps 50 µs runs every ~60 µs).
+const BORROW_LOOK_FIRST: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// The whole look, when the first one found no thread that did not run at all.
+const BORROW_LOOK: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// For tests only: `LIVEPATCH_BORROW_COMM=NAME` makes a thread of `pid` named NAME (its
 /// `comm`, as `pthread_setname_np` sets it) the one [`Tracee::attach_one`] borrows, whatever

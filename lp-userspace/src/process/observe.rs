@@ -186,8 +186,19 @@ fn masks(status: &str, fields: &[&str]) -> u64 {
 /// CPU time thread `tid` has consumed, in nanoseconds (/proc/PID/task/TID/schedstat; updated
 /// by the scheduler at ticks and switches, so it may lag, never lead). `None` when gone.
 pub fn runtime_ns(pid: i32, tid: i32) -> Option<u64> {
+    schedstat(pid, tid).map(|s| s.runtime_ns)
+}
+
+/// Thread `tid`'s CPU time and run count (see [`SchedStat`]), read once; `None` when it is gone.
+pub fn schedstat(pid: i32, tid: i32) -> Option<SchedStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+    let mut f = text.split_whitespace();
+    let runtime_ns = f.next()?.parse().ok()?;
+    let run_count = f.nth(1)?.parse().ok()?;
+    Some(SchedStat {
+        runtime_ns,
+        run_count,
+    })
 }
 
 /// Whether signal `sig` is in one of the masks `fields` (e.g. "SigPnd", "ShdPnd", "SigBlk")
