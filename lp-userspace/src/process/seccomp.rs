@@ -1,0 +1,281 @@
+//! The target's seccomp filters, read and evaluated before livepatch runs a system call inside
+//! it: a filter that kills (or traps, or fails) one of our remote calls would kill or disturb
+//! the target, so the operation is refused before anything is written instead.
+//!
+//! `Seccomp:` in `/proc/PID/task/TID/status` says whether a thread is filtered at all (mode 0:
+//! nothing more to do — the cost of the check for most targets is that one read per traced
+//! thread). Strict mode (1) allows read, write, exit and sigreturn only: refused. In filter
+//! mode (2) the thread's filters are read with `PTRACE_SECCOMP_GET_FILTER` (the thread must be
+//! ptrace-stopped; it needs CAP_SYS_ADMIN) and each of our calls is run through them
+//! ([`bpf`]), combined as the kernel does (the most restrictive action wins). Only ALLOW and
+//! LOG let a call through. A filter that cannot be read or evaluated is refused too: livepatch
+//! cannot tell what it would do.
+
+pub mod bpf;
+pub mod calls;
+
+use super::error::ProcessError;
+use super::Tracee;
+use bpf::{Insn, SeccompData, AUDIT_ARCH_X86_64};
+use std::io;
+
+/// `PTRACE_SECCOMP_GET_FILTER` (linux/ptrace.h).
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+/// More filters than any stack the kernel accepts (each costs at least one instruction plus
+/// four of accounting, against MAX_INSNS_PER_PATH = 32768).
+const MAX_FILTERS: u64 = 32768 / 5 + 1;
+
+/// A system call livepatch runs inside a target: its name (for the message), number, and the
+/// arguments a filter may test (0 where the value is not known in advance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// Name, e.g. "mmap".
+    pub name: &'static str,
+    /// System call number (x86-64).
+    pub nr: i64,
+    /// Arguments.
+    pub args: [u64; 6],
+}
+
+impl Call {
+    /// A call with known arguments (unknown ones 0).
+    pub const fn new(name: &'static str, nr: i64, args: [u64; 6]) -> Call {
+        Call { name, nr, args }
+    }
+
+    fn data(&self) -> SeccompData {
+        SeccompData {
+            nr: self.nr as u32,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: 0,
+            args: self.args,
+        }
+    }
+}
+
+/// A thread's seccomp mode (`Seccomp:` in its status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No seccomp.
+    Disabled,
+    /// SECCOMP_MODE_STRICT.
+    Strict,
+    /// SECCOMP_MODE_FILTER.
+    Filter,
+}
+
+/// The seccomp mode of thread `tid` of `pid`; None when its status cannot be read (gone).
+pub fn mode(pid: i32, tid: i32) -> Option<Mode> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix("Seccomp:"))?;
+    match value.trim() {
+        "0" => Some(Mode::Disabled),
+        "1" => Some(Mode::Strict),
+        _ => Some(Mode::Filter),
+    }
+}
+
+/// Why a thread's filters do not let livepatch's system calls through.
+#[derive(Debug)]
+pub enum Blocked {
+    /// Strict mode.
+    Strict,
+    /// `PTRACE_SECCOMP_GET_FILTER` failed.
+    Unreadable(io::Error),
+    /// A filter is not a program this interpreter runs.
+    Unknown,
+    /// The filters answer `ret` for `call`.
+    Call {
+        /// The call.
+        call: Call,
+        /// The stack's answer.
+        ret: u32,
+    },
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blocked::Strict => write!(
+                f,
+                "the target runs in seccomp strict mode (read, write, exit and sigreturn only): \
+                 livepatch cannot run its system calls inside it"
+            ),
+            Blocked::Unreadable(e) => write!(
+                f,
+                "the target's seccomp filter cannot be read (PTRACE_SECCOMP_GET_FILTER: {e}): \
+                 whether it allows livepatch's system calls is unknown"
+            ),
+            Blocked::Unknown => write!(
+                f,
+                "the target's seccomp filter is a program livepatch cannot evaluate: whether it \
+                 allows livepatch's system calls is unknown"
+            ),
+            Blocked::Call { call, ret } => match ret & bpf::action::FULL_MASK {
+                bpf::action::ERRNO => write!(
+                    f,
+                    "the target's seccomp filter would fail {} with errno {}, a system call \
+                     livepatch runs inside it",
+                    call.name,
+                    ret & 0xffff
+                ),
+                _ => write!(
+                    f,
+                    "the target's seccomp filter would {} on {}, a system call livepatch runs \
+                     inside it",
+                    bpf::describe(*ret),
+                    call.name
+                ),
+            },
+        }
+    }
+}
+
+/// An operation refused because of the target's seccomp filters, or the failure to find out.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filters do not let a call of ours through.
+    #[error("{why} (process {pid}, thread {tid}); nothing was changed")]
+    Refused {
+        /// The process.
+        pid: i32,
+        /// The thread checked.
+        tid: i32,
+        /// What is in the way.
+        why: Blocked,
+    },
+    /// Process control failed while checking.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+}
+
+impl From<SeccompError> for crate::Error {
+    fn from(e: SeccompError) -> Self {
+        match e {
+            SeccompError::Process(p) => crate::Error::Process(p),
+            refused => crate::Error::Unsupported(refused.to_string()),
+        }
+    }
+}
+
+/// The filters of the ptrace-stopped thread `tid`, oldest first.
+pub fn read_filters(tid: i32) -> Result<Vec<Vec<Insn>>, io::Error> {
+    let mut filters = Vec::new();
+    for index in 0..MAX_FILTERS {
+        // SAFETY: a null buffer: the kernel only returns the filter's length.
+        let len = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as usize,
+                std::ptr::null_mut::<Insn>(),
+            )
+        };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(filters);
+            }
+            return Err(e);
+        }
+        let mut prog = vec![Insn::default(); len as usize];
+        // SAFETY: `prog` holds `len` instructions of the kernel's `struct sock_filter` layout
+        // (Insn is repr(C), 8 bytes); the kernel writes exactly that filter's length, which
+        // cannot change (a filter is immutable once attached).
+        let got = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as usize,
+                prog.as_mut_ptr(),
+            )
+        };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        prog.truncate(got as usize);
+        filters.push(prog);
+    }
+    Err(io::Error::from_raw_os_error(libc::E2BIG))
+}
+
+/// The stack's answer for `call`; None when a filter cannot be evaluated.
+pub fn verdict(filters: &[Vec<Insn>], call: &Call) -> Option<u32> {
+    let data = call.data();
+    let rets: Option<Vec<u32>> = filters.iter().map(|f| bpf::run(f, &data)).collect();
+    Some(bpf::combine(rets?))
+}
+
+/// The first of `calls` the filters of thread `tid` (ptrace-stopped, in filter mode) do not let
+/// through, or what keeps us from knowing; None when all of them run.
+pub fn first_blocked(tid: i32, calls: &[Call]) -> Option<Blocked> {
+    let filters = match read_filters(tid) {
+        Ok(f) => f,
+        Err(e) => return Some(Blocked::Unreadable(e)),
+    };
+    for call in calls {
+        match verdict(&filters, call) {
+            None => return Some(Blocked::Unknown),
+            Some(ret) if !bpf::allows(ret) => return Some(Blocked::Call { call: *call, ret }),
+            Some(_) => {}
+        }
+    }
+    None
+}
+
+/// Whether thread `tid` of `pid` (ptrace-stopped) may run every one of `calls`: its seccomp
+/// mode, then its filters.
+pub fn thread_allows(pid: i32, tid: i32, calls: &[Call]) -> bool {
+    match mode(pid, tid) {
+        Some(Mode::Disabled) => true,
+        Some(Mode::Strict) | None => false,
+        Some(Mode::Filter) => first_blocked(tid, calls).is_none(),
+    }
+}
+
+impl Tracee {
+    /// Refuses when a traced thread's seccomp filters would not let through one of the calls an
+    /// apply or revert makes in the target ([`calls::for_operation`], nonstop or stop mode)
+    /// (every traced thread may be the one borrowed for them). Threads without seccomp cost
+    /// a status read each; a filtered thread is stopped to read its filters (the one that will
+    /// be borrowed first stays stopped, the others run on). Run before the first remote call.
+    pub fn check_seccomp(&mut self, nonstop: bool) -> Result<(), SeccompError> {
+        self.check_seccomp_calls(&calls::for_operation(nonstop))
+    }
+
+    /// [`Tracee::check_seccomp`] for any list of calls.
+    pub fn check_seccomp_calls(&mut self, calls: &[Call]) -> Result<(), SeccompError> {
+        let borrow = match self.threads.iter().find(|(_, t)| t.stopped) {
+            Some((&tid, _)) => tid,
+            None if self.threads.contains_key(&self.pid) => self.pid,
+            None => self.threads.keys().next().copied().unwrap_or(self.pid),
+        };
+        for tid in self.threads() {
+            let why = match mode(self.pid, tid) {
+                None | Some(Mode::Disabled) => continue,
+                Some(Mode::Strict) => Blocked::Strict,
+                Some(Mode::Filter) => {
+                    let was_stopped = self.threads.get(&tid).is_some_and(|t| t.stopped);
+                    self.stop_thread(tid)?;
+                    if !self.threads.contains_key(&tid) {
+                        continue; // exited meanwhile
+                    }
+                    let blocked = first_blocked(tid, calls);
+                    if !was_stopped && tid != borrow {
+                        self.resume_thread(tid)?;
+                    }
+                    match blocked {
+                        Some(why) => why,
+                        None => continue,
+                    }
+                }
+            };
+            return Err(SeccompError::Refused {
+                pid: self.pid,
+                tid,
+                why,
+            });
+        }
+        Ok(())
+    }
+}
