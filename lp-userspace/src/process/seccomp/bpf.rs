@@ -84,11 +84,11 @@ impl SeccompData {
     /// The 32-bit word at byte offset `off` (little-endian halves of the 64-bit fields, as the
     /// kernel lays the structure out on x86-64); None unless aligned and inside.
     fn word(&self, off: u32) -> Option<u32> {
-        if off % 4 != 0 || off >= DATA_LEN {
+        if !off.is_multiple_of(4) || off >= DATA_LEN {
             return None;
         }
         let field = |v: u64| {
-            if off % 8 == 0 {
+            if off.is_multiple_of(8) {
                 v as u32
             } else {
                 (v >> 32) as u32
