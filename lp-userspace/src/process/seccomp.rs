@@ -199,10 +199,13 @@ pub fn read_filters(tid: i32) -> Result<Vec<Vec<Insn>>, io::Error> {
     Err(io::Error::from_raw_os_error(libc::E2BIG))
 }
 
-/// The stack's answer for `call`; None when a filter cannot be evaluated.
+/// The stack's answer for `call` (`filters` oldest first); None when a filter cannot be
+/// evaluated.
 pub fn verdict(filters: &[Vec<Insn>], call: &Call) -> Option<u32> {
     let data = call.data();
-    let rets: Option<Vec<u32>> = filters.iter().map(|f| bpf::run(f, &data)).collect();
+    // Newest first, as the kernel walks them: of two equally restrictive answers it keeps the
+    // newer filter's (its errno, say).
+    let rets: Option<Vec<u32>> = filters.iter().rev().map(|f| bpf::run(f, &data)).collect();
     Some(bpf::combine(rets?))
 }
 
@@ -240,7 +243,16 @@ impl Tracee {
     /// a status read each; a filtered thread is stopped to read its filters (the one that will
     /// be borrowed first stays stopped, the others run on). Run before the first remote call.
     pub fn check_seccomp(&mut self, nonstop: bool) -> Result<(), SeccompError> {
-        self.check_seccomp_calls(&calls::for_operation(nonstop))
+        let t0 = std::time::Instant::now();
+        let r = self.check_seccomp_calls(&calls::for_operation(nonstop));
+        if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+            eprintln!(
+                "livepatch: trace: seccomp checked ({} threads) in {} us",
+                self.threads.len(),
+                t0.elapsed().as_micros()
+            );
+        }
+        r
     }
 
     /// [`Tracee::check_seccomp`] for any list of calls.
@@ -277,5 +289,75 @@ impl Tracee {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bpf::*;
+    use super::*;
+
+    fn on_nr(nr: i64, ret: u32) -> Vec<Insn> {
+        vec![
+            Insn::stmt(LD | W | ABS, 0),
+            Insn::jump(JMP | JEQ | K, nr as u32, 0, 1),
+            Insn::stmt(RET | K, ret),
+            Insn::stmt(RET | K, action::ALLOW),
+        ]
+    }
+
+    #[test]
+    fn a_stack_answers_with_its_most_restrictive_filter() {
+        let mmap = Call::new("mmap", libc::SYS_mmap, [0; 6]);
+        let close = Call::new("close", libc::SYS_close, [0; 6]);
+        let stack = vec![
+            on_nr(libc::SYS_mmap, action::ERRNO | 1),
+            on_nr(libc::SYS_mmap, action::KILL_PROCESS),
+            on_nr(libc::SYS_close, action::LOG),
+        ];
+        assert_eq!(verdict(&stack, &mmap), Some(action::KILL_PROCESS));
+        assert_eq!(verdict(&stack, &close), Some(action::LOG));
+        assert_eq!(verdict(&[], &mmap), Some(action::ALLOW));
+        // Equal actions: the newer filter's data, as the kernel keeps it.
+        let errnos = vec![
+            on_nr(libc::SYS_mmap, action::ERRNO | 1),
+            on_nr(libc::SYS_mmap, action::ERRNO | 13),
+        ];
+        assert_eq!(verdict(&errnos, &mmap), Some(action::ERRNO | 13));
+        // One filter that cannot be evaluated makes the stack unknown.
+        let bad = vec![stack[0].clone(), vec![Insn::stmt(LD | W | ABS, 0)]];
+        assert_eq!(verdict(&bad, &close), None);
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_naming_the_call() {
+        let e = SeccompError::Refused {
+            pid: 42,
+            tid: 43,
+            why: Blocked::Call {
+                call: Call::new("mmap", libc::SYS_mmap, [0; 6]),
+                ret: action::KILL_PROCESS,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "the target's seccomp filter would kill the process on mmap, a system call livepatch \
+             runs inside it (process 42, thread 43); nothing was changed"
+        );
+        let errno = Blocked::Call {
+            call: Call::new("membarrier", libc::SYS_membarrier, [0; 6]),
+            ret: action::ERRNO | 1,
+        };
+        assert!(errno
+            .to_string()
+            .contains("would fail membarrier with errno 1"));
+        for why in [
+            Blocked::Strict,
+            Blocked::Unknown,
+            Blocked::Unreadable(io::Error::from_raw_os_error(libc::EACCES)),
+            errno,
+        ] {
+            assert!(!why.to_string().contains('\n'), "{why}");
+        }
     }
 }
