@@ -14,7 +14,9 @@ use std::process::Command;
 /// The target: simple.c's loop (compute(41) printed directly and through a pointer) with an
 /// idle second thread, and a filter installed on both (TSYNC) after start-up. argv[1] picks
 /// the filter: `agent` kills the process on close_range and pwrite64 (only the sync agent
-/// makes them), `mmap` kills it on mmap, `errno` fails uname with EPERM, `none` installs none.
+/// makes them), `mmap` kills it on mmap, `errno` fails uname with EPERM, `mdwe` fails an
+/// mprotect to an executable protection with EPERM (an argument test), `strict` puts the (only)
+/// thread in strict mode, `none` installs none.
 const TARGET: &str = r#"
 #include <errno.h>
 #include <linux/audit.h>
@@ -25,6 +27,7 @@ const TARGET: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
@@ -68,17 +71,51 @@ static void filter(unsigned nr1, unsigned nr2, unsigned action) {
     }
 }
 
+/* systemd's MemoryDenyWriteExecute= in small: mprotect to an executable protection fails. */
+static void deny_exec_mprotect(void) {
+    struct sock_filter insns[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mprotect, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2])),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, PROT_EXEC, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) {
+        perror("seccomp");
+        exit(2);
+    }
+}
+
+/* Strict mode (read, write, exit, sigreturn): the main thread says so and blocks in a read of
+ * a pipe nobody writes. */
+static void strict(void) {
+    int fds[2];
+    char c;
+    if (pipe(fds) != 0) exit(2);
+    printf("ready %d strict\n", getpid());
+    fflush(stdout);
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT) != 0) exit(2);
+    for (;;) read(fds[0], &c, 1);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    const char *which = argv[1];
+    if (!strcmp(which, "strict"))
+        strict(); /* single-threaded: the one thread any mode borrows */
     pthread_t t;
     pthread_create(&t, NULL, idle, NULL);
-    const char *which = argv[1];
     if (!strcmp(which, "agent"))
         filter(SYS_close_range, SYS_pwrite64, SECCOMP_RET_KILL_PROCESS);
     else if (!strcmp(which, "mmap"))
         filter(SYS_mmap, SYS_mmap, SECCOMP_RET_KILL_PROCESS);
     else if (!strcmp(which, "errno"))
         filter(SYS_uname, SYS_uname, SECCOMP_RET_ERRNO | EPERM);
+    else if (!strcmp(which, "mdwe"))
+        deny_exec_mprotect();
     struct utsname u;
     int uname_errno = uname(&u) == 0 ? 0 : errno;
     printf("ready %d uname_errno=%d\n", getpid(), uname_errno);
@@ -252,4 +289,61 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
     livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
     target.expect_steady(3, |l| l == OLD);
     assert!(target.alive());
+}
+
+/// A filter that tests an argument: mprotect with PROT_EXEC fails with EPERM (as under
+/// systemd's MemoryDenyWriteExecute=), and the patch's code needs it: refused in both modes,
+/// naming mprotect and the errno, the target untouched.
+#[test]
+fn e2e_a_filter_failing_an_executable_mprotect_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["mdwe"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for mode in ["stop", "nonstop"] {
+        let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
+        assert_eq!(code, 10, "{mode}: {line}");
+        assert!(
+            line.contains("seccomp filter would fail mprotect with errno 1"),
+            "{mode}: {line}"
+        );
+        target.expect_steady(3, |l| l == OLD);
+        assert!(target.alive());
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
+            maps,
+            "{mode}: the target's mappings changed"
+        );
+    }
+}
+
+/// Strict mode allows read, write, exit and sigreturn only: refused, the target alive and
+/// still in its read.
+#[test]
+fn e2e_strict_mode_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["strict"]);
+    let pid = target.pid();
+    // The main thread enters strict mode right after its line.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let strict = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status"))
+            .unwrap()
+            .contains("Seccomp:\t1")
+    };
+    while !strict() {
+        assert!(std::time::Instant::now() < deadline, "never in strict mode");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for mode in ["stop", "nonstop"] {
+        let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
+        assert_eq!(code, 10, "{mode}: {line}");
+        assert!(line.contains("seccomp strict mode"), "{mode}: {line}");
+        assert!(target.alive(), "{mode}: the target died");
+        assert!(strict());
+    }
 }
