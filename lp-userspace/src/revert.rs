@@ -65,6 +65,7 @@ fn revert_here(
         Mode::Nonstop => Tracee::attach_one(pid)?,
     };
     t.release_on_drop();
+    t.check_seccomp(mode == Mode::Nonstop)?;
     let mut current = state::read(pid)?;
     // A livepatch killed in the middle of a switch: that switch is finished first. When it
     // took the patch out and that is the patch asked for (or none was named), that is the

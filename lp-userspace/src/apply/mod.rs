@@ -213,6 +213,7 @@ fn apply_here(
     };
     t.release_on_drop();
     phase("attached");
+    t.check_seccomp(opts.mode == Mode::Nonstop)?;
     let existing = crate::state::read(pid)?;
     // A livepatch killed in the middle of a switch: its patch comes out first (state.rs).
     let existing = crate::revert::finish_unfinished(&mut t, existing, opts.timeout)?;

@@ -14,6 +14,7 @@ pub mod observe;
 pub mod ptrace;
 pub mod remote_call;
 mod restart;
+pub mod seccomp;
 pub mod stop_point;
 pub(crate) mod stub;
 mod syscall;

@@ -47,6 +47,7 @@
 
 use crate::apply::switch::trap_handler as th;
 use crate::process::ptrace::{self, Regs, WaitStatus};
+use crate::process::seccomp::{self, Call};
 use crate::process::{Memory, Tracee};
 use iced_x86::code_asm::*;
 use lp_core::plan::Step;
@@ -662,6 +663,11 @@ impl SyncAgent {
         if job_stopped(t.pid(), tid) {
             return None;
         }
+        // The start-up runs on the borrowed thread and the agent is its clone: both under its
+        // seccomp filters, which must let every system call of the code through.
+        if !seccomp_allows(t.pid(), tid, code) {
+            return None;
+        }
         let page = code + th::PAGE + th::AGENT;
         let saved = t.regs(tid).ok()?;
         write_page(t.mem(), t.pid(), page, &saved).ok()?;
@@ -1037,6 +1043,108 @@ fn run_start_up(tid: i32, held: &mut Vec<(i32, i32)>) -> Option<i64> {
     }
 }
 
+/// The system calls of the agent's code ([`assemble`]), with the arguments it passes where they
+/// are constants (0 elsewhere; every variant a filter might tell apart): the start-up's, run
+/// by the borrowed thread, then the agent's own. The code is decoded against this list when
+/// the borrowed thread is filtered ([`seccomp_allows`]), and a test checks that they match.
+const SYSCALLS: &[Call] = &[
+    Call::new(
+        "rt_sigprocmask",
+        libc::SYS_rt_sigprocmask,
+        [libc::SIG_SETMASK as u64, 0, 0, 8, 0, 0],
+    ),
+    Call::new(
+        "clone",
+        libc::SYS_clone,
+        [CLONE_FLAGS as u64, 0, 0, 0, 0, 0],
+    ),
+    Call::new(
+        "close_range",
+        libc::SYS_close_range,
+        [0, u32::MAX as u64, CLOSE_RANGE_UNSHARE as u64, 0, 0, 0],
+    ),
+    Call::new(
+        "open",
+        libc::SYS_open,
+        [0, (libc::O_RDWR | libc::O_CLOEXEC) as u64, 0, 0, 0, 0],
+    ),
+    Call::new("fstatfs", libc::SYS_fstatfs, [0; 6]),
+    Call::new("close", libc::SYS_close, [0; 6]),
+    Call::new(
+        "futex",
+        libc::SYS_futex,
+        [0, libc::FUTEX_WAIT as u64, 0, 0, 0, 0],
+    ),
+    Call::new(
+        "futex",
+        libc::SYS_futex,
+        [0, libc::FUTEX_WAKE as u64, 1, 0, 0, 0],
+    ),
+    Call::new("kill", libc::SYS_kill, [0; 6]),
+    Call::new(
+        "membarrier",
+        libc::SYS_membarrier,
+        [MEMBARRIER_SYNC_CORE as u64, 0, 0, 0, 0, 0],
+    ),
+    Call::new("pwrite64", libc::SYS_pwrite64, [0; 6]),
+    Call::new("pread64", libc::SYS_pread64, [0; 6]),
+    Call::new("exit", libc::SYS_exit, [0; 6]),
+];
+
+/// Whether the seccomp filters of the borrowed thread `tid` (stopped) let every system call of
+/// the agent's code at `code` through. Without seccomp (nearly always) one status read.
+fn seccomp_allows(pid: i32, tid: i32, code: u64) -> bool {
+    match seccomp::mode(pid, tid) {
+        Some(seccomp::Mode::Disabled) => return true,
+        Some(seccomp::Mode::Strict) | None => return false,
+        Some(seccomp::Mode::Filter) => {}
+    }
+    let Ok(bytes) = generate(code) else {
+        return false;
+    };
+    match calls_in(&bytes, code + th::AGENT_CODE) {
+        Some(calls) => seccomp::first_blocked(tid, &calls).is_none(),
+        None => false,
+    }
+}
+
+/// The system call numbers of machine code `bytes` (at `ip`): each `syscall`'s from the
+/// `mov eax, imm32` that last set eax before it; None for one whose number is not such a
+/// constant.
+fn syscall_numbers(bytes: &[u8], ip: u64) -> Vec<Option<i64>> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    let mut number: Option<i64> = None;
+    let mut numbers = Vec::new();
+    for insn in Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE) {
+        if insn.mnemonic() == Mnemonic::Syscall {
+            numbers.push(number);
+            number = None; // its result
+        } else if insn.op_count() > 0
+            && insn.op0_kind() == OpKind::Register
+            && insn.op0_register().full_register() == Register::RAX
+        {
+            number = (insn.mnemonic() == Mnemonic::Mov && insn.op1_kind() == OpKind::Immediate32)
+                .then(|| i64::from(insn.immediate32()));
+        }
+    }
+    numbers
+}
+
+/// The calls of the agent's code `bytes` at `ip` ([`SYSCALLS`]' entries for each of its system
+/// calls); None when one is not a constant or not listed.
+fn calls_in(bytes: &[u8], ip: u64) -> Option<Vec<Call>> {
+    let mut calls = Vec::new();
+    for nr in syscall_numbers(bytes, ip) {
+        let nr = nr?;
+        let listed: Vec<Call> = SYSCALLS.iter().filter(|c| c.nr == nr).copied().collect();
+        if listed.is_empty() {
+            return None;
+        }
+        calls.extend(listed);
+    }
+    Some(calls)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1122,5 +1230,49 @@ mod tests {
         assert!(cas.is_some(), "the claim's cmpxchg right before `claimed`");
         assert!(!l.before_the_call(l.write_call + 2) && !l.before_the_call(l.sync_call + 2));
         assert!(!l.before_the_call(l.publish));
+    }
+}
+
+#[cfg(test)]
+mod seccomp_lists {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const CODE: u64 = 0x7f12_3456_0000;
+
+    /// The agent's code makes exactly the system calls [`SYSCALLS`] lists, each a constant:
+    /// the list checked against a target's filters cannot drift from the code.
+    #[test]
+    fn the_agents_system_calls_are_the_listed_ones() {
+        let bytes = generate(CODE).unwrap();
+        let numbers = syscall_numbers(&bytes, CODE + th::AGENT_CODE);
+        assert!(numbers.iter().all(Option::is_some), "{numbers:?}");
+        let used: BTreeSet<i64> = numbers.into_iter().flatten().collect();
+        let listed: BTreeSet<i64> = SYSCALLS.iter().map(|c| c.nr).collect();
+        assert_eq!(used, listed);
+        assert!(calls_in(&bytes, CODE + th::AGENT_CODE).is_some());
+        // A call the list does not know makes the whole code unknown.
+        let mut more = bytes.clone();
+        more.extend([0xb8, 0x3b, 0, 0, 0, 0x0f, 0x05]); // mov eax, 59 (execve); syscall
+        assert!(calls_in(&more, CODE + th::AGENT_CODE).is_none());
+        // So does a number that is not a constant.
+        let unknown = [0x89, 0xd8, 0x0f, 0x05]; // mov eax, ebx; syscall
+        assert_eq!(syscall_numbers(&unknown, CODE), vec![None]);
+    }
+
+    /// Nonstop mode's SIGTRAP handler and restorer make only calls of the list an apply checks
+    /// (seccomp::calls::TRAP_HANDLER), each a constant.
+    #[test]
+    fn the_trap_handlers_system_calls_are_listed() {
+        let (handler, restorer) = th::generate(CODE).unwrap();
+        let mut numbers = syscall_numbers(&handler, CODE);
+        numbers.extend(syscall_numbers(&restorer, CODE + th::RESTORER_OFF));
+        assert!(
+            numbers.len() >= 2 && numbers.iter().all(Option::is_some),
+            "{numbers:?}"
+        );
+        let listed: BTreeSet<i64> = seccomp::calls::TRAP_HANDLER.iter().map(|c| c.nr).collect();
+        let used: BTreeSet<i64> = numbers.into_iter().flatten().collect();
+        assert_eq!(used, listed);
     }
 }

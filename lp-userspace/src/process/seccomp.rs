@@ -1,0 +1,407 @@
+//! The target's seccomp filters, read and evaluated before livepatch runs a system call inside
+//! it: a filter that kills (or traps, or fails) one of our remote calls would kill or disturb
+//! the target, so the operation is refused before anything is written instead.
+//!
+//! `Seccomp:` in `/proc/PID/task/TID/status` says whether a thread is filtered at all (mode 0:
+//! nothing more to do — the cost of the check for most targets is that read, for the one or
+//! two threads our calls run on). Strict mode (1) allows read, write, exit and sigreturn only: refused. In filter
+//! mode (2) the thread's filters are read with `PTRACE_SECCOMP_GET_FILTER` (the thread must be
+//! ptrace-stopped; it needs CAP_SYS_ADMIN) and each of our calls is run through them
+//! ([`bpf`]), combined as the kernel does (the most restrictive action wins). Only ALLOW and
+//! LOG let a call through. A filter that cannot be read or evaluated is refused too: livepatch
+//! cannot tell what it would do.
+
+pub mod bpf;
+pub mod calls;
+
+use super::error::ProcessError;
+use super::Tracee;
+use bpf::{Insn, SeccompData, AUDIT_ARCH_X86_64};
+use std::io;
+
+/// `PTRACE_SECCOMP_GET_FILTER` (linux/ptrace.h).
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+/// More filters than any stack the kernel accepts (each costs at least one instruction plus
+/// four of accounting, against MAX_INSNS_PER_PATH = 32768).
+const MAX_FILTERS: u64 = 32768 / 5 + 1;
+
+/// A system call livepatch runs inside a target: its name (for the message), number, and the
+/// arguments a filter may test (0 where the value is not known in advance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// Name, e.g. "mmap".
+    pub name: &'static str,
+    /// System call number (x86-64).
+    pub nr: i64,
+    /// Arguments.
+    pub args: [u64; 6],
+}
+
+impl Call {
+    /// A call with known arguments (unknown ones 0).
+    pub const fn new(name: &'static str, nr: i64, args: [u64; 6]) -> Call {
+        Call { name, nr, args }
+    }
+
+    fn data(&self) -> SeccompData {
+        SeccompData {
+            nr: self.nr as u32,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: 0,
+            args: self.args,
+        }
+    }
+}
+
+/// A thread's seccomp mode (`Seccomp:` in its status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No seccomp.
+    Disabled,
+    /// SECCOMP_MODE_STRICT.
+    Strict,
+    /// SECCOMP_MODE_FILTER.
+    Filter,
+}
+
+/// The seccomp mode of thread `tid` of `pid` and its number of filters (`Seccomp:` and
+/// `Seccomp_filters:` in its status); None when its status cannot be read (gone).
+pub fn status(pid: i32, tid: i32) -> Option<(Mode, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let mode = match field("Seccomp:")? {
+        "0" => Mode::Disabled,
+        "1" => Mode::Strict,
+        _ => Mode::Filter,
+    };
+    let filters = field("Seccomp_filters:").and_then(|n| n.parse().ok());
+    Some((mode, filters.unwrap_or(u32::MAX)))
+}
+
+/// The seccomp mode of thread `tid` of `pid`; None when its status cannot be read (gone).
+pub fn mode(pid: i32, tid: i32) -> Option<Mode> {
+    status(pid, tid).map(|(mode, _)| mode)
+}
+
+/// Why a thread's filters do not let livepatch's system calls through.
+#[derive(Debug)]
+pub enum Blocked {
+    /// Strict mode.
+    Strict,
+    /// `PTRACE_SECCOMP_GET_FILTER` failed.
+    Unreadable(io::Error),
+    /// A filter is not a program this interpreter runs.
+    Unknown,
+    /// The filters answer `ret` for `call`.
+    Call {
+        /// The call.
+        call: Call,
+        /// The stack's answer.
+        ret: u32,
+    },
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blocked::Strict => write!(
+                f,
+                "the target runs in seccomp strict mode (read, write, exit and sigreturn only): \
+                 livepatch cannot run its system calls inside it"
+            ),
+            Blocked::Unreadable(e) => write!(
+                f,
+                "the target's seccomp filter cannot be read (PTRACE_SECCOMP_GET_FILTER: {e}): \
+                 whether it allows livepatch's system calls is unknown"
+            ),
+            Blocked::Unknown => write!(
+                f,
+                "the target's seccomp filter is a program livepatch cannot evaluate: whether it \
+                 allows livepatch's system calls is unknown"
+            ),
+            Blocked::Call { call, ret } => match ret & bpf::action::FULL_MASK {
+                bpf::action::ERRNO => write!(
+                    f,
+                    "the target's seccomp filter would fail {} with errno {}, a system call \
+                     livepatch runs inside it",
+                    call.name,
+                    ret & 0xffff
+                ),
+                _ => write!(
+                    f,
+                    "the target's seccomp filter would {} on {}, a system call livepatch runs \
+                     inside it",
+                    bpf::describe(*ret),
+                    call.name
+                ),
+            },
+        }
+    }
+}
+
+/// An operation refused because of the target's seccomp filters, or the failure to find out.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filters do not let a call of ours through.
+    #[error("{why} (process {pid}, thread {tid}); nothing was changed")]
+    Refused {
+        /// The process.
+        pid: i32,
+        /// The thread checked.
+        tid: i32,
+        /// What is in the way.
+        why: Blocked,
+    },
+    /// Process control failed while checking.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+}
+
+impl From<SeccompError> for crate::Error {
+    fn from(e: SeccompError) -> Self {
+        match e {
+            SeccompError::Process(p) => crate::Error::Process(p),
+            refused => crate::Error::Unsupported(refused.to_string()),
+        }
+    }
+}
+
+/// The filters of the ptrace-stopped thread `tid`, oldest first.
+pub fn read_filters(tid: i32) -> Result<Vec<Vec<Insn>>, io::Error> {
+    let mut filters = Vec::new();
+    for index in 0..MAX_FILTERS {
+        // SAFETY: a null buffer: the kernel only returns the filter's length.
+        let len = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as usize,
+                std::ptr::null_mut::<Insn>(),
+            )
+        };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(filters);
+            }
+            return Err(e);
+        }
+        let mut prog = vec![Insn::default(); len as usize];
+        // SAFETY: `prog` holds `len` instructions of the kernel's `struct sock_filter` layout
+        // (Insn is repr(C), 8 bytes); the kernel writes exactly that filter's length, which
+        // cannot change (a filter is immutable once attached).
+        let got = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as usize,
+                prog.as_mut_ptr(),
+            )
+        };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        prog.truncate(got as usize);
+        filters.push(prog);
+    }
+    Err(io::Error::from_raw_os_error(libc::E2BIG))
+}
+
+/// The stack's answer for `call` (`filters` oldest first); None when a filter cannot be
+/// evaluated.
+pub fn verdict(filters: &[Vec<Insn>], call: &Call) -> Option<u32> {
+    let data = call.data();
+    // Newest first, as the kernel walks them: of two equally restrictive answers it keeps the
+    // newer filter's (its errno, say).
+    let rets: Option<Vec<u32>> = filters.iter().rev().map(|f| bpf::run(f, &data)).collect();
+    Some(bpf::combine(rets?))
+}
+
+/// The first of `calls` the filters of thread `tid` (ptrace-stopped, in filter mode) do not let
+/// through, or what keeps us from knowing; None when all of them run.
+pub fn first_blocked(tid: i32, calls: &[Call]) -> Option<Blocked> {
+    let filters = match read_filters(tid) {
+        Ok(f) => f,
+        Err(e) => return Some(Blocked::Unreadable(e)),
+    };
+    for call in calls {
+        match verdict(&filters, call) {
+            None => return Some(Blocked::Unknown),
+            Some(ret) if !bpf::allows(ret) => return Some(Blocked::Call { call: *call, ret }),
+            Some(_) => {}
+        }
+    }
+    None
+}
+
+/// Whether thread `tid` of `pid` (ptrace-stopped) may run every one of `calls`: its seccomp
+/// mode, then its filters.
+pub fn thread_allows(pid: i32, tid: i32, calls: &[Call]) -> bool {
+    match mode(pid, tid) {
+        Some(Mode::Disabled) => true,
+        Some(Mode::Strict) | None => false,
+        Some(Mode::Filter) => first_blocked(tid, calls).is_none(),
+    }
+}
+
+impl Tracee {
+    /// Refuses when a traced thread's seccomp filters would not let through one of the calls an
+    /// apply or revert makes in the target ([`calls::for_operation`], nonstop or stop mode)
+    /// on the threads that will be borrowed for them. Without seccomp that costs a status read
+    /// per such thread (one or two); the filters of the thread borrowed first are read (it is
+    /// stopped, and stays so for the calls), and those of the other only when their number
+    /// differs. Run before the first remote call.
+    pub fn check_seccomp(&mut self, nonstop: bool) -> Result<(), SeccompError> {
+        let t0 = std::time::Instant::now();
+        let mut stopping = std::time::Duration::ZERO;
+        let r = self.check_seccomp_timed(&calls::for_operation(nonstop), &mut stopping);
+        if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+            eprintln!(
+                "livepatch: trace: seccomp checked ({} threads) in {} us ({} us of it stopping \
+                 a thread, which its first remote call would do otherwise)",
+                self.threads.len(),
+                t0.elapsed().as_micros(),
+                stopping.as_micros()
+            );
+        }
+        r
+    }
+
+    /// [`Tracee::check_seccomp`] for any list of calls.
+    pub fn check_seccomp_calls(&mut self, calls: &[Call]) -> Result<(), SeccompError> {
+        let mut stopping = std::time::Duration::ZERO;
+        self.check_seccomp_timed(calls, &mut stopping)
+    }
+
+    /// [`Tracee::check_seccomp_calls`], adding the time spent stopping threads to `stopping`.
+    fn check_seccomp_timed(
+        &mut self,
+        calls: &[Call],
+        stopping: &mut std::time::Duration,
+    ) -> Result<(), SeccompError> {
+        let borrow = match self.threads.iter().find(|(_, t)| t.stopped) {
+            Some((&tid, _)) => tid,
+            None if self.threads.contains_key(&self.pid) => self.pid,
+            None => self.threads.keys().next().copied().unwrap_or(self.pid),
+        };
+        // The threads our calls run on: the one borrowed first, and once every thread is
+        // stopped (stop mode's switch) the first stopped, the lowest tid. Reading every traced
+        // thread's status would cost ~20 us per thread of every stop-mode apply, seccomp or
+        // not. (A thread that takes their place when both exit meanwhile is not checked.)
+        let mut order = vec![borrow];
+        order.extend(self.threads.keys().next().filter(|&&tid| tid != borrow));
+        let mut stacks_read: Vec<u32> = Vec::new();
+        for tid in order {
+            let why = match status(self.pid, tid) {
+                None | Some((Mode::Disabled, _)) => continue,
+                Some((Mode::Strict, _)) => Blocked::Strict,
+                // Filters are inherited at clone and a filter installed with TSYNC goes to
+                // every thread: a thread with as many filters as one already read has its
+                // stack (only a program giving its threads different filters of equal count
+                // without TSYNC differs). Any other stack is read too, its thread stopped for
+                // the moment (reading all of them cost 1.2 ms more per stop-mode apply of a
+                // two-thread target: the second thread's stop and its way back into its call).
+                Some((Mode::Filter, count)) if stacks_read.contains(&count) => continue,
+                Some((Mode::Filter, count)) => {
+                    let was_stopped = self.threads.get(&tid).is_some_and(|t| t.stopped);
+                    let t0 = std::time::Instant::now();
+                    self.stop_thread(tid)?;
+                    *stopping += t0.elapsed();
+                    if !self.threads.contains_key(&tid) {
+                        continue; // exited meanwhile
+                    }
+                    let blocked = first_blocked(tid, calls);
+                    if !was_stopped && tid != borrow {
+                        self.resume_thread(tid)?;
+                    }
+                    stacks_read.push(count);
+                    match blocked {
+                        Some(why) => why,
+                        None => continue,
+                    }
+                }
+            };
+            return Err(SeccompError::Refused {
+                pid: self.pid,
+                tid,
+                why,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bpf::*;
+    use super::*;
+
+    fn on_nr(nr: i64, ret: u32) -> Vec<Insn> {
+        vec![
+            Insn::stmt(LD | W | ABS, 0),
+            Insn::jump(JMP | JEQ | K, nr as u32, 0, 1),
+            Insn::stmt(RET | K, ret),
+            Insn::stmt(RET | K, action::ALLOW),
+        ]
+    }
+
+    #[test]
+    fn a_stack_answers_with_its_most_restrictive_filter() {
+        let mmap = Call::new("mmap", libc::SYS_mmap, [0; 6]);
+        let close = Call::new("close", libc::SYS_close, [0; 6]);
+        let stack = vec![
+            on_nr(libc::SYS_mmap, action::ERRNO | 1),
+            on_nr(libc::SYS_mmap, action::KILL_PROCESS),
+            on_nr(libc::SYS_close, action::LOG),
+        ];
+        assert_eq!(verdict(&stack, &mmap), Some(action::KILL_PROCESS));
+        assert_eq!(verdict(&stack, &close), Some(action::LOG));
+        assert_eq!(verdict(&[], &mmap), Some(action::ALLOW));
+        // Equal actions: the newer filter's data, as the kernel keeps it.
+        let errnos = vec![
+            on_nr(libc::SYS_mmap, action::ERRNO | 1),
+            on_nr(libc::SYS_mmap, action::ERRNO | 13),
+        ];
+        assert_eq!(verdict(&errnos, &mmap), Some(action::ERRNO | 13));
+        // One filter that cannot be evaluated makes the stack unknown.
+        let bad = vec![stack[0].clone(), vec![Insn::stmt(LD | W | ABS, 0)]];
+        assert_eq!(verdict(&bad, &close), None);
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_naming_the_call() {
+        let e = SeccompError::Refused {
+            pid: 42,
+            tid: 43,
+            why: Blocked::Call {
+                call: Call::new("mmap", libc::SYS_mmap, [0; 6]),
+                ret: action::KILL_PROCESS,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "the target's seccomp filter would kill the process on mmap, a system call livepatch \
+             runs inside it (process 42, thread 43); nothing was changed"
+        );
+        let errno = Blocked::Call {
+            call: Call::new("membarrier", libc::SYS_membarrier, [0; 6]),
+            ret: action::ERRNO | 1,
+        };
+        assert!(errno
+            .to_string()
+            .contains("would fail membarrier with errno 1"));
+        for why in [
+            Blocked::Strict,
+            Blocked::Unknown,
+            Blocked::Unreadable(io::Error::from_raw_os_error(libc::EACCES)),
+            errno,
+        ] {
+            assert!(!why.to_string().contains('\n'), "{why}");
+        }
+    }
+}

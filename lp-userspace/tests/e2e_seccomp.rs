@@ -1,0 +1,349 @@
+//! Targets under a seccomp filter (systemd's SystemCallFilter=, container runtimes, browsers):
+//! livepatch reads the filters of the threads it borrows and runs its own system calls through
+//! them before it writes anything. A call the filter would not let through is refused with one
+//! line and the target untouched; a call only the sync agent makes keeps the agent from
+//! starting (nonstop mode then syncs through ptrace); a filter that stops nothing of ours
+//! changes nothing.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The target: simple.c's loop (compute(41) printed directly and through a pointer) with an
+/// idle second thread, and a filter installed on both (TSYNC) after start-up. argv[1] picks
+/// the filter: `agent` kills the process on close_range and pwrite64 (only the sync agent
+/// makes them), `mmap` kills it on mmap, `errno` fails uname with EPERM, `mdwe` fails an
+/// mprotect to an executable protection with EPERM (an argument test), `strict` puts the (only)
+/// thread in strict mode, `none` installs none.
+const TARGET: &str = r#"
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile int secret = 7;
+static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
+
+/* As in simple.c: long enough for the jump. */
+int __attribute__((noipa)) compute(int x) {
+    int r = x + 1;
+    if (x > 1000000) r = helper_static(x);
+    return r;
+}
+int (*volatile compute_ptr)(int) = compute;
+
+static void *idle(void *arg) {
+    (void)arg;
+    for (;;) pause();
+    return NULL;
+}
+
+static void filter(unsigned nr1, unsigned nr2, unsigned action) {
+    struct sock_filter insns[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr1, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, action),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr2, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, action),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) {
+        perror("seccomp");
+        exit(2);
+    }
+}
+
+/* systemd's MemoryDenyWriteExecute= in small: mprotect to an executable protection fails. */
+static void deny_exec_mprotect(void) {
+    struct sock_filter insns[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mprotect, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2])),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, PROT_EXEC, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) {
+        perror("seccomp");
+        exit(2);
+    }
+}
+
+/* Strict mode (read, write, exit, sigreturn): the main thread says so and blocks in a read of
+ * a pipe nobody writes. */
+static void strict(void) {
+    int fds[2];
+    char c;
+    if (pipe(fds) != 0) exit(2);
+    printf("ready %d strict\n", getpid());
+    fflush(stdout);
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT) != 0) exit(2);
+    for (;;) read(fds[0], &c, 1);
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    const char *which = argv[1];
+    if (!strcmp(which, "strict"))
+        strict(); /* single-threaded: the one thread any mode borrows */
+    pthread_t t;
+    pthread_create(&t, NULL, idle, NULL);
+    if (!strcmp(which, "agent"))
+        filter(SYS_close_range, SYS_pwrite64, SECCOMP_RET_KILL_PROCESS);
+    else if (!strcmp(which, "mmap"))
+        filter(SYS_mmap, SYS_mmap, SECCOMP_RET_KILL_PROCESS);
+    else if (!strcmp(which, "errno"))
+        filter(SYS_uname, SYS_uname, SECCOMP_RET_ERRNO | EPERM);
+    else if (!strcmp(which, "mdwe"))
+        deny_exec_mprotect();
+    struct utsname u;
+    int uname_errno = uname(&u) == 0 ? 0 : errno;
+    printf("ready %d uname_errno=%d\n", getpid(), uname_errno);
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("direct=%d pointer=%d\n", compute(41), compute_ptr(41));
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+
+const OLD: &str = "direct=42 pointer=42";
+const NEW: &str = "direct=1041 pointer=1041";
+
+fn build(dir: &Path) -> (PathBuf, String) {
+    let exe = executable_from_source(dir, "filtered", TARGET, &["-pthread"]);
+    let obj = object(dir, "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir, &exe, &obj, &[], "p.lp");
+    (exe, patch.display().to_string())
+}
+
+/// `livepatch args...` with `LIVEPATCH_TRACE`; must succeed; its trace.
+fn traced(args: &[&str]) -> String {
+    let out = Command::new(livepatch_bin())
+        .args(args)
+        .env("LIVEPATCH_TRACE", "1")
+        .output()
+        .unwrap();
+    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "livepatch {args:?} failed ({}): {trace}",
+        out.status
+    );
+    trace
+}
+
+fn seccomp_mode(pid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The sync agent's line of a nonstop trace ("sync agent Some(TID)" or "sync agent None").
+fn agent_line(trace: &str) -> &str {
+    trace
+        .lines()
+        .find(|l| l.contains("sync agent "))
+        .unwrap_or_else(|| panic!("no sync agent line in the trace: {trace}"))
+}
+
+/// A filter that kills the process on close_range and pwrite64, which only the sync agent
+/// makes: a nonstop apply and revert succeed without the agent (the syncs go through ptrace),
+/// and the target lives on, patched and then back to the old function. (Without the check,
+/// the agent's first system call kills the target.)
+#[test]
+fn e2e_a_filter_against_the_agents_calls_leaves_nonstop_mode_without_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+
+    // The premise: without a filter, the same target gets an agent.
+    let plain = Target::spawn(&exe, &["none"]);
+    let pid = plain.pid();
+    plain.expect_steady(2, |l| l == OLD);
+    let trace = traced(&[
+        "apply",
+        &pid,
+        &patch,
+        "--mode",
+        "nonstop",
+        "--timeout",
+        "60",
+    ]);
+    assert!(agent_line(&trace).contains("Some("), "{trace}");
+    plain.expect_steady(3, |l| l == NEW);
+    drop(plain);
+
+    let mut target = Target::spawn(&exe, &["agent"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    let trace = traced(&[
+        "apply",
+        &pid,
+        &patch,
+        "--mode",
+        "nonstop",
+        "--timeout",
+        "60",
+    ]);
+    assert!(agent_line(&trace).contains("None"), "{trace}");
+    target.expect_steady(5, |l| l == NEW);
+    assert!(target.alive());
+    let trace = traced(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
+    if let Some(line) = trace.lines().find(|l| l.contains("sync agent ")) {
+        assert!(line.contains("None"), "{trace}");
+    }
+    target.expect_steady(5, |l| l == OLD);
+    assert!(target.alive());
+}
+
+/// A filter that kills the process on mmap, which every apply needs: refused in both modes
+/// with one line naming seccomp and mmap, a non-zero exit, and the target alive, printing the
+/// old values, its mappings exactly as before. (Without the check the first remote mmap kills
+/// the target.)
+#[test]
+fn e2e_a_filter_against_mmap_is_refused_and_the_target_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["mmap"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for mode in ["stop", "nonstop"] {
+        let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
+        assert_eq!(code, 10, "{mode}: {line}");
+        assert!(
+            line.contains("seccomp filter would kill the process on mmap")
+                && line.contains("nothing was changed"),
+            "{mode}: {line}"
+        );
+        target.expect_steady(5, |l| l == OLD);
+        assert!(target.alive(), "{mode}: the target died");
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
+            maps,
+            "{mode}: the target's mappings changed"
+        );
+    }
+    // Nothing applied: a revert finds nothing (and is refused first, for the same reason).
+    let (code, line) = livepatch_err(&["revert", &pid]);
+    assert_ne!(code, 0, "{line}");
+    target.expect_steady(3, |l| l == OLD);
+    assert!(target.alive());
+}
+
+/// A filter that only fails an unrelated call (uname, with EPERM): it stops nothing of ours,
+/// and apply and revert work in both modes, the agent included.
+#[test]
+fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["errno"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    // The filter is in force: the target's own uname failed with EPERM.
+    assert!(target
+        .wait_line(|l| l.starts_with("ready"))
+        .ends_with("uname_errno=1"));
+    target.expect_steady(2, |l| l == OLD);
+    livepatch_ok(&["apply", &pid, &patch]);
+    target.expect_steady(3, |l| l == NEW);
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(3, |l| l == OLD);
+    let trace = traced(&[
+        "apply",
+        &pid,
+        &patch,
+        "--mode",
+        "nonstop",
+        "--timeout",
+        "60",
+    ]);
+    assert!(agent_line(&trace).contains("Some("), "{trace}");
+    target.expect_steady(3, |l| l == NEW);
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
+    target.expect_steady(3, |l| l == OLD);
+    assert!(target.alive());
+}
+
+/// A filter that tests an argument: mprotect with PROT_EXEC fails with EPERM (as under
+/// systemd's MemoryDenyWriteExecute=), and the patch's code needs it: refused in both modes,
+/// naming mprotect and the errno, the target untouched.
+#[test]
+fn e2e_a_filter_failing_an_executable_mprotect_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["mdwe"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for mode in ["stop", "nonstop"] {
+        let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
+        assert_eq!(code, 10, "{mode}: {line}");
+        assert!(
+            line.contains("seccomp filter would fail mprotect with errno 1"),
+            "{mode}: {line}"
+        );
+        target.expect_steady(3, |l| l == OLD);
+        assert!(target.alive());
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
+            maps,
+            "{mode}: the target's mappings changed"
+        );
+    }
+}
+
+/// Strict mode allows read, write, exit and sigreturn only: refused, the target alive and
+/// still in its read.
+#[test]
+fn e2e_strict_mode_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["strict"]);
+    let pid = target.pid();
+    // The main thread enters strict mode right after its line.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let strict = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status"))
+            .unwrap()
+            .contains("Seccomp:\t1")
+    };
+    while !strict() {
+        assert!(std::time::Instant::now() < deadline, "never in strict mode");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for mode in ["stop", "nonstop"] {
+        let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
+        assert_eq!(code, 10, "{mode}: {line}");
+        assert!(line.contains("seccomp strict mode"), "{mode}: {line}");
+        assert!(target.alive(), "{mode}: the target died");
+        assert!(strict());
+    }
+}
