@@ -257,6 +257,41 @@ fn e2e_a_filter_against_mmap_is_refused_and_the_target_untouched() {
     assert!(target.alive());
 }
 
+/// A remote call the check did not vet (here: the check skipped through its test knob) that
+/// the filter kills on: the kernel skips the call, leaves its number where the result goes
+/// and kills the process. The tool must say the process exited — not take the number for
+/// mmap's result and fail writing at address 9 (what it did before).
+#[test]
+fn e2e_a_call_the_filter_kills_is_reported_as_the_process_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["mmap"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    let out = Command::new(livepatch_bin())
+        .args(["apply", &pid, &patch])
+        .env("LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("process {pid} exited while being patched")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("0x9"), "{stderr}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while target.alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !target.alive(),
+        "the filter's SIGSYS should have killed the target"
+    );
+}
+
 /// A filter that only fails an unrelated call (uname, with EPERM): it stops nothing of ours,
 /// and apply and revert work in both modes, the agent included.
 #[test]

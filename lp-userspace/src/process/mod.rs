@@ -67,6 +67,9 @@ pub struct Tracee {
     /// Threads let go on their way back into a system call our stop interrupted, followed
     /// until they are inside it (restart.rs).
     walks: BTreeMap<i32, Walk>,
+    /// A thread of the target runs under a seccomp filter (see [`Tracee::check_seccomp`]): a
+    /// remote call is then checked for the filter's SIGSYS.
+    seccomp_filtered: bool,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -148,6 +151,7 @@ impl Tracee {
             single,
             _lock: lock,
             walks: BTreeMap::new(),
+            seccomp_filtered: false,
         })
     }
 
@@ -665,7 +669,16 @@ impl Tracee {
         if guard.is_some() {
             stop_point::reached_with("remote-syscall", nr);
         }
-        let stepped = self.step_past(tid, insn, &mut saved, guard);
+        let mut stepped = self.step_past(tid, insn, &mut saved, guard);
+        if stepped.is_ok()
+            && self.seccomp_filtered
+            && observe::signal_in(self.pid, tid, libc::SIGSYS, &["SigPnd", "ShdPnd"])
+        {
+            // A filter that kills on this call skips it, puts the call's number back in rax
+            // (its "result") and forces a SIGSYS that no tracer can hold back: the process is
+            // as good as gone. (check_seccomp refuses beforehand the calls it can check.)
+            stepped = Err(ProcessError::Exited(self.pid));
+        }
         if nr == libc::SYS_munmap {
             // Perhaps the state or the stub's area (see maps_text).
             maps_text::changed(self.pid);

@@ -249,6 +249,11 @@ pub fn thread_allows(pid: i32, tid: i32, calls: &[Call]) -> bool {
     }
 }
 
+/// Test knob: `LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK=1` skips the refusal (the filter is still
+/// noted), so that `tests/e2e_seccomp.rs` can show what a remote call the check missed does: the
+/// apply fails with "exited", not with a bogus result.
+pub const SKIP_CHECK_VAR: &str = "LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK";
+
 impl Tracee {
     /// Refuses when a traced thread's seccomp filters would not let through one of the calls an
     /// apply or revert makes in the target ([`calls::for_operation`], nonstop or stop mode)
@@ -297,7 +302,14 @@ impl Tracee {
         order.extend(self.threads.keys().next().filter(|&&tid| tid != borrow));
         let mut stacks_read: Vec<u32> = Vec::new();
         for tid in order {
-            let why = match status(self.pid, tid) {
+            let seen = status(self.pid, tid);
+            if matches!(seen, Some((Mode::Filter, _))) {
+                self.seccomp_filtered = true;
+            }
+            if std::env::var_os(SKIP_CHECK_VAR).is_some() {
+                continue;
+            }
+            let why = match seen {
                 None | Some((Mode::Disabled, _)) => continue,
                 Some((Mode::Strict, _)) => Blocked::Strict,
                 // Filters are inherited at clone and a filter installed with TSYNC goes to
