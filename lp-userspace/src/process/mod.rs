@@ -173,8 +173,10 @@ impl Tracee {
     /// blocked in a system call, the one that used the least CPU over a short look (the most
     /// idle: it will not want to run soon). The look ends early, after [`BORROW_LOOK_FIRST`],
     /// when a thread blocked in a system call other than a futex wait used at most 2% of a CPU
-    /// meanwhile (a server's accept or poll loop, a main thread waiting): every millisecond of
-    /// the look is wall time of the apply. Otherwise it lasts [`BORROW_LOOK`].
+    /// meanwhile and at most 5% over its whole life (a server's accept or poll loop, a main
+    /// thread waiting): every millisecond of the look is wall time of the apply. The life
+    /// counts because a thread that works in periods longer than the look may look idle in it
+    /// (review 8, B1: 2 ms of work in every 4). Otherwise the look lasts [`BORROW_LOOK`].
     fn seize_one(&mut self) -> Result<()> {
         for _ in 0..100 {
             let started = std::time::Instant::now();
@@ -183,6 +185,7 @@ impl Tracee {
                 .filter_map(|tid| Some((tid, observe::schedstat(self.pid, tid)?)))
                 .collect();
             let pid = self.pid;
+            // (class, CPU used in the look): smaller is better.
             let key = |tid: i32| {
                 let class = match observe::activity(pid, tid) {
                     Some(observe::Activity::Blocked {
@@ -194,7 +197,7 @@ impl Tracee {
                     _ if tid == pid => 2,
                     _ => 3,
                 };
-                // CPU used, and whether it was switched in at all, over the look.
+                // Not switched in at all: nothing used (the runtime of a thread on a CPU lags).
                 let used = observe::schedstat(pid, tid).zip(before.get(&tid)).map_or(
                     u64::MAX,
                     |(now, was)| {
@@ -207,10 +210,18 @@ impl Tracee {
                 );
                 (class, used)
             };
+            // Its share of a CPU over its life, in permille (start-up included).
+            let lifetime = |tid: i32| {
+                let runtime = observe::runtime_ns(pid, tid).unwrap_or(u64::MAX / 1000);
+                observe::age_ns(pid, tid).map_or(1000, |age| {
+                    runtime.saturating_mul(1000) / age.max(10_000_000)
+                })
+            };
             let forced = borrow_forced(pid);
             let mut look = BORROW_LOOK_FIRST;
             let tid = loop {
                 std::thread::sleep(look.saturating_sub(started.elapsed()));
+                let look_ns = started.elapsed().as_nanos() as u64;
                 let best = list_tasks(self.pid)?
                     .into_iter()
                     .map(|t| (forced != Some(t), key(t), t))
@@ -218,7 +229,11 @@ impl Tracee {
                 match best {
                     None => return Err(ProcessError::Exited(self.pid)),
                     Some((false, _, t)) => break t,
-                    Some((_, (0, used), t)) if used <= look.as_nanos() as u64 / 50 => break t,
+                    Some((_, (0, used), t))
+                        if look < BORROW_LOOK && used <= look_ns / 50 && lifetime(t) <= 50 =>
+                    {
+                        break t
+                    }
                     Some((_, _, t)) if look >= BORROW_LOOK => break t,
                     Some(_) => look = BORROW_LOOK,
                 }

@@ -201,6 +201,25 @@ pub fn schedstat(pid: i32, tid: i32) -> Option<SchedStat> {
     })
 }
 
+/// How long thread `tid` has existed, in nanoseconds (its start time, field 22 of its stat, in
+/// clock ticks after boot, against the boot-time clock); `None` when it is gone.
+pub fn age_ns(pid: i32, tid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses: field 3 on.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: clock_gettime fills the timespec it is given; sysconf takes a constant.
+    let (now, hz) = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+        (
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
+        )
+    };
+    Some(now.saturating_sub(start_ticks * (1_000_000_000 / hz)))
+}
+
 /// Whether signal `sig` is in one of the masks `fields` (e.g. "SigPnd", "ShdPnd", "SigBlk")
 /// of thread `tid`'s status.
 pub fn signal_in(pid: i32, tid: i32, sig: i32, fields: &[&str]) -> bool {
