@@ -8,6 +8,7 @@
 
 mod error;
 mod gaps;
+mod held_signal;
 pub(crate) mod maps_text;
 mod mem;
 pub mod observe;
@@ -23,6 +24,7 @@ pub use gaps::find_free_near;
 pub use mem::Memory;
 pub use ptrace::Regs;
 
+pub(crate) use held_signal::HeldSignal;
 use ptrace::WaitStatus;
 use restart::{Release, Walk};
 use std::collections::BTreeMap;
@@ -39,8 +41,9 @@ struct Thread {
     /// restored as the kernel left them: an interrupted call of its own must be restarted
     /// when it runs again (see [`Tracee::fix_restart`]).
     after_remote_syscall: bool,
-    /// Signals that arrived while we had the thread busy; delivered when we let it go.
-    deferred: Vec<i32>,
+    /// Signals that arrived while we had the thread busy (with their siginfo); delivered when
+    /// we let it go.
+    deferred: Vec<HeldSignal>,
 }
 
 /// A traced process.
@@ -445,12 +448,9 @@ impl Tracee {
         };
         t.stopped = false;
         // Signals held back while we used the thread: taken when it leaves the stop, through
-        // the kernel's own delivery (and restart decision).
-        for sig in std::mem::take(&mut t.deferred) {
-            // SAFETY: tgkill only sends a signal to a thread of the target.
-            unsafe {
-                libc::syscall(libc::SYS_tgkill, self.pid, tid, sig);
-            }
+        // the kernel's own delivery (and restart decision). (A thread gone takes nothing.)
+        for held in std::mem::take(&mut t.deferred) {
+            let _ = held.resend(self.pid, tid);
         }
         self.let_go(tid, 0, Release::Resume)
     }
@@ -710,7 +710,7 @@ impl Tracee {
                 WaitStatus::Signal(libc::SIGTRAP) if self.regs(tid)?.rip != before => return Ok(()),
                 WaitStatus::Signal(sig) => {
                     if let Some(t) = self.threads.get_mut(&tid) {
-                        t.deferred.push(sig);
+                        t.deferred.push(HeldSignal::take(tid, sig));
                     }
                 }
                 WaitStatus::Gone => {
@@ -774,7 +774,7 @@ impl Tracee {
                         }
                         None => {
                             if let Some(t) = self.threads.get_mut(&tid) {
-                                t.deferred.push(libc::SIGTRAP);
+                                t.deferred.push(HeldSignal::take(tid, libc::SIGTRAP));
                             }
                         }
                     }
@@ -782,7 +782,7 @@ impl Tracee {
                 // A signal arrived before our instruction ran: keep it for later.
                 WaitStatus::Signal(sig) => {
                     if let Some(t) = self.threads.get_mut(&tid) {
-                        t.deferred.push(sig);
+                        t.deferred.push(HeldSignal::take(tid, sig));
                     }
                 }
                 WaitStatus::Gone => {
@@ -977,11 +977,8 @@ impl Tracee {
             };
             let deferred = std::mem::take(&mut t.deferred);
             let stopped = t.stopped;
-            for s in deferred {
-                // SAFETY: tgkill only sends a signal to a thread of the target.
-                unsafe {
-                    libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
-                }
+            for held in deferred {
+                let _ = held.resend(self.pid, tid);
             }
             if stopped {
                 if let Err(e) = self.let_go(tid, 0, Release::Leave) {
@@ -1043,11 +1040,8 @@ impl Tracee {
             .get_mut(&tid)
             .map(|t| std::mem::take(&mut t.deferred))
             .unwrap_or_default();
-        for s in deferred {
-            // SAFETY: tgkill only sends a signal to a thread of the target.
-            unsafe {
-                libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
-            }
+        for held in deferred {
+            let _ = held.resend(self.pid, tid);
         }
         let let_go = self.let_go(tid, sig, Release::Detach);
         fixed.and(let_go)

@@ -337,12 +337,10 @@ pub(crate) fn run(
     t.set_trap_hook(None);
     // Signals the borrowed thread was about to take while it started the agent: queued to it
     // again now (not earlier: a SIGTRAP pending there would hold the uninstall up), taken when
-    // it runs its own code again.
-    for (tid, sig) in held {
-        // SAFETY: tgkill only sends a signal to a thread of the target.
-        unsafe {
-            libc::syscall(libc::SYS_tgkill, t.pid(), tid, sig);
-        }
+    // it runs its own code again, with their siginfo where the kernel lets us (a sigqueue()'s
+    // value, a timer's id and overrun: see `HeldSignal`). A thread gone takes nothing.
+    for (tid, signal) in held {
+        let _ = signal.resend(t.pid(), tid);
     }
     result?;
     let hits = area.read_u64(t.mem(), th::HITS)?.wrapping_sub(hits0) as usize;
