@@ -15,9 +15,23 @@
 //! — `kill()` (SI_USER), `tgkill()` (SI_TKILL), the kernel's own (SI_KERNEL, SIGCHLD's codes,
 //! faults) — it refuses (EPERM): those go with `tgkill`, and the handler sees SI_TKILL and our
 //! pid (a kernel limit; the signal itself is neither lost nor duplicated).
+//!
+//! Order: queued signals of one number reach a handler in the order they were sent (FIFO, as
+//! POSIX asks of real-time signals). A thread's held signals are sent again together, in the
+//! order they were taken ([`HeldSignal::taken_before`]), into its own queue, which the kernel
+//! empties before the process-wide one where later signals wait. Those held apart (nonstop's
+//! sync-agent start-up) join the thread's others (`Tracee::hold`): sent on their own, ahead of
+//! older ones, they came out of order.
+//!
+//! A signal met while the tool lets a thread go (its signal-delivery stop reported then) is not
+//! held: the thread is resumed or detached with it, and the kernel keeps its siginfo.
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Signals taken so far by this process: each one's number in that order.
+static TAKEN: AtomicU64 = AtomicU64::new(0);
 
 /// A held-back signal and the siginfo it came with.
 #[derive(Clone, Copy)]
@@ -25,6 +39,8 @@ pub(crate) struct HeldSignal {
     sig: i32,
     /// None when it could not be read (the thread died meanwhile, say): sent with `tgkill`.
     info: Option<libc::siginfo_t>,
+    /// When it was taken, among every signal taken (see [`TAKEN`]).
+    taken: u64,
 }
 
 impl fmt::Debug for HeldSignal {
@@ -32,6 +48,7 @@ impl fmt::Debug for HeldSignal {
         f.debug_struct("HeldSignal")
             .field("sig", &self.sig)
             .field("si_code", &self.info.map(|i| i.si_code))
+            .field("taken", &self.taken)
             .finish()
     }
 }
@@ -44,7 +61,13 @@ impl HeldSignal {
         HeldSignal {
             sig,
             info: get_siginfo(tid).ok().filter(|i| i.si_signo == sig),
+            taken: TAKEN.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Whether this signal was taken before `other` (both are sent again in that order).
+    pub(crate) fn taken_before(&self, other: &HeldSignal) -> bool {
+        self.taken < other.taken
     }
 
     /// Sends the signal again to thread `tid` of process `pid`: with its siginfo when the

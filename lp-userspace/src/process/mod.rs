@@ -1047,6 +1047,24 @@ impl Tracee {
         fixed.and(let_go)
     }
 
+    /// Holds `signal`, taken from thread `tid` by someone else than this tracee (nonstop's
+    /// sync-agent start-up), with the signals the tracee holds for that thread: all are sent
+    /// again when the thread is let go, in the order they were taken (a list of its own, sent
+    /// before or after them, would reorder queued signals of one number). Sent again at once
+    /// when `tid` is no longer traced.
+    pub(crate) fn hold(&mut self, tid: i32, signal: HeldSignal) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            let _ = signal.resend(self.pid, tid);
+            return;
+        };
+        let at = t
+            .deferred
+            .iter()
+            .position(|d| signal.taken_before(d))
+            .unwrap_or(t.deferred.len());
+        t.deferred.insert(at, signal);
+    }
+
     /// Makes a tracee of every thread ([`Tracee::attach_rest`]) a single-thread one again:
     /// every thread but one stopped thread (the one borrowed so far) is detached.
     pub fn keep_one(&mut self) -> Result<()> {

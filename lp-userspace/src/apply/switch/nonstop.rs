@@ -335,12 +335,12 @@ pub(crate) fn run(
         }
     }
     t.set_trap_hook(None);
-    // Signals the borrowed thread was about to take while it started the agent: queued to it
-    // again now (not earlier: a SIGTRAP pending there would hold the uninstall up), taken when
-    // it runs its own code again, with their siginfo where the kernel lets us (a sigqueue()'s
-    // value, a timer's id and overrun: see `HeldSignal`). A thread gone takes nothing.
+    // Signals the borrowed thread was about to take while it started the agent: held with the
+    // others the tracee holds for it (not sent earlier: a SIGTRAP pending there would hold the
+    // uninstall up), sent again with them, in the order they were taken, when the thread is let
+    // go (see `HeldSignal`).
     for (tid, signal) in held {
-        let _ = signal.resend(t.pid(), tid);
+        t.hold(tid, signal);
     }
     result?;
     let hits = area.read_u64(t.mem(), th::HITS)?.wrapping_sub(hits0) as usize;
