@@ -8,6 +8,7 @@
 
 mod error;
 mod gaps;
+mod held_signal;
 pub(crate) mod maps_text;
 mod mem;
 pub mod observe;
@@ -24,6 +25,7 @@ pub use gaps::find_free_near;
 pub use mem::Memory;
 pub use ptrace::Regs;
 
+pub(crate) use held_signal::HeldSignal;
 use ptrace::WaitStatus;
 use restart::{Release, Walk};
 use std::collections::BTreeMap;
@@ -40,8 +42,9 @@ struct Thread {
     /// restored as the kernel left them: an interrupted call of its own must be restarted
     /// when it runs again (see [`Tracee::fix_restart`]).
     after_remote_syscall: bool,
-    /// Signals that arrived while we had the thread busy; delivered when we let it go.
-    deferred: Vec<i32>,
+    /// Signals that arrived while we had the thread busy (with their siginfo); delivered when
+    /// we let it go.
+    deferred: Vec<HeldSignal>,
 }
 
 /// A traced process.
@@ -485,12 +488,9 @@ impl Tracee {
         };
         t.stopped = false;
         // Signals held back while we used the thread: taken when it leaves the stop, through
-        // the kernel's own delivery (and restart decision).
-        for sig in std::mem::take(&mut t.deferred) {
-            // SAFETY: tgkill only sends a signal to a thread of the target.
-            unsafe {
-                libc::syscall(libc::SYS_tgkill, self.pid, tid, sig);
-            }
+        // the kernel's own delivery (and restart decision). (A thread gone takes nothing.)
+        for held in std::mem::take(&mut t.deferred) {
+            let _ = held.resend(self.pid, tid);
         }
         self.let_go(tid, 0, Release::Resume)
     }
@@ -759,7 +759,7 @@ impl Tracee {
                 WaitStatus::Signal(libc::SIGTRAP) if self.regs(tid)?.rip != before => return Ok(()),
                 WaitStatus::Signal(sig) => {
                     if let Some(t) = self.threads.get_mut(&tid) {
-                        t.deferred.push(sig);
+                        t.deferred.push(HeldSignal::take(tid, sig));
                     }
                 }
                 WaitStatus::Gone => {
@@ -823,7 +823,7 @@ impl Tracee {
                         }
                         None => {
                             if let Some(t) = self.threads.get_mut(&tid) {
-                                t.deferred.push(libc::SIGTRAP);
+                                t.deferred.push(HeldSignal::take(tid, libc::SIGTRAP));
                             }
                         }
                     }
@@ -831,7 +831,7 @@ impl Tracee {
                 // A signal arrived before our instruction ran: keep it for later.
                 WaitStatus::Signal(sig) => {
                     if let Some(t) = self.threads.get_mut(&tid) {
-                        t.deferred.push(sig);
+                        t.deferred.push(HeldSignal::take(tid, sig));
                     }
                 }
                 WaitStatus::Gone => {
@@ -1026,11 +1026,8 @@ impl Tracee {
             };
             let deferred = std::mem::take(&mut t.deferred);
             let stopped = t.stopped;
-            for s in deferred {
-                // SAFETY: tgkill only sends a signal to a thread of the target.
-                unsafe {
-                    libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
-                }
+            for held in deferred {
+                let _ = held.resend(self.pid, tid);
             }
             if stopped {
                 if let Err(e) = self.let_go(tid, 0, Release::Leave) {
@@ -1092,14 +1089,29 @@ impl Tracee {
             .get_mut(&tid)
             .map(|t| std::mem::take(&mut t.deferred))
             .unwrap_or_default();
-        for s in deferred {
-            // SAFETY: tgkill only sends a signal to a thread of the target.
-            unsafe {
-                libc::syscall(libc::SYS_tgkill, self.pid, tid, s);
-            }
+        for held in deferred {
+            let _ = held.resend(self.pid, tid);
         }
         let let_go = self.let_go(tid, sig, Release::Detach);
         fixed.and(let_go)
+    }
+
+    /// Holds `signal`, taken from thread `tid` by someone else than this tracee (nonstop's
+    /// sync-agent start-up), with the signals the tracee holds for that thread: all are sent
+    /// again when the thread is let go, in the order they were taken (a list of its own, sent
+    /// before or after them, would reorder queued signals of one number). Sent again at once
+    /// when `tid` is no longer traced.
+    pub(crate) fn hold(&mut self, tid: i32, signal: HeldSignal) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            let _ = signal.resend(self.pid, tid);
+            return;
+        };
+        let at = t
+            .deferred
+            .iter()
+            .position(|d| signal.taken_before(d))
+            .unwrap_or(t.deferred.len());
+        t.deferred.insert(at, signal);
     }
 
     /// Makes a tracee of every thread ([`Tracee::attach_rest`]) a single-thread one again:

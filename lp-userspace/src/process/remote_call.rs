@@ -272,7 +272,7 @@ impl Tracee {
                 WaitStatus::Signal(sig) => {
                     // Asynchronous: it belongs to the thread's own context, delivered later.
                     if let Some(t) = self.threads.get_mut(&tid) {
-                        t.deferred.push(sig);
+                        t.deferred.push(super::HeldSignal::take(tid, sig));
                     }
                     self.set_running(tid, syscall_stops)?;
                 }
@@ -317,7 +317,7 @@ impl Tracee {
             WaitStatus::Signal(sig) => {
                 if !SYNCHRONOUS.contains(&sig) && sig != libc::SIGTRAP {
                     if let Some(t) = self.threads.get_mut(&tid) {
-                        t.deferred.push(sig);
+                        t.deferred.push(super::HeldSignal::take(tid, sig));
                     }
                 }
             }

@@ -335,14 +335,12 @@ pub(crate) fn run(
         }
     }
     t.set_trap_hook(None);
-    // Signals the borrowed thread was about to take while it started the agent: queued to it
-    // again now (not earlier: a SIGTRAP pending there would hold the uninstall up), taken when
-    // it runs its own code again.
-    for (tid, sig) in held {
-        // SAFETY: tgkill only sends a signal to a thread of the target.
-        unsafe {
-            libc::syscall(libc::SYS_tgkill, t.pid(), tid, sig);
-        }
+    // Signals the borrowed thread was about to take while it started the agent: held with the
+    // others the tracee holds for it (not sent earlier: a SIGTRAP pending there would hold the
+    // uninstall up), sent again with them, in the order they were taken, when the thread is let
+    // go (see `HeldSignal`).
+    for (tid, signal) in held {
+        t.hold(tid, signal);
     }
     result?;
     let hits = area.read_u64(t.mem(), th::HITS)?.wrapping_sub(hits0) as usize;

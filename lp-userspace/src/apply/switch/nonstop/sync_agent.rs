@@ -648,7 +648,7 @@ impl SyncAgent {
     pub(crate) fn start(
         t: &mut Tracee,
         code: u64,
-        held: &mut Vec<(i32, i32)>,
+        held: &mut Vec<(i32, crate::process::HeldSignal)>,
     ) -> Option<SyncAgent> {
         let shared = Shared::map(t.pid(), code)?;
         // An agent orphaned by a killed livepatch still waits there (it exits at its next
@@ -1017,9 +1017,9 @@ fn same_pid_namespace(pid: i32) -> bool {
 
 /// Steps the borrowed thread `tid` (registers set to the start-up) through its three system
 /// calls, entry and exit stops, to the exit of the last; returns clone's result. A signal
-/// that it was about to take meanwhile is held (added to `held`). None when the thread or
-/// the process went away, or stopped elsewhere.
-fn run_start_up(tid: i32, held: &mut Vec<(i32, i32)>) -> Option<i64> {
+/// that it was about to take meanwhile is held (added to `held`, with its siginfo). None when
+/// the thread or the process went away, or stopped elsewhere.
+fn run_start_up(tid: i32, held: &mut Vec<(i32, crate::process::HeldSignal)>) -> Option<i64> {
     let mut stops = 0;
     let mut clone = None;
     loop {
@@ -1036,7 +1036,9 @@ fn run_start_up(tid: i32, held: &mut Vec<(i32, i32)>) -> Option<i64> {
                     break clone;
                 }
             }
-            Ok(Some((_, WaitStatus::Signal(sig)))) => held.push((tid, sig)),
+            Ok(Some((_, WaitStatus::Signal(sig)))) => {
+                held.push((tid, crate::process::HeldSignal::take(tid, sig)))
+            }
             Ok(Some((_, WaitStatus::EventStop | WaitStatus::OtherEvent(_)))) => {}
             _ => break None,
         }
