@@ -51,7 +51,7 @@ struct Scenario {
     killed: Cmd,
     /// The program it kills in: KIND (see killed_program.c) and which of them in the switch.
     program: (&'static str, u32),
-    /// requested-held, requested-orphan, mid-held, mid-orphan.
+    /// requested-held, requested-orphan, mid-held, mid-orphan, tail-held (killed_program.c).
     moment: &'static str,
     /// What compute returns between the kill and the recovery.
     value_after_kill: &'static str,
@@ -284,6 +284,15 @@ fn check(s: &Scenario) {
     );
     if s.moment.starts_with("requested") {
         assert_eq!((next, completed), (0, 0), "nothing claimed: {kill_line}");
+    } else if s.moment.starts_with("tail") {
+        // The write after the int3s' sync (a tail) claimed, not counted: the next livepatch
+        // must wait for it (or resolve it) before it writes anything.
+        assert!(
+            next == first_sync + 2
+                && completed == first_sync + 1
+                && ops[first_sync as usize + 1].starts_with('w'),
+            "not a claimed tail: {kill_line}"
+        );
     } else {
         // Every operation before the first sync (the int3s) counted, at most the first one
         // after it (a tail) claimed: the callers are in the middle of their window.
@@ -336,11 +345,14 @@ fn check(s: &Scenario) {
     } else {
         assert!(out.status.success(), "{stderr}");
     }
-    if s.moment.ends_with("held") {
-        // The watcher held the agent until that invocation cancelled its program.
-        let released = target.wait_line_after(mark, |l| l.starts_with("released: "));
-        assert!(released.starts_with("released: cancelled"), "{released}");
-    }
+    // The watcher holds the agent until that invocation cancels its program (or, if none
+    // does, for 10 s: then the agent carries the rest of it out, over the recovery, and what
+    // follows shows the harm). Once the agent is gone, it writes nothing more.
+    let released = s
+        .moment
+        .ends_with("held")
+        .then(|| target.wait_line_after(mark, |l| l.starts_with("released: ")));
+    wait_threads(&pid, threads);
     assert!(target.alive(), "the target died in the recovery");
     let st = status_json(&pid);
     let patches = st[0]["patches"].as_array().map_or(0, Vec::len);
@@ -355,7 +367,9 @@ fn check(s: &Scenario) {
     steady(&target, OLD);
     assert!(livepatch_ok(&["status", &pid]).contains("no patches applied"));
     assert_eq!(text_changes(&pid, &exe), Vec::<String>::new());
-    wait_threads(&pid, threads);
+    if let Some(released) = released {
+        assert!(released.starts_with("released: cancelled"), "{released}");
+    }
     assert_eq!(traced(&pid), Vec::<String>::new(), "threads still traced");
     assert_eq!(realtime(&pid).len(), 1, "only the watcher is real-time");
     assert!(
@@ -445,6 +459,32 @@ fn killed_mid_last_callers_program_finished_by_the_orphan_the_apply_is_recorded_
         value_after_kill: NEW,
         recovery: Cmd::Revert,
         finished: "recorded as applied",
+        patched_after: false,
+    });
+}
+
+#[test]
+fn killed_with_a_callers_tail_claimed_the_apply_is_taken_out_by_revert() {
+    check(&Scenario {
+        killed: Cmd::Apply,
+        program: ("callers", 1),
+        moment: "tail-held",
+        value_after_kill: OLD,
+        recovery: Cmd::Revert,
+        finished: "taken out",
+        patched_after: false,
+    });
+}
+
+#[test]
+fn killed_with_an_entry_tail_claimed_in_a_revert_the_revert_is_finished() {
+    check(&Scenario {
+        killed: Cmd::Revert,
+        program: ("entry", 1),
+        moment: "tail-held",
+        value_after_kill: OLD,
+        recovery: Cmd::Revert,
+        finished: "taken out",
         patched_after: false,
     });
 }
