@@ -43,6 +43,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 enum Cmd {
     Apply,
     Revert,
+    /// `revert` in stop mode (the default).
+    RevertStop,
 }
 
 /// One kill and its recovery.
@@ -63,13 +65,18 @@ struct Scenario {
     patched_after: bool,
 }
 
-/// `livepatch CMD PID [PATCH] --mode nonstop`.
+/// `livepatch CMD PID [PATCH] --mode nonstop` (stop mode for [`Cmd::RevertStop`]).
 fn args(cmd: Cmd, pid: &str, patch: &str) -> Vec<String> {
     let mut a = match cmd {
         Cmd::Apply => vec!["apply".to_string(), pid.into(), patch.into()],
-        Cmd::Revert => vec!["revert".to_string(), pid.into()],
+        Cmd::Revert | Cmd::RevertStop => vec!["revert".to_string(), pid.into()],
     };
-    a.extend(["--mode".into(), "nonstop".into()]);
+    let mode = if cmd == Cmd::RevertStop {
+        "stop"
+    } else {
+        "nonstop"
+    };
+    a.extend(["--mode".into(), mode.into()]);
     a
 }
 
@@ -321,7 +328,7 @@ fn check(s: &Scenario) {
         .map(str::to_string);
     let want = match s.killed {
         Cmd::Apply => "applying",
-        Cmd::Revert => "reverting",
+        Cmd::Revert | Cmd::RevertStop => "reverting",
     };
     assert_eq!(unfinished.as_deref(), Some(want));
     assert!(livepatch_ok(&["status", &pid]).contains("UNFINISHED"));
@@ -432,6 +439,19 @@ fn killed_mid_callers_program_of_a_revert_the_revert_is_finished() {
         // The dispatches' flag is cleared after the callers' window: still the new code.
         value_after_kill: NEW,
         recovery: Cmd::Revert,
+        finished: "taken out",
+        patched_after: false,
+    });
+}
+
+#[test]
+fn killed_mid_callers_program_the_apply_is_taken_out_by_a_stop_mode_revert() {
+    check(&Scenario {
+        killed: Cmd::Apply,
+        program: ("callers", 1),
+        moment: "mid-held",
+        value_after_kill: OLD,
+        recovery: Cmd::RevertStop,
         finished: "taken out",
         patched_after: false,
     });
