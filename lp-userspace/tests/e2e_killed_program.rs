@@ -292,8 +292,9 @@ fn check(s: &Scenario) {
     if s.moment.starts_with("requested") {
         assert_eq!((next, completed), (0, 0), "nothing claimed: {kill_line}");
     } else if s.moment.starts_with("tail") {
-        // The write after the int3s' sync (a tail) claimed, not counted: the next livepatch
-        // must wait for it (or resolve it) before it writes anything.
+        // The write after the program's first sync (a tail; the phase byte in the entry's
+        // last program, whose int3 went in the program before) claimed and not counted: the
+        // next livepatch must wait for it (or resolve it) before it writes anything.
         assert!(
             next == first_sync + 2
                 && completed == first_sync + 1
@@ -501,6 +502,74 @@ fn killed_with_an_entry_tail_claimed_in_a_revert_the_revert_is_finished() {
     check(&Scenario {
         killed: Cmd::Revert,
         program: ("entry", 1),
+        moment: "tail-held",
+        value_after_kill: OLD,
+        recovery: Cmd::Revert,
+        finished: "taken out",
+        patched_after: false,
+    });
+}
+
+#[test]
+fn killed_with_the_first_program_requested_nothing_is_written_and_the_apply_is_taken_out() {
+    check(&Scenario {
+        killed: Cmd::Apply,
+        program: ("callers", 1),
+        moment: "requested-held",
+        value_after_kill: OLD,
+        recovery: Cmd::Apply,
+        finished: "taken out",
+        patched_after: true,
+    });
+}
+
+#[test]
+fn killed_mid_last_callers_program_after_the_flag_the_apply_is_taken_out_then_applied() {
+    check(&Scenario {
+        killed: Cmd::Apply,
+        program: ("callers", 2),
+        moment: "mid-held",
+        // The flag is set (the entries' window committed it): the new code runs already.
+        value_after_kill: NEW,
+        recovery: Cmd::Apply,
+        finished: "taken out",
+        patched_after: true,
+    });
+}
+
+#[test]
+fn killed_with_a_reverts_entry_program_requested_the_revert_is_finished() {
+    check(&Scenario {
+        killed: Cmd::Revert,
+        program: ("entry", 1),
+        moment: "requested-held",
+        value_after_kill: OLD,
+        recovery: Cmd::Revert,
+        finished: "taken out",
+        patched_after: false,
+    });
+}
+
+#[test]
+fn killed_mid_entrys_last_program_the_apply_is_taken_out_then_applied() {
+    check(&Scenario {
+        killed: Cmd::Apply,
+        program: ("jmp", 1),
+        moment: "mid-held",
+        value_after_kill: OLD,
+        recovery: Cmd::Apply,
+        finished: "taken out",
+        patched_after: true,
+    });
+}
+
+#[test]
+fn killed_with_the_entrys_phase_store_claimed_the_apply_is_taken_out_by_revert() {
+    // The entry's last program is its tail, a sync, the phase byte (the commit point for
+    // trapping threads), the first byte, a sync: held with the phase byte's write claimed.
+    check(&Scenario {
+        killed: Cmd::Apply,
+        program: ("jmp", 1),
         moment: "tail-held",
         value_after_kill: OLD,
         recovery: Cmd::Revert,
