@@ -85,12 +85,40 @@ fn run_ok(cmd: Cmd, pid: &str, patch: &str) {
     livepatch_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
-/// Waits until both of every worker's values are `v` (see [`Target::expect_steady`]).
+/// Waits until every worker reports `v` through both paths, then for two more reports of
+/// each, all `v`. A worker's reports from before that may hold the other value (computed
+/// before the change, or printed after another worker's first new one: the workers are not
+/// ordered); a wrong value makes the worker abort.
 fn steady(target: &Target, v: &str) {
-    target.expect_steady(6, |l| {
-        !l.starts_with("thread=")
-            || (l.contains(&format!("direct={v} ")) && l.contains(&format!("pointer={v} ")))
-    });
+    let mark = target.count();
+    let deadline = Instant::now() + PATIENCE;
+    let want =
+        |l: &str| l.contains(&format!("direct={v} ")) && l.contains(&format!("pointer={v} "));
+    loop {
+        let lines = target.lines();
+        let mut done = 0;
+        for w in 0..WORKERS {
+            let mine: Vec<&String> = lines[mark..]
+                .iter()
+                .filter(|l| l.starts_with(&format!("thread={w} ")))
+                .collect();
+            if let Some(first) = mine.iter().position(|l| want(l)) {
+                if let Some(bad) = mine[first..].iter().find(|l| !want(l)) {
+                    panic!("worker {w} went back from {v}: {bad:?}");
+                }
+                done += usize::from(mine.len() - first >= 3);
+            }
+        }
+        if done == WORKERS {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers do not all report {v}: {:?}",
+            lines.iter().rev().take(8).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `key=value` fields of a watcher line.
