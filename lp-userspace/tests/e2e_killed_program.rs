@@ -331,7 +331,7 @@ fn check(s: &Scenario) {
         );
     } else {
         // Every operation before the first sync (the int3s) counted, at most the first one
-        // after it (a tail) claimed: the callers are in the middle of their window.
+        // after it (a tail) claimed: the window is half-way through the int3 protocol.
         assert!(
             completed >= first_sync && (1..=first_sync + 2).contains(&next),
             "not mid-program: {kill_line}"
