@@ -210,11 +210,22 @@ fn wait_threads(pid: &str, want: usize) {
 
 const WORKERS: usize = 3;
 
-fn check(s: &Scenario) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A running target with its patch, past a first switch (the watcher has found its page).
+struct Setup {
+    dir: tempfile::TempDir,
+    exe: std::path::PathBuf,
+    patch: String,
+    target: Target,
+    pid: String,
+    /// Its threads: main, the watcher, the workers.
+    threads: usize,
+}
+
+/// None on a machine with one CPU (the watcher needs one for itself).
+fn setup() -> Option<Setup> {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         eprintln!("skipped: needs two CPUs");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(
@@ -227,7 +238,7 @@ fn check(s: &Scenario) {
     let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
     let patch = patch.display().to_string();
     let ctl = dir.path().join("ctl");
-    let mut target = Target::spawn(&exe, &[&WORKERS.to_string(), ctl.to_str().unwrap()]);
+    let target = Target::spawn(&exe, &[&WORKERS.to_string(), ctl.to_str().unwrap()]);
     let pid = target.pid();
     steady(&target, OLD);
     // A first switch makes the trap area (kept for the life of the process); the watcher
@@ -239,19 +250,34 @@ fn check(s: &Scenario) {
     target.wait_line(|l| l.starts_with("agent page "));
     let threads = tasks(&pid).len();
     assert_eq!(threads, WORKERS + 2, "main, the watcher, the workers");
+    Some(Setup {
+        dir,
+        exe,
+        patch,
+        target,
+        pid,
+        threads,
+    })
+}
 
+/// Runs `livepatch KILLED` until the watcher kills it in `program` at `moment` (a switch whose
+/// moment it missed is undone and tried again) and checks what the watcher saw. Returns the
+/// watcher's line and the target's line count before that switch.
+fn kill_at(u: &Setup, killed: Cmd, program: (&str, u32), moment: &str) -> (String, usize) {
+    let (target, pid, patch) = (&u.target, &u.pid, &u.patch);
+    let ctl = u.dir.path().join("ctl");
     let (kill_line, mark) = 'attempts: {
         for _ in 0..ATTEMPTS {
-            if s.killed == Cmd::Revert {
-                run_ok(Cmd::Apply, &pid, &patch);
-                steady(&target, NEW);
+            if killed == Cmd::Revert {
+                run_ok(Cmd::Apply, pid, patch);
+                steady(target, NEW);
             }
             let mark = target.count();
-            let armed = format!("{} {} {}\n", s.program.0, s.program.1, s.moment);
-            std::fs::write(dir.path().join("ctl.new"), armed).unwrap();
-            std::fs::rename(dir.path().join("ctl.new"), &ctl).unwrap();
+            let armed = format!("{} {} {moment}\n", program.0, program.1);
+            std::fs::write(u.dir.path().join("ctl.new"), armed).unwrap();
+            std::fs::rename(u.dir.path().join("ctl.new"), &ctl).unwrap();
             let tool = Command::new(livepatch_bin())
-                .args(args(s.killed, &pid, &patch))
+                .args(args(killed, pid, patch))
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -268,11 +294,11 @@ fn check(s: &Scenario) {
                     "not killed, yet the switch failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                if s.killed == Cmd::Apply {
-                    steady(&target, NEW);
-                    run_ok(Cmd::Revert, &pid, &patch);
+                if killed == Cmd::Apply {
+                    steady(target, NEW);
+                    run_ok(Cmd::Revert, pid, patch);
                 }
-                steady(&target, OLD);
+                steady(target, OLD);
                 continue;
             }
             assert_eq!(
@@ -290,8 +316,7 @@ fn check(s: &Scenario) {
             break 'attempts (line, mark);
         }
         panic!(
-            "the watcher never caught {} in {ATTEMPTS} switches: {:?}",
-            s.moment,
+            "the watcher never caught {moment} in {ATTEMPTS} switches: {:?}",
             target.lines().iter().rev().take(8).collect::<Vec<_>>()
         );
     };
@@ -299,10 +324,9 @@ fn check(s: &Scenario) {
 
     // The moment: the program the test asked for, and the agent where the test asked.
     let f = fields(&kill_line);
-    let program = &f["program"];
-    let ops: Vec<&str> = program.split(',').collect();
+    let ops: Vec<&str> = f["program"].split(',').collect();
     assert_eq!(ops.len() as u32, num(&f, "nops"), "{kill_line}");
-    match s.program.0 {
+    match program.0 {
         "callers" => assert!(ops[0] == "w1@site:cc", "{kill_line}"),
         "entry" => assert!(ops.contains(&"w1@entry:cc"), "{kill_line}"),
         "jmp" => assert!(ops.contains(&"w1@entry:e9"), "{kill_line}"),
@@ -317,9 +341,9 @@ fn check(s: &Scenario) {
         format!("{next}/{completed}"),
         "the agent ran while the tool died: {kill_line}"
     );
-    if s.moment.starts_with("requested") {
+    if moment.starts_with("requested") {
         assert_eq!((next, completed), (0, 0), "nothing claimed: {kill_line}");
-    } else if s.moment.starts_with("tail") {
+    } else if moment.starts_with("tail") {
         // The write after the program's first sync (a tail; the phase byte in the entry's
         // last program, whose int3 went in the program before) claimed and not counted: the
         // next livepatch must wait for it (or resolve it) before it writes anything.
@@ -338,30 +362,66 @@ fn check(s: &Scenario) {
         );
         assert!(next < ops.len() as u32, "{kill_line}");
     }
-    if s.moment.ends_with("orphan") {
-        // The agent carried the rest of the program out with its tool dead.
-        let ran = target.wait_line_after(mark, |l| l.starts_with("orphan "));
-        let r = fields(&ran);
-        assert!(
-            r["answered"] == "1" && num(&r, "completed") == ops.len() as u32,
-            "{ran}"
-        );
-    }
+    (kill_line, mark)
+}
 
-    // The target runs on, every result right (a worker aborts on a wrong one).
-    assert!(target.alive(), "the target died after the kill");
-    steady(&target, s.value_after_kill);
-    let unfinished = status_json(&pid)[0]["patches"]
+/// After a kill: the target runs on, every result `v`; `status` shows the switch unfinished.
+fn runs_unfinished(u: &Setup, killed: Cmd, v: &str) {
+    let (target, pid) = (&u.target, &u.pid);
+    // Every result right (a worker aborts on a wrong one).
+    steady(target, v);
+    let unfinished = status_json(pid)[0]["patches"]
         .as_array()
         .and_then(|p| p.iter().find_map(|p| p["unfinished"].as_str()))
         .map(str::to_string);
-    let want = match s.killed {
+    let want = match killed {
         Cmd::Apply => "applying",
         Cmd::Revert | Cmd::RevertStop => "reverting",
     };
     assert_eq!(unfinished.as_deref(), Some(want));
-    assert!(livepatch_ok(&["status", &pid]).contains("UNFINISHED"));
-    assert!(target.alive());
+    assert!(livepatch_ok(&["status", pid]).contains("UNFINISHED"));
+}
+
+/// The end: patch out, the executable's code as in its file, the agent gone, nothing
+/// traced, nothing real-time but the watcher, no wrong value ever seen.
+fn clean(u: &mut Setup) {
+    let pid = u.pid.clone();
+    steady(&u.target, OLD);
+    assert!(livepatch_ok(&["status", &pid]).contains("no patches applied"));
+    assert_eq!(text_changes(&pid, &u.exe), Vec::<String>::new());
+    wait_threads(&pid, u.threads);
+    assert_eq!(traced(&pid), Vec::<String>::new(), "threads still traced");
+    assert_eq!(realtime(&pid).len(), 1, "only the watcher is real-time");
+    assert!(
+        !u.target
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("BAD") || l.starts_with("watcher:")),
+        "{:?}",
+        u.target.lines()
+    );
+    assert!(u.target.alive());
+}
+
+fn check(s: &Scenario) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut u) = setup() else {
+        return;
+    };
+    let (kill_line, mark) = kill_at(&u, s.killed, s.program, s.moment);
+    if s.moment.ends_with("orphan") {
+        // The agent carried the rest of the program out with its tool dead.
+        let ran = u.target.wait_line_after(mark, |l| l.starts_with("orphan "));
+        let r = fields(&ran);
+        let nops = num(&fields(&kill_line), "nops");
+        assert!(
+            r["answered"] == "1" && num(&r, "completed") == nops,
+            "{ran}"
+        );
+    }
+    assert!(u.target.alive(), "the target died after the kill");
+    runs_unfinished(&u, s.killed, s.value_after_kill);
+    let (pid, patch) = (u.pid.clone(), u.patch.clone());
 
     // The next invocation finishes the killed switch.
     let out = livepatch(
@@ -384,39 +444,26 @@ fn check(s: &Scenario) {
     // The watcher holds the agent until that invocation cancels its program (or, if none
     // does, for 10 s: then the agent carries the rest of it out, over the recovery, and what
     // follows shows the harm). Once the agent is gone, it writes nothing more.
-    let released = s
-        .moment
-        .ends_with("held")
-        .then(|| target.wait_line_after(mark, |l| l.starts_with("released: ")));
-    wait_threads(&pid, threads);
-    assert!(target.alive(), "the target died in the recovery");
+    let released = s.moment.ends_with("held").then(|| {
+        u.target
+            .wait_line_after(mark, |l| l.starts_with("released: "))
+    });
+    wait_threads(&pid, u.threads);
+    assert!(u.target.alive(), "the target died in the recovery");
     let st = status_json(&pid);
     let patches = st[0]["patches"].as_array().map_or(0, Vec::len);
     assert_eq!(patches, usize::from(s.patched_after), "{st}");
     assert!(!st.to_string().contains("unfinished"), "{st}");
-    steady(&target, if s.patched_after { NEW } else { OLD });
+    steady(&u.target, if s.patched_after { NEW } else { OLD });
 
     // Out again, and nothing of ours left in the code.
     if s.patched_after {
         run_ok(Cmd::Revert, &pid, &patch);
     }
-    steady(&target, OLD);
-    assert!(livepatch_ok(&["status", &pid]).contains("no patches applied"));
-    assert_eq!(text_changes(&pid, &exe), Vec::<String>::new());
+    clean(&mut u);
     if let Some(released) = released {
         assert!(released.starts_with("released: cancelled"), "{released}");
     }
-    assert_eq!(traced(&pid), Vec::<String>::new(), "threads still traced");
-    assert_eq!(realtime(&pid).len(), 1, "only the watcher is real-time");
-    assert!(
-        !target
-            .lines()
-            .iter()
-            .any(|l| l.starts_with("BAD") || l.starts_with("watcher:")),
-        "{:?}",
-        target.lines()
-    );
-    assert!(target.alive());
 }
 
 #[test]
@@ -604,6 +651,49 @@ fn killed_with_the_entrys_phase_store_claimed_the_apply_is_taken_out_by_revert()
         finished: "taken out",
         patched_after: false,
     });
+}
+
+/// The orphaned agent starved (as by a real-time thread of the program on its CPU) past the
+/// cancel of its program by the next livepatch: that livepatch does not take it for ours (it
+/// is not blocked in our code) but for a thread of the program that blocks SIGTRAP, waits
+/// for it, and gives up at its `--timeout` with nothing written — the switch stays unfinished,
+/// the output right. Once the agent runs again (and exits: its tool is gone), the next revert
+/// finishes the switch.
+#[test]
+fn a_starved_orphan_agent_makes_the_recovery_give_up_with_nothing_written_then_it_finishes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut u) = setup() else {
+        return;
+    };
+    let (_, mark) = kill_at(&u, Cmd::Apply, ("callers", 1), "requested-starved");
+    assert!(u.target.alive(), "the target died after the kill");
+    runs_unfinished(&u, Cmd::Apply, OLD);
+    let pid = u.pid.clone();
+    let (_, err) = livepatch_err(&["revert", &pid, "--mode", "nonstop", "--timeout", "1"]);
+    eprintln!("with the orphan starved: {err}");
+    let released = u
+        .target
+        .wait_line_after(mark, |l| l.starts_with("released: "));
+    assert!(released.starts_with("released: cancelled"), "{released}");
+    // Still held: nothing of the orphan's ran, and the refusal wrote nothing.
+    assert!(!u
+        .target
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("starved agent")));
+    runs_unfinished(&u, Cmd::Apply, OLD);
+    std::fs::write(u.dir.path().join("ctl.release"), "").unwrap();
+    let let_go = u
+        .target
+        .wait_line_after(mark, |l| l.starts_with("starved agent"));
+    assert!(let_go.ends_with("(asked)"), "{let_go}");
+    let out = livepatch(&["revert", &pid, "--mode", "nonstop"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("taken out"),
+        "{stderr}"
+    );
+    clean(&mut u);
 }
 
 /// The fixture's copy of the agent page's layout is the agent's (sync_agent.rs), and the area
