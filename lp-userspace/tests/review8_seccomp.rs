@@ -11,6 +11,11 @@
 //!   the process) answers ALLOW for the check's `close(0)`, and KILL for the real `close` of the
 //!   state's memfd: the target dies.
 //!
+//! - S3: a nonstop revert seizes every thread after its switch (to see that none is still in
+//!   the patch's code), lets them all go, then unmaps the patch's memory on a thread it stops
+//!   anew: the main thread (`stop_any`). Only the borrowed thread was checked (the tracee held
+//!   no other at the time), so a main thread whose own filter kills `munmap` is killed by it.
+//!
 //! The assertion is what a user needs: whatever livepatch answers (applied, or refused with a
 //! one-line error), the target is alive afterwards.
 
@@ -233,5 +238,119 @@ fn review8_a_filter_on_a_run_dependent_argument_kills_the_target() {
             assert!(err.contains("seccomp") && err.contains("close"), "{err}");
             target.expect_steady(3, |l| l == "main=42" || l == "worker=42");
         }
+    }
+}
+
+/// S3's target: the main thread puts itself (only, no TSYNC) under a filter that kills the
+/// process on munmap and prints compute(41) every 20 ms; a second thread, named "idle", is
+/// blocked in a read nobody answers (the thread nonstop mode borrows: the idlest).
+const MAIN_FILTERED: &str = r#"
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile int secret = 7;
+static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
+int __attribute__((noipa)) compute(int x) {
+    int r = x + 1;
+    if (x > 1000000) r = helper_static(x);
+    return r;
+}
+
+static int fds[2];
+static void *idle(void *arg) {
+    (void)arg;
+    char c;
+    for (;;) read(fds[0], &c, 1);
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (pipe(fds) != 0) return 2;
+    pthread_t t;
+    pthread_create(&t, NULL, idle, NULL);
+    pthread_setname_np(t, "idle");
+    struct sock_filter insns[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_munmap, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
+        perror("seccomp");
+        return 2;
+    }
+    printf("ready %d\n", getpid());
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("main=%d\n", compute(41));
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+
+/// S3: the idle thread is borrowed (`LIVEPATCH_BORROW_COMM=idle` makes sure of it; it is the
+/// natural pick whenever the main thread wakes during the look) and has no filter; the main
+/// thread's own filter kills the process on munmap. A nonstop apply runs every remote call on
+/// the idle thread and works; the nonstop revert then unmaps the patch's memory on the main
+/// thread, never checked, and the target dies. Expected: the revert refused with one line, or
+/// done; the target alive either way.
+#[test]
+#[ignore = "review8 S3: nonstop revert unmaps the patch memory on the main thread (stop_any after attach_rest), whose filters were never checked"]
+fn review8_nonstop_revert_runs_munmap_on_an_unchecked_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "mainfiltered", MAIN_FILTERED, &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    assert_eq!(seccomp_of(&pid, &pid), "2", "the main thread is filtered");
+    target.expect_steady(2, |l| l == "main=42");
+    let run = |args: &[&str]| {
+        std::process::Command::new(livepatch_bin())
+            .args(args)
+            .env("LIVEPATCH_BORROW_COMM", "idle")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "apply",
+        &pid,
+        &patch,
+        "--mode",
+        "nonstop",
+        "--timeout",
+        "60",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !dies_within(&mut target, Duration::from_millis(300)),
+        "apply: {err}"
+    );
+    assert!(out.status.success(), "the nonstop apply failed: {err}");
+    target.expect_steady(3, |l| l == "main=1041");
+    let out = run(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !dies_within(&mut target, Duration::from_millis(300)),
+        "the nonstop revert ran munmap on the main thread, whose filter killed the target (livepatch said: {} {err})",
+        out.status
+    );
+    if out.status.success() {
+        target.expect_steady(3, |l| l == "main=42");
+    } else {
+        assert!(err.contains("seccomp"), "{err}");
+        target.expect_steady(3, |l| l == "main=1041");
     }
 }
