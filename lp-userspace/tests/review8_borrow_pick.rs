@@ -70,7 +70,6 @@ fn borrowed(pid: i32) -> i32 {
 }
 
 #[test]
-#[ignore = "review8 B1: the 300 us look borrows a thread that uses half a CPU when the look falls in its sleep"]
 fn review8_a_thread_busy_half_the_time_is_not_borrowed() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable_from_source(dir.path(), "duty", TARGET, &["-pthread"]);
