@@ -8,13 +8,17 @@
 //!       nonstop mode; a call interrupted by the stop). The threads log every call over 2 µs
 //!       with its start; the bench reads CLOCK_MONOTONIC right before and after the library
 //!       call and asks for the longest logged call that overlapped that interval;
-//!     - its baseline: the same figure over intervals of the same length with no patching
-//!       (the machine's own noise grows with the length of the interval looked at);
+//!       A stop that lands in a thread's sleep (stop mode; a nonstop revert, which stops each
+//!       thread once) is not in any call: see the next figure;
+//!     - the longest loop iteration that overlapped the apply (the 50 µs sleep, the calls,
+//!       any stop or scheduling delay; iterations over 100 µs are logged likewise);
+//!     - for both, a control in the same round: the same figures with no patching over an
+//!       interval as long as that round's apply (the machine's own noise grows with the length
+//!       of the interval looked at);
 //!     - the longest single call in the whole measurement window (5 ms before the call, the
 //!       call, 5 ms after: the figure of earlier sessions), with its baseline over a 3 ms sleep;
-//!     - the largest gap between two iterations of the loop: the sleep, scheduling noise, and
-//!       every stall of the iteration together (in nonstop mode an iteration can meet all ten
-//!       int3s, one trap each);
+//!     - the largest gap between two iterations of the loop in that window (in nonstop mode an
+//!       iteration can meet all ten int3s, one trap each);
 //! (b) calls per CPU-second of a patched function / of the original (the same code; its direct
 //!     caller retargeted at it); thread CPU time, so that other load on the machine does not
 //!     count;
@@ -49,6 +53,9 @@ const TARGET: &str = r#"
 #define LOGN 4096
 static struct { long start, dur; } calls[64][LOGN];
 static volatile long logged[64];
+/* every loop iteration over 100 us (the sleep and the calls, and any stop), likewise */
+static struct { long start, dur; } iters[64][LOGN];
+static volatile long ilogged[64];
 static const char *interval_file;
 static volatile int epoch;          /* bumped by SIGUSR1: start a new measurement window */
 static volatile sig_atomic_t report; /* set by SIGUSR2: print the window's largest gap */
@@ -68,7 +75,9 @@ static void *worker(void *arg) {
         TIMED(0); TIMED(1); TIMED(2); TIMED(3); TIMED(4); TIMED(5); TIMED(6); TIMED(7); TIMED(8); TIMED(9);
         if (acc == 7) puts("");
         nanosleep(&pause, NULL);
-        long t = now_ns(), gap = t - last; last = t;
+        long t = now_ns(), gap = t - last;
+        if (gap > 100000) { long k_ = ilogged[id] % LOGN; iters[id][k_].start = last; iters[id][k_].dur = gap; __atomic_store_n(&ilogged[id], ilogged[id] + 1, __ATOMIC_RELEASE); }
+        last = t;
         int e = epoch;
         if (seen[id] != e) { seen[id] = e; max_gap[id] = 0; max_call[id] = 0; }
         if (gap > max_gap[id]) max_gap[id] = gap;
@@ -83,6 +92,18 @@ static long longest_within(int threads, long a, long b) {
         long n = __atomic_load_n(&logged[i], __ATOMIC_ACQUIRE);
         for (long k = n > LOGN ? n - LOGN : 0; k < n; k++) {
             long st = calls[i][k % LOGN].start, d = calls[i][k % LOGN].dur;
+            if (st < b && st + d > a && d > c) c = d;
+        }
+    }
+    return c;
+}
+/* the longest logged loop iteration that overlapped [a, b] (ns; 100 us when none did) */
+static long iteration_within(int threads, long a, long b) {
+    long c = 100000;
+    for (int i = 0; i < threads; i++) {
+        long n = __atomic_load_n(&ilogged[i], __ATOMIC_ACQUIRE);
+        for (long k = n > LOGN ? n - LOGN : 0; k < n; k++) {
+            long st = iters[i][k % LOGN].start, d = iters[i][k % LOGN].dur;
             if (st < b && st + d > a && d > c) c = d;
         }
     }
@@ -113,10 +134,10 @@ int main(int argc, char **argv) {
             report = 0; long m = 0, c = 0;
             for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_gap[i] > m) m = max_gap[i];
             for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_call[i] > c) c = max_call[i];
-            long a = 0, b = 0, w = 0;
+            long a = 0, b = 0, w = 0, iw = 0;
             FILE *f = interval_file ? fopen(interval_file, "r") : NULL;
-            if (f) { if (fscanf(f, "%ld %ld", &a, &b) == 2) w = longest_within(threads, a, b); fclose(f); }
-            printf("gap %ld call %ld within %ld\n", m, c, w);
+            if (f) { if (fscanf(f, "%ld %ld", &a, &b) == 2) { w = longest_within(threads, a, b); iw = iteration_within(threads, a, b); } fclose(f); }
+            printf("gap %ld call %ld within %ld iteration %ld\n", m, c, w, iw);
         }
     }
 }
@@ -179,6 +200,7 @@ impl Target {
             gap: us("gap"),
             call: us("call"),
             within: us("within"),
+            iteration: us("iteration"),
         }
     }
 }
@@ -192,6 +214,9 @@ struct Stalls {
     call: f64,
     /// Longest single call that overlapped the measured operation itself.
     within: f64,
+    /// Longest loop iteration (from one iteration's end to the next's) that overlapped the
+    /// measured operation: what a thread stopped in its sleep sees.
+    iteration: f64,
 }
 
 fn column(v: &[Stalls], pick: fn(&Stalls) -> f64) -> Vec<f64> {
@@ -250,6 +275,7 @@ fn main() {
         revert(t.pid(), None, mode, opts.timeout).unwrap();
         let (mut gaps, mut rgaps, mut apply_ms, mut revert_ms, mut stalls, mut traps) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut quiet, mut rquiet) = (vec![], vec![]);
         for _ in 0..rounds {
             let pid = t.pid();
             gaps.push(t.stalls_during(|| {
@@ -264,26 +290,41 @@ fn main() {
                 revert(pid, None, mode, opts.timeout).unwrap();
                 revert_ms.push(s.elapsed().as_secs_f64() * 1e3);
             }));
+            // The control, in the same round: the machine's own noise over intervals as long
+            // as this apply and this revert, with no patching.
+            for (ms, into) in [
+                (apply_ms.last(), &mut quiet),
+                (revert_ms.last(), &mut rquiet),
+            ] {
+                let d = Duration::from_secs_f64(ms.copied().unwrap_or(0.0) / 1e3);
+                into.push(t.stalls_during(|| std::thread::sleep(d)));
+            }
         }
-        // The machine's own noise over intervals as long as the applies and the reverts.
-        let quiet = |t: &mut Target, ms: &[f64]| -> Vec<f64> {
-            let v: Vec<Stalls> = ms
-                .iter()
-                .map(|&d| t.stalls_during(|| std::thread::sleep(Duration::from_secs_f64(d / 1e3))))
-                .collect();
-            column(&v, |s| s.within)
-        };
-        let (quiet_apply, quiet_revert) = (quiet(&mut t, &apply_ms), quiet(&mut t, &revert_ms));
         println!("  mode {mode}:");
-        let (within, rwithin) = (column(&gaps, |s| s.within), column(&rgaps, |s| s.within));
+        let floor = |v: f64| {
+            if v <= 2.0 {
+                "<= 2".to_string()
+            } else {
+                format!("{v:.1}")
+            }
+        };
+        let within = |v: &[Stalls]| median(column(v, |s| s.within));
         println!(
-            "    (a) longest single call overlapping the apply: median {:.1} us, max {:.1} us (no patching, same lengths: median {:.1} us); overlapping the revert: median {:.1} us, max {:.1} us (no patching: {:.1} us)",
-            median(within.clone()),
-            max(&within),
-            median(quiet_apply),
-            median(rwithin.clone()),
-            max(&rwithin),
-            median(quiet_revert)
+            "    (a) longest single call overlapping the apply: median {} us, max {:.1} us (no patching, same lengths: median {} us); overlapping the revert: median {} us, max {:.1} us (no patching: {} us)",
+            floor(within(&gaps)),
+            max(&column(&gaps, |s| s.within)),
+            floor(within(&quiet)),
+            floor(within(&rgaps)),
+            max(&column(&rgaps, |s| s.within)),
+            floor(within(&rquiet))
+        );
+        let iteration = |v: &[Stalls]| median(column(v, |s| s.iteration));
+        println!(
+            "    (a) longest loop iteration overlapping the apply (its 50 us sleep included, stops anywhere in the loop too): median {:.0} us (no patching: {:.0} us); the revert: median {:.0} us (no patching: {:.0} us)",
+            iteration(&gaps),
+            iteration(&quiet),
+            iteration(&rgaps),
+            iteration(&rquiet)
         );
         let (calls, rcalls) = (column(&gaps, |s| s.call), column(&rgaps, |s| s.call));
         println!(
