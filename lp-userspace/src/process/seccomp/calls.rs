@@ -112,3 +112,24 @@ pub fn for_operation(nonstop: bool) -> Vec<Call> {
     }
     calls
 }
+
+/// The name of a system call livepatch runs in a target, for messages ("system call" for one
+/// not listed).
+pub fn name_of(nr: i64) -> &'static str {
+    match nr {
+        libc::SYS_mmap => "mmap",
+        libc::SYS_munmap => "munmap",
+        libc::SYS_mprotect => "mprotect",
+        libc::SYS_memfd_create => "memfd_create",
+        libc::SYS_ftruncate => "ftruncate",
+        libc::SYS_close => "close",
+        libc::SYS_close_range => "close_range",
+        libc::SYS_getpid => "getpid",
+        libc::SYS_gettid => "gettid",
+        libc::SYS_membarrier => "membarrier",
+        libc::SYS_rt_sigaction => "rt_sigaction",
+        libc::SYS_rt_sigprocmask => "rt_sigprocmask",
+        libc::SYS_tgkill => "tgkill",
+        _ => "system call",
+    }
+}
