@@ -312,6 +312,26 @@ pub(crate) fn lowest_free_fd(pid: i32) -> u64 {
     (0..).find(|fd| !open.contains(fd)).unwrap_or(0)
 }
 
+/// `LIVEPATCH_TRACE`: each vet's time and the running total, one line per call (the cost of
+/// vetting every remote call, measured where it is paid).
+fn vet_trace(nr: i64, tid: i32, took: std::time::Duration) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    if !*TRACE.get_or_init(|| std::env::var_os("LIVEPATCH_TRACE").is_some()) {
+        return;
+    }
+    let ns = took.as_nanos() as u64;
+    let total = TOTAL_NS.fetch_add(ns, Ordering::Relaxed) + ns;
+    let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    eprintln!(
+        "livepatch: trace: seccomp vet of {} on thread {tid}: {ns} ns (all {calls} vets: {} us)",
+        calls::name_of(nr),
+        total / 1000
+    );
+}
+
 /// What strict mode lets through: read, write, exit, rt_sigreturn.
 const STRICT_ALLOWS: [i64; 4] = [
     libc::SYS_read,
@@ -406,6 +426,19 @@ impl Tracee {
     /// arguments. Anything but ALLOW or LOG: the call must not be made
     /// ([`ProcessError::Seccomp`], one line naming the thread and the call).
     pub(crate) fn vet_syscall(
+        &mut self,
+        tid: i32,
+        nr: i64,
+        args: [u64; 6],
+        ip: u64,
+    ) -> Result<(), ProcessError> {
+        let t0 = std::time::Instant::now();
+        let r = self.vet_syscall_untimed(tid, nr, args, ip);
+        vet_trace(nr, tid, t0.elapsed());
+        r
+    }
+
+    fn vet_syscall_untimed(
         &mut self,
         tid: i32,
         nr: i64,
