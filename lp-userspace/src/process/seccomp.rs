@@ -10,6 +10,11 @@
 //! ([`bpf`]), combined as the kernel does (the most restrictive action wins). Only ALLOW and
 //! LOG let a call through. A filter that cannot be read or evaluated is refused too: livepatch
 //! cannot tell what it would do.
+//!
+//! That check runs once, before anything is written, on what is known then. Each remote system
+//! call is vetted again as it is about to be made ([`Tracee::vet_syscall`], from
+//! `run_syscall_on`): the filters of the thread it runs on (each thread's state read once and
+//! kept: `Known`), with its real arguments. A call that would not pass is not made.
 
 pub mod bpf;
 pub mod calls;
@@ -693,6 +698,59 @@ mod tests {
         // One filter that cannot be evaluated makes the stack unknown.
         let bad = vec![stack[0].clone(), vec![Insn::stmt(LD | W | ABS, 0)]];
         assert_eq!(verdict(&bad, &close), None);
+    }
+
+    #[test]
+    fn a_vet_refusal_is_one_line_naming_thread_process_and_call() {
+        let munmap = Call::new("munmap", libc::SYS_munmap, [0; 6]);
+        let kill = Blocked::Call {
+            call: munmap,
+            ret: action::KILL_PROCESS,
+        };
+        assert_eq!(
+            refusal(42, 43, &munmap, &kill).to_string(),
+            "the seccomp filter of thread 43 would kill process 42 on munmap, a system call \
+             livepatch runs inside it; livepatch did not make it"
+        );
+        let errno = Blocked::Call {
+            call: munmap,
+            ret: action::ERRNO | 1,
+        };
+        assert!(refusal(42, 43, &munmap, &errno)
+            .to_string()
+            .contains("would fail munmap with errno 1 in process 42"));
+        for why in [
+            Blocked::Strict,
+            Blocked::Unknown,
+            Blocked::Unreadable(io::Error::from_raw_os_error(libc::EACCES)),
+            Blocked::Call {
+                call: munmap,
+                ret: action::TRAP,
+            },
+        ] {
+            let e = refusal(42, 43, &munmap, &why).to_string();
+            assert!(
+                !e.contains('\n') && e.contains("munmap") && e.contains("thread 43"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_lowest_free_descriptor_is_the_one_the_next_open_gets() {
+        // A process with exactly 0, 1 and 2 open (ours lists its own directory descriptor).
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sleep");
+        let free = lowest_free_fd(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(free, 3);
+        assert_eq!(lowest_free_fd(-1), 0, "no such process");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The system calls livepatch's operations run inside a target, with the arguments a filter
 //! might test where they are fixed (0 where they depend on the run: addresses, lengths,
 //! descriptors). Checked against the target's seccomp filters before an operation writes
-//! anything (see `Tracee::check_seccomp`). The sync agent's own calls are listed next to its
+//! anything (see `Tracee::check_seccomp`); each call is vetted again, with its real
+//! arguments, as it is made (`Tracee::vet_syscall`). The sync agent's own calls are listed next to its
 //! code (`sync_agent.rs`): a filter that stops it only means the ptrace sync is used.
 
 use super::Call;
