@@ -476,9 +476,17 @@ fn take_out(
     // nonstop switch left int3s, while its handler is still the process's action: a thread
     // that took one may not have run the handler yet (`leftover_traps_may_follow`).
     let free = free && !stats.trap_handler_kept && !(int3_seen && leftover_traps_may_follow(pid));
-    let free = crate::debug_info::on_revert(t, &patch, free);
+    let mut free = crate::debug_info::on_revert(t, &patch, free);
     if free {
-        t.munmap(patch.code_addr, patch.code_len)?;
+        match t.munmap(patch.code_addr, patch.code_len) {
+            Ok(()) => {}
+            // The revert itself is done: the memory, which nothing uses, stays mapped.
+            Err(e @ ProcessError::Seccomp { .. }) => {
+                eprintln!("livepatch: warning: {e}: the patch's memory stays mapped");
+                free = false;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(Reverted {
         pid,

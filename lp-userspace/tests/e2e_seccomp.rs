@@ -382,3 +382,112 @@ fn e2e_strict_mode_is_refused() {
         assert!(strict());
     }
 }
+
+/// Two threads, each with a filter of its own (no TSYNC), one filter each: the main thread's
+/// kills the process on munmap and prints compute(41) every 20 ms; the thread named "idle"
+/// (blocked in a read nobody answers) fails uname with EPERM.
+const OWN_FILTERS: &str = r#"
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile int secret = 7;
+static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
+int __attribute__((noipa)) compute(int x) {
+    int r = x + 1;
+    if (x > 1000000) r = helper_static(x);
+    return r;
+}
+
+static void own_filter(int nr, unsigned action) {
+    struct sock_filter insns[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, action),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
+        perror("seccomp");
+        exit(2);
+    }
+}
+
+static int fds[2];
+static volatile int idle_ready;
+static void *idle(void *arg) {
+    (void)arg;
+    own_filter(SYS_uname, SECCOMP_RET_ERRNO | EPERM);
+    idle_ready = 1;
+    char c;
+    for (;;) read(fds[0], &c, 1);
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (pipe(fds) != 0) return 2;
+    pthread_t t;
+    pthread_create(&t, NULL, idle, NULL);
+    pthread_setname_np(t, "idle");
+    while (!idle_ready) usleep(1000);
+    own_filter(SYS_munmap, SECCOMP_RET_KILL_PROCESS);
+    printf("ready %d\n", getpid());
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("main=%d\n", compute(41));
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+
+/// A nonstop revert unmaps the patch's memory after its switch, on a thread of its choosing
+/// once every thread is traced. Here no thread is known to run unfiltered, so it is the main
+/// thread, whose own filter kills munmap (the pre-flight check took it for the borrowed
+/// thread's stack: same number of filters). The munmap is vetted as it is about to be made and
+/// not made: the revert succeeds with a warning that the memory stays mapped, and the target
+/// lives on with its old function. (Before, the target was killed and livepatch exited 0.)
+#[test]
+fn e2e_a_refused_munmap_after_the_switch_leaves_the_memory_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "ownfilters", OWN_FILTERS, &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    assert_eq!(seccomp_mode(&pid), "2");
+    target.expect_steady(2, |l| l == "main=42");
+    let run = |args: &[&str]| {
+        Command::new(livepatch_bin())
+            .args(args)
+            .env("LIVEPATCH_BORROW_COMM", "idle")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["apply", &pid, &patch, "--mode", "nonstop"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "apply: {err}");
+    target.expect_steady(3, |l| l == "main=1041");
+    let out = run(&["revert", &pid, "--mode", "nonstop"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "revert: {err}");
+    assert!(
+        err.contains("warning: the seccomp filter of thread")
+            && err.contains("on munmap")
+            && err.contains("stays mapped"),
+        "{err}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(target.alive(), "the target was killed: {err}");
+    target.expect_steady(3, |l| l == "main=42");
+}

@@ -161,7 +161,6 @@ fn seccomp_of(pid: &str, tid: &str) -> String {
 /// whole process. Expected: refused (the handler's calls do not pass that thread's filter) or
 /// applied, the target alive either way.
 #[test]
-#[ignore = "review8 S1: the SIGTRAP handler's calls are not checked against the filters of the threads that run it (nonstop mode kills a target with a per-thread sandbox)"]
 fn review8_nonstop_handler_in_a_thread_with_its_own_filter_kills_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
@@ -218,7 +217,6 @@ fn review8_nonstop_handler_in_a_thread_with_its_own_filter_kills_the_target() {
 /// the target and the filter kills it. Expected: refused with one line, or applied; the target
 /// alive either way.
 #[test]
-#[ignore = "review8 S2: run-dependent arguments (descriptors, lengths, addresses) are checked as 0; a filter testing one kills the target"]
 fn review8_a_filter_on_a_run_dependent_argument_kills_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
@@ -308,7 +306,6 @@ int main(void) {
 /// thread, never checked, and the target dies. Expected: the revert refused with one line, or
 /// done; the target alive either way.
 #[test]
-#[ignore = "review8 S3: nonstop revert unmaps the patch memory on the main thread (stop_any after attach_rest), whose filters were never checked"]
 fn review8_nonstop_revert_runs_munmap_on_an_unchecked_thread() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable_from_source(dir.path(), "mainfiltered", MAIN_FILTERED, &["-pthread"]);

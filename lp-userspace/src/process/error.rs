@@ -62,6 +62,19 @@ pub enum ProcessError {
         /// The errno the target got.
         err: io::Error,
     },
+    /// A system call livepatch was about to run inside the target would not get through the
+    /// seccomp filters of the thread it runs on: it was not made.
+    #[error("{message}")]
+    Seccomp {
+        /// The process.
+        pid: i32,
+        /// The thread the call would have run on.
+        tid: i32,
+        /// The system call.
+        call: &'static str,
+        /// One line: what the filter would do, and that the call was not made.
+        message: String,
+    },
     /// No `syscall` instruction could be found in the target's executable mappings.
     #[error("no syscall instruction found in process {0}'s code")]
     NoSyscallInstruction(i32),

@@ -70,9 +70,10 @@ pub struct Tracee {
     /// Threads let go on their way back into a system call our stop interrupted, followed
     /// until they are inside it (restart.rs).
     walks: BTreeMap<i32, Walk>,
-    /// A thread of the target runs under a seccomp filter (see [`Tracee::check_seccomp`]): a
-    /// remote call is then checked for the filter's SIGSYS.
-    seccomp_filtered: bool,
+    /// The seccomp state of each thread a remote call ran on (or was checked): read once per
+    /// thread, then every remote system call is vetted against it before it is made
+    /// (`seccomp.rs`), and a filtered thread's call is checked for the filter's SIGSYS after.
+    seccomp: BTreeMap<i32, seccomp::Known>,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -154,7 +155,7 @@ impl Tracee {
             single,
             _lock: lock,
             walks: BTreeMap::new(),
-            seccomp_filtered: false,
+            seccomp: BTreeMap::new(),
         })
     }
 
@@ -423,10 +424,14 @@ impl Tracee {
         self.wait_stopped(tid)
     }
 
-    /// Stops one thread, preferring the main thread; returns its tid.
+    /// Stops one thread, preferring one known to run without seccomp (a thread a remote call
+    /// already ran on: nonstop mode's borrowed thread, once every thread is traced), then the
+    /// main thread; returns its tid.
     pub fn stop_any(&mut self) -> Result<i32> {
         loop {
-            let tid = if self.threads.contains_key(&self.pid) {
+            let tid = if let Some(tid) = self.known_unfiltered() {
+                tid
+            } else if self.threads.contains_key(&self.pid) {
                 self.pid
             } else {
                 match self.threads.keys().next() {
@@ -676,6 +681,8 @@ impl Tracee {
         nr: i64,
         args: [u64; 6],
     ) -> Result<i64> {
+        // Not made at all when the thread's seccomp filters would not let it through.
+        self.vet_syscall(tid, nr, args, insn + 2)?;
         let mut saved = self.regs(tid)?;
         if let Some(slot) = guard {
             slot.guard(&self.mem, &saved)?;
@@ -686,12 +693,12 @@ impl Tracee {
         }
         let mut stepped = self.step_past(tid, insn, &mut saved, guard);
         if stepped.is_ok()
-            && self.seccomp_filtered
+            && self.seccomp_filtered(tid)
             && observe::signal_in(self.pid, tid, libc::SIGSYS, &["SigPnd", "ShdPnd"])
         {
             // A filter that kills on this call skips it, puts the call's number back in rax
             // (its "result") and forces a SIGSYS that no tracer can hold back: the process is
-            // as good as gone. (check_seccomp refuses beforehand the calls it can check.)
+            // as good as gone. (vet_syscall refuses beforehand the calls it can evaluate.)
             stepped = Err(ProcessError::Exited(self.pid));
         }
         if nr == libc::SYS_munmap {
@@ -900,6 +907,13 @@ impl Tracee {
 
     fn map_memfd_as(&mut self, name: &str, len: u64, sharing: i32) -> Result<u64> {
         let tid = self.stop_any()?;
+        // A filter may test close's descriptor: the close that ends this is vetted now, with
+        // the descriptor memfd_create will return (the lowest free one), before anything is
+        // made. (Each call is vetted again as it is made.)
+        if self.next_call_filtered()? {
+            let fd = seccomp::lowest_free_fd(self.pid);
+            self.vet_ahead(libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        }
         // Scratch space for the name: below the stopped thread's stack pointer, past the red
         // zone; the bytes there are restored afterwards.
         let rsp = self.regs(tid)?.rsp;
@@ -915,7 +929,15 @@ impl Tracee {
         );
         self.mem.write(scratch, &saved)?;
         let fd = fd?;
-        let close = |t: &mut Tracee| t.syscall("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+        let close = |t: &mut Tracee| match t.syscall("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])
+        {
+            // Refused by a filter after all (the descriptor was not the one foreseen): the
+            // same through close_range, if that passes.
+            Err(ProcessError::Seccomp { .. }) => {
+                t.syscall("close_range", libc::SYS_close_range, [fd, fd, 0, 0, 0, 0])
+            }
+            r => r,
+        };
         if let Err(e) = self.syscall("ftruncate", libc::SYS_ftruncate, [fd, len, 0, 0, 0, 0]) {
             let _ = close(self);
             return Err(e);

@@ -140,6 +140,8 @@ impl Tracee {
         assert!(args.len() <= 6, "at most 6 register arguments");
         let slot = self.stub_slot()?;
         let tid = self.borrowable_thread()?;
+        // The stub ends the call with a getpid (the callee's own system calls are not vetted).
+        self.vet_syscall(tid, libc::SYS_getpid, [0; 6], slot.call_return_stop())?;
         let saved = self.regs(tid)?;
         let xstate = get_xstate(tid)
             .map_err(|e| ProcessError::from_ptrace("GETREGSET", self.pid, tid, e))?;

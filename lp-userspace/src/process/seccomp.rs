@@ -10,6 +10,11 @@
 //! ([`bpf`]), combined as the kernel does (the most restrictive action wins). Only ALLOW and
 //! LOG let a call through. A filter that cannot be read or evaluated is refused too: livepatch
 //! cannot tell what it would do.
+//!
+//! That check runs once, before anything is written, on what is known then. Each remote system
+//! call is vetted again as it is about to be made ([`Tracee::vet_syscall`], from
+//! `run_syscall_on`): the filters of the thread it runs on (each thread's state read once and
+//! kept: `Known`), with its real arguments. A call that would not pass is not made.
 
 pub mod bpf;
 pub mod calls;
@@ -44,10 +49,15 @@ impl Call {
     }
 
     fn data(&self) -> SeccompData {
+        self.data_at(0)
+    }
+
+    /// The data a filter sees for this call made from the `syscall` ending at `ip`.
+    fn data_at(&self, ip: u64) -> SeccompData {
         SeccompData {
             nr: self.nr as u32,
             arch: AUDIT_ARCH_X86_64,
-            instruction_pointer: 0,
+            instruction_pointer: ip,
             args: self.args,
         }
     }
@@ -157,6 +167,20 @@ pub enum SeccompError {
         /// What is in the way.
         why: Blocked,
     },
+    /// Nonstop mode: the filters of a thread that may reach one of our `int3`s do not let
+    /// the SIGTRAP handler's calls through.
+    #[error(
+        "{why} (process {pid}, thread {tid}, in which nonstop mode's trap handler may run); \
+         nothing was changed: use --mode stop"
+    )]
+    Handler {
+        /// The process.
+        pid: i32,
+        /// The thread.
+        tid: i32,
+        /// What is in the way.
+        why: Blocked,
+    },
     /// Process control failed while checking.
     #[error(transparent)]
     Process(#[from] ProcessError),
@@ -215,10 +239,14 @@ pub fn read_filters(tid: i32) -> Result<Vec<Vec<Insn>>, io::Error> {
 /// The stack's answer for `call` (`filters` oldest first); None when a filter cannot be
 /// evaluated.
 pub fn verdict(filters: &[Vec<Insn>], call: &Call) -> Option<u32> {
-    let data = call.data();
+    verdict_on(filters, &call.data())
+}
+
+/// [`verdict`] for the data of one call.
+fn verdict_on(filters: &[Vec<Insn>], data: &SeccompData) -> Option<u32> {
     // Newest first, as the kernel walks them: of two equally restrictive answers it keeps the
     // newer filter's (its errno, say).
-    let rets: Option<Vec<u32>> = filters.iter().rev().map(|f| bpf::run(f, &data)).collect();
+    let rets: Option<Vec<u32>> = filters.iter().rev().map(|f| bpf::run(f, data)).collect();
     Some(bpf::combine(rets?))
 }
 
@@ -249,12 +277,217 @@ pub fn thread_allows(pid: i32, tid: i32, calls: &[Call]) -> bool {
     }
 }
 
+/// What is known of one thread's seccomp state, read once per thread (`Tracee::seccomp`).
+#[derive(Debug)]
+pub(crate) enum Known {
+    /// No seccomp (or the thread is gone: its call fails on its own).
+    Disabled,
+    /// Strict mode.
+    Strict,
+    /// Filter mode: `count` filters; their programs once read (the thread must be
+    /// ptrace-stopped for that), or why they cannot be.
+    Filter {
+        count: u32,
+        filters: Option<Result<Vec<Vec<Insn>>, String>>,
+    },
+}
+
+impl Known {
+    fn of(pid: i32, tid: i32) -> Known {
+        match status(pid, tid) {
+            None | Some((Mode::Disabled, _)) => Known::Disabled,
+            Some((Mode::Strict, _)) => Known::Strict,
+            Some((Mode::Filter, count)) => Known::Filter {
+                count,
+                filters: None,
+            },
+        }
+    }
+}
+
+/// The lowest descriptor number process `pid` has not open (what its next open or
+/// memfd_create returns, unless another thread opens one first); 0 when /proc cannot tell.
+pub(crate) fn lowest_free_fd(pid: i32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let open: std::collections::BTreeSet<u64> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|fd| !open.contains(fd)).unwrap_or(0)
+}
+
+/// `LIVEPATCH_TRACE`: each vet's time and the running total, one line per call (the cost of
+/// vetting every remote call, measured where it is paid).
+fn vet_trace(nr: i64, tid: i32, took: std::time::Duration) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    if !*TRACE.get_or_init(|| std::env::var_os("LIVEPATCH_TRACE").is_some()) {
+        return;
+    }
+    let ns = took.as_nanos() as u64;
+    let total = TOTAL_NS.fetch_add(ns, Ordering::Relaxed) + ns;
+    let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    eprintln!(
+        "livepatch: trace: seccomp vet of {} on thread {tid}: {ns} ns (all {calls} vets: {} us)",
+        calls::name_of(nr),
+        total / 1000
+    );
+}
+
+/// What strict mode lets through: read, write, exit, rt_sigreturn.
+const STRICT_ALLOWS: [i64; 4] = [
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_exit,
+    libc::SYS_rt_sigreturn,
+];
+
+/// The one-line refusal of `call` on thread `tid` of `pid`, `why` it would not get through.
+fn refusal(pid: i32, tid: i32, call: &Call, why: &Blocked) -> ProcessError {
+    let name = call.name;
+    let what = match why {
+        Blocked::Strict => format!("kill process {pid} on {name} (strict mode)"),
+        Blocked::Unreadable(e) => {
+            format!("do what to {name} in process {pid}? It cannot be read ({e})")
+        }
+        Blocked::Unknown => {
+            format!("do what to {name} in process {pid}? livepatch cannot evaluate it")
+        }
+        Blocked::Call { ret, .. } if ret & bpf::action::FULL_MASK == bpf::action::ERRNO => {
+            format!("fail {name} with errno {} in process {pid}", ret & 0xffff)
+        }
+        Blocked::Call { ret, .. } if bpf::describe(*ret) == "kill the process" => {
+            format!("kill process {pid} on {name}")
+        }
+        Blocked::Call { ret, .. } => format!("{} on {name} in process {pid}", bpf::describe(*ret)),
+    };
+    ProcessError::Seccomp {
+        pid,
+        tid,
+        call: name,
+        message: format!(
+            "the seccomp filter of thread {tid} would {what}, a system call livepatch runs \
+             inside it; livepatch did not make it"
+        ),
+    }
+}
+
 /// Test knob: `LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK=1` skips the refusal (the filter is still
 /// noted), so that `tests/e2e_seccomp.rs` can show what a remote call the check missed does: the
 /// apply fails with "exited", not with a bogus result.
 pub const SKIP_CHECK_VAR: &str = "LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK";
 
 impl Tracee {
+    /// The seccomp state of traced thread `tid`, its status read the first time.
+    fn known(&mut self, tid: i32) -> &mut Known {
+        let pid = self.pid;
+        self.seccomp
+            .entry(tid)
+            .or_insert_with(|| Known::of(pid, tid))
+    }
+
+    /// Whether a remote call on `tid` may meet a filter (its SIGSYS is then looked for).
+    pub(super) fn seccomp_filtered(&self, tid: i32) -> bool {
+        !matches!(self.seccomp.get(&tid), None | Some(Known::Disabled))
+    }
+
+    /// A traced thread known to run without seccomp (a remote call or the check read its
+    /// status), if any.
+    pub(super) fn known_unfiltered(&self) -> Option<i32> {
+        self.threads
+            .keys()
+            .copied()
+            .find(|tid| matches!(self.seccomp.get(tid), Some(Known::Disabled)))
+    }
+
+    /// The first of `calls` the filters of `tid` (ptrace-stopped, in filter mode) do not let
+    /// through, their programs read once and kept; None when all of them run.
+    fn first_blocked_cached(&mut self, tid: i32, calls: &[Call]) -> Option<Blocked> {
+        let Known::Filter { filters, .. } = self.known(tid) else {
+            return None;
+        };
+        let filters = filters.get_or_insert_with(|| read_filters(tid).map_err(|e| e.to_string()));
+        let filters = match filters {
+            Ok(f) => f,
+            Err(e) => return Some(Blocked::Unreadable(io::Error::other(e.clone()))),
+        };
+        for call in calls {
+            match verdict(filters, call) {
+                None => return Some(Blocked::Unknown),
+                Some(ret) if !bpf::allows(ret) => return Some(Blocked::Call { call: *call, ret }),
+                Some(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Vets system call `nr(args)`, about to be made from the `syscall` ending at `ip` on the
+    /// ptrace-stopped thread `tid`, against that thread's seccomp state: its status is read
+    /// the first time (without seccomp that is all it ever costs), its filters the first time
+    /// a call is vetted in filter mode, and the call is run through them with its real
+    /// arguments. Anything but ALLOW or LOG: the call must not be made
+    /// ([`ProcessError::Seccomp`], one line naming the thread and the call).
+    pub(crate) fn vet_syscall(
+        &mut self,
+        tid: i32,
+        nr: i64,
+        args: [u64; 6],
+        ip: u64,
+    ) -> Result<(), ProcessError> {
+        let t0 = std::time::Instant::now();
+        let r = self.vet_syscall_untimed(tid, nr, args, ip);
+        vet_trace(nr, tid, t0.elapsed());
+        r
+    }
+
+    fn vet_syscall_untimed(
+        &mut self,
+        tid: i32,
+        nr: i64,
+        args: [u64; 6],
+        ip: u64,
+    ) -> Result<(), ProcessError> {
+        let pid = self.pid;
+        let call = Call::new(calls::name_of(nr), nr, args);
+        let why = match self.known(tid) {
+            Known::Disabled => return Ok(()),
+            _ if std::env::var_os(SKIP_CHECK_VAR).is_some() => return Ok(()),
+            Known::Strict if STRICT_ALLOWS.contains(&nr) => return Ok(()),
+            Known::Strict => Blocked::Strict,
+            Known::Filter { filters, .. } => {
+                let filters =
+                    filters.get_or_insert_with(|| read_filters(tid).map_err(|e| e.to_string()));
+                match filters {
+                    Err(e) => Blocked::Unreadable(io::Error::other(e.clone())),
+                    Ok(filters) => match verdict_on(filters, &call.data_at(ip)) {
+                        None => Blocked::Unknown,
+                        Some(ret) if bpf::allows(ret) => return Ok(()),
+                        Some(ret) => Blocked::Call { call, ret },
+                    },
+                }
+            }
+        };
+        Err(refusal(pid, tid, &call, &why))
+    }
+
+    /// [`Tracee::vet_syscall`] on the thread the next remote call runs on (stopped for it),
+    /// for a call made later whose arguments are known now. A thread without seccomp: no
+    /// cost but its status read, which the call would make anyway.
+    pub(crate) fn vet_ahead(&mut self, nr: i64, args: [u64; 6]) -> Result<(), ProcessError> {
+        let tid = self.stopped_thread()?;
+        let ip = self.stub.map_or(0, |s| s.syscall_insn() + 2);
+        self.vet_syscall(tid, nr, args, ip)
+    }
+
+    /// Whether the thread the next remote call runs on is under seccomp (strict or filter).
+    pub(crate) fn next_call_filtered(&mut self) -> Result<bool, ProcessError> {
+        let tid = self.stopped_thread()?;
+        Ok(!matches!(self.known(tid), Known::Disabled))
+    }
+
     /// Refuses when a traced thread's seccomp filters would not let through one of the calls an
     /// apply or revert makes in the target ([`calls::for_operation`], nonstop or stop mode)
     /// on the threads that will be borrowed for them. Without seccomp that costs a status read
@@ -264,7 +497,10 @@ impl Tracee {
     pub fn check_seccomp(&mut self, nonstop: bool) -> Result<(), SeccompError> {
         let t0 = std::time::Instant::now();
         let mut stopping = std::time::Duration::ZERO;
-        let r = self.check_seccomp_timed(&calls::for_operation(nonstop), &mut stopping);
+        let mut r = self.check_seccomp_timed(&calls::for_operation(nonstop), &mut stopping);
+        if nonstop && r.is_ok() && std::env::var_os(SKIP_CHECK_VAR).is_none() {
+            r = self.check_handler_threads(&mut stopping);
+        }
         if std::env::var_os("LIVEPATCH_TRACE").is_some() {
             eprintln!(
                 "livepatch: trace: seccomp checked ({} threads) in {} us ({} us of it stopping \
@@ -275,6 +511,84 @@ impl Tracee {
             );
         }
         r
+    }
+
+    /// Nonstop mode: our SIGTRAP handler runs in whichever thread reaches one of our `int3`s,
+    /// under that thread's own filters (a thread may have sandboxed itself, without TSYNC).
+    /// Every thread's status is read (nonstop mode reads /proc for every thread anyway); a
+    /// thread in strict mode is refused, and one in filter mode whose number of filters differs
+    /// from every stack vetted so far is seized and stopped for a moment, its filters read and
+    /// the handler's calls ([`calls::TRAP_HANDLER`]) run through them. A thread created later
+    /// inherits its creator's filters, which are checked (or it installs its own: not seen).
+    fn check_handler_threads(
+        &mut self,
+        stopping: &mut std::time::Duration,
+    ) -> Result<(), SeccompError> {
+        let mut vetted: Vec<u32> = self
+            .seccomp
+            .values()
+            .filter_map(|k| match k {
+                Known::Filter {
+                    count,
+                    filters: Some(Ok(_)),
+                } => Some(*count),
+                _ => None,
+            })
+            .collect();
+        for tid in super::observe::tasks(self.pid) {
+            if self.seccomp.contains_key(&tid) {
+                continue; // checked already, against every call of the operation
+            }
+            let why = match Known::of(self.pid, tid) {
+                Known::Disabled => continue,
+                Known::Filter { count, .. } if vetted.contains(&count) => continue,
+                Known::Strict => Blocked::Strict,
+                known @ Known::Filter { count, .. } => {
+                    let traced = self.threads.contains_key(&tid);
+                    if !traced {
+                        match super::ptrace::seize(tid) {
+                            Ok(()) => {}
+                            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                            Err(e) => {
+                                return Err(
+                                    ProcessError::from_ptrace("SEIZE", self.pid, tid, e).into()
+                                )
+                            }
+                        }
+                        self.threads.insert(tid, Default::default());
+                    }
+                    self.seccomp.insert(tid, known);
+                    let t0 = std::time::Instant::now();
+                    let stopped = self.stop_thread(tid);
+                    *stopping += t0.elapsed();
+                    let blocked = match stopped {
+                        Ok(()) if self.threads.contains_key(&tid) => {
+                            self.first_blocked_cached(tid, calls::TRAP_HANDLER)
+                        }
+                        _ => None, // gone meanwhile
+                    };
+                    if !traced && self.threads.contains_key(&tid) {
+                        let detached = self.detach_thread(tid);
+                        self.threads.remove(&tid);
+                        detached?;
+                    }
+                    stopped?;
+                    match blocked {
+                        Some(why) => why,
+                        None => {
+                            vetted.push(count);
+                            continue;
+                        }
+                    }
+                }
+            };
+            return Err(SeccompError::Handler {
+                pid: self.pid,
+                tid,
+                why,
+            });
+        }
+        Ok(())
     }
 
     /// [`Tracee::check_seccomp`] for any list of calls.
@@ -302,10 +616,11 @@ impl Tracee {
         order.extend(self.threads.keys().next().filter(|&&tid| tid != borrow));
         let mut stacks_read: Vec<u32> = Vec::new();
         for tid in order {
-            let seen = status(self.pid, tid);
-            if matches!(seen, Some((Mode::Filter, _))) {
-                self.seccomp_filtered = true;
-            }
+            let seen = match self.known(tid) {
+                Known::Disabled => None,
+                Known::Strict => Some((Mode::Strict, 0)),
+                Known::Filter { count, .. } => Some((Mode::Filter, *count)),
+            };
             if std::env::var_os(SKIP_CHECK_VAR).is_some() {
                 continue;
             }
@@ -327,7 +642,7 @@ impl Tracee {
                     if !self.threads.contains_key(&tid) {
                         continue; // exited meanwhile
                     }
-                    let blocked = first_blocked(tid, calls);
+                    let blocked = self.first_blocked_cached(tid, calls);
                     if !was_stopped && tid != borrow {
                         self.resume_thread(tid)?;
                     }
@@ -383,6 +698,59 @@ mod tests {
         // One filter that cannot be evaluated makes the stack unknown.
         let bad = vec![stack[0].clone(), vec![Insn::stmt(LD | W | ABS, 0)]];
         assert_eq!(verdict(&bad, &close), None);
+    }
+
+    #[test]
+    fn a_vet_refusal_is_one_line_naming_thread_process_and_call() {
+        let munmap = Call::new("munmap", libc::SYS_munmap, [0; 6]);
+        let kill = Blocked::Call {
+            call: munmap,
+            ret: action::KILL_PROCESS,
+        };
+        assert_eq!(
+            refusal(42, 43, &munmap, &kill).to_string(),
+            "the seccomp filter of thread 43 would kill process 42 on munmap, a system call \
+             livepatch runs inside it; livepatch did not make it"
+        );
+        let errno = Blocked::Call {
+            call: munmap,
+            ret: action::ERRNO | 1,
+        };
+        assert!(refusal(42, 43, &munmap, &errno)
+            .to_string()
+            .contains("would fail munmap with errno 1 in process 42"));
+        for why in [
+            Blocked::Strict,
+            Blocked::Unknown,
+            Blocked::Unreadable(io::Error::from_raw_os_error(libc::EACCES)),
+            Blocked::Call {
+                call: munmap,
+                ret: action::TRAP,
+            },
+        ] {
+            let e = refusal(42, 43, &munmap, &why).to_string();
+            assert!(
+                !e.contains('\n') && e.contains("munmap") && e.contains("thread 43"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_lowest_free_descriptor_is_the_one_the_next_open_gets() {
+        // A process with exactly 0, 1 and 2 open (ours lists its own directory descriptor).
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sleep");
+        let free = lowest_free_fd(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(free, 3);
+        assert_eq!(lowest_free_fd(-1), 0, "no such process");
     }
 
     #[test]

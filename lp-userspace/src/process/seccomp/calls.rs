@@ -1,7 +1,8 @@
 //! The system calls livepatch's operations run inside a target, with the arguments a filter
 //! might test where they are fixed (0 where they depend on the run: addresses, lengths,
 //! descriptors). Checked against the target's seccomp filters before an operation writes
-//! anything (see `Tracee::check_seccomp`). The sync agent's own calls are listed next to its
+//! anything (see `Tracee::check_seccomp`); each call is vetted again, with its real
+//! arguments, as it is made (`Tracee::vet_syscall`). The sync agent's own calls are listed next to its
 //! code (`sync_agent.rs`): a filter that stops it only means the ptrace sync is used.
 
 use super::Call;
@@ -111,4 +112,25 @@ pub fn for_operation(nonstop: bool) -> Vec<Call> {
         calls.extend_from_slice(TRAP_HANDLER);
     }
     calls
+}
+
+/// The name of a system call livepatch runs in a target, for messages ("system call" for one
+/// not listed).
+pub fn name_of(nr: i64) -> &'static str {
+    match nr {
+        libc::SYS_mmap => "mmap",
+        libc::SYS_munmap => "munmap",
+        libc::SYS_mprotect => "mprotect",
+        libc::SYS_memfd_create => "memfd_create",
+        libc::SYS_ftruncate => "ftruncate",
+        libc::SYS_close => "close",
+        libc::SYS_close_range => "close_range",
+        libc::SYS_getpid => "getpid",
+        libc::SYS_gettid => "gettid",
+        libc::SYS_membarrier => "membarrier",
+        libc::SYS_rt_sigaction => "rt_sigaction",
+        libc::SYS_rt_sigprocmask => "rt_sigprocmask",
+        libc::SYS_tgkill => "tgkill",
+        _ => "system call",
+    }
 }
