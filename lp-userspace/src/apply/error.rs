@@ -189,6 +189,9 @@ impl Error {
                 ProcessError::NoSuchProcess(_) | ProcessError::Exited(_) => ErrorKind::ProcessGone,
                 ProcessError::Permission(_) | ProcessError::IsSelf(_) => ErrorKind::Permission,
                 ProcessError::AlreadyTraced { .. } => ErrorKind::Busy,
+                // A remote call the thread's seccomp filter would not let through: refused,
+                // like the pre-flight check's refusal.
+                ProcessError::Seccomp { .. } => ErrorKind::Unsupported,
                 _ => ErrorKind::Other,
             },
             Error::State(_) => ErrorKind::Other,
