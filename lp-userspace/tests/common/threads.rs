@@ -30,3 +30,19 @@ pub fn tracer_of(pid: &str, tid: &str) -> Option<String> {
 pub fn seccomp_of(pid: &str, tid: &str) -> String {
     task_status(pid, tid, "Seccomp").expect("a thread with a Seccomp: line")
 }
+
+/// Field `n` (numbered as in proc(5), 3 being the state) of thread `tid`'s /proc stat (None
+/// once the thread is gone).
+pub fn task_stat(pid: &str, tid: &str, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces and parentheses itself.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n - 3).map(str::to_string)
+}
+
+/// Whether a thread of `pid` is in a job-control stop (state T).
+pub fn job_stopped(pid: &str) -> bool {
+    tasks(pid)
+        .iter()
+        .any(|t| task_stat(pid, t, 3).is_some_and(|s| s.starts_with('T')))
+}
