@@ -108,6 +108,15 @@ fn build(dir: &Path) -> (PathBuf, String) {
     compute_target_and_patch(dir, "filtered", TARGET, &["-pthread"])
 }
 
+/// The target under filter `which`, its pid: the filter in force, the old values printed.
+fn filtered_target(exe: &Path, which: &str) -> (Target, String) {
+    let target = Target::spawn(exe, &[which]);
+    let pid = target.pid();
+    assert_eq!(seccomp_of(&pid, &pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    (target, pid)
+}
+
 /// The sync agent's line of a nonstop trace ("sync agent Some(TID)" or "sync agent None").
 fn agent_line(trace: &str) -> &str {
     trace
@@ -129,32 +138,13 @@ fn e2e_a_filter_against_the_agents_calls_leaves_nonstop_mode_without_agent() {
     let plain = Target::spawn(&exe, &["none"]);
     let pid = plain.pid();
     plain.expect_steady(2, |l| l == OLD);
-    let trace = traced(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("Some("), "{trace}");
     plain.expect_steady(3, |l| l == NEW);
     drop(plain);
 
-    let mut target = Target::spawn(&exe, &["agent"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_of(&pid, &pid), "2");
-    target.expect_steady(2, |l| l == OLD);
-    let trace = traced(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let (mut target, pid) = filtered_target(&exe, "agent");
+    let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("None"), "{trace}");
     target.expect_steady(5, |l| l == NEW);
     assert!(target.alive());
@@ -174,10 +164,7 @@ fn e2e_a_filter_against_the_agents_calls_leaves_nonstop_mode_without_agent() {
 fn e2e_a_filter_against_mmap_is_refused_and_the_target_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
-    let mut target = Target::spawn(&exe, &["mmap"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_of(&pid, &pid), "2");
-    target.expect_steady(2, |l| l == OLD);
+    let (mut target, pid) = filtered_target(&exe, "mmap");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     for mode in ["stop", "nonstop"] {
         let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
@@ -210,10 +197,7 @@ fn e2e_a_filter_against_mmap_is_refused_and_the_target_untouched() {
 fn e2e_a_call_the_filter_kills_is_reported_as_the_process_exiting() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
-    let mut target = Target::spawn(&exe, &["mmap"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_of(&pid, &pid), "2");
-    target.expect_steady(2, |l| l == OLD);
+    let (mut target, pid) = filtered_target(&exe, "mmap");
     let out = livepatch_env(
         &["apply", &pid, &patch],
         &[("LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK", "1")],
@@ -250,15 +234,7 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
     target.expect_steady(3, |l| l == NEW);
     livepatch_ok(&["revert", &pid]);
     target.expect_steady(3, |l| l == OLD);
-    let trace = traced(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("Some("), "{trace}");
     target.expect_steady(3, |l| l == NEW);
     livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
@@ -273,10 +249,7 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
 fn e2e_a_filter_failing_an_executable_mprotect_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
-    let mut target = Target::spawn(&exe, &["mdwe"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_of(&pid, &pid), "2");
-    target.expect_steady(2, |l| l == OLD);
+    let (mut target, pid) = filtered_target(&exe, "mdwe");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     for mode in ["stop", "nonstop"] {
         let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
@@ -323,39 +296,6 @@ fn e2e_strict_mode_is_refused() {
     }
 }
 
-/// Two threads, each with a filter of its own (no TSYNC), one filter each: the main thread's
-/// kills the process on munmap and prints compute(41) every 20 ms; the thread named "idle"
-/// (blocked in a read nobody answers) fails uname with EPERM.
-const OWN_FILTERS: &str = r#"
-#include "compute_loop.h"
-#include "seccomp_filter.h"
-#include <errno.h>
-#include <pthread.h>
-
-static int fds[2];
-static volatile int idle_ready;
-static void *idle(void *arg) {
-    (void)arg;
-    filter_one_call(SYS_uname, SECCOMP_RET_ERRNO | EPERM, 0);
-    idle_ready = 1;
-    char c;
-    for (;;) read(fds[0], &c, 1);
-    return NULL;
-}
-
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    if (pipe(fds) != 0) return 2;
-    pthread_t t;
-    pthread_create(&t, NULL, idle, NULL);
-    pthread_setname_np(t, "idle");
-    while (!idle_ready) usleep(1000);
-    filter_one_call(SYS_munmap, SECCOMP_RET_KILL_PROCESS, 0);
-    printf("ready %d\n", getpid());
-    print_compute_forever("main");
-}
-"#;
-
 /// A nonstop revert unmaps the patch's memory after its switch, on a thread of its choosing
 /// once every thread is traced. Here no thread is known to run unfiltered, so it is the main
 /// thread, whose own filter kills munmap (the pre-flight check took it for the borrowed
@@ -365,9 +305,16 @@ int main(void) {
 #[test]
 fn e2e_a_refused_munmap_after_the_switch_leaves_the_memory_mapped() {
     let dir = tempfile::tempdir().unwrap();
-    let (exe, patch) =
-        compute_target_and_patch(dir.path(), "ownfilters", OWN_FILTERS, &["-pthread"]);
-    let mut target = Target::spawn(&exe, &[]);
+    // Two threads with filters of their own (no TSYNC): the main thread's kills the process
+    // on munmap, the idle thread's fails uname with EPERM.
+    let exe = executable(
+        dir.path(),
+        &["munmap_filtered.c"],
+        "ownfilters",
+        &["-pthread"],
+    );
+    let patch = compute_patch(dir.path(), &exe);
+    let mut target = Target::spawn(&exe, &["uname"]);
     let pid = target.pid();
     assert_eq!(seccomp_of(&pid, &pid), "2");
     target.expect_steady(2, |l| l == "main=42");

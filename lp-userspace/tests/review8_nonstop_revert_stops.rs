@@ -53,15 +53,7 @@ fn review8_nonstop_revert_leaves_threads_blocked_elsewhere_alone() {
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "v=42");
-    livepatch_ok(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    livepatch_ok(&nonstop_apply(&pid, &patch));
     target.expect_steady(3, |l| l == "v=1041");
     let after_apply = target.lines().iter().filter(|l| *l == "eintr").count();
     livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);

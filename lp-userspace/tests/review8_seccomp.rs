@@ -112,15 +112,7 @@ fn review8_nonstop_handler_in_a_thread_with_its_own_filter_kills_the_target() {
     );
     target.expect_steady(3, |l| l == "main=42" || l == "worker=42");
     for round in 0..10 {
-        let out = livepatch(&[
-            "apply",
-            &pid,
-            &patch,
-            "--mode",
-            "nonstop",
-            "--timeout",
-            "60",
-        ]);
+        let out = livepatch(&nonstop_apply(&pid, &patch));
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             !target.dies_within(Duration::from_millis(300)),
@@ -175,34 +167,6 @@ fn review8_a_filter_on_a_run_dependent_argument_kills_the_target() {
     }
 }
 
-/// S3's target: the main thread puts itself (only, no TSYNC) under a filter that kills the
-/// process on munmap and prints compute(41) every 20 ms; a second thread, named "idle", is
-/// blocked in a read nobody answers (the thread nonstop mode borrows: the idlest).
-const MAIN_FILTERED: &str = r#"
-#include "compute_loop.h"
-#include "seccomp_filter.h"
-#include <pthread.h>
-
-static int fds[2];
-static void *idle(void *arg) {
-    (void)arg;
-    char c;
-    for (;;) read(fds[0], &c, 1);
-    return NULL;
-}
-
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    if (pipe(fds) != 0) return 2;
-    pthread_t t;
-    pthread_create(&t, NULL, idle, NULL);
-    pthread_setname_np(t, "idle");
-    filter_one_call(SYS_munmap, SECCOMP_RET_KILL_PROCESS, 0);
-    printf("ready %d\n", getpid());
-    print_compute_forever("main");
-}
-"#;
-
 /// S3: the idle thread is borrowed (`LIVEPATCH_BORROW_COMM=idle` makes sure of it; it is the
 /// natural pick whenever the main thread wakes during the look) and has no filter; the main
 /// thread's own filter kills the process on munmap. A nonstop apply runs every remote call on
@@ -212,22 +176,21 @@ int main(void) {
 #[test]
 fn review8_nonstop_revert_runs_munmap_on_an_unchecked_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let (exe, patch) =
-        compute_target_and_patch(dir.path(), "mainfiltered", MAIN_FILTERED, &["-pthread"]);
+    // The main thread puts itself (only, no TSYNC) under a filter that kills the process on
+    // munmap; the thread named "idle" has none.
+    let exe = executable(
+        dir.path(),
+        &["munmap_filtered.c"],
+        "mainfiltered",
+        &["-pthread"],
+    );
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     assert_eq!(seccomp_of(&pid, &pid), "2", "the main thread is filtered");
     target.expect_steady(2, |l| l == "main=42");
     let run = |args: &[&str]| livepatch_env(args, &[("LIVEPATCH_BORROW_COMM", "idle")]);
-    let out = run(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let out = run(&nonstop_apply(&pid, &patch));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !target.dies_within(Duration::from_millis(300)),

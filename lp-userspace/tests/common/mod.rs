@@ -427,9 +427,21 @@ pub fn compute_target_and_patch(
     let mut flags = flags.to_vec();
     flags.push(&include);
     let exe = executable_from_source(dir, name, source, &flags);
+    let patch = compute_patch(dir, &exe);
+    (exe, patch)
+}
+
+/// Packs new_compute.c (compute(41): 1041) against executable `exe` into `dir/p.lp`; its path.
+pub fn compute_patch(dir: &Path, exe: &Path) -> String {
     let obj = object(dir, "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir, &exe, &obj, &[], "p.lp");
-    (exe, patch.display().to_string())
+    let (patch, _) = pack(dir, exe, &obj, &[], "p.lp");
+    patch.display().to_string()
+}
+
+/// The arguments of a nonstop apply of `patch` to process `pid` (with a timeout generous
+/// enough for a loaded machine).
+pub fn nonstop_apply<'a>(pid: &'a str, patch: &'a str) -> [&'a str; 7] {
+    ["apply", pid, patch, "--mode", "nonstop", "--timeout", "60"]
 }
 
 /// The load bias of executable `exe` in process `pid` (where its file offset 0 is mapped,
