@@ -18,18 +18,6 @@ fn build(dir: &Path) -> (PathBuf, String) {
     (exe, patch.display().to_string())
 }
 
-/// `livepatch args...` with `LIVEPATCH_TRACE`; must succeed; its trace.
-fn traced(args: &[&str]) -> String {
-    let out = Command::new(livepatch_bin())
-        .args(args)
-        .env("LIVEPATCH_TRACE", "1")
-        .output()
-        .unwrap();
-    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "livepatch {args:?}: {trace}");
-    trace
-}
-
 /// The (carried out, queued) counts of the trace's "agent ran X of Y operations" lines.
 fn agent_runs(trace: &str) -> Vec<(usize, usize)> {
     trace

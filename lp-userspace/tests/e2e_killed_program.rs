@@ -135,26 +135,11 @@ fn num(f: &BTreeMap<String, String>, key: &str) -> u32 {
         .unwrap_or_else(|| panic!("no number {key} in {f:?}"))
 }
 
-fn tasks(pid: &str) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 /// Threads of `pid` that a tracer holds.
-fn traced(pid: &str) -> Vec<String> {
+fn traced_threads(pid: &str) -> Vec<String> {
     tasks(pid)
         .into_iter()
-        .filter(|t| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).is_ok_and(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("TracerPid:"))
-                    .is_some_and(|v| v.trim() != "0")
-            })
-        })
+        .filter(|t| tracer_of(pid, t).is_some())
         .collect()
 }
 
@@ -162,13 +147,7 @@ fn traced(pid: &str) -> Vec<String> {
 fn realtime(pid: &str) -> Vec<String> {
     tasks(pid)
         .into_iter()
-        .filter(|t| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat")).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, r)| r.split_whitespace().nth(41 - 3))
-                    .is_some_and(|p| p != "0")
-            })
-        })
+        .filter(|t| task_stat(pid, t, 41).is_some_and(|p| p != "0"))
         .collect()
 }
 
@@ -390,7 +369,11 @@ fn clean(u: &mut Setup) {
     assert!(livepatch_ok(&["status", &pid]).contains("no patches applied"));
     assert_eq!(text_changes(&pid, &u.exe), Vec::<String>::new());
     wait_threads(&pid, u.threads);
-    assert_eq!(traced(&pid), Vec::<String>::new(), "threads still traced");
+    assert_eq!(
+        traced_threads(&pid),
+        Vec::<String>::new(),
+        "threads still traced"
+    );
     assert_eq!(realtime(&pid).len(), 1, "only the watcher is real-time");
     assert!(
         !u.target

@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::Duration;
 
 /// The target: simple.c's loop (compute(41) printed directly and through a pointer) with an
 /// idle second thread, and a filter installed on both (TSYNC) after start-up. argv[1] picks
@@ -18,31 +18,15 @@ use std::process::Command;
 /// mprotect to an executable protection with EPERM (an argument test), `strict` puts the (only)
 /// thread in strict mode, `none` installs none.
 const TARGET: &str = r#"
+#include "compute_loop.h"
+#include "seccomp_filter.h"
 #include <errno.h>
 #include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 #include <pthread.h>
-#include <stddef.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/utsname.h>
-#include <time.h>
-#include <unistd.h>
 
-static volatile int secret = 7;
-static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
-
-/* As in simple.c: long enough for the jump. */
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = helper_static(x);
-    return r;
-}
 int (*volatile compute_ptr)(int) = compute;
 
 static void *idle(void *arg) {
@@ -63,12 +47,7 @@ static void filter(unsigned nr1, unsigned nr2, unsigned action) {
         BPF_STMT(BPF_RET | BPF_K, action),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
-    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) {
-        perror("seccomp");
-        exit(2);
-    }
+    install_filter(insns, sizeof insns / sizeof insns[0], SECCOMP_FILTER_FLAG_TSYNC);
 }
 
 /* systemd's MemoryDenyWriteExecute= in small: mprotect to an executable protection fails. */
@@ -81,12 +60,7 @@ static void deny_exec_mprotect(void) {
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
-    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) {
-        perror("seccomp");
-        exit(2);
-    }
+    install_filter(insns, sizeof insns / sizeof insns[0], SECCOMP_FILTER_FLAG_TSYNC);
 }
 
 /* Strict mode (read, write, exit, sigreturn): the main thread says so and blocks in a read of
@@ -131,36 +105,16 @@ const OLD: &str = "direct=42 pointer=42";
 const NEW: &str = "direct=1041 pointer=1041";
 
 fn build(dir: &Path) -> (PathBuf, String) {
-    let exe = executable_from_source(dir, "filtered", TARGET, &["-pthread"]);
-    let obj = object(dir, "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir, &exe, &obj, &[], "p.lp");
-    (exe, patch.display().to_string())
+    compute_target_and_patch(dir, "filtered", TARGET, &["-pthread"])
 }
 
-/// `livepatch args...` with `LIVEPATCH_TRACE`; must succeed; its trace.
-fn traced(args: &[&str]) -> String {
-    let out = Command::new(livepatch_bin())
-        .args(args)
-        .env("LIVEPATCH_TRACE", "1")
-        .output()
-        .unwrap();
-    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "livepatch {args:?} failed ({}): {trace}",
-        out.status
-    );
-    trace
-}
-
-fn seccomp_mode(pid: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .unwrap()
-        .trim()
-        .to_string()
+/// The target under filter `which`, its pid: the filter in force, the old values printed.
+fn filtered_target(exe: &Path, which: &str) -> (Target, String) {
+    let target = Target::spawn(exe, &[which]);
+    let pid = target.pid();
+    assert_eq!(seccomp_of(&pid, &pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    (target, pid)
 }
 
 /// The sync agent's line of a nonstop trace ("sync agent Some(TID)" or "sync agent None").
@@ -184,32 +138,13 @@ fn e2e_a_filter_against_the_agents_calls_leaves_nonstop_mode_without_agent() {
     let plain = Target::spawn(&exe, &["none"]);
     let pid = plain.pid();
     plain.expect_steady(2, |l| l == OLD);
-    let trace = traced(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("Some("), "{trace}");
     plain.expect_steady(3, |l| l == NEW);
     drop(plain);
 
-    let mut target = Target::spawn(&exe, &["agent"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_mode(&pid), "2");
-    target.expect_steady(2, |l| l == OLD);
-    let trace = traced(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let (mut target, pid) = filtered_target(&exe, "agent");
+    let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("None"), "{trace}");
     target.expect_steady(5, |l| l == NEW);
     assert!(target.alive());
@@ -229,10 +164,7 @@ fn e2e_a_filter_against_the_agents_calls_leaves_nonstop_mode_without_agent() {
 fn e2e_a_filter_against_mmap_is_refused_and_the_target_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
-    let mut target = Target::spawn(&exe, &["mmap"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_mode(&pid), "2");
-    target.expect_steady(2, |l| l == OLD);
+    let (mut target, pid) = filtered_target(&exe, "mmap");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     for mode in ["stop", "nonstop"] {
         let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
@@ -265,15 +197,11 @@ fn e2e_a_filter_against_mmap_is_refused_and_the_target_untouched() {
 fn e2e_a_call_the_filter_kills_is_reported_as_the_process_exiting() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
-    let mut target = Target::spawn(&exe, &["mmap"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_mode(&pid), "2");
-    target.expect_steady(2, |l| l == OLD);
-    let out = Command::new(livepatch_bin())
-        .args(["apply", &pid, &patch])
-        .env("LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK", "1")
-        .output()
-        .unwrap();
+    let (mut target, pid) = filtered_target(&exe, "mmap");
+    let out = livepatch_env(
+        &["apply", &pid, &patch],
+        &[("LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK", "1")],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -282,12 +210,8 @@ fn e2e_a_call_the_filter_kills_is_reported_as_the_process_exiting() {
         "{stderr}"
     );
     assert!(!stderr.contains("0x9"), "{stderr}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while target.alive() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     assert!(
-        !target.alive(),
+        target.dies_within(Duration::from_secs(10)),
         "the filter's SIGSYS should have killed the target"
     );
 }
@@ -300,7 +224,7 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
     let (exe, patch) = build(dir.path());
     let mut target = Target::spawn(&exe, &["errno"]);
     let pid = target.pid();
-    assert_eq!(seccomp_mode(&pid), "2");
+    assert_eq!(seccomp_of(&pid, &pid), "2");
     // The filter is in force: the target's own uname failed with EPERM.
     assert!(target
         .wait_line(|l| l.starts_with("ready"))
@@ -310,15 +234,7 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
     target.expect_steady(3, |l| l == NEW);
     livepatch_ok(&["revert", &pid]);
     target.expect_steady(3, |l| l == OLD);
-    let trace = traced(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("Some("), "{trace}");
     target.expect_steady(3, |l| l == NEW);
     livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
@@ -333,10 +249,7 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
 fn e2e_a_filter_failing_an_executable_mprotect_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
-    let mut target = Target::spawn(&exe, &["mdwe"]);
-    let pid = target.pid();
-    assert_eq!(seccomp_mode(&pid), "2");
-    target.expect_steady(2, |l| l == OLD);
+    let (mut target, pid) = filtered_target(&exe, "mdwe");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     for mode in ["stop", "nonstop"] {
         let (code, line) = livepatch_err(&["apply", &pid, &patch, "--mode", mode]);
@@ -383,73 +296,6 @@ fn e2e_strict_mode_is_refused() {
     }
 }
 
-/// Two threads, each with a filter of its own (no TSYNC), one filter each: the main thread's
-/// kills the process on munmap and prints compute(41) every 20 ms; the thread named "idle"
-/// (blocked in a read nobody answers) fails uname with EPERM.
-const OWN_FILTERS: &str = r#"
-#include <errno.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <pthread.h>
-#include <stddef.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-
-static volatile int secret = 7;
-static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = helper_static(x);
-    return r;
-}
-
-static void own_filter(int nr, unsigned action) {
-    struct sock_filter insns[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, action),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
-        perror("seccomp");
-        exit(2);
-    }
-}
-
-static int fds[2];
-static volatile int idle_ready;
-static void *idle(void *arg) {
-    (void)arg;
-    own_filter(SYS_uname, SECCOMP_RET_ERRNO | EPERM);
-    idle_ready = 1;
-    char c;
-    for (;;) read(fds[0], &c, 1);
-    return NULL;
-}
-
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    if (pipe(fds) != 0) return 2;
-    pthread_t t;
-    pthread_create(&t, NULL, idle, NULL);
-    pthread_setname_np(t, "idle");
-    while (!idle_ready) usleep(1000);
-    own_filter(SYS_munmap, SECCOMP_RET_KILL_PROCESS);
-    printf("ready %d\n", getpid());
-    struct timespec ts = {0, 20 * 1000000L};
-    for (;;) {
-        printf("main=%d\n", compute(41));
-        nanosleep(&ts, NULL);
-    }
-}
-"#;
-
 /// A nonstop revert unmaps the patch's memory after its switch, on a thread of its choosing
 /// once every thread is traced. Here no thread is known to run unfiltered, so it is the main
 /// thread, whose own filter kills munmap (the pre-flight check took it for the borrowed
@@ -459,21 +305,20 @@ int main(void) {
 #[test]
 fn e2e_a_refused_munmap_after_the_switch_leaves_the_memory_mapped() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "ownfilters", OWN_FILTERS, &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
-    let mut target = Target::spawn(&exe, &[]);
+    // Two threads with filters of their own (no TSYNC): the main thread's kills the process
+    // on munmap, the idle thread's fails uname with EPERM.
+    let exe = executable(
+        dir.path(),
+        &["munmap_filtered.c"],
+        "ownfilters",
+        &["-pthread"],
+    );
+    let patch = compute_patch(dir.path(), &exe);
+    let mut target = Target::spawn(&exe, &["uname"]);
     let pid = target.pid();
-    assert_eq!(seccomp_mode(&pid), "2");
+    assert_eq!(seccomp_of(&pid, &pid), "2");
     target.expect_steady(2, |l| l == "main=42");
-    let run = |args: &[&str]| {
-        Command::new(livepatch_bin())
-            .args(args)
-            .env("LIVEPATCH_BORROW_COMM", "idle")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| livepatch_env(args, &[("LIVEPATCH_BORROW_COMM", "idle")]);
     let out = run(&["apply", &pid, &patch, "--mode", "nonstop"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "apply: {err}");

@@ -26,13 +26,8 @@ const STOPPER: &str = r#"
 
 static void *watcher(void *arg) {
     (void)arg;
-    struct sched_param sp = {.sched_priority = 2};
-    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) {
-        printf("watcher: no SCHED_FIFO\n");
-        return NULL;
-    }
-    volatile uint32_t *w = agent_page();
-    printf("agent page %p\n", (void *)w);
+    volatile uint32_t *w = watch_agent_page();
+    if (!w) return NULL;
     uint32_t seen = w[0];
     int armed = 0, applies = 0;
     for (;;) {
@@ -78,20 +73,6 @@ int main(int argc, char **argv) {
     worker((void *)(long)n);
 }
 "#;
-
-/// Whether a thread of `pid` is in a job-control stop (state T).
-fn job_stopped(pid: &str) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
-            })
-        })
-}
 
 fn read_u32(pid: &str, addr: u64) -> u32 {
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();

@@ -22,13 +22,8 @@ const STOPPER: &str = r#"
 
 static void *watcher(void *arg) {
     (void)arg;
-    struct sched_param sp = {.sched_priority = 2};
-    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) {
-        printf("watcher: no SCHED_FIFO\n");
-        return NULL;
-    }
-    volatile uint32_t *w = agent_page();
-    printf("agent page %p\n", (void *)w);
+    volatile uint32_t *w = watch_agent_page();
+    if (!w) return NULL;
     uint32_t seen = w[0];
     int applies = 0; /* the programs writing compute's first byte seen so far */
     int armed = 1;
@@ -96,33 +91,11 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Whether a thread of `pid` is in a job-control stop (state T).
-fn job_stopped(pid: &str) -> bool {
-    tasks(pid).iter().any(|t| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
-        })
-    })
-}
-
-fn tasks(pid: &str) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
+/// The threads of `pid` a tracer holds, each as "TID traced by TRACER".
 fn tracers(pid: &str) -> Vec<String> {
     tasks(pid)
         .iter()
-        .filter_map(|t| {
-            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).ok()?;
-            let tracer = s.lines().find_map(|l| l.strip_prefix("TracerPid:"))?.trim();
-            (tracer != "0").then(|| format!("{t} traced by {tracer}"))
-        })
+        .filter_map(|t| Some(format!("{t} traced by {}", tracer_of(pid, t)?)))
         .collect()
 }
 

@@ -26,13 +26,8 @@ static double now(void) {
 
 static void *watcher(void *arg) {
     (void)arg;
-    struct sched_param sp = {.sched_priority = 2};
-    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) {
-        printf("watcher: no SCHED_FIFO\n");
-        return NULL;
-    }
-    volatile uint32_t *w = agent_page();
-    printf("agent page %p\n", (void *)w);
+    volatile uint32_t *w = watch_agent_page();
+    if (!w) return NULL;
     uint32_t seen = w[0];
     int applies = 0; /* the programs writing compute's first byte seen so far */
     int armed = 1;

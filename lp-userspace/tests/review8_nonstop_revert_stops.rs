@@ -19,20 +19,11 @@ use common::*;
 /// Three threads blocked in epoll_wait on an empty epoll set (no timeout), each printing
 /// "eintr" when the call returns EINTR; the main thread prints compute(41) every 20 ms.
 const TARGET: &str = r#"
+#include "compute_loop.h"
 #include <errno.h>
 #include <pthread.h>
-#include <stdio.h>
 #include <sys/epoll.h>
-#include <time.h>
 #include <unistd.h>
-
-static volatile int secret = 7;
-static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = helper_static(x);
-    return r;
-}
 
 static void *waiter(void *arg) {
     (void)arg;
@@ -50,11 +41,7 @@ int main(void) {
     pthread_t t;
     for (int i = 0; i < 3; i++) pthread_create(&t, NULL, waiter, NULL);
     printf("ready %d\n", getpid());
-    struct timespec ts = {0, 20 * 1000000L};
-    for (;;) {
-        printf("v=%d\n", compute(41));
-        nanosleep(&ts, NULL);
-    }
+    print_compute_forever("v");
 }
 "#;
 
@@ -62,22 +49,11 @@ int main(void) {
 #[ignore = "review8 M1, a documented limit (docs/userspace.md, nonstop revert): the revert stops each thread once to see it is out of the patch memory before it is unmapped; epoll_wait returns EINTR then. The bench now shows such stops (longest loop iteration overlapping the revert)"]
 fn review8_nonstop_revert_leaves_threads_blocked_elsewhere_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "epollers", TARGET, &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let (exe, patch) = compute_target_and_patch(dir.path(), "epollers", TARGET, &["-pthread"]);
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "v=42");
-    livepatch_ok(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    livepatch_ok(&nonstop_apply(&pid, &patch));
     target.expect_steady(3, |l| l == "v=1041");
     let after_apply = target.lines().iter().filter(|l| *l == "eintr").count();
     livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);

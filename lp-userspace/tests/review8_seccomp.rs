@@ -23,7 +23,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// argv[1] picks the filter: `thread` gives the worker (only) a filter that kills the process
 /// on gettid (the worker then calls compute without a pause: a temporary int3 lasts only a few
@@ -32,35 +32,10 @@ use std::time::{Duration, Instant};
 /// sleep). The main thread prints compute(41) every 20 ms; the worker prints it every 20 ms
 /// with write(2).
 const TARGET: &str = r#"
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
+#include "compute_loop.h"
+#include "seccomp_filter.h"
 #include <pthread.h>
-#include <stddef.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-
-static volatile int secret = 7;
-static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = helper_static(x);
-    return r;
-}
-
-static void install(struct sock_filter *insns, unsigned short n, unsigned flags) {
-    struct sock_fprog prog = {n, insns};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog) != 0) {
-        perror("seccomp");
-        exit(2);
-    }
-}
 
 static long ns(void) {
     struct timespec t;
@@ -73,16 +48,8 @@ static volatile int worker_ready;
 
 static void *worker(void *arg) {
     (void)arg;
-    if (thread_filter) {
-        /* This thread's own sandbox: no TSYNC, the other threads are not filtered. */
-        struct sock_filter insns[] = {
-            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_gettid, 0, 1),
-            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-        };
-        install(insns, sizeof insns / sizeof insns[0], 0);
-    }
+    if (thread_filter) /* This thread's own sandbox: no TSYNC, the other threads are not filtered. */
+        filter_one_call(SYS_gettid, SECCOMP_RET_KILL_PROCESS, 0);
     worker_ready = 1;
     struct timespec nap = {0, 200000};
     long last = ns();
@@ -115,44 +82,15 @@ int main(int argc, char **argv) {
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         };
-        install(insns, sizeof insns / sizeof insns[0], SECCOMP_FILTER_FLAG_TSYNC);
+        install_filter(insns, sizeof insns / sizeof insns[0], SECCOMP_FILTER_FLAG_TSYNC);
     }
     printf("ready %d\n", getpid());
-    struct timespec ts = {0, 20 * 1000000L};
-    for (;;) {
-        printf("main=%d\n", compute(41));
-        nanosleep(&ts, NULL);
-    }
+    print_compute_forever("main");
 }
 "#;
 
 fn build(dir: &Path) -> (PathBuf, String) {
-    let exe = executable_from_source(dir, "sandboxed", TARGET, &["-pthread"]);
-    let obj = object(dir, "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir, &exe, &obj, &[], "p.lp");
-    (exe, patch.display().to_string())
-}
-
-/// Waits up to `patience` for the target to die; whether it did.
-fn dies_within(target: &mut Target, patience: Duration) -> bool {
-    let deadline = Instant::now() + patience;
-    while Instant::now() < deadline {
-        if !target.alive() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn seccomp_of(pid: &str, tid: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .unwrap()
-        .trim()
-        .to_string()
+    compute_target_and_patch(dir, "sandboxed", TARGET, &["-pthread"])
 }
 
 /// S1: a worker under a filter of its own (gettid kills the process) and an unfiltered main
@@ -168,28 +106,16 @@ fn review8_nonstop_handler_in_a_thread_with_its_own_filter_kills_the_target() {
     let pid = target.pid();
     // Premise: the main thread is not filtered, the worker is.
     assert_eq!(seccomp_of(&pid, &pid), "0");
-    let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
     assert!(
-        tids.iter().any(|t| seccomp_of(&pid, t) == "2"),
+        tasks(&pid).iter().any(|t| seccomp_of(&pid, t) == "2"),
         "the worker has no filter"
     );
     target.expect_steady(3, |l| l == "main=42" || l == "worker=42");
     for round in 0..10 {
-        let out = livepatch(&[
-            "apply",
-            &pid,
-            &patch,
-            "--mode",
-            "nonstop",
-            "--timeout",
-            "60",
-        ]);
+        let out = livepatch(&nonstop_apply(&pid, &patch));
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
-            !dies_within(&mut target, Duration::from_millis(300)),
+            !target.dies_within(Duration::from_millis(300)),
             "round {round}: the target was killed by its worker's seccomp filter during a nonstop apply (livepatch said: {} {err})",
             out.status
         );
@@ -203,7 +129,7 @@ fn review8_nonstop_handler_in_a_thread_with_its_own_filter_kills_the_target() {
         let out = livepatch(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
-            !dies_within(&mut target, Duration::from_millis(300)),
+            !target.dies_within(Duration::from_millis(300)),
             "round {round}: the target was killed by its worker's seccomp filter during a nonstop revert (livepatch said: {} {err})",
             out.status
         );
@@ -228,7 +154,7 @@ fn review8_a_filter_on_a_run_dependent_argument_kills_the_target() {
         let out = livepatch(&["apply", &pid, &patch, "--mode", mode, "--timeout", "60"]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
-            !dies_within(&mut target, Duration::from_millis(300)),
+            !target.dies_within(Duration::from_millis(300)),
             "{mode}: the target was killed by its seccomp filter on a close livepatch made (livepatch said: {} {err})",
             out.status
         );
@@ -241,64 +167,6 @@ fn review8_a_filter_on_a_run_dependent_argument_kills_the_target() {
     }
 }
 
-/// S3's target: the main thread puts itself (only, no TSYNC) under a filter that kills the
-/// process on munmap and prints compute(41) every 20 ms; a second thread, named "idle", is
-/// blocked in a read nobody answers (the thread nonstop mode borrows: the idlest).
-const MAIN_FILTERED: &str = r#"
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <pthread.h>
-#include <stddef.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-
-static volatile int secret = 7;
-static int __attribute__((noipa)) helper_static(int x) { return x * 2 + secret; }
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = helper_static(x);
-    return r;
-}
-
-static int fds[2];
-static void *idle(void *arg) {
-    (void)arg;
-    char c;
-    for (;;) read(fds[0], &c, 1);
-    return NULL;
-}
-
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    if (pipe(fds) != 0) return 2;
-    pthread_t t;
-    pthread_create(&t, NULL, idle, NULL);
-    pthread_setname_np(t, "idle");
-    struct sock_filter insns[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_munmap, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
-        perror("seccomp");
-        return 2;
-    }
-    printf("ready %d\n", getpid());
-    struct timespec ts = {0, 20 * 1000000L};
-    for (;;) {
-        printf("main=%d\n", compute(41));
-        nanosleep(&ts, NULL);
-    }
-}
-"#;
-
 /// S3: the idle thread is borrowed (`LIVEPATCH_BORROW_COMM=idle` makes sure of it; it is the
 /// natural pick whenever the main thread wakes during the look) and has no filter; the main
 /// thread's own filter kills the process on munmap. A nonstop apply runs every remote call on
@@ -308,33 +176,24 @@ int main(void) {
 #[test]
 fn review8_nonstop_revert_runs_munmap_on_an_unchecked_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "mainfiltered", MAIN_FILTERED, &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    // The main thread puts itself (only, no TSYNC) under a filter that kills the process on
+    // munmap; the thread named "idle" has none.
+    let exe = executable(
+        dir.path(),
+        &["munmap_filtered.c"],
+        "mainfiltered",
+        &["-pthread"],
+    );
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     assert_eq!(seccomp_of(&pid, &pid), "2", "the main thread is filtered");
     target.expect_steady(2, |l| l == "main=42");
-    let run = |args: &[&str]| {
-        std::process::Command::new(livepatch_bin())
-            .args(args)
-            .env("LIVEPATCH_BORROW_COMM", "idle")
-            .output()
-            .unwrap()
-    };
-    let out = run(&[
-        "apply",
-        &pid,
-        &patch,
-        "--mode",
-        "nonstop",
-        "--timeout",
-        "60",
-    ]);
+    let run = |args: &[&str]| livepatch_env(args, &[("LIVEPATCH_BORROW_COMM", "idle")]);
+    let out = run(&nonstop_apply(&pid, &patch));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        !dies_within(&mut target, Duration::from_millis(300)),
+        !target.dies_within(Duration::from_millis(300)),
         "apply: {err}"
     );
     assert!(out.status.success(), "the nonstop apply failed: {err}");
@@ -342,7 +201,7 @@ fn review8_nonstop_revert_runs_munmap_on_an_unchecked_thread() {
     let out = run(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        !dies_within(&mut target, Duration::from_millis(300)),
+        !target.dies_within(Duration::from_millis(300)),
         "the nonstop revert ran munmap on the main thread, whose filter killed the target (livepatch said: {} {err})",
         out.status
     );

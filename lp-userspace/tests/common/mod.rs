@@ -9,7 +9,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod threads;
 pub mod uprobe;
+
+#[allow(unused_imports)]
+pub use threads::*;
 
 /// Generous default for waiting on a target's output.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -85,6 +89,27 @@ pub fn livepatch(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run livepatch")
+}
+
+/// Runs `livepatch args...` with extra environment variables.
+pub fn livepatch_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(livepatch_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run livepatch")
+}
+
+/// Runs `livepatch args...` with `LIVEPATCH_TRACE`, asserts success; returns its trace.
+pub fn traced(args: &[&str]) -> String {
+    let out = livepatch_env(args, &[("LIVEPATCH_TRACE", "1")]);
+    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "livepatch {args:?} failed ({}): {trace}",
+        out.status
+    );
+    trace
 }
 
 /// Runs `livepatch args...` and asserts success; returns stdout.
@@ -246,6 +271,18 @@ impl Target {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Waits up to `patience` for the process to die; whether it did.
+    pub fn dies_within(&mut self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
 }
 
 impl Drop for Target {
@@ -376,6 +413,35 @@ pub fn executable_from_source(dir: &Path, name: &str, source: &str, flags: &[&st
     args.extend_from_slice(&["-o", exe.to_str().unwrap()]);
     cc("gcc", &args);
     exe
+}
+
+/// Compiles C `source` (which may include the fixture headers) into `dir/name`, and packs
+/// new_compute.c (compute(41): 1041) against it; returns the executable and the patch's path.
+pub fn compute_target_and_patch(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    flags: &[&str],
+) -> (PathBuf, String) {
+    let include = format!("-I{}", fixture("").display());
+    let mut flags = flags.to_vec();
+    flags.push(&include);
+    let exe = executable_from_source(dir, name, source, &flags);
+    let patch = compute_patch(dir, &exe);
+    (exe, patch)
+}
+
+/// Packs new_compute.c (compute(41): 1041) against executable `exe` into `dir/p.lp`; its path.
+pub fn compute_patch(dir: &Path, exe: &Path) -> String {
+    let obj = object(dir, "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir, exe, &obj, &[], "p.lp");
+    patch.display().to_string()
+}
+
+/// The arguments of a nonstop apply of `patch` to process `pid` (with a timeout generous
+/// enough for a loaded machine).
+pub fn nonstop_apply<'a>(pid: &'a str, patch: &'a str) -> [&'a str; 7] {
+    ["apply", pid, patch, "--mode", "nonstop", "--timeout", "60"]
 }
 
 /// The load bias of executable `exe` in process `pid` (where its file offset 0 is mapped,
