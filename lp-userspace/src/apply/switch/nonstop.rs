@@ -627,8 +627,12 @@ fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration, agents: AgentCode) -> 
 const SIGTRAP_BLOCKED_NOW: &str = "a moment with SIGTRAP blocked (at the first int3)";
 
 /// How long a thread seen with SIGTRAP blocked right before the first int3 gets to unblock it
-/// (glibc blocks every signal around clone() in pthread_create and posix_spawn: microseconds).
-const UNBLOCK_WAIT: Duration = Duration::from_millis(5);
+/// (glibc blocks every signal around clone() in pthread_create and posix_spawn: microseconds;
+/// a thread inside our own handler, after a killed switch left int3s, blocks it until the
+/// handler returns — which on a loaded machine can wait milliseconds for a CPU: 5 ms was too
+/// short once under load in e2e_killed_program and once in e2e_nonstop). A thread that keeps
+/// it blocked was refused before ([`refuse_if_sigtrap_blocked`]), so the wait costs only here.
+const UNBLOCK_WAIT: Duration = Duration::from_millis(100);
 
 /// A thread that reaches one of our int3s while it blocks SIGTRAP dies with the whole
 /// process (the kernel resets the action to SIG_DFL: a trap's signal cannot wait). Threads
