@@ -189,7 +189,8 @@ impl Tracee {
                 .filter_map(|tid| Some((tid, observe::schedstat(self.pid, tid)?)))
                 .collect();
             let pid = self.pid;
-            // (class, CPU used in the look): smaller is better.
+            // (class, CPU used or waited for in the look): smaller is better. The wait counts:
+            // on a loaded machine a busy thread may get little CPU in the look (review 8, B1).
             let key = |tid: i32| {
                 let class = match observe::activity(pid, tid) {
                     Some(observe::Activity::Blocked {
@@ -208,7 +209,9 @@ impl Tracee {
                         if now == *was {
                             0
                         } else {
-                            now.runtime_ns.saturating_sub(was.runtime_ns).max(1)
+                            (now.runtime_ns.saturating_sub(was.runtime_ns)
+                                + now.run_delay_ns.saturating_sub(was.run_delay_ns))
+                            .max(1)
                         }
                     },
                 );

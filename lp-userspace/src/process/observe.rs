@@ -77,6 +77,8 @@ pub struct SchedStat {
     /// CPU time consumed, in nanoseconds: updated by the scheduler at ticks and switches, so
     /// for a thread on a CPU it may lag, never lead.
     pub runtime_ns: u64,
+    /// Time spent runnable, waiting for a CPU, in nanoseconds (updated at switches).
+    pub run_delay_ns: u64,
     /// Times the thread was switched in (exact: bumped at every switch-in).
     pub run_count: u64,
 }
@@ -133,9 +135,11 @@ impl ThreadFiles {
         let mut buf = [0u8; 128];
         let mut f = read_at_start(&self.schedstat, &mut buf)?.split_whitespace();
         let runtime_ns = f.next()?.parse().ok()?;
-        let run_count = f.nth(1)?.parse().ok()?;
+        let run_delay_ns = f.next()?.parse().ok()?;
+        let run_count = f.next()?.parse().ok()?;
         Some(SchedStat {
             runtime_ns,
+            run_delay_ns,
             run_count,
         })
     }
@@ -194,9 +198,11 @@ pub fn schedstat(pid: i32, tid: i32) -> Option<SchedStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
     let mut f = text.split_whitespace();
     let runtime_ns = f.next()?.parse().ok()?;
-    let run_count = f.nth(1)?.parse().ok()?;
+    let run_delay_ns = f.next()?.parse().ok()?;
+    let run_count = f.next()?.parse().ok()?;
     Some(SchedStat {
         runtime_ns,
+        run_delay_ns,
         run_count,
     })
 }
