@@ -49,13 +49,17 @@ const TARGET: &str = r#"
 #include <time.h>
 #include <unistd.h>
 #include "funcs.h"
-/* every call over 2 us, per thread: its start and its length (ns), read by `report` */
+/* Per thread, the last LOGN spans (start and length, ns) over a floor, read by `report`:
+   every call over 2 us, and every loop iteration over 100 us (the sleep, the calls, any stop). */
 #define LOGN 4096
-static struct { long start, dur; } calls[64][LOGN];
-static volatile long logged[64];
-/* every loop iteration over 100 us (the sleep and the calls, and any stop), likewise */
-static struct { long start, dur; } iters[64][LOGN];
-static volatile long ilogged[64];
+struct ring { struct { long start, dur; } span[64][LOGN]; volatile long n[64]; long floor; };
+static struct ring calls = {.floor = 2000}, iters = {.floor = 100000};
+static void note(struct ring *r, long id, long start, long dur) {
+    if (dur <= r->floor) return;
+    long k = r->n[id] % LOGN;
+    r->span[id][k].start = start; r->span[id][k].dur = dur;
+    __atomic_store_n(&r->n[id], r->n[id] + 1, __ATOMIC_RELEASE);
+}
 static const char *interval_file;
 static volatile int epoch;          /* bumped by SIGUSR1: start a new measurement window */
 static volatile sig_atomic_t report; /* set by SIGUSR2: print the window's largest gap */
@@ -64,8 +68,7 @@ static int seen[64];
 static long clock_ns(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
 static long now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 /* one call, timed: the longest of the iteration in `call` */
-#define TIMED(n) do { long a_ = now_ns(); acc += f##n(1); long d_ = now_ns() - a_; if (d_ > call) call = d_; \
-    if (d_ > 2000) { long k_ = logged[id] % LOGN; calls[id][k_].start = a_; calls[id][k_].dur = d_; __atomic_store_n(&logged[id], logged[id] + 1, __ATOMIC_RELEASE); } } while (0)
+#define TIMED(n) do { long a_ = now_ns(); acc += f##n(1); long d_ = now_ns() - a_; if (d_ > call) call = d_; note(&calls, id, a_, d_); } while (0)
 static void *worker(void *arg) {
     long id = (long)arg; long last = now_ns(); unsigned acc = 0;
     struct timespec pause = {0, 50000};
@@ -76,7 +79,7 @@ static void *worker(void *arg) {
         if (acc == 7) puts("");
         nanosleep(&pause, NULL);
         long t = now_ns(), gap = t - last;
-        if (gap > 100000) { long k_ = ilogged[id] % LOGN; iters[id][k_].start = last; iters[id][k_].dur = gap; __atomic_store_n(&ilogged[id], ilogged[id] + 1, __ATOMIC_RELEASE); }
+        note(&iters, id, last, gap);
         last = t;
         int e = epoch;
         if (seen[id] != e) { seen[id] = e; max_gap[id] = 0; max_call[id] = 0; }
@@ -85,25 +88,13 @@ static void *worker(void *arg) {
     }
     return NULL;
 }
-/* the longest logged call that overlapped [a, b] (ns; 2 us when none did) */
-static long longest_within(int threads, long a, long b) {
-    long c = 2000;
+/* the longest span of `r` that overlapped [a, b] (ns; the ring's floor when none did) */
+static long longest_within(const struct ring *r, int threads, long a, long b) {
+    long c = r->floor;
     for (int i = 0; i < threads; i++) {
-        long n = __atomic_load_n(&logged[i], __ATOMIC_ACQUIRE);
+        long n = __atomic_load_n(&r->n[i], __ATOMIC_ACQUIRE);
         for (long k = n > LOGN ? n - LOGN : 0; k < n; k++) {
-            long st = calls[i][k % LOGN].start, d = calls[i][k % LOGN].dur;
-            if (st < b && st + d > a && d > c) c = d;
-        }
-    }
-    return c;
-}
-/* the longest logged loop iteration that overlapped [a, b] (ns; 100 us when none did) */
-static long iteration_within(int threads, long a, long b) {
-    long c = 100000;
-    for (int i = 0; i < threads; i++) {
-        long n = __atomic_load_n(&ilogged[i], __ATOMIC_ACQUIRE);
-        for (long k = n > LOGN ? n - LOGN : 0; k < n; k++) {
-            long st = iters[i][k % LOGN].start, d = iters[i][k % LOGN].dur;
+            long st = r->span[i][k % LOGN].start, d = r->span[i][k % LOGN].dur;
             if (st < b && st + d > a && d > c) c = d;
         }
     }
@@ -136,7 +127,7 @@ int main(int argc, char **argv) {
             for (int i = 0; i < threads; i++) if (seen[i] == epoch && max_call[i] > c) c = max_call[i];
             long a = 0, b = 0, w = 0, iw = 0;
             FILE *f = interval_file ? fopen(interval_file, "r") : NULL;
-            if (f) { if (fscanf(f, "%ld %ld", &a, &b) == 2) { w = longest_within(threads, a, b); iw = iteration_within(threads, a, b); } fclose(f); }
+            if (f) { if (fscanf(f, "%ld %ld", &a, &b) == 2) { w = longest_within(&calls, threads, a, b); iw = longest_within(&iters, threads, a, b); } fclose(f); }
             printf("gap %ld call %ld within %ld iteration %ld\n", m, c, w, iw);
         }
     }
