@@ -23,6 +23,7 @@ const TARGET: &str = r#"
 #include <errno.h>
 #include <linux/audit.h>
 #include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/utsname.h>
@@ -80,14 +81,23 @@ int main(int argc, char **argv) {
     const char *which = argv[1];
     if (!strcmp(which, "strict"))
         strict(); /* single-threaded: the one thread any mode borrows */
+    if (!strcmp(which, "errno-sigsys")) {
+        /* SIGSYS blocked in every thread (the idle one inherits the mask) */
+        sigset_t sys;
+        sigemptyset(&sys);
+        sigaddset(&sys, SIGSYS);
+        pthread_sigmask(SIG_BLOCK, &sys, NULL);
+    }
     pthread_t t;
     pthread_create(&t, NULL, idle, NULL);
     if (!strcmp(which, "agent"))
         filter(SYS_close_range, SYS_pwrite64, SECCOMP_RET_KILL_PROCESS);
     else if (!strcmp(which, "mmap"))
         filter(SYS_mmap, SYS_mmap, SECCOMP_RET_KILL_PROCESS);
-    else if (!strcmp(which, "errno"))
+    else if (!strcmp(which, "errno") || !strcmp(which, "errno-sigsys"))
         filter(SYS_uname, SYS_uname, SECCOMP_RET_ERRNO | EPERM);
+    if (!strcmp(which, "errno-sigsys"))
+        kill(getpid(), SIGSYS); /* process-directed, blocked everywhere: it stays pending */
     else if (!strcmp(which, "mdwe"))
         deny_exec_mprotect();
     struct utsname u;
@@ -236,6 +246,37 @@ fn e2e_a_filter_failing_an_unrelated_call_changes_nothing() {
     target.expect_steady(3, |l| l == OLD);
     let trace = traced(&nonstop_apply(&pid, &patch));
     assert!(agent_line(&trace).contains("Some("), "{trace}");
+    target.expect_steady(3, |l| l == NEW);
+    livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
+    target.expect_steady(3, |l| l == OLD);
+    assert!(target.alive());
+}
+
+/// The same filter, and a process-directed SIGSYS that waits in the process-wide pending set
+/// (blocked in every thread; sent by kill, not by a filter): apply and revert work in both
+/// modes. Before, the check after each remote call looked at the process-wide set too and took
+/// that SIGSYS for a filter's kill: every apply of such a process failed as "process exited"
+/// (review 8, L2).
+#[test]
+fn e2e_a_sigsys_pending_for_the_process_is_not_taken_for_a_filters_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["errno-sigsys"]);
+    let pid = target.pid();
+    assert_eq!(seccomp_of(&pid, &pid), "2");
+    target.expect_steady(2, |l| l == OLD);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let shared: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(shared & 1 << (libc::SIGSYS - 1), 0, "the premise: {status}");
+    livepatch_ok(&["apply", &pid, &patch]);
+    target.expect_steady(3, |l| l == NEW);
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(3, |l| l == OLD);
+    livepatch_ok(&nonstop_apply(&pid, &patch));
     target.expect_steady(3, |l| l == NEW);
     livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
     target.expect_steady(3, |l| l == OLD);
