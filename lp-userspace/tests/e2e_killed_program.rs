@@ -680,13 +680,13 @@ fn a_starved_orphan_agent_makes_the_recovery_give_up_with_nothing_written_then_i
 }
 
 /// The fixture's copy of the agent page's layout is the agent's (sync_agent.rs), and the area
-/// it looks for is the one the tool makes (nonstop.rs, trap_handler.rs): a layout changed
+/// it looks for is the one the tool makes (area_name.rs, trap_handler.rs): a layout changed
 /// under the same area name (review 7, finding 7) fails here, not as a watcher that never
 /// sees its moment.
 #[test]
 fn the_fixtures_agent_page_layout_is_the_agents() {
     let agent = include_str!("../src/apply/switch/nonstop/sync_agent.rs");
-    let nonstop = include_str!("../src/apply/switch/nonstop.rs");
+    let area_name = include_str!("../src/apply/switch/nonstop/area_name.rs");
     let trap = include_str!("../src/apply/switch/trap_handler.rs");
     let fixture = include_str!("fixtures/proc/killed_program.c");
     let watched = include_str!("fixtures/proc/agent_watched.h");
@@ -728,10 +728,10 @@ fn the_fixtures_agent_page_layout_is_the_agents() {
         checked += 1;
     }
     assert_eq!(checked, 16, "the fixture's layout constants");
-    let name = nonstop
+    let name = area_name
         .lines()
-        .find_map(|l| l.strip_prefix("const AREA_NAME: &str = "))
-        .expect("nonstop.rs AREA_NAME");
+        .find_map(|l| l.strip_prefix("pub(super) const LAYOUT: &str = "))
+        .expect("area_name.rs LAYOUT");
     assert_eq!(name, "\"livepatch-trap.4\";");
     assert!(watched.contains("strstr(line, \"livepatch-trap.4\")"));
     // agent_page() takes the last page of the area's data mapping.

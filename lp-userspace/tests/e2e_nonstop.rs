@@ -459,7 +459,41 @@ fn e2e_nonstop_leaves_an_earlier_layouts_area_alone() {
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(maps.contains("/memfd:livepatch-trap (deleted)"), "{maps}");
+    assert!(maps.contains("/memfd:livepatch-trap.4."), "{maps}");
+    assert!(target.alive());
+}
+
+/// A process that carries an area of this layout made by another build of livepatch (here as
+/// session 8's livepatch named it, `livepatch-trap.4`, its code page other bytes, its owner
+/// words naming the process): the tool upgraded between an apply and its revert. Nonstop mode
+/// makes an area of its own beside it (named with its code's hash) and works. Before, the
+/// other build's area was found by its name and refused as "changed by someone else": nonstop
+/// mode was unusable on that process for good (review 7, finding 7).
+#[test]
+fn e2e_nonstop_leaves_another_builds_area_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["old_area.c"], "old_area", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.display().to_string();
+    let mut target = Target::spawn(&exe, &["same-layout"]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(maps.contains("/memfd:livepatch-trap.4 (deleted)"), "{maps}");
+    for _ in 0..2 {
+        livepatch_ok(&nonstop_apply(&pid, &patch));
+        target.expect_steady(2, |l| l == "value=1041");
+        livepatch_ok(&["revert", &pid, "--mode", "nonstop", "--timeout", "60"]);
+        target.expect_steady(2, |l| l == "value=42");
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("/memfd:livepatch-trap.4 (deleted)"), "{maps}");
+    let ours: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains("/memfd:livepatch-trap.4.") && l.contains(" r-xs "))
+        .collect();
+    assert_eq!(ours.len(), 1, "one area of this build, reused: {maps}");
     assert!(target.alive());
 }
 

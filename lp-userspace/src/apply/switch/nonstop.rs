@@ -12,7 +12,8 @@
 //!   ([`lp_core::trap::decide`] on a [`RedirectTable`]), computed here for every site and
 //!   phase before anything is written; the tool flips a one-byte phase index at the commit.
 //! - A trap that is not ours goes to the action the process had (see `trap_handler.rs`).
-//! - The handler's area (a memfd mapping named [`AREA_NAME`], one per process) is created by
+//! - The handler's area (a memfd mapping named after its layout and code, `area_name.rs`, one
+//!   per process and build of livepatch) is created by
 //!   the first nonstop switch and stays mapped for the life of the process, reused by later
 //!   switches:
 //!   a thread that took our trap just before the action was restored may still run the
@@ -21,6 +22,7 @@
 //! Nothing here stops, seizes or signals the other threads: what the tool needs to know about
 //! them (blocked or running, CPU time consumed, SIGTRAP pending) comes from /proc.
 
+mod area_name;
 mod sync_agent;
 
 use super::trap_handler as th;
@@ -36,13 +38,6 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use sync_agent::{Op, SyncAgent};
-
-/// Name of the memfd holding the handler. The layout has a version in the name: an area of an
-/// earlier layout (`livepatch-trap`: without the threads' trap records and the sync agent) is
-/// not reused — a new one is made beside it. If the earlier handler is still the SIGTRAP
-/// action (its switch could not restore the action), ours simply chains to it like to any
-/// action of the process.
-const AREA_NAME: &str = "livepatch-trap.4";
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
@@ -784,27 +779,40 @@ fn top_id(i: usize) -> u32 {
 
 /// Finds the handler's area (mapped by an earlier nonstop switch) or creates it: a memfd
 /// mapping, code page r-x, data pages rw-.
-/// The code page of process `pid`'s own area of this layout, if it has one. A process forked
+/// The code page of process `pid`'s own area of this build, if it has one. A process forked
 /// from one with an area maps that area too (a shared mapping, review S10): it belongs to the
 /// parent — whose switches rewrite its tables, phase and agent words at any time — and is
 /// never used; the child gets an area of its own.
 fn find_area(pid: i32, mem: &Memory) -> Result<Option<u64>, Error> {
+    Ok(layout_areas(pid, mem)?
+        .into_iter()
+        .find_map(|(code, own)| own.then_some(code)))
+}
+
+/// The code pages of process `pid`'s own areas of this layout (see [`find_area`]), each with
+/// whether it is this build's (its name has our code's hash) or another build's.
+fn layout_areas(pid: i32, mem: &Memory) -> Result<Vec<(u64, bool)>, Error> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|_| crate::process::ProcessError::Exited(pid))?;
     let me = owner_of(pid);
     Ok(maps
         .lines()
-        .filter(|l| is_area_line(l))
-        .filter(|l| {
+        .filter_map(|l| Some((l, area_name::memfd_of(l)?)))
+        .filter(|(_, name)| area_name::is_layout(name))
+        .filter(|(l, _)| {
             l.split_whitespace()
                 .nth(1)
                 .is_some_and(|p| p.starts_with("r-x"))
         })
-        .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
-        .find(|&code| {
+        .filter_map(|(l, name)| {
+            let code = u64::from_str_radix(l.split('-').next()?, 16).ok()?;
+            Some((code, name == area_name::own()))
+        })
+        .filter(|&(code, _)| {
             let owner = mem.read_vec(code + th::PAGE + th::OWNER, 16).ok();
             me.is_some() && owner.as_deref() == me.as_ref().map(|m| &m[..])
-        }))
+        })
+        .collect())
 }
 
 /// Makes a sync agent that a killed livepatch left in process `pid` harmless before anything
@@ -815,21 +823,28 @@ pub(crate) fn quiet_orphaned_agent(
     maps: Option<&[crate::maps::Mapping]>,
 ) -> Result<(), Error> {
     let area_mapped = |m: &crate::maps::Mapping| {
-        m.exec && m.path.as_deref() == Some(&format!("/memfd:{AREA_NAME}"))
+        m.exec
+            && m.path
+                .as_deref()
+                .and_then(|p| p.strip_prefix("/memfd:"))
+                .is_some_and(|n| area_name::is_layout(n.trim_end_matches(" (deleted)")))
     };
     if maps.is_some_and(|maps| !maps.iter().any(area_mapped)) {
         return Ok(());
     }
     let mem = Memory::open(pid)?;
-    let Some(code) = find_area(pid, &mem)? else {
-        return Ok(());
-    };
-    sync_agent::quiet_orphan(pid, code).map_err(|e| {
-        Error::Unfinished(format!(
-            "process {pid}: the sync agent (thread {}) of a killed livepatch is stopped in the middle of a write: nothing written; continue the process and try again",
-            e.tid
-        ))
-    })
+    // Every area of this layout: one another build of livepatch made may hold an agent its
+    // killed tool left too (the words are the same; its code may not be).
+    for (code, own) in layout_areas(pid, &mem)? {
+        sync_agent::quiet_orphan(pid, code, own).map_err(|e| {
+            Error::Unfinished(format!(
+                "process {pid}: the sync agent (thread {}) of a killed livepatch{} is stopped in the middle of a write: nothing written; continue the process and try again",
+                e.tid,
+                if own { "" } else { " of another version" }
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// Process `pid`'s identity as an area records it: its pid and its start time (clock ticks
@@ -878,7 +893,7 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
         }
         return Ok(area);
     }
-    let code = t.map_memfd(AREA_NAME, th::AREA_LEN)?;
+    let code = t.map_memfd(area_name::own(), th::AREA_LEN)?;
     let area = Area { code, bank: 0 };
     let page = generate(&area)?;
     // Written while the page is still writable: /proc/PID/mem cannot force a write into a
@@ -891,13 +906,6 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
     t.mem().write(data + th::OWNER, &owner)?;
     t.mprotect(code, th::PAGE, prot::READ | prot::EXEC)?;
     Ok(area)
-}
-
-/// Whether a /proc/PID/maps line maps our area (this layout's name exactly: the memfd's path
-/// is `/memfd:NAME`, followed by ` (deleted)`).
-fn is_area_line(line: &str) -> bool {
-    line.split_once("/memfd:")
-        .is_some_and(|(_, name)| name.trim_end().trim_end_matches(" (deleted)") == AREA_NAME)
 }
 
 /// The code page's bytes (up to the end of its last piece): the handler, the restorer and the

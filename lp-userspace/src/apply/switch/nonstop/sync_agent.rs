@@ -918,7 +918,12 @@ fn resolve_claim(tid: i32, code: u64, shared: &Shared) -> Result<usize, Stuck> {
 /// the next livepatch's recovery would undo it (review 7, finding 1: SIGSEGV). A claimed sync
 /// writes nothing and needs nothing. An agent that cannot be made harmless is [`Stuck`]. The
 /// agent itself exits on its own (its tool is gone).
-pub(crate) fn quiet_orphan(pid: i32, code: u64) -> Result<(), Stuck> {
+///
+/// `own`: the area is this build's. In another build's area (same layout, other code: the tool
+/// upgraded meanwhile) the words are read and cancelled the same way, but a claimed write not
+/// carried out in time is not resolved by hand (that needs the agent's code, see
+/// [`resolve_claim`]): the agent is [`Stuck`] then, and nothing is written.
+pub(crate) fn quiet_orphan(pid: i32, code: u64, own: bool) -> Result<(), Stuck> {
     let Some(s) = Shared::map(pid, code) else {
         return Ok(());
     };
@@ -943,6 +948,9 @@ pub(crate) fn quiet_orphan(pid: i32, code: u64) -> Result<(), Stuck> {
             return Ok(());
         }
         if Instant::now() > deadline {
+            if !own {
+                return Err(Stuck { tid });
+            }
             return resolve_claim(tid, code, &s).map(drop);
         }
         std::thread::sleep(Duration::from_micros(200));

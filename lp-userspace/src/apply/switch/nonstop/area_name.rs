@@ -1,0 +1,95 @@
+//! The name of this build's trap area: the layout's name, then a hash of the code the area
+//! holds (`livepatch-trap.4.1a2b3c4d`).
+//!
+//! Why the hash. An area is made once per process and kept for its life, and its code page is
+//! checked against the code this build generates before it is used again. An area made by
+//! another build of livepatch — the tool upgraded between an apply and its revert, weeks apart —
+//! holds other code under the same layout name, and was taken for one "changed by someone
+//! else": nonstop mode was refused for that process for good (review 7, finding 7). With the
+//! code's hash in the name, each build finds its own area, or makes one beside the others.
+//!
+//! Areas of the same layout made by other builds are still looked at before anything is
+//! written: a sync agent a killed tool of that build left may hold a claimed write (see
+//! `quiet_orphaned_agent`). The layout (the data page's words, where the agent's page is) is
+//! the same for every name under [`LAYOUT`]; the agent's code may not be.
+
+use super::{generate, Area};
+use std::sync::OnceLock;
+
+/// The layout's name: an area of an earlier layout (`livepatch-trap`, without the threads'
+/// trap records and the sync agent) is left alone, whatever its code, and one of this layout
+/// made beside it. If the earlier handler (another build's or layout's) is still the SIGTRAP
+/// action (its switch could not restore the action), ours simply chains to it like to any
+/// action of the process.
+pub(super) const LAYOUT: &str = "livepatch-trap.4";
+
+/// Where the code is generated to hash it: the code holds the area's absolute addresses, so
+/// it is hashed as it would be at one fixed address.
+const HASHED_AT: u64 = 0x7f00_0000_0000;
+
+/// This build's area name: [`LAYOUT`], a dot, and the FNV-1a hash of the code page's bytes.
+pub(super) fn own() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let page = generate(&Area {
+            code: HASHED_AT,
+            bank: 0,
+        })
+        .unwrap_or_default();
+        format!("{LAYOUT}.{:08x}", fnv1a(&page))
+    })
+}
+
+/// Whether memfd `name` is an area of this layout, of this build or another one.
+pub(super) fn is_layout(name: &str) -> bool {
+    name == LAYOUT
+        || name
+            .strip_prefix(LAYOUT)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The name of the memfd a /proc/PID/maps line maps (`/memfd:NAME (deleted)`), if any.
+pub(super) fn memfd_of(line: &str) -> Option<&str> {
+    let (_, name) = line.split_once("/memfd:")?;
+    Some(name.trim_end().trim_end_matches(" (deleted)"))
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_is_the_layout_and_the_code_hash() {
+        let name = own();
+        assert!(name.starts_with("livepatch-trap.4."), "{name}");
+        assert!(is_layout(name));
+        // The same code gives the same name; the hash is of the code, not of an empty page.
+        assert_eq!(own(), name);
+        assert_ne!(&name[LAYOUT.len() + 1..], format!("{:08x}", fnv1a(&[])));
+    }
+
+    #[test]
+    fn layout_names_are_told_apart() {
+        assert!(is_layout("livepatch-trap.4"));
+        assert!(is_layout("livepatch-trap.4.0123abcd"));
+        assert!(!is_layout("livepatch-trap"));
+        assert!(!is_layout("livepatch-trap.5.0123abcd"));
+        assert!(!is_layout("livepatch-trap.4.xyz"));
+        assert!(!is_layout("livepatch-trap.40"));
+        assert_eq!(
+            memfd_of("7f00-7f01 r-xs 00000000 00:01 42 /memfd:livepatch-trap.4.0123abcd (deleted)"),
+            Some("livepatch-trap.4.0123abcd")
+        );
+        assert_eq!(
+            memfd_of("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/libc.so.6"),
+            None
+        );
+    }
+}
