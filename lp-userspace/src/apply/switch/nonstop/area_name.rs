@@ -1,19 +1,18 @@
-//! The name of this build's trap area: the layout's name, then a hash of the code the area
-//! holds (`livepatch-trap.4.1a2b3c4d`).
+//! The name of this build's trap area: the layout's name, then a hash of the sources of the
+//! code the area holds (`livepatch-trap.4.1a2b3c4d`).
 //!
 //! Why the hash. An area is made once per process and kept for its life, and its code page is
 //! checked against the code this build generates before it is used again. An area made by
 //! another build of livepatch — the tool upgraded between an apply and its revert, weeks apart —
 //! holds other code under the same layout name, and was taken for one "changed by someone
 //! else": nonstop mode was refused for that process for good (review 7, finding 7). With the
-//! code's hash in the name, each build finds its own area, or makes one beside the others.
+//! code's (sources') hash in the name, each build finds its own area, or makes one beside the others.
 //!
 //! Areas of the same layout made by other builds are still looked at before anything is
 //! written: a sync agent a killed tool of that build left may hold a claimed write (see
 //! `quiet_orphaned_agent`). The layout (the data page's words, where the agent's page is) is
 //! the same for every name under [`LAYOUT`]; the agent's code may not be.
 
-use super::{generate, Area};
 use std::sync::OnceLock;
 
 /// The layout's name: an area of an earlier layout (`livepatch-trap`, without the threads'
@@ -23,21 +22,20 @@ use std::sync::OnceLock;
 /// action of the process.
 pub(super) const LAYOUT: &str = "livepatch-trap.4";
 
-/// Where the code is generated to hash it: the code holds the area's absolute addresses, so
-/// it is hashed as it would be at one fixed address.
-const HASHED_AT: u64 = 0x7f00_0000_0000;
+/// The hash in this build's name: of the sources that generate the area's code (the handler
+/// and its layout, the sync agent), taken when the tool is compiled — free at run time (the
+/// code itself takes ~75 µs to generate once more) and different whenever the code may be.
+/// (Sources that differ only in comments give another name too: one area more in a process
+/// that two such builds switch, nothing worse.)
+const CODE_HASH: u32 = fnv1a(
+    include_bytes!("../trap_handler.rs"),
+    fnv1a(include_bytes!("sync_agent.rs"), 0x811c_9dc5),
+);
 
-/// This build's area name: [`LAYOUT`], a dot, and the FNV-1a hash of the code page's bytes.
+/// This build's area name: [`LAYOUT`], a dot, and [`CODE_HASH`] in hex.
 pub(super) fn own() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
-    NAME.get_or_init(|| {
-        let page = generate(&Area {
-            code: HASHED_AT,
-            bank: 0,
-        })
-        .unwrap_or_default();
-        format!("{LAYOUT}.{:08x}", fnv1a(&page))
-    })
+    NAME.get_or_init(|| format!("{LAYOUT}.{CODE_HASH:08x}"))
 }
 
 /// Whether memfd `name` is an area of this layout, of this build or another one.
@@ -55,10 +53,14 @@ pub(super) fn memfd_of(line: &str) -> Option<&str> {
     Some(name.trim_end().trim_end_matches(" (deleted)"))
 }
 
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
+/// FNV-1a over `bytes`, from `hash` (a const fn: [`CODE_HASH`] is computed by the compiler).
+const fn fnv1a(bytes: &[u8], mut hash: u32) -> u32 {
+    let mut i = 0;
+    while i < bytes.len() {
+        hash = (hash ^ bytes[i] as u32).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    hash
 }
 
 #[cfg(test)]
@@ -70,9 +72,12 @@ mod tests {
         let name = own();
         assert!(name.starts_with("livepatch-trap.4."), "{name}");
         assert!(is_layout(name));
-        // The same code gives the same name; the hash is of the code, not of an empty page.
+        // The same build gives the same name; the hash is of the sources, not of nothing.
         assert_eq!(own(), name);
-        assert_ne!(&name[LAYOUT.len() + 1..], format!("{:08x}", fnv1a(&[])));
+        assert_ne!(
+            &name[LAYOUT.len() + 1..],
+            format!("{:08x}", fnv1a(&[], 0x811c_9dc5))
+        );
     }
 
     #[test]
