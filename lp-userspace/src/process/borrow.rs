@@ -1,0 +1,231 @@
+//! Which thread nonstop mode borrows for its system calls ([`super::Tracee::attach_one`]): a
+//! look at the threads through /proc that stops none of them.
+//!
+//! The borrowed thread stays stopped for the whole switch (milliseconds), so the look wants
+//! the thread least likely to need a CPU meanwhile. It ranks the threads by
+//! - their class, the preference order of `attach_one`: blocked in a system call other than
+//!   futex, then blocked in any system call, then the main thread, then the others;
+//! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
+//!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1);
+//! - then, between threads that used the same (in practice: nothing), their history: how
+//!   often a thread was switched in over its life (a `usleep(1000)` loop, a thread that works
+//!   in periods longer than the look, loses to a thread that waited all along), then its
+//!   share of a CPU over its life.
+//!
+//! The look is evaluated at growing steps ([`LOOK_STEPS`]), and ends at a step when a longer
+//! look could not change the pick in a way that matters: the best thread is blocked (class 0
+//! or 1), used at most 5% of a CPU over its whole life (a thread that works in periods longer
+//! than the look may look idle in it: review 8, B1), and either
+//! - it used at most 2% of a CPU in the look (idle), or
+//! - it used at most 10% of it, and every other thread of its class used at least twice as
+//!   much and 2% of a CPU more (clearly busier: a longer look would only add to their lead;
+//!   the `process_patch` bench: a main thread in a `usleep(1000)` loop shows one wake-up,
+//!   15–50 µs with its wait for a CPU, while the workers of its 50 µs loop show 100 µs and
+//!   more in each 300 µs).
+//!
+//! A thread blocked in a futex (class 1) ends the look early only when no thread was seen
+//! blocked in another system call at any step: a look that ends later would pick that one.
+//! At the last step the best thread is taken whatever it is, as before.
+
+use super::observe::{self, Activity, SchedStat, ThreadFiles};
+use std::time::{Duration, Instant};
+
+/// The steps of the look (time since it started) at which the threads are ranked again and
+/// the look may end (see the module's documentation). The first one is enough for a thread of
+/// a busy loop to show CPU use (a loop that sleeps 50 µs runs every ~60 µs); the last is the
+/// look of session 7, taken when no thread was clearly the one to borrow before.
+pub(super) const LOOK_STEPS: [Duration; 4] = [
+    Duration::from_micros(300),
+    Duration::from_micros(600),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+];
+
+/// The preference order of [`super::Tracee::attach_one`]; smaller is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// Blocked in a system call other than futex: it was not running anyway, and holds no
+    /// libc lock.
+    BlockedInCall,
+    /// Blocked in a futex wait.
+    BlockedInFutex,
+    /// The main thread, running.
+    Main,
+    /// Any other thread, running.
+    Other,
+}
+
+/// A thread's life so far: what it did before the look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct History {
+    /// Times it was switched in per second of its life: how often it wants a CPU.
+    wakes_per_s: u64,
+    /// Its share of a CPU over its life, in permille (start-up included).
+    life_permille: u64,
+}
+
+/// Young threads count as 10 ms old: a thread that just started has not shown its habits.
+const MIN_AGE_NS: u64 = 10_000_000;
+
+struct Looked {
+    files: ThreadFiles,
+    before: SchedStat,
+    history: std::cell::OnceCell<History>,
+}
+
+impl Looked {
+    fn history(&self, pid: i32) -> History {
+        *self.history.get_or_init(|| {
+            let tid = self.files.tid();
+            let now = self.files.schedstat();
+            match (now, observe::age_ns(pid, tid)) {
+                (Some(now), Some(age)) => {
+                    let age = age.max(MIN_AGE_NS) as u128;
+                    let per = |v: u64, unit: u128| (v as u128 * unit / age) as u64;
+                    History {
+                        wakes_per_s: per(now.run_count, 1_000_000_000),
+                        life_permille: per(now.runtime_ns, 1000),
+                    }
+                }
+                // Gone: ranked last among its equals, never taken early.
+                _ => History {
+                    wakes_per_s: u64::MAX,
+                    life_permille: u64::MAX,
+                },
+            }
+        })
+    }
+}
+
+/// One thread as a step of the look saw it.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    class: Class,
+    /// CPU used or waited for since the look started, in nanoseconds.
+    used: u64,
+    index: usize,
+}
+
+/// A look at the threads of a process, started before the tracee is opened (its checks and
+/// lock count as look time: they are wall time of the apply all the same).
+pub(super) struct Look {
+    pid: i32,
+    started: Instant,
+    threads: Vec<Looked>,
+}
+
+impl Look {
+    /// Starts looking at the threads of `pid` (none when it is gone: [`Look::pick`] then
+    /// returns `None`).
+    pub(super) fn start(pid: i32) -> Look {
+        let started = Instant::now();
+        let threads = observe::tasks(pid)
+            .into_iter()
+            .filter_map(|tid| {
+                let files = ThreadFiles::open(pid, tid)?;
+                let before = files.schedstat()?;
+                Some(Looked {
+                    files,
+                    before,
+                    history: std::cell::OnceCell::new(),
+                })
+            })
+            .collect();
+        Look {
+            pid,
+            started,
+            threads,
+        }
+    }
+
+    /// The thread to borrow (see the module's documentation), or `None` when every thread
+    /// looked at is gone (the caller starts a new look, or finds the process gone).
+    pub(super) fn pick(&self) -> Option<i32> {
+        let mut saw_in_call = false;
+        for (step, at) in LOOK_STEPS.iter().enumerate() {
+            std::thread::sleep(at.saturating_sub(self.started.elapsed()));
+            let look_ns = self.started.elapsed().as_nanos() as u64;
+            let seen = self.see();
+            saw_in_call |= seen.iter().any(|s| s.class == Class::BlockedInCall);
+            let best = self.best(&seen)?;
+            let last = step + 1 == LOOK_STEPS.len();
+            if last || self.ends_early(best, &seen, look_ns, saw_in_call) {
+                let tid = self.threads[best.index].files.tid();
+                if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+                    eprintln!(
+                        "livepatch: trace: borrowed thread {tid} ({:?}, {} us used) after a look of {} us, step {}",
+                        best.class,
+                        best.used / 1000,
+                        look_ns / 1000,
+                        step + 1
+                    );
+                }
+                return Some(tid);
+            }
+        }
+        None
+    }
+
+    /// Every thread still there, with its class and the CPU it used in the look so far.
+    fn see(&self) -> Vec<Seen> {
+        self.threads
+            .iter()
+            .enumerate()
+            .filter_map(|(index, t)| {
+                let class = match t.files.activity()? {
+                    Activity::Blocked {
+                        syscall: Some(nr), ..
+                    } if nr != libc::SYS_futex => Class::BlockedInCall,
+                    Activity::Blocked {
+                        syscall: Some(_), ..
+                    } => Class::BlockedInFutex,
+                    _ if t.files.tid() == self.pid => Class::Main,
+                    _ => Class::Other,
+                };
+                let now = t.files.schedstat()?;
+                // Not switched in at all: nothing used (the runtime of a thread on a CPU lags).
+                let used = if now == t.before {
+                    0
+                } else {
+                    (now.runtime_ns.saturating_sub(t.before.runtime_ns)
+                        + now.run_delay_ns.saturating_sub(t.before.run_delay_ns))
+                    .max(1)
+                };
+                Some(Seen { class, used, index })
+            })
+            .collect()
+    }
+
+    /// The best of `seen`: by class, CPU used in the look, then history, then thread id.
+    /// Histories are read only for the threads tied with the best (a stat read each).
+    fn best(&self, seen: &[Seen]) -> Option<Seen> {
+        let first = seen.iter().map(|s| (s.class, s.used)).min()?;
+        seen.iter()
+            .filter(|s| (s.class, s.used) == first)
+            .min_by_key(|s| {
+                let t = &self.threads[s.index];
+                (t.history(self.pid), t.files.tid())
+            })
+            .copied()
+    }
+
+    /// Whether the look may end with `best` before its last step (see the module's
+    /// documentation).
+    fn ends_early(&self, best: Seen, seen: &[Seen], look_ns: u64, saw_in_call: bool) -> bool {
+        let blocked = match best.class {
+            Class::BlockedInCall => true,
+            Class::BlockedInFutex => !saw_in_call,
+            Class::Main | Class::Other => false,
+        };
+        if !blocked || self.threads[best.index].history(self.pid).life_permille > 50 {
+            return false;
+        }
+        let idle = best.used <= look_ns / 50;
+        let clearly_best = best.used <= look_ns / 10
+            && seen
+                .iter()
+                .filter(|s| s.class == best.class && s.index != best.index)
+                .all(|s| s.used >= (2 * best.used).saturating_add(look_ns / 50));
+        idle || clearly_best
+    }
+}
