@@ -5,17 +5,19 @@
 //! the thread least likely to need a CPU meanwhile. It ranks the threads by
 //! - their class, the preference order of `attach_one`: blocked in a system call other than
 //!   futex, then blocked in any system call, then the main thread, then the others;
+//! - then a thread that used or waited for more than 5% of a CPU over its life comes last (one
+//!   that works in periods longer than the look may look idle in it: review 8, B1);
 //! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
 //!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1);
-//! - then, between threads that used the same (in practice: nothing), their history: how
-//!   often a thread was switched in over its life (a `usleep(1000)` loop, a thread that works
-//!   in periods longer than the look, loses to a thread that waited all along), then its
-//!   share of a CPU over its life.
+//! - then, between threads that used the same (in practice: nothing), the one switched in
+//!   more often per second of its life loses (a `usleep(1000)` loop, which used nothing in
+//!   most short looks, loses to a thread that waited all along: it would want a CPU a dozen
+//!   times while borrowed), then the one with the larger share of a CPU over its life. (The
+//!   thread id decided ties before: the main thread won them.)
 //!
 //! The look is evaluated at growing steps ([`LOOK_STEPS`]), and ends at a step when a longer
 //! look could not change the pick in a way that matters: the best thread is blocked (class 0
-//! or 1), used at most 5% of a CPU over its whole life (a thread that works in periods longer
-//! than the look may look idle in it: review 8, B1), and either
+//! or 1), used or waited for at most 5% of a CPU over its whole life, and either
 //! - it used at most 2% of a CPU in the look (idle), or
 //! - it used at most 10% of it, and every other thread of its class used at least twice as
 //!   much and 2% of a CPU more (clearly busier: a longer look would only add to their lead;
@@ -55,14 +57,24 @@ enum Class {
     Other,
 }
 
-/// A thread's life so far: what it did before the look.
+/// A thread's life so far: what it did before the look. Ordered: a thread that used more
+/// than [`BUSY_LIFE_PPM`] of a CPU over its life last, then by how often it was switched in
+/// (how often it wants a CPU), then by its share of a CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct History {
-    /// Times it was switched in per second of its life: how often it wants a CPU.
+    /// It used more than [`BUSY_LIFE_PPM`] of a CPU over its life.
+    busy: bool,
+    /// Times it was switched in per second of its life. (Each borrow adds ~3 of its own: the
+    /// seize, the interrupt and the detach.)
     wakes_per_s: u64,
-    /// Its share of a CPU over its life, in permille (start-up included).
-    life_permille: u64,
+    /// The share of a CPU it used or waited for over its life, in parts per million
+    /// (start-up included).
+    life_ppm: u64,
 }
+
+/// A thread that used (or waited for) more than 5% of a CPU over its life is never taken
+/// before the last step of the look, and loses ties to any other (review 8, B1).
+const BUSY_LIFE_PPM: u64 = 50_000;
 
 /// Young threads count as 10 ms old: a thread that just started has not shown its habits.
 const MIN_AGE_NS: u64 = 10_000_000;
@@ -82,15 +94,21 @@ impl Looked {
                 (Some(now), Some(age)) => {
                     let age = age.max(MIN_AGE_NS) as u128;
                     let per = |v: u64, unit: u128| (v as u128 * unit / age) as u64;
+                    // Its wait for a CPU counts, as in the look: on a loaded machine a thread
+                    // that works half of the time gets little CPU (review 8, B1 at load ~15).
+                    let wanted = now.runtime_ns.saturating_add(now.run_delay_ns);
+                    let life_ppm = per(wanted, 1_000_000);
                     History {
+                        busy: life_ppm > BUSY_LIFE_PPM,
                         wakes_per_s: per(now.run_count, 1_000_000_000),
-                        life_permille: per(now.runtime_ns, 1000),
+                        life_ppm,
                     }
                 }
                 // Gone: ranked last among its equals, never taken early.
                 _ => History {
+                    busy: true,
                     wakes_per_s: u64::MAX,
-                    life_permille: u64::MAX,
+                    life_ppm: u64::MAX,
                 },
             }
         })
@@ -152,10 +170,13 @@ impl Look {
             if last || self.ends_early(best, &seen, look_ns, saw_in_call) {
                 let tid = self.threads[best.index].files.tid();
                 if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+                    let h = self.threads[best.index].history(self.pid);
                     eprintln!(
-                        "livepatch: trace: borrowed thread {tid} ({:?}, {} us used) after a look of {} us, step {}",
+                        "livepatch: trace: borrowed thread {tid} ({:?}, {} us used; life: {} ppm of a CPU, {} wake-ups/s) after a look of {} us, step {}",
                         best.class,
                         best.used / 1000,
+                        h.life_ppm,
+                        h.wakes_per_s,
                         look_ns / 1000,
                         step + 1
                     );
@@ -196,17 +217,32 @@ impl Look {
             .collect()
     }
 
-    /// The best of `seen`: by class, CPU used in the look, then history, then thread id.
-    /// Histories are read only for the threads tied with the best (a stat read each).
+    /// The best of `seen`: by class, then a thread busy over its life last, then by CPU used
+    /// in the look, the rest of its history, its thread id. Histories are read (a stat read
+    /// each) in the order of CPU used, only until a thread not busy over its life is found.
     fn best(&self, seen: &[Seen]) -> Option<Seen> {
-        let first = seen.iter().map(|s| (s.class, s.used)).min()?;
-        seen.iter()
-            .filter(|s| (s.class, s.used) == first)
-            .min_by_key(|s| {
-                let t = &self.threads[s.index];
-                (t.history(self.pid), t.files.tid())
-            })
-            .copied()
+        let class = seen.iter().map(|s| s.class).min()?;
+        let mut of_class: Vec<Seen> = seen.iter().filter(|s| s.class == class).copied().collect();
+        of_class.sort_by_key(|s| s.used);
+        let key = |s: &Seen| {
+            let t = &self.threads[s.index];
+            let h = t.history(self.pid);
+            (h.busy, s.used, h, t.files.tid())
+        };
+        let mut best: Option<Seen> = None;
+        for s in of_class {
+            if let Some(b) = best {
+                // Found one not busy, and the rest used more: none of them can beat it.
+                if !self.threads[b.index].history(self.pid).busy && s.used > b.used {
+                    break;
+                }
+                if key(&s) >= key(&b) {
+                    continue;
+                }
+            }
+            best = Some(s);
+        }
+        best
     }
 
     /// Whether the look may end with `best` before its last step (see the module's
@@ -217,7 +253,7 @@ impl Look {
             Class::BlockedInFutex => !saw_in_call,
             Class::Main | Class::Other => false,
         };
-        if !blocked || self.threads[best.index].history(self.pid).life_permille > 50 {
+        if !blocked || self.threads[best.index].history(self.pid).busy {
             return false;
         }
         let idle = best.used <= look_ns / 50;
