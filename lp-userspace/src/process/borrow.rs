@@ -5,19 +5,19 @@
 //! the thread least likely to need a CPU meanwhile. It ranks the threads by
 //! - their class, the preference order of `attach_one`: blocked in a system call other than
 //!   futex, then blocked in any system call, then the main thread, then the others;
-//! - then a thread that used or waited for more than 5% of a CPU over its life comes last (one
-//!   that works in periods longer than the look may look idle in it: review 8, B1);
 //! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
-//!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1);
-//! - then, between threads that used the same (in practice: nothing), the one switched in
-//!   more often per second of its life loses (a `usleep(1000)` loop, which used nothing in
-//!   most short looks, loses to a thread that waited all along: it would want a CPU a dozen
-//!   times while borrowed), then the one with the larger share of a CPU over its life. (The
-//!   thread id decided ties before: the main thread won them.)
+//!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1), or what
+//!   its history says a look this long shows of it (its share of a CPU over its life, see
+//!   `History`), whichever is more: a thread that works in periods longer than the look may
+//!   look idle in it (review 8, B1: 2 ms of work in every 4), and a thread that used nothing
+//!   in the look still ranks after one that never runs;
+//! - then, between equals, the one switched in less often per second of its life (a thread
+//!   that wakes every millisecond would want a CPU a dozen times while borrowed). (The thread
+//!   id decided ties before: the main thread won them.)
 //!
 //! The look is evaluated at growing steps ([`LOOK_STEPS`]), and ends at a step when a longer
 //! look could not change the pick in a way that matters: the best thread is blocked (class 0
-//! or 1), used or waited for at most 5% of a CPU over its whole life, and either
+//! or 1), used at most 5% of a CPU over its life (its history, as above), and either
 //! - it used at most 2% of a CPU in the look (idle), or
 //! - it used at most 10% of it, and every other thread of its class used at least twice as
 //!   much and 2% of a CPU more (clearly busier: a longer look would only add to their lead;
@@ -57,27 +57,52 @@ enum Class {
     Other,
 }
 
-/// A thread's life so far: what it did before the look. Ordered: a thread that used more
-/// than [`BUSY_LIFE_PPM`] of a CPU over its life last, then by how often it was switched in
-/// (how often it wants a CPU), then by its share of a CPU.
+/// A thread's life so far: what it did before the look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct History {
-    /// It used more than [`BUSY_LIFE_PPM`] of a CPU over its life.
-    busy: bool,
+    /// The share of a CPU it used over its life, in parts per million (start-up included),
+    /// or the share it used *or waited for* when it ran in stretches longer than
+    /// [`LONG_STRETCH_NS`] on average (each time it was switched in). The wait counts, as in
+    /// the look: on a loaded machine a thread that works half of the time in long stretches
+    /// gets little CPU (review 8, B1; the CI probe at load ~20). It counts only for long
+    /// stretches: a thread that runs in short wake-ups (the `process_patch` bench's main
+    /// thread, `usleep(1000)`: ~8 µs each) waits for a CPU at each, the longer the more loaded
+    /// the machine, and its short wake-ups cannot hide from a look: one shows in it whenever
+    /// it falls in the look.
+    share_ppm: u64,
     /// Times it was switched in per second of its life. (Each borrow adds ~3 of its own: the
     /// seize, the interrupt and the detach.)
     wakes_per_s: u64,
-    /// The share of a CPU it used or waited for over its life, in parts per million
-    /// (start-up included).
-    life_ppm: u64,
 }
 
-/// A thread that used (or waited for) more than 5% of a CPU over its life is never taken
-/// before the last step of the look, and loses ties to any other (review 8, B1).
-const BUSY_LIFE_PPM: u64 = 50_000;
+impl History {
+    /// Busy over its life ([`BUSY_SHARE_PPM`]), in a way a short look may miss (review 8, B1:
+    /// 2 ms of work in every 4).
+    fn busy(&self) -> bool {
+        self.share_ppm > BUSY_SHARE_PPM
+    }
 
-/// Young threads count as 10 ms old: a thread that just started has not shown its habits.
-const MIN_AGE_NS: u64 = 10_000_000;
+    /// What a look of `look_ns` should have seen of this thread, by its history.
+    fn expected_ns(&self, look_ns: u64) -> u64 {
+        (self.share_ppm as u128 * look_ns as u128 / 1_000_000) as u64
+    }
+}
+
+/// A thread busy over its life ([`History::busy`]: more than 5% of a CPU) is never taken
+/// before the last step of the look (review 8, B1).
+const BUSY_SHARE_PPM: u64 = 50_000;
+
+/// Runs longer than this, on average, count as work a short look may miss (its first step is
+/// 300 µs; a CPU-bound thread on a loaded machine runs for its slice, ~1–3 ms, each time).
+const LONG_STRETCH_NS: u64 = 100_000;
+
+/// Young threads count as 100 ms old: a thread that just started has not shown its habits,
+/// and a main thread's start-up (the dynamic linker, the program's initialisation: one long
+/// stretch, with its waits for a CPU on a loaded machine) would make it look busy for long
+/// (the `process_patch` bench, patched right after its start: its main thread ranked after
+/// workers of a 50 µs loop at 10 ms). A thread busy half of the time is busy by its history
+/// from an age of ~10 ms on all the same (5 ms of CPU is 5% of 100 ms).
+const MIN_AGE_NS: u64 = 100_000_000;
 
 struct Looked {
     files: ThreadFiles,
@@ -93,22 +118,23 @@ impl Looked {
             match (now, observe::age_ns(pid, tid)) {
                 (Some(now), Some(age)) => {
                     let age = age.max(MIN_AGE_NS) as u128;
-                    let per = |v: u64, unit: u128| (v as u128 * unit / age) as u64;
-                    // Its wait for a CPU counts, as in the look: on a loaded machine a thread
-                    // that works half of the time gets little CPU (review 8, B1 at load ~15).
-                    let wanted = now.runtime_ns.saturating_add(now.run_delay_ns);
-                    let life_ppm = per(wanted, 1_000_000);
+                    let per =
+                        |v: u64, unit: u128| (v as u128 * unit / age).min(u64::MAX as u128) as u64;
+                    let stretch = now.runtime_ns / now.run_count.max(1);
+                    let counted = if stretch > LONG_STRETCH_NS {
+                        now.runtime_ns.saturating_add(now.run_delay_ns)
+                    } else {
+                        now.runtime_ns
+                    };
                     History {
-                        busy: life_ppm > BUSY_LIFE_PPM,
+                        share_ppm: per(counted, 1_000_000),
                         wakes_per_s: per(now.run_count, 1_000_000_000),
-                        life_ppm,
                     }
                 }
-                // Gone: ranked last among its equals, never taken early.
+                // Gone: ranked last, never taken early.
                 _ => History {
-                    busy: true,
+                    share_ppm: u64::MAX,
                     wakes_per_s: u64::MAX,
-                    life_ppm: u64::MAX,
                 },
             }
         })
@@ -165,7 +191,7 @@ impl Look {
             let look_ns = self.started.elapsed().as_nanos() as u64;
             let seen = self.see();
             saw_in_call |= seen.iter().any(|s| s.class == Class::BlockedInCall);
-            let best = self.best(&seen)?;
+            let best = self.best(&seen, look_ns)?;
             let last = step + 1 == LOOK_STEPS.len();
             if last || self.ends_early(best, &seen, look_ns, saw_in_call) {
                 let tid = self.threads[best.index].files.tid();
@@ -175,7 +201,7 @@ impl Look {
                         "livepatch: trace: borrowed thread {tid} ({:?}, {} us used; life: {} ppm of a CPU, {} wake-ups/s) after a look of {} us, step {}",
                         best.class,
                         best.used / 1000,
-                        h.life_ppm,
+                        h.share_ppm,
                         h.wakes_per_s,
                         look_ns / 1000,
                         step + 1
@@ -217,32 +243,35 @@ impl Look {
             .collect()
     }
 
-    /// The best of `seen`: by class, then a thread busy over its life last, then by CPU used
-    /// in the look, the rest of its history, its thread id. Histories are read (a stat read
-    /// each) in the order of CPU used, only until a thread not busy over its life is found.
-    fn best(&self, seen: &[Seen]) -> Option<Seen> {
+    /// The best of `seen`: by class, then by the CPU used in the look or what its history
+    /// says a look this long shows of it, whichever is more, then by wake-ups per second of
+    /// life, then by thread id. Histories are read (a stat read each) in the order of CPU used
+    /// in the look, only until no thread left can beat the best.
+    fn best(&self, seen: &[Seen], look_ns: u64) -> Option<Seen> {
         let class = seen.iter().map(|s| s.class).min()?;
         let mut of_class: Vec<Seen> = seen.iter().filter(|s| s.class == class).copied().collect();
         of_class.sort_by_key(|s| s.used);
         let key = |s: &Seen| {
             let t = &self.threads[s.index];
             let h = t.history(self.pid);
-            (h.busy, s.used, h, t.files.tid())
+            (
+                s.used.max(h.expected_ns(look_ns)),
+                h.wakes_per_s,
+                t.files.tid(),
+            )
         };
-        let mut best: Option<Seen> = None;
+        let mut best: Option<(Seen, (u64, u64, i32))> = None;
         for s in of_class {
-            if let Some(b) = best {
-                // Found one not busy, and the rest used more: none of them can beat it.
-                if !self.threads[b.index].history(self.pid).busy && s.used > b.used {
-                    break;
-                }
-                if key(&s) >= key(&b) {
-                    continue;
-                }
+            if best.is_some_and(|(_, k)| s.used > k.0) {
+                // It and the rest used more in the look alone: none can beat the best.
+                break;
             }
-            best = Some(s);
+            let k = key(&s);
+            if best.is_none_or(|(_, b)| k < b) {
+                best = Some((s, k));
+            }
         }
-        best
+        best.map(|(s, _)| s)
     }
 
     /// Whether the look may end with `best` before its last step (see the module's
@@ -253,7 +282,7 @@ impl Look {
             Class::BlockedInFutex => !saw_in_call,
             Class::Main | Class::Other => false,
         };
-        if !blocked || self.threads[best.index].history(self.pid).busy {
+        if !blocked || self.threads[best.index].history(self.pid).busy() {
             return false;
         }
         let idle = best.used <= look_ns / 50;
