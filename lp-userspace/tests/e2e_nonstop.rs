@@ -571,11 +571,14 @@ fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
 /// commit store (the dispatches' flag): each has every site written and a copy of the flag
 /// still clear, so it runs the old code. The switch finishes them too — the grandchild
 /// included (session 4's review: only the target's own children were looked at) — and both
-/// run the new code, as the target does. The forks come from a worker thread (the tool keeps
-/// the main thread, which it borrowed, stopped for the whole switch).
+/// run the new code, as the target does. The forks come from one of two worker threads: the
+/// tool keeps the thread it borrowed stopped for the whole switch, and which one it borrows
+/// (the main thread or a worker) is its choice; the other worker forks. (Checked with each:
+/// `LIVEPATCH_BORROW_COMM=forks` borrows the main thread, `=worker` a worker.)
 #[test]
 fn e2e_nonstop_apply_finishes_children_and_grandchildren_forked_before_its_commit() {
     const TARGET: &str = r#"
+#define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -588,9 +591,10 @@ static void *loop(void *arg) {
     (void)arg;
     const char *who = "parent";
     struct timespec ts = {0, 5000000L};
+    pthread_setname_np(pthread_self(), "worker");
     for (;;) {
-        if (fork_asked) {
-            fork_asked = 0;
+        /* One fork per request, whichever worker sees it first. */
+        if (__atomic_exchange_n(&fork_asked, 0, __ATOMIC_SEQ_CST)) {
             if (fork() == 0) { who = "child"; printf("child %d\n", getpid()); }
         }
         printf("%s value=%d\n", who, compute(41));
@@ -602,6 +606,7 @@ int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     signal(SIGUSR1, on_usr1);
     pthread_t t;
+    pthread_create(&t, NULL, loop, NULL);
     pthread_create(&t, NULL, loop, NULL);
     printf("ready %d\n", getpid());
     for (;;) pause();
@@ -615,12 +620,12 @@ int main(void) {
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "parent value=42");
-    let mut tool = stop_tool_at(
+    let mut tool = KilledOnDrop(stop_tool_at(
         &["apply", &pid, &patch, "--mode", "nonstop"],
         "dispatch-flag",
-    );
-    // SIGUSR1 goes to whichever thread does not block it: the worker (the main thread is
-    // stopped by the tool, and in a child the worker is the only thread).
+    ));
+    // SIGUSR1 goes to a thread that is not stopped (the borrowed one is), whose handler asks
+    // the workers for a fork; in a child the forking worker is the only thread.
     let fork_of = |parent: &str| -> String {
         let mark = target.count();
         // SAFETY: a signal to a process of this test.
@@ -634,8 +639,8 @@ int main(void) {
     // Before the commit: the old code everywhere.
     target.expect_steady(3, |l| l.ends_with("value=42"));
     // SAFETY: SIGCONT to the tool this test started.
-    unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
-    assert!(tool.wait().unwrap().success());
+    unsafe { libc::kill(tool.0.id() as i32, libc::SIGCONT) };
+    assert!(tool.0.wait().unwrap().success());
     // Parent, child and grandchild: the new code.
     target.expect_steady(9, |l| l.ends_with("value=1041"));
     for p in [&child, &grandchild] {
@@ -643,5 +648,16 @@ int main(void) {
         assert!(!st.contains(") Z"), "process {p} ended");
         // SAFETY: a signal to a process this test made fork.
         unsafe { libc::kill(p.parse().unwrap(), libc::SIGKILL) };
+    }
+}
+
+/// A tool stopped at a debug stop point, killed when the test ends, failed or not: left
+/// stopped, it would keep the target's borrowed thread stopped with it.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -58,6 +58,27 @@ int main(void) {
 }
 "#;
 
+/// Waits until thread `tid` of `pid` is blocked in a system call again: the borrow just made
+/// woke it (the seize and the detach), and on a loaded machine it may wait long for a CPU to
+/// go back to its read; meanwhile it runs, and is no thread to borrow (the CI probe at load
+/// ~20 and session 9 at load ~15: the busy main thread borrowed 1 of 40 so).
+fn wait_blocked(pid: i32, tid: i32) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let path = format!("/proc/{pid}/task/{tid}/syscall");
+    let blocked = |s: String| {
+        s.split(' ')
+            .next()
+            .is_some_and(|nr| nr.parse::<u32>().is_ok())
+    };
+    while !std::fs::read_to_string(&path).is_ok_and(blocked) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "thread {tid} not blocked again"
+        );
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
 /// The thread a nonstop tracee borrows from `pid`.
 fn borrowed(pid: i32) -> i32 {
     with_tracer_thread(|| {
@@ -80,6 +101,7 @@ fn review8_a_thread_busy_half_the_time_is_not_borrowed() {
     let rounds = 40;
     let picks: Vec<i32> = (0..rounds)
         .map(|i| {
+            wait_blocked(pid, idle);
             // Spread the looks over the main thread's 4 ms cycle.
             std::thread::sleep(std::time::Duration::from_micros(97 * i as u64 % 4000));
             borrowed(pid)

@@ -6,6 +6,7 @@
 //! stop) so that allocation and other slow preparation can borrow one thread at a time, and the
 //! whole-process stop ([`Tracee::stop_all`]) lasts only as long as the switch itself.
 
+mod borrow;
 mod error;
 mod gaps;
 mod held_signal;
@@ -162,88 +163,37 @@ impl Tracee {
     /// Seizes ONE thread of `pid`, to borrow for system calls (nonstop mode): the others are
     /// never traced, so they never stop for us. Preferred: a thread blocked in a system call
     /// other than futex (it was not running anyway, and holds no libc lock), then any thread
-    /// blocked in a system call, then the main thread.
+    /// blocked in a system call, then the main thread; within each, the one that used the
+    /// least CPU in a short look, then the one that wanted a CPU least often over its life
+    /// (see `borrow.rs` for the look and when it ends).
     ///
     /// ptrace's one-tracer rule no longer keeps a second livepatch out (it would seize another
     /// thread), so a per-process lock is taken too: an abstract unix socket named after the
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
+        // The look starts before the checks and the lock: their time counts as look time.
+        let look = borrow::Look::start(pid);
         let mut t = Tracee::open(pid, true, || lock_process_patiently(pid).map(Some))?;
-        t.seize_one()?;
+        t.seize_one(look)?;
         Ok(t)
     }
 
-    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]): among threads seen
-    /// blocked in a system call, the one that used the least CPU over a short look (the most
-    /// idle: it will not want to run soon). The look ends early, after [`BORROW_LOOK_FIRST`],
-    /// when a thread blocked in a system call other than a futex wait used at most 2% of a CPU
-    /// meanwhile and at most 5% over its whole life (a server's accept or poll loop, a main
-    /// thread waiting): every millisecond of the look is wall time of the apply. The life
-    /// counts because a thread that works in periods longer than the look may look idle in it
-    /// (review 8, B1: 2 ms of work in every 4). Otherwise the look lasts [`BORROW_LOOK`].
-    fn seize_one(&mut self) -> Result<()> {
+    /// Seizes the best thread to borrow (see [`Tracee::attach_one`]), looked for by `look`
+    /// (another look when the thread picked is gone before it is seized).
+    fn seize_one(&mut self, look: borrow::Look) -> Result<()> {
+        let mut look = Some(look);
         for _ in 0..100 {
-            let started = std::time::Instant::now();
-            let before: BTreeMap<i32, observe::SchedStat> = list_tasks(self.pid)?
-                .into_iter()
-                .filter_map(|tid| Some((tid, observe::schedstat(self.pid, tid)?)))
-                .collect();
-            let pid = self.pid;
-            // (class, CPU used or waited for in the look): smaller is better. The wait counts:
-            // on a loaded machine a busy thread may get little CPU in the look (review 8, B1).
-            let key = |tid: i32| {
-                let class = match observe::activity(pid, tid) {
-                    Some(observe::Activity::Blocked {
-                        syscall: Some(nr), ..
-                    }) if nr != libc::SYS_futex => 0,
-                    Some(observe::Activity::Blocked {
-                        syscall: Some(_), ..
-                    }) => 1,
-                    _ if tid == pid => 2,
-                    _ => 3,
-                };
-                // Not switched in at all: nothing used (the runtime of a thread on a CPU lags).
-                let used = observe::schedstat(pid, tid).zip(before.get(&tid)).map_or(
-                    u64::MAX,
-                    |(now, was)| {
-                        if now == *was {
-                            0
-                        } else {
-                            (now.runtime_ns.saturating_sub(was.runtime_ns)
-                                + now.run_delay_ns.saturating_sub(was.run_delay_ns))
-                            .max(1)
-                        }
-                    },
-                );
-                (class, used)
+            let look = look.take().unwrap_or_else(|| borrow::Look::start(self.pid));
+            let picked = match borrow_forced(self.pid) {
+                Some(tid) => Some(tid),
+                None => look.pick(),
             };
-            // Its share of a CPU over its life, in permille (start-up included).
-            let lifetime = |tid: i32| {
-                let runtime = observe::runtime_ns(pid, tid).unwrap_or(u64::MAX / 1000);
-                observe::age_ns(pid, tid).map_or(1000, |age| {
-                    runtime.saturating_mul(1000) / age.max(10_000_000)
-                })
-            };
-            let forced = borrow_forced(pid);
-            let mut look = BORROW_LOOK_FIRST;
-            let tid = loop {
-                std::thread::sleep(look.saturating_sub(started.elapsed()));
-                let look_ns = started.elapsed().as_nanos() as u64;
-                let best = list_tasks(self.pid)?
-                    .into_iter()
-                    .map(|t| (forced != Some(t), key(t), t))
-                    .min();
-                match best {
-                    None => return Err(ProcessError::Exited(self.pid)),
-                    Some((false, _, t)) => break t,
-                    Some((_, (0, used), t))
-                        if look < BORROW_LOOK && used <= look_ns / 50 && lifetime(t) <= 50 =>
-                    {
-                        break t
-                    }
-                    Some((_, _, t)) if look >= BORROW_LOOK => break t,
-                    Some(_) => look = BORROW_LOOK,
+            let Some(tid) = picked else {
+                // Every thread looked at is gone: the process too, or it has others now.
+                if list_tasks(self.pid)?.is_empty() {
+                    return Err(ProcessError::Exited(self.pid));
                 }
+                continue;
             };
             match ptrace::seize(tid) {
                 Ok(()) => {
@@ -313,7 +263,7 @@ impl Tracee {
         let alive = std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
         // The one borrowed thread exited, not the process: borrow another.
         if self.single && self.threads.is_empty() && alive && !is_zombie(self.pid) {
-            return self.seize_one();
+            return self.seize_one(borrow::Look::start(self.pid));
         }
         if self.threads.is_empty() || !alive {
             self.threads.clear();
@@ -1409,13 +1359,6 @@ fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
 
 /// The variable of [`borrow_forced`].
 const BORROW_COMM_VAR: &str = "LIVEPATCH_BORROW_COMM";
-
-/// The first look at the threads before one is borrowed (see [`Tracee::seize_one`]): enough
-/// for a thread of a busy loop to show CPU use (a loop that sleeps 50 µs runs every ~60 µs).
-const BORROW_LOOK_FIRST: std::time::Duration = std::time::Duration::from_micros(300);
-
-/// The whole look, when the first one found no thread that did not run at all.
-const BORROW_LOOK: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// For tests only: `LIVEPATCH_BORROW_COMM=NAME` makes a thread of `pid` named NAME (its
 /// `comm`, as `pthread_setname_np` sets it) the one [`Tracee::attach_one`] borrows, whatever

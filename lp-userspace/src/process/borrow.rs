@@ -1,0 +1,296 @@
+//! Which thread nonstop mode borrows for its system calls ([`super::Tracee::attach_one`]): a
+//! look at the threads through /proc that stops none of them.
+//!
+//! The borrowed thread stays stopped for the whole switch (milliseconds), so the look wants
+//! the thread least likely to need a CPU meanwhile. It ranks the threads by
+//! - their class, the preference order of `attach_one`: blocked in a system call other than
+//!   futex, then blocked in any system call, then the main thread, then the others;
+//! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
+//!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1), or what
+//!   its history says a look this long shows of it (its share of a CPU over its life, see
+//!   `History`), whichever is more: a thread that works in periods longer than the look may
+//!   look idle in it (review 8, B1: 2 ms of work in every 4), and a thread that used nothing
+//!   in the look still ranks after one that never runs;
+//! - then, between equals, the one switched in less often per second of its life (a thread
+//!   that wakes every millisecond would want a CPU a dozen times while borrowed). (The thread
+//!   id decided ties before: the main thread won them.)
+//!
+//! The look is evaluated at growing steps ([`LOOK_STEPS`]), and ends at a step when a longer
+//! look could not change the pick in a way that matters: the best thread is blocked (class 0
+//! or 1), used at most 5% of a CPU over its life (its history, as above), and either
+//! - it used at most 2% of a CPU in the look (idle), or
+//! - it used at most 10% of it, and every other thread of its class used at least twice as
+//!   much and 2% of a CPU more (clearly busier: a longer look would only add to their lead;
+//!   the `process_patch` bench: a main thread in a `usleep(1000)` loop shows one wake-up,
+//!   15–50 µs with its wait for a CPU, while the workers of its 50 µs loop show 100 µs and
+//!   more in each 300 µs).
+//!
+//! A thread blocked in a futex (class 1) ends the look early only when no thread was seen
+//! blocked in another system call at any step: a look that ends later would pick that one.
+//! At the last step the best thread is taken whatever it is, as before.
+
+use super::observe::{self, Activity, SchedStat, ThreadFiles};
+use std::time::{Duration, Instant};
+
+/// The steps of the look (time since it started) at which the threads are ranked again and
+/// the look may end (see the module's documentation). The first one is enough for a thread of
+/// a busy loop to show CPU use (a loop that sleeps 50 µs runs every ~60 µs); the last is the
+/// look of session 7, taken when no thread was clearly the one to borrow before.
+pub(super) const LOOK_STEPS: [Duration; 4] = [
+    Duration::from_micros(300),
+    Duration::from_micros(600),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+];
+
+/// The preference order of [`super::Tracee::attach_one`]; smaller is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// Blocked in a system call other than futex: it was not running anyway, and holds no
+    /// libc lock.
+    BlockedInCall,
+    /// Blocked in a futex wait.
+    BlockedInFutex,
+    /// The main thread, running.
+    Main,
+    /// Any other thread, running.
+    Other,
+}
+
+/// A thread's life so far: what it did before the look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct History {
+    /// The share of a CPU it used over its life, in parts per million (start-up included),
+    /// or the share it used *or waited for* when it ran in stretches longer than
+    /// [`LONG_STRETCH_NS`] on average (each time it was switched in). The wait counts, as in
+    /// the look: on a loaded machine a thread that works half of the time in long stretches
+    /// gets little CPU (review 8, B1; the CI probe at load ~20). It counts only for long
+    /// stretches: a thread that runs in short wake-ups (the `process_patch` bench's main
+    /// thread, `usleep(1000)`: ~8 µs each) waits for a CPU at each, the longer the more loaded
+    /// the machine, and its short wake-ups cannot hide from a look: one shows in it whenever
+    /// it falls in the look.
+    share_ppm: u64,
+    /// Times it was switched in per second of its life. (Each borrow adds ~3 of its own: the
+    /// seize, the interrupt and the detach.)
+    wakes_per_s: u64,
+}
+
+impl History {
+    /// Busy over its life ([`BUSY_SHARE_PPM`]), in a way a short look may miss (review 8, B1:
+    /// 2 ms of work in every 4).
+    fn busy(&self) -> bool {
+        self.share_ppm > BUSY_SHARE_PPM
+    }
+
+    /// What a look of `look_ns` should have seen of this thread, by its history.
+    fn expected_ns(&self, look_ns: u64) -> u64 {
+        (self.share_ppm as u128 * look_ns as u128 / 1_000_000) as u64
+    }
+}
+
+/// A thread busy over its life ([`History::busy`]: more than 5% of a CPU) is never taken
+/// before the last step of the look (review 8, B1).
+const BUSY_SHARE_PPM: u64 = 50_000;
+
+/// Runs longer than this, on average, count as work a short look may miss (its first step is
+/// 300 µs; a CPU-bound thread on a loaded machine runs for its slice, ~1–3 ms, each time).
+const LONG_STRETCH_NS: u64 = 100_000;
+
+/// Young threads count as 100 ms old: a thread that just started has not shown its habits,
+/// and a main thread's start-up (the dynamic linker, the program's initialisation: one long
+/// stretch, with its waits for a CPU on a loaded machine) would make it look busy for long
+/// (the `process_patch` bench, patched right after its start: its main thread ranked after
+/// workers of a 50 µs loop at 10 ms). A thread busy half of the time is busy by its history
+/// from an age of ~10 ms on all the same (5 ms of CPU is 5% of 100 ms).
+const MIN_AGE_NS: u64 = 100_000_000;
+
+struct Looked {
+    files: ThreadFiles,
+    before: SchedStat,
+    history: std::cell::OnceCell<History>,
+}
+
+impl Looked {
+    fn history(&self, pid: i32) -> History {
+        *self.history.get_or_init(|| {
+            let tid = self.files.tid();
+            let now = self.files.schedstat();
+            match (now, observe::age_ns(pid, tid)) {
+                (Some(now), Some(age)) => {
+                    let age = age.max(MIN_AGE_NS) as u128;
+                    let per =
+                        |v: u64, unit: u128| (v as u128 * unit / age).min(u64::MAX as u128) as u64;
+                    let stretch = now.runtime_ns / now.run_count.max(1);
+                    let counted = if stretch > LONG_STRETCH_NS {
+                        now.runtime_ns.saturating_add(now.run_delay_ns)
+                    } else {
+                        now.runtime_ns
+                    };
+                    History {
+                        share_ppm: per(counted, 1_000_000),
+                        wakes_per_s: per(now.run_count, 1_000_000_000),
+                    }
+                }
+                // Gone: ranked last, never taken early.
+                _ => History {
+                    share_ppm: u64::MAX,
+                    wakes_per_s: u64::MAX,
+                },
+            }
+        })
+    }
+}
+
+/// One thread as a step of the look saw it.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    class: Class,
+    /// CPU used or waited for since the look started, in nanoseconds.
+    used: u64,
+    index: usize,
+}
+
+/// A look at the threads of a process, started before the tracee is opened (its checks and
+/// lock count as look time: they are wall time of the apply all the same).
+pub(super) struct Look {
+    pid: i32,
+    started: Instant,
+    threads: Vec<Looked>,
+}
+
+impl Look {
+    /// Starts looking at the threads of `pid` (none when it is gone: [`Look::pick`] then
+    /// returns `None`).
+    pub(super) fn start(pid: i32) -> Look {
+        let started = Instant::now();
+        let threads = observe::tasks(pid)
+            .into_iter()
+            .filter_map(|tid| {
+                let files = ThreadFiles::open(pid, tid)?;
+                let before = files.schedstat()?;
+                Some(Looked {
+                    files,
+                    before,
+                    history: std::cell::OnceCell::new(),
+                })
+            })
+            .collect();
+        Look {
+            pid,
+            started,
+            threads,
+        }
+    }
+
+    /// The thread to borrow (see the module's documentation), or `None` when every thread
+    /// looked at is gone (the caller starts a new look, or finds the process gone).
+    pub(super) fn pick(&self) -> Option<i32> {
+        let mut saw_in_call = false;
+        for (step, at) in LOOK_STEPS.iter().enumerate() {
+            std::thread::sleep(at.saturating_sub(self.started.elapsed()));
+            let look_ns = self.started.elapsed().as_nanos() as u64;
+            let seen = self.see();
+            saw_in_call |= seen.iter().any(|s| s.class == Class::BlockedInCall);
+            let best = self.best(&seen, look_ns)?;
+            let last = step + 1 == LOOK_STEPS.len();
+            if last || self.ends_early(best, &seen, look_ns, saw_in_call) {
+                let tid = self.threads[best.index].files.tid();
+                if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+                    let h = self.threads[best.index].history(self.pid);
+                    eprintln!(
+                        "livepatch: trace: borrowed thread {tid} ({:?}, {} us used; life: {} ppm of a CPU, {} wake-ups/s) after a look of {} us, step {}",
+                        best.class,
+                        best.used / 1000,
+                        h.share_ppm,
+                        h.wakes_per_s,
+                        look_ns / 1000,
+                        step + 1
+                    );
+                }
+                return Some(tid);
+            }
+        }
+        None
+    }
+
+    /// Every thread still there, with its class and the CPU it used in the look so far.
+    fn see(&self) -> Vec<Seen> {
+        self.threads
+            .iter()
+            .enumerate()
+            .filter_map(|(index, t)| {
+                let class = match t.files.activity()? {
+                    Activity::Blocked {
+                        syscall: Some(nr), ..
+                    } if nr != libc::SYS_futex => Class::BlockedInCall,
+                    Activity::Blocked {
+                        syscall: Some(_), ..
+                    } => Class::BlockedInFutex,
+                    _ if t.files.tid() == self.pid => Class::Main,
+                    _ => Class::Other,
+                };
+                let now = t.files.schedstat()?;
+                // Not switched in at all: nothing used (the runtime of a thread on a CPU lags).
+                let used = if now == t.before {
+                    0
+                } else {
+                    (now.runtime_ns.saturating_sub(t.before.runtime_ns)
+                        + now.run_delay_ns.saturating_sub(t.before.run_delay_ns))
+                    .max(1)
+                };
+                Some(Seen { class, used, index })
+            })
+            .collect()
+    }
+
+    /// The best of `seen`: by class, then by the CPU used in the look or what its history
+    /// says a look this long shows of it, whichever is more, then by wake-ups per second of
+    /// life, then by thread id. Histories are read (a stat read each) in the order of CPU used
+    /// in the look, only until no thread left can beat the best.
+    fn best(&self, seen: &[Seen], look_ns: u64) -> Option<Seen> {
+        let class = seen.iter().map(|s| s.class).min()?;
+        let mut of_class: Vec<Seen> = seen.iter().filter(|s| s.class == class).copied().collect();
+        of_class.sort_by_key(|s| s.used);
+        let key = |s: &Seen| {
+            let t = &self.threads[s.index];
+            let h = t.history(self.pid);
+            (
+                s.used.max(h.expected_ns(look_ns)),
+                h.wakes_per_s,
+                t.files.tid(),
+            )
+        };
+        let mut best: Option<(Seen, (u64, u64, i32))> = None;
+        for s in of_class {
+            if best.is_some_and(|(_, k)| s.used > k.0) {
+                // It and the rest used more in the look alone: none can beat the best.
+                break;
+            }
+            let k = key(&s);
+            if best.is_none_or(|(_, b)| k < b) {
+                best = Some((s, k));
+            }
+        }
+        best.map(|(s, _)| s)
+    }
+
+    /// Whether the look may end with `best` before its last step (see the module's
+    /// documentation).
+    fn ends_early(&self, best: Seen, seen: &[Seen], look_ns: u64, saw_in_call: bool) -> bool {
+        let blocked = match best.class {
+            Class::BlockedInCall => true,
+            Class::BlockedInFutex => !saw_in_call,
+            Class::Main | Class::Other => false,
+        };
+        if !blocked || self.threads[best.index].history(self.pid).busy() {
+            return false;
+        }
+        let idle = best.used <= look_ns / 50;
+        let clearly_best = best.used <= look_ns / 10
+            && seen
+                .iter()
+                .filter(|s| s.class == best.class && s.index != best.index)
+                .all(|s| s.used >= (2 * best.used).saturating_add(look_ns / 50));
+        idle || clearly_best
+    }
+}

@@ -1,0 +1,206 @@
+//! Which thread nonstop mode borrows (`Tracee::attach_one`, `process/borrow.rs`) in the
+//! shapes of ordinary servers: the borrowed thread is stopped for the whole switch, so it must
+//! be one the program does not need meanwhile.
+
+mod common;
+
+use common::*;
+use lp_userspace::process::{with_tracer_thread, ProcessError, Tracee};
+
+/// Waits until thread `tid` of `pid` is blocked in a system call again (a borrowed thread is
+/// woken by the seize and the detach, and on a loaded machine may wait long for a CPU to go
+/// back to its wait, `restart_syscall` then: meanwhile it is running, not one to borrow).
+fn wait_blocked(pid: i32, tid: i32) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let path = format!("/proc/{pid}/task/{tid}/syscall");
+    let blocked = |s: String| {
+        s.split(' ')
+            .next()
+            .is_some_and(|nr| nr.parse::<u32>().is_ok())
+    };
+    while !std::fs::read_to_string(&path).is_ok_and(blocked) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "thread {tid} not blocked again"
+        );
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// The thread a nonstop tracee borrows from `pid`.
+fn borrowed(pid: i32) -> i32 {
+    with_tracer_thread(|| {
+        let t = Tracee::attach_one(pid)?;
+        let tids = t.threads();
+        t.detach()?;
+        Ok::<_, ProcessError>(tids[0])
+    })
+    .expect("attach_one")
+}
+
+/// The main thread wakes every millisecond (`usleep(1000)`, a timer or housekeeping loop);
+/// one thread waits in `poll` for input that never comes; four workers wait on a condition
+/// variable (futex). Every thread prints its tid.
+const SERVER: &str = r#"
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t work = PTHREAD_COND_INITIALIZER;
+static volatile int started;
+
+static void *poller(void *arg) {
+    (void)arg;
+    printf("poller %ld\n", (long)syscall(SYS_gettid));
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    for (;;) poll(NULL, 0, -1);
+    return NULL;
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    printf("worker %ld\n", (long)syscall(SYS_gettid));
+    pthread_mutex_lock(&lock);
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    for (;;) pthread_cond_wait(&work, &lock);
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_t t;
+    pthread_create(&t, NULL, poller, NULL);
+    for (int i = 0; i < 4; i++) pthread_create(&t, NULL, worker, NULL);
+    while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < 5) usleep(1000);
+    printf("ready %d\n", getpid());
+    for (;;) usleep(1000);
+}
+"#;
+
+/// A thread that wakes every millisecond used nothing in most short looks, like the thread
+/// waiting in `poll`; it wants a CPU a thousand times a second and would be held for the
+/// whole switch: the poller is borrowed, every time (the look ranked the two as equals and
+/// took the lower thread id, the main thread, in most looks).
+#[test]
+fn e2e_borrow_a_thread_waiting_for_input_not_one_that_wakes_every_millisecond() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "server", SERVER, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid: i32 = target.pid().parse().unwrap();
+    target.wait_line(|l| l.starts_with("ready"));
+    let poller: i32 = target.wait_line(|l| l.starts_with("poller "))["poller ".len()..]
+        .parse()
+        .unwrap();
+    // A second old: its start-up and the borrows below (each wakes the borrowed thread ~3
+    // times) weigh little in the threads' histories, as in a program patched now and then.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let rounds = 40;
+    let picks: Vec<i32> = (0..rounds)
+        .map(|i| {
+            wait_blocked(pid, poller);
+            // Spread the looks over the main thread's millisecond.
+            std::thread::sleep(std::time::Duration::from_micros(137 * i as u64 % 1000));
+            borrowed(pid)
+        })
+        .collect();
+    let others: Vec<&i32> = picks.iter().filter(|&&p| p != poller).collect();
+    assert!(
+        others.is_empty(),
+        "threads other than the poller {poller} were borrowed {} times of {rounds}: {others:?} \
+         (the main thread is {pid})",
+        others.len()
+    );
+}
+
+/// Every thread waits in a futex: the main thread in `pthread_join`, four workers on a
+/// condition variable; one more worker is busy half of the time in periods longer than a
+/// short look (2 ms of computing, then 2 ms blocked on the condition variable with a
+/// timeout). Every thread prints its tid.
+const JOINER: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t work = PTHREAD_COND_INITIALIZER;
+static volatile int started;
+
+static long ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    printf("worker %ld\n", (long)syscall(SYS_gettid));
+    pthread_mutex_lock(&lock);
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    for (;;) pthread_cond_wait(&work, &lock);
+    return NULL;
+}
+
+static void *busy(void *arg) {
+    (void)arg;
+    printf("busy %ld\n", (long)syscall(SYS_gettid));
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    volatile unsigned long spin = 0;
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        pthread_mutex_unlock(&lock);
+        long start = ns();
+        while (ns() - start < 2000000) spin++;
+        pthread_mutex_lock(&lock);
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 2000000;
+        if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+        pthread_cond_timedwait(&work, &lock, &until);
+    }
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_t t, b;
+    for (int i = 0; i < 4; i++) pthread_create(&t, NULL, worker, NULL);
+    pthread_create(&b, NULL, busy, NULL);
+    while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < 5) usleep(1000);
+    printf("ready %d\n", getpid());
+    pthread_join(b, NULL);
+}
+"#;
+
+/// The threads blocked in a futex are equals by class; the one busy half of the time looks
+/// idle whenever a short look falls in its wait, and must never be borrowed (review 8, B1,
+/// with futex waits: a look that ends early for a futex-blocked thread must not take it).
+#[test]
+fn e2e_borrow_never_a_thread_busy_half_the_time_among_futex_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "joiner", JOINER, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid: i32 = target.pid().parse().unwrap();
+    target.wait_line(|l| l.starts_with("ready"));
+    let busy: i32 = target.wait_line(|l| l.starts_with("busy "))["busy ".len()..]
+        .parse()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let rounds = 40;
+    let picks: Vec<i32> = (0..rounds)
+        .map(|i| {
+            // Spread the looks over the busy thread's 4 ms cycle.
+            std::thread::sleep(std::time::Duration::from_micros(97 * i as u64 % 4000));
+            borrowed(pid)
+        })
+        .collect();
+    let busy_picks = picks.iter().filter(|&&p| p == busy).count();
+    assert_eq!(
+        busy_picks, 0,
+        "the thread busy half of the time ({busy}) was borrowed {busy_picks} times of {rounds}"
+    );
+}
