@@ -127,6 +127,18 @@ impl Area {
     }
 }
 
+/// CPU time of the calling thread (the tool's, which does the switch), in microseconds: the
+/// target's threads wait behind it for a CPU on a small machine.
+fn thread_cpu_us() -> u64 {
+    // SAFETY: clock_gettime fills the timespec it is given.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts
+    };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 fn trace(what: &str, since: Instant) {
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
         eprintln!(
@@ -148,6 +160,7 @@ pub(crate) fn run(
     flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
+    let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
     verify_expected(t.mem(), sites)?;
     if sites.len() > th::MAX_SITES {
         return Err(Error::Unsupported(format!(
@@ -165,9 +178,12 @@ pub(crate) fn run(
     // Every thread's /proc files, opened at this first look and read again by the later ones
     // (see `threads.rs`).
     let threads = RefCell::new(Threads::new(t.pid()));
+    trace("area looked for", began_at);
     refuse_if_sigtrap_blocked(&mut threads.borrow_mut(), t.pid(), timeout, agents)?;
+    trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
     let mut area = open_area(t, found)?;
+    trace("area opened", began_at);
     // With dispatches the callers and the entries switch in windows of their own: a call
     // site's trap takes the original branch, through the entry (whole then) and the dispatch
     // (whose flag decides); the shortcut to the entry's own decision would be wrong there —
@@ -234,7 +250,8 @@ pub(crate) fn run(
     let ready = installed
         .and_then(|()| Ok(t.register_sync_cores()?))
         .and_then(|()| {
-            unmasked = !inner_ranges(sites).is_empty() && unmasked_handler(t, &area)?;
+            unmasked = !inner_ranges(sites).is_empty()
+                && unmasked_handler(t, &area, &mut threads.borrow_mut())?;
             agent = SyncAgent::start(t, area.code, &mut held);
             trace(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
@@ -364,6 +381,10 @@ pub(crate) fn run(
         }
     }
     t.set_trap_hook(None);
+    trace(
+        &format!("run done, tool cpu {} us", thread_cpu_us() - cpu_at),
+        began_at,
+    );
     // Signals the borrowed thread was about to take while it started the agent: held with the
     // others the tracee holds for it (not sent earlier: a SIGTRAP pending there would hold the
     // uninstall up), sent again with them, in the order they were taken, when the thread is let
@@ -949,7 +970,27 @@ fn is_area_line(line: &str) -> bool {
 
 /// The code page's bytes (up to the end of its last piece): the handler, the restorer and the
 /// sync agent, each at its offset.
+///
+/// They depend on the code page's address alone, and assembling them takes 100-600 µs of CPU
+/// here (more on a busy machine): the last page made is kept for the next switch of this
+/// process of ours at the same address (a library caller's next apply or revert; the area stays
+/// where it is for the life of the target). The same build of the tool makes the same bytes, so
+/// the check of an area found in place is unchanged.
 fn generate(area: &Area) -> Result<Vec<u8>, Error> {
+    static LAST: std::sync::Mutex<Option<(u64, Vec<u8>)>> = std::sync::Mutex::new(None);
+    if let Some((code, page)) = LAST.lock().ok().as_deref().and_then(Option::as_ref) {
+        if *code == area.code {
+            return Ok(page.clone());
+        }
+    }
+    let page = assemble(area)?;
+    if let Ok(mut last) = LAST.lock() {
+        *last = Some((area.code, page.clone()));
+    }
+    Ok(page)
+}
+
+fn assemble(area: &Area) -> Result<Vec<u8>, Error> {
     let err = |e: iced_x86::IcedError| Error::Other(format!("trap handler: {e}"));
     let (handler, restorer) = th::generate(area.code).map_err(err)?;
     let agent = sync_agent::generate(area.code).map_err(err)?;
@@ -2073,8 +2114,8 @@ impl Burst {
 /// shows nothing in its signal mask (review R5's gap). Read with rt_sigaction on the borrowed
 /// thread, once per handled signal, before the first int3 (only when there are sites with
 /// bytes to settle; a handler installed during the window itself is not seen).
-fn unmasked_handler(t: &mut Tracee, area: &Area) -> Result<bool, Error> {
-    let caught = observe::process_signal_mask(t.pid(), &["SigCgt"]) & !observe::bit(libc::SIGTRAP);
+fn unmasked_handler(t: &mut Tracee, area: &Area, threads: &mut Threads) -> Result<bool, Error> {
+    let caught = threads.process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP);
     for sig in 1..=64 {
         if caught & observe::bit(sig) == 0 {
             continue;
