@@ -179,7 +179,13 @@ pub(crate) fn run(
     // (see `threads.rs`).
     let threads = RefCell::new(Threads::new(t.pid()));
     trace("area looked for", began_at);
-    refuse_if_sigtrap_blocked(&mut threads.borrow_mut(), t.pid(), timeout, agents)?;
+    refuse_if_sigtrap_blocked(
+        &mut threads.borrow_mut(),
+        t.pid(),
+        &t.threads(),
+        timeout,
+        agents,
+    )?;
     trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
     let mut area = open_area(t, found)?;
@@ -634,9 +640,16 @@ fn finish_children(
 ///
 /// The masks are read from each thread's `stat` (its `blocked` field: the same word as
 /// `SigBlk` in `status`, for signals 1-31), through descriptors kept for the later looks.
+///
+/// The thread borrowed for our system calls (`borrowed`) is stopped until the end of the
+/// switch: seen with SIGTRAP blocked (taken inside pthread_create, which blocks every signal
+/// around clone(), say), it cannot unblock it or run meanwhile, so waiting for it would only
+/// end at `timeout` with the refusal. It is reported at once as busy: the next try borrows the
+/// thread at another moment.
 fn refuse_if_sigtrap_blocked(
     threads: &mut Threads,
     pid: i32,
+    borrowed: &[i32],
     timeout: Duration,
     agents: AgentCode,
 ) -> Result<(), Error> {
@@ -647,6 +660,13 @@ fn refuse_if_sigtrap_blocked(
         let Some(t) = threads.get(tid).filter(|t| blocked(t)) else {
             continue;
         };
+        if borrowed.contains(&tid) {
+            return Err(Error::Busy {
+                tid: tid as u32,
+                function: "a moment with SIGTRAP blocked (when it was stopped for our system calls; try again)".into(),
+                waited_ms: 0,
+            });
+        }
         if let Some(ns) = t.files.runtime_ns() {
             suspects.insert(tid, (ns, None));
         }
