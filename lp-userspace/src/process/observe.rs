@@ -187,6 +187,12 @@ fn masks(status: &str, fields: &[&str]) -> u64 {
         .fold(0, |all, m| all | m)
 }
 
+/// The union of the signal masks `fields` of a /proc status text already read (e.g. through a
+/// kept descriptor).
+pub fn status_masks(status: &str, fields: &[&str]) -> u64 {
+    masks(status, fields)
+}
+
 /// CPU time thread `tid` has consumed, in nanoseconds (/proc/PID/task/TID/schedstat; updated
 /// by the scheduler at ticks and switches, so it may lag, never lead). `None` when gone.
 pub fn runtime_ns(pid: i32, tid: i32) -> Option<u64> {

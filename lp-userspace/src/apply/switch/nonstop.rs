@@ -24,6 +24,7 @@
 
 mod area_name;
 mod sync_agent;
+mod threads;
 
 use super::trap_handler as th;
 use super::{verify_expected, Error, SiteSwitch, SwitchStats};
@@ -33,11 +34,12 @@ use lp_core::consistency::CodeRange;
 use lp_core::plan::{Step, WritePlan};
 use lp_core::table::{EntryState, RedirectTable, Slot};
 use lp_core::trap::{self, TrapDecision};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use sync_agent::{Op, SyncAgent};
+use threads::{Thread, Threads};
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
@@ -120,6 +122,18 @@ impl Area {
     }
 }
 
+/// CPU time of the calling thread (the tool's, which does the switch), in microseconds: the
+/// target's threads wait behind it for a CPU on a small machine.
+fn thread_cpu_us() -> u64 {
+    // SAFETY: clock_gettime fills the timespec it is given.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts
+    };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 fn trace(what: &str, since: Instant) {
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
         eprintln!(
@@ -141,6 +155,7 @@ pub(crate) fn run(
     flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
+    let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
     verify_expected(t.mem(), sites)?;
     if sites.len() > th::MAX_SITES {
         return Err(Error::Unsupported(format!(
@@ -151,10 +166,25 @@ pub(crate) fn run(
     }
     // A sync agent orphaned by a killed livepatch may still be waiting in the area (it blocks
     // every signal): it is ours, not a thread of the program that keeps SIGTRAP blocked.
-    let agents = AgentCode(find_area(t.pid(), t.mem())?);
-    refuse_if_sigtrap_blocked(t.pid(), timeout, agents)?;
+    // The area is looked for once (a read of /proc/PID/maps, 150-380 µs here): only a
+    // livepatch makes one, and this one holds the process's lock.
+    let found = find_area(t.pid(), t.mem())?;
+    let agents = AgentCode(found);
+    // Every thread's /proc files, opened at this first look and read again by the later ones
+    // (see `threads.rs`).
+    let threads = RefCell::new(Threads::new(t.pid()));
+    trace("area looked for", began_at);
+    refuse_if_sigtrap_blocked(
+        &mut threads.borrow_mut(),
+        t.pid(),
+        &t.threads(),
+        timeout,
+        agents,
+    )?;
+    trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
-    let mut area = open_area(t)?;
+    let mut area = open_area(t, found)?;
+    trace("area opened", began_at);
     // With dispatches the callers and the entries switch in windows of their own: a call
     // site's trap takes the original branch, through the entry (whole then) and the dispatch
     // (whose flag decides); the shortcut to the entry's own decision would be wrong there —
@@ -221,13 +251,18 @@ pub(crate) fn run(
     let ready = installed
         .and_then(|()| Ok(t.register_sync_cores()?))
         .and_then(|()| {
-            unmasked = !inner_ranges(sites).is_empty() && unmasked_handler(t, &area)?;
+            unmasked = !inner_ranges(sites).is_empty()
+                && unmasked_handler(t, &area, &mut threads.borrow_mut())?;
             agent = SyncAgent::start(t, area.code, &mut held);
             trace(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
                 t0,
             );
-            wait_sigtrap_unblocked(t.pid(), &skipped(t, &agent), AgentCode(Some(area.code)))
+            wait_sigtrap_unblocked(
+                &mut threads.borrow_mut(),
+                &skipped(t, &agent),
+                AgentCode(Some(area.code)),
+            )
         });
     let wrote = ready.is_ok();
     // The sites whose window began writing (a window that found bytes changed by someone else
@@ -243,6 +278,7 @@ pub(crate) fn run(
         let rules = SettleRules {
             timeout,
             unmasked_handler: unmasked,
+            threads: &threads,
         };
         switch_sites(
             t,
@@ -305,6 +341,16 @@ pub(crate) fn run(
                 }
             }
         }
+        // The uninstall's wait for the threads to be past our int3s ([`uninstall`], 1.) begins
+        // here, right after the last sync: what it looks for counts from then on. Its first look
+        // finds most threads blocked; the others run on while the agent exits and the children
+        // are finished, and are looked at again by `uninstall`.
+        let early = (was_installed && settled_bytes).then(|| {
+            let mut threads = threads.borrow_mut();
+            let mut watch = MovedOn::start(&mut threads, &skipped(t, &agent), &[], None);
+            watch.look(t.mem(), &mut threads);
+            watch
+        });
         // No sync is left: the agent exits (it is waited for).
         drop(agent.take());
         drop(boost);
@@ -314,7 +360,13 @@ pub(crate) fn run(
             finish_children(t.pid(), (forks_before, began), &all, flag, result.is_ok());
         }
         trace("switched", t0);
-        let uninstalled = uninstall(t, &area, timeout.max(MIN_UNINSTALL_WAIT));
+        let uninstalled = uninstall(
+            t,
+            &area,
+            timeout.max(MIN_UNINSTALL_WAIT),
+            &mut threads.borrow_mut(),
+            early,
+        );
         trace("uninstalled", t0);
         match uninstalled {
             Ok(restored) => kept = !restored,
@@ -330,6 +382,10 @@ pub(crate) fn run(
         }
     }
     t.set_trap_hook(None);
+    trace(
+        &format!("run done, tool cpu {} us", thread_cpu_us() - cpu_at),
+        began_at,
+    );
     // Signals the borrowed thread was about to take while it started the agent: held with the
     // others the tracee holds for it (not sent earlier: a SIGTRAP pending there would hold the
     // uninstall up), sent again with them, in the order they were taken, when the thread is let
@@ -576,23 +632,48 @@ fn finish_children(
 /// handler, or just created (glibc starts a thread with every signal blocked, until it has
 /// run a little). A suspect is refused once it has kept SIGTRAP blocked while consuming
 /// [`PROGRESS_NS`] of CPU, or at `timeout`.
-fn refuse_if_sigtrap_blocked(pid: i32, timeout: Duration, agents: AgentCode) -> Result<(), Error> {
-    let blocked = |tid: i32| {
-        observe::signal_in(pid, tid, libc::SIGTRAP, &["SigBlk"]) && !agents.runs(pid, tid)
-    };
-    let mut suspects: BTreeMap<i32, (u64, Option<u64>)> = observe::tasks(pid)
-        .into_iter()
-        .filter(|&tid| blocked(tid))
-        .filter_map(|tid| Some((tid, (observe::runtime_ns(pid, tid)?, None))))
-        .collect();
+///
+/// The masks are read from each thread's `stat` (its `blocked` field: the same word as
+/// `SigBlk` in `status`, for signals 1-31), through descriptors kept for the later looks.
+///
+/// The thread borrowed for our system calls (`borrowed`) is stopped until the end of the
+/// switch: seen with SIGTRAP blocked (taken inside pthread_create, which blocks every signal
+/// around clone(), say), it cannot unblock it or run meanwhile, so waiting for it would only
+/// end at `timeout` with the refusal. It is reported at once as busy: the next try borrows the
+/// thread at another moment.
+fn refuse_if_sigtrap_blocked(
+    threads: &mut Threads,
+    pid: i32,
+    borrowed: &[i32],
+    timeout: Duration,
+    agents: AgentCode,
+) -> Result<(), Error> {
+    let blocked = |t: &Thread| t.blocks(libc::SIGTRAP) && !agents.runs(t);
+    let tids = threads.current(&[]);
+    let mut suspects: BTreeMap<i32, (u64, Option<u64>)> = BTreeMap::new();
+    for tid in tids {
+        let Some(t) = threads.get(tid).filter(|t| blocked(t)) else {
+            continue;
+        };
+        if borrowed.contains(&tid) {
+            return Err(Error::Busy {
+                tid: tid as u32,
+                function: "a moment with SIGTRAP blocked (when it was stopped for our system calls; try again)".into(),
+                waited_ms: 0,
+            });
+        }
+        if let Some(ns) = t.files.runtime_ns() {
+            suspects.insert(tid, (ns, None));
+        }
+    }
     let deadline = crate::deadline::after(timeout);
     loop {
         let mut refuse = None;
         suspects.retain(|&tid, (at_start, base)| {
-            if !blocked(tid) {
+            let Some(t) = threads.get(tid).filter(|t| blocked(t)) else {
                 return false;
-            }
-            let Some(now) = observe::runtime_ns(pid, tid) else {
+            };
+            let Some(now) = t.files.runtime_ns() else {
                 return false; // gone
             };
             match base {
@@ -638,22 +719,28 @@ const UNBLOCK_WAIT: Duration = Duration::from_millis(100);
 /// remote rt_sigaction calls). The window left is a thread that starts blocking SIGTRAP
 /// during the int3 window itself and reaches a site before it unblocks it (a limit). The
 /// borrowed thread (`skip`) stays stopped through the window.
-fn wait_sigtrap_unblocked(pid: i32, skip: &[i32], agents: AgentCode) -> Result<(), Error> {
-    let mut threads: Vec<observe::ThreadFiles> = observe::tasks(pid)
-        .into_iter()
-        .filter(|tid| !skip.contains(tid))
-        .filter_map(|tid| observe::ThreadFiles::open(pid, tid))
-        .collect();
+///
+/// The threads are listed again (one may have come since the first look); their kept files
+/// are read, those of a new thread opened.
+fn wait_sigtrap_unblocked(
+    threads: &mut Threads,
+    skip: &[i32],
+    agents: AgentCode,
+) -> Result<(), Error> {
+    let mut tids = threads.current(skip);
     let deadline = Instant::now() + UNBLOCK_WAIT;
     loop {
-        threads
-            .retain_mut(|f| f.signal_in(libc::SIGTRAP, &["SigBlk"]) && !agents.runs(pid, f.tid()));
-        let Some(f) = threads.first() else {
+        tids.retain(|&tid| {
+            threads
+                .get(tid)
+                .is_some_and(|t| t.blocks(libc::SIGTRAP) && !agents.runs(t))
+        });
+        let Some(&tid) = tids.first() else {
             return Ok(());
         };
         if Instant::now() > deadline {
             return Err(Error::Busy {
-                tid: f.tid() as u32,
+                tid: tid as u32,
                 function: SIGTRAP_BLOCKED_NOW.into(),
                 waited_ms: UNBLOCK_WAIT.as_millis() as u64,
             });
@@ -870,18 +957,19 @@ fn owner_of(pid: i32) -> Option<[u8; 16]> {
 struct AgentCode(Option<u64>);
 
 impl AgentCode {
-    /// Whether thread `tid` is blocked in the agent's code (where an agent always waits).
-    fn runs(self, pid: i32, tid: i32) -> bool {
+    /// Whether thread `t` is blocked in the agent's code (where an agent always waits).
+    fn runs(self, t: &Thread) -> bool {
         let Some(code) = self.0 else {
             return false;
         };
-        matches!(observe::activity(pid, tid), Some(Activity::Blocked { pc, .. })
+        matches!(t.files.activity(), Some(Activity::Blocked { pc, .. })
             if (code + th::AGENT_CODE..code + th::PAGE).contains(&pc))
     }
 }
 
-fn open_area(t: &mut Tracee) -> Result<Area, Error> {
-    if let Some(code) = find_area(t.pid(), t.mem())? {
+/// `found`: what [`find_area`] found.
+fn open_area(t: &mut Tracee, found: Option<u64>) -> Result<Area, Error> {
+    if let Some(code) = found {
         let area = Area { code, bank: 0 };
         let page = generate(&area)?;
         // The code never changes for a given address: check that it is ours, intact.
@@ -910,7 +998,27 @@ fn open_area(t: &mut Tracee) -> Result<Area, Error> {
 
 /// The code page's bytes (up to the end of its last piece): the handler, the restorer and the
 /// sync agent, each at its offset.
+///
+/// They depend on the code page's address alone, and assembling them takes 100-600 µs of CPU
+/// here (more on a busy machine): the last page made is kept for the next switch of this
+/// process of ours at the same address (a library caller's next apply or revert; the area stays
+/// where it is for the life of the target). The same build of the tool makes the same bytes, so
+/// the check of an area found in place is unchanged.
 fn generate(area: &Area) -> Result<Vec<u8>, Error> {
+    static LAST: std::sync::Mutex<Option<(u64, Vec<u8>)>> = std::sync::Mutex::new(None);
+    if let Some((code, page)) = LAST.lock().ok().as_deref().and_then(Option::as_ref) {
+        if *code == area.code {
+            return Ok(page.clone());
+        }
+    }
+    let page = assemble(area)?;
+    if let Ok(mut last) = LAST.lock() {
+        *last = Some((area.code, page.clone()));
+    }
+    Ok(page)
+}
+
+fn assemble(area: &Area) -> Result<Vec<u8>, Error> {
     let err = |e: iced_x86::IcedError| Error::Other(format!("trap handler: {e}"));
     let (handler, restorer) = th::generate(area.code).map_err(err)?;
     let agent = sync_agent::generate(area.code).map_err(err)?;
@@ -1076,7 +1184,18 @@ fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
 /// 2. then no thread may have SIGTRAP pending in its own set (B is left in order, and nothing
 ///    enters it; a trap's signal is thread-directed, so the process-wide set does not count);
 /// 3. and, belt and braces, no thread is inside the handler.
-fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error> {
+///
+/// `early`: the wait of 1. when it was begun already, right after the last sync (a first look
+/// was taken then: what counts is what was seen after the last sync, and those looks were).
+/// The threads' files are `threads`' kept ones; their pending sets are read from their `stat`
+/// (its `signal` field: the thread's own set, the word `SigPnd` shows).
+fn uninstall(
+    t: &mut Tracee,
+    area: &Area,
+    wait: Duration,
+    threads: &mut Threads,
+    early: Option<MovedOn<'_>>,
+) -> Result<bool, Error> {
     let data = area.data();
     sigaction(t, 0, data + th::SCRATCH_OLD)?;
     let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
@@ -1084,13 +1203,11 @@ fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error>
         // The process set its own action meanwhile: it owns SIGTRAP now.
         return Ok(true);
     }
-    let pid = t.pid();
     let start = Instant::now();
     let deadline = crate::deadline::after(wait);
     let borrowed = t.threads();
-    if let Some((tid, _)) =
-        wait_moved_on(t.mem(), pid, &borrowed, &[], deadline, UNINSTALL_POLL, None)?
-    {
+    let watch = early.unwrap_or_else(|| MovedOn::start(threads, &borrowed, &[], None));
+    if let Some((tid, _)) = watch.wait(t.mem(), threads, deadline, UNINSTALL_POLL)? {
         trace(
             &format!("uninstall: thread {tid} not seen past the int3s"),
             start,
@@ -1098,19 +1215,18 @@ fn uninstall(t: &mut Tracee, area: &Area, wait: Duration) -> Result<bool, Error>
         return Ok(false);
     }
     // Threads created from now on never executed one of our int3s: the list is final.
-    let mut threads: Vec<observe::ThreadFiles> = observe::tasks(pid)
-        .into_iter()
-        .filter_map(|tid| observe::ThreadFiles::open(pid, tid))
-        .collect();
+    let tids = threads.current(&[]);
     let mut pause = UNINSTALL_POLL.first;
     loop {
         // A trap's SIGTRAP is queued to the thread that trapped (force_sig): its own
         // pending set. The process-wide set holds only SIGTRAPs sent by kill, never ours —
         // and one can stay there for long (sent while the borrowed thread, stopped, was the
         // only candidate the kernel looked at).
-        let pending = threads
-            .iter_mut()
-            .any(|f| f.signal_in(libc::SIGTRAP, &["SigPnd"]));
+        let pending = tids.iter().any(|&tid| {
+            threads
+                .get(tid)
+                .is_some_and(|t| t.has_pending(libc::SIGTRAP))
+        });
         if !pending && area.read_u64(t.mem(), th::INSIDE)? == 0 {
             break;
         }
@@ -1153,12 +1269,13 @@ const UNINSTALL_POLL: Poll = Poll {
     max: Duration::from_millis(1),
 };
 
-/// How settle waits: at most `timeout`, and whether the process has a signal handler that
-/// blocks no handled signal ([`unmasked_handler`]).
-#[derive(Debug, Clone, Copy)]
-struct SettleRules {
+/// How settle waits: at most `timeout`, whether the process has a signal handler that
+/// blocks no handled signal ([`unmasked_handler`]), and the switch's kept thread files.
+#[derive(Clone, Copy)]
+struct SettleRules<'a> {
     timeout: Duration,
     unmasked_handler: bool,
+    threads: &'a RefCell<Threads>,
 }
 
 /// What settle knows beside /proc (see [`wait_moved_on`]): where the threads' trap records
@@ -1255,60 +1372,111 @@ impl Mappings {
 /// function's first bytes only makes the wait longer). Such a thread must later be seen
 /// blocked with no such address: CPU time alone no longer counts for it (it could be spent in
 /// the handler).
+///
+/// The threads' files are `threads`' kept ones; the process's status (`SigCgt`) and stat (is
+/// it gone?) are read through kept descriptors too. [`MovedOn`] is the same wait cut in two:
+/// begun at one point, continued later.
+#[allow(clippy::too_many_arguments)]
 fn wait_moved_on(
     mem: &Memory,
-    pid: i32,
+    threads: &mut Threads,
     skip: &[i32],
     ranges: &[CodeRange],
     deadline: Instant,
     poll: Poll,
     traps: Option<SettleFacts>,
 ) -> Result<Option<(i32, bool)>, Error> {
-    struct Watched {
-        files: observe::ThreadFiles,
-        at_start: observe::SchedStat,
-        base: Option<u64>,
-        /// Seen blocked with an address inside `ranges` on its stack.
-        inside_frame: bool,
-        /// A trap record no longer counts for it (a look through ptrace found it in a
-        /// handler or call leading back into `ranges`).
-        ignore_trap: bool,
-    }
-    // A thread that stays runnable may be running a signal handler whose interrupted context
-    // is inside `ranges`: its CPU time proves nothing then (review R5). A thread that may be in
-    // a handler — it blocks a signal the process has a handler for, as the kernel does while
-    // the handler runs — is looked at once, briefly, through ptrace. Others are never traced,
-    // unless the process has a handler that blocks no handled signal while it runs
-    // (SA_NODEFER and no such signal in its mask): then nothing tells from outside whether a
-    // thread runs it, and every thread is looked at before it counts as moved on.
-    let unmasked = traps.is_some_and(|t| t.unmasked_handler);
-    let caught = if ranges.is_empty() {
-        0
-    } else {
-        observe::process_signal_mask(pid, &["SigCgt"]) & !observe::bit(libc::SIGTRAP)
-        // ours
-    };
-    let mut pending: Vec<Watched> = observe::tasks(pid)
-        .into_iter()
-        .filter(|tid| !skip.contains(tid))
-        .filter_map(|tid| {
-            let files = observe::ThreadFiles::open(pid, tid)?;
-            let at_start = files.schedstat()?;
-            Some(Watched {
-                files,
-                at_start,
-                base: None,
-                inside_frame: false,
-                ignore_trap: false,
+    MovedOn::start(threads, skip, ranges, traps).wait(mem, threads, deadline, poll)
+}
+
+/// [`wait_moved_on`]'s state: the threads not yet seen to have moved on since its start.
+struct MovedOn<'r> {
+    pid: i32,
+    ranges: &'r [CodeRange],
+    traps: Option<SettleFacts>,
+    /// The signals the process has handlers for (not SIGTRAP: ours), read at the start; 0
+    /// when there are no ranges to return into.
+    caught: u64,
+    pending: Vec<Watched>,
+    records: Vec<u8>,
+    maps: Mappings,
+}
+
+struct Watched {
+    tid: i32,
+    at_start: observe::SchedStat,
+    base: Option<u64>,
+    /// Seen blocked with an address inside `ranges` on its stack.
+    inside_frame: bool,
+    /// A trap record no longer counts for it (a look through ptrace found it in a
+    /// handler or call leading back into `ranges`).
+    ignore_trap: bool,
+}
+
+impl<'r> MovedOn<'r> {
+    /// "Now" for the wait: the threads listed, each one's CPU time and run count read.
+    fn start(
+        threads: &mut Threads,
+        skip: &[i32],
+        ranges: &'r [CodeRange],
+        traps: Option<SettleFacts>,
+    ) -> MovedOn<'r> {
+        // A thread that stays runnable may be running a signal handler whose interrupted
+        // context is inside `ranges`: its CPU time proves nothing then (review R5). A thread
+        // that may be in a handler — it blocks a signal the process has a handler for, as the
+        // kernel does while the handler runs — is looked at once, briefly, through ptrace.
+        // Others are never traced, unless the process has a handler that blocks no handled
+        // signal while it runs (SA_NODEFER and no such signal in its mask): then nothing tells
+        // from outside whether a thread runs it, and every thread is looked at before it counts
+        // as moved on.
+        let caught = if ranges.is_empty() {
+            0
+        } else {
+            threads.process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP)
+            // ours
+        };
+        let tids = threads.current(skip);
+        let pending = tids
+            .into_iter()
+            .filter_map(|tid| {
+                let at_start = threads.get(tid)?.files.schedstat()?;
+                Some(Watched {
+                    tid,
+                    at_start,
+                    base: None,
+                    inside_frame: false,
+                    ignore_trap: false,
+                })
             })
-        })
-        .collect();
-    let mut pause = poll.first;
-    let mut records = vec![0u8; (th::NSEEN * 8) as usize];
-    let mut maps = Mappings::new(pid);
-    loop {
+            .collect();
+        MovedOn {
+            pid: threads.pid(),
+            ranges,
+            traps,
+            caught,
+            pending,
+            records: vec![0u8; (th::NSEEN * 8) as usize],
+            maps: Mappings::new(threads.pid()),
+        }
+    }
+
+    /// Looks at the threads not yet seen to have moved on; returns one that has not (and
+    /// whether it was last seen in a signal handler or call leading back into `ranges`), or
+    /// None when all have.
+    fn look(&mut self, mem: &Memory, threads: &mut Threads) -> Option<(i32, bool)> {
+        let MovedOn {
+            pid,
+            ranges,
+            traps,
+            caught,
+            pending,
+            records,
+            maps,
+        } = self;
+        let (pid, ranges, traps, caught) = (*pid, *ranges, *traps, *caught);
+        let unmasked = traps.is_some_and(|t| t.unmasked_handler);
         let records = match traps {
-            Some(r) if mem.read(r.records, &mut records).is_ok() => &records[..],
+            Some(r) if mem.read(r.records, records).is_ok() => &records[..],
             _ => &[][..],
         };
         let trapped = |tid: i32| {
@@ -1320,21 +1488,24 @@ fn wait_moved_on(
             })
         };
         pending.retain_mut(|w| {
-            let moved = match w.files.activity() {
+            // Kept since the start (an entry is replaced only once its thread is gone).
+            let Some(t) = threads.get(w.tid) else {
+                return false; // gone
+            };
+            let moved = match t.files.activity() {
                 None => true,
                 Some(Activity::Blocked { pc, .. }) if ranges.iter().any(|r| r.contains(pc)) => {
                     false
                 }
                 Some(Activity::Blocked { sp, .. }) => {
-                    w.inside_frame =
-                        !ranges.is_empty() && stack_refers_to(mem, &mut maps, sp, ranges);
+                    w.inside_frame = !ranges.is_empty() && stack_refers_to(mem, maps, sp, ranges);
                     !w.inside_frame
                 }
                 Some(Activity::Running) if w.inside_frame => false,
-                Some(Activity::Running) => match w.files.schedstat() {
+                Some(Activity::Running) => match t.files.schedstat() {
                     None => true,
                     Some(now) => {
-                        let by_trap = !w.ignore_trap && trapped(w.files.tid());
+                        let by_trap = !w.ignore_trap && trapped(w.tid);
                         let by_cpu = match w.base {
                             None => {
                                 if now.runtime_ns != w.at_start.runtime_ns
@@ -1348,8 +1519,8 @@ fn wait_moved_on(
                         };
                         if by_trap || by_cpu {
                             let inside = caught != 0
-                                && (unmasked || w.files.signal_mask(&["SigBlk"]) & caught != 0)
-                                && running_thread_refers_to(mem, pid, w.files.tid(), ranges);
+                                && (unmasked || t.blocked_of(caught) != 0)
+                                && running_thread_refers_to(mem, pid, w.tid, ranges);
                             if inside {
                                 w.base = Some(now.runtime_ns); // look again after more progress
                                 w.ignore_trap = true;
@@ -1363,17 +1534,31 @@ fn wait_moved_on(
             };
             !moved
         });
-        let Some(late) = pending.first().map(|w| (w.files.tid(), w.inside_frame)) else {
-            return Ok(None);
-        };
-        if crate::process::is_gone_or_zombie(pid) {
-            return Err(crate::process::ProcessError::Exited(pid).into());
+        pending.first().map(|w| (w.tid, w.inside_frame))
+    }
+
+    /// Looks until every thread has moved on (None) or `deadline` (the one that has not).
+    fn wait(
+        mut self,
+        mem: &Memory,
+        threads: &mut Threads,
+        deadline: Instant,
+        poll: Poll,
+    ) -> Result<Option<(i32, bool)>, Error> {
+        let mut pause = poll.first;
+        loop {
+            let Some(late) = self.look(mem, threads) else {
+                return Ok(None);
+            };
+            if threads.process_gone() {
+                return Err(crate::process::ProcessError::Exited(self.pid).into());
+            }
+            if Instant::now() > deadline {
+                return Ok(Some(late));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(poll.max);
         }
-        if Instant::now() > deadline {
-            return Ok(Some(late));
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(poll.max);
     }
 }
 
@@ -1502,7 +1687,7 @@ fn switch_sites(
     area: &Area,
     phase: &Cell<u8>,
     agent: &mut Option<SyncAgent>,
-    rules: SettleRules,
+    rules: SettleRules<'_>,
     flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     started: &mut Started,
@@ -1614,7 +1799,7 @@ struct Windows<'a> {
     per_window: usize,
     area: &'a Area,
     phase: &'a Cell<u8>,
-    rules: SettleRules,
+    rules: SettleRules<'a>,
 }
 
 impl Windows<'_> {
@@ -1663,7 +1848,7 @@ fn steps(
     area: &Area,
     phase: &Cell<u8>,
     agent: &mut Option<SyncAgent>,
-    rules: SettleRules,
+    rules: SettleRules<'_>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     started: &mut Started,
 ) -> Result<(), Error> {
@@ -1957,8 +2142,8 @@ impl Burst {
 /// shows nothing in its signal mask (review R5's gap). Read with rt_sigaction on the borrowed
 /// thread, once per handled signal, before the first int3 (only when there are sites with
 /// bytes to settle; a handler installed during the window itself is not seen).
-fn unmasked_handler(t: &mut Tracee, area: &Area) -> Result<bool, Error> {
-    let caught = observe::process_signal_mask(t.pid(), &["SigCgt"]) & !observe::bit(libc::SIGTRAP);
+fn unmasked_handler(t: &mut Tracee, area: &Area, threads: &mut Threads) -> Result<bool, Error> {
+    let caught = threads.process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP);
     for sig in 1..=64 {
         if caught & observe::bit(sig) == 0 {
             continue;
@@ -2012,11 +2197,12 @@ fn settle(
     sites: &[SiteSwitch],
     area: &Area,
     skip: &[i32],
-    rules: SettleRules,
+    rules: SettleRules<'_>,
 ) -> Result<(), Error> {
     let SettleRules {
         timeout,
         unmasked_handler,
+        threads,
     } = rules;
     let ranges = inner_ranges(sites);
     if ranges.is_empty() {
@@ -2056,7 +2242,7 @@ fn settle(
     let deadline = crate::deadline::after(timeout);
     match wait_moved_on(
         t.mem(),
-        t.pid(),
+        &mut threads.borrow_mut(),
         skip,
         &ranges,
         deadline,
