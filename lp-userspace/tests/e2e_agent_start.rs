@@ -17,6 +17,9 @@
 //!   gone); the process has its own threads only again; the next apply and revert work.
 //! - Cycles: nonstop apply/revert cycles while SIGUSR1 is sent to the process every 2 ms: every
 //!   one is handled by the main thread, whose mask stays its own.
+//! - Stopped: in a process stopped by SIGSTOP the agent would stop too, and answer nothing:
+//!   none is started, whether the main thread is borrowed or its worker (the look at the
+//!   threads' states starts with the main thread).
 
 mod common;
 use common::*;
@@ -51,6 +54,7 @@ static void on_usr1(int sig) {
 
 static void *worker(void *arg) {
     (void)arg;
+    prctl(PR_SET_NAME, "lp-worker");
     volatile int sink;
     for (;;) { sink = compute(41); usleep(200); }
     return NULL;
@@ -304,4 +308,71 @@ fn e2e_agent_start_keeps_the_borrowed_threads_mask_and_signals() {
     );
     target.expect_steady(3, |l| l == format!("value=42 {mask}"));
     expect_threads(&pid, threads, "after the cycles");
+}
+
+/// `livepatch args...` with the borrowed thread forced to `borrow` and its trace on; checks
+/// that it succeeds and returns its "sync agent" trace line.
+fn agent_line(args: &[&str], borrow: &str) -> String {
+    let out = Command::new(livepatch_bin())
+        .args(args)
+        .env("LIVEPATCH_BORROW_COMM", borrow)
+        .env("LIVEPATCH_TRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains("borrowed thread ["),
+        "{args:?}: not a nonstop switch: {stderr}"
+    );
+    stderr
+        .lines()
+        .find(|l| l.contains("nonstop sync agent"))
+        .unwrap_or_else(|| panic!("{args:?}: no sync agent line: {stderr}"))
+        .to_string()
+}
+
+#[test]
+fn e2e_agent_start_is_skipped_in_a_stopped_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = compute_target_and_patch(dir.path(), "agent_stopped", TARGET, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    let pid_n: i32 = pid.parse().unwrap();
+    let mask = own_mask();
+    target.expect_steady(2, |l| l == format!("value=42 {mask}"));
+    let threads = tasks(&pid).len();
+    // SAFETY: kill only sends a signal to the target we started.
+    assert_eq!(unsafe { libc::kill(pid_n, libc::SIGSTOP) }, 0);
+    let deadline = Instant::now() + PATIENCE;
+    while !tasks(&pid)
+        .iter()
+        .all(|t| task_stat(&pid, t, 3).is_some_and(|s| s == "T"))
+    {
+        assert!(Instant::now() < deadline, "the target did not stop");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for borrow in ["lp-borrow", "lp-worker"] {
+        for args in [
+            &nonstop_apply(&pid, &patch)[..],
+            &["revert", &pid, "--mode", "nonstop", "--timeout", "60"],
+        ] {
+            let line = agent_line(args, borrow);
+            assert!(
+                line.contains("sync agent None"),
+                "{borrow} borrowed, {args:?}: {line}"
+            );
+            assert_eq!(tasks(&pid).len(), threads, "{borrow}: a thread was added");
+        }
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid_n, libc::SIGCONT) }, 0);
+    target.expect_steady(3, |l| l == format!("value=42 {mask}"));
+    // Running again: the agent starts.
+    let line = agent_line(&nonstop_apply(&pid, &patch), "lp-worker");
+    assert!(line.contains("sync agent Some("), "{line}");
+    target.expect_steady(3, |l| l == format!("value=1041 {mask}"));
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(3, |l| l == format!("value=42 {mask}"));
+    expect_threads(&pid, threads, "after the apply and revert");
 }

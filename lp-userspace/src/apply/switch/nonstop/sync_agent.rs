@@ -52,7 +52,7 @@
 use crate::apply::switch::trap_handler as th;
 use crate::process::ptrace::{self, Regs, WaitStatus};
 use crate::process::seccomp::{self, Call};
-use crate::process::{Memory, Tracee};
+use crate::process::Tracee;
 use iced_x86::code_asm::*;
 use lp_core::plan::Step;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -685,7 +685,7 @@ impl SyncAgent {
         let page = code + th::PAGE + th::AGENT;
         let saved = t.regs(tid).ok()?;
         let own_mask = sigmask(tid).ok()?;
-        write_page(t.mem(), t.pid(), page, &saved, own_mask).ok()?;
+        write_page(&shared, t.pid(), &saved, own_mask);
         let start = code + th::AGENT_CODE;
         let mut regs = saved;
         regs.rip = start + WAY_BACK;
@@ -1014,13 +1014,11 @@ fn tool_still_tracing(pid: i32, tool: u32) -> bool {
 /// starting thread's own: `own_mask`), and the starting thread's own context (`saved`) as it
 /// must resume without the tool — a system call of its own that our stop interrupted
 /// restarted, as the kernel does when no handler runs.
-fn write_page(
-    mem: &Memory,
-    pid: i32,
-    page: u64,
-    saved: &Regs,
-    own_mask: u64,
-) -> crate::process::Result<()> {
+///
+/// Through the tool's own mapping of the page (`shared`, the same memfd page): a copy, where a
+/// write through /proc/PID/mem is a system call of 10–20 µs. No agent runs yet (the caller
+/// checked), and the thread reads the page only after the tool's next ptrace request.
+fn write_page(shared: &Shared, pid: i32, saved: &Regs, own_mask: u64) {
     // The same context the resume stub's slots hold (process/stub.rs).
     let ctx = crate::process::stub::resume_context(saved);
     let tool = if same_pid_namespace(pid) {
@@ -1043,7 +1041,7 @@ fn write_page(
         let o = CTX as usize + 8 * i;
         b[o..o + 8].copy_from_slice(&r.to_le_bytes());
     }
-    mem.write(page, &b)
+    shared.put(0, &b);
 }
 
 /// Whether process `pid` is in a job-control stop: the first of its threads (other than
@@ -1059,8 +1057,10 @@ fn job_stopped(pid: i32, borrowed: i32) -> bool {
         let (_, rest) = stat.rsplit_once(')')?;
         rest.trim_start().chars().next()
     };
-    crate::process::observe::tasks(pid)
-        .into_iter()
+    // The main thread first: no directory read when it tells (it is rarely the borrowed one).
+    let others = std::iter::once(()).flat_map(|()| crate::process::observe::tasks(pid));
+    std::iter::once(pid)
+        .chain(others.filter(|&tid| tid != pid))
         .filter(|&tid| tid != borrowed)
         .find_map(|tid| state(tid).filter(|s| !matches!(s, 't' | 'Z' | 'X' | 'x')))
         == Some('T')
