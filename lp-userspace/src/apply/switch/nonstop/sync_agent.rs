@@ -15,12 +15,15 @@
 //! membarrier and a futex wake per request.
 //!
 //! Started by the borrowed thread (stopped for us anyway), through a few instructions of ours
-//! in the area's code page: block every signal (the new thread inherits that mask: no handler
-//! of the program ever runs on it — it shares the starting thread's TLS pointer and has a stack
-//! of one page), `clone` (a thread of the process, sharing everything; its tid is written to the
-//! agent's page and cleared by the kernel when it exits), give the starting thread its own mask
-//! back. The tool steps the starting thread through those system calls and puts its own
-//! registers back at the last one's exit stop, as after any remote system call.
+//! in the area's code page: with every signal blocked (the new thread inherits that mask: no
+//! handler of the program ever runs on it — it shares the starting thread's TLS pointer and
+//! has a stack of one page), `clone` (a thread of the process, sharing everything; its tid is
+//! written to the agent's page and cleared by the kernel when it exits), then the starting
+//! thread's own mask back. The tool sets both masks itself (PTRACE_SETSIGMASK), steps the
+//! starting thread through the clone alone (two ptrace stops) and puts its own registers back
+//! at the clone's exit stop, as after any remote system call. (The code's first
+//! `rt_sigprocmask`, which blocks every signal and saves the mask, is what tools before
+//! session 9 ran: an area's code never changes, see `open_area`.)
 //!
 //! It also carries out whole windows of the switch: programs of writes (through a
 //! `/proc/self/mem` descriptor of its own, in a descriptor table of its own, procfs checked)
@@ -37,9 +40,10 @@
 //!   would still be carried out when it runs again: so every livepatch, before it writes
 //!   anything, cancels an orphaned agent's program and resolves an operation it had claimed
 //!   ([`quiet_orphan`]; review 7, finding 1).
-//! - the starting thread, if the tool dies while it runs the start-up instructions, runs them to
-//!   the end by itself: its mask is given back, and it reloads its own registers (saved by the
-//!   tool in the agent's page, adjusted like the kernel does for a call interrupted without a
+//! - the starting thread, if the tool dies while it starts the agent, goes back by itself: its
+//!   rip is in our code only after its own mask and registers are in the agent's page, and
+//!   only at the clone while every signal is blocked; from there it sets its own mask again,
+//!   reloads its own registers (adjusted like the kernel does for a call interrupted without a
 //!   handler: restarted) and goes on where it was.
 //!
 //! Any failure to start or to answer (no map_files access, clone refused, the agent gone or
@@ -48,7 +52,7 @@
 use crate::apply::switch::trap_handler as th;
 use crate::process::ptrace::{self, Regs, WaitStatus};
 use crate::process::seccomp::{self, Call};
-use crate::process::{Memory, Tracee};
+use crate::process::Tracee;
 use iced_x86::code_asm::*;
 use lp_core::plan::Step;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -131,6 +135,16 @@ const WAIT_TIMEOUT_NS: u64 = 10_000_000;
 const MAX_IDLE: u32 = 1000;
 /// How long the tool waits for an answer before it falls back to the ptrace sync.
 const ANSWER_WAIT: Duration = Duration::from_millis(100);
+
+/// Offsets in the agent's code (from its start, see [`assemble`]; a unit test checks them)
+/// where the tool puts the borrowed thread (see [`SyncAgent::start`]). The clone, past the
+/// first `rt_sigprocmask`:
+const CLONE_AT: u64 = 26;
+/// The clone's `syscall` instruction.
+const CLONE_CALL: u64 = 54;
+/// The starting thread's way back after the clone: its own mask (OLD_MASK), then its own
+/// registers (CTX).
+const WAY_BACK: u64 = 65;
 
 const MEMBARRIER_SYNC_CORE: u32 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
 const CLONE_FLAGS: u32 = (libc::CLONE_VM
@@ -670,17 +684,44 @@ impl SyncAgent {
         }
         let page = code + th::PAGE + th::AGENT;
         let saved = t.regs(tid).ok()?;
-        write_page(t.mem(), t.pid(), page, &saved).ok()?;
+        let own_mask = sigmask(tid).ok()?;
+        write_page(&shared, t.pid(), &saved, own_mask);
+        let start = code + th::AGENT_CODE;
         let mut regs = saved;
-        regs.rip = code + th::AGENT_CODE;
+        regs.rip = start + WAY_BACK;
         regs.rbx = page;
         // Not in a system call: the kernel must not restart one at our rip (a signal taken
         // before the first instruction would otherwise rewind it by 2).
         regs.orig_rax = u64::MAX;
+        // The masks are set by the tool (PTRACE_SETSIGMASK), not by the thread: its one system
+        // call is the clone, two ptrace stops (its own rt_sigprocmask calls made it six, each
+        // a round trip that waits for the thread to get a CPU). Three requests, in an order
+        // that leaves the thread safe should the tool die between any two (it then runs on
+        // from its rip by itself, see the module documentation): its rip at the way back (its
+        // own mask, its own registers: nothing started); every signal blocked; its rip at the
+        // clone (the agent then inherits that mask).
+        // (The tests of a killed tool stop it after each step: `agent-start.N`, see
+        // `start_point`.)
         t.set_regs(tid, &regs).ok()?;
-        let clone = run_start_up(tid, held);
-        // Its own registers back, whatever happened (the thread sits in a syscall-exit stop,
-        // as after any remote system call, or is gone).
+        start_point(1);
+        let clone = set_sigmask(tid, u64::MAX)
+            .ok()
+            .and_then(|()| {
+                start_point(2);
+                regs.rip = start + CLONE_AT;
+                t.set_regs(tid, &regs).ok()
+            })
+            .and_then(|()| {
+                start_point(3);
+                run_start_up(tid, start + CLONE_CALL + 2, held)
+            });
+        start_point(5);
+        // Its own mask and then its own registers back, whatever happened (the thread sits in
+        // the clone's syscall-exit stop, as after any remote system call, or is gone). In that
+        // order: its own code never runs with every signal blocked, even should the tool die
+        // in between (it takes the way back, which sets its own mask again).
+        let _ = set_sigmask(tid, own_mask);
+        start_point(6);
         let _ = t.set_regs(tid, &saved);
         let agent = clone.filter(|&r| r > 0)? as i32;
         // SAFETY: a plain system call on a thread id; rt is a valid sched_param.
@@ -977,10 +1018,15 @@ fn tool_still_tracing(pid: i32, tool: u32) -> bool {
         })
 }
 
-/// Writes the agent's page before the start-up: the words, the timeout, the masks, and the
-/// starting thread's own context (`saved`) as it must resume without the tool — a system call
-/// of its own that our stop interrupted restarted, as the kernel does when no handler runs.
-fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process::Result<()> {
+/// Writes the agent's page before the start-up: the words, the timeout, the masks (the
+/// starting thread's own: `own_mask`), and the starting thread's own context (`saved`) as it
+/// must resume without the tool — a system call of its own that our stop interrupted
+/// restarted, as the kernel does when no handler runs.
+///
+/// Through the tool's own mapping of the page (`shared`, the same memfd page): a copy, where a
+/// write through /proc/PID/mem is a system call of 10–20 µs. No agent runs yet (the caller
+/// checked), and the thread reads the page only after the tool's next ptrace request.
+fn write_page(shared: &Shared, pid: i32, saved: &Regs, own_mask: u64) {
     // The same context the resume stub's slots hold (process/stub.rs).
     let ctx = crate::process::stub::resume_context(saved);
     let tool = if same_pid_namespace(pid) {
@@ -994,6 +1040,7 @@ fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process
     b[PATH as usize..PATH as usize + 15].copy_from_slice(b"/proc/self/mem\0");
     b[TS as usize + 8..TS as usize + 16].copy_from_slice(&WAIT_TIMEOUT_NS.to_le_bytes());
     b[ALL as usize..ALL as usize + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    b[OLD_MASK as usize..OLD_MASK as usize + 8].copy_from_slice(&own_mask.to_le_bytes());
     let regs = [
         ctx.rax, ctx.rbx, ctx.rcx, ctx.rdx, ctx.rsi, ctx.rdi, ctx.rbp, ctx.r8, ctx.r9, ctx.r10,
         ctx.r11, ctx.r12, ctx.r13, ctx.r14, ctx.r15, ctx.rip, ctx.eflags, ctx.rsp,
@@ -1002,34 +1049,86 @@ fn write_page(mem: &Memory, pid: i32, page: u64, saved: &Regs) -> crate::process
         let o = CTX as usize + 8 * i;
         b[o..o + 8].copy_from_slice(&r.to_le_bytes());
     }
-    mem.write(page, &b)
+    shared.put(0, &b);
 }
 
-/// Whether a thread of `pid` other than `borrowed` is in a job-control stop (state T).
+/// Whether process `pid` is in a job-control stop: the first of its threads (other than
+/// `borrowed`, ours) that tells is in state T. A group stop stops every thread that nobody
+/// traces (a traced one shows `t`; one exiting, `Z` or `X`, takes no part): one thread tells
+/// as well as all of them once the stop is made, for one status read (each costs 20–40 µs
+/// here, and there were as many as the process has threads). A stop still being made, or made
+/// after the look, is missed either way; the agent then answers nothing until the process
+/// runs again, and the switch syncs through ptrace (see [`ANSWER_WAIT`]).
 fn job_stopped(pid: i32, borrowed: i32) -> bool {
-    crate::process::observe::tasks(pid)
-        .into_iter()
+    let state = |tid: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.trim_start().chars().next()
+    };
+    // The main thread first: no directory read when it tells (it is rarely the borrowed one).
+    let others = std::iter::once(()).flat_map(|()| crate::process::observe::tasks(pid));
+    std::iter::once(pid)
+        .chain(others.filter(|&tid| tid != pid))
         .filter(|&tid| tid != borrowed)
-        .any(|tid| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
-            })
-        })
+        .find_map(|tid| state(tid).filter(|s| !matches!(s, 't' | 'Z' | 'X' | 'x')))
+        == Some('T')
 }
 
+/// Whether the target sees the tool's pid: it shares the tool's pid namespace. (The links'
+/// text names the namespace, `pid:[inode]`: a readlink is cheaper than a stat there, which
+/// makes the kernel find a dentry for it; the tool's own never changes.)
 fn same_pid_namespace(pid: i32) -> bool {
-    let ns = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-    matches!((ns(&format!("/proc/{pid}/ns/pid")), ns("/proc/self/ns/pid")), (Ok(a), Ok(b)) if a == b)
+    static OURS: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let ours = OURS.get_or_init(|| std::fs::read_link("/proc/self/ns/pid").ok());
+    ours.as_ref()
+        .is_some_and(|o| std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|t| &t == o))
 }
 
-/// Steps the borrowed thread `tid` (registers set to the start-up) through its three system
-/// calls, entry and exit stops, to the exit of the last; returns clone's result. A signal
-/// that it was about to take meanwhile is held (added to `held`, with its siginfo). None when
-/// the thread or the process went away, or stopped elsewhere.
-fn run_start_up(tid: i32, held: &mut Vec<(i32, crate::process::HeldSignal)>) -> Option<i64> {
+/// The signal mask of the stopped thread `tid` (PTRACE_GETSIGMASK: the mask it goes back to
+/// when a system call of its own that set another one for its duration is interrupted).
+fn sigmask(tid: i32) -> std::io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes one sigset_t (8 bytes, `addr`) to `data`, a u64 of ours.
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, tid, 8usize, &mut mask as *mut u64) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(mask)
+}
+
+/// Sets the signal mask of the stopped thread `tid` (PTRACE_SETSIGMASK; SIGKILL and SIGSTOP
+/// are never blocked). The kernel looks at its pending signals again when it resumes. (It
+/// also forgets a mask that a system call of the thread's own set for its duration, see
+/// [`sigmask`]: the thread has already made a remote call since our stop, on whose way out
+/// the kernel put its own mask back, and a restarted call sets its mask again.)
+fn set_sigmask(tid: i32, mask: u64) -> std::io::Result<()> {
+    // SAFETY: the kernel reads one sigset_t (8 bytes, `addr`) from `data`, a u64 of ours.
+    let r = unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The test hook's points in the start-up (`LIVEPATCH_DEBUG_STOP=agent-start.N`, see
+/// process/stop_point.rs), the borrowed thread stopped: 1, its rip at the way back; 2, every
+/// signal blocked too; 3, its rip at the clone; 4, in the clone's entry stop; 5, after the
+/// clone's exit stop (or a failure before it); 6, its own mask back, its own registers not.
+fn start_point(n: u32) {
+    crate::process::stop_point::reached_with("agent-start", n);
+}
+
+/// Runs the borrowed thread `tid` (its registers set to the clone, every signal blocked)
+/// through the clone's entry and exit stops; returns clone's result, read at the exit stop,
+/// which must be at `after_clone` (the instruction after its `syscall`). A signal that it was
+/// about to take meanwhile (only one no mask blocks) is held (added to `held`, with its
+/// siginfo). None when the thread or the process went away, or stopped elsewhere.
+fn run_start_up(
+    tid: i32,
+    after_clone: u64,
+    held: &mut Vec<(i32, crate::process::HeldSignal)>,
+) -> Option<i64> {
     let mut stops = 0;
-    let mut clone = None;
     loop {
         if ptrace::syscall(tid).is_err() {
             break None;
@@ -1037,11 +1136,14 @@ fn run_start_up(tid: i32, held: &mut Vec<(i32, crate::process::HeldSignal)>) -> 
         match ptrace::wait(tid, false) {
             Ok(Some((_, WaitStatus::Syscall))) => {
                 stops += 1;
-                if stops == 4 {
-                    clone = ptrace::get_regs(tid).ok().map(|r| r.rax as i64);
+                if stops == 1 {
+                    start_point(4);
                 }
-                if stops == 6 {
-                    break clone;
+                if stops == 2 {
+                    break ptrace::get_regs(tid)
+                        .ok()
+                        .filter(|r| r.rip == after_clone)
+                        .map(|r| r.rax as i64);
                 }
             }
             Ok(Some((_, WaitStatus::Signal(sig)))) => {
@@ -1215,6 +1317,41 @@ mod tests {
         // (not procfs), futex wait, kill, membarrier (a sync request), pwrite, pread and pwrite
         // (a merged run), membarrier (a program's operations), futex wake, exit.
         assert_eq!(syscalls.len(), 16);
+        // Where the tool puts the starting thread (see `SyncAgent::start`): the clone, right
+        // after the first call (CLONE_AT), whose exit stop it expects after the second
+        // (CLONE_CALL); the way back, the parent's path after the clone (WAY_BACK), whose
+        // first call sets the mask in OLD_MASK.
+        let start = code + th::AGENT_CODE;
+        assert_eq!(syscalls[0] + 2, start + CLONE_AT);
+        assert_eq!(syscalls[1], start + CLONE_CALL);
+        let decode = |off: u64| {
+            iced_x86::Decoder::with_ip(
+                64,
+                &bytes[off as usize..],
+                start + off,
+                iced_x86::DecoderOptions::NONE,
+            )
+            .into_iter()
+            .take(6)
+            .collect::<Vec<_>>()
+        };
+        let clone_at = decode(CLONE_AT)[0];
+        assert_eq!(clone_at.op0_register(), iced_x86::Register::EAX);
+        assert_eq!(i64::from(clone_at.immediate32()), libc::SYS_clone);
+        let after_clone = decode(CLONE_CALL + 2);
+        assert_eq!(after_clone[0].mnemonic(), iced_x86::Mnemonic::Test);
+        assert_eq!(after_clone[1].mnemonic(), iced_x86::Mnemonic::Je);
+        assert_eq!(after_clone[2].ip(), start + WAY_BACK);
+        let way_back = decode(WAY_BACK);
+        assert_eq!(way_back[0].op0_register(), iced_x86::Register::EAX);
+        assert_eq!(
+            i64::from(way_back[0].immediate32()),
+            libc::SYS_rt_sigprocmask
+        );
+        assert_eq!(way_back[1].immediate32(), libc::SIG_SETMASK as u32);
+        assert_eq!(way_back[2].memory_displacement64(), OLD_MASK);
+        assert_eq!(way_back[5].mnemonic(), iced_x86::Mnemonic::Syscall);
+        assert_eq!(syscalls[2], way_back[5].ip());
         // The landmarks a cancelled program is resolved by: the two operations' system calls,
         // each after its claim, and the answer after both.
         let (_, l) = assemble(code).unwrap();
