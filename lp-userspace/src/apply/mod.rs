@@ -306,8 +306,14 @@ fn apply_here(
     };
 
     // gcc moves unlikely paths of a function into NAME.cold, entered by a jump: a thread
-    // there has no return address in NAME, so those parts count as the function too.
-    for f in &patch.functions {
+    // there has no return address in NAME, so those parts count as the function too. (Each
+    // look for them scans every symbol of the module: not at all when it has none.)
+    let has_cold_parts = target
+        .elf
+        .symbols()
+        .iter()
+        .any(|s| s.name.contains(".cold"));
+    for f in patch.functions.iter().filter(|_| has_cold_parts) {
         if let Ok(sym) = target.elf.lookup(&f.old_name) {
             for cold in target.elf.cold_parts(sym) {
                 let start = target.bias + cold.value;
