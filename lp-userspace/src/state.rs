@@ -371,6 +371,41 @@ impl StateMap {
         Ok(Encoded { body, version })
     }
 
+    /// [`StateMap::encode`] of `state.marked(id, operation)`, from `encoded` (`state`'s own,
+    /// which has no mark): the mark is the last field of the JSON object, so its body is
+    /// `encoded`'s with the field added before the closing brace — one serialization (and no
+    /// copy of every record) less for an apply, which needs both.
+    pub fn encode_marked(
+        &self,
+        state: &State,
+        encoded: &Encoded,
+        id: &str,
+        operation: Operation,
+    ) -> Result<Encoded, StateError> {
+        let mark = Unfinished {
+            id: id.to_string(),
+            operation,
+        };
+        let (Some((b'}', object)), None) = (encoded.body.split_last(), &state.unfinished) else {
+            return self.encode(&state.marked(id, operation));
+        };
+        let mut body = Vec::with_capacity(encoded.body.len() + 64);
+        body.extend_from_slice(object);
+        body.extend_from_slice(b",\"unfinished\":");
+        body.extend(serde_json::to_vec(&mark).expect("mark serializes"));
+        body.push(b'}');
+        if body.len() as u64 > SLOT {
+            return Err(StateError::Full(self.pid));
+        }
+        let dispatch = state.patches.iter().any(|p| p.id == id && p.flag.is_some());
+        let version = if dispatch {
+            VERSION_UNFINISHED_DISPATCH
+        } else {
+            VERSION_UNFINISHED
+        };
+        Ok(Encoded { body, version })
+    }
+
     /// Writes `state`: body into the inactive slot, then the header that publishes it.
     pub fn store(&self, mem: &Memory, state: &State) -> Result<(), StateError> {
         self.store_encoded(mem, &self.encode(state)?)
@@ -452,4 +487,81 @@ pub fn processes_with_state() -> Vec<i32> {
         .collect();
     pids.sort();
     pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(id: &str, flag: Option<u64>) -> AppliedPatch {
+        AppliedPatch {
+            id: id.into(),
+            applied_at: 1_700_000_000,
+            module: "/usr/bin/target \"quoted\"".into(),
+            build_id: "ab12".into(),
+            mode: "nonstop".into(),
+            code_addr: 0x7f00_0000_0000,
+            code_len: 0x3000,
+            functions: vec![AppliedFunction {
+                name: "compute".into(),
+                old: 0x40_1000,
+                new: 0x7f00_0000_1000,
+                new_size: 32,
+                via: 0x7f00_0000_1000,
+                patch_addr: 0x40_1004,
+                saved: vec![0x55, 0x48, 0x89, 0xe5, 0x90],
+                written: vec![0xe9, 1, 2, 3, 4],
+                trampoline: 0x7f00_0000_0040,
+                call_sites: vec![AppliedCallSite {
+                    addr: 0x40_2000,
+                    caller: "main+0x10".into(),
+                    original: vec![0xe8, 0, 0, 0, 0],
+                    saved: vec![0xe8, 0, 0, 0, 0],
+                    written: vec![0xe8, 9, 9, 9, 9],
+                    trampoline: 0x7f00_0000_0080,
+                }],
+                dispatch: flag.map(|f| f + 64),
+            }],
+            debug: None,
+            flag,
+        }
+    }
+
+    /// The mark spliced into an encoded state is exactly what encoding the marked state
+    /// gives: the same bytes, the same format version (with and without dispatches).
+    #[test]
+    fn a_marked_state_encodes_as_its_own_encoding_with_the_mark_spliced_in() {
+        let map = StateMap {
+            addr: 0,
+            pid: 1,
+            created: false,
+        };
+        for flag in [None, Some(0x7f00_0000_0000)] {
+            let state = State {
+                patches: vec![patch("older", None), patch("newest", flag)],
+                unfinished: None,
+            };
+            let plain = map.encode(&state).unwrap();
+            for op in [Operation::Applying, Operation::Reverting] {
+                let spliced = map.encode_marked(&state, &plain, "newest", op).unwrap();
+                let direct = map.encode(&state.marked("newest", op)).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&spliced.body),
+                    String::from_utf8_lossy(&direct.body)
+                );
+                assert_eq!(spliced.version, direct.version);
+            }
+        }
+        let empty = State::default();
+        let plain = map.encode(&empty).unwrap();
+        let spliced = map
+            .encode_marked(&empty, &plain, "x", Operation::Applying)
+            .unwrap();
+        assert_eq!(
+            spliced.body,
+            map.encode(&empty.marked("x", Operation::Applying))
+                .unwrap()
+                .body
+        );
+    }
 }

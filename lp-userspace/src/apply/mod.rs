@@ -368,8 +368,14 @@ fn apply_here(
     // The state the commit stores is serialized now (which also checks that it fits): the
     // commit only writes it, in stop mode while every thread is stopped.
     let staged = match statemap.encode(&new_state).and_then(|done| {
+        let marked = statemap.encode_marked(
+            &new_state,
+            &done,
+            &patch.id,
+            crate::state::Operation::Applying,
+        )?;
         statemap
-            .stage(t.mem(), &new_state.marked_applying(&patch.id))
+            .stage_encoded(t.mem(), &marked)
             .map(|staged| (staged, done))
     }) {
         Ok(s) => s,
