@@ -86,8 +86,8 @@ pub struct DebugRecord {
     /// [`stub_object`], is saved beside the patch's); empty when there are none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub gdb_stubs_command: String,
-    /// Those pieces of code, measured by [`before_switch`] for [`write_names`]. Not kept in the
-    /// state: a revert removes their names by the patch's id.
+    /// Those pieces of code, as the apply built them ([`GeneratedCode`]), for [`write_names`].
+    /// Not kept in the state: a revert removes their names by the patch's id.
     #[serde(skip)]
     pub stubs: Vec<stub_names::StubSymbol>,
     /// The bytes of their `.eh_frame` (at `thunk_eh_frame`), for the same file. Not kept in
@@ -123,39 +123,45 @@ fn warn(what: &str) {
     eprintln!("livepatch: warning: {what}");
 }
 
-/// The CFI of each function's trampoline (`functions[i].trampoline`, built for `sites[i]`),
-/// from the original functions' CFI in `module` (loaded with `bias`). A trampoline whose CFI
-/// cannot be reproduced is left out with a warning (unwinding through it then stops there, as
-/// before trampolines had CFI).
-pub fn trampoline_frames(
-    module: &crate::elf::Module,
-    bias: u64,
-    sites: &[lp_core::site::Site],
-    functions: &[AppliedFunction],
-) -> Vec<FrameCfi> {
-    let Some(cfi) = ModuleCfi::new(module, bias) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (site, f) in sites.iter().zip(functions) {
-        let mut code = vec![0u8; lp_core::trampoline::MAX_TRAMPOLINE_LEN];
-        let built = lp_core::trampoline::build_trampoline(site, f.trampoline, &mut code)
-            .map_err(|e| e.to_string())
-            .and_then(|n| trampoline_frame(&cfi, site, f.trampoline, &code[..n]));
-        match built {
-            Ok(frame) => out.push(frame),
-            Err(e) => warn(&format!(
-                "no unwind information for the trampoline of {}: {e}",
-                f.name
-            )),
+/// The CFI of `function`'s trampoline (`code`, built for `site` at `at`), from the original
+/// function's CFI in `cfi`. A trampoline whose CFI cannot be reproduced is left out with a
+/// warning (unwinding through it then stops there, as before trampolines had CFI).
+pub fn function_trampoline_frame(
+    cfi: &ModuleCfi<'_>,
+    function: &str,
+    site: &lp_core::site::Site,
+    at: u64,
+    code: &[u8],
+) -> Option<FrameCfi> {
+    match trampoline_frame(cfi, site, at, code) {
+        Ok(frame) => Some(frame),
+        Err(e) => {
+            warn(&format!(
+                "no unwind information for the trampoline of {function}: {e}"
+            ));
+            None
         }
     }
-    out
+}
+
+/// The code an apply generated around a patch (trampolines, register-preserving thunks,
+/// dispatches, its callers' trampolines), described as it was built: nothing of it is read
+/// back from the target.
+#[derive(Debug, Default)]
+pub struct GeneratedCode {
+    /// Its CFI, in the order the `.eh_frame` written for it lists them: the functions'
+    /// trampolines, then the dispatches and the callers' trampolines, then the thunks.
+    pub frames: Vec<FrameCfi>,
+    /// Why a thunk has no CFI (its bytes are not a thunk's shape): then none of the generated
+    /// code gets an `.eh_frame`.
+    pub unframed: Option<String>,
+    /// Its names for perf and gdb.
+    pub stubs: Vec<stub_names::StubSymbol>,
 }
 
 /// Before the switch, once the patch code is written (nothing runs it yet): registers the
-/// patch (`image`, as written at its load address; its thunks among `functions`, its
-/// trampolines' CFI in `trampolines`; the patch memory ends at `code_end`) with the C++
+/// patch (`image`, as written at its load address; the code generated around it in
+/// `generated`; the patch memory ends at `code_end`) with the C++
 /// runtime of the process (found among its `mappings`, read earlier by the apply). Registration must precede the switch: the first call of a new function may throw.
 /// The record goes into the in-target state with the patch, with the gdb command that
 /// [`write_names`] makes work; [`undo`] withdraws it when the switch fails.
@@ -169,12 +175,20 @@ pub fn before_switch(
     patch: &Patch,
     functions: &[AppliedFunction],
     image: &LinkedImage,
-    trampolines: &[FrameCfi],
+    generated: GeneratedCode,
     code_end: u64,
 ) -> Result<DebugRecord, Error> {
     let pid = t.pid();
     let mut record = describe(image);
-    let thunk_cfi = write_stub_cfi(t, functions, trampolines, code_end, &mut record);
+    let GeneratedCode {
+        frames,
+        unframed,
+        stubs,
+    } = generated;
+    let thunk_cfi = match unframed {
+        Some(e) => Err(e),
+        None => write_stub_cfi(t, functions, frames, code_end, &mut record),
+    };
     if let Some(register) = unwinder_function(pid, mappings, "__register_frame") {
         register_frames(t, image, &mut record, register, thunk_cfi).map_err(|e| {
             Error::Other(format!(
@@ -188,7 +202,7 @@ pub fn before_switch(
     }
     record.gdb_command =
         crate::perf_map::gdb_add_symbol_file(&gdb_object_path(pid, &patch.id), image);
-    record.stubs = stub_names::stub_symbols(patch, functions, t.mem());
+    record.stubs = stubs;
     record.gdb_stubs_command = stub_object::gdb_command(
         &gdb_stubs_object_path(pid, &patch.id),
         &record.stubs,
@@ -284,27 +298,17 @@ fn describe(image: &LinkedImage) -> DebugRecord {
     }
 }
 
-/// Decodes the register-preserving thunks of `functions` from the target's memory and writes
-/// their `.eh_frame`, with the `trampolines`' CFI, after the last of them and of every
-/// trampoline in the patch memory (which ends at `code_end`) or, when that is full, into the
-/// image's spare code bytes (between its code and the trap byte).
+/// Writes the `.eh_frame` of the generated code (`frames`: its trampolines, thunks and
+/// dispatches) after the last of them and of every trampoline of `functions` in the patch
+/// memory (which ends at `code_end`) or, when that is full, into the image's spare code bytes
+/// (between its code and the trap byte).
 fn write_stub_cfi(
     t: &mut Tracee,
     functions: &[AppliedFunction],
-    trampolines: &[FrameCfi],
+    frames: Vec<FrameCfi>,
     code_end: u64,
     r: &mut DebugRecord,
 ) -> Result<(), String> {
-    let mut frames = trampolines.to_vec();
-    for f in functions.iter().filter(|f| f.via != f.new) {
-        let code = t
-            .mem()
-            .read_vec(f.via, crate::thunk::MAX_LEN)
-            .map_err(|e| e.to_string())?;
-        let frame = crate::thunk_cfi::decode(f.via, &code)
-            .ok_or_else(|| format!("thunk of {} at {:#x} not recognised", f.name, f.via))?;
-        frames.push(frame.cfi());
-    }
     if frames.is_empty() {
         return Ok(());
     }
@@ -549,6 +553,15 @@ pub fn add_patch_cfi(pid: i32, unwinder: &mut Unwinder) {
     let Ok(mem) = crate::process::Memory::open(pid) else {
         return;
     };
+    add_state_cfi(&state, &mem, unwinder);
+}
+
+/// [`add_patch_cfi`] for the patches of `state`, read already, their CFI read through `mem`.
+pub fn add_state_cfi(
+    state: &crate::state::State,
+    mem: &crate::process::Memory,
+    unwinder: &mut Unwinder,
+) {
     for p in &state.patches {
         let Some(r) = &p.debug else { continue };
         let name = format!("patch {}", &p.id[..p.id.len().min(12)]);

@@ -241,13 +241,26 @@ pub fn locate(pid: i32) -> Option<u64> {
 
 /// Reads the state of `pid` (an empty state when the process has none).
 pub fn read(pid: i32) -> Result<State, StateError> {
+    read_located(pid, None)
+}
+
+/// [`read`] through `mem`, a handle on `pid`'s memory the caller holds already (a tracee's):
+/// no second open of /proc/PID/mem.
+pub fn read_with(pid: i32, mem: &Memory) -> Result<State, StateError> {
+    read_located(pid, Some(mem))
+}
+
+fn read_located(pid: i32, mem: Option<&Memory>) -> Result<State, StateError> {
     let Some(addr) = locate(pid) else {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(ProcessError::NoSuchProcess(pid).into());
         }
         return Ok(State::default());
     };
-    read_at(pid, &Memory::open(pid)?, addr)
+    match mem {
+        Some(mem) => read_at(pid, mem, addr),
+        None => read_at(pid, &Memory::open(pid)?, addr),
+    }
 }
 
 fn read_at(pid: i32, mem: &Memory, addr: u64) -> Result<State, StateError> {
@@ -327,39 +340,18 @@ impl StateMap {
     /// Whether `state` fits in a slot: checked before a switch, so that a full state refuses
     /// the patch before anything is written rather than at the commit.
     pub fn check_fits(&self, state: &State) -> Result<(), StateError> {
-        let len = serde_json::to_vec(state)
-            .map(|b| b.len() as u64)
-            .unwrap_or(u64::MAX);
-        if len > SLOT {
-            return Err(StateError::Full(self.pid));
-        }
-        Ok(())
+        self.encode(state).map(drop)
     }
 
-    /// Writes `state`: body into the inactive slot, then the header that publishes it.
-    pub fn store(&self, mem: &Memory, state: &State) -> Result<(), StateError> {
-        let staged = self.stage(mem, state)?;
-        self.publish(mem, &staged)
-    }
-
-    /// Writes `state`'s body into the inactive slot without publishing it: [`StateMap::publish`]
-    /// then makes it the state with one small write (the write-ahead mark is published that
-    /// way inside the stop window, where a whole body's write would lengthen it).
-    pub fn stage(&self, mem: &Memory, state: &State) -> Result<Staged, StateError> {
+    /// `state` serialized for a slot ([`StateMap::store_encoded`]), or [`StateError::Full`]:
+    /// done before a switch, the commit inside it then only writes (serializing a state with
+    /// ten functions and their callers takes tens of microseconds, which in stop mode every
+    /// thread would spend stopped).
+    pub fn encode(&self, state: &State) -> Result<Encoded, StateError> {
         let body = serde_json::to_vec(state).expect("state serializes");
         if body.len() as u64 > SLOT {
             return Err(StateError::Full(self.pid));
         }
-        let header = mem.read_vec(self.addr, HEADER as usize)?;
-        let active = if &header[..8] == MAGIC {
-            u32::from_le_bytes(header[12..16].try_into().unwrap()) & 1
-        } else {
-            1
-        };
-        let next = 1 - active;
-        mem.write(self.addr + HEADER + next as u64 * SLOT, &body)?;
-        let mut h = [0u8; HEADER as usize];
-        h[..8].copy_from_slice(MAGIC);
         let has_call_sites = state
             .patches
             .iter()
@@ -376,9 +368,77 @@ impl StateMap {
         } else {
             VERSION_WITHOUT_CALL_SITES
         };
-        h[8..12].copy_from_slice(&version.to_le_bytes());
+        Ok(Encoded { body, version })
+    }
+
+    /// [`StateMap::encode`] of `state.marked(id, operation)`, from `encoded` (`state`'s own,
+    /// which has no mark): the mark is the last field of the JSON object, so its body is
+    /// `encoded`'s with the field added before the closing brace — one serialization (and no
+    /// copy of every record) less for an apply, which needs both.
+    pub fn encode_marked(
+        &self,
+        state: &State,
+        encoded: &Encoded,
+        id: &str,
+        operation: Operation,
+    ) -> Result<Encoded, StateError> {
+        let mark = Unfinished {
+            id: id.to_string(),
+            operation,
+        };
+        let (Some((b'}', object)), None) = (encoded.body.split_last(), &state.unfinished) else {
+            return self.encode(&state.marked(id, operation));
+        };
+        let mut body = Vec::with_capacity(encoded.body.len() + 64);
+        body.extend_from_slice(object);
+        body.extend_from_slice(b",\"unfinished\":");
+        body.extend(serde_json::to_vec(&mark).expect("mark serializes"));
+        body.push(b'}');
+        if body.len() as u64 > SLOT {
+            return Err(StateError::Full(self.pid));
+        }
+        let dispatch = state.patches.iter().any(|p| p.id == id && p.flag.is_some());
+        let version = if dispatch {
+            VERSION_UNFINISHED_DISPATCH
+        } else {
+            VERSION_UNFINISHED
+        };
+        Ok(Encoded { body, version })
+    }
+
+    /// Writes `state`: body into the inactive slot, then the header that publishes it.
+    pub fn store(&self, mem: &Memory, state: &State) -> Result<(), StateError> {
+        self.store_encoded(mem, &self.encode(state)?)
+    }
+
+    /// [`StateMap::store`] of a state [`StateMap::encode`]d beforehand.
+    pub fn store_encoded(&self, mem: &Memory, state: &Encoded) -> Result<(), StateError> {
+        let staged = self.stage_encoded(mem, state)?;
+        self.publish(mem, &staged)
+    }
+
+    /// Writes `state`'s body into the inactive slot without publishing it: [`StateMap::publish`]
+    /// then makes it the state with one small write (the write-ahead mark is published that
+    /// way inside the stop window, where a whole body's write would lengthen it).
+    pub fn stage(&self, mem: &Memory, state: &State) -> Result<Staged, StateError> {
+        self.stage_encoded(mem, &self.encode(state)?)
+    }
+
+    /// [`StateMap::stage`] of a state [`StateMap::encode`]d beforehand.
+    pub fn stage_encoded(&self, mem: &Memory, state: &Encoded) -> Result<Staged, StateError> {
+        let header = mem.read_vec(self.addr, HEADER as usize)?;
+        let active = if &header[..8] == MAGIC {
+            u32::from_le_bytes(header[12..16].try_into().unwrap()) & 1
+        } else {
+            1
+        };
+        let next = 1 - active;
+        mem.write(self.addr + HEADER + next as u64 * SLOT, &state.body)?;
+        let mut h = [0u8; HEADER as usize];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&state.version.to_le_bytes());
         h[12..16].copy_from_slice(&next.to_le_bytes());
-        h[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        h[16..24].copy_from_slice(&(state.body.len() as u64).to_le_bytes());
         Ok(Staged { header: h })
     }
 
@@ -387,6 +447,13 @@ impl StateMap {
         mem.write(self.addr, &staged.header)?;
         Ok(())
     }
+}
+
+/// A state serialized for a slot, with the format version it needs (see [`StateMap::encode`]).
+#[derive(Debug)]
+pub struct Encoded {
+    body: Vec<u8>,
+    version: u32,
 }
 
 /// A state written but not yet published (see [`StateMap::stage`]).
@@ -420,4 +487,81 @@ pub fn processes_with_state() -> Vec<i32> {
         .collect();
     pids.sort();
     pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(id: &str, flag: Option<u64>) -> AppliedPatch {
+        AppliedPatch {
+            id: id.into(),
+            applied_at: 1_700_000_000,
+            module: "/usr/bin/target \"quoted\"".into(),
+            build_id: "ab12".into(),
+            mode: "nonstop".into(),
+            code_addr: 0x7f00_0000_0000,
+            code_len: 0x3000,
+            functions: vec![AppliedFunction {
+                name: "compute".into(),
+                old: 0x40_1000,
+                new: 0x7f00_0000_1000,
+                new_size: 32,
+                via: 0x7f00_0000_1000,
+                patch_addr: 0x40_1004,
+                saved: vec![0x55, 0x48, 0x89, 0xe5, 0x90],
+                written: vec![0xe9, 1, 2, 3, 4],
+                trampoline: 0x7f00_0000_0040,
+                call_sites: vec![AppliedCallSite {
+                    addr: 0x40_2000,
+                    caller: "main+0x10".into(),
+                    original: vec![0xe8, 0, 0, 0, 0],
+                    saved: vec![0xe8, 0, 0, 0, 0],
+                    written: vec![0xe8, 9, 9, 9, 9],
+                    trampoline: 0x7f00_0000_0080,
+                }],
+                dispatch: flag.map(|f| f + 64),
+            }],
+            debug: None,
+            flag,
+        }
+    }
+
+    /// The mark spliced into an encoded state is exactly what encoding the marked state
+    /// gives: the same bytes, the same format version (with and without dispatches).
+    #[test]
+    fn a_marked_state_encodes_as_its_own_encoding_with_the_mark_spliced_in() {
+        let map = StateMap {
+            addr: 0,
+            pid: 1,
+            created: false,
+        };
+        for flag in [None, Some(0x7f00_0000_0000)] {
+            let state = State {
+                patches: vec![patch("older", None), patch("newest", flag)],
+                unfinished: None,
+            };
+            let plain = map.encode(&state).unwrap();
+            for op in [Operation::Applying, Operation::Reverting] {
+                let spliced = map.encode_marked(&state, &plain, "newest", op).unwrap();
+                let direct = map.encode(&state.marked("newest", op)).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&spliced.body),
+                    String::from_utf8_lossy(&direct.body)
+                );
+                assert_eq!(spliced.version, direct.version);
+            }
+        }
+        let empty = State::default();
+        let plain = map.encode(&empty).unwrap();
+        let spliced = map
+            .encode_marked(&empty, &plain, "x", Operation::Applying)
+            .unwrap();
+        assert_eq!(
+            spliced.body,
+            map.encode(&empty.marked("x", Operation::Applying))
+                .unwrap()
+                .body
+        );
+    }
 }

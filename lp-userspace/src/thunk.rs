@@ -86,13 +86,18 @@ pub fn plan(
     new_entry: u64,
     vectors: &VectorState,
 ) -> Result<Preserve, String> {
-    use lp_core::clobber::{clobbered_registers, registers_to_preserve};
+    use lp_core::clobber::{clobbered_registers, written_registers};
     let (diff, new_writes) = match new_code {
-        Some(code) => (
-            registers_to_preserve(old_code, old_entry, code, new_entry)
-                .unwrap_or(SYSV_CALLER_SAVED),
-            clobbered_registers(code, new_entry).unwrap_or(SYSV_CALLER_SAVED),
-        ),
+        Some(code) => {
+            // lp-core's `registers_to_preserve`, whose analysis of the new code is the one
+            // needed below as well: made once (it is most of an apply's planning CPU).
+            let new = clobbered_registers(code, new_entry);
+            let diff = match (written_registers(old_code, old_entry), &new) {
+                (Ok(old), Ok(new)) => (*new - old) & SYSV_CALLER_SAVED,
+                _ => SYSV_CALLER_SAVED,
+            };
+            (diff, new.unwrap_or(SYSV_CALLER_SAVED))
+        }
         None => (SYSV_CALLER_SAVED, SYSV_CALLER_SAVED),
     };
     let mut p = Preserve {

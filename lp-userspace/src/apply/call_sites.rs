@@ -19,7 +19,7 @@
 
 use super::error::Error;
 use super::switch::SiteSwitch;
-use super::target::{top_redirect, LoadedTarget};
+use super::target::{top_redirect, CodeSnapshot, LoadedTarget};
 use crate::debug_info::{trampoline_frame, ModuleCfi};
 use crate::patchfile::Patch;
 use crate::process::Memory;
@@ -62,6 +62,7 @@ pub(crate) struct Verified {
 pub(crate) fn verify(
     pid: i32,
     mem: &Memory,
+    code: &CodeSnapshot,
     target: &LoadedTarget,
     patch: &Patch,
     state: &State,
@@ -99,7 +100,7 @@ pub(crate) fn verify(
         }
         let mut kept = Vec::with_capacity(sites.len());
         for mut s in sites {
-            let now = mem.read_vec(s.addr, s.current.len())?;
+            let now = code.read_vec(mem, s.addr, s.current.len())?;
             if now == s.current {
                 kept.push(s);
                 continue;

@@ -29,7 +29,7 @@ pub use error::{Error, ErrorKind};
 pub(crate) use modules::{open as open_module, unwinder, warm_instruction_tables, warm_up};
 pub use switch::{Mode, SwitchStats};
 
-use crate::debug_info;
+use crate::debug_info::{self, stub_names::StubSymbol};
 use crate::link::{Layout, Protection};
 use crate::patchfile::Patch;
 use crate::process::{prot, Tracee};
@@ -201,7 +201,7 @@ fn apply_here(
     // target's kernel time, and more for processes with many mappings). Mappings change while
     // the threads run; each use copes with a stale one: see `map_near` and `before_switch`.
     let target = target::locate(pid, patch)?;
-    warm.mappings(&target.mappings);
+    warm.mappings(&target.mappings, &target.elf);
     phase("located");
     // Attach first: ptrace admits one tracer, so from here on no other livepatch changes this
     // process, and the state and bytes read below stay true until we write. (Seizing does not
@@ -216,7 +216,7 @@ fn apply_here(
     t.release_on_drop();
     phase("attached");
     t.check_seccomp(opts.mode == Mode::Nonstop)?;
-    let existing = crate::state::read(pid)?;
+    let existing = crate::state::read_with(pid, t.mem())?;
     // A livepatch killed in the middle of a switch: its patch comes out first (state.rs).
     let existing = crate::revert::finish_unfinished(&mut t, existing, opts.timeout)?;
     phase("state read");
@@ -226,15 +226,17 @@ fn apply_here(
             pid,
         });
     }
-    target::verify_bytes(pid, t.mem(), &target, patch, &existing)?;
+    // Every old function and caller read at once, in a read per cluster of nearby ranges.
+    let code = target::CodeSnapshot::read(t.mem(), code_ranges(&target, patch, &existing));
+    target::verify_bytes(pid, t.mem(), &code, &target, patch, &existing)?;
     phase("bytes verified");
-    let callers = call_sites::verify(pid, t.mem(), &target, patch, &existing)?;
+    let callers = call_sites::verify(pid, t.mem(), &code, &target, patch, &existing)?;
     phase("callers verified");
     // What needs no instruction tables first: the calling thread is still building them.
     let layout = Layout::of(&patch.object)
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
     phase("object laid out");
-    let symbol_mem = crate::process::Memory::open(pid)?;
+    let symbol_mem = t.mem().try_clone()?;
     let resolver = target::Resolver::new(pid, &target, &symbol_mem)?;
     // The module's CFI reads only its file: before the wait for the tables too (fastcli4).
     let module_cfi = debug_info::ModuleCfi::new(&target.elf, target.bias);
@@ -284,10 +286,19 @@ fn apply_here(
         extra_len,
         &existing,
         &callers,
+        &code,
         module_cfi.as_ref(),
         opts.mode,
     );
-    let (image, switches, mut busy, functions, caller_frames, (flag, mut then)) = match prepared {
+    let Prepared {
+        image,
+        switches,
+        mut busy,
+        functions,
+        generated,
+        flag,
+        mut then,
+    } = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
@@ -297,8 +308,14 @@ fn apply_here(
     };
 
     // gcc moves unlikely paths of a function into NAME.cold, entered by a jump: a thread
-    // there has no return address in NAME, so those parts count as the function too.
-    for f in &patch.functions {
+    // there has no return address in NAME, so those parts count as the function too. (Each
+    // look for them scans every symbol of the module: not at all when it has none.)
+    let has_cold_parts = target
+        .elf
+        .symbols()
+        .iter()
+        .any(|s| s.name.contains(".cold"));
+    for f in patch.functions.iter().filter(|_| has_cold_parts) {
         if let Ok(sym) = target.elf.lookup(&f.old_name) {
             for cold in target.elf.cold_parts(sym) {
                 let start = target.bias + cold.value;
@@ -310,17 +327,13 @@ fn apply_here(
         }
     }
     phase("code written");
-    let mut trampolines =
-        debug_info::trampoline_frames(&target.elf, target.bias, &sites, &functions);
-    trampolines.extend(caller_frames);
-    phase("trampoline CFI");
     let debug = match debug_info::before_switch(
         &mut t,
         &target.mappings,
         patch,
         &functions,
         &image,
-        &trampolines,
+        generated,
         // The trampolines' and thunks' area ends where the image begins.
         image.load_addr,
     ) {
@@ -354,10 +367,19 @@ fn apply_here(
     // record marked "applying", so that a livepatch killed in between leaves no redirect that
     // no state records. Staged now; the switch publishes it (one small write) right before it
     // writes.
-    let staged = match statemap
-        .check_fits(&new_state)
-        .and_then(|()| statemap.stage(t.mem(), &new_state.marked_applying(&patch.id)))
-    {
+    // The state the commit stores is serialized now (which also checks that it fits): the
+    // commit only writes it, in stop mode while every thread is stopped.
+    let staged = match statemap.encode(&new_state).and_then(|done| {
+        let marked = statemap.encode_marked(
+            &new_state,
+            &done,
+            &patch.id,
+            crate::state::Operation::Applying,
+        )?;
+        statemap
+            .stage_encoded(t.mem(), &marked)
+            .map(|staged| (staged, done))
+    }) {
         Ok(s) => s,
         Err(e) => {
             debug_info::undo(&mut t, &patch.id, Some(&debug));
@@ -367,12 +389,13 @@ fn apply_here(
         }
     };
     phase("state staged");
+    let (staged, done) = staged;
     let mut begin = |m: &crate::process::Memory| -> Result<(), Error> {
         statemap.publish(m, &staged)?;
         Ok(())
     };
     let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
-        statemap.store(m, &new_state)?;
+        statemap.store_encoded(m, &done)?;
         Ok(())
     };
     // The perf map line and the gdb files are written by another thread while the switch runs
@@ -389,6 +412,11 @@ fn apply_here(
         })
         .map(|()| finished)
     };
+    // Stop mode's stack check unwinds with the mappings read after attaching and the state
+    // read then (which only this process changes until it detaches): not read again.
+    let primed = (opts.mode == Mode::Stop)
+        .then(|| modules::prime_unwinder(pid, t.mem(), &existing))
+        .flatten();
     let switched = switch::run(
         &mut t,
         opts.mode,
@@ -403,6 +431,7 @@ fn apply_here(
         &mut begin,
         &mut commit,
     );
+    drop(primed);
     match names {
         // Written, or the job panicked (its sender dropped): either way, done.
         Ok(finished) => {
@@ -514,17 +543,47 @@ fn map_in_gap(
     Ok(addr)
 }
 
-type Prepared = (
-    crate::link::LinkedImage,
-    Vec<SiteSwitch>,
-    Vec<BusyRange>,
-    Vec<AppliedFunction>,
-    Vec<crate::thunk_cfi::FrameCfi>,
-    (Option<u64>, Vec<SiteSwitch>),
-);
+/// What [`prepare`] made of a patch, written into the patch memory.
+struct Prepared {
+    image: crate::link::LinkedImage,
+    /// Every site's switch: the entries', then each function's callers'.
+    switches: Vec<SiteSwitch>,
+    busy: Vec<BusyRange>,
+    functions: Vec<AppliedFunction>,
+    /// The trampolines, thunks and dispatches: their CFI and names.
+    generated: debug_info::GeneratedCode,
+    /// Nonstop mode: the dispatch flag, and the callers' switches from their dispatches to
+    /// the new code once it is set.
+    flag: Option<u64>,
+    then: Vec<SiteSwitch>,
+}
+
+/// The ranges of the target's code an apply of `patch` reads before it writes: each old
+/// function, each caller's branch (the patch file's, and those a patch below retargeted).
+fn code_ranges<'a>(
+    target: &'a target::LoadedTarget,
+    patch: &'a Patch,
+    existing: &'a crate::state::State,
+) -> impl Iterator<Item = (u64, usize)> + 'a {
+    patch.functions.iter().flat_map(move |f| {
+        let old = target.bias + f.old_vaddr;
+        let below = target::top_redirect(existing, old)
+            .into_iter()
+            .flat_map(|b| &b.call_sites)
+            .map(|c| (c.addr, c.written.len()));
+        std::iter::once((old, f.old_bytes.len()))
+            .chain(
+                f.call_sites
+                    .iter()
+                    .map(move |c| (target.bias + c.vaddr, c.bytes.len())),
+            )
+            .chain(below)
+    })
+}
 
 /// Links, writes and protects the patch code; plans every site, the callers' (`callers`,
-/// per function, verified) included; their trampolines' CFI from the module's (`cfi`).
+/// per function, verified) included, from the bytes the checks read (`code`; the switch
+/// reads them again before it writes); the CFI of the trampolines from the module's (`cfi`).
 ///
 /// The patch memory at `code_addr` holds first `extra_len` bytes for the trampolines and
 /// thunks, then the image: both start with code, so one remote `mprotect` makes the
@@ -542,6 +601,7 @@ fn prepare(
     extra_len: u64,
     existing: &crate::state::State,
     callers: &[Vec<call_sites::Verified>],
+    code: &target::CodeSnapshot,
     cfi: Option<&debug_info::ModuleCfi<'_>>,
     mode: Mode,
 ) -> Result<Prepared, Error> {
@@ -562,7 +622,12 @@ fn prepare(
     let mut switches = Vec::new();
     let mut busy = Vec::new();
     let mut functions = Vec::new();
+    // The generated code's CFI, in the order of its `.eh_frame` (see GeneratedCode), and names.
+    let mut trampoline_frames = Vec::new();
     let mut frames = Vec::new();
+    let mut thunk_frames = Vec::new();
+    let mut unframed = None;
+    let mut stubs = Vec::new();
     // What a thunk must save depends on the vector registers the CPU gives the target.
     let vectors = crate::thunk::VectorState::of_system();
     for ((f, site), callers) in patch.functions.iter().zip(sites).zip(callers) {
@@ -574,10 +639,23 @@ fn prepare(
         })?;
         // Trampoline: the original's displaced instructions, then a jump back past them.
         let tramp = extra_addr + extra.len() as u64;
-        extra.extend_from_slice(
-            &build_trampoline(site, tramp)
-                .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?,
-        );
+        let tramp_code = build_trampoline(site, tramp)
+            .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
+        if let Some(cfi) = cfi {
+            trampoline_frames.extend(debug_info::function_trampoline_frame(
+                cfi,
+                &f.old_name,
+                site,
+                tramp,
+                &tramp_code,
+            ));
+        }
+        stubs.extend(StubSymbol::trampoline(
+            &f.old_name,
+            tramp,
+            tramp_code.len() as u64,
+        ));
+        extra.extend_from_slice(&tramp_code);
         pad16(&mut extra);
         let new_size = image
             .symbol_list
@@ -597,6 +675,15 @@ fn prepare(
         )? {
             Some(thunk) => {
                 let at = extra_addr + extra.len() as u64;
+                match crate::thunk_cfi::decode(at, &thunk) {
+                    Some(frame) => thunk_frames.push(frame.cfi()),
+                    None => {
+                        unframed.get_or_insert_with(|| {
+                            format!("thunk of {} at {at:#x} not recognised", f.old_name)
+                        });
+                    }
+                }
+                stubs.extend(StubSymbol::thunk(&f.old_name, at, &thunk));
                 extra.extend_from_slice(&thunk);
                 pad16(&mut extra);
                 at
@@ -618,6 +705,7 @@ fn prepare(
                         f.old_name
                     ))
                 })?;
+                stubs.extend(StubSymbol::dispatch(&f.old_name, at, &code));
                 extra.extend_from_slice(&code);
                 pad16(&mut extra);
                 // Entered as the function is (its return address on top, nothing pushed
@@ -633,7 +721,7 @@ fn prepare(
             None => None,
         };
         let reached = dispatch.unwrap_or(via);
-        let current = t.mem().read_vec(site.patch_addr, site.displaced_len)?;
+        let current = code.read_vec(t.mem(), site.patch_addr, site.displaced_len)?;
         let plan = plan_apply(site, &current, reached)
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
         let below = target::top_redirect(existing, site.entry).map(|p| p.reached());
@@ -684,6 +772,12 @@ fn prepare(
         for c in callers {
             let at = extra_addr + extra.len() as u64;
             if let Some((p, code)) = call_sites::prepare(&f.old_name, c, reached, at, cfi)? {
+                stubs.extend(StubSymbol::call_site_trampoline(
+                    &f.old_name,
+                    &c.caller,
+                    at,
+                    code.len() as u64,
+                ));
                 extra.extend_from_slice(&code);
                 pad16(&mut extra);
                 let mut record = p.record;
@@ -757,7 +851,21 @@ fn prepare(
             }
         }
     }
-    Ok((image, switches, busy, functions, frames, (flag, then)))
+    trampoline_frames.extend(frames);
+    trampoline_frames.extend(thunk_frames);
+    Ok(Prepared {
+        image,
+        switches,
+        busy,
+        functions,
+        generated: debug_info::GeneratedCode {
+            frames: trampoline_frames,
+            unframed,
+            stubs,
+        },
+        flag,
+        then,
+    })
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not

@@ -81,10 +81,68 @@ pub(crate) fn lazy(pid: i32, mappings: &[Mapping]) -> Vec<LazyModule> {
         .collect()
 }
 
+/// What an apply gives the stack check of its stop-mode switch ([`unwinder`]) so that it does
+/// not read them again: the mappings and the state, read after attaching, and a handle on the
+/// process's memory. (The unwinder is made once for the whole switch, retries included, so
+/// it never used mappings newer than the switch's start anyway; a module mapped since is one
+/// it has no CFI for: its frames end the unwind there, and the stack is scanned
+/// conservatively instead, see `stacks::collect`. The state changes only by this process
+/// until it detaches.)
+struct Primed {
+    mappings: Vec<Mapping>,
+    state: crate::state::State,
+    mem: crate::process::Memory,
+}
+
+static PRIMED: Mutex<std::collections::BTreeMap<i32, Primed>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+fn primed() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<i32, Primed>> {
+    PRIMED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Hands the next [`unwinder`] of `pid` the mappings read after attaching (the text kept for
+/// livepatch's own mappings, see `maps_text`), `state` and a handle on `mem`. Withdrawn when
+/// the returned guard is dropped, if no unwinder took it. `None`: nothing handed over (the
+/// unwinder reads what it needs itself).
+pub(crate) fn prime_unwinder(
+    pid: i32,
+    mem: &crate::process::Memory,
+    state: &crate::state::State,
+) -> Option<PrimedUnwinder> {
+    let text = crate::process::maps_text::ours(pid).ok()?;
+    let mappings = maps::parse(&text).ok()?;
+    let mem = mem.try_clone().ok()?;
+    primed().insert(
+        pid,
+        Primed {
+            mappings,
+            state: state.clone(),
+            mem,
+        },
+    );
+    Some(PrimedUnwinder { pid })
+}
+
+/// Withdraws what [`prime_unwinder`] handed over when dropped.
+pub(crate) struct PrimedUnwinder {
+    pid: i32,
+}
+
+impl Drop for PrimedUnwinder {
+    fn drop(&mut self) {
+        primed().remove(&self.pid);
+    }
+}
+
 /// An unwinder over the CFI of every module of the process, each module's read (through the
 /// cache) when an unwind first reaches its code, and over the patches applied earlier.
 pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
-    let mappings = maps::read(pid)?;
+    let primed = primed().remove(&pid);
+    let mappings = match &primed {
+        Some(p) => p.mappings.clone(),
+        None => maps::read(pid)?,
+    };
     let mut u = Unwinder::new();
     for m in maps::modules(&mappings) {
         if m.path.starts_with("/memfd:") {
@@ -115,7 +173,10 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
             Box::new(move || Unwinder::vdso_source(pid, &v)),
         );
     }
-    crate::debug_info::add_patch_cfi(pid, &mut u);
+    match primed {
+        Some(p) => crate::debug_info::add_state_cfi(&p.state, &p.mem, &mut u),
+        None => crate::debug_info::add_patch_cfi(pid, &mut u),
+    }
     crate::cli::trace_point("unwinder made");
     Ok(u)
 }
@@ -128,6 +189,8 @@ pub(crate) fn unwinder(pid: i32) -> Result<Unwinder, Error> {
 ///   included; an apply builds the decoder's on its calling thread). The tracer waits for
 ///   them (asleep, see [`super::iced_tables`]) only when it reaches its first decode or
 ///   encode before they are done.
+/// - the symbol tables of the module an apply patches (handed over with
+///   [`WarmUp::mappings`]) are decoded, for the linker and the busy ranges;
 /// - every executable module of `pid` is opened (mapped, headers read: no symbols, no CFI),
 ///   so that an unwind during the stop that reaches one finds it in the cache. The modules
 ///   are those of the mappings handed over with [`WarmUp::mappings`] (the tracer reads them
@@ -149,7 +212,7 @@ pub(crate) fn warm_up_modules(pid: i32) -> WarmUp {
 
 /// The warm-up thread; `tables`: this thread has claimed the building of iced's tables.
 fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Mapping>>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<Mapping>, Option<Arc<Module>>)>(1);
     let spawned = super::helper::run_or_spawn("livepatch-warm", move || {
         // cpuid traps to the hypervisor in a VM: asked here, not in the tracer's prepare.
         crate::thunk::VectorState::warm();
@@ -158,7 +221,16 @@ fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
             // assembler needs the encoder's too.
             iced_tables::build_claimed(Tables::Encoder);
         }
-        if let Some(mappings) = rx.recv().ok().or_else(|| maps::read(pid).ok()) {
+        let (mappings, target) = match rx.recv() {
+            Ok((mappings, target)) => (Some(mappings), target),
+            Err(_) => (maps::read(pid).ok(), None),
+        };
+        // The target's symbol tables: the linker and the busy ranges (`.cold` parts) need them,
+        // on the tracer's path, a few hundred microseconds of decoding in a fresh process.
+        if let Some(target) = target {
+            let _ = target.symbols();
+        }
+        if let Some(mappings) = mappings {
             for m in maps::modules(&mappings) {
                 if m.exec_ranges().next().is_some() && !m.path.starts_with("/memfd:") {
                     let _ = open(&m.open_path(pid));
@@ -176,13 +248,16 @@ fn spawn_warm_up(pid: i32, tables: bool) -> WarmUp {
 
 /// The warm-up thread started by [`warm_up`], waiting for the process's mappings.
 pub(crate) struct WarmUp {
-    mappings: std::sync::mpsc::SyncSender<Vec<Mapping>>,
+    mappings: std::sync::mpsc::SyncSender<(Vec<Mapping>, Option<Arc<Module>>)>,
 }
 
 impl WarmUp {
-    /// Hands the warm-up thread the process's mappings, read by the caller.
-    pub(crate) fn mappings(self, mappings: &[Mapping]) {
-        let _ = self.mappings.send(mappings.to_vec());
+    /// Hands the warm-up thread the process's mappings, read by the caller, and the module
+    /// being patched, whose symbols it decodes first.
+    pub(crate) fn mappings(self, mappings: &[Mapping], target: &Arc<Module>) {
+        let _ = self
+            .mappings
+            .send((mappings.to_vec(), Some(target.clone())));
     }
 }
 

@@ -57,13 +57,14 @@ pub(crate) fn locate(pid: i32, patch: &Patch) -> Result<LoadedTarget, Error> {
 pub(crate) fn verify_bytes(
     pid: i32,
     mem: &Memory,
+    code: &CodeSnapshot,
     target: &LoadedTarget,
     patch: &Patch,
     state: &State,
 ) -> Result<(), Error> {
     for f in &patch.functions {
         let old = target.bias + f.old_vaddr;
-        let current = mem.read_vec(old, f.old_bytes.len())?;
+        let current = code.read_vec(mem, old, f.old_bytes.len())?;
         let mut expected = f.old_bytes.clone();
         if let Some(top) = top_redirect(state, old) {
             let off = (top.patch_addr - old) as usize;
@@ -83,6 +84,73 @@ pub(crate) fn verify_bytes(
         }
     }
     Ok(())
+}
+
+/// The bytes of the target's code an apply reads before it writes — each old function, each
+/// caller's branch — read in one read per cluster of nearby ranges instead of one per range:
+/// every read of /proc/PID/mem is a system call that walks the target's page tables (a few
+/// microseconds each, more on a busy machine), and a 10-function patch with a caller each
+/// made 30 of them (the checks', then the plans' own). What is read here decides nothing
+/// alone: the switch reads every site again and refuses to write one whose bytes are not its
+/// plan's expected ones (`switch::read_verified`).
+pub(crate) struct CodeSnapshot {
+    chunks: Vec<(u64, Vec<u8>)>,
+}
+
+/// Ranges at most this far apart share a read (the bytes between cost less than a system
+/// call), up to [`CLUSTER_MAX`] bytes per read.
+const CLUSTER_GAP: u64 = 4096;
+const CLUSTER_MAX: u64 = 64 * 1024;
+
+impl CodeSnapshot {
+    /// Reads `ranges` (address, length) now. A cluster that cannot be read as a whole (an
+    /// unmapped page between two ranges) is left out: its ranges are read one by one when
+    /// asked for, and fail as they would have.
+    pub(crate) fn read(mem: &Memory, ranges: impl IntoIterator<Item = (u64, usize)>) -> Self {
+        let mut ranges: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .filter(|&(_, len)| len > 0)
+            .map(|(at, len)| (at, at.saturating_add(len as u64)))
+            .collect();
+        ranges.sort_unstable();
+        let mut clusters: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match clusters.last_mut() {
+                Some(c)
+                    if start <= c.1.saturating_add(CLUSTER_GAP)
+                        && end.max(c.1) - c.0 <= CLUSTER_MAX =>
+                {
+                    c.1 = c.1.max(end);
+                }
+                _ => clusters.push((start, end)),
+            }
+        }
+        let chunks = clusters
+            .into_iter()
+            .filter_map(|(start, end)| {
+                let len = usize::try_from(end - start).ok()?;
+                Some((start, mem.read_vec(start, len).ok()?))
+            })
+            .collect();
+        CodeSnapshot { chunks }
+    }
+
+    /// `len` bytes at `addr`: from the snapshot when it holds them, else read from `mem` now.
+    pub(crate) fn read_vec(
+        &self,
+        mem: &Memory,
+        addr: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, crate::process::ProcessError> {
+        let end = addr.saturating_add(len as u64);
+        for (start, bytes) in &self.chunks {
+            if addr >= *start && end <= start + bytes.len() as u64 {
+                let off = (addr - start) as usize;
+                return Ok(bytes[off..off + len].to_vec());
+            }
+        }
+        mem.read_vec(addr, len)
+    }
 }
 
 /// Writes into `expected` (the bytes of a function at `start`) what the applied patches wrote
@@ -121,9 +189,13 @@ pub(crate) fn top_redirect(state: &State, old: u64) -> Option<&crate::state::App
 /// to `helper@b.c` reaches the new `helper` of b.c, a bare `helper` naming another symbol (a.c's
 /// or a global one) reaches that one, whatever was replaced.
 pub(crate) struct Resolver<'a> {
+    pid: i32,
+    loaded: &'a LoadedTarget,
     target_bias: u64,
     target: &'a Module,
-    others: Vec<super::modules::LazyModule>,
+    /// The other modules, listed when a name is first looked for beyond the target (a patch
+    /// that calls nothing outside its module never needs them).
+    others: std::cell::OnceCell<Vec<super::modules::LazyModule>>,
     mem: &'a crate::process::Memory,
 }
 
@@ -133,15 +205,22 @@ impl<'a> Resolver<'a> {
         target: &'a LoadedTarget,
         mem: &'a crate::process::Memory,
     ) -> Result<Resolver<'a>, Error> {
-        let others = super::modules::lazy(pid, &target.mappings)
-            .into_iter()
-            .filter(|m| m.module.path != target.module.path)
-            .collect();
         Ok(Resolver {
+            pid,
+            loaded: target,
             target_bias: target.bias,
             target: &target.elf,
-            others,
+            others: std::cell::OnceCell::new(),
             mem,
+        })
+    }
+
+    fn others(&self) -> &[super::modules::LazyModule] {
+        self.others.get_or_init(|| {
+            super::modules::lazy(self.pid, &self.loaded.mappings)
+                .into_iter()
+                .filter(|m| m.module.path != self.loaded.module.path)
+                .collect()
         })
     }
 
@@ -177,14 +256,14 @@ impl<'a> Resolver<'a> {
         }
         // What the other modules export (.dynsym through .gnu.hash, no full parse), then,
         // rarely, a global only their .symtab knows.
-        let exported = self.others.iter().find_map(|o| {
+        let exported = self.others().iter().find_map(|o| {
             o.get().and_then(|(m, bias)| {
                 let s = m.exported(name).filter(|s| s.ifunc || s.value != 0)?;
                 Some((s, bias))
             })
         });
         let found = exported.or_else(|| {
-            self.others.iter().find_map(|o| {
+            self.others().iter().find_map(|o| {
                 o.get()
                     .and_then(|(m, bias)| Some((m.global(name)?.clone(), bias)))
             })
@@ -197,7 +276,7 @@ impl<'a> Resolver<'a> {
             // An IFUNC (libc's strlen...): take what the dynamic linker chose, from the GOT
             // slot of a module that imports it.
             let modules = std::iter::once((self.target_bias, self.target)).chain(
-                self.others
+                self.others()
                     .iter()
                     .filter_map(|o| o.get().map(|(m, b)| (b, m))),
             );

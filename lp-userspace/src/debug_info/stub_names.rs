@@ -6,16 +6,9 @@
 //! there shows an unknown address (review session 5, #4).
 //!
 //! The names are the same for perf and gdb: `livepatch dispatch F`, `livepatch trampoline F`,
-//! `livepatch thunk F`, `livepatch trampoline F at CALLER+0xOFF`. Each range is exact: a
-//! trampoline's length is that of the code lp-core builds again from the same site (what the
-//! apply wrote), a thunk's and a dispatch's come from decoding their bytes in the target.
-
-use crate::patchfile::Patch;
-use crate::process::Memory;
-use crate::state::AppliedFunction;
-use lp_core::jump::REL32_JUMP_LEN;
-use lp_core::site::validate_site;
-use lp_core::trampoline::{build_trampoline, MAX_TRAMPOLINE_LEN};
+//! `livepatch thunk F`, `livepatch trampoline F at CALLER+0xOFF`. Each range is exact: the
+//! length of the code the apply built (a thunk's and a dispatch's measured by decoding the
+//! bytes it wrote), named as the apply builds it ([`StubSymbol::trampoline`] and the others).
 
 /// One piece of generated code and its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,75 +21,47 @@ pub struct StubSymbol {
     pub name: String,
 }
 
-/// The generated code of `functions` (the records of `patch`'s functions, in its order), read
-/// back from `mem` where needed. A piece that cannot be measured is left out: naming is
-/// best effort and never decides anything.
-pub fn stub_symbols(patch: &Patch, functions: &[AppliedFunction], mem: &Memory) -> Vec<StubSymbol> {
-    let mut out = Vec::new();
-    for (i, f) in functions.iter().enumerate() {
-        // The same site the apply built the trampoline from: the file's original bytes.
-        let original = patch
-            .functions
-            .get(i)
-            .filter(|pf| pf.old_name == f.name)
-            .map(|pf| pf.old_bytes.as_slice());
-        if let Some(len) = original.and_then(|b| trampoline_len(b, f.old, f.trampoline)) {
-            out.push(StubSymbol {
-                addr: f.trampoline,
-                len,
-                name: format!("livepatch trampoline {}", f.name),
-            });
-        }
-        if f.via != f.new {
-            let thunk = mem
-                .read_vec(f.via, crate::thunk::MAX_LEN)
-                .ok()
-                .and_then(|code| crate::thunk_cfi::decode(f.via, &code));
-            if let Some(thunk) = thunk {
-                out.push(StubSymbol {
-                    addr: f.via,
-                    len: thunk.len,
-                    name: format!("livepatch thunk {}", f.name),
-                });
-            }
-        }
-        if let Some(d) = f.dispatch {
-            let len = mem
-                .read_vec(d, 32)
-                .ok()
-                .and_then(|code| dispatch_len(d, &code));
-            if let Some(len) = len {
-                out.push(StubSymbol {
-                    addr: d,
-                    len,
-                    name: format!("livepatch dispatch {}", f.name),
-                });
-            }
-        }
-        for c in &f.call_sites {
-            if let Some(len) = trampoline_len(&c.original, c.addr, c.trampoline) {
-                out.push(StubSymbol {
-                    addr: c.trampoline,
-                    len,
-                    name: format!("livepatch trampoline {} at {}", f.name, c.caller),
-                });
-            }
-        }
+impl StubSymbol {
+    /// `None` for nothing to name (no address, or no length).
+    fn named(addr: u64, len: u64, name: impl FnOnce() -> String) -> Option<StubSymbol> {
+        (addr != 0 && len != 0).then(|| StubSymbol {
+            addr,
+            len,
+            name: name(),
+        })
     }
-    out.retain(|s| s.addr != 0 && s.len != 0);
-    out
-}
 
-/// The length of the trampoline lp-core builds at `at` for the code `original` at `entry`.
-fn trampoline_len(original: &[u8], entry: u64, at: u64) -> Option<u64> {
-    if at == 0 {
-        return None;
+    /// The trampoline of `function`'s entry: `len` bytes at `addr`.
+    pub fn trampoline(function: &str, addr: u64, len: u64) -> Option<StubSymbol> {
+        Self::named(addr, len, || format!("livepatch trampoline {function}"))
     }
-    let site = validate_site(original, entry, REL32_JUMP_LEN).ok()?;
-    let mut code = [0u8; MAX_TRAMPOLINE_LEN];
-    build_trampoline(&site, at, &mut code)
-        .ok()
-        .map(|n| n as u64)
+
+    /// The register-preserving thunk of `function` at `addr`, measured from its `code` (its
+    /// bytes and possibly more); `None` when they are not a thunk.
+    pub fn thunk(function: &str, addr: u64, code: &[u8]) -> Option<StubSymbol> {
+        let len = crate::thunk_cfi::decode(addr, code)?.len;
+        Self::named(addr, len, || format!("livepatch thunk {function}"))
+    }
+
+    /// The dispatch of `function` at `addr`, measured from its `code`; `None` when they are
+    /// not a dispatch.
+    pub fn dispatch(function: &str, addr: u64, code: &[u8]) -> Option<StubSymbol> {
+        let len = dispatch_len(addr, code)?;
+        Self::named(addr, len, || format!("livepatch dispatch {function}"))
+    }
+
+    /// The trampoline of a call site of `function` in `caller` (`CALLER+0xOFF`): `len`
+    /// bytes at `addr`.
+    pub fn call_site_trampoline(
+        function: &str,
+        caller: &str,
+        addr: u64,
+        len: u64,
+    ) -> Option<StubSymbol> {
+        Self::named(addr, len, || {
+            format!("livepatch trampoline {function} at {caller}")
+        })
+    }
 }
 
 /// The length of the dispatch at `at` decoded from `code`: a `test` of a RIP-relative byte,
@@ -146,23 +111,26 @@ mod tests {
         assert_eq!(dispatch_len(at, &code[7..]), None, "jnz first");
     }
 
-    /// A trampoline's length is that of the code built for the site: here `push rbp; mov
-    /// rbp, rsp; sub rsp, 0x10` (8 bytes displaced) and a 5-byte jump back.
+    /// The names say what the code is and whose; nothing is named without an address or a
+    /// length, nor a thunk or a dispatch whose bytes are not one.
     #[test]
-    fn a_trampoline_is_as_long_as_lp_core_builds_it() {
-        let entry = 0x40_1000u64;
-        let original = [
-            0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10, 0x89, 0x7d, 0xfc, 0xc3,
-        ];
+    fn stubs_are_named_by_kind_and_function() {
+        let t = StubSymbol::call_site_trampoline("compute", "main+0x1a", 0x7000, 13).unwrap();
+        assert_eq!(t.name, "livepatch trampoline compute at main+0x1a");
+        assert_eq!((t.addr, t.len), (0x7000, 13));
         assert_eq!(
-            trampoline_len(&original, entry, entry + 0x1000),
-            Some(8 + 5)
+            StubSymbol::trampoline("compute", 0x7000, 13).unwrap().name,
+            "livepatch trampoline compute"
         );
-        assert_eq!(trampoline_len(&original, entry, 0), None);
+        assert_eq!(StubSymbol::trampoline("compute", 0, 13), None);
+        assert_eq!(StubSymbol::trampoline("compute", 0x7000, 0), None);
+        assert_eq!(StubSymbol::dispatch("compute", 0x7000, &[0xcc; 32]), None);
+        assert_eq!(StubSymbol::thunk("compute", 0x7000, &[0xcc; 32]), None);
+        // push rax; pop rax; ret: a thunk's shape, 3 bytes.
+        let thunk = StubSymbol::thunk("compute", 0x7000, &[0x50, 0x58, 0xc3, 0xcc]).unwrap();
         assert_eq!(
-            trampoline_len(&[0xc3], entry, entry + 0x1000),
-            None,
-            "too short for a site"
+            (thunk.name.as_str(), thunk.len),
+            ("livepatch thunk compute", 3)
         );
     }
 

@@ -34,6 +34,23 @@ impl Memory {
         Ok(Memory { pid, file })
     }
 
+    /// Another handle on the same open `/proc/PID/mem` (a duplicated descriptor): for a
+    /// reader that must not borrow this one, without the path walk and access check of a
+    /// second open.
+    pub fn try_clone(&self) -> Result<Memory> {
+        let file = self.file.try_clone().map_err(|err| ProcessError::Memory {
+            op: "dup",
+            pid: self.pid,
+            addr: 0,
+            len: 0,
+            err,
+        })?;
+        Ok(Memory {
+            pid: self.pid,
+            file,
+        })
+    }
+
     /// Fills `buf` from the target's address `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len();
