@@ -200,7 +200,7 @@ impl Tracee {
                     self.threads.insert(tid, Thread::default());
                     return Ok(());
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                Err(e) if seized_a_dead_thread(self.pid, tid, &e) => continue,
                 Err(e) => return Err(ProcessError::from_ptrace("SEIZE", self.pid, tid, e)),
             }
         }
@@ -251,7 +251,7 @@ impl Tracee {
                     added += 1;
                 }
                 // The thread exited between the listing and the seize.
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) if seized_a_dead_thread(self.pid, tid, &e) => {}
                 Err(e) => return Err(ProcessError::from_ptrace("SEIZE", self.pid, tid, e)),
             }
         }
@@ -1116,6 +1116,30 @@ impl Tracee {
     }
 }
 
+/// Whether PTRACE_SEIZE of thread `tid` of `pid` failed with `err` because the thread has
+/// exited: ESRCH once it is reaped, EPERM before — the kernel refuses to attach to a task whose
+/// exit state is set (a thread between its exit and its reaping, for a few microseconds; a
+/// main thread that called pthread_exit, a zombie until the whole process ends). Such a thread
+/// runs no code any more: it is skipped, not taken for a lack of permission (a nonstop revert
+/// on a process whose threads come and go failed that way about once in 100-300, after its
+/// switch: tests/e2e_nonstop_thread_churn.rs).
+pub(crate) fn seized_a_dead_thread(pid: i32, tid: i32, err: &std::io::Error) -> bool {
+    match err.raw_os_error() {
+        Some(libc::ESRCH) => true,
+        Some(libc::EPERM) => {
+            match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+                // State: the first field after the command's closing parenthesis.
+                Ok(stat) => stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|state| state == "Z" || state == "X" || state == "x"),
+                Err(_) => true,
+            }
+        }
+        _ => false,
+    }
+}
+
 /// Runs `f` (which creates, uses and releases a [`Tracee`]) on a thread of its own that exits
 /// when `f` returns, so that the kernel detaches every thread still traced by it. Returns only
 /// once that detach has happened: the next tracer (another apply, gdb) can attach at once.
@@ -1390,6 +1414,66 @@ fn is_zombie(pid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread that has exited and is not reaped (here a main thread that called
+    /// pthread_exit: a zombie until the process ends) cannot be seized: EPERM, not ESRCH. It is
+    /// told apart from a live thread that cannot be seized (here one we trace already: EPERM
+    /// too), which stays an error.
+    #[test]
+    fn a_seize_refused_for_an_exited_thread_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("z.c");
+        let exe = dir.path().join("z");
+        std::fs::write(
+            &src,
+            "#include <pthread.h>\n#include <unistd.h>\n\
+             static void *w(void *a) { (void)a; for (;;) pause(); return 0; }\n\
+             int main(void) { pthread_t t; pthread_create(&t, 0, w, 0); pthread_exit(0); }\n",
+        )
+        .unwrap();
+        let built = std::process::Command::new("gcc")
+            .args(["-pthread", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .expect("gcc");
+        assert!(built.success());
+        let mut child = std::process::Command::new(&exe).spawn().expect("start");
+        let pid = child.id() as i32;
+        let stat = format!("/proc/{pid}/stat");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z ")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the main thread never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let worker = list_tasks(pid)
+            .unwrap()
+            .into_iter()
+            .find(|&t| t != pid)
+            .expect("the worker");
+        let (dead, live) = std::thread::spawn(move || {
+            let dead = ptrace::seize(pid).expect_err("a zombie cannot be seized");
+            assert_eq!(dead.raw_os_error(), Some(libc::EPERM));
+            ptrace::seize(worker).expect("seize the worker");
+            let again = ptrace::seize(worker).expect_err("seized twice");
+            assert_eq!(again.raw_os_error(), Some(libc::EPERM));
+            let verdicts = (
+                seized_a_dead_thread(pid, pid, &dead),
+                seized_a_dead_thread(pid, worker, &again),
+            );
+            let _ = ptrace::detach(worker, 0);
+            verdicts
+        })
+        .join()
+        .unwrap();
+        assert!(dead, "the exited main thread is taken for a gone thread");
+        assert!(!live, "a live thread's EPERM stays an error");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     /// Review N10: a stop-mode tracee holds the same per-process lock as a nonstop one, so
     /// that a nonstop livepatch cannot start on the process meanwhile (and the other way).

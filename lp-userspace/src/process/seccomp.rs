@@ -548,7 +548,7 @@ impl Tracee {
                     if !traced {
                         match super::ptrace::seize(tid) {
                             Ok(()) => {}
-                            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                            Err(e) if super::seized_a_dead_thread(self.pid, tid, &e) => continue,
                             Err(e) => {
                                 return Err(
                                     ProcessError::from_ptrace("SEIZE", self.pid, tid, e).into()
