@@ -204,3 +204,63 @@ fn e2e_borrow_never_a_thread_busy_half_the_time_among_futex_waiters() {
         "the thread busy half of the time ({busy}) was borrowed {busy_picks} times of {rounds}"
     );
 }
+
+/// The main thread waits in `pause`; a signal thread blocks every signal and waits in
+/// `sigwait`. Both are idle in system calls; prints the signal thread's tid.
+const SIGNAL_THREAD: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static volatile int waiter;
+
+static void *waits(void *arg) {
+    (void)arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    waiter = (int)syscall(SYS_gettid);
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    int sig;
+    for (;;) sigwait(&usr1, &sig);
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_t t;
+    pthread_create(&t, NULL, waits, NULL);
+    while (!waiter) usleep(1000);
+    printf("ready %d waiter %d\n", getpid(), waiter);
+    for (;;) pause();
+}
+"#;
+
+/// A thread that blocks SIGTRAP is the last choice: borrowed, it cannot unblock it during the
+/// switch (a thread inside `pthread_create` blocks every signal for a moment), and the switch
+/// would be refused as busy. The idle main thread is borrowed, every time.
+#[test]
+fn e2e_borrow_not_a_thread_that_blocks_sigtrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "sigwaiter", SIGNAL_THREAD, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid: i32 = target.pid().parse().unwrap();
+    let ready = target.wait_line(|l| l.starts_with("ready"));
+    let waiter: i32 = ready.split_whitespace().nth(3).unwrap().parse().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let picks: Vec<i32> = (0..20)
+        .map(|_| {
+            wait_blocked(pid, pid);
+            wait_blocked(pid, waiter);
+            borrowed(pid)
+        })
+        .collect();
+    assert!(
+        picks.iter().all(|&p| p == pid),
+        "the thread blocking SIGTRAP ({waiter}) was borrowed: {picks:?}"
+    );
+}

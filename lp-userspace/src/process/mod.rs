@@ -201,6 +201,10 @@ impl Tracee {
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                // A thread that has exited but is not reaped yet: EPERM (nsio, session 9).
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && thread_ended(self.pid, tid) => {
+                    continue
+                }
                 Err(e) => return Err(ProcessError::from_ptrace("SEIZE", self.pid, tid, e)),
             }
         }
@@ -1351,6 +1355,14 @@ fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
 
 /// The variable of [`borrow_forced`].
 const BORROW_COMM_VAR: &str = "LIVEPATCH_BORROW_COMM";
+
+/// Thread `tid` of `pid` has ended: gone, or a zombie not reaped yet.
+fn thread_ended(pid: i32, tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
 
 /// For tests only: `LIVEPATCH_BORROW_COMM=NAME` makes a thread of `pid` named NAME (its
 /// `comm`, as `pthread_setname_np` sets it) the one [`Tracee::attach_one`] borrows, whatever
