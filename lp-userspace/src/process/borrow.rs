@@ -45,6 +45,12 @@ pub(super) const LOOK_STEPS: [Duration; 4] = [
     Duration::from_millis(2),
 ];
 
+/// At most this many threads are looked at (the main thread and the lowest other thread ids,
+/// usually the oldest): each keeps two descriptors open for the look, which must leave room under
+/// the usual limit of 1024 for the rest of the tool (the target's memory and maps, ELF files
+/// opened meanwhile by the preparation).
+const MAX_LOOKED: usize = 100;
+
 /// The preference order of [`super::Tracee::attach_one`]; smaller is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Class {
@@ -176,8 +182,14 @@ impl Look {
     /// returns `None`).
     pub(super) fn start(pid: i32) -> Look {
         let started = Instant::now();
-        let threads = observe::tasks(pid)
+        let mut tids = observe::tasks(pid);
+        // The main thread first (thread ids wrap around: it need not be the lowest).
+        if let Some(main) = tids.iter().position(|&t| t == pid) {
+            tids[..=main].rotate_right(1);
+        }
+        let threads = tids
             .into_iter()
+            .take(MAX_LOOKED)
             .filter_map(|tid| {
                 let files = ThreadFiles::open(pid, tid)?;
                 let before = files.schedstat()?;
