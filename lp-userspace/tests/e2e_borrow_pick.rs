@@ -204,3 +204,120 @@ fn e2e_borrow_never_a_thread_busy_half_the_time_among_futex_waiters() {
         "the thread busy half of the time ({busy}) was borrowed {busy_picks} times of {rounds}"
     );
 }
+
+/// The main thread waits in `pause`; a signal thread blocks every signal and waits in
+/// `sigwait`. Both are idle in system calls; prints the signal thread's tid.
+const SIGNAL_THREAD: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static volatile int waiter;
+
+static void *waits(void *arg) {
+    (void)arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    waiter = (int)syscall(SYS_gettid);
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    int sig;
+    for (;;) sigwait(&usr1, &sig);
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_t t;
+    pthread_create(&t, NULL, waits, NULL);
+    while (!waiter) usleep(1000);
+    printf("ready %d waiter %d\n", getpid(), waiter);
+    for (;;) pause();
+}
+"#;
+
+/// A thread that blocks SIGTRAP is the last choice: borrowed, it cannot unblock it during the
+/// switch (a thread inside `pthread_create` blocks every signal for a moment), and the switch
+/// would be refused as busy. The idle main thread is borrowed, every time.
+#[test]
+fn e2e_borrow_not_a_thread_that_blocks_sigtrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "sigwaiter", SIGNAL_THREAD, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid: i32 = target.pid().parse().unwrap();
+    let ready = target.wait_line(|l| l.starts_with("ready"));
+    let waiter: i32 = ready.split_whitespace().nth(3).unwrap().parse().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let picks: Vec<i32> = (0..20)
+        .map(|_| {
+            wait_blocked(pid, pid);
+            wait_blocked(pid, waiter);
+            borrowed(pid)
+        })
+        .collect();
+    assert!(
+        picks.iter().all(|&p| p == pid),
+        "the thread blocking SIGTRAP ({waiter}) was borrowed: {picks:?}"
+    );
+}
+
+/// 600 threads waiting in `poll`, and the main thread in `pause`.
+const MANY: &str = r#"
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+static void *waits(void *arg) {
+    (void)arg;
+    for (;;) poll(NULL, 0, -1);
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_attr_t small;
+    pthread_attr_init(&small);
+    pthread_attr_setstacksize(&small, 64 * 1024);
+    for (int i = 0; i < 600; i++) {
+        pthread_t t;
+        if (pthread_create(&t, &small, waits, NULL) != 0) return 2;
+    }
+    printf("ready %d\n", getpid());
+    for (;;) pause();
+}
+"#;
+
+/// The look keeps two descriptors open per thread it looks at: a process with more threads
+/// than half the usual descriptor limit (1024) is borrowed from all the same (the tracee's
+/// own files, opened during the look, still open), and nonstop apply works on it.
+#[test]
+fn e2e_borrow_from_a_process_with_600_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "many", MANY, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid: i32 = target.pid().parse().unwrap();
+    target.wait_line(|l| l.starts_with("ready"));
+    // The limit the tool usually runs with, whatever this test runner was given.
+    let limit = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    let picked = with_tracer_thread(|| {
+        // SAFETY: setrlimit reads the struct it is given; lowering our own limit is allowed.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        let t = Tracee::attach_one(pid)?;
+        let tids = t.threads();
+        t.detach()?;
+        Ok::<_, ProcessError>(tids[0])
+    })
+    .expect("attach_one on 601 threads");
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}/task/{picked}")).is_ok(),
+        "borrowed {picked}, not a thread of {pid}"
+    );
+}

@@ -5,6 +5,7 @@
 //! the thread least likely to need a CPU meanwhile. It ranks the threads by
 //! - their class, the preference order of `attach_one`: blocked in a system call other than
 //!   futex, then blocked in any system call, then the main thread, then the others;
+//! - then a thread that blocks SIGTRAP comes last (see `History`);
 //! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
 //!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1), or what
 //!   its history says a look this long shows of it (its share of a CPU over its life, see
@@ -17,7 +18,8 @@
 //!
 //! The look is evaluated at growing steps ([`LOOK_STEPS`]), and ends at a step when a longer
 //! look could not change the pick in a way that matters: the best thread is blocked (class 0
-//! or 1), used at most 5% of a CPU over its life (its history, as above), and either
+//! or 1), does not block SIGTRAP, used at most 5% of a CPU over its life (its history, as
+//! above), and either
 //! - it used at most 2% of a CPU in the look (idle), or
 //! - it used at most 10% of it, and every other thread of its class used at least twice as
 //!   much and 2% of a CPU more (clearly busier: a longer look would only add to their lead;
@@ -43,6 +45,12 @@ pub(super) const LOOK_STEPS: [Duration; 4] = [
     Duration::from_millis(2),
 ];
 
+/// At most this many threads are looked at (the main thread and the lowest other thread ids,
+/// usually the oldest): each keeps two descriptors open for the look, which must leave room under
+/// the usual limit of 1024 for the rest of the tool (the target's memory and maps, ELF files
+/// opened meanwhile by the preparation).
+const MAX_LOOKED: usize = 100;
+
 /// The preference order of [`super::Tracee::attach_one`]; smaller is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Class {
@@ -60,6 +68,10 @@ enum Class {
 /// A thread's life so far: what it did before the look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct History {
+    /// It blocks SIGTRAP (a thread inside `pthread_create`: glibc blocks every signal around
+    /// clone; a thread that waits in sigwait): borrowed, it could not unblock it before the
+    /// switch, which then refuses the process as busy (nsio's request, session 9).
+    sigtrap_blocked: bool,
     /// The share of a CPU it used over its life, in parts per million (start-up included),
     /// or the share it used *or waited for* when it ran in stretches longer than
     /// [`LONG_STRETCH_NS`] on average (each time it was switched in). The wait counts, as in
@@ -80,6 +92,11 @@ impl History {
     /// 2 ms of work in every 4).
     fn busy(&self) -> bool {
         self.share_ppm > BUSY_SHARE_PPM
+    }
+
+    /// Not to be taken before the last step of the look: busy, or blocking SIGTRAP.
+    fn shunned(&self) -> bool {
+        self.busy() || self.sigtrap_blocked
     }
 
     /// What a look of `look_ns` should have seen of this thread, by its history.
@@ -115,8 +132,8 @@ impl Looked {
         *self.history.get_or_init(|| {
             let tid = self.files.tid();
             let now = self.files.schedstat();
-            match (now, observe::age_ns(pid, tid)) {
-                (Some(now), Some(age)) => {
+            match (now, observe::age_and_blocked(pid, tid)) {
+                (Some(now), Some((age, blocked))) => {
                     let age = age.max(MIN_AGE_NS) as u128;
                     let per =
                         |v: u64, unit: u128| (v as u128 * unit / age).min(u64::MAX as u128) as u64;
@@ -127,12 +144,14 @@ impl Looked {
                         now.runtime_ns
                     };
                     History {
+                        sigtrap_blocked: blocked & observe::bit(libc::SIGTRAP) != 0,
                         share_ppm: per(counted, 1_000_000),
                         wakes_per_s: per(now.run_count, 1_000_000_000),
                     }
                 }
                 // Gone: ranked last, never taken early.
                 _ => History {
+                    sigtrap_blocked: true,
                     share_ppm: u64::MAX,
                     wakes_per_s: u64::MAX,
                 },
@@ -163,8 +182,14 @@ impl Look {
     /// returns `None`).
     pub(super) fn start(pid: i32) -> Look {
         let started = Instant::now();
-        let threads = observe::tasks(pid)
+        let mut tids = observe::tasks(pid);
+        // The main thread first (thread ids wrap around: it need not be the lowest).
+        if let Some(main) = tids.iter().position(|&t| t == pid) {
+            tids[..=main].rotate_right(1);
+        }
+        let threads = tids
             .into_iter()
+            .take(MAX_LOOKED)
             .filter_map(|tid| {
                 let files = ThreadFiles::open(pid, tid)?;
                 let before = files.schedstat()?;
@@ -243,10 +268,11 @@ impl Look {
             .collect()
     }
 
-    /// The best of `seen`: by class, then by the CPU used in the look or what its history
-    /// says a look this long shows of it, whichever is more, then by wake-ups per second of
-    /// life, then by thread id. Histories are read (a stat read each) in the order of CPU used
-    /// in the look, only until no thread left can beat the best.
+    /// The best of `seen`: by class, then a thread that blocks SIGTRAP last, then by the CPU
+    /// used in the look or what its history says a look this long shows of it, whichever is
+    /// more, then by wake-ups per second of life, then by thread id. Histories are read (a
+    /// stat read each) in the order of CPU used in the look, only until no thread left can
+    /// beat the best.
     fn best(&self, seen: &[Seen], look_ns: u64) -> Option<Seen> {
         let class = seen.iter().map(|s| s.class).min()?;
         let mut of_class: Vec<Seen> = seen.iter().filter(|s| s.class == class).copied().collect();
@@ -255,14 +281,15 @@ impl Look {
             let t = &self.threads[s.index];
             let h = t.history(self.pid);
             (
+                h.sigtrap_blocked,
                 s.used.max(h.expected_ns(look_ns)),
                 h.wakes_per_s,
                 t.files.tid(),
             )
         };
-        let mut best: Option<(Seen, (u64, u64, i32))> = None;
+        let mut best: Option<(Seen, (bool, u64, u64, i32))> = None;
         for s in of_class {
-            if best.is_some_and(|(_, k)| s.used > k.0) {
+            if best.is_some_and(|(_, k)| !k.0 && s.used > k.1) {
                 // It and the rest used more in the look alone: none can beat the best.
                 break;
             }
@@ -282,7 +309,7 @@ impl Look {
             Class::BlockedInFutex => !saw_in_call,
             Class::Main | Class::Other => false,
         };
-        if !blocked || self.threads[best.index].history(self.pid).busy() {
+        if !blocked || self.threads[best.index].history(self.pid).shunned() {
             return false;
         }
         let idle = best.used <= look_ns / 50;

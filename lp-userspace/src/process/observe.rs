@@ -232,6 +232,32 @@ pub fn age_ns(pid: i32, tid: i32) -> Option<u64> {
     Some(now.saturating_sub(start_ticks * (1_000_000_000 / hz)))
 }
 
+/// How long thread `tid` has existed, in nanoseconds (as [`age_ns`]), and the signals among
+/// 1–32 it blocks (field 32 of its stat, the low half of its status SigBlk), from one read of
+/// its stat; `None` when it is gone.
+pub fn age_and_blocked(pid: i32, tid: i32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let start_ticks: u64 = fields.nth(19)?.parse().ok()?;
+    let blocked: u64 = fields.nth(9)?.parse().ok()?;
+    Some((age_since(start_ticks), blocked))
+}
+
+/// Nanoseconds since `start_ticks` clock ticks after boot.
+fn age_since(start_ticks: u64) -> u64 {
+    // SAFETY: clock_gettime fills the timespec it is given; sysconf takes a constant.
+    let (now, hz) = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+        (
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
+        )
+    };
+    now.saturating_sub(start_ticks * (1_000_000_000 / hz))
+}
+
 /// Whether signal `sig` is in one of the masks `fields` (e.g. "SigPnd", "ShdPnd", "SigBlk")
 /// of thread `tid`'s status.
 pub fn signal_in(pid: i32, tid: i32, sig: i32, fields: &[&str]) -> bool {
