@@ -6,9 +6,10 @@
 //!    are the bytes of every direct caller to be retargeted ([`call_sites`]), the patch is not
 //!    applied yet, lp-core accepts every site. Any failure: nothing was touched.
 //! 2. preparation while every thread runs — patch memory mapped within ±2 GiB of the module
-//!    (remote mmap, prefaulted), the object linked there against the target's symbols,
-//!    trampolines and register-preserving thunks built, everything written and protected, the
-//!    code pages to be patched pre-faulted (copy-on-write done now, not during the stop).
+//!    and protected (remote mmap and mprotect) while another thread links the object for that
+//!    place against the target's symbols and builds the trampolines and register-preserving
+//!    thunks; then everything written, the code pages to be patched pre-faulted (copy-on-write
+//!    done now, not during the stop).
 //! 3. the switch ([`switch`]) in stop or nonstop mode, recording the state in the target. The
 //!    direct callers' branches are retargeted in the same switch as the entries.
 //!
@@ -115,7 +116,8 @@ fn tables_for(mode: Mode) -> iced_tables::Tables {
 
 /// Applies `patch` to process `pid`.
 ///
-/// Three threads work at once: the tracer (a thread of its own, which must exit when done, see
+/// Three threads work at once (four while the patch is planned, see `apply_here`): the tracer
+/// (a thread of its own, which must exit when done, see
 /// `with_tracer_thread_while`), the warm-up thread (modules opened for the stack check; housekeeping)
 /// and the calling thread, which builds iced-x86's instruction tables meanwhile (about 1.5 ms
 /// of CPU) instead of waiting idle for the tracer. The tracer sleeps until they are ready only
@@ -254,8 +256,6 @@ fn apply_here(
     phase("checks and symbols done");
 
     // 2. Preparation; threads keep running.
-    let statemap = StateMap::open_or_create(&mut t)?;
-    phase("state mapped");
     let image_len = layout.size().div_ceil(PAGE) * PAGE;
     let site_count = callers.iter().map(Vec::len).sum::<usize>() as u64;
     let extra_len = (FLAG_LINE
@@ -264,32 +264,54 @@ fn apply_here(
         .div_ceil(PAGE)
         * PAGE;
     let total_len = image_len + extra_len;
-    let code_addr = match map_near(&mut t, &target, total_len) {
-        Ok(a) => a,
-        Err(e) => {
-            statemap.remove_if_created(&mut t);
-            return Err(e);
-        }
+    // The patch is linked and planned for the place `map_near` will choose (from the mappings
+    // `locate` read) on a thread of its own, while this one maps the memory there and sets its
+    // protections: remote system calls, for which it mostly waits on the target's borrowed
+    // thread (and a first apply's state mapping too). Should the place be taken meanwhile
+    // (the kernel refuses to replace a mapping), the plan is made again for the next one.
+    let plan_at = |at: u64| -> Result<Prepared, Error> {
+        // Trampolines and thunks encode instructions.
+        iced_tables::need(iced_tables::Tables::All);
+        plan(
+            &phase,
+            &symbol_mem,
+            patch,
+            &layout,
+            &resolver,
+            &sites,
+            at,
+            extra_len,
+            &existing,
+            &callers,
+            &code,
+            module_cfi.as_ref(),
+            opts.mode,
+        )
     };
-    phase("patch memory mapped");
-    // Trampolines and thunks encode instructions.
-    iced_tables::need(iced_tables::Tables::All);
-    phase("instruction tables ready");
-    let prepared = prepare(
-        &phase,
-        &mut t,
-        patch,
-        &layout,
-        &resolver,
-        &sites,
-        code_addr,
-        extra_len,
-        &existing,
-        &callers,
-        &code,
-        module_cfi.as_ref(),
-        opts.mode,
+    let plan_at = &plan_at;
+    let guess = crate::maps::find_free_near(
+        &target.mappings,
+        target.module.start(),
+        target.module.end(),
+        total_len,
     );
+    let (mapped, early) = std::thread::scope(|s| {
+        let planner = guess.and_then(|at| {
+            std::thread::Builder::new()
+                .name("livepatch-plan".into())
+                .spawn_scoped(s, move || (at, plan_at(at)))
+                .ok()
+        });
+        let mapped = map_patch_memory(&phase, &mut t, &target, total_len, extra_len, &layout);
+        let early = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        (mapped, early)
+    });
+    let (statemap, code_addr) = mapped?;
+    let prepared = match early {
+        Some((at, planned)) if at == code_addr => planned,
+        _ => plan_at(code_addr),
+    }
+    .and_then(|p| install(&mut t, &p, code_addr, extra_len).map(|()| p));
     let Prepared {
         image,
         switches,
@@ -298,6 +320,7 @@ fn apply_here(
         generated,
         flag,
         mut then,
+        extra: _,
     } = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -494,6 +517,63 @@ fn apply_here(
     applied
 }
 
+/// The state's mapping (created by a first apply) and `len` bytes of patch memory within reach
+/// of the target module, `extra_len` bytes of trampolines and thunks first, then the image
+/// laid out by `layout`, both protected as they end (remote `mprotect`s): the code is written
+/// afterwards through /proc/PID/mem, which writes into pages of any protection. On failure,
+/// nothing of this stays.
+fn map_patch_memory(
+    phase: &dyn Fn(&str),
+    t: &mut Tracee,
+    target: &target::LoadedTarget,
+    len: u64,
+    extra_len: u64,
+    layout: &Layout,
+) -> Result<(StateMap, u64), Error> {
+    let statemap = StateMap::open_or_create(t)?;
+    phase("state mapped");
+    let code_addr = match map_near(t, target, len) {
+        Ok(a) => a,
+        Err(e) => {
+            statemap.remove_if_created(t);
+            return Err(e);
+        }
+    };
+    phase("patch memory mapped");
+    if let Err(e) = protect(t, code_addr, extra_len, layout) {
+        let _ = t.munmap(code_addr, len);
+        statemap.remove_if_created(t);
+        return Err(e);
+    }
+    phase("protections set");
+    Ok((statemap, code_addr))
+}
+
+/// Final protections: trampolines/thunks r-x (the whole reserved area, `extra_len` bytes at
+/// `code_addr`), the image's regions (after them) as the linker says; adjacent ranges with the
+/// same protection in one call, and none for what the mapping already is (read-only).
+fn protect(t: &mut Tracee, code_addr: u64, extra_len: u64, layout: &Layout) -> Result<(), Error> {
+    let image_addr = code_addr + extra_len;
+    let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
+    for r in layout.regions() {
+        let p = match r.prot {
+            Protection::ReadExec => prot::READ | prot::EXEC,
+            Protection::Read => prot::READ,
+            Protection::ReadWrite => prot::READ | prot::WRITE,
+        };
+        match ranges.last_mut() {
+            Some((at, len, q)) if *q == p && *at + *len == image_addr + r.offset => *len += r.len,
+            _ => ranges.push((image_addr + r.offset, r.len, p)),
+        }
+    }
+    for (at, len, p) in ranges {
+        if len > 0 && p != prot::READ {
+            t.mprotect(at, len, p)?;
+        }
+    }
+    Ok(())
+}
+
 /// Maps `len` bytes of read-write anonymous memory within reach of the target module, in a
 /// gap of the mappings `locate` read. A mapping made since then may fill that gap: the kernel
 /// then refuses (`MAP_FIXED_NOREPLACE`), and the place is chosen again from fresh mappings.
@@ -556,6 +636,9 @@ struct Prepared {
     /// the new code once it is set.
     flag: Option<u64>,
     then: Vec<SiteSwitch>,
+    /// The bytes of the trampolines, thunks and dispatches (written at the patch memory's
+    /// start, the image after them).
+    extra: Vec<u8>,
 }
 
 /// The ranges of the target's code an apply of `patch` reads before it writes: each old
@@ -581,18 +664,16 @@ fn code_ranges<'a>(
     })
 }
 
-/// Links, writes and protects the patch code; plans every site, the callers' (`callers`,
-/// per function, verified) included, from the bytes the checks read (`code`; the switch
-/// reads them again before it writes); the CFI of the trampolines from the module's (`cfi`).
-///
-/// The patch memory at `code_addr` holds first `extra_len` bytes for the trampolines and
-/// thunks, then the image: both start with code, so one remote `mprotect` makes the
-/// trampolines and the image's text executable (a remote system call is a round trip through a
-/// thread of the target: tens of microseconds, more when its CPU is busy).
+/// Links the patch code for patch memory at `code_addr` (`extra_len` bytes of trampolines
+/// and thunks, then the image), builds what goes around it and plans every site, the
+/// callers' (`callers`, per function, verified) included, from the bytes the checks read
+/// (`code`, or `mem`; the switch reads them again before it writes); the CFI of the
+/// trampolines from the module's (`cfi`). Nothing is written: see [`install`]. Runs on a
+/// thread of its own while the tracer maps the memory (see `apply_here`).
 #[allow(clippy::too_many_arguments)]
-fn prepare(
-    phase: &dyn Fn(&str),
-    t: &mut Tracee,
+fn plan(
+    phase: &(dyn Fn(&str) + Sync),
+    mem: &crate::process::Memory,
     patch: &Patch,
     layout: &Layout,
     resolver: &target::Resolver<'_>,
@@ -609,8 +690,7 @@ fn prepare(
     let image = layout
         .link(image_addr, &|name| resolver.resolve(name))
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
-    t.mem().write(image_addr, &image.bytes)?;
-    phase("image linked and written");
+    phase("image linked");
     let mut extra = Vec::new();
     let mut then = Vec::new();
     let extra_addr = code_addr;
@@ -721,7 +801,7 @@ fn prepare(
             None => None,
         };
         let reached = dispatch.unwrap_or(via);
-        let current = code.read_vec(t.mem(), site.patch_addr, site.displaced_len)?;
+        let current = code.read_vec(mem, site.patch_addr, site.displaced_len)?;
         let plan = plan_apply(site, &current, reached)
             .map_err(|e| Error::Unsupported(format!("function {}: {e}", f.old_name)))?;
         let below = target::top_redirect(existing, site.entry).map(|p| p.reached());
@@ -755,7 +835,7 @@ fn prepare(
             if prev.via != prev.new {
                 // Its length from its code (an upper bound would cover the code after it:
                 // review session 5, #8).
-                let code = t.mem().read_vec(prev.via, crate::thunk::MAX_LEN)?;
+                let code = mem.read_vec(prev.via, crate::thunk::MAX_LEN)?;
                 let len = crate::thunk_cfi::decode(prev.via, &code)
                     .map_or(crate::thunk::MAX_LEN as u64, |thunk| thunk.len);
                 busy.push(BusyRange {
@@ -809,47 +889,11 @@ fn prepare(
         });
     }
     phase("sites planned");
-    if !extra.is_empty() {
-        t.mem().write(extra_addr, &extra)?;
-    }
     if extra.len() as u64 > extra_len {
         return Err(Error::Other(format!(
             "trampolines and thunks need {} bytes, {extra_len} were reserved",
             extra.len()
         )));
-    }
-    // Final protections: trampolines/thunks r-x (the whole reserved area), image regions as
-    // the linker says; adjacent ranges with the same protection in one call, and none for
-    // what the mapping already is (read-only).
-    let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
-    for r in &image.regions {
-        let p = match r.prot {
-            Protection::ReadExec => prot::READ | prot::EXEC,
-            Protection::Read => prot::READ,
-            Protection::ReadWrite => prot::READ | prot::WRITE,
-        };
-        match ranges.last_mut() {
-            Some((at, len, q)) if *q == p && *at + *len == image_addr + r.offset => *len += r.len,
-            _ => ranges.push((image_addr + r.offset, r.len, p)),
-        }
-    }
-    for (at, len, p) in ranges {
-        if len > 0 && p != prot::READ {
-            t.mprotect(at, len, p)?;
-        }
-    }
-    phase("protections set");
-    // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
-    // copy-on-write now, while threads run, instead of during the stop.
-    // One byte per page is enough (call sites share pages with each other and the entries).
-    let mut pages = std::collections::BTreeSet::new();
-    for s in &switches {
-        for a in [s.plan.addr(), s.plan.addr() + s.plan.len() as u64 - 1] {
-            if pages.insert(a >> 12) {
-                let cur = t.mem().read_vec(a, 1)?;
-                t.mem().write(a, &cur)?;
-            }
-        }
     }
     trampoline_frames.extend(frames);
     trampoline_frames.extend(thunk_frames);
@@ -865,7 +909,30 @@ fn prepare(
         },
         flag,
         then,
+        extra,
     })
+}
+
+/// Writes what [`plan`] made into the patch memory at `code_addr` (mapped and protected by
+/// `map_patch_memory`), then pre-faults the pages the switch will write.
+fn install(t: &mut Tracee, p: &Prepared, code_addr: u64, extra_len: u64) -> Result<(), Error> {
+    t.mem().write(code_addr + extra_len, &p.image.bytes)?;
+    if !p.extra.is_empty() {
+        t.mem().write(code_addr, &p.extra)?;
+    }
+    // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
+    // copy-on-write now, while threads run, instead of during the stop.
+    // One byte per page is enough (call sites share pages with each other and the entries).
+    let mut pages = std::collections::BTreeSet::new();
+    for s in &p.switches {
+        for a in [s.plan.addr(), s.plan.addr() + s.plan.len() as u64 - 1] {
+            if pages.insert(a >> 12) {
+                let cur = t.mem().read_vec(a, 1)?;
+                t.mem().write(a, &cur)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A thunk preserving the registers the new version may change and the old one did not

@@ -195,7 +195,7 @@ pub(crate) struct Resolver<'a> {
     target: &'a Module,
     /// The other modules, listed when a name is first looked for beyond the target (a patch
     /// that calls nothing outside its module never needs them).
-    others: std::cell::OnceCell<Vec<super::modules::LazyModule>>,
+    others: std::sync::OnceLock<Vec<super::modules::LazyModule>>,
     mem: &'a crate::process::Memory,
 }
 
@@ -210,7 +210,7 @@ impl<'a> Resolver<'a> {
             loaded: target,
             target_bias: target.bias,
             target: &target.elf,
-            others: std::cell::OnceCell::new(),
+            others: std::sync::OnceLock::new(),
             mem,
         })
     }
