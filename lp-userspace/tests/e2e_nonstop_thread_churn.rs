@@ -137,21 +137,6 @@ fn e2e_nonstop_switches_a_process_whose_threads_come_and_go() {
                 eprintln!("cycle {cycle}: {what}: {e} (again)");
                 busy += 1;
             }
-            // Not this test's subject, and not nonstop.rs's: a nonstop revert seizes every
-            // thread once the switch is done (revert.rs, `attach_rest`), and a thread that has
-            // exited but is not reaped yet refuses PTRACE_SEIZE with EPERM, which
-            // `Tracee::seize_new` reports as a missing permission (ESRCH only is taken for a
-            // thread gone). Asked in notes/requests.md (session 9, nsio); tried again here.
-            // (The error names the process, not the thread.) The revert's switch was done
-            // then: the patch is out, its memory left mapped.
-            Err(e) if e.to_string().contains("no permission to trace process") && busy < CYCLES => {
-                eprintln!("cycle {cycle}: {what}: {e} (again)");
-                busy += 1;
-                let st = lp_userspace::status::status(Some(pid)).unwrap();
-                if what == "revert" && st[0].patches.is_empty() {
-                    return;
-                }
-            }
             Err(e) => panic!("cycle {cycle}: {what}: {e}"),
         }
     };
