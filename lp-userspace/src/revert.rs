@@ -421,8 +421,10 @@ fn take_out(
         statemap.publish(m, &staged)?;
         Ok(())
     };
+    // Serialized now: in stop mode the commit runs inside the stop window, where it only writes.
+    let new_encoded = statemap.encode(&new_state)?;
     let mut commit = |m: &crate::process::Memory| -> Result<(), Error> {
-        statemap.store(m, &new_state)?;
+        statemap.store_encoded(m, &new_encoded)?;
         Ok(())
     };
     // Nonstop mode: the patch is out from the first store of the switch, which clears its

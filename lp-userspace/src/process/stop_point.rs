@@ -10,7 +10,10 @@
 //! `remote-call` (a borrowed thread stopped with a function call's registers set),
 //! `switch-written` (stop mode: every site written, the state not yet committed),
 //! `revert-written` (the same in a revert: the record still says applied),
-//! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set).
+//! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set),
+//! `nonstop-sync` (nonstop: at each sync of an int3 window, the window's bytes as they were),
+//! `agent-start.N` (nonstop: the sync agent's start-up after its step N, see sync_agent.rs
+//! `start_point`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
