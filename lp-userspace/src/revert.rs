@@ -56,7 +56,6 @@ fn revert_here(
     timeout: Duration,
 ) -> Result<Reverted, Error> {
     let t0 = Instant::now();
-    crate::apply::courtesy::give_way_in(mode);
     // Attached first: the state cannot change under us (one tracer at a time).
     // Nonstop mode traces one thread only during the switch (see apply).
     // An agent a killed nonstop switch left behind may still hold a write of its program.

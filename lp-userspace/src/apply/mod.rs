@@ -16,7 +16,6 @@
 //! Any failure after step 2 began unmaps the patch memory: the target is left as it was.
 
 mod call_sites;
-pub(crate) mod courtesy;
 mod dispatch;
 mod error;
 pub mod helper;
@@ -188,7 +187,6 @@ fn apply_here(
     report: &mut dyn FnMut(&Result<Applied, Error>),
 ) -> Result<Applied, Error> {
     let t0 = Instant::now();
-    courtesy::give_way_in(opts.mode);
     let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
     let phase = |what: &str| {
         if trace {
