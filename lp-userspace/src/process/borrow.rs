@@ -5,7 +5,9 @@
 //! the thread least likely to need a CPU meanwhile. It ranks the threads by
 //! - their class, the preference order of `attach_one`: blocked in a system call other than
 //!   futex, then blocked in any system call, then the main thread, then the others;
-//! - then a thread that blocks SIGTRAP comes last (see `History`);
+//! - a thread that blocks SIGTRAP is taken only when every thread does (whatever its class:
+//!   borrowed, it could not unblock it, and the switch would be busy at every try; review 9,
+//!   F2), and comes last in its class (see `History`);
 //! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
 //!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1), or what
 //!   its history says a look this long shows of it (its share of a CPU over its life, see
@@ -268,13 +270,36 @@ impl Look {
             .collect()
     }
 
-    /// The best of `seen`: by class, then a thread that blocks SIGTRAP last, then by the CPU
+    /// The best of `seen`: by class (a thread that blocks SIGTRAP only when every one does),
+    /// then a thread that blocks SIGTRAP last, then by the CPU
     /// used in the look or what its history says a look this long shows of it, whichever is
     /// more, then by wake-ups per second of life, then by thread id. Histories are read (a
     /// stat read each) in the order of CPU used in the look, only until no thread left can
     /// beat the best.
     fn best(&self, seen: &[Seen], look_ns: u64) -> Option<Seen> {
-        let class = seen.iter().map(|s| s.class).min()?;
+        // A thread that blocks SIGTRAP is taken only when every thread does: borrowed, it
+        // cannot unblock it while stopped, and the switch is refused as busy at every try
+        // (review 9, F2: glibc's timer helper, blocked for good in a call with every signal
+        // blocked, beat a busy main thread on class). So the classes are tried in order until
+        // one's best does not block it.
+        let mut classes: Vec<Class> = seen.iter().map(|s| s.class).collect();
+        classes.sort();
+        classes.dedup();
+        let mut fallback = None;
+        for class in classes {
+            let Some(b) = self.best_of_class(seen, class, look_ns) else {
+                continue;
+            };
+            if !self.threads[b.index].history(self.pid).sigtrap_blocked {
+                return Some(b);
+            }
+            fallback.get_or_insert(b);
+        }
+        fallback
+    }
+
+    /// [`Look::best`] among the threads of `class`.
+    fn best_of_class(&self, seen: &[Seen], class: Class, look_ns: u64) -> Option<Seen> {
         let mut of_class: Vec<Seen> = seen.iter().filter(|s| s.class == class).copied().collect();
         of_class.sort_by_key(|s| s.used);
         let key = |s: &Seen| {
