@@ -53,7 +53,6 @@ int main(void) {
 "#;
 
 #[test]
-#[ignore = "review9 F2: fails on s9-nsio (7e85069): the glibc timer helper (every signal blocked) is borrowed at every try, and every try says 'try again'"]
 fn review9_a_refusal_that_says_try_again_can_succeed_when_tried_again() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) =
