@@ -114,7 +114,6 @@ fn show(out: &Output) -> String {
 /// kernel kills the process. Expected: refused (a one-line error naming the thread that keeps
 /// SIGTRAP blocked), the target alive and unpatched.
 #[test]
-#[ignore = "review9 F1: fails on s9-nsio (nonstop/threads.rs): the thread blocking SIGTRAP is left out of the check once the kept /proc files exhaust RLIMIT_NOFILE, and the target is killed"]
 fn review9_a_sigtrap_blocker_is_refused_whatever_the_number_of_threads() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = compute_target_and_patch(dir.path(), "many", TARGET, &["-pthread"]);

@@ -91,22 +91,61 @@ pub struct SchedStat {
 pub struct ThreadFiles {
     pid: i32,
     tid: i32,
-    syscall: std::fs::File,
-    schedstat: std::fs::File,
+    syscall: Handle,
+    schedstat: Handle,
     status: Option<std::fs::File>,
+    /// Descriptors are kept (see [`ThreadFiles::by_path`] for the other way).
+    kept: bool,
+}
+
+/// A /proc file of a thread: a descriptor kept open, or its path, opened at each read.
+#[derive(Debug)]
+enum Handle {
+    Kept(std::fs::File),
+    Path(String),
+}
+
+impl Handle {
+    fn read<'a>(&self, buf: &'a mut [u8]) -> Option<&'a str> {
+        match self {
+            Handle::Kept(f) => read_at_start(f, buf),
+            Handle::Path(p) => read_at_start(&std::fs::File::open(p).ok()?, buf),
+        }
+    }
 }
 
 impl ThreadFiles {
-    /// Opens thread `tid` of `pid`; `None` when it is gone.
+    /// Opens thread `tid` of `pid`; `None` when it is gone (or no descriptor is left).
     pub fn open(pid: i32, tid: i32) -> Option<ThreadFiles> {
         let open = |name: &str| std::fs::File::open(format!("/proc/{pid}/task/{tid}/{name}")).ok();
         Some(ThreadFiles {
             pid,
             tid,
-            syscall: open("syscall")?,
-            schedstat: open("schedstat")?,
+            syscall: Handle::Kept(open("syscall")?),
+            schedstat: Handle::Kept(open("schedstat")?),
             status: None,
+            kept: true,
         })
+    }
+
+    /// Thread `tid` of `pid` with no descriptor kept: each read opens its file, reads it and
+    /// closes it (for a process with more threads than the tool may keep descriptors for:
+    /// RLIMIT_NOFILE is 1024 for many users, and a thread whose files cannot be opened must
+    /// not pass for a gone one — review 9, F1). Such a file names the thread by its id: one
+    /// that ends and whose id is given to a new thread within the switch (the kernel hands
+    /// ids out in turn up to pid_max) would be taken for it. `None` when it is gone.
+    pub fn by_path(pid: i32, tid: i32) -> Option<ThreadFiles> {
+        let path = |name: &str| format!("/proc/{pid}/task/{tid}/{name}");
+        std::path::Path::new(&format!("/proc/{pid}/task/{tid}"))
+            .exists()
+            .then(|| ThreadFiles {
+                pid,
+                tid,
+                syscall: Handle::Path(path("syscall")),
+                schedstat: Handle::Path(path("schedstat")),
+                status: None,
+                kept: false,
+            })
     }
 
     /// The thread id.
@@ -117,13 +156,14 @@ impl ThreadFiles {
     /// As [`activity`].
     pub fn activity(&self) -> Option<Activity> {
         let mut buf = [0u8; 256];
-        Some(parse_syscall_line(read_at_start(&self.syscall, &mut buf)?))
+        Some(parse_syscall_line(self.syscall.read(&mut buf)?))
     }
 
     /// As [`runtime_ns`].
     pub fn runtime_ns(&self) -> Option<u64> {
         let mut buf = [0u8; 128];
-        read_at_start(&self.schedstat, &mut buf)?
+        self.schedstat
+            .read(&mut buf)?
             .split_whitespace()
             .next()?
             .parse()
@@ -133,7 +173,7 @@ impl ThreadFiles {
     /// The thread's CPU time and run count (see [`SchedStat`]); `None` when it is gone.
     pub fn schedstat(&self) -> Option<SchedStat> {
         let mut buf = [0u8; 128];
-        let mut f = read_at_start(&self.schedstat, &mut buf)?.split_whitespace();
+        let mut f = self.schedstat.read(&mut buf)?.split_whitespace();
         let runtime_ns = f.next()?.parse().ok()?;
         let run_delay_ns = f.next()?.parse().ok()?;
         let run_count = f.next()?.parse().ok()?;
@@ -151,6 +191,10 @@ impl ThreadFiles {
 
     /// The union of the signal masks `fields` of the thread's status (0 when it is gone).
     pub fn signal_mask(&mut self, fields: &[&str]) -> u64 {
+        if !self.kept {
+            return std::fs::read_to_string(format!("/proc/{}/task/{}/status", self.pid, self.tid))
+                .map_or(0, |s| masks(&s, fields));
+        }
         if self.status.is_none() {
             self.status =
                 std::fs::File::open(format!("/proc/{}/task/{}/status", self.pid, self.tid)).ok();

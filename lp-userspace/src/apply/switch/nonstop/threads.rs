@@ -22,7 +22,9 @@ use std::fs::File;
 /// memory counters, the CPU lists and more).
 pub(super) struct Thread {
     pub files: observe::ThreadFiles,
-    stat: File,
+    /// Kept open, or `None`: opened at each read (see [`Threads::current`]).
+    stat: Option<File>,
+    stat_path: String,
 }
 
 /// A thread's signal words from its `stat` (signals 1-31 only: the kernel prints the low 31
@@ -36,17 +38,43 @@ pub(super) struct Signals {
 }
 
 impl Thread {
-    fn open(pid: i32, tid: i32) -> Option<Thread> {
-        let files = observe::ThreadFiles::open(pid, tid)?;
-        let stat = File::open(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-        Some(Thread { files, stat })
+    /// Its files kept open (`keep`, and descriptors left), or read by path at each look; `None`
+    /// when it is gone.
+    fn open(pid: i32, tid: i32, keep: bool) -> Option<Thread> {
+        let stat_path = format!("/proc/{pid}/task/{tid}/stat");
+        if keep {
+            let kept = observe::ThreadFiles::open(pid, tid)
+                .and_then(|files| Some((files, File::open(&stat_path).ok()?)));
+            if let Some((files, stat)) = kept {
+                return Some(Thread {
+                    files,
+                    stat: Some(stat),
+                    stat_path,
+                });
+            }
+        }
+        // Not kept, or no descriptor left (EMFILE): a thread that is still there must be
+        // looked at all the same — never taken for a gone one (review 9, F1).
+        Some(Thread {
+            files: observe::ThreadFiles::by_path(pid, tid)?,
+            stat: None,
+            stat_path,
+        })
     }
 
     /// The thread's pending set and mask; `None` when it is gone.
     pub fn signals(&self) -> Option<Signals> {
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 1024];
-        let n = self.stat.read_at(&mut buf, 0).ok()?;
+        let opened;
+        let stat = match &self.stat {
+            Some(f) => f,
+            None => {
+                opened = File::open(&self.stat_path).ok()?;
+                &opened
+            }
+        };
+        let n = stat.read_at(&mut buf, 0).ok()?;
         if n == 0 {
             return None;
         }
@@ -99,6 +127,8 @@ fn parse_stat_signals(stat: &str) -> Option<Signals> {
 pub(super) struct Threads {
     pid: i32,
     kept: BTreeMap<i32, Thread>,
+    /// How many threads may have their files kept open (see [`descriptor_budget`]).
+    budget: usize,
     status: Option<std::io::Result<File>>,
     stat: Option<std::io::Result<File>>,
 }
@@ -108,6 +138,7 @@ impl Threads {
         Threads {
             pid,
             kept: BTreeMap::new(),
+            budget: descriptor_budget(),
             status: None,
             stat: None,
         }
@@ -167,7 +198,8 @@ impl Threads {
                 .is_some_and(|t| t.files.schedstat().is_some());
             if !alive {
                 self.kept.remove(&tid);
-                match Thread::open(self.pid, tid) {
+                let keep = self.kept.len() < self.budget;
+                match Thread::open(self.pid, tid, keep) {
                     Some(t) => {
                         self.kept.insert(tid, t);
                     }
@@ -183,6 +215,23 @@ impl Threads {
     pub fn get(&mut self, tid: i32) -> Option<&mut Thread> {
         self.kept.get_mut(&tid)
     }
+}
+
+/// Threads whose files a switch keeps open: a quarter of the descriptors the tool has left
+/// under its RLIMIT_NOFILE (a thread takes three, four with its `status`), less a margin for
+/// everything else the tool opens meanwhile (its own /proc reads, the agent's, the patch's
+/// files). The others are read by path at each look: slower, never skipped.
+fn descriptor_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit, which `lim` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    let open = std::fs::read_dir("/proc/self/fd").map_or(1024, |d| d.count());
+    (lim.rlim_cur.min(1 << 20) as usize).saturating_sub(open + 128) / 4
 }
 
 #[cfg(test)]
