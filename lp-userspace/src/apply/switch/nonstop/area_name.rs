@@ -23,13 +23,18 @@ use std::sync::OnceLock;
 pub(super) const LAYOUT: &str = "livepatch-trap.4";
 
 /// The hash in this build's name: of the sources that generate the area's code (the handler
-/// and its layout, the sync agent), taken when the tool is compiled — free at run time (the
-/// code itself takes ~75 µs to generate once more) and different whenever the code may be.
-/// (Sources that differ only in comments give another name too: one area more in a process
-/// that two such builds switch, nothing worse.)
+/// and its layout, the sync agent, the page's assembly), taken when the tool is compiled —
+/// free at run time (the code itself takes ~75 µs to generate once more) and different
+/// whenever our code may be. (Sources that differ only in comments give another name too: one
+/// area more in a process that two such builds switch, nothing worse. Another iced-x86 that
+/// encodes the same source differently gives the same name to other bytes: that area is
+/// refused as changed, as before — review 9, L4.)
 const CODE_HASH: u32 = fnv1a(
-    include_bytes!("../trap_handler.rs"),
-    fnv1a(include_bytes!("sync_agent.rs"), 0x811c_9dc5),
+    include_bytes!("../nonstop.rs"), // the page's assembly (`generate`)
+    fnv1a(
+        include_bytes!("../trap_handler.rs"),
+        fnv1a(include_bytes!("sync_agent.rs"), 0x811c_9dc5),
+    ),
 );
 
 /// This build's area name: [`LAYOUT`], a dot, and [`CODE_HASH`] in hex.
