@@ -14,9 +14,10 @@
 //!   `History`), whichever is more: a thread that works in periods longer than the look may
 //!   look idle in it (review 8, B1: 2 ms of work in every 4), and a thread that used nothing
 //!   in the look still ranks after one that never runs;
-//! - then, between equals, the one switched in less often per second of its life (a thread
-//!   that wakes every millisecond would want a CPU a dozen times while borrowed). (The thread
-//!   id decided ties before: the main thread won them.)
+//! - then, between equals — and every thread at or under 10% of a CPU by both counts is equal —
+//!   the one switched in less often per second of its life (a thread that wakes every
+//!   millisecond would want a CPU a dozen times while borrowed). (The thread id decided ties
+//!   before: the main thread won them.)
 //!
 //! The look is evaluated at growing steps ([`LOOK_STEPS`]), and ends at a step when a longer
 //! look could not change the pick in a way that matters: the best thread is blocked (class 0
@@ -302,19 +303,27 @@ impl Look {
     fn best_of_class(&self, seen: &[Seen], class: Class, look_ns: u64) -> Option<Seen> {
         let mut of_class: Vec<Seen> = seen.iter().filter(|s| s.class == class).copied().collect();
         of_class.sort_by_key(|s| s.used);
+        // Up to 10% of a CPU over the look counts as idle (review 8's B1 thread, busy half
+        // the time, stays far above), and idle threads are told apart by how often they wake:
+        // a young process's main thread, whose start-up (exec, the loader: milliseconds, in a
+        // life counted as 100 ms at least) shows 2-6%, must not lose to a worker that wakes
+        // 500 times a second and shows 1% (review5_trampoline_copy borrowed that worker, its
+        // printer, now and then). The look's early end keeps its own, stricter 5%.
+        let idle = look_ns / 10;
+        let bucket = |ns: u64| if ns <= idle { 0 } else { ns };
         let key = |s: &Seen| {
             let t = &self.threads[s.index];
             let h = t.history(self.pid);
             (
                 h.sigtrap_blocked,
-                s.used.max(h.expected_ns(look_ns)),
+                bucket(s.used.max(h.expected_ns(look_ns))),
                 h.wakes_per_s,
                 t.files.tid(),
             )
         };
         let mut best: Option<(Seen, (bool, u64, u64, i32))> = None;
         for s in of_class {
-            if best.is_some_and(|(_, k)| !k.0 && s.used > k.1) {
+            if best.is_some_and(|(_, k)| !k.0 && bucket(s.used) > k.1) {
                 // It and the rest used more in the look alone: none can beat the best.
                 break;
             }
