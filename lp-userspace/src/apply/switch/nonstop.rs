@@ -360,13 +360,20 @@ pub(crate) fn run(
             finish_children(t.pid(), (forks_before, began), &all, flag, result.is_ok());
         }
         trace("switched", t0);
-        let uninstalled = uninstall(
-            t,
-            &area,
-            timeout.max(MIN_UNINSTALL_WAIT),
-            &mut threads.borrow_mut(),
-            early,
-        );
+        // A rollback that failed may have left int3s of ours in the code: the handler stays
+        // the action (it passes every trap that is not ours on), or a thread reaching one would
+        // meet the program's own action — SIG_DFL kills the process (review 9, noticed).
+        let uninstalled = if settled_bytes {
+            uninstall(
+                t,
+                &area,
+                timeout.max(MIN_UNINSTALL_WAIT),
+                &mut threads.borrow_mut(),
+                early,
+            )
+        } else {
+            Ok(false)
+        };
         trace("uninstalled", t0);
         match uninstalled {
             Ok(restored) => kept = !restored,
