@@ -89,3 +89,46 @@ fn review9_a_refusal_that_says_try_again_can_succeed_when_tried_again() {
     assert!(target.alive());
     panic!("5 tries in a row, each told to try again: {answers:#?}");
 }
+
+/// A process whose every thread blocks SIGTRAP (here its one thread blocks every signal for
+/// good): the borrow has no other thread to take, and nonstop mode cannot switch it. The
+/// answer is a refusal naming both ways out (exit 10, the target untouched), not "busy" (the
+/// borrowed thread is reported at once: waiting for it to unblock would wait for ever, as it
+/// is stopped); stop mode then applies and reverts.
+#[test]
+fn review9_every_thread_blocking_sigtrap_is_refused_with_both_ways_out() {
+    const BLOCKER: &str = r#"
+#include "compute_loop.h"
+#include <signal.h>
+#include <unistd.h>
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, NULL);
+    printf("ready %d\n", getpid());
+    struct timespec ts = {0, 20 * 1000000L};
+    for (;;) {
+        printf("v=%d\n", compute(41));
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = compute_target_and_patch(dir.path(), "all_blocked", BLOCKER, &[]);
+    let mut target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "v=42");
+    let (code, line) = livepatch_err(&nonstop_apply(&pid, &patch));
+    assert_eq!(code, 10, "{line}");
+    assert!(
+        line.contains("as every thread of it does") && line.contains("--mode stop"),
+        "{line}"
+    );
+    target.expect_steady(3, |l| l == "v=42");
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "stop"]);
+    target.expect_steady(3, |l| l == "v=1041");
+    livepatch_ok(&["revert", &pid]);
+    target.expect_steady(3, |l| l == "v=42");
+    assert!(target.alive());
+}
