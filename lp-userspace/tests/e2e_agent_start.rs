@@ -23,7 +23,7 @@
 
 mod common;
 use common::*;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const TARGET: &str = r#"
@@ -102,36 +102,7 @@ fn own_mask() -> String {
 /// `livepatch args...` (the borrowed thread forced to lp-borrow) run until it stops itself at
 /// `point`; returned stopped there.
 fn tool_stopped_at(args: &[&str], point: &str) -> Child {
-    use std::io::{BufRead, BufReader};
-    let mut tool = Command::new(livepatch_bin())
-        .args(args)
-        .env("LIVEPATCH_DEBUG_STOP", point)
-        .env("LIVEPATCH_BORROW_COMM", "lp-borrow")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(tool.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "livepatch {args:?} never reached {point}: {seen:?}");
-        if line.starts_with("livepatch: debug: stopped at") {
-            break;
-        }
-        seen.push(line);
-    }
-    let pid = tool.id().to_string();
-    let deadline = Instant::now() + PATIENCE;
-    while !job_stopped(&pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the tool did not stop at {point}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    tool
+    stop_tool_at_with(args, point, &[("LIVEPATCH_BORROW_COMM", "lp-borrow")])
 }
 
 /// How many `got TID` lines the target printed, and whether each came from `tid`.

@@ -355,8 +355,14 @@ pub fn shared_lib(dir: &Path, source: &str, name: &str) -> PathBuf {
 /// process/stop_point.rs), and returns it stopped there: a test then kills it (SIGKILL at
 /// exactly that moment) or lets it go on (SIGCONT).
 pub fn stop_tool_at(args: &[&str], point: &str) -> Child {
+    stop_tool_at_with(args, point, &[])
+}
+
+/// [`stop_tool_at`] with extra environment variables (`LIVEPATCH_BORROW_COMM`, say).
+pub fn stop_tool_at_with(args: &[&str], point: &str, env: &[(&str, &str)]) -> Child {
     let mut tool = Command::new(livepatch_bin())
         .args(args)
+        .envs(env.iter().copied())
         .env("LIVEPATCH_DEBUG_STOP", point)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
