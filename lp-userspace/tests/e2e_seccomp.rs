@@ -81,7 +81,7 @@ int main(int argc, char **argv) {
     const char *which = argv[1];
     if (!strcmp(which, "strict"))
         strict(); /* single-threaded: the one thread any mode borrows */
-    if (!strcmp(which, "errno-sigsys")) {
+    if (!strcmp(which, "errno-sigsys") || !strcmp(which, "mmap-sigsys")) {
         /* SIGSYS blocked in every thread (the idle one inherits the mask) */
         sigset_t sys;
         sigemptyset(&sys);
@@ -92,12 +92,17 @@ int main(int argc, char **argv) {
     pthread_create(&t, NULL, idle, NULL);
     if (!strcmp(which, "agent"))
         filter(SYS_close_range, SYS_pwrite64, SECCOMP_RET_KILL_PROCESS);
-    else if (!strcmp(which, "mmap"))
+    else if (!strcmp(which, "mmap") || !strcmp(which, "mmap-sigsys"))
         filter(SYS_mmap, SYS_mmap, SECCOMP_RET_KILL_PROCESS);
     else if (!strcmp(which, "errno") || !strcmp(which, "errno-sigsys"))
         filter(SYS_uname, SYS_uname, SECCOMP_RET_ERRNO | EPERM);
     if (!strcmp(which, "errno-sigsys"))
         kill(getpid(), SIGSYS); /* process-directed, blocked everywhere: it stays pending */
+    else if (!strcmp(which, "mmap-sigsys")) {
+        /* thread-directed (tgkill), blocked: one waits in each thread's own pending set */
+        pthread_kill(pthread_self(), SIGSYS);
+        pthread_kill(t, SIGSYS);
+    }
     else if (!strcmp(which, "mdwe"))
         deny_exec_mprotect();
     struct utsname u;
@@ -208,6 +213,39 @@ fn e2e_a_call_the_filter_kills_is_reported_as_the_process_exiting() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = build(dir.path());
     let (mut target, pid) = filtered_target(&exe, "mmap");
+    let out = livepatch_env(
+        &["apply", &pid, &patch],
+        &[("LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK", "1")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("process {pid} exited while being patched")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("0x9"), "{stderr}");
+    assert!(
+        target.dies_within(Duration::from_secs(10)),
+        "the filter's SIGSYS should have killed the target"
+    );
+}
+
+/// The same kill on a thread that already has a SIGSYS of its own pending (sent by tgkill,
+/// blocked; here every thread has one): still reported as the process exiting, the process
+/// killed. Before, a SIGSYS pending in the calling thread before the call turned the check
+/// off, and the tool took mmap's number for its result, failing at address 0x9 (review 9, L1).
+#[test]
+fn e2e_a_call_the_filter_kills_is_reported_with_a_sigsys_already_pending_in_the_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let (mut target, pid) = filtered_target(&exe, "mmap-sigsys");
+    let sigsys = 1u64 << (libc::SIGSYS - 1);
+    for tid in tasks(&pid) {
+        let mask = |field| u64::from_str_radix(&task_status(&pid, &tid, field).unwrap(), 16);
+        let (pending, blocked) = (mask("SigPnd").unwrap(), mask("SigBlk").unwrap());
+        assert_ne!(pending & blocked & sigsys, 0, "the premise, thread {tid}");
+    }
     let out = livepatch_env(
         &["apply", &pid, &patch],
         &[("LIVEPATCH_DEBUG_SKIP_SECCOMP_CHECK", "1")],

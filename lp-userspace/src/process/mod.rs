@@ -640,23 +640,13 @@ impl Tracee {
         if let Some(slot) = guard {
             slot.guard(&self.mem, &saved)?;
         }
-        // A filter that kills on a call forces its SIGSYS on the calling thread (its own
-        // pending set, never the process-wide one, where a SIGSYS sent by kill may wait
-        // blocked for long: review 8, L2). One already pending there before the call does not
-        // count.
         let filtered = self.seccomp_filtered(tid);
-        let sigsys_before =
-            filtered && observe::signal_in(self.pid, tid, libc::SIGSYS, &["SigPnd"]);
         self.set_regs(tid, &syscall::prepare(&saved, insn, nr, args))?;
         if guard.is_some() {
             stop_point::reached_with("remote-syscall", nr);
         }
         let mut stepped = self.step_past(tid, insn, &mut saved, guard);
-        if stepped.is_ok()
-            && filtered
-            && !sigsys_before
-            && observe::signal_in(self.pid, tid, libc::SIGSYS, &["SigPnd"])
-        {
+        if stepped.is_ok() && filtered && observe::sigsys_forced(self.pid, tid) {
             // A filter that kills on this call skips it, puts the call's number back in rax
             // (its "result") and forces a SIGSYS that no tracer can hold back: the process is
             // as good as gone. (vet_syscall refuses beforehand the calls it can evaluate.)

@@ -309,6 +309,20 @@ pub fn signal_in(pid: i32, tid: i32, sig: i32, fields: &[&str]) -> bool {
         .is_ok_and(|status| masks(&status, fields) & bit(sig) != 0)
 }
 
+/// Whether thread `tid` has a SIGSYS in its own pending set that it does not block: what a
+/// seccomp filter's kill leaves on the calling thread (`force_sig_seccomp` queues it on the
+/// thread, never the process-wide set, and unblocks it). A SIGSYS the thread blocks while it
+/// waits in its set (sent by `tgkill`) is not one, even after a call the filter killed: the
+/// kill unblocks it then (review 9, L1; checking the pending set alone, and only when it
+/// had no SIGSYS before the call, missed that kill). An unblocked one pending before the call
+/// is no trouble: the thread takes it (a signal stop, kept for later) on its way to the call.
+pub fn sigsys_forced(pid: i32, tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).is_ok_and(|status| {
+        let (pending, blocked) = (masks(&status, &["SigPnd"]), masks(&status, &["SigBlk"]));
+        pending & !blocked & bit(libc::SIGSYS) != 0
+    })
+}
+
 /// The union of the signal masks `fields` of process `pid`'s status (e.g. "SigCgt": the
 /// signals it has handlers for); 0 when it is gone.
 pub fn process_signal_mask(pid: i32, fields: &[&str]) -> u64 {
