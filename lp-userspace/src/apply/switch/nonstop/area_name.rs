@@ -23,19 +23,33 @@ use std::sync::OnceLock;
 pub(super) const LAYOUT: &str = "livepatch-trap.4";
 
 /// The hash in this build's name: of the sources that generate the area's code (the handler
-/// and its layout, the sync agent, the page's assembly), taken when the tool is compiled —
-/// free at run time (the code itself takes ~75 µs to generate once more) and different
-/// whenever our code may be. (Sources that differ only in comments give another name too: one
-/// area more in a process that two such builds switch, nothing worse. Another iced-x86 that
-/// encodes the same source differently gives the same name to other bytes: that area is
-/// refused as changed, as before — review 9, L4.)
-const CODE_HASH: u32 = fnv1a(
-    include_bytes!("../nonstop.rs"), // the page's assembly (`generate`)
+/// and its layout, the sync agent, the page's assembly) and of the iced-x86 whose encoder
+/// turns them into bytes (its version and checksum as Cargo.lock resolves them, passed by the
+/// build script), taken when the tool is compiled — free at run time (the code itself takes
+/// ~75 µs to generate once more) and different whenever our code may be. (Sources that differ
+/// only in comments, or another iced-x86 that encodes them the same, give another name too:
+/// one area more in a process that two such builds switch, nothing worse. Without the
+/// iced-x86 in the hash, a Cargo.lock bump gave the same name to other bytes: that area was
+/// refused as changed — review 9, L4.)
+const CODE_HASH: u32 = code_hash(ICED_LOCKED.as_bytes());
+
+/// The iced-x86 this build uses, as Cargo.lock resolves it ("VERSION CHECKSUM"; "unknown"
+/// when the build found no lock file).
+const ICED_LOCKED: &str = env!("LP_ICED_X86_LOCKED");
+
+/// The hash of the area's code sources with `iced` (the encoder, see [`CODE_HASH`]).
+const fn code_hash(iced: &[u8]) -> u32 {
     fnv1a(
-        include_bytes!("../trap_handler.rs"),
-        fnv1a(include_bytes!("sync_agent.rs"), 0x811c_9dc5),
-    ),
-);
+        iced,
+        fnv1a(
+            include_bytes!("../nonstop.rs"), // the page's assembly (`generate`)
+            fnv1a(
+                include_bytes!("../trap_handler.rs"),
+                fnv1a(include_bytes!("sync_agent.rs"), 0x811c_9dc5),
+            ),
+        ),
+    )
+}
 
 /// This build's area name: [`LAYOUT`], a dot, and [`CODE_HASH`] in hex.
 pub(super) fn own() -> &'static str {
@@ -83,6 +97,28 @@ mod tests {
             &name[LAYOUT.len() + 1..],
             format!("{:08x}", fnv1a(&[], 0x811c_9dc5))
         );
+    }
+
+    #[test]
+    fn the_hash_covers_the_iced_x86_cargo_lock_resolves() {
+        // The version the workspace's lock file resolves, read here on its own.
+        let lock = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"));
+        let block = lock
+            .split("[[package]]")
+            .find(|b| b.contains("name = \"iced-x86\"\n"));
+        let version = block
+            .and_then(|b| b.lines().find_map(|l| l.strip_prefix("version = ")))
+            .map(|v| v.trim_matches('"'))
+            .expect("iced-x86 in Cargo.lock");
+        assert!(
+            ICED_LOCKED.starts_with(&format!("{version} ")),
+            "{ICED_LOCKED} is not iced-x86 {version}"
+        );
+        // Another iced-x86 (a Cargo.lock bump), another name; this build's name has its own.
+        let bumped = ICED_LOCKED.replacen(version, "1.99.0", 1);
+        assert_ne!(code_hash(bumped.as_bytes()), CODE_HASH);
+        assert_ne!(code_hash(b"unknown"), CODE_HASH);
+        assert!(own().ends_with(&format!(".{:08x}", code_hash(ICED_LOCKED.as_bytes()))));
     }
 
     #[test]
