@@ -164,12 +164,20 @@ pub(crate) fn run(
             sites.len()
         )));
     }
-    // A sync agent orphaned by a killed livepatch may still be waiting in the area (it blocks
-    // every signal): it is ours, not a thread of the program that keeps SIGTRAP blocked.
-    // The area is looked for once (a read of /proc/PID/maps, 150-380 µs here): only a
-    // livepatch makes one, and this one holds the process's lock.
-    let found = find_area(t.pid(), t.mem())?;
-    let agents = AgentCode(found);
+    // A sync agent orphaned by a killed livepatch may still live in an area (it blocks every
+    // signal): it is ours, not a thread of the program that keeps SIGTRAP blocked, and it
+    // never runs the program's code: no wait is for it either. The areas are looked for once
+    // (a read of /proc/PID/maps, 150-380 µs here): only a livepatch makes one, and this one
+    // holds the process's lock.
+    let areas = layout_areas(t.pid(), t.mem())?;
+    let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
+    let mut agents = Agents {
+        code: found,
+        orphans: areas
+            .iter()
+            .filter_map(|&(code, _)| sync_agent::living_agent(t.mem(), code))
+            .collect(),
+    };
     // Every thread's /proc files, opened at this first look and read again by the later ones
     // (see `threads.rs`).
     let threads = RefCell::new(Threads::new(t.pid()));
@@ -179,11 +187,12 @@ pub(crate) fn run(
         t.pid(),
         &t.threads(),
         timeout,
-        agents,
+        &agents,
     )?;
     trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
     let mut area = open_area(t, found)?;
+    agents.code = Some(area.code);
     trace("area opened", began_at);
     // With dispatches the callers and the entries switch in windows of their own: a call
     // site's trap takes the original branch, through the entry (whole then) and the dispatch
@@ -260,8 +269,8 @@ pub(crate) fn run(
             );
             wait_sigtrap_unblocked(
                 &mut threads.borrow_mut(),
-                &skipped(t, &agent),
-                AgentCode(Some(area.code)),
+                &skipped(t, &agent, &agents.orphans),
+                &agents,
             )
         });
     let wrote = ready.is_ok();
@@ -279,6 +288,7 @@ pub(crate) fn run(
             timeout,
             unmasked_handler: unmasked,
             threads: &threads,
+            orphans: &agents.orphans,
         };
         switch_sites(
             t,
@@ -347,7 +357,12 @@ pub(crate) fn run(
         // are finished, and are looked at again by `uninstall`.
         let early = (was_installed && settled_bytes).then(|| {
             let mut threads = threads.borrow_mut();
-            let mut watch = MovedOn::start(&mut threads, &skipped(t, &agent), &[], None);
+            let mut watch = MovedOn::start(
+                &mut threads,
+                &skipped(t, &agent, &agents.orphans),
+                &[],
+                None,
+            );
             watch.look(t.mem(), &mut threads);
             watch
         });
@@ -370,6 +385,7 @@ pub(crate) fn run(
                 timeout.max(MIN_UNINSTALL_WAIT),
                 &mut threads.borrow_mut(),
                 early,
+                &agents.orphans,
             )
         } else {
             Ok(false)
@@ -654,7 +670,7 @@ fn refuse_if_sigtrap_blocked(
     pid: i32,
     borrowed: &[i32],
     timeout: Duration,
-    agents: AgentCode,
+    agents: &Agents,
 ) -> Result<(), Error> {
     let blocked = |t: &Thread| t.blocks(libc::SIGTRAP) && !agents.runs(t);
     let tids = threads.current(&[]);
@@ -748,7 +764,7 @@ const UNBLOCK_WAIT: Duration = Duration::from_millis(100);
 fn wait_sigtrap_unblocked(
     threads: &mut Threads,
     skip: &[i32],
-    agents: AgentCode,
+    agents: &Agents,
 ) -> Result<(), Error> {
     let mut tids = threads.current(skip);
     let deadline = Instant::now() + UNBLOCK_WAIT;
@@ -887,20 +903,11 @@ fn top_id(i: usize) -> u32 {
     2 * i as u32 + 2
 }
 
-/// Finds the handler's area (mapped by an earlier nonstop switch) or creates it: a memfd
-/// mapping, code page r-x, data pages rw-.
-/// The code page of process `pid`'s own area of this build, if it has one. A process forked
-/// from one with an area maps that area too (a shared mapping, review S10): it belongs to the
-/// parent — whose switches rewrite its tables, phase and agent words at any time — and is
-/// never used; the child gets an area of its own.
-fn find_area(pid: i32, mem: &Memory) -> Result<Option<u64>, Error> {
-    Ok(layout_areas(pid, mem)?
-        .into_iter()
-        .find_map(|(code, own)| own.then_some(code)))
-}
-
-/// The code pages of process `pid`'s own areas of this layout (see [`find_area`]), each with
-/// whether it is this build's (its name has our code's hash) or another build's.
+/// The code pages of process `pid`'s own areas of this layout, each with whether it is this
+/// build's (its name has our code's hash) or another build's. A process forked from one with
+/// an area maps that area too (a shared mapping, review S10): it belongs to the parent — whose
+/// switches rewrite its tables, phase and agent words at any time — and is never used (nor
+/// listed here); the child gets an area of its own.
 fn layout_areas(pid: i32, mem: &Memory) -> Result<Vec<(u64, bool)>, Error> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|_| crate::process::ProcessError::Exited(pid))?;
@@ -974,15 +981,29 @@ fn owner_of(pid: i32) -> Option<[u8; 16]> {
     Some(b)
 }
 
-/// The sync agent's code in the area at this code page, if there is an area: tells our
-/// agents (this switch's, or one orphaned by a killed livepatch) from the program's threads.
-#[derive(Debug, Clone, Copy)]
-struct AgentCode(Option<u64>);
+/// Tells our sync agents (this switch's, or ones orphaned by killed livepatches) from the
+/// program's threads: they block every signal, SIGTRAP included.
+#[derive(Debug)]
+struct Agents {
+    /// The code page of this build's area, if there is one: a thread blocked in its agent's
+    /// code (where an agent always waits) is ours.
+    code: Option<u64>,
+    /// The agents living in the process's areas (this build's and others') when the switch
+    /// began, by the tid word of their pages: ours in any state. An orphan the program starves
+    /// of a CPU (a real-time thread on its CPU) is runnable, its pc unknown to /proc: it was
+    /// taken for a program thread that keeps SIGTRAP blocked, and the recovery refused ("use
+    /// --mode stop") at `--timeout` (session 8, killedprog; the pc test alone). (A tid is not
+    /// reused within a switch: the kernel hands them out in turn.)
+    orphans: Vec<i32>,
+}
 
-impl AgentCode {
-    /// Whether thread `t` is blocked in the agent's code (where an agent always waits).
-    fn runs(self, t: &Thread) -> bool {
-        let Some(code) = self.0 else {
+impl Agents {
+    /// Whether thread `t` is one of our agents.
+    fn runs(&self, t: &Thread) -> bool {
+        if self.orphans.contains(&t.files.tid()) {
+            return true;
+        }
+        let Some(code) = self.code else {
             return false;
         };
         matches!(t.files.activity(), Some(Activity::Blocked { pc, .. })
@@ -990,7 +1011,7 @@ impl AgentCode {
     }
 }
 
-/// `found`: what [`find_area`] found.
+/// `found`: this build's area, if [`layout_areas`] found one.
 fn open_area(t: &mut Tracee, found: Option<u64>) -> Result<Area, Error> {
     if let Some(code) = found {
         let area = Area { code, bank: 0 };
@@ -1208,6 +1229,7 @@ fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
 ///    enters it; a trap's signal is thread-directed, so the process-wide set does not count);
 /// 3. and, belt and braces, no thread is inside the handler.
 ///
+/// `orphans`: sync agents killed livepatches left (they never run the program's code).
 /// `early`: the wait of 1. when it was begun already, right after the last sync (a first look
 /// was taken then: what counts is what was seen after the last sync, and those looks were).
 /// The threads' files are `threads`' kept ones; their pending sets are read from their `stat`
@@ -1218,6 +1240,7 @@ fn uninstall(
     wait: Duration,
     threads: &mut Threads,
     early: Option<MovedOn<'_>>,
+    orphans: &[i32],
 ) -> Result<bool, Error> {
     let data = area.data();
     sigaction(t, 0, data + th::SCRATCH_OLD)?;
@@ -1228,8 +1251,8 @@ fn uninstall(
     }
     let start = Instant::now();
     let deadline = crate::deadline::after(wait);
-    let borrowed = t.threads();
-    let watch = early.unwrap_or_else(|| MovedOn::start(threads, &borrowed, &[], None));
+    let skip = skipped(t, &None, orphans);
+    let watch = early.unwrap_or_else(|| MovedOn::start(threads, &skip, &[], None));
     if let Some((tid, _)) = watch.wait(t.mem(), threads, deadline, UNINSTALL_POLL)? {
         trace(
             &format!("uninstall: thread {tid} not seen past the int3s"),
@@ -1299,6 +1322,8 @@ struct SettleRules<'a> {
     timeout: Duration,
     unmasked_handler: bool,
     threads: &'a RefCell<Threads>,
+    /// Sync agents killed livepatches left (see [`Agents`]): never waited for.
+    orphans: &'a [i32],
 }
 
 /// What settle knows beside /proc (see [`wait_moved_on`]): where the threads' trap records
@@ -1949,7 +1974,7 @@ fn steps(
                 // already past an int3, between the instructions the tail will overwrite,
                 // must leave them first.
                 let s0 = Instant::now();
-                let skip = skipped(t, agent);
+                let skip = skipped(t, agent, rules.orphans);
                 settle(t, sites, area, &skip, rules)?;
                 trace("settled", s0);
                 settled = true;
@@ -2205,10 +2230,11 @@ fn sync(t: &mut Tracee, agent: &mut Option<SyncAgent>) -> Result<(), Error> {
 }
 
 /// The threads that are ours rather than the program's for the switch: the borrowed thread
-/// (stopped) and the sync agent.
-fn skipped(t: &Tracee, agent: &Option<SyncAgent>) -> Vec<i32> {
+/// (stopped), the sync agent and the `orphans` (agents killed livepatches left).
+fn skipped(t: &Tracee, agent: &Option<SyncAgent>, orphans: &[i32]) -> Vec<i32> {
     let mut v = t.threads();
     v.extend(agent.as_ref().map(SyncAgent::tid));
+    v.extend_from_slice(orphans);
     v
 }
 
@@ -2226,6 +2252,7 @@ fn settle(
         timeout,
         unmasked_handler,
         threads,
+        orphans: _,
     } = rules;
     let ranges = inner_ranges(sites);
     if ranges.is_empty() {

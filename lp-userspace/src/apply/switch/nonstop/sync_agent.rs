@@ -1012,6 +1012,16 @@ pub(crate) fn quiet_orphan(pid: i32, code: u64, own: bool) -> Result<(), Stuck> 
     }
 }
 
+/// The tid of the agent living in the area at `code` of the process `mem` reads (this
+/// switch's or one a killed livepatch left; any state: waiting, starved of a CPU, not yet at
+/// its first instruction), None when there is none: the word clone sets and the kernel clears
+/// at the agent's exit. One read of 4 bytes.
+pub(crate) fn living_agent(mem: &crate::process::Memory, code: u64) -> Option<i32> {
+    let mut b = [0u8; 4];
+    mem.read(code + th::PAGE + th::AGENT + TID, &mut b).ok()?;
+    Some(u32::from_le_bytes(b) as i32).filter(|&tid| tid != 0)
+}
+
 /// Whether `tool` (the pid an agent's page names, 0 when unknown) still traces a thread of
 /// process `pid`: a nonstop switch traces its borrowed thread for as long as its agent lives.
 /// (TracerPid names the tracing thread: its thread group is the tool's process.)
