@@ -7,37 +7,6 @@ mod common;
 use common::*;
 use lp_userspace::process::{with_tracer_thread, ProcessError, Tracee};
 
-/// Waits until thread `tid` of `pid` is blocked in a system call again (a borrowed thread is
-/// woken by the seize and the detach, and on a loaded machine may wait long for a CPU to go
-/// back to its wait, `restart_syscall` then: meanwhile it is running, not one to borrow).
-fn wait_blocked(pid: i32, tid: i32) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let path = format!("/proc/{pid}/task/{tid}/syscall");
-    let blocked = |s: String| {
-        s.split(' ')
-            .next()
-            .is_some_and(|nr| nr.parse::<u32>().is_ok())
-    };
-    while !std::fs::read_to_string(&path).is_ok_and(blocked) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "thread {tid} not blocked again"
-        );
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
-/// The thread a nonstop tracee borrows from `pid`.
-fn borrowed(pid: i32) -> i32 {
-    with_tracer_thread(|| {
-        let t = Tracee::attach_one(pid)?;
-        let tids = t.threads();
-        t.detach()?;
-        Ok::<_, ProcessError>(tids[0])
-    })
-    .expect("attach_one")
-}
-
 /// The main thread wakes every millisecond (`usleep(1000)`, a timer or housekeeping loop);
 /// one thread waits in `poll` for input that never comes; four workers wait on a condition
 /// variable (futex). Every thread prints its tid.
@@ -98,14 +67,8 @@ fn e2e_borrow_a_thread_waiting_for_input_not_one_that_wakes_every_millisecond() 
     // times) weigh little in the threads' histories, as in a program patched now and then.
     std::thread::sleep(std::time::Duration::from_secs(1));
     let rounds = 40;
-    let picks: Vec<i32> = (0..rounds)
-        .map(|i| {
-            wait_blocked(pid, poller);
-            // Spread the looks over the main thread's millisecond.
-            std::thread::sleep(std::time::Duration::from_micros(137 * i as u64 % 1000));
-            borrowed(pid)
-        })
-        .collect();
+    // The looks spread over the main thread's millisecond.
+    let picks = borrow_picks(pid, rounds, (137, 1000), || wait_blocked(pid, poller));
     let others: Vec<&i32> = picks.iter().filter(|&&p| p != poller).collect();
     assert!(
         others.is_empty(),
@@ -191,13 +154,8 @@ fn e2e_borrow_never_a_thread_busy_half_the_time_among_futex_waiters() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(1));
     let rounds = 40;
-    let picks: Vec<i32> = (0..rounds)
-        .map(|i| {
-            // Spread the looks over the busy thread's 4 ms cycle.
-            std::thread::sleep(std::time::Duration::from_micros(97 * i as u64 % 4000));
-            borrowed(pid)
-        })
-        .collect();
+    // The looks spread over the busy thread's 4 ms cycle.
+    let picks = borrow_picks(pid, rounds, (97, 4000), || {});
     let busy_picks = picks.iter().filter(|&&p| p == busy).count();
     assert_eq!(
         busy_picks, 0,
@@ -252,13 +210,10 @@ fn e2e_borrow_not_a_thread_that_blocks_sigtrap() {
     let ready = target.wait_line(|l| l.starts_with("ready"));
     let waiter: i32 = ready.split_whitespace().nth(3).unwrap().parse().unwrap();
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let picks: Vec<i32> = (0..20)
-        .map(|_| {
-            wait_blocked(pid, pid);
-            wait_blocked(pid, waiter);
-            borrowed(pid)
-        })
-        .collect();
+    let picks = borrow_picks(pid, 20, (0, 0), || {
+        wait_blocked(pid, pid);
+        wait_blocked(pid, waiter);
+    });
     assert!(
         picks.iter().all(|&p| p == pid),
         "the thread blocking SIGTRAP ({waiter}) was borrowed: {picks:?}"

@@ -84,24 +84,8 @@ fn read_u32(pid: &str, addr: u64) -> u32 {
 #[test]
 fn review7_a_killed_tools_program_is_not_carried_out_after_the_recovery() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(
-        dir.path(),
-        "stopper",
-        STOPPER,
-        &["-pthread", &format!("-I{}", fixture("").display())],
-    );
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
-    let mut target = Target::spawn(&exe, &["4"]);
-    let pid = target.pid();
-    target.expect_steady(5, |l| l.ends_with("value=42"));
-    // A first apply and revert make the trap area (kept for the life of the process), which the
-    // watcher finds meanwhile; it acts in the next apply.
-    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
-    target.expect_steady(5, |l| l.ends_with("value=1041"));
-    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
-    target.expect_steady(5, |l| l.ends_with("value=42"));
+    // The trap area made (the watcher finds the agent's page meanwhile).
+    let (mut target, pid, patch) = watched_target_with_area(dir.path(), "stopper", STOPPER);
     target.wait_line(|l| l.starts_with("agent page "));
 
     let mut tool = Command::new(livepatch_bin())

@@ -106,23 +106,8 @@ fn review7_a_program_stopped_mid_operation_is_resolved_and_finished_by_the_tool(
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(
-        dir.path(),
-        "stopper",
-        STOPPER,
-        &["-pthread", &format!("-I{}", fixture("").display())],
-    );
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
-    let mut target = Target::spawn(&exe, &["4"]);
-    let pid = target.pid();
-    target.expect_steady(5, |l| l.ends_with("value=42"));
-    // A first apply and revert make the trap area, which the watcher finds meanwhile.
-    livepatch_ok(&["apply", &pid, &patch, "--mode", "nonstop"]);
-    target.expect_steady(5, |l| l.ends_with("value=1041"));
-    livepatch_ok(&["revert", &pid, "--mode", "nonstop"]);
-    target.expect_steady(5, |l| l.ends_with("value=42"));
+    // The trap area made (the watcher finds the agent's page meanwhile).
+    let (mut target, pid, patch) = watched_target_with_area(dir.path(), "stopper", STOPPER);
     let deadline = Instant::now() + PATIENCE;
     while !target.lines().iter().any(|l| l.starts_with("agent page ")) {
         let other: Vec<String> = target

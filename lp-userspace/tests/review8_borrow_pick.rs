@@ -12,7 +12,6 @@
 mod common;
 
 use common::*;
-use lp_userspace::process::{with_tracer_thread, ProcessError, Tracee};
 
 /// The main thread computes for 2 ms (a busy loop on the clock) then sleeps 2 ms in
 /// nanosleep, for ever: half a CPU. The second thread is blocked in a read of a pipe nobody
@@ -58,38 +57,6 @@ int main(void) {
 }
 "#;
 
-/// Waits until thread `tid` of `pid` is blocked in a system call again: the borrow just made
-/// woke it (the seize and the detach), and on a loaded machine it may wait long for a CPU to
-/// go back to its read; meanwhile it runs, and is no thread to borrow (the CI probe at load
-/// ~20 and session 9 at load ~15: the busy main thread borrowed 1 of 40 so).
-fn wait_blocked(pid: i32, tid: i32) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let path = format!("/proc/{pid}/task/{tid}/syscall");
-    let blocked = |s: String| {
-        s.split(' ')
-            .next()
-            .is_some_and(|nr| nr.parse::<u32>().is_ok())
-    };
-    while !std::fs::read_to_string(&path).is_ok_and(blocked) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "thread {tid} not blocked again"
-        );
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
-/// The thread a nonstop tracee borrows from `pid`.
-fn borrowed(pid: i32) -> i32 {
-    with_tracer_thread(|| {
-        let t = Tracee::attach_one(pid)?;
-        let tids = t.threads();
-        t.detach()?;
-        Ok::<_, ProcessError>(tids[0])
-    })
-    .expect("attach_one")
-}
-
 #[test]
 fn review8_a_thread_busy_half_the_time_is_not_borrowed() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,14 +66,8 @@ fn review8_a_thread_busy_half_the_time_is_not_borrowed() {
     let ready = target.wait_line(|l| l.starts_with("ready"));
     let idle: i32 = ready.split_whitespace().nth(3).unwrap().parse().unwrap();
     let rounds = 40;
-    let picks: Vec<i32> = (0..rounds)
-        .map(|i| {
-            wait_blocked(pid, idle);
-            // Spread the looks over the main thread's 4 ms cycle.
-            std::thread::sleep(std::time::Duration::from_micros(97 * i as u64 % 4000));
-            borrowed(pid)
-        })
-        .collect();
+    // The looks spread over the main thread's 4 ms cycle.
+    let picks = borrow_picks(pid, rounds, (97, 4000), || wait_blocked(pid, idle));
     let busy_picks = picks.iter().filter(|&&p| p == pid).count();
     assert_eq!(
         busy_picks, 0,

@@ -9,11 +9,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod borrow;
 pub mod threads;
 pub mod uprobe;
+pub mod watched;
 
 #[allow(unused_imports)]
+pub use borrow::*;
+#[allow(unused_imports)]
 pub use threads::*;
+#[allow(unused_imports)]
+pub use watched::*;
 
 /// Generous default for waiting on a target's output.
 pub const PATIENCE: Duration = Duration::from_secs(30);
