@@ -8,12 +8,14 @@
 //! site the patch retargets) and through a pointer (its entry), which abort on any value but
 //! the old (42) or the new (1041) one, and a watcher thread at SCHED_FIFO 2 on CPU 1, above the
 //! agent's 1, to which it pins the agent: the tool's wake-up of the agent reaches the watcher
-//! first. In the program the test names, the watcher kills the tool (its pid is the page's TOOL
-//! word) at the moment the test names, waits until no thread of the tool runs, and prints what
+//! first. In the program the test names, the watcher stops the tool (its pid is the page's TOOL
+//! word) at the moment the test names, kills it, waits until no thread of the tool runs, and prints what
 //! it saw: the program, and how far the agent was. Then it either holds the agent (it cannot
 //! run on the watcher's CPU while the watcher spins) until the next livepatch cancels the
 //! program, or lets it carry the program out on its own. A moment the watcher missed (the
-//! agent already past it) is no kill: the switch ends normally and the test tries again.
+//! agent already past it, or the tool, stopped, found to have cancelled the program already:
+//! its wait for the agent's answer ran out while the watcher stepped the agent on a loaded
+//! machine) is no kill: the switch ends normally and the test tries again.
 //!
 //! After the kill: the target runs, every result right; `status` shows the switch unfinished;
 //! the next `apply` or `revert` finishes it as userspace.md's "Write-ahead mark" documents (an
