@@ -38,9 +38,7 @@ fn catches_sigtrap(pid: &str) -> bool {
 fn e2e_a_killed_nonstop_apply_taken_out_by_a_nonstop_revert_frees_its_memory() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["busy.c"], "busy", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");

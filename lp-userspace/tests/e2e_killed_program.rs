@@ -215,9 +215,7 @@ fn setup() -> Option<Setup> {
         "killed_program",
         &["-pthread", &format!("-I{}", fixture("").display())],
     );
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let ctl = dir.path().join("ctl");
     let target = Target::spawn(&exe, &[&WORKERS.to_string(), ctl.to_str().unwrap()]);
     let pid = target.pid();

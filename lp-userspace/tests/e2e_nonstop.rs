@@ -38,9 +38,7 @@ fn sigtrap_in(pid: &str, name: &str) -> bool {
 fn own_traps_survive(arg: &str, mask: &str) {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn_niced(&exe, &[arg]);
     let pid = target.pid();
     assert!(sigtrap_in(&pid, mask));
@@ -103,9 +101,7 @@ fn e2e_nonstop_a_foreign_trap_under_sig_dfl_kills_with_sigtrap() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn_niced(&exe, &["dfl"]);
     let pid = target.pid();
     // One of its threads executes an int3 of its own as soon as our handler is installed:
@@ -130,9 +126,7 @@ fn e2e_nonstop_a_foreign_trap_under_sig_dfl_kills_with_sigtrap() {
 fn refused(arg: &str, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["trapper.c"], "trapper", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn_niced(&exe, &[arg]);
     let pid = target.pid();
     let (code, msg) = livepatch_err(&[
@@ -385,9 +379,7 @@ fn tasks(pid: &str) -> Vec<i32> {
 fn e2e_nonstop_tool_killed_inside_the_window_leaves_the_target_running() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["stress.c"], "stress", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn(&exe, &["4"]);
     let pid = target.pid();
     let threads = tasks(&pid);
@@ -445,9 +437,7 @@ fn e2e_nonstop_tool_killed_inside_the_window_leaves_the_target_running() {
 fn e2e_nonstop_leaves_an_earlier_layouts_area_alone() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["old_area.c"], "old_area", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");
@@ -473,9 +463,7 @@ fn e2e_nonstop_leaves_an_earlier_layouts_area_alone() {
 fn e2e_nonstop_leaves_another_builds_area_alone() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["old_area.c"], "old_area", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let mut target = Target::spawn(&exe, &["same-layout"]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");
@@ -506,9 +494,7 @@ fn e2e_nonstop_leaves_another_builds_area_alone() {
 fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["prefork.c"], "prefork", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     // Worker 2's patch replaces other() too: its compute sits elsewhere in its patch memory.
     let obj2 = object(dir.path(), "new_prefork_other.c", "new2.o", &[]);
     let (patch2, _) = pack(dir.path(), &exe, &obj2, &[], "p2.lp");
@@ -614,9 +600,7 @@ int main(void) {
 "#;
     let dir = tempfile::tempdir().unwrap();
     let exe = executable_from_source(dir.path(), "forks", TARGET, &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "parent value=42");

@@ -49,9 +49,7 @@ fn entry_and_flag(pid: i32) -> (Vec<u8>, u8) {
 fn review5_10_a_parents_switch_leaves_a_childs_own_switch_alone() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["fork_on_usr1.c"], "fk", &[]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let target = Target::spawn(&exe, &[]);
     let parent = target.pid();
     target.wait_line(|l| l == "parent value=42");

@@ -16,9 +16,7 @@ use std::path::Path;
 fn review7_an_apply_through_a_fake_proc_self_mem_is_in_effect() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["threads.c"], "threads", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir.path(), &exe);
     let exe = exe.display().to_string();
     // unshare and sh exec: the target keeps the pid we started. Its /proc: a tmpfs with a
     // regular file at self/mem.

@@ -15,9 +15,7 @@ pub fn watched_target_with_area(dir: &Path, name: &str, source: &str) -> (Target
         source,
         &["-pthread", &format!("-I{}", fixture("").display())],
     );
-    let obj = object(dir, "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir, &exe, &obj, &[], "p.lp");
-    let patch = patch.display().to_string();
+    let patch = compute_patch(dir, &exe);
     let target = Target::spawn(&exe, &["4"]);
     let pid = target.pid();
     target.expect_steady(5, |l| l.ends_with("value=42"));
