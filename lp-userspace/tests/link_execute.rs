@@ -108,7 +108,7 @@ fn link_executes_near_callees_directly_with_function_sections() {
         .expect("test binary mapped");
     let size = Layout::of(&obj).unwrap().size();
     let hint =
-        maps::find_free_near(&all, me.start(), me.end(), size).expect("room near the binary");
+        support::in_process::free_near(me.start(), me.end(), size).expect("room near the binary");
     let (image, addr) = run_linked(&obj, hint);
     assert_eq!(addr, hint, "the kernel honours a free hint");
     // host_value (in this binary, in reach) and scale (in the object) are read without the GOT.
@@ -293,7 +293,7 @@ fn link_executes_no_plt_calls_relaxed_near_and_through_the_got_far() {
         .find(|m| m.contains(cb))
         .unwrap();
     let size = Layout::of(&obj).unwrap().size();
-    let hint = maps::find_free_near(&all, me.start(), me.end(), size).unwrap();
+    let hint = support::in_process::free_near(me.start(), me.end(), size).unwrap();
     let (near_image, addr) = run_linked(&obj, hint);
     assert_eq!(addr, hint);
     // call *host_callback@GOTPCREL(%rip) became a direct call near, stayed indirect far.

@@ -47,7 +47,7 @@ fn link_calls_ambiguous_statics_of_the_target_by_file_and_position() {
     let mut wanted = layout.undefined_symbols();
     wanted.sort();
     assert_eq!(wanted, ["counter@dup_a.c", "helper,2", "helper@dup_a.c"]);
-    let at = maps::find_free_near(&all, mapped.start(), mapped.end(), layout.size()).unwrap();
+    let at = support::in_process::free_near(mapped.start(), mapped.end(), layout.size()).unwrap();
     let mapped = Mapped::new(layout.size(), at);
     let base = mapped.addr;
     assert_eq!(base, at);

@@ -12,6 +12,17 @@ pub struct Mapped {
     len: usize,
 }
 
+/// Where `size` bytes fit within reach of the module at `lo..hi` of this process, among
+/// every mapping it has. `maps::read` leaves this process's own read-only mappings of the
+/// files it parses out (the tool looks at its targets, not at itself), and the kernel may put
+/// one right next to the module (the test's library, parsed after it was loaded, once sat in
+/// the gap below it: the hint then landed elsewhere).
+pub fn free_near(lo: u64, hi: u64, size: u64) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let all = lp_userspace::maps::parse(&text).ok()?;
+    lp_userspace::maps::find_free_near(&all, lo, hi, size)
+}
+
 impl Mapped {
     /// `len` bytes of fresh anonymous memory, at `hint` if that is free (0: anywhere).
     pub fn new(len: u64, hint: u64) -> Mapped {
