@@ -70,9 +70,10 @@ fn e2e_kill_9_in_a_nonstop_membarrier_leaves_the_target_running() {
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");
-    // The membarrier registration (before the first int3), then the first sync (int3s in
-    // place, handled by our trap handler in the target once the tool is gone).
-    for point in ["remote-syscall.324:1", "nonstop-sync:1"] {
+    // The membarrier registration (before the first int3; made by the sync agent), then the
+    // first sync (int3s in place, handled by our trap handler in the target once the tool is
+    // gone).
+    for point in ["agent-call.324:1", "nonstop-sync:1"] {
         kill_at(&["apply", &pid, &patch, "--mode", "nonstop"], point);
         assert!(
             target.alive(),

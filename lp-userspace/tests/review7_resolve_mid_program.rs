@@ -133,7 +133,15 @@ fn review7_a_program_stopped_mid_operation_is_resolved_and_finished_by_the_tool(
         .unwrap();
     let deadline = Instant::now() + PATIENCE;
     while !job_stopped(&pid) {
-        assert!(Instant::now() < deadline, "the target never stopped");
+        assert!(
+            Instant::now() < deadline,
+            "the target never stopped: {:?}",
+            target
+                .lines()
+                .into_iter()
+                .filter(|l| !l.starts_with("thread="))
+                .collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     let out = tool.wait_with_output().unwrap();

@@ -13,7 +13,8 @@
 //! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set),
 //! `nonstop-sync` (nonstop: at each sync of an int3 window, the window's bytes as they were),
 //! `agent-start.N` (nonstop: the sync agent's start-up after its step N, see sync_agent.rs
-//! `start_point`).
+//! `start_point`), `agent-call.NR` (nonstop: a system call of ours loaded in the sync agent's
+//! page, not yet asked for: `agent-call.324` is the membarrier registration).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

@@ -242,7 +242,23 @@ pub(crate) fn run(
     crate::apply::modules::warm_instruction_tables();
     let realtime = realtime_window_wanted();
     let mut boost = None;
-    let installed = install(t, &area);
+    // The program's SIGTRAP action, read through ptrace: the sync agent's start needs the
+    // borrowed thread to have made a remote call since its stop (see `SyncAgent::start`).
+    // Then the agent: the other system calls before the first int3 — our action, the
+    // membarrier registration, the look at the other actions — and the uninstall's are its
+    // requests, not ptrace stops (see `SyncAgent::call`). Without it, they and the syncs go
+    // through ptrace.
+    let current = current_action(t, &area);
+    let mut held = Vec::new();
+    let mut agent = None;
+    if current.is_ok() {
+        agent = SyncAgent::start(t, area.code, &mut held);
+    }
+    trace(
+        &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
+        t0,
+    );
+    let installed = current.and_then(|current| install(t, &mut agent, &area, current));
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
         t0,
@@ -252,21 +268,13 @@ pub(crate) fn run(
     let was_installed = installed.is_ok();
     // Before the first int3: the membarrier registration (slow the first time in a process)
     // and the last look at the threads' signal masks. A failure there has nothing to undo.
-    // The sync agent is started then too (the borrowed thread has just made a remote call);
-    // without it, the syncs go through ptrace.
-    let mut agent = None;
-    let mut held = Vec::new();
     let mut unmasked = false;
     let ready = installed
-        .and_then(|()| Ok(t.register_sync_cores()?))
+        .and_then(|()| register_sync_cores(t, &mut agent))
         .and_then(|()| {
             unmasked = !inner_ranges(sites).is_empty()
-                && unmasked_handler(t, &area, &mut threads.borrow_mut())?;
-            agent = SyncAgent::start(t, area.code, &mut held);
-            trace(
-                &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
-                t0,
-            );
+                && unmasked_handler(t, &mut agent, &area, &mut threads.borrow_mut())?;
+            trace("ready", t0);
             wait_sigtrap_unblocked(
                 &mut threads.borrow_mut(),
                 &skipped(t, &agent, &agents.orphans),
@@ -353,8 +361,8 @@ pub(crate) fn run(
         }
         // The uninstall's wait for the threads to be past our int3s ([`uninstall`], 1.) begins
         // here, right after the last sync: what it looks for counts from then on. Its first look
-        // finds most threads blocked; the others run on while the agent exits and the children
-        // are finished, and are looked at again by `uninstall`.
+        // finds most threads blocked; the others run on while the children are finished, and
+        // are looked at again by `uninstall`.
         let early = (was_installed && settled_bytes).then(|| {
             let mut threads = threads.borrow_mut();
             let mut watch = MovedOn::start(
@@ -366,8 +374,6 @@ pub(crate) fn run(
             watch.look(t.mem(), &mut threads);
             watch
         });
-        // No sync is left: the agent exits (it is waited for).
-        drop(agent.take());
         drop(boost);
         if was_installed && settled_bytes {
             let mut all = sites.to_vec();
@@ -381,6 +387,7 @@ pub(crate) fn run(
         let uninstalled = if settled_bytes {
             uninstall(
                 t,
+                &mut agent,
                 &area,
                 timeout.max(MIN_UNINSTALL_WAIT),
                 &mut threads.borrow_mut(),
@@ -391,6 +398,8 @@ pub(crate) fn run(
             Ok(false)
         };
         trace("uninstalled", t0);
+        // Nothing is left for it: the agent exits (it is waited for).
+        drop(agent.take());
         match uninstalled {
             Ok(restored) => kept = !restored,
             // The switch is done and recorded: failing now would make the caller free patch
@@ -1142,22 +1151,81 @@ fn table_rows(new: &[(u64, [u64; th::NPHASES])], old: &[u8]) -> Vec<(u64, [u64; 
     rows
 }
 
-fn sigaction(t: &mut Tracee, act: u64, old: u64) -> Result<(), Error> {
-    t.syscall(
-        "rt_sigaction",
-        libc::SYS_rt_sigaction,
-        [SIGTRAP, act, old, 8, 0, 0],
-    )?;
+/// `rt_sigaction(signal, act, old)` in the target (addresses in the area): made by the sync
+/// agent when there is one (a request and its answer), through ptrace on the borrowed thread
+/// otherwise (two stops, each waiting for that ordinary thread to get a CPU back: 100–250 µs
+/// each on this project's loaded 2-CPU machine). Vetted against the seccomp filters first
+/// either way (the agent is the borrowed thread's clone: it has the same filters).
+fn sigaction(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    signal: u64,
+    act: u64,
+    old: u64,
+) -> Result<(), Error> {
+    let args = [signal, act, old, 8, 0, 0];
+    if let Some(a) = agent.as_mut() {
+        t.vet_ahead(libc::SYS_rt_sigaction, args)?;
+        let op = Op::SigAction {
+            signal: signal as u32,
+            act,
+            old,
+        };
+        match a.call(op, sync_agent::ANSWER_WAIT) {
+            Ok(Some(0)) => return Ok(()),
+            // The same call through ptrace tells what is wrong (in its own words).
+            Ok(_) => {}
+            Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
+        }
+    }
+    t.syscall("rt_sigaction", libc::SYS_rt_sigaction, args)?;
     Ok(())
 }
 
-/// Makes our handler the SIGTRAP action, keeping the previous one for the chain and the
-/// restore. Our action copies what matters of the previous one (mask, SA_ONSTACK,
+/// The process's membarrier registration for SYNC_CORE ([`Tracee::register_sync_cores`]),
+/// made by the sync agent when there is one (see [`sigaction`]).
+fn register_sync_cores(t: &mut Tracee, agent: &mut Option<SyncAgent>) -> Result<(), Error> {
+    if let Some(a) = agent.as_mut() {
+        t.vet_ahead(libc::SYS_membarrier, [1 << 6, 0, 0, 0, 0, 0])?;
+        // Slow the first time in a process (the kernel waits for every CPU to pass a
+        // scheduling point: 150 ms was seen on a loaded machine).
+        match a.call(Op::RegisterSyncCore, REGISTER_WAIT) {
+            Ok(Some(0)) => return Ok(()),
+            Ok(_) => {}
+            Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
+        }
+    }
+    Ok(t.register_sync_cores()?)
+}
+
+/// How long the agent gets for the membarrier registration.
+const REGISTER_WAIT: Duration = Duration::from_secs(1);
+
+/// The agent claimed a call of ours and stays stopped before making it: it may still make it
+/// (see `SyncAgent::call`). Nothing more is written (see `run`).
+fn agent_stuck(pid: i32, stuck: sync_agent::Stuck) -> Error {
+    Error::Unfinished(format!(
+        "process {pid}: the sync agent (thread {}) is stopped in the middle of a system call of ours: nothing written; continue the process and try again",
+        stuck.tid
+    ))
+}
+
+/// The process's SIGTRAP action now, read through ptrace on the borrowed thread (see `run`).
+fn current_action(t: &mut Tracee, area: &Area) -> Result<KAction, Error> {
+    sigaction(t, &mut None, SIGTRAP, 0, area.data() + th::SCRATCH_OLD)?;
+    KAction::read(t.mem(), area.data() + th::SCRATCH_OLD)
+}
+
+/// Makes our handler the SIGTRAP action in place of `current` (see [`current_action`]),
+/// keeping the previous one for the chain and the restore. Our action copies what matters of the previous one (mask, SA_ONSTACK,
 /// SA_RESTART, its restorer) so that a chained handler runs as it would have.
-fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
+fn install(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+    current: KAction,
+) -> Result<(), Error> {
     let data = area.data();
-    sigaction(t, 0, data + th::SCRATCH_OLD)?;
-    let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
     if current.handler == area.code {
         // Left installed by an earlier switch that could not restore it: the previous
         // action is already saved.
@@ -1197,10 +1265,16 @@ fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
         },
     };
     t.mem().write(data + th::SCRATCH_ACT, &ours.to_bytes())?;
-    sigaction(t, data + th::SCRATCH_ACT, data + th::SCRATCH_OLD)?;
+    sigaction(
+        t,
+        agent,
+        SIGTRAP,
+        data + th::SCRATCH_ACT,
+        data + th::SCRATCH_OLD,
+    )?;
     if KAction::read(t.mem(), data + th::SCRATCH_OLD)? != current {
         // The process changed its action between our two calls: give it back its own.
-        sigaction(t, data + th::SCRATCH_OLD, 0)?;
+        sigaction(t, agent, SIGTRAP, data + th::SCRATCH_OLD, 0)?;
         return Err(Error::Busy {
             tid: t.pid() as u32,
             function: "its SIGTRAP action (changed while we installed ours)".into(),
@@ -1236,6 +1310,7 @@ fn install(t: &mut Tracee, area: &Area) -> Result<(), Error> {
 /// (its `signal` field: the thread's own set, the word `SigPnd` shows).
 fn uninstall(
     t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
     area: &Area,
     wait: Duration,
     threads: &mut Threads,
@@ -1243,7 +1318,7 @@ fn uninstall(
     orphans: &[i32],
 ) -> Result<bool, Error> {
     let data = area.data();
-    sigaction(t, 0, data + th::SCRATCH_OLD)?;
+    sigaction(t, agent, SIGTRAP, 0, data + th::SCRATCH_OLD)?;
     let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
     if current.handler != area.code {
         // The process set its own action meanwhile: it owns SIGTRAP now.
@@ -1251,7 +1326,7 @@ fn uninstall(
     }
     let start = Instant::now();
     let deadline = crate::deadline::after(wait);
-    let skip = skipped(t, &None, orphans);
+    let skip = skipped(t, agent, orphans);
     let watch = early.unwrap_or_else(|| MovedOn::start(threads, &skip, &[], None));
     if let Some((tid, _)) = watch.wait(t.mem(), threads, deadline, UNINSTALL_POLL)? {
         trace(
@@ -1260,8 +1335,11 @@ fn uninstall(
         );
         return Ok(false);
     }
-    // Threads created from now on never executed one of our int3s: the list is final.
-    let tids = threads.current(&[]);
+    // Threads created from now on never executed one of our int3s: the list is final. (Our
+    // agents, which block every signal and never run our int3s, are not in it.)
+    let mut agents = orphans.to_vec();
+    agents.extend(agent.as_ref().map(SyncAgent::tid));
+    let tids = threads.current(&agents);
     let mut pause = UNINSTALL_POLL.first;
     loop {
         // A trap's SIGTRAP is queued to the thread that trapped (force_sig): its own
@@ -1287,7 +1365,7 @@ fn uninstall(
         std::thread::sleep(pause);
         pause = (pause * 2).min(UNINSTALL_POLL.max);
     }
-    sigaction(t, data + th::OLD_ACT, 0)?;
+    sigaction(t, agent, SIGTRAP, data + th::OLD_ACT, 0)?;
     Ok(true)
 }
 
@@ -2176,6 +2254,9 @@ impl Burst {
                         .collect();
                     write_run(t.mem(), &writes)?;
                 }
+                // Never in a window's program: the tool's own calls go one at a time
+                // (`sigaction`, `register_sync_cores`).
+                Op::SigAction { .. } | Op::RegisterSyncCore => {}
             }
         }
         if done < ops.len() {
@@ -2190,18 +2271,19 @@ impl Burst {
 /// shows nothing in its signal mask (review R5's gap). Read with rt_sigaction on the borrowed
 /// thread, once per handled signal, before the first int3 (only when there are sites with
 /// bytes to settle; a handler installed during the window itself is not seen).
-fn unmasked_handler(t: &mut Tracee, area: &Area, threads: &mut Threads) -> Result<bool, Error> {
+fn unmasked_handler(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+    threads: &mut Threads,
+) -> Result<bool, Error> {
     let caught = threads.process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP);
     for sig in 1..=64 {
         if caught & observe::bit(sig) == 0 {
             continue;
         }
         let old = area.data() + th::SCRATCH_OLD;
-        t.syscall(
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            [sig as u64, 0, old, 8, 0, 0],
-        )?;
+        sigaction(t, agent, sig as u64, 0, old)?;
         let act = KAction::read(t.mem(), old)?;
         if act.handler > 1 && act.flags & SA_NODEFER != 0 && act.mask & caught == 0 {
             return Ok(true);

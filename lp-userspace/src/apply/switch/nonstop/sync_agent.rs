@@ -119,6 +119,8 @@ const PROC_SUPER_MAGIC: i32 = 0x9fa0;
 const OP_WRITE: u32 = 1;
 const OP_SYNC: u32 = 2;
 const OP_MERGE: u32 = 3;
+const OP_SIGACTION: u32 = 4;
+const OP_REGISTER: u32 = 5;
 const CANCELLED: u32 = 1 << 31;
 const NO_FD: i32 = -libc::EBADF;
 
@@ -136,7 +138,7 @@ const MAX_IDLE: u32 = 1000;
 /// How long `start` waits at most for the agent's own start-up.
 const START_WAIT: Duration = Duration::from_millis(2);
 /// How long the tool waits for an answer before it falls back to the ptrace sync.
-const ANSWER_WAIT: Duration = Duration::from_millis(100);
+pub(crate) const ANSWER_WAIT: Duration = Duration::from_millis(100);
 
 /// Offsets in the agent's code (from its start, see [`assemble`]; a unit test checks them)
 /// where the tool puts the borrowed thread (see [`SyncAgent::start`]). The clone, past the
@@ -149,6 +151,7 @@ const CLONE_CALL: u64 = 54;
 const WAY_BACK: u64 = 65;
 
 const MEMBARRIER_SYNC_CORE: u32 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+const MEMBARRIER_REGISTER_SYNC_CORE: u32 = 1 << 6; // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE
 const CLONE_FLAGS: u32 = (libc::CLONE_VM
     | libc::CLONE_FS
     | libc::CLONE_FILES
@@ -178,6 +181,10 @@ struct Landmarks {
     merge_op: u64,
     /// Its write's `syscall` instruction (its read before is harmless when done late).
     merge_call: u64,
+    /// The first instruction of a signal action's operation.
+    sigaction_op: u64,
+    /// Its `syscall` instruction.
+    sigaction_call: u64,
     /// Where a program ends: the answer to the tool.
     publish: u64,
 }
@@ -189,6 +196,7 @@ impl Landmarks {
         (self.claimed..=self.write_call).contains(&rip)
             || (self.sync_op..=self.sync_call).contains(&rip)
             || (self.merge_op..=self.merge_call).contains(&rip)
+            || (self.sigaction_op..=self.sigaction_call).contains(&rip)
     }
 }
 
@@ -216,6 +224,9 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     let mut merge_short = a.create_label();
     let mut merge_next = a.create_label();
     let mut merge_call = a.create_label();
+    let mut op_sigaction = a.create_label();
+    let mut sigaction_call = a.create_label();
+    let mut op_register = a.create_label();
 
     // Start-up, run by the borrowed thread with rbx = the agent's page.
     a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
@@ -363,6 +374,10 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.je(op_sync)?;
     a.cmp(dword_ptr(r15), OP_MERGE)?;
     a.je(op_merge)?;
+    a.cmp(dword_ptr(r15), OP_SIGACTION)?;
+    a.je(op_sigaction)?;
+    a.cmp(dword_ptr(r15), OP_REGISTER)?;
+    a.je(op_register)?;
     a.mov(edi, dword_ptr(rbx + FD))?;
     a.lea(rsi, qword_ptr(r15 + 16))?;
     a.mov(edx, dword_ptr(r15 + 4))?;
@@ -421,6 +436,29 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.js(failed)?;
     a.mov(rax, -(libc::EIO as i64))?;
     a.jmp(failed)?;
+    // A system call for the tool (see `SyncAgent::call`): rt_sigaction(signal, act, old, 8),
+    // the signal in the length word, `act` in the address, `old` in the data.
+    a.set_label(&mut op_sigaction)?;
+    a.mov(edi, dword_ptr(r15 + 4))?;
+    a.mov(rsi, qword_ptr(r15 + 8))?;
+    a.mov(rdx, qword_ptr(r15 + 16))?;
+    a.mov(r10d, 8u32)?;
+    a.mov(eax, libc::SYS_rt_sigaction as u32)?;
+    a.set_label(&mut sigaction_call)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.jnz(failed)?;
+    a.jmp(op_done)?;
+    // The process's registration for SYNC_CORE (idempotent: harmless when late).
+    a.set_label(&mut op_register)?;
+    a.mov(eax, libc::SYS_membarrier as u32)?;
+    a.mov(edi, MEMBARRIER_REGISTER_SYNC_CORE)?;
+    a.xor(esi, esi)?;
+    a.xor(edx, edx)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.jnz(failed)?;
+    a.jmp(op_done)?;
     a.set_label(&mut op_sync)?;
     a.mov(eax, libc::SYS_membarrier as u32)?;
     a.mov(edi, MEMBARRIER_SYNC_CORE)?;
@@ -461,6 +499,8 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
         sync_call: result.label_ip(&sync_call)?,
         merge_op: result.label_ip(&op_merge)?,
         merge_call: result.label_ip(&merge_call)?,
+        sigaction_op: result.label_ip(&op_sigaction)?,
+        sigaction_call: result.label_ip(&sigaction_call)?,
         publish: result.label_ip(&publish)?,
     };
     let bytes = result.inner.code_buffer;
@@ -598,11 +638,18 @@ pub(crate) enum Op {
         bytes: Vec<u8>,
         mask: Vec<bool>,
     },
+    /// `rt_sigaction(signal, act, old, 8)` (addresses in the target), for the tool (see
+    /// [`SyncAgent::call`]).
+    SigAction { signal: u32, act: u64, old: u64 },
+    /// The process's membarrier registration for SYNC_CORE (see [`SyncAgent::call`]).
+    RegisterSyncCore,
 }
 
 impl Op {
-    fn is_sync(&self) -> bool {
-        matches!(self, Op::Step(Step::Sync))
+    /// Whether carrying it out late does no harm: a sync writes nothing, a registration
+    /// that is made already changes nothing.
+    fn is_harmless_late(&self) -> bool {
+        matches!(self, Op::Step(Step::Sync) | Op::RegisterSyncCore)
     }
 
     /// Its patch list (see [`DATA`]) and the number of patches: one per stretch of set mask.
@@ -632,7 +679,7 @@ impl Op {
     fn data_len(&self) -> u64 {
         match self {
             Op::Merge { .. } => (self.patch_list().0.len() as u64).div_ceil(8) * 8,
-            Op::Step(_) => 0,
+            _ => 0,
         }
     }
 }
@@ -643,8 +690,15 @@ pub(crate) fn fits(ops: &[Op]) -> bool {
         && ops.iter().map(Op::data_len).sum::<u64>() <= DATA_LEN
         && ops.iter().all(|op| match op {
             Op::Merge { bytes, mask, .. } => bytes.len() <= MAX_RUN && mask.len() == bytes.len(),
-            Op::Step(_) => true,
+            _ => true,
         })
+}
+
+/// How a program went ([`SyncAgent::carry_out`]): the number of operations carried out, a
+/// prefix, as the agent answered, or as found after it was silent.
+enum Answer {
+    Answered(usize),
+    Silent(usize),
 }
 
 /// An agent that took an operation of a cancelled program and neither carried it out nor
@@ -798,8 +852,7 @@ impl SyncAgent {
         if self.failed || self.no_writes || ops.is_empty() || !fits(ops) {
             return Ok(0);
         }
-        let s = &self.shared;
-        let fd = s.word(FD).load(Ordering::Acquire) as i32;
+        let fd = self.shared.word(FD).load(Ordering::Acquire) as i32;
         if fd < 0 && fd != NO_FD {
             // No descriptor (no procfs /proc in its namespace). (NO_FD: the agent has not run
             // its start-up yet; it takes the request after it, and a write without a
@@ -807,6 +860,49 @@ impl SyncAgent {
             self.no_writes = true;
             return Ok(0);
         }
+        self.load(ops);
+        match self.carry_out(ops, ANSWER_WAIT)? {
+            Answer::Answered(done) => {
+                if self.shared.result() != 0 {
+                    self.no_writes = true;
+                }
+                Ok(done)
+            }
+            Answer::Silent(done) => Ok(done),
+        }
+    }
+
+    /// Makes one system call for the tool ([`Op::SigAction`] or [`Op::RegisterSyncCore`]) in
+    /// the agent: a request and its answer, where the same call through ptrace is two stops
+    /// of the borrowed thread, each waiting until that ordinary thread gets a CPU back
+    /// (100–250 µs each on this project's loaded 2-CPU machine; the agent runs under
+    /// SCHED_FIFO). The call's result (0 or -errno); None when the agent did not make it (an
+    /// earlier failure, gone, or silent for `within`: the caller makes it through ptrace).
+    /// It is claimed and resolved like a program's operation (see [`SyncAgent::run`]): a
+    /// call the agent did not make is never made later, or the agent is [`Stuck`].
+    pub(crate) fn call(&mut self, op: Op, within: Duration) -> Result<Option<i64>, Stuck> {
+        debug_assert!(matches!(op, Op::SigAction { .. } | Op::RegisterSyncCore));
+        if self.failed {
+            return Ok(None);
+        }
+        let ops = std::slice::from_ref(&op);
+        self.load(ops);
+        let nr = match op {
+            Op::SigAction { .. } => libc::SYS_rt_sigaction,
+            _ => libc::SYS_membarrier,
+        };
+        crate::process::stop_point::reached_with("agent-call", nr);
+        Ok(match self.carry_out(ops, within)? {
+            Answer::Answered(1) | Answer::Silent(1) => Some(0),
+            // Made, and failed: its error (a program's first failure ends it, in RESULT).
+            Answer::Answered(_) => Some(self.shared.result()).filter(|&r| r < 0),
+            Answer::Silent(_) => None,
+        })
+    }
+
+    /// Puts `ops` (which [`fits`]) in the agent's page as its next program.
+    fn load(&self, ops: &[Op]) {
+        let s = &self.shared;
         let mut data_at = DATA;
         for (i, op) in ops.iter().enumerate() {
             let mut raw = [0u8; OP_LEN as usize];
@@ -830,44 +926,51 @@ impl SyncAgent {
                     s.put(data_at, &list);
                     data_at += op.data_len();
                 }
+                Op::SigAction { signal, act, old } => {
+                    head(&mut raw, OP_SIGACTION, *signal as usize, *act);
+                    raw[16..24].copy_from_slice(&old.to_le_bytes());
+                }
+                Op::RegisterSyncCore => head(&mut raw, OP_REGISTER, 0, 0),
             }
             s.put(OPS + i as u64 * OP_LEN, &raw);
         }
         s.word(NOPS).store(ops.len() as u32, Ordering::Release);
         s.word(NEXT).store(0, Ordering::Release);
         s.word(COMPLETED).store(0, Ordering::Release);
+    }
+
+    /// Asks the agent to carry out the program [`load`](Self::load)ed, and waits `within` for
+    /// its answer. Silent: no more claims (the agent is not asked anything again); the claimed
+    /// operation, if any, is a few instructions away from its end unless the agent is stopped
+    /// (a stopped process), and is waited for, then resolved.
+    fn carry_out(&mut self, ops: &[Op], within: Duration) -> Result<Answer, Stuck> {
         self.seq = self.seq.wrapping_add(1);
-        let answered = self.request(CMD_RUN, ANSWER_WAIT);
+        let answered = self.request(CMD_RUN, within);
         let s = &self.shared;
         if answered {
             let done = s.word(COMPLETED).load(Ordering::Acquire) as usize;
-            if s.result() != 0 {
-                self.no_writes = true;
-            }
-            return Ok(done.min(ops.len()));
+            return Ok(Answer::Answered(done.min(ops.len())));
         }
-        // Silent: no more claims; the claimed operation, if any, is a few instructions away
-        // from its end unless the agent is stopped (a stopped process).
         self.failed = true;
         let claimed = s.word(NEXT).fetch_or(CANCELLED, Ordering::AcqRel) & !CANCELLED;
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             let done = s.word(COMPLETED).load(Ordering::Acquire);
             if done >= claimed || s.word(DONE).load(Ordering::Acquire) == self.seq {
-                return Ok(done as usize);
+                return Ok(Answer::Silent(done as usize));
             }
             // A sync carried out late writes nothing (review 7): the caller syncs again.
-            if done + 1 == claimed && ops[done as usize].is_sync() {
-                return Ok(done as usize);
+            if done + 1 == claimed && ops[done as usize].is_harmless_late() {
+                return Ok(Answer::Silent(done as usize));
             }
             if s.word(TID).load(Ordering::Acquire) == 0 {
                 // Gone (the process is exiting): it carries out nothing more.
-                return Ok(done as usize);
+                return Ok(Answer::Silent(done as usize));
             }
             if Instant::now() > deadline {
                 let resolved = self.resolve();
                 self.stuck = resolved.is_err();
-                return resolved;
+                return resolved.map(Answer::Silent);
             }
             s.wait(DONE, s.word(DONE).load(Ordering::Acquire), 1_000_000);
         }
@@ -1224,6 +1327,17 @@ const SYSCALLS: &[Call] = &[
     ),
     Call::new("pwrite64", libc::SYS_pwrite64, [0; 6]),
     Call::new("pread64", libc::SYS_pread64, [0; 6]),
+    // The tool's calls (`SyncAgent::call`; each is vetted again with its own arguments).
+    Call::new(
+        "rt_sigaction",
+        libc::SYS_rt_sigaction,
+        [libc::SIGTRAP as u64, 0, 0, 8, 0, 0],
+    ),
+    Call::new(
+        "membarrier",
+        libc::SYS_membarrier,
+        [MEMBARRIER_REGISTER_SYNC_CORE as u64, 0, 0, 0, 0, 0],
+    ),
     Call::new("exit", libc::SYS_exit, [0; 6]),
 ];
 
@@ -1339,8 +1453,9 @@ mod tests {
         }
         // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, fstatfs, close
         // (not procfs), futex wait, kill, membarrier (a sync request), pwrite, pread and pwrite
-        // (a merged run), membarrier (a program's operations), futex wake, exit.
-        assert_eq!(syscalls.len(), 16);
+        // (a merged run), rt_sigaction and membarrier (the tool's calls), membarrier (a
+        // program's sync), futex wake, exit.
+        assert_eq!(syscalls.len(), 18);
         // Where the tool puts the starting thread (see `SyncAgent::start`): the clone, right
         // after the first call (CLONE_AT), whose exit stop it expects after the second
         // (CLONE_CALL); the way back, the parent's path after the clone (WAY_BACK), whose
@@ -1400,6 +1515,11 @@ mod tests {
         });
         assert!(cas.is_some(), "the claim's cmpxchg right before `claimed`");
         assert!(!l.before_the_call(l.write_call + 2) && !l.before_the_call(l.sync_call + 2));
+        // The tool's signal action call: claimed like a write, resolved the same way.
+        assert!(syscalls.contains(&l.sigaction_call));
+        assert!(l.merge_call < l.sigaction_op && l.sigaction_op < l.sigaction_call);
+        assert!(l.before_the_call(l.sigaction_op) && l.before_the_call(l.sigaction_call));
+        assert!(!l.before_the_call(l.sigaction_call + 2));
         assert!(!l.before_the_call(l.publish));
     }
 }
