@@ -171,8 +171,8 @@ pub(crate) fn run(
     let found = find_area(t.pid(), t.mem())?;
     let agents = AgentCode(found);
     // Every thread's /proc files, opened at this first look and read again by the later ones
-    // (see `threads.rs`).
-    let threads = RefCell::new(Threads::new(t.pid()));
+    // (see `threads.rs`); those the borrow's look opened are not opened again.
+    let threads = RefCell::new(Threads::with_files(t.pid(), t.take_looked_files()));
     trace("area looked for", began_at);
     refuse_if_sigtrap_blocked(
         &mut threads.borrow_mut(),
