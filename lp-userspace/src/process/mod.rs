@@ -203,9 +203,11 @@ impl Tracee {
                 Ok(()) => {
                     self.threads.insert(tid, Thread::default());
                     self.looked = look.into_files();
-                    // Kept only while they leave room under the descriptor limit for the
-                    // preparation (ELF files, the target's memory) and the switch's own.
-                    if self.looked.len() > observe::descriptor_budget() {
+                    // Kept (two descriptors each) only while they leave 256 under the
+                    // descriptor limit for the preparation (ELF files, /proc reads); the
+                    // switch keeps what its own budget allows (`descriptor_budget`, whose
+                    // count of the open descriptors is a directory read: not made here).
+                    if 2 * self.looked.len() + 256 > observe::descriptor_limit() {
                         self.looked.clear();
                     }
                     return Ok(());

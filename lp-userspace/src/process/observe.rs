@@ -213,6 +213,12 @@ impl ThreadFiles {
 /// agent's, the patch's files). The others are read by path at each look: slower, never
 /// skipped.
 pub fn descriptor_budget() -> usize {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(1024, |d| d.count());
+    descriptor_limit().saturating_sub(open + 128) / 4
+}
+
+/// The tool's RLIMIT_NOFILE (soft), at most 2^20; 0 when it cannot be read.
+pub fn descriptor_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -221,8 +227,7 @@ pub fn descriptor_budget() -> usize {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 0;
     }
-    let open = std::fs::read_dir("/proc/self/fd").map_or(1024, |d| d.count());
-    (lim.rlim_cur.min(1 << 20) as usize).saturating_sub(open + 128) / 4
+    lim.rlim_cur.min(1 << 20) as usize
 }
 
 fn read_at_start<'a>(f: &std::fs::File, buf: &'a mut [u8]) -> Option<&'a str> {
