@@ -241,6 +241,12 @@ impl Look {
         None
     }
 
+    /// The files of every thread looked at, for the switch's own looks at the threads (see
+    /// [`super::Tracee::take_looked_files`]).
+    pub(super) fn into_files(self) -> Vec<ThreadFiles> {
+        self.threads.into_iter().map(|t| t.files).collect()
+    }
+
     /// Every thread still there, with its class and the CPU it used in the look so far.
     fn see(&self) -> Vec<Seen> {
         self.threads

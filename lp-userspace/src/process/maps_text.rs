@@ -7,8 +7,9 @@
 //! traces the process, and while a [`super::Tracee`] of ours exists no other livepatch does
 //! (ptrace's one tracer, and the per-process lock). So the text read first after attaching
 //! stays true for them until this process makes or removes one of them itself: the tracee
-//! reports that ([`changed`]: creating the stub's area or a memfd mapping, any `munmap`), and
-//! the maps are read again at the next look. Other mappings of ours (the patch memory) and the
+//! reports that ([`changed`]: creating the stub's area or a memfd mapping, any `munmap`; nonstop
+//! mode's trap area, found by its code page's protection, reports the `mprotect` that sets it
+//! too), and the maps are read again at the next look. Other mappings of ours (the patch memory) and the
 //! threads' own (`malloc`, `dlopen`) are not livepatch's state or stub, so a text that misses
 //! them still finds exactly those.
 //!

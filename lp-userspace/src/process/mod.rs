@@ -75,6 +75,9 @@ pub struct Tracee {
     /// thread, then every remote system call is vetted against it before it is made
     /// (`seccomp.rs`), and a filtered thread's call is checked for the filter's SIGSYS after.
     seccomp: BTreeMap<i32, seccomp::Known>,
+    /// The files the borrow's look opened (single-thread tracee), kept for the switch's own
+    /// looks at the threads ([`Tracee::take_looked_files`]).
+    looked: Vec<observe::ThreadFiles>,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -157,6 +160,7 @@ impl Tracee {
             _lock: lock,
             walks: BTreeMap::new(),
             seccomp: BTreeMap::new(),
+            looked: Vec::new(),
         })
     }
 
@@ -198,6 +202,14 @@ impl Tracee {
             match ptrace::seize(tid) {
                 Ok(()) => {
                     self.threads.insert(tid, Thread::default());
+                    self.looked = look.into_files();
+                    // Kept (two descriptors each) only while they leave 256 under the
+                    // descriptor limit for the preparation (ELF files, /proc reads); the
+                    // switch keeps what its own budget allows (`descriptor_budget`, whose
+                    // count of the open descriptors is a directory read: not made here).
+                    if 2 * self.looked.len() + 256 > observe::descriptor_limit() {
+                        self.looked.clear();
+                    }
                     return Ok(());
                 }
                 Err(e) if seized_a_dead_thread(self.pid, tid, &e) => continue,
@@ -232,6 +244,16 @@ impl Tracee {
     /// Thread ids currently traced.
     pub fn threads(&self) -> Vec<i32> {
         self.threads.keys().copied().collect()
+    }
+
+    /// The files the borrow's look opened for each thread it looked at ([`Tracee::attach_one`];
+    /// none after the first call, or for another tracee): descriptors on the threads
+    /// themselves, which read fresh values at each read and nothing once their thread is gone
+    /// (`observe::ThreadFiles`), so a nonstop switch's first look at the threads reads them
+    /// instead of opening two files per thread again (its `Threads` checks each kept entry
+    /// still reads, as it does for its own).
+    pub(crate) fn take_looked_files(&mut self) -> Vec<observe::ThreadFiles> {
+        std::mem::take(&mut self.looked)
     }
 
     /// Installs the handler for `int3` traps taken by traced threads (nonstop mode).

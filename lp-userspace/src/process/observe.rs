@@ -207,6 +207,29 @@ impl ThreadFiles {
     }
 }
 
+/// Threads whose files a look may keep open: a quarter of the descriptors the tool has left
+/// under its RLIMIT_NOFILE (a nonstop switch keeps three per thread, four with its `status`),
+/// less a margin for everything else the tool opens meanwhile (its own /proc reads, the
+/// agent's, the patch's files). The others are read by path at each look: slower, never
+/// skipped.
+pub fn descriptor_budget() -> usize {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(1024, |d| d.count());
+    descriptor_limit().saturating_sub(open + 128) / 4
+}
+
+/// The tool's RLIMIT_NOFILE (soft), at most 2^20; 0 when it cannot be read.
+pub fn descriptor_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit, which `lim` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur.min(1 << 20) as usize
+}
+
 fn read_at_start<'a>(f: &std::fs::File, buf: &'a mut [u8]) -> Option<&'a str> {
     use std::os::unix::fs::FileExt;
     let n = f.read_at(buf, 0).ok()?;

@@ -1343,16 +1343,27 @@ const SYSCALLS: &[Call] = &[
 
 /// Whether the seccomp filters of the borrowed thread `tid` (stopped) let every system call of
 /// the agent's code at `code` through. Without seccomp (nearly always) one status read.
+///
+/// The status is read afresh, not taken from the attach's check of this thread (`Tracee`'s
+/// seccomp state): the thread, ptrace-stopped, cannot change its own filters, but another
+/// thread's filter installed with TSYNC reaches it meanwhile.
 fn seccomp_allows(pid: i32, tid: i32, code: u64) -> bool {
     match seccomp::mode(pid, tid) {
         Some(seccomp::Mode::Disabled) => return true,
         Some(seccomp::Mode::Strict) | None => return false,
         Some(seccomp::Mode::Filter) => {}
     }
-    let Ok(bytes) = generate(code) else {
+    // The agent's code as the area's page holds it: assembled once per code address (see
+    // `nonstop::generate`; this switch's `open_area` made or checked that page already), not
+    // assembled again here (a CLI's switch assembled it twice: ~25 µs of CPU each with
+    // iced-x86's tables built, release build; taking the kept page costs ~1.5 µs).
+    let Ok(page) = super::generate(&super::Area { code, bank: 0 }) else {
         return false;
     };
-    match calls_in(&bytes, code + th::AGENT_CODE) {
+    let Some(bytes) = page.get(th::AGENT_CODE as usize..) else {
+        return false;
+    };
+    match calls_in(bytes, code + th::AGENT_CODE) {
         Some(calls) => seccomp::first_blocked(tid, &calls).is_none(),
         None => false,
     }
@@ -1431,6 +1442,14 @@ mod tests {
             mask: vec![true; MAX_RUN + 1],
         };
         assert!(!fits(&[long]));
+    }
+
+    /// `seccomp_allows` decodes the agent's code from the area's page: the same bytes.
+    #[test]
+    fn the_areas_page_holds_the_agents_code() {
+        let code = 0x7000_0000_0000;
+        let page = super::super::generate(&super::super::Area { code, bank: 0 }).unwrap();
+        assert_eq!(page[th::AGENT_CODE as usize..], generate(code).unwrap()[..]);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! the signal masks before the first int3, every settle, the uninstall's wait — instead of a
 //! path walk, an open and a close per file and look. On this project's 2-vCPU VM an open +
 //! read + close of a thread's file costs 12-16 µs, a `pread` on a kept descriptor 1-7 µs
-//! (`schedstat` 1, `syscall` 4, `stat` 7).
+//! (`schedstat` 1, `syscall` 4, `stat` 7). A thread's `syscall` and `schedstat` are not even
+//! opened there when the borrow's look (process/borrow.rs, at the attach) opened them: its
+//! descriptors are handed on ([`Threads::with_files`]; at load 4-5 that first look took
+//! ~100 µs instead of ~300 for an 8-thread target).
 //!
 //! The files refer to the thread itself (`observe::ThreadFiles`): once it is gone they read
 //! nothing, even when its id is given to a new thread. [`Threads::current`] therefore checks
@@ -127,18 +130,43 @@ fn parse_stat_signals(stat: &str) -> Option<Signals> {
 pub(super) struct Threads {
     pid: i32,
     kept: BTreeMap<i32, Thread>,
-    /// How many threads may have their files kept open (see [`descriptor_budget`]).
+    /// How many threads may have their files kept open (see `observe::descriptor_budget`).
     budget: usize,
     status: Option<std::io::Result<File>>,
     stat: Option<std::io::Result<File>>,
 }
 
 impl Threads {
+    #[cfg(test)]
     pub fn new(pid: i32) -> Threads {
+        Threads::with_files(pid, Vec::new())
+    }
+
+    /// The threads of `pid`, starting from `files` opened earlier (the borrow's look, see
+    /// `Tracee::take_looked_files`): those threads' `syscall` and `schedstat` are not opened
+    /// again, only their `stat`. Each is checked at the first [`Threads::current`] like any
+    /// kept entry: one whose thread is gone reads nothing and is dropped.
+    pub fn with_files(pid: i32, files: Vec<observe::ThreadFiles>) -> Threads {
+        let budget = observe::descriptor_budget();
+        let mut kept = BTreeMap::new();
+        for files in files.into_iter().take(budget) {
+            let stat_path = format!("/proc/{pid}/task/{}/stat", files.tid());
+            let Ok(stat) = File::open(&stat_path) else {
+                continue; // gone, or no descriptor left: opened at the first look if listed
+            };
+            kept.insert(
+                files.tid(),
+                Thread {
+                    files,
+                    stat: Some(stat),
+                    stat_path,
+                },
+            );
+        }
         Threads {
             pid,
-            kept: BTreeMap::new(),
-            budget: descriptor_budget(),
+            kept,
+            budget,
             status: None,
             stat: None,
         }
@@ -217,23 +245,6 @@ impl Threads {
     }
 }
 
-/// Threads whose files a switch keeps open: a quarter of the descriptors the tool has left
-/// under its RLIMIT_NOFILE (a thread takes three, four with its `status`), less a margin for
-/// everything else the tool opens meanwhile (its own /proc reads, the agent's, the patch's
-/// files). The others are read by path at each look: slower, never skipped.
-fn descriptor_budget() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit, which `lim` is.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 0;
-    }
-    let open = std::fs::read_dir("/proc/self/fd").map_or(1024, |d| d.count());
-    (lim.rlim_cur.min(1 << 20) as usize).saturating_sub(open + 128) / 4
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +311,36 @@ mod tests {
         go_tx.send(()).unwrap();
         h.join().unwrap();
         // Gone: dropped at the next listing, and its kept files read nothing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while threads.current(&[]).contains(&tid) {
+            assert!(std::time::Instant::now() < deadline, "still listed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(threads.get(tid).is_none());
+    }
+
+    /// Files opened earlier (the borrow's look) are read by the first look, and dropped with
+    /// their thread once it is gone, like those opened here.
+    #[test]
+    fn files_handed_on_are_read_and_dropped_with_their_thread() {
+        let pid = std::process::id() as i32;
+        let (ttx, trx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            ttx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
+                .unwrap();
+            let _ = go_rx.recv();
+        });
+        let tid = trx.recv().unwrap();
+        let files = observe::ThreadFiles::open(pid, tid).unwrap();
+        let mut threads = Threads::with_files(pid, vec![files]);
+        assert!(threads.kept.contains_key(&tid), "not taken");
+        assert!(threads.current(&[]).contains(&tid));
+        let t = threads.get(tid).unwrap();
+        assert!(t.signals().is_some() && t.files.schedstat().is_some());
+        go_tx.send(()).unwrap();
+        h.join().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while threads.current(&[]).contains(&tid) {
             assert!(std::time::Instant::now() < deadline, "still listed");
