@@ -1029,7 +1029,9 @@ impl Agents {
     }
 }
 
-/// `found`: this build's area, if [`layout_areas`] found one.
+/// Finds the handler's area (mapped by an earlier nonstop switch) or creates it: a memfd
+/// mapping, code page r-x, data pages rw-. `found`: this build's area, if [`layout_areas`]
+/// found one.
 fn open_area(t: &mut Tracee, found: Option<u64>) -> Result<Area, Error> {
     if let Some(code) = found {
         let area = Area { code, bank: 0 };
