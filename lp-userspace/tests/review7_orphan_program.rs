@@ -29,7 +29,7 @@ static void *watcher(void *arg) {
     volatile uint32_t *w = watch_agent_page();
     if (!w) return NULL;
     uint32_t seen = w[0];
-    int armed = 0, applies = 0;
+    int armed = 0, reverted = 0; /* the setup's revert seen (see the_tests_apply) */
     for (;;) {
         /* REQ (offset 0): the word the agent waits on. */
         syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAIT, seen, NULL, NULL, 0);
@@ -46,17 +46,7 @@ static void *watcher(void *arg) {
                 armed = 0;
                 continue; /* not passed on: the agent finds the request after SIGCONT */
             }
-            for (uint32_t i = 0; i < n && i < 104; i++) {
-                /* OPS at 256, 32 bytes each: kind, length, address, data */
-                const volatile uint8_t *op = (const volatile uint8_t *)w + 256 + 32 * i;
-                uint64_t addr;
-                memcpy(&addr, (const void *)(op + 8), 8);
-                /* compute's first byte (the entries' last program); the first apply, whose
-                   area is new and may be found late, is let go. */
-                if (op[0] == 1 && op[4] == 1 && addr == (uint64_t)(uintptr_t)compute &&
-                    op[16] == 0xe9 && ++applies == 2)
-                    armed = 1;
-            }
+            if (the_tests_apply(w, &reverted)) armed = 1;
         }
         syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
     }

@@ -25,7 +25,7 @@ static void *watcher(void *arg) {
     volatile uint32_t *w = watch_agent_page();
     if (!w) return NULL;
     uint32_t seen = w[0];
-    int applies = 0; /* the programs writing compute's first byte seen so far */
+    int reverted = 0; /* the setup's revert seen (see the_tests_apply) */
     int armed = 1;
     for (;;) {
         /* REQ (offset 0) is the word the agent waits on; CMD at 8 (3: a program), NOPS at
@@ -35,20 +35,8 @@ static void *watcher(void *arg) {
         uint32_t req = w[0];
         if (req == seen) continue;
         seen = req;
-        int target = 0;
         uint32_t n = w[212 / 4];
-        if (armed && w[2] == 3) {
-            for (uint32_t i = 0; i < n && i < 104; i++) {
-                const volatile uint8_t *op = (const volatile uint8_t *)w + 256 + 32 * i;
-                uint64_t addr;
-                memcpy(&addr, (const void *)(op + 8), 8);
-                if (op[0] == 1 && op[4] == 1 && addr == (uint64_t)(uintptr_t)compute &&
-                    op[16] == 0xe9)
-                    target = 1;
-            }
-            /* The first apply (the area is new: it may have been found late) is let go. */
-            if (target && ++applies < 2) target = 0;
-        }
+        int target = the_tests_apply(w, &reverted) && armed;
         syscall(SYS_futex, (uint32_t *)&w[0], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
         if (!target) continue;
         armed = 0;
