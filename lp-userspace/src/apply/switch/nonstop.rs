@@ -902,7 +902,7 @@ fn find_area(pid: i32, mem: &Memory) -> Result<Option<u64>, Error> {
 /// The code pages of process `pid`'s own areas of this layout (see [`find_area`]), each with
 /// whether it is this build's (its name has our code's hash) or another build's.
 fn layout_areas(pid: i32, mem: &Memory) -> Result<Vec<(u64, bool)>, Error> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+    let maps = crate::process::proc_dir::maps(pid)
         .map_err(|_| crate::process::ProcessError::Exited(pid))?;
     let me = owner_of(pid);
     Ok(maps
@@ -1341,7 +1341,7 @@ impl Mappings {
     fn find(&mut self, addr: u64) -> Option<u64> {
         let pid = self.pid;
         let maps = self.read.get_or_insert_with(|| {
-            std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            crate::process::proc_dir::maps(pid)
                 .map(|m| {
                     m.lines()
                         .filter_map(|l| {

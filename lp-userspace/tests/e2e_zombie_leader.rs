@@ -1,0 +1,167 @@
+//! A process whose main thread has exited while its other threads run on: a server's `main`
+//! starts its workers, then calls `pthread_exit`. The main thread stays a zombie until the
+//! whole process ends, and /proc/PID (which is the main thread) shows neither the address
+//! space nor anything else the main thread no longer holds. livepatch reads them through a
+//! live thread, never seizes or borrows the main thread, and takes the process for exited only
+//! once every thread is gone: apply, status and revert work in both modes. A process whose
+//! every thread has exited, not reaped yet, is refused as exited.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// argv[1] workers each print "v=compute(41)" every 20 ms, sleeping in between, or with
+/// argv[2] == "busy" calling it all the time (never blocked: no worker is a better thread to
+/// borrow than the main thread would be); the main thread prints "ready PID" and exits with
+/// pthread_exit.
+const TARGET: &str = r#"
+#include "compute_loop.h"
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void *worker(void *a) { (void)a; print_compute_forever("v"); return NULL; }
+
+static long ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *busy(void *a) {
+    (void)a;
+    long last = ns();
+    for (;;) {
+        int v = compute(41);
+        if (ns() - last > 20000000L) {
+            printf("v=%d\n", v);
+            last = ns();
+        }
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int n = argc > 1 ? atoi(argv[1]) : 3;
+    int is_busy = argc > 2 && !strcmp(argv[2], "busy");
+    pthread_t t;
+    for (int i = 0; i < n; i++)
+        if (pthread_create(&t, NULL, is_busy ? busy : worker, NULL)) {
+            perror("pthread_create");
+            return 2;
+        }
+    printf("ready %d\n", getpid());
+    pthread_exit(NULL);
+}
+"#;
+
+const WORKERS: usize = 2;
+
+/// Waits until the threads of `pid` other than the main thread are `others` in number and the
+/// main thread's state is Z (it has exited; the process is not reaped).
+fn wait_main_exited(pid: &str, others: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let main_z = task_stat(pid, pid, 3).is_some_and(|s| s == "Z");
+        let live = tasks(pid).iter().filter(|t| *t != pid).count();
+        if main_z && live == others {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "main thread state {:?}, {live} other threads",
+            task_stat(pid, pid, 3)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts the target with its main thread exited, its workers `busy` or not (at the lowest
+/// priority then: the tool must get CPU time beside them); returns it with its patch.
+fn start(dir: &std::path::Path, busy: bool) -> (Target, String) {
+    let (exe, patch) = compute_target_and_patch(dir, "zombie_main", TARGET, &["-pthread"]);
+    let target = if busy {
+        Target::spawn_niced(&exe, &[&WORKERS.to_string(), "busy"])
+    } else {
+        Target::spawn(&exe, &[&WORKERS.to_string()])
+    };
+    wait_main_exited(&target.pid(), WORKERS);
+    target.expect_steady(3, |l| l == "v=42");
+    (target, patch)
+}
+
+/// Apply, status and revert in `mode` on a process whose main thread has exited, its workers
+/// `busy` or not: the workers print the new value, then the old one again; the process runs on
+/// as it was, nobody traces it.
+fn apply_status_revert(mode: &str, busy: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut target, patch) = start(dir.path(), busy);
+    let pid = target.pid();
+
+    let out = livepatch_ok(&["apply", &pid, &patch, "--mode", mode, "--timeout", "60"]);
+    assert!(out.contains(&format!("{mode} mode")), "{out}");
+    target.expect_steady(3 * WORKERS, |l| l == "v=1041");
+
+    let st = status_json(&pid);
+    let patches = st[0]["patches"].as_array().unwrap();
+    assert_eq!(patches.len(), 1, "{st}");
+    assert_eq!(patches[0]["mode"], mode);
+    assert_eq!(patches[0]["functions"][0]["name"], "compute");
+    let all = livepatch_ok(&["status"]);
+    assert!(all.contains(&format!("process {pid} ")), "{all}");
+
+    livepatch_ok(&["revert", &pid, "--mode", mode, "--timeout", "60"]);
+    target.expect_steady(3 * WORKERS, |l| l == "v=42");
+    assert_eq!(status_json(&pid)[0]["patches"].as_array().unwrap().len(), 0);
+
+    assert!(target.alive(), "the target died");
+    wait_main_exited(&pid, WORKERS);
+    for tid in tasks(&pid) {
+        assert_eq!(tracer_of(&pid, &tid), None, "thread {tid} still traced");
+    }
+}
+
+#[test]
+fn e2e_exited_main_thread_stop_mode() {
+    apply_status_revert("stop", false);
+}
+
+#[test]
+fn e2e_exited_main_thread_nonstop_mode() {
+    apply_status_revert("nonstop", false);
+}
+
+/// Every live thread runs (none is blocked in a system call): the main thread, were it looked
+/// at, would be the borrow's pick. It is not: an exited thread cannot be seized.
+#[test]
+fn e2e_exited_main_thread_busy_workers_nonstop_mode() {
+    apply_status_revert("nonstop", true);
+}
+
+/// Every thread has exited (the process was killed) and the process is not reaped yet: apply
+/// and revert in both modes are refused with one line saying it exited (exit 5), at once.
+#[test]
+fn e2e_a_process_whose_every_thread_exited_is_refused_as_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut target, patch) = start(dir.path(), false);
+    let pid = target.pid();
+    // SIGKILL, not reaped: Child::kill does not wait.
+    target.child.kill().unwrap();
+    wait_main_exited(&pid, 0);
+    for mode in ["stop", "nonstop"] {
+        let started = Instant::now();
+        let (code, line) =
+            livepatch_err(&["apply", &pid, &patch, "--mode", mode, "--timeout", "60"]);
+        assert_eq!(code, 5, "{line}");
+        assert!(line.contains(&format!("process {pid} exited")), "{line}");
+        let (code, line) = livepatch_err(&["revert", &pid, "--mode", mode]);
+        assert_eq!(code, 5, "{line}");
+        assert!(line.contains(&format!("process {pid} exited")), "{line}");
+        // Not after a wait for threads that will never come.
+        assert!(started.elapsed() < Duration::from_secs(10), "{mode}: slow");
+    }
+    // Still not reaped: the refusals were about a zombie, not a process that is gone.
+    assert_eq!(task_stat(&pid, &pid, 3).as_deref(), Some("Z"));
+}
