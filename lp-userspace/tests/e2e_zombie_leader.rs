@@ -165,3 +165,95 @@ fn e2e_a_process_whose_every_thread_exited_is_refused_as_exited() {
     // Still not reaped: the refusals were about a zombie, not a process that is gone.
     assert_eq!(task_stat(&pid, &pid, 3).as_deref(), Some("Z"));
 }
+
+/// A worker sleeps inside sleepy() for ever (a patch of sleepy() is busy), another prints
+/// "v=compute(41)" every 20 ms; the main thread waits for SIGUSR1, then calls pthread_exit.
+const EXITS_LATER: &str = r#"
+#include "compute_loop.h"
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+int __attribute__((noipa)) sleepy(int x) { for (;;) sleep(1000); return x; }
+static void *sleeper(void *a) { return (void *)(long)sleepy((int)(long)a); }
+static void *printer(void *a) { (void)a; print_compute_forever("v"); return NULL; }
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &s, NULL);
+    pthread_t t;
+    pthread_create(&t, NULL, sleeper, NULL);
+    pthread_create(&t, NULL, printer, NULL);
+    printf("ready %d\n", getpid());
+    int sig;
+    sigwait(&s, &sig);
+    pthread_exit(NULL);
+}
+"#;
+
+/// The main thread exits while a stop-mode apply that retries (its patch's function is busy)
+/// traces it: the apply ends at its timeout as busy, as it would have with the main thread
+/// alive — it does not wait for ever for a stop of the exited main thread (a main thread's
+/// exit is reported to its tracer only when the whole process ends) — and the process then
+/// takes a patch as any other.
+#[test]
+fn e2e_main_thread_exiting_during_a_stop_mode_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) =
+        compute_target_and_patch(dir.path(), "exits_later", EXITS_LATER, &["-pthread"]);
+    let busy_obj = object(dir.path(), "new_busy.c", "busy.o", &[]);
+    let (busy, _) = pack(dir.path(), &exe, &busy_obj, &[], "busy.lp");
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(3, |l| l == "v=42");
+    let mut apply = std::process::Command::new(livepatch_bin())
+        .args([
+            "apply",
+            &pid,
+            busy.to_str().unwrap(),
+            "--mode",
+            "stop",
+            "--timeout",
+            "3",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while tracer_of(&pid, &pid).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "livepatch never traced the main thread"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill() takes plain integers; the target blocks SIGUSR1 and waits for it.
+    assert_eq!(
+        unsafe { libc::kill(target.child.id() as i32, libc::SIGUSR1) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while apply.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = apply.kill();
+            panic!("the apply hung after the main thread exited");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = apply.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("is in function sleepy"), "{stderr}");
+    wait_main_exited(&pid, 2);
+    target.expect_steady(3, |l| l == "v=42");
+    for tid in tasks(&pid) {
+        assert_eq!(tracer_of(&pid, &tid), None, "thread {tid} still traced");
+    }
+    livepatch_ok(&["apply", &pid, &patch, "--mode", "stop"]);
+    target.expect_steady(3, |l| l == "v=1041");
+    livepatch_ok(&["revert", &pid, "--mode", "stop"]);
+    target.expect_steady(3, |l| l == "v=42");
+}

@@ -196,7 +196,7 @@ impl Tracee {
                 }
                 continue;
             };
-            match ptrace::seize(tid) {
+            match ptrace::seize_in(self.pid, tid) {
                 Ok(()) => {
                     self.threads.insert(tid, Thread::default());
                     return Ok(());
@@ -246,7 +246,7 @@ impl Tracee {
             if self.threads.contains_key(&tid) {
                 continue;
             }
-            match ptrace::seize(tid) {
+            match ptrace::seize_in(self.pid, tid) {
                 Ok(()) => {
                     self.threads.insert(tid, Thread::default());
                     added += 1;
