@@ -133,8 +133,7 @@ impl MappedModule {
     pub fn open_path(&self, pid: i32) -> PathBuf {
         if self.deleted || !std::path::Path::new(&self.path).exists() {
             PathBuf::from(format!(
-                "{}/map_files/{}",
-                crate::process::proc_dir::dir(pid),
+                "/proc/{pid}/map_files/{}",
                 self.mappings[0].map_files_name()
             ))
         } else {

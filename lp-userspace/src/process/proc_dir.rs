@@ -7,6 +7,11 @@
 //! the namespaces (`ns`). The threads share all of these, so they are read through a live
 //! thread's directory, /proc/PID/task/TID ([`dir`]). The process has exited only once every
 //! thread has ([`exited`]), and such a main thread is never a thread to trace or to borrow.
+//!
+//! `map_files` exists at the process level only (a thread's directory has none), so what is
+//! opened through it cannot be then: a module deleted from disk (refused: it cannot be read),
+//! and the nonstop sync agent's page (the agent is not started, and the switch syncs through
+//! ptrace instead: slower, as for a process whose seccomp filters refuse the agent).
 
 /// Whether a /proc `stat` text is that of a task that has exited: state Z (a zombie), X or x
 /// (dead). The state is the first field after the command name, which may hold spaces and
@@ -45,7 +50,7 @@ pub(crate) fn exited(pid: i32) -> bool {
 }
 
 /// The directory to read what the threads of `pid` share through — its address space (`maps`,
-/// `mem`, `map_files`), descriptors (`fd`) and namespaces (`ns`): /proc/PID while its main
+/// `mem`), descriptors (`fd`) and namespaces (`ns`): /proc/PID while its main
 /// thread lives, else /proc/PID/task/TID of a live thread. /proc/PID when none is left: reads
 /// there fail or find nothing, as for any process that exited.
 pub(crate) fn dir(pid: i32) -> String {

@@ -482,8 +482,7 @@ impl Shared {
     fn map(pid: i32, code: u64) -> Option<Shared> {
         use std::os::fd::AsRawFd;
         let path = format!(
-            "{}/map_files/{:x}-{:x}",
-            crate::process::proc_dir::dir(pid),
+            "/proc/{pid}/map_files/{:x}-{:x}",
             code + th::PAGE,
             code + th::AREA_LEN
         );
@@ -1095,10 +1094,8 @@ fn job_stopped(pid: i32, borrowed: i32) -> bool {
 fn same_pid_namespace(pid: i32) -> bool {
     static OURS: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let ours = OURS.get_or_init(|| std::fs::read_link("/proc/self/ns/pid").ok());
-    ours.as_ref().is_some_and(|o| {
-        std::fs::read_link(format!("{}/ns/pid", crate::process::proc_dir::dir(pid)))
-            .is_ok_and(|t| &t == o)
-    })
+    ours.as_ref()
+        .is_some_and(|o| std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|t| &t == o))
 }
 
 /// The signal mask of the stopped thread `tid` (PTRACE_GETSIGMASK: the mask it goes back to
