@@ -153,13 +153,14 @@ pub fn wait(tid: i32, nohang: bool) -> io::Result<Option<(i32, WaitStatus)>> {
     }
 }
 
-/// Waits, briefly, until the main thread `pid`, let go on its way out, has exited: it has
-/// nothing left to do but release what it holds (microseconds), but a thread that exits while
+/// Waits, briefly, until the main thread `pid`, let go on its way out, has exited (a zombie:
+/// seizing it fails from then on): it has nothing left to do but release what it holds
+/// (microseconds), but a thread that exits while
 /// another execs never shows as exited (the exec gives its id to that other thread).
 fn wait_exited(pid: i32) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     let mut pause = std::time::Duration::from_micros(10);
-    while !super::proc_dir::main_exited(pid) && std::time::Instant::now() < deadline {
+    while !super::proc_dir::thread_exited(pid, pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(pause);
         pause = (pause * 2).min(std::time::Duration::from_millis(10));
     }
