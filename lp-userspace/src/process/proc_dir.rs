@@ -55,9 +55,9 @@ pub(crate) fn exited(pid: i32) -> bool {
 }
 
 /// The directory to read what the threads of `pid` share through — its address space (`maps`,
-/// `mem`), descriptors (`fd`) and namespaces (`ns`): /proc/PID while its main
-/// thread lives, else /proc/PID/task/TID of a live thread. /proc/PID when none is left: reads
-/// there fail or find nothing, as for any process that exited.
+/// `mem`), descriptors (`fd`) and namespaces (`ns`): /proc/PID while its main thread lives,
+/// else /proc/PID/task/TID of a live thread. /proc/PID when none is left: reads there fail or
+/// find nothing, as for any process that exited.
 pub(crate) fn dir(pid: i32) -> String {
     if main_exited(pid) {
         if let Some(tid) = live_other_thread(pid) {
