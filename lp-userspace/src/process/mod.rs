@@ -196,7 +196,7 @@ impl Tracee {
                 }
                 continue;
             };
-            match ptrace::seize_in(self.pid, tid) {
+            match ptrace::seize(tid) {
                 Ok(()) => {
                     self.threads.insert(tid, Thread::default());
                     return Ok(());
@@ -246,7 +246,7 @@ impl Tracee {
             if self.threads.contains_key(&tid) {
                 continue;
             }
-            match ptrace::seize_in(self.pid, tid) {
+            match ptrace::seize(tid) {
                 Ok(()) => {
                     self.threads.insert(tid, Thread::default());
                     added += 1;
@@ -333,6 +333,15 @@ impl Tracee {
                 Ok(None) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {}
                 Err(e) => return Err(ProcessError::from_ptrace("WAIT", self.pid, tid, e)),
+            }
+            // A main thread that exited while traced (pthread_exit, the others running on) is
+            // reported only with the whole process: it would be waited for forever (a stop
+            // asked of it never comes). Looked at before each blocking wait: a thread about
+            // to report costs nothing, its report comes first. (A main thread that exits
+            // while this wait blocks is not seen: a window of microseconds, in which it must
+            // be on its way out while a stop is asked of it.)
+            if tid == self.pid && proc_dir::thread_exited(self.pid, tid) {
+                return Ok(WaitStatus::Gone);
             }
             match ptrace::wait(-1, false) {
                 Ok(Some((who, st))) if who == tid => return Ok(st),

@@ -13,29 +13,12 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// Attaches to `tid`, which is not a process's main thread, without stopping it. Syscall-stops
-/// (only ever asked for by [`syscall`]) are told apart from SIGTRAPs (PTRACE_O_TRACESYSGOOD).
+/// Attaches to `tid` without stopping it. Syscall-stops (only ever asked for by
+/// [`syscall`]) are told apart from SIGTRAPs (PTRACE_O_TRACESYSGOOD).
 pub fn seize(tid: i32) -> io::Result<()> {
-    seize_with(tid, libc::PTRACE_O_TRACESYSGOOD)
-}
-
-/// [`seize`] of thread `tid` of process `pid`. The main thread (`tid == pid`) is also made to
-/// stop on its way out (PTRACE_O_TRACEEXIT), which [`wait`] reports as its end: the exit of a
-/// thread-group leader is reported to its tracer only once every other thread is gone, and a
-/// main thread that calls `pthread_exit` while the others run on would be waited for forever
-/// (a stop asked of it while it ran then never came).
-pub fn seize_in(pid: i32, tid: i32) -> io::Result<()> {
-    let exit = if tid == pid {
-        libc::PTRACE_O_TRACEEXIT
-    } else {
-        0
-    };
-    seize_with(tid, libc::PTRACE_O_TRACESYSGOOD | exit)
-}
-
-fn seize_with(tid: i32, options: libc::c_int) -> io::Result<()> {
+    let options = libc::PTRACE_O_TRACESYSGOOD as usize;
     // SAFETY: PTRACE_SEIZE takes no pointers; addr/data are plain integers.
-    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, options as usize) }).map(drop)
+    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, options) }).map(drop)
 }
 
 /// Resumes a stopped thread until its next system call entry or exit (a syscall-stop, which
@@ -96,8 +79,7 @@ pub enum WaitStatus {
     EventStop,
     /// About to receive signal `0` (signal-delivery stop).
     Signal(i32),
-    /// Another ptrace event stop (clone, exec): treated as stopped. (A main thread's exit stop
-    /// is reported as [`WaitStatus::Gone`], see [`seize_in`].)
+    /// Another ptrace event stop (clone, exec, exit): treated as stopped.
     OtherEvent(i32),
     /// A syscall-entry or syscall-exit stop (after [`syscall`]).
     Syscall,
@@ -129,14 +111,6 @@ pub fn wait(tid: i32, nohang: bool) -> io::Result<Option<(i32, WaitStatus)>> {
             WaitStatus::Gone
         } else if libc::WIFSTOPPED(status) {
             let event = (status >> 16) & 0xff;
-            if event == libc::PTRACE_EVENT_EXIT {
-                // A main thread on its way out (see `seize_in`): let go, and reported gone
-                // once it has exited (a zombie, until the whole process ends), so that it is
-                // never seized again meanwhile.
-                let _ = detach(ret, 0);
-                wait_exited(ret);
-                return Ok(Some((ret, WaitStatus::Gone)));
-            }
             if event == libc::PTRACE_EVENT_STOP {
                 WaitStatus::EventStop
             } else if event != 0 {
@@ -150,18 +124,5 @@ pub fn wait(tid: i32, nohang: bool) -> io::Result<Option<(i32, WaitStatus)>> {
             continue;
         };
         return Ok(Some((ret, st)));
-    }
-}
-
-/// Waits, briefly, until the main thread `pid`, let go on its way out, has exited (a zombie:
-/// seizing it fails from then on): it has nothing left to do but release what it holds
-/// (microseconds), but a thread that exits while
-/// another execs never shows as exited (the exec gives its id to that other thread).
-fn wait_exited(pid: i32) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    let mut pause = std::time::Duration::from_micros(10);
-    while !super::proc_dir::thread_exited(pid, pid) && std::time::Instant::now() < deadline {
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_millis(10));
     }
 }

@@ -546,7 +546,7 @@ impl Tracee {
                 known @ Known::Filter { count, .. } => {
                     let traced = self.threads.contains_key(&tid);
                     if !traced {
-                        match super::ptrace::seize_in(self.pid, tid) {
+                        match super::ptrace::seize(tid) {
                             Ok(()) => {}
                             Err(e) if super::seized_a_dead_thread(self.pid, tid, &e) => continue,
                             Err(e) => {

@@ -1590,7 +1590,7 @@ impl<'r> MovedOn<'r> {
 /// `ranges`. A thread that cannot be looked at (gone, traced by someone else) does not.
 fn running_thread_refers_to(mem: &Memory, pid: i32, tid: i32, ranges: &[CodeRange]) -> bool {
     use crate::process::ptrace::{self, WaitStatus};
-    if ptrace::seize_in(pid, tid).is_err() {
+    if ptrace::seize(tid).is_err() {
         return false;
     }
     let regs = ptrace::interrupt(tid).ok().and_then(|()| loop {
