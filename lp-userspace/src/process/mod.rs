@@ -325,6 +325,7 @@ impl Tracee {
     /// handled on the spot: waiting on one tid alone can deadlock when the process dies (a
     /// thread-group leader's exit is reported only after every other thread was reaped).
     fn wait_for(&mut self, tid: i32) -> Result<WaitStatus> {
+        let mut looked = false;
         loop {
             // Our thread first: with many threads trapping (nonstop mode), a plain wait on any
             // thread can keep returning theirs and starve the one we wait for.
@@ -336,11 +337,15 @@ impl Tracee {
             }
             // A main thread that exited while traced (pthread_exit, the others running on) is
             // reported only with the whole process: it would be waited for forever (a stop
-            // asked of it never comes). Looked at before each blocking wait: a thread about
-            // to report costs nothing, its report comes first. (A main thread that exits
-            // while this wait blocks is not seen: a window of microseconds, in which it must
+            // asked of it never comes). Looked at once, before the first blocking wait: a
+            // thread that has reported already costs nothing, and the other threads' reports
+            // while it stops cost no /proc read each (in a stop window). (A main thread that
+            // exits after that look is not seen: a window of microseconds, in which it must
             // be on its way out while a stop is asked of it.)
-            if tid == self.pid && proc_dir::thread_exited(self.pid, tid) {
+            if tid == self.pid
+                && !std::mem::replace(&mut looked, true)
+                && proc_dir::thread_exited(self.pid, tid)
+            {
                 return Ok(WaitStatus::Gone);
             }
             match ptrace::wait(-1, false) {
