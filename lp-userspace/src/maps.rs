@@ -219,8 +219,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
 /// program, and counting them would make a library look mapped by us (`processes_mapping`) or
 /// give it a second, wrong load address (`modules`).
 pub fn read(pid: i32) -> Result<Vec<Mapping>, MapsError> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|source| MapsError::Io { pid, source })?;
+    let text =
+        crate::process::proc_dir::maps(pid).map_err(|source| MapsError::Io { pid, source })?;
     let mut mappings = parse(&text)?;
     if u32::try_from(pid).ok() == Some(std::process::id()) {
         mappings.retain(|m| !crate::elf::is_own_file_mapping(m.start));

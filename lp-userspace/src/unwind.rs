@@ -48,7 +48,7 @@ impl ProcMemory {
     /// Opens `/proc/PID/mem` for reading.
     pub fn open(pid: i32) -> io::Result<ProcMemory> {
         Ok(ProcMemory {
-            file: std::fs::File::open(format!("/proc/{pid}/mem"))?,
+            file: std::fs::File::open(format!("{}/mem", crate::process::proc_dir::dir(pid)))?,
         })
     }
 }

@@ -39,7 +39,7 @@ pub(crate) fn collect(
         if !complete {
             if maps.is_none() {
                 maps = Some(
-                    std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))
+                    crate::process::proc_dir::maps(t.pid())
                         .map_err(|_| ProcessError::Exited(t.pid()))?,
                 );
             }

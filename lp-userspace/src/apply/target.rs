@@ -23,6 +23,10 @@ pub(crate) fn locate(pid: i32, patch: &Patch) -> Result<LoadedTarget, Error> {
     let modules = maps::modules(&mappings);
     let module = maps::find_module(&modules, &patch.target_name)
         .ok_or_else(|| {
+            // A process that exited and is not reaped yet has no mappings left.
+            if crate::process::is_gone_or_zombie(pid) {
+                return crate::process::ProcessError::Exited(pid).into();
+            }
             Error::Mismatch(format!(
                 "process {pid} has no module {} mapped (the patch's target)",
                 patch.target_name

@@ -62,7 +62,7 @@ pub(crate) fn ours(pid: i32) -> std::io::Result<Arc<str>> {
         Some(t) => Some(t.changes),
         None => None,
     };
-    let text: Arc<str> = std::fs::read_to_string(format!("/proc/{pid}/maps"))?.into();
+    let text: Arc<str> = super::proc_dir::maps(pid)?.into();
     if let Some(t) = traced().get_mut(&pid) {
         // Not when a change of ours happened while we read: the text may predate it.
         if Some(t.changes) == changes && t.text.is_none() {

@@ -13,15 +13,26 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Opens `/proc/PID/mem` for reading and writing.
+    /// Opens `/proc/PID/mem` for reading and writing (through a live thread when the main
+    /// thread has exited: `proc_dir.rs`). The file holds on to the address space it was opened
+    /// on: it stays usable when that thread exits later, as long as the process runs.
     pub fn open(pid: i32) -> Result<Memory> {
-        let path = format!("/proc/{pid}/mem");
+        let path = format!("{}/mem", super::proc_dir::dir(pid));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .map_err(|err| match err.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ESRCH) => ProcessError::NoSuchProcess(pid),
+                // No address space: no process, or one that exited and is not reaped yet (a
+                // zombie keeps its /proc directory).
+                Some(libc::ENOENT) | Some(libc::ESRCH) => {
+                    let listed = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                    if listed && super::is_gone_or_zombie(pid) {
+                        ProcessError::Exited(pid)
+                    } else {
+                        ProcessError::NoSuchProcess(pid)
+                    }
+                }
                 Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::Permission(pid),
                 _ => ProcessError::Memory {
                     op: "open",
@@ -86,7 +97,7 @@ impl Memory {
     /// unmapped addresses fail too, and callers may expect that.
     fn error(&self, op: &'static str, addr: u64, len: usize, err: std::io::Error) -> ProcessError {
         let no_mm = || {
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            std::fs::read_to_string(format!("{}/status", super::proc_dir::dir(self.pid)))
                 .map_or(true, |s| !s.lines().any(|l| l.starts_with("VmSize:")))
         };
         if super::is_gone_or_zombie(self.pid) || no_mm() {

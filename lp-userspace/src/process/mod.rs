@@ -13,6 +13,7 @@ mod held_signal;
 pub(crate) mod maps_text;
 mod mem;
 pub mod observe;
+pub(crate) mod proc_dir;
 pub mod ptrace;
 pub mod remote_call;
 mod restart;
@@ -136,7 +137,7 @@ impl Tracee {
         if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(ProcessError::NoSuchProcess(pid));
         }
-        if is_zombie(pid) {
+        if proc_dir::exited(pid) {
             return Err(ProcessError::Exited(pid));
         }
         if pid as u32 == std::process::id() {
@@ -194,7 +195,7 @@ impl Tracee {
             };
             let Some(tid) = picked else {
                 // Every thread looked at is gone: the process too, or it has others now.
-                if list_tasks(self.pid)?.is_empty() {
+                if proc_dir::exited(self.pid) {
                     return Err(ProcessError::Exited(self.pid));
                 }
                 continue;
@@ -282,9 +283,9 @@ impl Tracee {
 
     fn thread_gone(&mut self, tid: i32) -> Result<()> {
         self.threads.remove(&tid);
-        let alive = std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
+        let alive = !proc_dir::exited(self.pid);
         // The one borrowed thread exited, not the process: borrow another.
-        if self.single && self.threads.is_empty() && alive && !is_zombie(self.pid) {
+        if self.single && self.threads.is_empty() && alive {
             return self.seize_one(borrow::Look::start(self.pid));
         }
         if self.threads.is_empty() || !alive {
@@ -346,6 +347,7 @@ impl Tracee {
     /// handled on the spot: waiting on one tid alone can deadlock when the process dies (a
     /// thread-group leader's exit is reported only after every other thread was reaped).
     fn wait_for(&mut self, tid: i32) -> Result<WaitStatus> {
+        let mut looked = false;
         loop {
             // Our thread first: with many threads trapping (nonstop mode), a plain wait on any
             // thread can keep returning theirs and starve the one we wait for.
@@ -354,6 +356,19 @@ impl Tracee {
                 Ok(None) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {}
                 Err(e) => return Err(ProcessError::from_ptrace("WAIT", self.pid, tid, e)),
+            }
+            // A main thread that exited while traced (pthread_exit, the others running on) is
+            // reported only with the whole process: it would be waited for forever (a stop
+            // asked of it never comes). Looked at once, before the first blocking wait: a
+            // thread that has reported already costs nothing, and the other threads' reports
+            // while it stops cost no /proc read each (in a stop window). (A main thread that
+            // exits after that look is not seen: a window of microseconds, in which it must
+            // be on its way out while a stop is asked of it.)
+            if tid == self.pid
+                && !std::mem::replace(&mut looked, true)
+                && proc_dir::thread_exited(self.pid, tid)
+            {
+                return Ok(WaitStatus::Gone);
             }
             match ptrace::wait(-1, false) {
                 Ok(Some((who, st))) if who == tid => return Ok(st),
@@ -1138,16 +1153,7 @@ impl Tracee {
 pub(crate) fn seized_a_dead_thread(pid: i32, tid: i32, err: &std::io::Error) -> bool {
     match err.raw_os_error() {
         Some(libc::ESRCH) => true,
-        Some(libc::EPERM) => {
-            match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
-                // State: the first field after the command's closing parenthesis.
-                Ok(stat) => stat
-                    .rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().next())
-                    .is_some_and(|state| state == "Z" || state == "X" || state == "x"),
-                Err(_) => true,
-            }
-        }
+        Some(libc::EPERM) => proc_dir::thread_exited(pid, tid),
         _ => false,
     }
 }
@@ -1258,12 +1264,14 @@ const LOCK_HELD: &str = "another livepatch is working on this process";
 /// target agrees on, not the pid this tool sees.
 fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd;
-    let owned = lock_socket(pid)?;
+    // The namespaces, read through a live thread (the main thread may have exited).
+    let through = proc_dir::dir(pid);
+    let owned = lock_socket(pid, &through)?;
     let fd = owned.as_raw_fd();
     // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let name = lock_name(pid);
+    let name = lock_name(pid, &through);
     // sun_path[0] = 0: the abstract namespace (no file, gone with the socket).
     for (dst, b) in addr.sun_path[1..].iter_mut().zip(name.bytes()) {
         *dst = b as libc::c_char;
@@ -1312,9 +1320,9 @@ fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
 /// The lock's name for process `pid`: `livepatch-lock-NS-PID` with NS the inode of its pid
 /// namespace and PID its pid there (the last of /proc/PID/status's `NSpid`), which every
 /// livepatch sees alike, whatever pid namespace it runs in (the pid it sees may differ).
-/// `livepatch-lock-PID` when they cannot be read.
-fn lock_name(pid: i32) -> String {
-    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+/// `livepatch-lock-PID` when they cannot be read. `through`: [`proc_dir::dir`] of `pid`.
+fn lock_name(pid: i32, through: &str) -> String {
+    let ns = std::fs::read_link(format!("{through}/ns/pid"))
         .ok()
         .and_then(|l| {
             let l = l
@@ -1344,8 +1352,9 @@ fn lock_name(pid: i32) -> String {
 /// short-lived thread that enters that namespace first (`setns` moves the calling thread
 /// only, and a socket keeps the namespace it was created in). Where that is refused (no
 /// privilege over the target's namespace), the socket is made in ours, as before: two
-/// livepatches in different namespaces then do not see each other's lock.
-fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
+/// livepatches in different namespaces then do not see each other's lock. `through`:
+/// [`proc_dir::dir`] of `pid`.
+fn lock_socket(pid: i32, through: &str) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let new_socket = || {
         // SAFETY: socket() takes no pointers; the result is checked.
@@ -1359,12 +1368,12 @@ fn lock_socket(pid: i32) -> Result<std::os::fd::OwnedFd> {
         std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
     };
     let ours = ns_of("/proc/self/ns/net");
-    if ours.is_some() && ours == ns_of(&format!("/proc/{pid}/ns/net")) {
+    if ours.is_some() && ours == ns_of(&format!("{through}/ns/net")) {
         if let Some(fd) = new_socket() {
             return Ok(fd);
         }
     }
-    let in_target = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+    let in_target = std::fs::File::open(format!("{through}/ns/net"))
         .ok()
         .and_then(|netns| {
             std::thread::scope(|s| {
@@ -1409,18 +1418,10 @@ fn borrow_forced(pid: i32) -> Option<i32> {
     })
 }
 
-/// The process no longer runs: gone, or a zombie waiting to be reaped.
+/// The process no longer runs: gone, or every thread of it has exited (a zombie waiting to be
+/// reaped). One whose main thread alone has exited runs on (see `proc_dir.rs`).
 pub(crate) fn is_gone_or_zombie(pid: i32) -> bool {
-    is_zombie(pid)
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        })
-        .unwrap_or(true)
+    proc_dir::exited(pid)
 }
 
 #[cfg(test)]
@@ -1434,33 +1435,8 @@ mod tests {
     #[test]
     fn a_seize_refused_for_an_exited_thread_is_told_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("z.c");
-        let exe = dir.path().join("z");
-        std::fs::write(
-            &src,
-            "#include <pthread.h>\n#include <unistd.h>\n\
-             static void *w(void *a) { (void)a; for (;;) pause(); return 0; }\n\
-             int main(void) { pthread_t t; pthread_create(&t, 0, w, 0); pthread_exit(0); }\n",
-        )
-        .unwrap();
-        let built = std::process::Command::new("gcc")
-            .args(["-pthread", "-o"])
-            .arg(&exe)
-            .arg(&src)
-            .status()
-            .expect("gcc");
-        assert!(built.success());
-        let mut child = std::process::Command::new(&exe).spawn().expect("start");
+        let mut child = proc_dir::tests::spawn_with_exited_main_thread(dir.path());
         let pid = child.id() as i32;
-        let stat = format!("/proc/{pid}/stat");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z ")) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the main thread never exited"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
         let worker = list_tasks(pid)
             .unwrap()
             .into_iter()

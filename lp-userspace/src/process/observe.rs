@@ -19,7 +19,9 @@ pub enum Activity {
     },
 }
 
-/// The thread ids of process `pid` (empty when it is gone).
+/// The thread ids of process `pid` (empty when it is gone), but for a main thread that has
+/// exited while the others run on (a zombie until the process ends, see `proc_dir.rs`): it
+/// runs no code, and can be neither looked at nor borrowed.
 pub fn tasks(pid: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
@@ -28,6 +30,11 @@ pub fn tasks(pid: i32) -> Vec<i32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     tids.sort();
+    if let Ok(main) = tids.binary_search(&pid) {
+        if super::proc_dir::main_exited(pid) {
+            tids.remove(main);
+        }
+    }
     tids
 }
 

@@ -308,7 +308,7 @@ impl Known {
 /// The lowest descriptor number process `pid` has not open (what its next open or
 /// memfd_create returns, unless another thread opens one first); 0 when /proc cannot tell.
 pub(crate) fn lowest_free_fd(pid: i32) -> u64 {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+    let Ok(dir) = std::fs::read_dir(format!("{}/fd", super::proc_dir::dir(pid))) else {
         return 0;
     };
     let open: std::collections::BTreeSet<u64> = dir

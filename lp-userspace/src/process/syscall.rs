@@ -9,8 +9,7 @@ use super::ptrace::Regs;
 /// Finds the address of a `syscall` instruction (0f 05) in the target's executable mappings,
 /// preferring the vDSO and libc, which every dynamically linked process has.
 pub fn find_syscall_instruction(pid: i32, mem: &Memory) -> Result<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|_| ProcessError::NoSuchProcess(pid))?;
+    let maps = super::proc_dir::maps(pid).map_err(|_| ProcessError::NoSuchProcess(pid))?;
     let mut ranges: Vec<(u8, u64, u64)> = Vec::new();
     for line in maps.lines() {
         let mut fields = line.split_whitespace();

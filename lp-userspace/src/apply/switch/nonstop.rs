@@ -1458,7 +1458,7 @@ impl Mappings {
     fn find(&mut self, addr: u64) -> Option<u64> {
         let pid = self.pid;
         let maps = self.read.get_or_insert_with(|| {
-            std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            crate::process::proc_dir::maps(pid)
                 .map(|m| {
                     m.lines()
                         .filter_map(|l| {

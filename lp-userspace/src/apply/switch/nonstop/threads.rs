@@ -65,23 +65,23 @@ impl Thread {
         })
     }
 
+    /// The text of the thread's `stat`, in `buf`; `None` when it is gone.
+    fn stat<'a>(&self, buf: &'a mut [u8]) -> Option<&'a str> {
+        match &self.stat {
+            Some(f) => read_text(f, buf),
+            None => read_text(&File::open(&self.stat_path).ok()?, buf),
+        }
+    }
+
     /// The thread's pending set and mask; `None` when it is gone.
     pub fn signals(&self) -> Option<Signals> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = [0u8; 1024];
-        let opened;
-        let stat = match &self.stat {
-            Some(f) => f,
-            None => {
-                opened = File::open(&self.stat_path).ok()?;
-                &opened
-            }
-        };
-        let n = stat.read_at(&mut buf, 0).ok()?;
-        if n == 0 {
-            return None;
-        }
-        parse_stat_signals(std::str::from_utf8(&buf[..n]).ok()?)
+        parse_stat_signals(self.stat(&mut [0u8; 1024])?)
+    }
+
+    /// Whether the thread has exited (a zombie, dead, or gone).
+    fn exited(&self) -> bool {
+        self.stat(&mut [0u8; 1024])
+            .is_none_or(crate::process::proc_dir::stat_says_exited)
     }
 
     /// Whether signal `sig` (1-31) is in the thread's mask (false when it is gone).
@@ -106,9 +106,11 @@ impl Thread {
     }
 }
 
-fn read_text<'a>(f: &std::io::Result<File>, buf: &'a mut [u8]) -> Option<&'a str> {
+/// The text of the /proc file `f` from its start, in `buf`; `None` when it reads nothing (its
+/// thread or process is gone).
+fn read_text<'a>(f: &File, buf: &'a mut [u8]) -> Option<&'a str> {
     use std::os::unix::fs::FileExt;
-    let n = f.as_ref().ok()?.read_at(buf, 0).ok()?;
+    let n = f.read_at(buf, 0).ok()?;
     if n == 0 {
         return None;
     }
@@ -184,21 +186,30 @@ impl Threads {
             .status
             .get_or_insert_with(|| File::open(format!("/proc/{pid}/status")));
         let mut buf = [0u8; 4096];
-        read_text(f, &mut buf).map_or(0, |s| observe::status_masks(s, fields))
+        f.as_ref()
+            .ok()
+            .and_then(|f| read_text(f, &mut buf))
+            .map_or(0, |s| observe::status_masks(s, fields))
     }
 
-    /// As `process::is_gone_or_zombie` (the process's state, field 3 of its stat, is Z or X,
-    /// or it reads nothing), through a kept descriptor.
+    /// As `process::is_gone_or_zombie`, through kept descriptors: the main thread runs (its
+    /// stat, the process's), or else a kept thread does — looked for among all the threads
+    /// only when none does (`proc_dir.rs`: a main thread may exit before the others).
     pub fn process_gone(&mut self) -> bool {
         let pid = self.pid;
         let f = self
             .stat
             .get_or_insert_with(|| File::open(format!("/proc/{pid}/stat")));
         let mut buf = [0u8; 1024];
-        let state = read_text(f, &mut buf)
-            .and_then(|s| s.rsplit_once(')'))
-            .and_then(|(_, rest)| rest.trim_start().chars().next());
-        !matches!(state, Some(c) if c != 'Z' && c != 'X')
+        let main_runs = f
+            .as_ref()
+            .ok()
+            .and_then(|f| read_text(f, &mut buf))
+            .is_some_and(|s| !crate::process::proc_dir::stat_says_exited(s));
+        let runs = main_runs
+            || self.kept.iter().any(|(&tid, t)| tid != pid && !t.exited())
+            || !crate::process::proc_dir::exited(pid);
+        !runs
     }
 
     /// The threads of the process now, in id order, except `skip`: /proc/PID/task listed

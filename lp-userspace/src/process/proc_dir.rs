@@ -1,0 +1,187 @@
+//! Which /proc directory to read a process through. /proc/PID is its main thread, and a main
+//! thread may exit before the others: `pthread_exit` at the end of `main`, a common server
+//! pattern. It then stays a zombie until the whole process ends. Its `stat` and `status` still
+//! give the process's identity (start time, parent, NSpid) and its process-wide signal state.
+//! But what the main thread no longer holds reads as empty or fails there: the address space
+//! (`maps` reads empty, `mem` reads nothing, `map_files` is empty), the descriptors (`fd`) and
+//! the namespaces (`ns`). The threads share all of these, so they are read through a live
+//! thread's directory, /proc/PID/task/TID ([`dir`]). The process has exited only once every
+//! thread has ([`exited`]), and such a main thread is never a thread to trace or to borrow.
+//!
+//! `map_files` exists at the process level only (a thread's directory has none), so what is
+//! opened through it cannot be then: a module deleted from disk (refused: it cannot be read),
+//! and the nonstop sync agent's page (the agent is not started, and the switch syncs through
+//! ptrace instead: slower, as for a process whose seccomp filters refuse the agent).
+
+/// Whether a /proc `stat` text is that of a task that has exited: state Z (a zombie), X or x
+/// (dead). The state is the first field after the command name, which may hold spaces and
+/// parentheses itself.
+pub(crate) fn stat_says_exited(stat: &str) -> bool {
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_none_or(|state| matches!(state, "Z" | "X" | "x"))
+}
+
+/// Whether thread `tid` of process `pid` has exited: a zombie, dead, or gone.
+pub(crate) fn thread_exited(pid: i32, tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .map_or(true, |s| stat_says_exited(&s))
+}
+
+/// Whether the main thread of `pid` has exited (the process may run on in its other threads),
+/// or is on its way out, or the process is gone: it has no address space any more. Told by its
+/// `statm`, whose sizes are 0 then (a live address space is never empty), at half the cost of
+/// its `stat` (it is read at every listing of the threads).
+pub(crate) fn main_exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/statm")).map_or(true, |s| {
+        s.split_whitespace().next().is_none_or(|size| size == "0")
+    })
+}
+
+/// A live thread of `pid` other than its main thread, if one is left. Exiting threads are
+/// skipped (a traced one stays a zombie until its tracer reaps it).
+fn live_other_thread(pid: i32) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&tid| tid != pid && !thread_exited(pid, tid))
+}
+
+/// Whether process `pid` no longer runs: gone, or every thread of it has exited (a zombie
+/// waiting to be reaped). A process whose main thread alone has exited still runs. (By the
+/// threads' states: a kernel thread, which has no address space either, runs.)
+pub(crate) fn exited(pid: i32) -> bool {
+    thread_exited(pid, pid) && live_other_thread(pid).is_none()
+}
+
+/// The directory to read what the threads of `pid` share through — its address space (`maps`,
+/// `mem`), descriptors (`fd`) and namespaces (`ns`): /proc/PID while its main thread lives,
+/// else /proc/PID/task/TID of a live thread. /proc/PID when none is left: reads there fail or
+/// find nothing, as for any process that exited.
+pub(crate) fn dir(pid: i32) -> String {
+    if main_exited(pid) {
+        if let Some(tid) = live_other_thread(pid) {
+            return format!("/proc/{pid}/task/{tid}");
+        }
+    }
+    format!("/proc/{pid}")
+}
+
+/// The text of process `pid`'s `maps`, through [`dir`]. A live address space always has
+/// mappings, so /proc/PID/maps is read first and the main thread's state only looked at when
+/// it reads empty: no cost for a process whose main thread runs.
+pub(crate) fn maps(pid: i32) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    if !text.is_empty() {
+        return Ok(text);
+    }
+    let through = dir(pid);
+    if through == format!("/proc/{pid}") {
+        return Ok(text);
+    }
+    std::fs::read_to_string(format!("{through}/maps"))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds and starts, in `dir`, a program whose main thread starts a worker (blocked in
+    /// `pause`) and calls pthread_exit; returns it once its main thread has exited (a zombie).
+    pub(crate) fn spawn_with_exited_main_thread(dir: &std::path::Path) -> std::process::Child {
+        let src = dir.join("z.c");
+        let exe = dir.join("z");
+        std::fs::write(
+            &src,
+            "#include <pthread.h>\n#include <unistd.h>\n\
+             static void *w(void *a) { (void)a; for (;;) pause(); return 0; }\n\
+             int main(void) { pthread_t t; pthread_create(&t, 0, w, 0); pthread_exit(0); }\n",
+        )
+        .unwrap();
+        let built = std::process::Command::new("gcc")
+            .args(["-pthread", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .expect("gcc");
+        assert!(built.success());
+        let child = std::process::Command::new(&exe).spawn().expect("start");
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !thread_exited(pid, pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the main thread never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child
+    }
+
+    /// A process whose main thread has exited runs on: read through its worker's directory,
+    /// which shows its mappings, its memory and its descriptors; the main thread is not
+    /// listed among its threads. Once the worker is gone too (killed, not reaped), the
+    /// process has exited, and its own directory is the one left.
+    #[test]
+    fn a_process_whose_main_thread_exited_is_read_through_a_live_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = spawn_with_exited_main_thread(tmp.path());
+        let pid = child.id() as i32;
+        let worker = super::super::observe::tasks(pid);
+        assert_eq!(worker.len(), 1, "{worker:?}");
+        assert_ne!(worker[0], pid);
+        assert!(!thread_exited(pid, worker[0]));
+        assert!(!exited(pid));
+        assert_eq!(dir(pid), format!("/proc/{pid}/task/{}", worker[0]));
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
+            "",
+            "the main thread's maps (else this test tests nothing)"
+        );
+        let text = maps(pid).unwrap();
+        assert!(text.contains("[stack]"), "{text}");
+        let mem = super::super::Memory::open(pid).unwrap();
+        let vdso = text.lines().find(|l| l.ends_with("[vdso]")).unwrap();
+        let start = u64::from_str_radix(vdso.split('-').next().unwrap(), 16).unwrap();
+        assert_eq!(mem.read_vec(start, 4).unwrap(), b"\x7fELF");
+        assert!(std::fs::read_dir(format!("{}/fd", dir(pid)))
+            .unwrap()
+            .next()
+            .is_some());
+
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(std::time::Instant::now() < deadline, "still runs");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "reaped"
+        );
+        assert_eq!(dir(pid), format!("/proc/{pid}"));
+        assert_eq!(maps(pid).unwrap(), "");
+        assert!(super::super::observe::tasks(pid).is_empty());
+        let _ = child.wait();
+        assert!(exited(pid));
+    }
+
+    #[test]
+    fn states_of_exited_tasks() {
+        assert!(stat_says_exited("12 (a) b) Z 1 12"));
+        assert!(stat_says_exited("12 (x) X 1 12"));
+        assert!(!stat_says_exited("12 (Z) Z) S 1 12"));
+        assert!(!stat_says_exited("12 (w) R 1 12"));
+        assert!(stat_says_exited(""));
+    }
+
+    /// This process (its main thread alive) is read through /proc/PID, and runs.
+    #[test]
+    fn a_process_whose_main_thread_runs_is_read_through_its_own_directory() {
+        let pid = std::process::id() as i32;
+        assert_eq!(dir(pid), format!("/proc/{pid}"));
+        assert!(!main_exited(pid));
+        assert!(!exited(pid));
+        assert!(maps(pid).unwrap().contains("[stack]"));
+    }
+}
