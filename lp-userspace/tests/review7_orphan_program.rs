@@ -24,6 +24,22 @@ use std::time::{Duration, Instant};
 const STOPPER: &str = r#"
 #include "agent_watched.h"
 
+#ifdef MAIN_EXITS
+/* Review 10: the main thread exits (pthread_exit) before the watcher stops the process. */
+static volatile int exit_main;
+static int main_exited(void) {
+    char p[64], buf[512];
+    snprintf(p, sizeof p, "/proc/self/task/%d/stat", getpid());
+    FILE *f = fopen(p, "r");
+    if (!f) return 1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *c = strrchr(buf, ')');
+    return c && (c[2] == 'Z' || c[2] == 'X');
+}
+#endif
+
 static void *watcher(void *arg) {
     (void)arg;
     volatile uint32_t *w = watch_agent_page();
@@ -39,6 +55,10 @@ static void *watcher(void *arg) {
         if (w[2] == 3) { /* CMD (offset 8) = CMD_RUN */
             uint32_t n = w[212 / 4]; /* NOPS */
             if (armed) {
+#ifdef MAIN_EXITS
+                exit_main = 1;
+                while (!main_exited()) usleep(200);
+#endif
                 printf("stopping with a program of %u operations requested\n", n);
                 /* To the agent itself (TID at 16): it leaves its futex wait for the stop
                    at once, before its wait times out and it finds the request. */
@@ -60,22 +80,34 @@ int main(int argc, char **argv) {
     pthread_create(&t, NULL, watcher, NULL);
     for (long i = 0; i < n; i++) pthread_create(&t, NULL, worker, (void *)i);
     printf("ready %d\n", getpid());
+#ifdef MAIN_EXITS
+    while (!exit_main) usleep(1000);
+    pthread_exit(0);
+#endif
     worker((void *)(long)n);
 }
 "#;
 
+/// A word of the target's memory, read through a live thread (its main thread may have
+/// exited: /proc/PID/mem then reads nothing).
 fn read_u32(pid: &str, addr: u64) -> u32 {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut b = [0u8; 4];
-    mem.read_exact_at(&mut b, addr).unwrap();
+    let read = tasks(pid).into_iter().any(|tid| {
+        std::fs::File::open(format!("/proc/{pid}/task/{tid}/mem"))
+            .is_ok_and(|mem| mem.read_exact_at(&mut b, addr).is_ok())
+    });
+    assert!(read, "cannot read {addr:#x} of {pid}");
     u32::from_le_bytes(b)
 }
 
-#[test]
-fn review7_a_killed_tools_program_is_not_carried_out_after_the_recovery() {
-    let dir = tempfile::tempdir().unwrap();
-    // The trap area made (the watcher finds the agent's page meanwhile).
-    let (mut target, pid, patch) = watched_target_with_area(dir.path(), "stopper", STOPPER);
+/// `source` (STOPPER, maybe with its main thread exiting) started with its area, then a
+/// nonstop apply killed while the watcher holds the process stopped with the callers' program
+/// requested and not started: (the target, its pid, the patch, the agent's page).
+fn stopped_with_an_orphan_program(
+    dir: &std::path::Path,
+    source: &str,
+) -> (Target, String, String, u64) {
+    let (target, pid, patch) = watched_target_with_area(dir, "stopper", source);
     target.wait_line(|l| l.starts_with("agent page "));
 
     let mut tool = Command::new(livepatch_bin())
@@ -113,14 +145,11 @@ fn review7_a_killed_tools_program_is_not_carried_out_after_the_recovery() {
         req != done && nops > 0 && next == 0 && read_u32(&pid, page + 16) != 0,
         "setup: REQ {req} DONE {done} NOPS {nops} NEXT {next:#x}"
     );
+    (target, pid, patch, page)
+}
 
-    // The next livepatch finishes the killed apply and reverts the patch (on the stopped
-    // process): it succeeds, and the process has no patch.
-    livepatch_ok(&["revert", &pid]);
-    let status = livepatch_ok(&["status", &pid]);
-    assert!(status.contains("no patches applied"), "{status}");
-
-    // The process runs again: it must run its original code, as the revert said.
+/// SIGCONT to the target, which must live on, running its original code.
+fn continue_and_expect_the_original(target: &mut Target) {
     // SAFETY: kill only sends SIGCONT to the target.
     unsafe { libc::kill(target.child.id() as i32, libc::SIGCONT) };
     let until = Instant::now() + Duration::from_secs(2);
@@ -134,4 +163,49 @@ fn review7_a_killed_tools_program_is_not_carried_out_after_the_recovery() {
     }
     target.expect_steady(5, |l| l.ends_with("value=42"));
     assert!(target.alive());
+}
+
+#[test]
+fn review7_a_killed_tools_program_is_not_carried_out_after_the_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut target, pid, _, _) = stopped_with_an_orphan_program(dir.path(), STOPPER);
+    // The next livepatch finishes the killed apply and reverts the patch (on the stopped
+    // process): it succeeds, and the process has no patch.
+    livepatch_ok(&["revert", &pid]);
+    let status = livepatch_ok(&["status", &pid]);
+    assert!(status.contains("no patches applied"), "{status}");
+    // The process runs again: it must run its original code, as the revert said.
+    continue_and_expect_the_original(&mut target);
+}
+
+/// Review 10: once the main thread has exited, the agent's page cannot be mapped (no
+/// map_files), so its program can be neither cancelled nor resolved: the next livepatch is
+/// refused while the agent lives, writes nothing, and succeeds once the process ran on (the
+/// agent carried out its program, before the recovery, and exited: its tool is gone).
+#[test]
+fn review10_an_orphan_program_out_of_reach_refuses_the_recovery_until_the_agent_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!("#define MAIN_EXITS 1\n{STOPPER}");
+    let (mut target, pid, _, page) = stopped_with_an_orphan_program(dir.path(), &source);
+    let out = Command::new(livepatch_bin())
+        .args(["revert", &pid])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "revert: {stderr}");
+    assert!(
+        stderr.contains("continue the process and try again") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    // SAFETY: kill only sends SIGCONT to the target.
+    unsafe { libc::kill(target.child.id() as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + PATIENCE;
+    while read_u32(&pid, page + 16) != 0 {
+        assert!(Instant::now() < deadline, "the orphaned agent never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    livepatch_ok(&["revert", &pid]);
+    let status = livepatch_ok(&["status", &pid]);
+    assert!(status.contains("no patches applied"), "{status}");
+    continue_and_expect_the_original(&mut target);
 }

@@ -971,9 +971,9 @@ pub(crate) fn quiet_orphaned_agent(
     // Every area of this layout: one another build of livepatch made may hold an agent its
     // killed tool left too (the words are the same; its code may not be).
     for (code, own) in layout_areas(pid, &mem)? {
-        sync_agent::quiet_orphan(pid, code, own).map_err(|e| {
+        sync_agent::quiet_orphan(pid, &mem, code, own).map_err(|e| {
             Error::Unfinished(format!(
-                "process {pid}: the sync agent (thread {}) of a killed livepatch{} is stopped in the middle of a write: nothing written; continue the process and try again",
+                "process {pid}: the sync agent (thread {}) of a killed livepatch{} may still carry out a write of its program (it is stopped, or out of our reach): nothing written; continue the process and try again",
                 e.tid,
                 if own { "" } else { " of another version" }
             ))

@@ -1081,9 +1081,22 @@ fn resolve_claim(tid: i32, code: u64, shared: &Shared) -> Result<usize, Stuck> {
 /// upgraded meanwhile) the words are read and cancelled the same way, but a claimed write not
 /// carried out in time is not resolved by hand (that needs the agent's code, see
 /// [`resolve_claim`]): the agent is [`Stuck`] then, and nothing is written.
-pub(crate) fn quiet_orphan(pid: i32, code: u64, own: bool) -> Result<(), Stuck> {
+pub(crate) fn quiet_orphan(
+    pid: i32,
+    mem: &crate::process::Memory,
+    code: u64,
+    own: bool,
+) -> Result<(), Stuck> {
     let Some(s) = Shared::map(pid, code) else {
-        return Ok(());
+        // The page cannot be mapped (a process whose main thread has exited has no map_files):
+        // an agent living there can be neither cancelled nor resolved, and a program it was
+        // given would be carried out after our recovery (review 10). Unless its tool lives.
+        return match living_agent(mem, code) {
+            Some(tid) if !tool_still_tracing(pid, agent_word(mem, code, TOOL)) => {
+                Err(Stuck { tid })
+            }
+            _ => Ok(()),
+        };
     };
     let tid = s.word(TID).load(Ordering::Acquire) as i32;
     if tid == 0 || tool_still_tracing(pid, s.word(TOOL).load(Ordering::Acquire)) {
@@ -1120,9 +1133,17 @@ pub(crate) fn quiet_orphan(pid: i32, code: u64, own: bool) -> Result<(), Stuck> 
 /// its first instruction), None when there is none: the word clone sets and the kernel clears
 /// at the agent's exit. One read of 4 bytes.
 pub(crate) fn living_agent(mem: &crate::process::Memory, code: u64) -> Option<i32> {
+    Some(agent_word(mem, code, TID) as i32).filter(|&tid| tid != 0)
+}
+
+/// Word `off` of the agent's page in the area at `code`, read through `mem` (0 when it
+/// cannot be read).
+fn agent_word(mem: &crate::process::Memory, code: u64, off: u64) -> u32 {
     let mut b = [0u8; 4];
-    mem.read(code + th::PAGE + th::AGENT + TID, &mut b).ok()?;
-    Some(u32::from_le_bytes(b) as i32).filter(|&tid| tid != 0)
+    match mem.read(code + th::PAGE + th::AGENT + off, &mut b) {
+        Ok(_) => u32::from_le_bytes(b),
+        Err(_) => 0,
+    }
 }
 
 /// Whether `tool` (the pid an agent's page names, 0 when unknown) still traces a thread of
