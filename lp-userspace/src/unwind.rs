@@ -48,7 +48,11 @@ impl ProcMemory {
     /// Opens `/proc/PID/mem` for reading.
     pub fn open(pid: i32) -> io::Result<ProcMemory> {
         Ok(ProcMemory {
-            file: std::fs::File::open(format!("{}/mem", crate::process::proc_dir::dir(pid)))?,
+            file: crate::process::proc_dir::open_shared(
+                pid,
+                "mem",
+                std::fs::OpenOptions::new().read(true),
+            )?,
         })
     }
 }

@@ -17,31 +17,28 @@ impl Memory {
     /// thread has exited: `proc_dir.rs`). The file holds on to the address space it was opened
     /// on: it stays usable when that thread exits later, as long as the process runs.
     pub fn open(pid: i32) -> Result<Memory> {
-        let path = format!("{}/mem", super::proc_dir::dir(pid));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|err| match err.raw_os_error() {
-                // No address space: no process, or one that exited and is not reaped yet (a
-                // zombie keeps its /proc directory).
-                Some(libc::ENOENT) | Some(libc::ESRCH) => {
-                    let listed = std::path::Path::new(&format!("/proc/{pid}")).exists();
-                    if listed && super::is_gone_or_zombie(pid) {
-                        ProcessError::Exited(pid)
-                    } else {
-                        ProcessError::NoSuchProcess(pid)
+        let file =
+            super::proc_dir::open_shared(pid, "mem", OpenOptions::new().read(true).write(true))
+                .map_err(|err| match err.raw_os_error() {
+                    // No address space: no process, or one that exited and is not reaped yet (a
+                    // zombie keeps its /proc directory).
+                    Some(libc::ENOENT) | Some(libc::ESRCH) => {
+                        let listed = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                        if listed && super::is_gone_or_zombie(pid) {
+                            ProcessError::Exited(pid)
+                        } else {
+                            ProcessError::NoSuchProcess(pid)
+                        }
                     }
-                }
-                Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::Permission(pid),
-                _ => ProcessError::Memory {
-                    op: "open",
-                    pid,
-                    addr: 0,
-                    len: 0,
-                    err,
-                },
-            })?;
+                    Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::Permission(pid),
+                    _ => ProcessError::Memory {
+                        op: "open",
+                        pid,
+                        addr: 0,
+                        len: 0,
+                        err,
+                    },
+                })?;
         Ok(Memory { pid, file })
     }
 

@@ -426,7 +426,14 @@ impl Tracee {
             } else {
                 match self.threads.keys().next() {
                     Some(&t) => t,
-                    None => return Err(ProcessError::Exited(self.pid)),
+                    // Every thread traced exited: the process too, or it has others now.
+                    None if proc_dir::exited(self.pid) => {
+                        return Err(ProcessError::Exited(self.pid))
+                    }
+                    None => {
+                        while self.seize_new()? > 0 {}
+                        continue;
+                    }
                 }
             };
             self.stop_thread(tid)?;

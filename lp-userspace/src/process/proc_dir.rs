@@ -38,6 +38,31 @@ pub(crate) fn main_exited(pid: i32) -> bool {
     })
 }
 
+/// How many times a look through the threads is made again when the threads it chose came and
+/// went meanwhile (review 10: a process whose threads each hand over to a new one every few
+/// milliseconds).
+const TRIES: usize = 4;
+
+/// Whether the task whose /proc directory is `dir` still has its address space (its `statm`
+/// sizes are not 0). An address space once let go never comes back: true after a file was
+/// opened there means that the file holds it.
+fn has_address_space(dir: &str) -> bool {
+    std::fs::read_to_string(format!("{dir}/statm"))
+        .is_ok_and(|s| s.split_whitespace().next().is_some_and(|size| size != "0"))
+}
+
+/// The threads process `pid` counts (`num_threads` of its `stat`): its main thread among them,
+/// even exited, until the process is reaped; 0 when it cannot be read.
+fn threads_counted(pid: i32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().nth(17)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// A live thread of `pid` other than its main thread, if one is left. Exiting threads are
 /// skipped (a traced one stays a zombie until its tracer reaps it).
 fn live_other_thread(pid: i32) -> Option<i32> {
@@ -50,8 +75,24 @@ fn live_other_thread(pid: i32) -> Option<i32> {
 /// Whether process `pid` no longer runs: gone, or every thread of it has exited (a zombie
 /// waiting to be reaped). A process whose main thread alone has exited still runs. (By the
 /// threads' states: a kernel thread, which has no address space either, runs.)
+///
+/// A listing races with threads that come and go: every thread it lists may have exited by the
+/// time its state is read while others started meanwhile. So a listing that finds no live
+/// thread is believed when the process counts no thread beside its main one, or else after a
+/// few more listings (threads that exited while traced stay counted until reaped).
 pub(crate) fn exited(pid: i32) -> bool {
-    thread_exited(pid, pid) && live_other_thread(pid).is_none()
+    if !thread_exited(pid, pid) {
+        return false;
+    }
+    for _ in 0..TRIES {
+        if live_other_thread(pid).is_some() {
+            return false;
+        }
+        if threads_counted(pid) <= 1 {
+            return true;
+        }
+    }
+    true
 }
 
 /// The directory to read what the threads of `pid` share through — its address space (`maps`,
@@ -70,16 +111,44 @@ pub(crate) fn dir(pid: i32) -> String {
 /// The text of process `pid`'s `maps`, through [`dir`]. A live address space always has
 /// mappings, so /proc/PID/maps is read first and the main thread's state only looked at when
 /// it reads empty: no cost for a process whose main thread runs.
+/// A thread that exits before its file is opened reads empty (or is gone): another is tried.
 pub(crate) fn maps(pid: i32) -> std::io::Result<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     if !text.is_empty() {
         return Ok(text);
     }
-    let through = dir(pid);
-    if through == format!("/proc/{pid}") {
-        return Ok(text);
+    let mut last = Ok(text);
+    for _ in 0..TRIES {
+        let through = dir(pid);
+        if through == format!("/proc/{pid}") {
+            return last;
+        }
+        match std::fs::read_to_string(format!("{through}/maps")) {
+            Ok(text) if !text.is_empty() => return Ok(text),
+            other => last = other,
+        }
     }
-    std::fs::read_to_string(format!("{through}/maps"))
+    last
+}
+
+/// Opens file `name` of what the threads of `pid` share (`mem`) through [`dir`]. A file opened
+/// through a thread that was exiting holds no address space (its reads find nothing): the
+/// thread's `statm` read after the open tells, and another thread is tried.
+pub(crate) fn open_shared(
+    pid: i32,
+    name: &str,
+    options: &std::fs::OpenOptions,
+) -> std::io::Result<std::fs::File> {
+    let mut last = None;
+    for _ in 0..TRIES {
+        let through = dir(pid);
+        let file = options.open(format!("{through}/{name}"));
+        if file.is_ok() && has_address_space(&through) {
+            return file;
+        }
+        last = Some(file);
+    }
+    last.unwrap_or_else(|| options.open(format!("/proc/{pid}/{name}")))
 }
 
 #[cfg(test)]
