@@ -1286,7 +1286,12 @@ fn install(
         data + th::SCRATCH_ACT,
         data + th::SCRATCH_OLD,
     )?;
-    if KAction::read(t.mem(), data + th::SCRATCH_OLD)? != current {
+    // The action it replaced. Ours: the sync agent made this very call and was not heard of
+    // in time (its process stopped right after the call), and `sigaction` made it again
+    // through ptrace (`SyncAgent::call` redoes a call it cannot tell was made): the agent
+    // replaced `current`, which the process could not have changed back to our handler.
+    let replaced = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
+    if replaced != current && replaced.handler != area.code {
         // The process changed its action between our two calls: give it back its own.
         sigaction(t, agent, SIGTRAP, data + th::SCRATCH_OLD, 0)?;
         return Err(Error::Busy {
