@@ -6,7 +6,13 @@
 //! ("has no livepatch applied" after an apply that succeeded, then "already applied"), with a
 //! nonstop switch left half-done now and then. Every apply and revert here must succeed.
 //!
-//! Ignored: fails on paced bb3d993 (8–11 wrong answers in 30 pairs); un-ignore with the fix.
+//! An apply refused as busy ("try again": a thread met inside pthread_create, whose mask
+//! blocks SIGTRAP for a moment) is an answer, not a wrong one; its revert is not asked.
+//!
+//! Ignored: failed on paced bb3d993 (8–11 wrong answers in 30 pairs); after 0046e80 about one
+//! wrong answer in 200 pairs is left (a revert during which every thread it had stopped exited
+//! says "exited while being patched": `Tracee::thread_gone`), too many for CI. Run it with
+//! `--include-ignored`; un-ignore once that is fixed.
 //! With the main thread alive (the same program, `pause()` instead of `pthread_exit`) the same
 //! pairs all succeed.
 
@@ -41,7 +47,7 @@ int main(void) {
 "#;
 
 #[test]
-#[ignore = "review 10 H1: fails on paced bb3d993"]
+#[ignore = "review 10 H1: ~1 wrong answer in 200 pairs left (thread_gone)"]
 fn review10_a_process_whose_main_thread_exited_and_whose_threads_come_and_go_is_patched() {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable_from_source(dir.path(), "churn", CHURN, &["-pthread"]);
@@ -50,7 +56,7 @@ fn review10_a_process_whose_main_thread_exited_and_whose_threads_come_and_go_is_
     let pid = target.pid();
     let mut wrong = Vec::new();
     for i in 0..30 {
-        for args in [
+        for (k, args) in [
             &[
                 "apply",
                 &pid,
@@ -61,8 +67,15 @@ fn review10_a_process_whose_main_thread_exited_and_whose_threads_come_and_go_is_
                 "60",
             ][..],
             &["revert", &pid][..],
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let out = livepatch(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if k == 0 && out.status.code() == Some(3) && stderr.contains("try again") {
+                break; // busy: nothing applied, nothing to revert
+            }
             if !out.status.success() {
                 wrong.push(format!(
                     "{i} {}: {:?} {}",
