@@ -101,6 +101,35 @@ fn own_mask() -> String {
 
 /// `livepatch args...` (the borrowed thread forced to lp-borrow) run until it stops itself at
 /// `point`; returned stopped there.
+/// The target, built in `dir` as `name` with its patch, started and steady (`value=42` with its
+/// own mask): (target, its pid, as a number, the patch, its mask, its number of threads).
+struct Started {
+    target: Target,
+    pid: String,
+    pid_n: i32,
+    patch: String,
+    mask: String,
+    threads: usize,
+}
+
+fn start(dir: &std::path::Path, name: &str) -> Started {
+    let (exe, patch) = compute_target_and_patch(dir, name, TARGET, &["-pthread"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    let pid_n: i32 = pid.parse().unwrap();
+    let mask = own_mask();
+    target.expect_steady(2, |l| l == format!("value=42 {mask}"));
+    let threads = tasks(&pid).len();
+    Started {
+        target,
+        pid,
+        pid_n,
+        patch,
+        mask,
+        threads,
+    }
+}
+
 fn tool_stopped_at(args: &[&str], point: &str) -> Child {
     stop_tool_at_with(args, point, &[("LIVEPATCH_BORROW_COMM", "lp-borrow")])
 }
@@ -171,13 +200,14 @@ fn send(pid: i32, tid: Option<i32>) {
 #[test]
 fn e2e_agent_start_killed_after_each_step_leaves_the_thread_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let (exe, patch) = compute_target_and_patch(dir.path(), "agent_start", TARGET, &["-pthread"]);
-    let mut target = Target::spawn(&exe, &[]);
-    let pid = target.pid();
-    let pid_n: i32 = pid.parse().unwrap();
-    let mask = own_mask();
-    target.expect_steady(2, |l| l == format!("value=42 {mask}"));
-    let threads = tasks(&pid).len();
+    let Started {
+        mut target,
+        pid,
+        pid_n,
+        patch,
+        mask,
+        threads,
+    } = start(dir.path(), "agent_start");
     let mut sent = 0;
     for step in 1..=6 {
         let what = format!("killed at agent-start.{step}");
@@ -218,13 +248,14 @@ fn e2e_agent_start_killed_after_each_step_leaves_the_thread_as_it_was() {
 #[test]
 fn e2e_agent_start_keeps_the_borrowed_threads_mask_and_signals() {
     let dir = tempfile::tempdir().unwrap();
-    let (exe, patch) = compute_target_and_patch(dir.path(), "agent_cycles", TARGET, &["-pthread"]);
-    let target = Target::spawn(&exe, &[]);
-    let pid = target.pid();
-    let pid_n: i32 = pid.parse().unwrap();
-    let mask = own_mask();
-    target.expect_steady(2, |l| l == format!("value=42 {mask}"));
-    let threads = tasks(&pid).len();
+    let Started {
+        target,
+        pid,
+        pid_n,
+        patch,
+        mask,
+        threads,
+    } = start(dir.path(), "agent_cycles");
     // SIGUSR1 to the process every 2 ms while the cycles run.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
@@ -306,13 +337,14 @@ fn agent_line(args: &[&str], borrow: &str) -> String {
 #[test]
 fn e2e_agent_start_is_skipped_in_a_stopped_process() {
     let dir = tempfile::tempdir().unwrap();
-    let (exe, patch) = compute_target_and_patch(dir.path(), "agent_stopped", TARGET, &["-pthread"]);
-    let target = Target::spawn(&exe, &[]);
-    let pid = target.pid();
-    let pid_n: i32 = pid.parse().unwrap();
-    let mask = own_mask();
-    target.expect_steady(2, |l| l == format!("value=42 {mask}"));
-    let threads = tasks(&pid).len();
+    let Started {
+        target,
+        pid,
+        pid_n,
+        patch,
+        mask,
+        threads,
+    } = start(dir.path(), "agent_stopped");
     // SAFETY: kill only sends a signal to the target we started.
     assert_eq!(unsafe { libc::kill(pid_n, libc::SIGSTOP) }, 0);
     let deadline = Instant::now() + PATIENCE;
