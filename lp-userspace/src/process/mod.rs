@@ -21,6 +21,7 @@ pub mod seccomp;
 pub mod stop_point;
 pub(crate) mod stub;
 mod syscall;
+pub(crate) mod vma_query;
 
 pub use error::{ProcessError, Result};
 pub use gaps::find_free_near;

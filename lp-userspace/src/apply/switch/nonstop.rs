@@ -23,8 +23,10 @@
 //! them (blocked or running, CPU time consumed, SIGTRAP pending) comes from /proc.
 
 mod area_name;
+mod stacks;
 mod sync_agent;
 mod threads;
+mod timer_slack;
 
 use super::trap_handler as th;
 use super::{verify_expected, Error, SiteSwitch, SwitchStats};
@@ -34,6 +36,7 @@ use lp_core::consistency::CodeRange;
 use lp_core::plan::{Step, WritePlan};
 use lp_core::table::{EntryState, RedirectTable, Slot};
 use lp_core::trap::{self, TrapDecision};
+use stacks::{stack_refers_to, Mappings};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -134,10 +137,16 @@ fn thread_cpu_us() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
+/// `LIVEPATCH_TRACE`: a phase of the switch, `+N us` after `since`, after `@M`: µs since
+/// the first line this process traced (one clock for every line: the gap between any two
+/// lines reads off directly). Tests read the lines' ends.
 fn trace(what: &str, since: Instant) {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        let origin = *ORIGIN.get_or_init(Instant::now);
         eprintln!(
-            "livepatch: trace: nonstop {what} +{} us",
+            "livepatch: trace: @{} nonstop {what} +{} us",
+            origin.elapsed().as_micros(),
             since.elapsed().as_micros()
         );
     }
@@ -156,6 +165,7 @@ pub(crate) fn run(
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
 ) -> Result<SwitchStats, Error> {
     let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
+    let _precise = timer_slack::Precise::start();
     verify_expected(t.mem(), sites)?;
     if sites.len() > th::MAX_SITES {
         return Err(Error::Unsupported(format!(
@@ -230,9 +240,6 @@ pub(crate) fn run(
     let t0 = Instant::now();
     // From the first int3 to the last, every call of a switched function costs a trap: the
     // tool must not wait behind the trapping threads for a CPU.
-    // Processes forked from now on may copy the code mid-switch (see finish_children).
-    let forks_before = forks_so_far();
-    let began = boot_ticks_now();
     // Only the tool's own thread: a boosted thread of the target would stay SCHED_FIFO for
     // good if the tool were killed mid-switch, and a busy one would then starve its CPU
     // (review session 3, R1). iced-x86's tables (settle decodes) are built first: they are
@@ -282,6 +289,11 @@ pub(crate) fn run(
             )
         });
     let wrote = ready.is_ok();
+    // Processes forked from now on may copy the code mid-switch (see finish_children): counted
+    // right before the first int3, after the agent's own clone, which would otherwise make
+    // every switch look at the target's children.
+    let forks_before = tasks_created_so_far();
+    let began = boot_ticks_now();
     // The sites whose window began writing (a window that found bytes changed by someone else
     // writes nothing: its sites, and those of windows after it, are not rolled back).
     let mut started = Started::default();
@@ -510,14 +522,16 @@ impl Drop for RtBoost {
     }
 }
 
-/// Processes forked on the whole machine so far (/proc/stat "processes"): when it has not
-/// moved, the target forked nothing.
-fn forks_so_far() -> Option<u64> {
-    std::fs::read_to_string("/proc/stat")
+/// The last process or thread id handed out in our pid namespace (/proc/loadavg's last
+/// field): when it has not moved, nothing was created — the target forked nothing (a fork in
+/// a namespace below ours takes an id in ours too). A third of the cost of /proc/stat's
+/// "processes" count (which also counts every clone), whose text grows with the machine's
+/// CPUs and interrupts.
+fn tasks_created_so_far() -> Option<u64> {
+    std::fs::read_to_string("/proc/loadavg")
         .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("processes "))?
-        .trim()
+        .split_whitespace()
+        .nth(4)?
         .parse()
         .ok()
 }
@@ -597,7 +611,7 @@ fn finish_children(
     flag: Option<&Flag>,
     committed: bool,
 ) {
-    if forks_before.is_some() && forks_so_far() == forks_before {
+    if forks_before.is_some() && tasks_created_so_far() == forks_before {
         return;
     }
     // The /proc scan reads every process's stat (milliseconds of CPU on a busy machine): only
@@ -1400,16 +1414,19 @@ struct Poll {
 
 /// While int3s are in place (settle). Most threads are done at the first looks (a trap of
 /// theirs, or blocked), and the rest usually within a few hundred microseconds: the looks
-/// stay close (a look at the threads left costs a few microseconds each).
+/// stay close (a look at the threads left costs a few microseconds each), so that a thread
+/// blocked only between short stretches of work (a loop sleeping 50 µs per round) is caught
+/// blocked soon (the sleeps are as short as asked: `timer_slack`).
 const SETTLE_POLL: Poll = Poll {
     first: Duration::from_micros(20),
-    max: Duration::from_micros(100),
+    max: Duration::from_micros(50),
 };
 
-/// After the last sync (uninstall): no int3 is left, only the tool's wall time is at stake.
+/// After the last sync (uninstall): no int3 is left, only the tool's wall time is at stake,
+/// and the looks read only the threads not seen past the int3s yet.
 const UNINSTALL_POLL: Poll = Poll {
-    first: Duration::from_micros(100),
-    max: Duration::from_millis(1),
+    first: Duration::from_micros(30),
+    max: Duration::from_micros(200),
 };
 
 /// How settle waits: at most `timeout`, whether the process has a signal handler that
@@ -1423,7 +1440,7 @@ struct SettleRules<'a> {
     orphans: &'a [i32],
 }
 
-/// What settle knows beside /proc (see [`wait_moved_on`]): where the threads' trap records
+/// What settle knows beside /proc (see [`MovedOn`]): where the threads' trap records
 /// are in the target, the epoch that counts, and whether the process has a signal handler that
 /// runs without blocking any handled signal (see [`unmasked_handler`]).
 #[derive(Debug, Clone, Copy)]
@@ -1433,57 +1450,7 @@ struct SettleFacts {
     unmasked_handler: bool,
 }
 
-/// How far above a thread's stack pointer its stack is searched for an address inside the
-/// displaced bytes (see [`stack_refers_to`]) at most: the search goes to the end of the
-/// mapping the stack pointer is in — the thread's live frames, a signal handler's however
-/// deep (its locals lie between the stack pointer and the signal frame above them: a fixed
-/// 32 KiB missed a handler with 64 KiB of locals, review session 4 S11) — but not beyond 1 MiB.
-const STACK_SCAN_MAX: u64 = 1024 * 1024;
-
-/// The target's mappings, read once at the first need: where each stack ends.
-struct Mappings {
-    pid: i32,
-    read: Option<Vec<(u64, u64)>>,
-}
-
-impl Mappings {
-    fn new(pid: i32) -> Mappings {
-        Mappings { pid, read: None }
-    }
-
-    /// The end of the mapping holding `addr` (None when none does, or the process is gone).
-    /// Read again when the copy has none: a stack grows, threads come.
-    fn end_of(&mut self, addr: u64) -> Option<u64> {
-        self.find(addr).or_else(|| {
-            self.read = None;
-            self.find(addr)
-        })
-    }
-
-    fn find(&mut self, addr: u64) -> Option<u64> {
-        let pid = self.pid;
-        let maps = self.read.get_or_insert_with(|| {
-            crate::process::proc_dir::maps(pid)
-                .map(|m| {
-                    m.lines()
-                        .filter_map(|l| {
-                            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
-                            Some((
-                                u64::from_str_radix(a, 16).ok()?,
-                                u64::from_str_radix(b, 16).ok()?,
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
-        maps.iter()
-            .find(|(a, b)| (*a..*b).contains(&addr))
-            .map(|(_, b)| *b)
-    }
-}
-
-/// Waits until every thread except `skip` has moved on since now: gone, seen blocked at a pc
+/// A wait until every thread except `skip` has moved on since its start ("now"): gone, seen blocked at a pc
 /// outside `ranges` with no address inside them on its stack, or seen to consume
 /// [`PROGRESS_NS`] of CPU after now. Threads created after now count as moved on. Returns a
 /// thread that has not at the deadline, and whether it was last seen in a signal handler (or
@@ -1519,22 +1486,9 @@ impl Mappings {
 /// the handler).
 ///
 /// The threads' files are `threads`' kept ones; the process's status (`SigCgt`) and stat (is
-/// it gone?) are read through kept descriptors too. [`MovedOn`] is the same wait cut in two:
-/// begun at one point, continued later.
-#[allow(clippy::too_many_arguments)]
-fn wait_moved_on(
-    mem: &Memory,
-    threads: &mut Threads,
-    skip: &[i32],
-    ranges: &[CodeRange],
-    deadline: Instant,
-    poll: Poll,
-    traps: Option<SettleFacts>,
-) -> Result<Option<(i32, bool)>, Error> {
-    MovedOn::start(threads, skip, ranges, traps).wait(mem, threads, deadline, poll)
-}
-
-/// [`wait_moved_on`]'s state: the threads not yet seen to have moved on since its start.
+/// it gone?) are read through kept descriptors too. The wait can be cut in two: begun at one
+/// point ([`MovedOn::start`]), looked at ([`MovedOn::look`]), continued later
+/// ([`MovedOn::wait`]).
 struct MovedOn<'r> {
     pid: i32,
     ranges: &'r [CodeRange],
@@ -1544,6 +1498,7 @@ struct MovedOn<'r> {
     caught: u64,
     pending: Vec<Watched>,
     records: Vec<u8>,
+    /// Read at the first need after the start (see [`Mappings`]).
     maps: Mappings,
 }
 
@@ -1736,35 +1691,6 @@ fn running_thread_refers_to(mem: &Memory, pid: i32, tid: i32, ranges: &[CodeRang
         ranges.iter().any(|c| c.contains(r.rip))
             || stack_refers_to(mem, &mut Mappings::new(pid), r.rsp, ranges)
     })
-}
-
-/// Whether the stack above `sp` (to the end of its mapping, at most [`STACK_SCAN_MAX`]) holds
-/// an 8-byte word that is an address inside `ranges`: a return address or a signal frame's
-/// saved rip leading back into them.
-fn stack_refers_to(mem: &Memory, maps: &mut Mappings, sp: u64, ranges: &[CodeRange]) -> bool {
-    use crate::unwind::MemoryReader;
-    let mut addr = sp & !7;
-    let end = maps
-        .end_of(addr)
-        .unwrap_or(addr.saturating_add(32 * 1024))
-        .min(addr.saturating_add(STACK_SCAN_MAX));
-    let mut buf = [0u8; th::PAGE as usize];
-    while addr < end {
-        // Page by page: a page is mapped whole or not at all.
-        let len = (th::PAGE - addr % th::PAGE).min(end - addr) as usize;
-        if MemoryReader::read(mem, addr, &mut buf[..len]).is_err() {
-            return false;
-        }
-        let hit = buf[..len].chunks_exact(8).any(|w| {
-            let v = u64::from_le_bytes(w.try_into().unwrap());
-            ranges.iter().any(|r| r.contains(v))
-        });
-        if hit {
-            return true;
-        }
-        addr += len as u64;
-    }
-    false
 }
 
 /// The bytes behind each site's first byte where a thread may be between two instructions
@@ -2339,7 +2265,7 @@ fn skipped(t: &Tracee, agent: &Option<SyncAgent>, orphans: &[i32]) -> Vec<i32> {
     v
 }
 
-/// Waits until no thread is between the instructions behind an int3 (see [`wait_moved_on`]).
+/// Waits until no thread is between the instructions behind an int3 (see [`MovedOn`]).
 /// The borrowed thread is stopped: its registers are looked at, and it is stepped out.
 /// `skip`: the borrowed thread and the sync agent.
 fn settle(
@@ -2370,19 +2296,18 @@ fn settle(
         epoch,
         unmasked_handler,
     };
+    // The threads to wait for are listed first, so that the mappings, read once for the
+    // borrowed thread's stack and theirs, were read after each of them had its stack (see
+    // `Mappings`).
+    let mut watch = MovedOn::start(&mut threads.borrow_mut(), skip, &ranges, Some(traps));
     let borrowed = t.threads();
     for &tid in &borrowed {
         if !super::step_out(t, tid, &ranges)? {
             return Err(busy(tid, sites, &ranges, t.regs(tid)?.rip));
         }
         // Stopped: it cannot leave a signal handler whose interrupted context is inside, nor
-        // return from a callee of a displaced call (see wait_moved_on).
-        if stack_refers_to(
-            t.mem(),
-            &mut Mappings::new(t.pid()),
-            t.regs(tid)?.rsp,
-            &ranges,
-        ) {
+        // return from a callee of a displaced call (see MovedOn).
+        if stack_refers_to(t.mem(), &mut watch.maps, t.regs(tid)?.rsp, &ranges) {
             return Err(Error::Busy {
                 tid: tid as u32,
                 function: "a signal handler or call interrupting the first instructions of a function being switched".into(),
@@ -2391,15 +2316,7 @@ fn settle(
         }
     }
     let deadline = crate::deadline::after(timeout);
-    match wait_moved_on(
-        t.mem(),
-        &mut threads.borrow_mut(),
-        skip,
-        &ranges,
-        deadline,
-        SETTLE_POLL,
-        Some(traps),
-    )? {
+    match watch.wait(t.mem(), &mut threads.borrow_mut(), deadline, SETTLE_POLL)? {
         None => Ok(()),
         Some((tid, in_handler)) => Err(Error::Busy {
             tid: tid as u32,
