@@ -88,15 +88,20 @@ impl KAction {
         b
     }
 
-    fn read(mem: &Memory, addr: u64) -> Result<KAction, Error> {
-        let b = mem.read_vec(addr, 32)?;
+    fn from_bytes(b: &[u8; 32]) -> KAction {
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
-        Ok(KAction {
+        KAction {
             handler: w(0),
             flags: w(1),
             restorer: w(2),
             mask: w(3),
-        })
+        }
+    }
+
+    fn read(mem: &Memory, addr: u64) -> Result<KAction, Error> {
+        let mut b = [0u8; 32];
+        mem.read(addr, &mut b)?;
+        Ok(KAction::from_bytes(&b))
     }
 }
 
@@ -265,7 +270,18 @@ pub(crate) fn run(
         &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
         t0,
     );
-    let installed = current.and_then(|current| install(t, &mut agent, &area, current));
+    // The signals whose actions `unmasked_handler` looks at: only when there are sites with
+    // bytes to settle.
+    let caught = if inner_ranges(sites).is_empty() {
+        0
+    } else {
+        threads.borrow_mut().process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP)
+    };
+    let mut early = Early::default();
+    let installed = current.and_then(|current| {
+        early = early_calls(t, &mut agent, &area, current, caught)?;
+        install(t, &mut agent, &area, current, early.installed)
+    });
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
         t0,
@@ -277,10 +293,10 @@ pub(crate) fn run(
     // and the last look at the threads' signal masks. A failure there has nothing to undo.
     let mut unmasked = false;
     let ready = installed
-        .and_then(|()| register_sync_cores(t, &mut agent))
+        .and_then(|()| register_sync_cores(t, &mut agent, early.registered))
         .and_then(|()| {
-            unmasked = !inner_ranges(sites).is_empty()
-                && unmasked_handler(t, &mut agent, &area, &mut threads.borrow_mut())?;
+            unmasked =
+                caught != 0 && unmasked_handler(t, &mut agent, &area, caught, &early.actions)?;
             trace("ready", t0);
             wait_sigtrap_unblocked(
                 &mut threads.borrow_mut(),
@@ -1212,7 +1228,15 @@ fn sigaction(
 
 /// The process's membarrier registration for SYNC_CORE ([`Tracee::register_sync_cores`]),
 /// made by the sync agent when there is one (see [`sigaction`]).
-fn register_sync_cores(t: &mut Tracee, agent: &mut Option<SyncAgent>) -> Result<(), Error> {
+/// `made`: [`early_calls`] made it already.
+fn register_sync_cores(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    made: bool,
+) -> Result<(), Error> {
+    if made {
+        return Ok(());
+    }
     if let Some(a) = agent.as_mut() {
         t.vet_ahead(libc::SYS_membarrier, [1 << 6, 0, 0, 0, 0, 0])?;
         // Slow the first time in a process (the kernel waits for every CPU to pass a
@@ -1229,6 +1253,88 @@ fn register_sync_cores(t: &mut Tracee, agent: &mut Option<SyncAgent>) -> Result<
 /// How long the agent gets for the membarrier registration.
 const REGISTER_WAIT: Duration = Duration::from_secs(1);
 
+/// What [`early_calls`] made: [`install`], [`register_sync_cores`] and [`unmasked_handler`]
+/// make the rest themselves, as without an agent.
+#[derive(Default)]
+struct Early {
+    installed: bool,
+    registered: bool,
+    /// The actions of the signals looked at, by signal.
+    actions: BTreeMap<i32, KAction>,
+}
+
+/// The sync agent's calls before the first int3 as one program: our SIGTRAP action
+/// ([`install`]), the membarrier registration ([`register_sync_cores`]) and the look at the
+/// actions of the signals `caught` ([`unmasked_handler`]). Each call alone costs a wake-up of
+/// the agent and one of the tool (50–150 µs here); one program for all saves all but one.
+/// Each call is vetted against seccomp first, as alone. Nothing is made without an agent,
+/// when a vet refuses or when our action cannot be staged: the functions then make their
+/// calls one by one, and say what is wrong in their own words. The only error is an agent
+/// stuck with a call of ours claimed (see [`agent_stuck`]).
+fn early_calls(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+    current: KAction,
+    caught: u64,
+) -> Result<Early, Error> {
+    let mut early = Early::default();
+    let Some(a) = agent.as_mut() else {
+        return Ok(early);
+    };
+    let data = area.data();
+    let Ok(install) = stage_install(t, area, current) else {
+        return Ok(early);
+    };
+    let mut ops = Vec::new();
+    if install {
+        ops.push(Op::SigAction {
+            signal: SIGTRAP as u32,
+            act: data + th::SCRATCH_ACT,
+            old: data + th::SCRATCH_OLD,
+        });
+    }
+    ops.push(Op::RegisterSyncCore);
+    // Each action read into a slot of the agent's page (those that do not fit are read one by
+    // one afterwards).
+    let looked: Vec<(i32, usize, u64)> = (1..=64)
+        .filter(|&sig| caught & observe::bit(sig) != 0)
+        .enumerate()
+        .map_while(|(i, sig)| Some((sig, i, a.out_slot(i)?)))
+        .collect();
+    for &(sig, _, old) in &looked {
+        ops.push(Op::SigAction {
+            signal: sig as u32,
+            act: 0,
+            old,
+        });
+    }
+    for op in &ops {
+        let (nr, args) = match *op {
+            Op::SigAction { signal, act, old } => {
+                (libc::SYS_rt_sigaction, [signal as u64, act, old, 8, 0, 0])
+            }
+            _ => (libc::SYS_membarrier, [1 << 6, 0, 0, 0, 0, 0]),
+        };
+        if t.vet_ahead(nr, args).is_err() {
+            return Ok(early);
+        }
+    }
+    let made = a
+        .calls(&ops, REGISTER_WAIT)
+        .map_err(|stuck| agent_stuck(t.pid(), stuck))?
+        .made;
+    let first_look = usize::from(install) + 1;
+    early.installed = install && made >= 1;
+    early.registered = made >= first_look;
+    for (k, &(sig, slot, _)) in looked.iter().enumerate() {
+        if made > first_look + k {
+            early.actions.insert(sig, KAction::from_bytes(&a.out(slot)));
+        }
+    }
+    Ok(early)
+}
+
 /// The agent claimed a call of ours and stays stopped before making it: it may still make it
 /// (see `SyncAgent::call`). Nothing more is written (see `run`).
 fn agent_stuck(pid: i32, stuck: sync_agent::Stuck) -> Error {
@@ -1244,20 +1350,16 @@ fn current_action(t: &mut Tracee, area: &Area) -> Result<KAction, Error> {
     KAction::read(t.mem(), area.data() + th::SCRATCH_OLD)
 }
 
-/// Makes our handler the SIGTRAP action in place of `current` (see [`current_action`]),
-/// keeping the previous one for the chain and the restore. Our action copies what matters of the previous one (mask, SA_ONSTACK,
-/// SA_RESTART, its restorer) so that a chained handler runs as it would have.
-fn install(
-    t: &mut Tracee,
-    agent: &mut Option<SyncAgent>,
-    area: &Area,
-    current: KAction,
-) -> Result<(), Error> {
+/// Our action for the install's `rt_sigaction` (see [`install`]), written to the area with
+/// the previous one: false when SIGTRAP's action is ours already (nothing to make). Our
+/// action copies what matters of the previous one (mask, SA_ONSTACK, SA_RESTART, its
+/// restorer) so that a chained handler runs as it would have.
+fn stage_install(t: &Tracee, area: &Area, current: KAction) -> Result<bool, Error> {
     let data = area.data();
     if current.handler == area.code {
         // Left installed by an earlier switch that could not restore it: the previous
         // action is already saved.
-        return Ok(());
+        return Ok(false);
     }
     if current.flags & SA_RESETHAND != 0 {
         return Err(Error::Unsupported(format!(
@@ -1293,13 +1395,32 @@ fn install(
         },
     };
     t.mem().write(data + th::SCRATCH_ACT, &ours.to_bytes())?;
-    sigaction(
-        t,
-        agent,
-        SIGTRAP,
-        data + th::SCRATCH_ACT,
-        data + th::SCRATCH_OLD,
-    )?;
+    Ok(true)
+}
+
+/// Makes our handler the SIGTRAP action in place of `current` (see [`current_action`]),
+/// keeping the previous one for the chain and the restore (see [`stage_install`]). `made`:
+/// [`early_calls`] made the `rt_sigaction` already; only its outcome is checked.
+fn install(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+    current: KAction,
+    made: bool,
+) -> Result<(), Error> {
+    let data = area.data();
+    if !made {
+        if !stage_install(t, area, current)? {
+            return Ok(());
+        }
+        sigaction(
+            t,
+            agent,
+            SIGTRAP,
+            data + th::SCRATCH_ACT,
+            data + th::SCRATCH_OLD,
+        )?;
+    }
     // The action it replaced. Ours: the sync agent made this very call and was not heard of
     // in time (its process stopped right after the call), and `sigaction` made it again
     // through ptrace (`SyncAgent::call` redoes a call it cannot tell was made): the agent
@@ -2216,20 +2337,28 @@ impl Burst {
 /// shows nothing in its signal mask (review R5's gap). Read with rt_sigaction on the borrowed
 /// thread, once per handled signal, before the first int3 (only when there are sites with
 /// bytes to settle; a handler installed during the window itself is not seen).
+///
+/// `caught`: the signals the process handles (SigCgt, SIGTRAP left out); `known`: the actions
+/// [`early_calls`] read already.
 fn unmasked_handler(
     t: &mut Tracee,
     agent: &mut Option<SyncAgent>,
     area: &Area,
-    threads: &mut Threads,
+    caught: u64,
+    known: &BTreeMap<i32, KAction>,
 ) -> Result<bool, Error> {
-    let caught = threads.process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP);
     for sig in 1..=64 {
         if caught & observe::bit(sig) == 0 {
             continue;
         }
-        let old = area.data() + th::SCRATCH_OLD;
-        sigaction(t, agent, sig as u64, 0, old)?;
-        let act = KAction::read(t.mem(), old)?;
+        let act = match known.get(&sig) {
+            Some(act) => *act,
+            None => {
+                let old = area.data() + th::SCRATCH_OLD;
+                sigaction(t, agent, sig as u64, 0, old)?;
+                KAction::read(t.mem(), old)?
+            }
+        };
         if act.handler > 1 && act.flags & SA_NODEFER != 0 && act.mask & caught == 0 {
             return Ok(true);
         }

@@ -558,6 +558,17 @@ impl Shared {
             as i64
     }
 
+    /// Copies the bytes at offset `off` of the page to `buf` (written by the agent before its
+    /// answer, whose acquire load the caller made).
+    fn get(&self, off: u64, buf: &mut [u8]) {
+        assert!(off as usize + buf.len() <= th::PAGE as usize);
+        // SAFETY: inside the mapped page (checked above), which lives as long as self; the
+        // agent wrote these bytes before it published its answer, and writes them no more.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.add(off as usize), buf.as_mut_ptr(), buf.len())
+        };
+    }
+
     /// Copies `bytes` to offset `off` of the page (read by the agent only after the request
     /// word's release store).
     fn put(&self, off: u64, bytes: &[u8]) {
@@ -707,6 +718,19 @@ enum Answer {
 pub(crate) struct Stuck {
     pub tid: i32,
 }
+
+/// What a program of calls got done ([`SyncAgent::calls`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Calls {
+    /// The first `made` calls were made, and succeeded.
+    pub made: usize,
+    /// The next one was made and failed with this error (-errno). None: it was not made (the
+    /// agent was silent, or had failed before), nor were those after it.
+    pub failed: Option<i64>,
+}
+
+/// Bytes of a call's output slot (see [`SyncAgent::out_slot`]).
+const OUT_LEN: u64 = 32;
 
 impl SyncAgent {
     /// Starts the agent of the area at `code` on the borrowed thread of `t` (stopped, after a
@@ -881,23 +905,58 @@ impl SyncAgent {
     /// It is claimed and resolved like a program's operation (see [`SyncAgent::run`]): a
     /// call the agent did not make is never made later, or the agent is [`Stuck`].
     pub(crate) fn call(&mut self, op: Op, within: Duration) -> Result<Option<i64>, Stuck> {
-        debug_assert!(matches!(op, Op::SigAction { .. } | Op::RegisterSyncCore));
-        if self.failed {
-            return Ok(None);
-        }
-        let ops = std::slice::from_ref(&op);
-        self.load(ops);
-        let nr = match op {
-            Op::SigAction { .. } => libc::SYS_rt_sigaction,
-            _ => libc::SYS_membarrier,
-        };
-        crate::process::stop_point::reached_with("agent-call", nr);
-        Ok(match self.carry_out(ops, within)? {
-            Answer::Answered(1) | Answer::Silent(1) => Some(0),
-            // Made, and failed: its error (a program's first failure ends it, in RESULT).
-            Answer::Answered(_) => Some(self.shared.result()).filter(|&r| r < 0),
-            Answer::Silent(_) => None,
+        let done = self.calls(std::slice::from_ref(&op), within)?;
+        Ok(match done {
+            Calls { made: 1, .. } => Some(0),
+            Calls { failed, .. } => failed,
         })
+    }
+
+    /// [`SyncAgent::call`] for several calls, in order, as one program: one request and one
+    /// answer for all (each costs a wake-up of the agent and one of the tool: 50–150 µs per
+    /// call here). The first failure ends the program. What was made: the first
+    /// [`Calls::made`], and whether the next was made and failed (the caller makes the rest,
+    /// through ptrace when the agent is silent or failed).
+    pub(crate) fn calls(&mut self, ops: &[Op], within: Duration) -> Result<Calls, Stuck> {
+        debug_assert!(ops
+            .iter()
+            .all(|op| matches!(op, Op::SigAction { .. } | Op::RegisterSyncCore)));
+        if self.failed || ops.is_empty() {
+            return Ok(Calls::default());
+        }
+        self.load(ops);
+        for op in ops {
+            let nr = match op {
+                Op::SigAction { .. } => libc::SYS_rt_sigaction,
+                _ => libc::SYS_membarrier,
+            };
+            crate::process::stop_point::reached_with("agent-call", nr);
+        }
+        Ok(match self.carry_out(ops, within)? {
+            Answer::Answered(made) if made < ops.len() => Calls {
+                made,
+                // Made, and failed: its error (a program's first failure ends it, in RESULT).
+                failed: Some(self.shared.result()).filter(|&r| r < 0),
+            },
+            Answer::Answered(made) | Answer::Silent(made) => Calls { made, failed: None },
+        })
+    }
+
+    /// The address in the target of 32 bytes of the agent's page that a call of a program of
+    /// calls may write its output to (slot `i`; `rt_sigaction`'s old action), and that
+    /// [`SyncAgent::out`] reads: the room of a window program's patch lists, free in a
+    /// program of calls. None past the last slot.
+    pub(crate) fn out_slot(&self, i: usize) -> Option<u64> {
+        let off = DATA + i as u64 * OUT_LEN;
+        (off + OUT_LEN <= DATA + DATA_LEN).then_some(self.code + th::PAGE + th::AGENT + off)
+    }
+
+    /// What a call wrote to slot `i` (see [`SyncAgent::out_slot`]), read through the tool's
+    /// own mapping of the page.
+    pub(crate) fn out(&self, i: usize) -> [u8; OUT_LEN as usize] {
+        let mut b = [0u8; OUT_LEN as usize];
+        self.shared.get(DATA + i as u64 * OUT_LEN, &mut b);
+        b
     }
 
     /// Puts `ops` (which [`fits`]) in the agent's page as its next program.
