@@ -28,7 +28,13 @@
 //!   much and 2% of a CPU more (clearly busier: a longer look would only add to their lead;
 //!   the `process_patch` bench: a main thread in a `usleep(1000)` loop shows one wake-up,
 //!   15–50 µs with its wait for a CPU, while the workers of its 50 µs loop show 100 µs and
-//!   more in each 300 µs).
+//!   more in each 300 µs), or
+//! - it ran at most 5% of the look and at most 2% of a CPU over its life (quiet): what it
+//!   "used" beyond that was a wait for a CPU, which tells that the machine is busy, not that
+//!   the thread is. On a loaded machine the bench's main thread waits 20–150 µs for a CPU at
+//!   each wake-up, and a worker that happened to sleep through the step no longer used
+//!   twice as much: 15–25% of the looks ran to their last step (2 ms) when only the second
+//!   rule held (session 11).
 //!
 //! A thread blocked in a futex (class 1) ends the look early only when no thread was seen
 //! blocked in another system call at any step: a look that ends later would pick that one.
@@ -112,6 +118,11 @@ impl History {
 /// before the last step of the look (review 8, B1).
 const BUSY_SHARE_PPM: u64 = 50_000;
 
+/// A thread that used at most 2% of a CPU over its life is quiet: in a look, what it used
+/// beyond its own running (5% of the look at most) was a wait for a CPU (see the module's
+/// documentation).
+const QUIET_SHARE_PPM: u64 = 20_000;
+
 /// Runs longer than this, on average, count as work a short look may miss (its first step is
 /// 300 µs; a CPU-bound thread on a loaded machine runs for its slice, ~1–3 ms, each time).
 const LONG_STRETCH_NS: u64 = 100_000;
@@ -169,6 +180,8 @@ struct Seen {
     class: Class,
     /// CPU used or waited for since the look started, in nanoseconds.
     used: u64,
+    /// CPU used alone (no wait) since the look started, in nanoseconds.
+    ran: u64,
     index: usize,
 }
 
@@ -265,14 +278,18 @@ impl Look {
                 };
                 let now = t.files.schedstat()?;
                 // Not switched in at all: nothing used (the runtime of a thread on a CPU lags).
+                let ran = now.runtime_ns.saturating_sub(t.before.runtime_ns);
                 let used = if now == t.before {
                     0
                 } else {
-                    (now.runtime_ns.saturating_sub(t.before.runtime_ns)
-                        + now.run_delay_ns.saturating_sub(t.before.run_delay_ns))
-                    .max(1)
+                    (ran + now.run_delay_ns.saturating_sub(t.before.run_delay_ns)).max(1)
                 };
-                Some(Seen { class, used, index })
+                Some(Seen {
+                    class,
+                    used,
+                    ran,
+                    index,
+                })
             })
             .collect()
     }
@@ -349,10 +366,12 @@ impl Look {
             Class::BlockedInFutex => !saw_in_call,
             Class::Main | Class::Other => false,
         };
-        if !blocked || self.threads[best.index].history(self.pid).shunned() {
+        let history = self.threads[best.index].history(self.pid);
+        if !blocked || history.shunned() {
             return false;
         }
-        let idle = best.used <= look_ns / 50;
+        let quiet = best.ran <= look_ns / 20 && history.share_ppm <= QUIET_SHARE_PPM;
+        let idle = best.used <= look_ns / 50 || quiet;
         let clearly_best = best.used <= look_ns / 10
             && seen
                 .iter()
