@@ -12,6 +12,8 @@
 //! `revert-written` (the same in a revert: the record still says applied),
 //! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set),
 //! `nonstop-sync` (nonstop: at each sync of an int3 window, the window's bytes as they were),
+//! `uninstall` (nonstop: the switch done, no int3 of ours left, our SIGTRAP action not yet
+//! given back),
 //! `agent-start.N` (nonstop: the sync agent's start-up after its step N, see sync_agent.rs
 //! `start_point`), `agent-call.NR` (nonstop: a system call of ours loaded in the sync agent's
 //! page, not yet asked for: `agent-call.324` is the membarrier registration).

@@ -1471,13 +1471,8 @@ fn uninstall(
     early: Option<MovedOn<'_>>,
     orphans: &[i32],
 ) -> Result<bool, Error> {
+    crate::process::stop_point::reached("uninstall");
     let data = area.data();
-    sigaction(t, agent, SIGTRAP, 0, data + th::SCRATCH_OLD)?;
-    let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
-    if current.handler != area.code {
-        // The process set its own action meanwhile: it owns SIGTRAP now.
-        return Ok(true);
-    }
     let start = Instant::now();
     let deadline = crate::deadline::after(wait);
     let skip = skipped(t, agent, orphans);
@@ -1487,7 +1482,7 @@ fn uninstall(
             &format!("uninstall: thread {tid} not seen past the int3s"),
             start,
         );
-        return Ok(false);
+        return program_owns_sigtrap(t, agent, area);
     }
     // Threads created from now on never executed one of our int3s: the list is final. (Our
     // agents, which block every signal and never run our int3s, are not in it.)
@@ -1514,13 +1509,39 @@ fn uninstall(
                 &format!("uninstall: SIGTRAP pending {pending}, {inside} inside the handler"),
                 start,
             );
-            return Ok(false);
+            return program_owns_sigtrap(t, agent, area);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(UNINSTALL_POLL.max);
     }
-    sigaction(t, agent, SIGTRAP, data + th::OLD_ACT, 0)?;
+    // The previous action back, and the one it replaces read in the same call (one call
+    // through the agent instead of a look first, then the restore: each is a wake-up of the
+    // agent and one of the tool). Not ours: the process set its own action during the
+    // switch, and it is put back at once — it owns SIGTRAP.
+    sigaction(
+        t,
+        agent,
+        SIGTRAP,
+        data + th::OLD_ACT,
+        data + th::SCRATCH_OLD,
+    )?;
+    let replaced = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
+    if replaced.handler != area.code {
+        sigaction(t, agent, SIGTRAP, data + th::SCRATCH_OLD, 0)?;
+    }
     Ok(true)
+}
+
+/// The uninstall's wait ran out: our handler stays the action (false), unless the process set
+/// its own during the switch — it owns SIGTRAP then (true).
+fn program_owns_sigtrap(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+) -> Result<bool, Error> {
+    let data = area.data();
+    sigaction(t, agent, SIGTRAP, 0, data + th::SCRATCH_OLD)?;
+    Ok(KAction::read(t.mem(), data + th::SCRATCH_OLD)?.handler != area.code)
 }
 
 /// How often the threads are looked at while waiting for them: soon at first (most threads
