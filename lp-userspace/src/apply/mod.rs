@@ -293,19 +293,40 @@ fn apply_here(
         target.module.end(),
         total_len,
     );
-    let (mapped, early) = std::thread::scope(|s| {
+    // Nonstop mode sets up its switch's area and sync agent first (`switch::Early`), meanwhile
+    // too: the agent then makes the preparation's remote calls (a request and its answer
+    // each, where a call through ptrace is two stops of the borrowed thread) and the switch's.
+    let (mapped, planned) = std::thread::scope(|s| {
         let planner = guess.and_then(|at| {
             std::thread::Builder::new()
                 .name("livepatch-plan".into())
                 .spawn_scoped(s, move || (at, plan_at(at)))
                 .ok()
         });
-        let mapped = map_patch_memory(&phase, &mut t, &target, total_len, extra_len, &layout);
-        let early = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        (mapped, early)
+        let early = match opts.mode {
+            Mode::Nonstop => switch::Early::start(&mut t).map(Some),
+            Mode::Stop => Ok(None),
+        };
+        phase("switch's agent started");
+        let mapped = early.and_then(|mut early| {
+            let (statemap, code_addr) = map_patch_memory(
+                &phase,
+                &mut t,
+                early.as_mut(),
+                &target,
+                total_len,
+                extra_len,
+                &layout,
+            )?;
+            Ok((statemap, code_addr, early))
+        });
+        let planned = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        (mapped, planned)
     });
-    let (statemap, code_addr) = mapped?;
-    let prepared = match early {
+    // From here on, a failure that returns drops `early` before `t` (declared after it): its
+    // agent is told to exit and waited for while the borrowed thread is still held.
+    let (statemap, code_addr, early) = mapped?;
+    let prepared = match planned {
         Some((at, planned)) if at == code_addr => planned,
         _ => plan_at(code_addr),
     }
@@ -451,6 +472,7 @@ fn apply_here(
         }),
         &mut begin,
         &mut commit,
+        early,
     );
     drop(primed);
     match names {
@@ -523,6 +545,7 @@ fn apply_here(
 fn map_patch_memory(
     phase: &dyn Fn(&str),
     t: &mut Tracee,
+    mut early: Option<&mut switch::Early>,
     target: &target::LoadedTarget,
     len: u64,
     extra_len: u64,
@@ -530,7 +553,7 @@ fn map_patch_memory(
 ) -> Result<(StateMap, u64), Error> {
     let statemap = StateMap::open_or_create(t)?;
     phase("state mapped");
-    let code_addr = match map_near(t, target, len) {
+    let code_addr = match map_near(t, early.as_deref_mut(), target, len) {
         Ok(a) => a,
         Err(e) => {
             statemap.remove_if_created(t);
@@ -538,8 +561,13 @@ fn map_patch_memory(
         }
     };
     phase("patch memory mapped");
-    if let Err(e) = protect(t, code_addr, extra_len, layout) {
-        let _ = t.munmap(code_addr, len);
+    if let Err(e) = protect(t, early, code_addr, extra_len, layout) {
+        // A sync agent stuck in an mprotect of ours may still make it: the memory stays (a
+        // leak) rather than be unmapped under a call that could then hit a mapping of the
+        // program's made in its place.
+        if !matches!(e, Error::Unfinished(_)) {
+            let _ = t.munmap(code_addr, len);
+        }
         statemap.remove_if_created(t);
         return Err(e);
     }
@@ -549,8 +577,15 @@ fn map_patch_memory(
 
 /// Final protections: trampolines/thunks r-x (the whole reserved area, `extra_len` bytes at
 /// `code_addr`), the image's regions (after them) as the linker says; adjacent ranges with the
-/// same protection in one call, and none for what the mapping already is (read-only).
-fn protect(t: &mut Tracee, code_addr: u64, extra_len: u64, layout: &Layout) -> Result<(), Error> {
+/// same protection in one call, and none for what the mapping already is (read-only). Made by
+/// nonstop mode's sync agent when there is one (`early`).
+fn protect(
+    t: &mut Tracee,
+    mut early: Option<&mut switch::Early>,
+    code_addr: u64,
+    extra_len: u64,
+    layout: &Layout,
+) -> Result<(), Error> {
     let image_addr = code_addr + extra_len;
     let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
     for r in layout.regions() {
@@ -566,7 +601,10 @@ fn protect(t: &mut Tracee, code_addr: u64, extra_len: u64, layout: &Layout) -> R
     }
     for (at, len, p) in ranges {
         if len > 0 && p != prot::READ {
-            t.mprotect(at, len, p)?;
+            match early.as_deref_mut() {
+                Some(e) => e.protect(t, at, len, p)?,
+                None => t.mprotect(at, len, p)?,
+            }
         }
     }
     Ok(())
@@ -575,20 +613,28 @@ fn protect(t: &mut Tracee, code_addr: u64, extra_len: u64, layout: &Layout) -> R
 /// Maps `len` bytes of read-write anonymous memory within reach of the target module, in a
 /// gap of the mappings `locate` read. A mapping made since then may fill that gap: the kernel
 /// then refuses (`MAP_FIXED_NOREPLACE`), and the place is chosen again from fresh mappings.
-fn map_near(t: &mut Tracee, target: &target::LoadedTarget, len: u64) -> Result<u64, Error> {
-    match map_in_gap(t, target, &target.mappings, len) {
+fn map_near(
+    t: &mut Tracee,
+    mut early: Option<&mut switch::Early>,
+    target: &target::LoadedTarget,
+    len: u64,
+) -> Result<u64, Error> {
+    match map_in_gap(t, early.as_deref_mut(), target, &target.mappings, len) {
         Err(Error::Process(crate::process::ProcessError::RemoteSyscall { err, .. }))
             if err.raw_os_error() == Some(libc::EEXIST) =>
         {
             let fresh = crate::maps::read(t.pid())?;
-            map_in_gap(t, target, &fresh, len)
+            map_in_gap(t, early, target, &fresh, len)
         }
         r => r,
     }
 }
 
+/// [`map_near`] in a gap of `mappings`: through nonstop mode's sync agent when there is one
+/// (`early`, see `switch::Early::map_patch`: the same call).
 fn map_in_gap(
     t: &mut Tracee,
+    early: Option<&mut switch::Early>,
     target: &target::LoadedTarget,
     mappings: &[crate::maps::Mapping],
     len: u64,
@@ -604,14 +650,20 @@ fn map_in_gap(
     // Read-only: every write goes through /proc/PID/mem, which writes into a read-only private
     // mapping too; the protections `prepare` sets then need no call for read-only ranges, and
     // one for the code (one remote system call fewer than from read-write).
-    let got = t.mmap(
-        addr,
-        len,
-        prot::READ,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE,
-        -1,
-        0,
-    )?;
+    let got = match early {
+        Some(e) => e.map_patch(t, addr, len)?,
+        None => t.mmap(
+            addr,
+            len,
+            prot::READ,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_FIXED_NOREPLACE
+                | libc::MAP_POPULATE,
+            -1,
+            0,
+        )?,
+    };
     if got != addr {
         let _ = t.munmap(got, len);
         return Err(Error::Other(format!(

@@ -143,7 +143,108 @@ fn trace(what: &str, since: Instant) {
     }
 }
 
+/// What a nonstop apply sets up before its preparation ([`Early::start`]): the areas found,
+/// the handler's area opened, the program's SIGTRAP action read and the sync agent started —
+/// for the preparation's own system calls (the patch memory's mapping and protections:
+/// [`Early::map_patch`], [`Early::protect`]) and then for the switch, which takes it over
+/// ([`run`]).
+///
+/// Why. The agent's start waits for the borrowed thread twice or three times (each a wait
+/// for that ordinary thread to get a CPU: 60–620 µs under load), and so did each remote call
+/// of the preparation; started first, the agent makes those calls (a request and its answer),
+/// while the planner thread links and plans the patch beside (see `apply_here`).
+///
+/// Dropped (a preparation that failed): the agent is told to exit and waited for (its Drop);
+/// the area stays, as every area does (see the module documentation). Signals the borrowed
+/// thread was about to take while it started the agent are held by the tracee at once (sent
+/// again when the thread is let go, in the order they were taken, see [`Tracee::hold`]).
+pub(crate) struct Early {
+    /// The process's areas of this layout as found before the agent started (see
+    /// [`layout_areas`]): the agents living there then are orphans, not ours.
+    areas: Vec<(u64, bool)>,
+    area: Area,
+    current: KAction,
+    agent: Option<SyncAgent>,
+}
+
+impl Early {
+    /// Opens the area, reads the SIGTRAP action and starts the agent on `t`'s borrowed thread
+    /// (see [`Early`]). An error leaves what a switch failing there leaves (an area made stays).
+    pub(crate) fn start(t: &mut Tracee) -> Result<Early, Error> {
+        let t0 = Instant::now();
+        let areas = layout_areas(t.pid(), t.mem())?;
+        let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
+        let area = open_area(t, found)?;
+        trace("area opened (before the preparation)", t0);
+        let current = current_action(t, &area)?;
+        let mut held = Vec::new();
+        let agent = SyncAgent::start(t, area.code, &mut held);
+        for (tid, signal) in held {
+            t.hold(tid, signal);
+        }
+        trace(
+            &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
+            t0,
+        );
+        Ok(Early {
+            areas,
+            area,
+            current,
+            agent,
+        })
+    }
+
+    /// Maps an apply's patch memory, `len` bytes exactly at `addr` (see [`sync_agent::Op::Mmap`]:
+    /// read-only, `MAP_FIXED_NOREPLACE`, populated), through the agent when it answers, else
+    /// through ptrace; the mapping's address. Vetted against the seccomp filters first either
+    /// way. An agent stuck in the call is an error (`Unfinished`): it may still make it.
+    pub(crate) fn map_patch(&mut self, t: &mut Tracee, addr: u64, len: u64) -> Result<u64, Error> {
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_FIXED_NOREPLACE
+            | libc::MAP_POPULATE;
+        let args = [addr, len, prot::READ, flags as u64, u64::MAX, 0];
+        if let Some(a) = self.agent.as_mut() {
+            t.vet_ahead(libc::SYS_mmap, args)?;
+            match a.call(Op::Mmap { addr, len }, sync_agent::ANSWER_WAIT) {
+                Ok(Some(got)) if got > 0 => return Ok(got as u64),
+                // The same call through ptrace tells what is wrong (in its own words).
+                Ok(_) => {}
+                Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
+            }
+        }
+        Ok(t.mmap(addr, len, prot::READ, flags, -1, 0)?)
+    }
+
+    /// `mprotect(addr, len, prot)` in the target, through the agent when it answers and
+    /// `prot` is one its code is vetted for (see [`Early::map_patch`]).
+    pub(crate) fn protect(
+        &mut self,
+        t: &mut Tracee,
+        addr: u64,
+        len: u64,
+        prot: u64,
+    ) -> Result<(), Error> {
+        if let Some(a) = self
+            .agent
+            .as_mut()
+            .filter(|_| sync_agent::MPROTECT_PROTS.contains(&prot))
+        {
+            t.vet_ahead(libc::SYS_mprotect, [addr, len, prot, 0, 0, 0])?;
+            match a.call(Op::Mprotect { addr, len, prot }, sync_agent::ANSWER_WAIT) {
+                Ok(Some(0)) => return Ok(()),
+                Ok(_) => {}
+                Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
+            }
+        }
+        Ok(t.mprotect(addr, len, prot)?)
+    }
+}
+
 /// Carries out the switch of `sites` in nonstop mode (see the module documentation).
+///
+/// `early`: the area, action and agent an apply set up before its preparation ([`Early`]);
+/// without it (a revert, a switch finishing a killed one) they are set up here.
 ///
 /// `timeout`: how long the threads get to leave the bytes behind an `int3` (then the switch
 /// is rolled back: busy), and at least [`MIN_UNINSTALL_WAIT`], to be past our traps before the
@@ -154,6 +255,7 @@ pub(crate) fn run(
     timeout: Duration,
     flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+    mut early: Option<Early>,
 ) -> Result<SwitchStats, Error> {
     let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
     verify_expected(t.mem(), sites)?;
@@ -168,16 +270,30 @@ pub(crate) fn run(
     // signal): it is ours, not a thread of the program that keeps SIGTRAP blocked, and it
     // never runs the program's code: no wait is for it either. The areas are looked for once:
     // only a livepatch makes one, and this one holds the process's lock (see `layout_areas`
-    // for the maps they are looked for in).
-    let areas = layout_areas(t.pid(), t.mem())?;
+    // for the maps they are looked for in). An apply's early agent (see [`Early`]) lives in
+    // this build's area, opened already (perhaps made since the areas were looked for):
+    // listed with the orphans, it is told from the program's threads in any state, as they
+    // are (and skipped twice where the switch's agent is skipped, which changes nothing).
+    let areas = match &early {
+        Some(e) => e.areas.clone(),
+        None => layout_areas(t.pid(), t.mem())?,
+    };
     let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
     let mut agents = Agents {
-        code: found,
+        code: early.as_ref().map(|e| e.area.code).or(found),
         orphans: areas
             .iter()
             .filter_map(|&(code, _)| sync_agent::living_agent(t.mem(), code))
             .collect(),
     };
+    if let Some(tid) = early
+        .as_ref()
+        .and_then(|e| e.agent.as_ref().map(SyncAgent::tid))
+    {
+        if !agents.orphans.contains(&tid) {
+            agents.orphans.push(tid);
+        }
+    }
     // Every thread's /proc files, opened at this first look and read again by the later ones
     // (see `threads.rs`); those the borrow's look opened are not opened again.
     let threads = RefCell::new(Threads::with_files(t.pid(), t.take_looked_files()));
@@ -191,7 +307,13 @@ pub(crate) fn run(
     )?;
     trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
-    let mut area = open_area(t, found)?;
+    let mut area = match &early {
+        Some(e) => Area {
+            code: e.area.code,
+            bank: 0,
+        },
+        None => open_area(t, found)?,
+    };
     agents.code = Some(area.code);
     trace("area opened", began_at);
     // With dispatches the callers and the entries switch in windows of their own: a call
@@ -248,16 +370,28 @@ pub(crate) fn run(
     // membarrier registration, the look at the other actions — and the uninstall's are its
     // requests, not ptrace stops (see `SyncAgent::call`). Without it, they and the syncs go
     // through ptrace.
-    let current = current_action(t, &area);
     let mut held = Vec::new();
-    let mut agent = None;
-    if current.is_ok() {
-        agent = SyncAgent::start(t, area.code, &mut held);
-    }
-    trace(
-        &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
-        t0,
-    );
+    let (current, mut agent) = match early.take() {
+        Some(e) => {
+            trace(
+                &format!("agent kept {:?}", e.agent.as_ref().map(|a| a.tid())),
+                t0,
+            );
+            (Ok(e.current), e.agent)
+        }
+        None => {
+            let current = current_action(t, &area);
+            let mut agent = None;
+            if current.is_ok() {
+                agent = SyncAgent::start(t, area.code, &mut held);
+            }
+            trace(
+                &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
+                t0,
+            );
+            (current, agent)
+        }
+    };
     let installed = current.and_then(|current| install(t, &mut agent, &area, current));
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
@@ -2274,8 +2408,11 @@ impl Burst {
                     write_run(t.mem(), &writes)?;
                 }
                 // Never in a window's program: the tool's own calls go one at a time
-                // (`sigaction`, `register_sync_cores`).
-                Op::SigAction { .. } | Op::RegisterSyncCore => {}
+                // (`sigaction`, `register_sync_cores`, `Early`'s).
+                Op::SigAction { .. }
+                | Op::RegisterSyncCore
+                | Op::Mmap { .. }
+                | Op::Mprotect { .. } => {}
             }
         }
         if done < ops.len() {
