@@ -304,7 +304,13 @@ fn apply_here(
                 .ok()
         });
         let early = match opts.mode {
-            Mode::Nonstop => switch::Early::start(&mut t).map(Some),
+            Mode::Nonstop => {
+                // The area's code is assembled (unless kept from an earlier switch): asleep
+                // until the encoder's tables are built rather than spinning in iced beside
+                // their builder (see `iced_tables`).
+                iced_tables::need(iced_tables::Tables::Encoder);
+                switch::Early::start(&mut t).map(Some)
+            }
             Mode::Stop => Ok(None),
         };
         phase("switch's agent started");
