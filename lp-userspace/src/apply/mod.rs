@@ -547,7 +547,9 @@ fn apply_here(
 /// of the target module, `extra_len` bytes of trampolines and thunks first, then the image
 /// laid out by `layout`, both protected as they end (remote `mprotect`s): the code is written
 /// afterwards through /proc/PID/mem, which writes into pages of any protection. On failure,
-/// nothing of this stays.
+/// nothing of this stays (but what a sync agent stuck in a call of ours may still make: the
+/// error then says so, see `switch::Early`). Nonstop mode's agent (`early`) makes the calls
+/// when there is one.
 fn map_patch_memory(
     phase: &dyn Fn(&str),
     t: &mut Tracee,
@@ -559,7 +561,8 @@ fn map_patch_memory(
 ) -> Result<(StateMap, u64), Error> {
     let statemap = StateMap::open_or_create(t)?;
     phase("state mapped");
-    let code_addr = match map_near(t, early.as_deref_mut(), target, len) {
+    let protections = |at: u64| protections(at, extra_len, layout);
+    let (code_addr, set) = match map_near(t, early.as_deref_mut(), target, len, &protections) {
         Ok(a) => a,
         Err(e) => {
             statemap.remove_if_created(t);
@@ -567,7 +570,7 @@ fn map_patch_memory(
         }
     };
     phase("patch memory mapped");
-    if let Err(e) = protect(t, early, code_addr, extra_len, layout) {
+    if let Err(e) = protect(t, early, &protections(code_addr)[set..]) {
         // A sync agent stuck in an mprotect of ours may still make it: the memory stays (a
         // leak) rather than be unmapped under a call that could then hit a mapping of the
         // program's made in its place.
@@ -581,17 +584,27 @@ fn map_patch_memory(
     Ok((statemap, code_addr))
 }
 
-/// Final protections: trampolines/thunks r-x (the whole reserved area, `extra_len` bytes at
-/// `code_addr`), the image's regions (after them) as the linker says; adjacent ranges with the
-/// same protection in one call, and none for what the mapping already is (read-only). Made by
+/// Sets `protections` ((address, length, protection) each, see [`protections`]): made by
 /// nonstop mode's sync agent when there is one (`early`).
 fn protect(
     t: &mut Tracee,
     mut early: Option<&mut switch::Early>,
-    code_addr: u64,
-    extra_len: u64,
-    layout: &Layout,
+    protections: &[(u64, u64, u64)],
 ) -> Result<(), Error> {
+    for &(at, len, p) in protections {
+        match early.as_deref_mut() {
+            Some(e) => e.protect(t, at, len, p)?,
+            None => t.mprotect(at, len, p)?,
+        }
+    }
+    Ok(())
+}
+
+/// The final protections of patch memory at `code_addr` (address, length, protection):
+/// trampolines/thunks r-x (the whole reserved area, `extra_len` bytes at `code_addr`), the
+/// image's regions (after them) as the linker says; adjacent ranges with the same protection
+/// in one call, and none for what the mapping already is (read-only).
+fn protections(code_addr: u64, extra_len: u64, layout: &Layout) -> Vec<(u64, u64, u64)> {
     let image_addr = code_addr + extra_len;
     let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
     for r in layout.regions() {
@@ -605,32 +618,36 @@ fn protect(
             _ => ranges.push((image_addr + r.offset, r.len, p)),
         }
     }
-    for (at, len, p) in ranges {
-        if len > 0 && p != prot::READ {
-            match early.as_deref_mut() {
-                Some(e) => e.protect(t, at, len, p)?,
-                None => t.mprotect(at, len, p)?,
-            }
-        }
-    }
-    Ok(())
+    ranges.retain(|&(_, len, p)| len > 0 && p != prot::READ);
+    ranges
 }
 
 /// Maps `len` bytes of read-write anonymous memory within reach of the target module, in a
 /// gap of the mappings `locate` read. A mapping made since then may fill that gap: the kernel
 /// then refuses (`MAP_FIXED_NOREPLACE`), and the place is chosen again from fresh mappings.
+///
+/// Nonstop mode's sync agent (`early`) sets the `protections` for the place chosen too, in the
+/// same request: returns the address and how many of them are set (see `switch::Early`).
 fn map_near(
     t: &mut Tracee,
     mut early: Option<&mut switch::Early>,
     target: &target::LoadedTarget,
     len: u64,
-) -> Result<u64, Error> {
-    match map_in_gap(t, early.as_deref_mut(), target, &target.mappings, len) {
+    protections: &dyn Fn(u64) -> Vec<(u64, u64, u64)>,
+) -> Result<(u64, usize), Error> {
+    match map_in_gap(
+        t,
+        early.as_deref_mut(),
+        target,
+        &target.mappings,
+        len,
+        protections,
+    ) {
         Err(Error::Process(crate::process::ProcessError::RemoteSyscall { err, .. }))
             if err.raw_os_error() == Some(libc::EEXIST) =>
         {
             let fresh = crate::maps::read(t.pid())?;
-            map_in_gap(t, early, target, &fresh, len)
+            map_in_gap(t, early, target, &fresh, len, protections)
         }
         r => r,
     }
@@ -644,7 +661,8 @@ fn map_in_gap(
     target: &target::LoadedTarget,
     mappings: &[crate::maps::Mapping],
     len: u64,
-) -> Result<u64, Error> {
+    protections: &dyn Fn(u64) -> Vec<(u64, u64, u64)>,
+) -> Result<(u64, usize), Error> {
     let lo = target.module.start();
     let hi = target.module.end();
     let addr = crate::maps::find_free_near(mappings, lo, hi, len).ok_or_else(|| {
@@ -656,19 +674,22 @@ fn map_in_gap(
     // Read-only: every write goes through /proc/PID/mem, which writes into a read-only private
     // mapping too; the protections `prepare` sets then need no call for read-only ranges, and
     // one for the code (one remote system call fewer than from read-write).
-    let got = match early {
-        Some(e) => e.map_patch(t, addr, len)?,
-        None => t.mmap(
-            addr,
-            len,
-            prot::READ,
-            libc::MAP_PRIVATE
-                | libc::MAP_ANONYMOUS
-                | libc::MAP_FIXED_NOREPLACE
-                | libc::MAP_POPULATE,
-            -1,
+    let (got, set) = match early {
+        Some(e) => e.map_patch(t, addr, len, &protections(addr))?,
+        None => (
+            t.mmap(
+                addr,
+                len,
+                prot::READ,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED_NOREPLACE
+                    | libc::MAP_POPULATE,
+                -1,
+                0,
+            )?,
             0,
-        )?,
+        ),
     };
     if got != addr {
         let _ = t.munmap(got, len);
@@ -676,7 +697,7 @@ fn map_in_gap(
             "mmap placed patch memory at {got:#x} instead of {addr:#x}"
         )));
     }
-    Ok(addr)
+    Ok((addr, set))
 }
 
 /// What [`prepare`] made of a patch, written into the patch memory.

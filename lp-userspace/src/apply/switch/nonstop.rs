@@ -178,7 +178,7 @@ impl Early {
         trace("area opened (before the preparation)", t0);
         let current = current_action(t, &area)?;
         let mut held = Vec::new();
-        let agent = SyncAgent::start(t, area.code, &mut held);
+        let agent = SyncAgent::start(t, area.code, &mut held, false);
         for (tid, signal) in held {
             t.hold(tid, signal);
         }
@@ -195,25 +195,52 @@ impl Early {
     }
 
     /// Maps an apply's patch memory, `len` bytes exactly at `addr` (see [`sync_agent::Op::Mmap`]:
-    /// read-only, `MAP_FIXED_NOREPLACE`, populated), through the agent when it answers, else
-    /// through ptrace; the mapping's address. Vetted against the seccomp filters first either
-    /// way. An agent stuck in the call is an error (`Unfinished`): it may still make it.
-    pub(crate) fn map_patch(&mut self, t: &mut Tracee, addr: u64, len: u64) -> Result<u64, Error> {
+    /// read-only, `MAP_FIXED_NOREPLACE`, populated), then sets `protections` in it ((address,
+    /// length, protection) each): through the agent when it answers, as one program (one
+    /// request for all), else the mapping through ptrace. Returns the mapping's address and
+    /// how many of `protections` are set (a prefix: the caller sets the rest, see
+    /// [`Early::protect`]). Every call is vetted against the seccomp filters first, either
+    /// way. An agent stuck in a call is an error (`Unfinished`): it may still make it.
+    pub(crate) fn map_patch(
+        &mut self,
+        t: &mut Tracee,
+        addr: u64,
+        len: u64,
+        protections: &[(u64, u64, u64)],
+    ) -> Result<(u64, usize), Error> {
         let flags = libc::MAP_PRIVATE
             | libc::MAP_ANONYMOUS
             | libc::MAP_FIXED_NOREPLACE
             | libc::MAP_POPULATE;
-        let args = [addr, len, prot::READ, flags as u64, u64::MAX, 0];
         if let Some(a) = self.agent.as_mut() {
-            t.vet_ahead(libc::SYS_mmap, args)?;
-            match a.call(Op::Mmap { addr, len }, sync_agent::ANSWER_WAIT) {
-                Ok(Some(got)) if got > 0 => return Ok(got as u64),
+            t.vet_ahead(
+                libc::SYS_mmap,
+                [addr, len, prot::READ, flags as u64, u64::MAX, 0],
+            )?;
+            let mut ops = vec![Op::Mmap { addr, len }];
+            for &(at, len, p) in protections
+                .iter()
+                .take_while(|(_, _, p)| sync_agent::MPROTECT_PROTS.contains(p))
+            {
+                t.vet_ahead(libc::SYS_mprotect, [at, len, p, 0, 0, 0])?;
+                ops.push(Op::Mprotect {
+                    addr: at,
+                    len,
+                    prot: p,
+                });
+            }
+            match a.calls(&ops, sync_agent::ANSWER_WAIT) {
+                Ok(Some(c)) if c.done >= 1 => return Ok((addr, c.done - 1)),
+                // Mapped elsewhere than asked (see the agent's code): given back.
+                Ok(Some(c)) if c.mapped > 0 && c.mapped as u64 != addr => {
+                    let _ = t.munmap(c.mapped as u64, len);
+                }
                 // The same call through ptrace tells what is wrong (in its own words).
                 Ok(_) => {}
                 Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
             }
         }
-        Ok(t.mmap(addr, len, prot::READ, flags, -1, 0)?)
+        Ok((t.mmap(addr, len, prot::READ, flags, -1, 0)?, 0))
     }
 
     /// `mprotect(addr, len, prot)` in the target, through the agent when it answers and
@@ -383,7 +410,7 @@ pub(crate) fn run(
             let current = current_action(t, &area);
             let mut agent = None;
             if current.is_ok() {
-                agent = SyncAgent::start(t, area.code, &mut held);
+                agent = SyncAgent::start(t, area.code, &mut held, true);
             }
             trace(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),

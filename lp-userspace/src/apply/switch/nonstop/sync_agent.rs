@@ -491,7 +491,9 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.jmp(op_done)?;
     // The tool's patch memory (see `SyncAgent::call`): mmap(addr, len, MMAP_PROT, MMAP_FLAGS,
     // -1, 0), the address in the address word, the length in the data; what it returns
-    // (the mapping's address) in the data's second word.
+    // (the mapping's address) in the data's second word. Placed elsewhere (a kernel without
+    // MAP_FIXED_NOREPLACE takes the address for a hint): a failure, EEXIST — the calls after
+    // it in the program are meant for `addr` (the tool unmaps that mapping).
     a.set_label(&mut op_mmap)?;
     a.mov(rdi, qword_ptr(r15 + 8))?;
     a.mov(rsi, qword_ptr(r15 + 16))?;
@@ -505,7 +507,10 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.test(rax, rax)?;
     a.js(failed)?;
     a.mov(qword_ptr(r15 + 24), rax)?;
-    a.jmp(op_done)?;
+    a.cmp(rax, rdi)?;
+    a.je(op_done)?;
+    a.mov(rax, -(libc::EEXIST as i64))?;
+    a.jmp(failed)?;
     // Its protections: mprotect(addr, len, prot), the protection in the length word.
     a.set_label(&mut op_mprotect)?;
     a.mov(rdi, qword_ptr(r15 + 8))?;
@@ -775,6 +780,19 @@ enum Answer {
     Silent(usize),
 }
 
+/// How the tool's calls given to the agent went ([`SyncAgent::calls`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Calls {
+    /// How many of them were made (a prefix) and succeeded.
+    pub done: usize,
+    /// The next one's error (-errno) when the agent made it and it failed; None when it was
+    /// not made (or every call was).
+    pub error: Option<i64>,
+    /// What an [`Op::Mmap`] among the calls returned (its address; one placed elsewhere than
+    /// asked fails with EEXIST, its address here), 0 when it was not made or failed.
+    pub mapped: i64,
+}
+
 /// An agent that took an operation of a cancelled program and neither carried it out nor
 /// answered: it may still carry it out later, so nothing may be written over it.
 #[derive(Debug)]
@@ -789,10 +807,15 @@ impl SyncAgent {
     /// take meanwhile are added to `held` (tid, signal): the caller sends them again once the
     /// switch is over, as the tracee does with the signals it holds back. The agent runs under
     /// SCHED_FIFO when the tool may set it (see the module documentation).
+    ///
+    /// `settled`: wait (at most [`START_WAIT`]) for the agent's own start-up to be over, for a
+    /// switch whose windows come next; an apply's preparation, which starts it first (see
+    /// `nonstop::Early`), does not: its first request waits for that start-up in the agent.
     pub(crate) fn start(
         t: &mut Tracee,
         code: u64,
         held: &mut Vec<(i32, crate::process::HeldSignal)>,
+        settled: bool,
     ) -> Option<SyncAgent> {
         let shared = Shared::map(t.pid(), code)?;
         // An agent orphaned by a killed livepatch still waits there (it exits at its next
@@ -865,7 +888,8 @@ impl SyncAgent {
         // windows began right after the clone; with six stops the agent had that time). At
         // most START_WAIT: a program queued earlier waits for it (see `run`).
         let deadline = Instant::now() + START_WAIT;
-        while shared.word(FD).load(Ordering::Acquire) as i32 == NO_FD
+        while settled
+            && shared.word(FD).load(Ordering::Acquire) as i32 == NO_FD
             && shared.word(TID).load(Ordering::Acquire) != 0
             && Instant::now() < deadline
         {
@@ -956,32 +980,59 @@ impl SyncAgent {
     /// It is claimed and resolved like a program's operation (see [`SyncAgent::run`]): a
     /// call the agent did not make is never made later, or the agent is [`Stuck`].
     pub(crate) fn call(&mut self, op: Op, within: Duration) -> Result<Option<i64>, Stuck> {
-        debug_assert!(matches!(
+        let mmap = matches!(op, Op::Mmap { .. });
+        Ok(self
+            .calls(&[op], within)?
+            .and_then(|c| match (c.done, c.error) {
+                (1, _) if mmap => Some(c.mapped),
+                (1, _) => Some(0),
+                (_, Some(e)) => Some(e),
+                // Not made.
+                _ => None,
+            }))
+    }
+
+    /// Makes the system calls `ops` for the tool in the agent, in order, as one program (one
+    /// request and its answer for all of them: see [`SyncAgent::call`]); the first that fails
+    /// ends it. None when the agent did not take it (an earlier failure, gone, or silent for
+    /// `within` before its first call was claimed).
+    pub(crate) fn calls(&mut self, ops: &[Op], within: Duration) -> Result<Option<Calls>, Stuck> {
+        debug_assert!(ops.iter().all(|op| matches!(
             op,
             Op::SigAction { .. } | Op::RegisterSyncCore | Op::Mmap { .. } | Op::Mprotect { .. }
-        ));
-        if self.failed {
+        )));
+        if self.failed || ops.is_empty() || !fits(ops) {
             return Ok(None);
         }
-        let ops = std::slice::from_ref(&op);
         self.load(ops);
-        let nr = match op {
+        let nr = match ops[0] {
             Op::SigAction { .. } => libc::SYS_rt_sigaction,
             Op::Mmap { .. } => libc::SYS_mmap,
             Op::Mprotect { .. } => libc::SYS_mprotect,
             _ => libc::SYS_membarrier,
         };
         crate::process::stop_point::reached_with("agent-call", nr);
-        // What a mapping returned: stored in its operation before it was counted as done.
-        let made = |s: &Shared| match op {
-            Op::Mmap { .. } => s.u64_at(OPS + 24) as i64,
-            _ => 0,
+        // What a mapping returned: stored in its operation (zeroed by `load`) before it was
+        // counted as done, or failed for its place.
+        let mapped = |s: &Shared, _done: usize| {
+            ops.iter()
+                .position(|op| matches!(op, Op::Mmap { .. }))
+                .map_or(0, |i| s.u64_at(OPS + i as u64 * OP_LEN + 24) as i64)
         };
         Ok(match self.carry_out(ops, within)? {
-            Answer::Answered(1) | Answer::Silent(1) => Some(made(&self.shared)),
-            // Made, and failed: its error (a program's first failure ends it, in RESULT).
-            Answer::Answered(_) => Some(self.shared.result()).filter(|&r| r < 0),
-            Answer::Silent(_) => None,
+            Answer::Answered(done) => Some(Calls {
+                done,
+                // Made, and failed: its error (a program's first failure ends it, in RESULT).
+                error: Some(self.shared.result()).filter(|&r| r < 0 && done < ops.len()),
+                mapped: mapped(&self.shared, done),
+            }),
+            Answer::Silent(0) => None,
+            // Silent, the calls counted as done made: the rest was not, and will not be.
+            Answer::Silent(done) => Some(Calls {
+                done,
+                error: None,
+                mapped: mapped(&self.shared, done),
+            }),
         })
     }
 
