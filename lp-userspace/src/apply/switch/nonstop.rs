@@ -843,7 +843,9 @@ fn refuse_if_sigtrap_blocked(
     agents: &Agents,
 ) -> Result<(), Error> {
     let blocked = |t: &Thread| t.blocks(libc::SIGTRAP) && !agents.runs(t);
-    let tids = threads.current(&[]);
+    // Our agents (an apply's, started before its preparation, and orphans) are no threads of
+    // the program: not counted as ones that do not block SIGTRAP either.
+    let tids = threads.current(&agents.orphans);
     let mut suspects: BTreeMap<i32, (u64, Option<u64>)> = BTreeMap::new();
     let mut borrowed_blocks = None;
     let mut some_thread_does_not = false;
