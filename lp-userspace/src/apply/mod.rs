@@ -6,7 +6,8 @@
 //!    are the bytes of every direct caller to be retargeted ([`call_sites`]), the patch is not
 //!    applied yet, lp-core accepts every site. Any failure: nothing was touched.
 //! 2. preparation while every thread runs — patch memory mapped within ±2 GiB of the module
-//!    and protected (remote mmap and mprotect) while another thread links the object for that
+//!    and protected (remote mmap and mprotect; in nonstop mode made by the switch's sync agent,
+//!    started first: `switch::Early`) while another thread links the object for that
 //!    place against the target's symbols and builds the trampolines and register-preserving
 //!    thunks; then everything written, the code pages to be patched pre-faulted (copy-on-write
 //!    done now, not during the stop).
@@ -309,11 +310,12 @@ fn apply_here(
                 // until the encoder's tables are built rather than spinning in iced beside
                 // their builder (see `iced_tables`).
                 iced_tables::need(iced_tables::Tables::Encoder);
-                switch::Early::start(&mut t).map(Some)
+                let early = switch::Early::start(&mut t).map(Some);
+                phase("switch's agent started");
+                early
             }
             Mode::Stop => Ok(None),
         };
-        phase("switch's agent started");
         let mapped = early.and_then(|mut early| {
             let (statemap, code_addr) = map_patch_memory(
                 &phase,

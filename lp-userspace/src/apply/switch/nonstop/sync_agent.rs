@@ -1,5 +1,7 @@
 //! The sync agent: a thread of ours inside the target that runs nonstop mode's syncs
-//! (`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`) on request, for the few milliseconds of a switch.
+//! (`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`) on request, for the few milliseconds of a switch
+//! (and, in an apply, of its preparation before: the patch memory's mmap and mprotects, see
+//! `nonstop::Early`).
 //!
 //! Why. A sync run on the borrowed thread through ptrace is two round trips (syscall-entry and
 //! syscall-exit stop), each waiting until that ordinary thread gets a CPU back — behind the
