@@ -16,7 +16,9 @@
 //! given back),
 //! `agent-start.N` (nonstop: the sync agent's start-up after its step N, see sync_agent.rs
 //! `start_point`), `agent-call.NR` (nonstop: a system call of ours loaded in the sync agent's
-//! page, not yet asked for: `agent-call.324` is the membarrier registration).
+//! page, not yet asked for: `agent-call.324` is the membarrier registration; `agent-call.9`, a
+//! nonstop apply's preparation: the patch memory's mmap and mprotects, one program of the agent
+//! it starts first, before its state is marked).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
