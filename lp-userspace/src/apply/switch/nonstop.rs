@@ -466,6 +466,7 @@ pub(crate) fn run(
             )
         });
     let wrote = ready.is_ok();
+    trace("masks looked at again", t0);
     // Processes forked from now on may copy the code mid-switch (see finish_children): counted
     // right before the first int3, after the agent's own clone, which would otherwise make
     // every switch look at the target's children.
@@ -2261,6 +2262,7 @@ fn steps(
     // up to the settle, which the tool runs between them.
     let ranges = !inner_ranges(sites).is_empty();
     let mut burst = Burst::new(agent);
+    trace("window's bytes read", w0);
     for i in 0..max_steps {
         let mut needs_sync = false;
         let mut writes: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); runs.len()];
