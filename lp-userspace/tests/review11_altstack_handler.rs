@@ -8,7 +8,8 @@
 //! The target is parked.c's (review N3) with one more handler: its SIGSEGV handler (run on the
 //! thread's own stack, interrupted context at compute + 3, between the site's two
 //! instructions) raises SIGUSR1, whose handler runs on an alternate stack (SA_ONSTACK) and
-//! blocks in read() until the test's byte. The apply must be busy, as for parked.c's handler.
+//! blocks in read() until the test's byte. The apply must be busy, as for parked.c's handler,
+//! whether that thread is the one borrowed (settle's look at its stack) or not (the wait's).
 
 mod common;
 use common::*;
@@ -70,6 +71,7 @@ static void on_segv(int sig, siginfo_t *si, void *ctx) {
 
 static void *parker(void *arg) {
     (void)arg;
+    pthread_setname_np(pthread_self(), "parker");
     stack_t ss;
     ss.ss_size = 65536;
     ss.ss_flags = 0;
@@ -107,14 +109,20 @@ int main(int argc, char **argv) {
 "#;
 
 #[test]
-fn review11_a_handler_on_an_alternate_stack_does_not_hide_an_interrupted_frame() {
+fn review11_a_handler_on_an_alternate_stack_does_not_hide_an_interrupted_frame_waited_for() {
+    parked_on_an_alternate_stack("altparked");
+}
+
+#[test]
+fn review11_a_handler_on_an_alternate_stack_does_not_hide_an_interrupted_frame_borrowed() {
+    parked_on_an_alternate_stack("parker");
+}
+
+/// `borrow`: the thread the apply borrows (`LIVEPATCH_BORROW_COMM`): the main thread
+/// ("altparked", in pause()) or the parked one ("parker").
+fn parked_on_an_alternate_stack(borrow: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(
-        dir.path(),
-        "altparked",
-        TARGET,
-        &["-pthread"],
-    );
+    let exe = executable_from_source(dir.path(), "altparked", TARGET, &["-pthread"]);
     let obj = object(dir.path(), "new_parked.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
     let patch = patch.display().to_string();
@@ -127,7 +135,10 @@ fn review11_a_handler_on_an_alternate_stack_does_not_hide_an_interrupted_frame()
     target.wait_line(|l| l == "parked");
     std::thread::sleep(Duration::from_millis(100)); // in the SIGUSR1 handler's read()
 
-    let out = livepatch(&["apply", &pid, &patch, "--mode", "nonstop", "--timeout", "1"]);
+    let out = livepatch_env(
+        &["apply", &pid, &patch, "--mode", "nonstop", "--timeout", "1"],
+        &[("LIVEPATCH_BORROW_COMM", borrow), ("LIVEPATCH_TRACE", "1")],
+    );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     let applied = out.status.success();
 
@@ -157,7 +168,14 @@ fn review11_a_handler_on_an_alternate_stack_does_not_hide_an_interrupted_frame()
         "the apply rewrote the bytes under a thread whose interrupted context is inside them \
          (then: {outcome:?}): {err}"
     );
-    assert!(err.contains("busy"), "{err}");
+    // The thread asked for was the one borrowed (the trace names it).
+    let main_borrowed = format!("installed (borrowed thread [{pid}])");
+    assert_eq!(
+        err.contains(&main_borrowed),
+        borrow == "altparked",
+        "not the thread asked for: {err}"
+    );
+    assert!(err.contains("livepatch: error: busy"), "{err}");
     assert_eq!(outcome, "compute 8");
     assert!(target.alive());
 }
