@@ -299,7 +299,7 @@ pub(crate) fn run(
     mut early: Option<Early>,
 ) -> Result<SwitchStats, Error> {
     let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
-    let _precise = timer_slack::Precise::start();
+    let precise = timer_slack::Precise::start();
     verify_expected(t.mem(), sites)?;
     if sites.len() > th::MAX_SITES {
         return Err(Error::Unsupported(format!(
@@ -565,6 +565,9 @@ pub(crate) fn run(
             watch
         });
         drop(boost);
+        // Back from SCHED_FIFO the kernel gives the thread its default slack again (a real-time
+        // thread has none): the uninstall's sleeps are to be as short as asked too.
+        precise.renew();
         if was_installed && settled_bytes {
             let mut all = sites.to_vec();
             all.extend(flag.iter().flat_map(|f| f.then.iter().cloned()));

@@ -1,7 +1,11 @@
 //! Whether a thread's stack refers to the bytes behind an `int3` (settle's and the uninstall's
 //! waits, review N3): a return address of a displaced `call`, or a signal frame's saved rip,
 //! leading back into them. The stack is searched from the thread's stack pointer to the end
-//! of the mapping it is in.
+//! of the mapping it is in — and, when a signal handler runs on an alternate stack
+//! (`sigaltstack`, `SA_ONSTACK`), on from the stack pointer its signal frame saved: the
+//! interrupted context's frames lie on the thread's own stack, not above the handler's
+//! (review 11: a frame there with rip between a site's instructions was missed, and the
+//! thread resumed in the middle of the new jump).
 
 use super::th;
 use crate::process::vma_query::{Covering, VmaQuery};
@@ -25,9 +29,10 @@ const CHUNK: u64 = 16 * th::PAGE;
 /// few µs, never stale), else read from the maps text once at the first need (~100 µs here)
 /// and again when it has no mapping for an address (a thread created since). A thread's stack
 /// mapping, and so its end, stays as it was for the thread's life (its frames all lie between
-/// its stack pointer and that end): a text read after the thread was listed holds it however
-/// long a wait lasts, so one `Mappings` serves a wait's checks and looks — the settle's
-/// borrowed thread and the threads a `MovedOn` listed before it.
+/// its stack pointer and that end, or below a signal frame on an alternate stack): a text read
+/// after the thread was listed holds it however long a wait lasts, so one `Mappings` serves a
+/// wait's checks and looks — the settle's borrowed thread and the threads a `MovedOn` listed
+/// before it. (An alternate stack mapped after the read is not in the text: read again.)
 pub(super) struct Mappings {
     pid: i32,
     /// The kernel's answers: not opened yet (None), or opened, or not available (Some(None)).
@@ -84,39 +89,113 @@ impl Mappings {
     }
 }
 
+/// Stacks searched for one thread at most: its alternate stack's, then those below the signal
+/// frames found there (nested handlers: each alternate-stack frame whose interrupted context
+/// was on another stack).
+const MAX_STACKS: usize = 4;
+
 /// Whether the stack above `sp` (to the end of its mapping, at most [`STACK_SCAN_MAX`]) holds
 /// an 8-byte word that is an address inside `ranges`: a return address or a signal frame's
-/// saved rip leading back into them.
+/// saved rip leading back into them. A signal frame found there that a handler on an
+/// alternate stack left (see [`off_stack_contexts`]) has the search go on from the stack
+/// pointer it saved, to the end of that one's mapping.
 pub(super) fn stack_refers_to(
     mem: &Memory,
     maps: &mut Mappings,
     sp: u64,
     ranges: &[CodeRange],
 ) -> bool {
-    let mut addr = sp & !7;
-    let end = maps
-        .end_of(addr)
-        .unwrap_or(addr.saturating_add(UNMAPPED_SCAN))
-        .min(addr.saturating_add(STACK_SCAN_MAX));
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut todo = vec![sp];
+    let mut searched: Vec<std::ops::Range<u64>> = Vec::new();
+    while let Some(sp) = todo.pop() {
+        if searched.len() == MAX_STACKS {
+            break;
+        }
+        let start = sp & !7;
+        if searched.iter().any(|r| r.contains(&start)) {
+            continue;
+        }
+        let end = maps
+            .end_of(start)
+            .unwrap_or(start.saturating_add(UNMAPPED_SCAN))
+            .min(start.saturating_add(STACK_SCAN_MAX));
+        let Some(stack) = read_stack(mem, start, end, ranges) else {
+            return true;
+        };
+        todo.extend(off_stack_contexts(start, &stack));
+        searched.push(start..end);
+    }
+    false
+}
+
+/// The bytes from `start` to `end` (8-aligned), read in chunks up to the first page that
+/// cannot be read; None as soon as a word is an address inside `ranges`.
+fn read_stack(mem: &Memory, start: u64, end: u64, ranges: &[CodeRange]) -> Option<Vec<u8>> {
+    let mut stack = Vec::new();
+    let mut addr = start;
     while addr < end {
         let len = (CHUNK - addr % th::PAGE).min(end - addr) as usize;
-        let Some(read) = read_pages(mem, addr, &mut buf[..len]) else {
-            return false;
+        let at = stack.len();
+        stack.resize(at + len, 0);
+        let Some(read) = read_pages(mem, addr, &mut stack[at..]) else {
+            stack.truncate(at);
+            break;
         };
-        let hit = buf[..read].chunks_exact(8).any(|w| {
+        stack.truncate(at + read);
+        let hit = stack[at..].chunks_exact(8).any(|w| {
             let v = u64::from_le_bytes(w.try_into().unwrap());
             ranges.iter().any(|r| r.contains(v))
         });
         if hit {
-            return true;
+            return None;
         }
         if read < len {
-            return false; // the rest is not mapped
+            break; // the rest is not mapped
         }
         addr += len as u64;
     }
-    false
+    Some(stack)
+}
+
+// A signal frame as the kernel builds it on x86-64 (`struct rt_sigframe`: the restorer's
+// address, then `struct ucontext`), offsets from its first word.
+/// `uc_flags`: UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS at most.
+const UC_FLAGS: usize = 8;
+/// `uc_link`: always 0.
+const UC_LINK: usize = 16;
+/// `uc_stack`: the thread's alternate stack when the signal came (`ss_sp`, `ss_flags`, `ss_size`).
+const SS_SP: usize = 24;
+const SS_FLAGS: usize = 32;
+const SS_SIZE: usize = 40;
+/// `uc_mcontext.rsp`: the interrupted context's stack pointer.
+const SAVED_RSP: usize = 48 + 15 * 8;
+
+/// The stack pointers saved by the signal frames in `stack` (read at `at`) that were built on
+/// an alternate stack — their `uc_stack` (the alternate stack the kernel recorded) holds the
+/// frame itself — for a context that ran off it: the frames of that context lie there.
+fn off_stack_contexts(at: u64, stack: &[u8]) -> Vec<u64> {
+    let word = |i: usize| {
+        stack
+            .get(i..i + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    (0..stack.len())
+        .step_by(8)
+        .filter_map(|i| {
+            let frame = at + i as u64;
+            let flags = word(i + UC_FLAGS)?;
+            let link = word(i + UC_LINK)?;
+            let ss_flags = word(i + SS_FLAGS)? as u32;
+            let (ss_sp, ss_size, rsp) =
+                (word(i + SS_SP)?, word(i + SS_SIZE)?, word(i + SAVED_RSP)?);
+            let alt = ss_sp..ss_sp.checked_add(ss_size)?;
+            let plausible = flags <= 7
+                && link == 0
+                && ss_flags & !(libc::SS_ONSTACK | libc::SS_DISABLE) as u32 & !(1 << 31) == 0
+                && ss_size != 0;
+            (plausible && alt.contains(&frame) && !alt.contains(&rsp)).then_some(rsp)
+        })
+        .collect()
 }
 
 /// Reads `buf.len()` bytes at `addr` in one read, or else page by page up to the first page
@@ -137,4 +216,38 @@ fn read_pages(mem: &Memory, addr: u64, buf: &mut [u8]) -> Option<usize> {
         done += len;
     }
     (done > 0).then_some(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame as the kernel writes it at `at + off`: on an alternate stack `alt` (0..0 when
+    /// the thread has none), for a context whose stack pointer was `rsp`.
+    fn frame(stack: &mut [u8], off: usize, alt: (u64, u64), rsp: u64) {
+        let mut put =
+            |i: usize, v: u64| stack[off + i..off + i + 8].copy_from_slice(&v.to_le_bytes());
+        put(0, 0x40_1000); // the restorer
+        put(UC_FLAGS, 7);
+        put(UC_LINK, 0);
+        put(SS_SP, alt.0);
+        put(SS_FLAGS, if alt.1 == 0 { 2 } else { 0 });
+        put(SS_SIZE, alt.1);
+        put(SAVED_RSP, rsp);
+    }
+
+    #[test]
+    fn a_frame_on_an_alternate_stack_leads_to_the_interrupted_stack() {
+        let at = 0x7000_0000u64;
+        let mut stack = vec![0u8; 4096];
+        // Interrupted on its own stack: followed.
+        frame(&mut stack, 1024, (at - 0x1000, 0x2000), 0x7ffd_0000);
+        assert_eq!(off_stack_contexts(at, &stack), vec![0x7ffd_0000]);
+        // Nested on the alternate stack itself: nothing more to search.
+        frame(&mut stack, 1024, (at - 0x1000, 0x2000), at + 2048);
+        assert!(off_stack_contexts(at, &stack).is_empty());
+        // A frame on the thread's own stack (no alternate stack): its context is above it.
+        frame(&mut stack, 1024, (0, 0), 0x7ffd_0000);
+        assert!(off_stack_contexts(at, &stack).is_empty());
+    }
 }
