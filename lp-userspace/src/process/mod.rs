@@ -79,6 +79,11 @@ pub struct Tracee {
     /// The files the borrow's look opened (single-thread tracee), kept for the switch's own
     /// looks at the threads ([`Tracee::take_looked_files`]).
     looked: Vec<observe::ThreadFiles>,
+    /// The threads' seccomp states being read ahead during the attach (single-thread tracee),
+    /// for nonstop mode's check of the other threads (`seccomp/prefetch.rs`).
+    seccomp_prefetch: Option<seccomp::prefetch::Prefetch>,
+    /// How many of those the check used (for the trace).
+    seccomp_read_ahead: usize,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -162,6 +167,8 @@ impl Tracee {
             walks: BTreeMap::new(),
             seccomp: BTreeMap::new(),
             looked: Vec::new(),
+            seccomp_prefetch: None,
+            seccomp_read_ahead: 0,
         })
     }
 
@@ -177,8 +184,11 @@ impl Tracee {
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
         // The look starts before the checks and the lock: their time counts as look time.
+        // The threads' seccomp states are read meanwhile, for nonstop mode's check of them.
+        let prefetch = seccomp::prefetch::Prefetch::start(pid);
         let look = borrow::Look::start(pid);
         let mut t = Tracee::open(pid, true, || lock_process_patiently(pid).map(Some))?;
+        t.seccomp_prefetch = prefetch;
         t.seize_one(look)?;
         Ok(t)
     }

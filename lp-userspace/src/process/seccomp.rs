@@ -18,6 +18,7 @@
 
 pub mod bpf;
 pub mod calls;
+pub(crate) mod prefetch;
 
 use super::error::ProcessError;
 use super::Tracee;
@@ -294,7 +295,12 @@ pub(crate) enum Known {
 
 impl Known {
     fn of(pid: i32, tid: i32) -> Known {
-        match status(pid, tid) {
+        Known::from_status(status(pid, tid))
+    }
+
+    /// What a [`status`] read says.
+    fn from_status(status: Option<(Mode, u32)>) -> Known {
+        match status {
             None | Some((Mode::Disabled, _)) => Known::Disabled,
             Some((Mode::Strict, _)) => Known::Strict,
             Some((Mode::Filter, count)) => Known::Filter {
@@ -501,13 +507,16 @@ impl Tracee {
         if nonstop && r.is_ok() && std::env::var_os(SKIP_CHECK_VAR).is_none() {
             r = self.check_handler_threads(&mut stopping);
         }
+        self.seccomp_prefetch = None;
         if std::env::var_os("LIVEPATCH_TRACE").is_some() {
             eprintln!(
                 "livepatch: trace: seccomp checked ({} threads) in {} us ({} us of it stopping \
-                 a thread, which its first remote call would do otherwise)",
+                 a thread, which its first remote call would do otherwise; {} of the other \
+                 threads' states read ahead)",
                 self.threads.len(),
                 t0.elapsed().as_micros(),
-                stopping.as_micros()
+                stopping.as_micros(),
+                self.seccomp_read_ahead
             );
         }
         r
@@ -520,6 +529,12 @@ impl Tracee {
     /// from every stack vetted so far is seized and stopped for a moment, its filters read and
     /// the handler's calls ([`calls::TRAP_HANDLER`]) run through them. A thread created later
     /// inherits its creator's filters, which are checked (or it installs its own: not seen).
+    ///
+    /// The threads are listed here. Their states were mostly read ahead, on a thread of ours,
+    /// during the attach (`prefetch.rs`: at most [`prefetch::FRESH`] ago); the others are read
+    /// now. Either is what the thread had at one moment before the first `int3`, as any read
+    /// here is: the threads run on, and one that sandboxes itself after its read is not seen,
+    /// whenever that read was.
     fn check_handler_threads(
         &mut self,
         stopping: &mut std::time::Duration,
@@ -535,11 +550,21 @@ impl Tracee {
                 _ => None,
             })
             .collect();
+        let mut ahead = self
+            .seccomp_prefetch
+            .take()
+            .map(prefetch::Prefetch::finish)
+            .unwrap_or_default();
+        self.seccomp_read_ahead = ahead.len();
         for tid in super::observe::tasks(self.pid) {
             if self.seccomp.contains_key(&tid) {
                 continue; // checked already, against every call of the operation
             }
-            let why = match Known::of(self.pid, tid) {
+            let known = match ahead.remove(&tid) {
+                Some(seen) => Known::from_status(Some(seen)),
+                None => Known::of(self.pid, tid),
+            };
+            let why = match known {
                 Known::Disabled => continue,
                 Known::Filter { count, .. } if vetted.contains(&count) => continue,
                 Known::Strict => Blocked::Strict,
