@@ -84,6 +84,8 @@ pub struct Tracee {
     seccomp_prefetch: Option<seccomp::prefetch::Prefetch>,
     /// How many of those the check used (for the trace).
     seccomp_read_ahead: usize,
+    /// The process's `statm`, read at every listing of its threads (`proc_dir::main_exited`).
+    _statm: proc_dir::KeptStatm,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -148,6 +150,7 @@ impl Tracee {
         if pid as u32 == std::process::id() {
             return Err(ProcessError::IsSelf(pid));
         }
+        let statm = proc_dir::KeptStatm::open(pid);
         let lock = lock()?;
         let mem = Memory::open(pid)?;
         maps_text::track(pid);
@@ -169,6 +172,7 @@ impl Tracee {
             looked: Vec::new(),
             seccomp_prefetch: None,
             seccomp_read_ahead: 0,
+            _statm: statm,
         })
     }
 
@@ -184,6 +188,8 @@ impl Tracee {
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
         // The look starts before the checks and the lock: their time counts as look time.
+        // Kept open for the look and the checks before the tracee keeps it (`KeptStatm`).
+        let _statm = proc_dir::KeptStatm::open(pid);
         // The threads' seccomp states are read meanwhile, for nonstop mode's check of them.
         let prefetch = seccomp::prefetch::Prefetch::start(pid);
         let look = borrow::Look::start(pid);
@@ -373,10 +379,13 @@ impl Tracee {
             // thread that has reported already costs nothing, and the other threads' reports
             // while it stops cost no /proc read each (in a stop window). (A main thread that
             // exits after that look is not seen: a window of microseconds, in which it must
-            // be on its way out while a stop is asked of it.)
+            // be on its way out while a stop is asked of it.) Told by its address space, let go
+            // on the way out before it becomes a zombie (`proc_dir::main_exited`: a `pread` of
+            // the `statm` the tracee keeps open, where its `stat` would be opened at each remote
+            // call).
             if tid == self.pid
                 && !std::mem::replace(&mut looked, true)
-                && proc_dir::thread_exited(self.pid, tid)
+                && proc_dir::main_exited(self.pid)
             {
                 return Ok(WaitStatus::Gone);
             }
