@@ -550,12 +550,21 @@ impl Tracee {
                 _ => None,
             })
             .collect();
-        let mut ahead = self
+        let prefetch::Ahead {
+            states: mut ahead,
+            mut stats,
+        } = self
             .seccomp_prefetch
             .take()
             .map(prefetch::Prefetch::finish)
             .unwrap_or_default();
         self.seccomp_read_ahead = ahead.len();
+        // The `stat` files opened meanwhile go with the look's files, for the switch.
+        for files in &mut self.looked {
+            if let Some(stat) = stats.remove(&files.tid()) {
+                files.set_stat(stat);
+            }
+        }
         for tid in super::observe::tasks(self.pid) {
             if self.seccomp.contains_key(&tid) {
                 continue; // checked already, against every call of the operation
