@@ -79,6 +79,11 @@ pub enum Mode {
 /// `Seccomp_filters:` in its status); None when its status cannot be read (gone).
 pub fn status(pid: i32, tid: i32) -> Option<(Mode, u32)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    status_says(&status)
+}
+
+/// [`status`] of a status text already read.
+fn status_says(status: &str) -> Option<(Mode, u32)> {
     let field = |name: &str| {
         status
             .lines()

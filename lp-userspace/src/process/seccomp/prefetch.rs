@@ -4,10 +4,16 @@
 //! 250-450 µs of an 8-thread target's attach when the tracer made them all after the borrow.
 //!
 //! A thread started with the attach reads them while the tracer looks for the thread to borrow,
-//! takes the lock and seizes it; the check then takes what is left itself (both take the
-//! threads from one queue, so the tracer never waits for more than the one read under way), and
-//! uses a state read ahead only when it is recent ([`FRESH`]). Without a thread (a limit on
-//! threads), the check reads every state itself, as before.
+//! takes the lock and seizes it; the check then reads whatever that thread has not read yet
+//! itself, and uses a state read ahead only when it is recent ([`FRESH`]). The thread runs
+//! under SCHED_IDLE: on CPU time no other thread wants, so never in the way of the target's
+//! threads (a thread of the target that wakes preempts it at once). Under the default policy
+//! the tool's two threads ran at once on this 2-CPU machine, and the bench's longest call
+//! overlapping a revert looked longer for it (A/B at load 5-8: medians 27-31 µs without it,
+//! 28-76 µs with it, most runs above 40). The check never waits
+//! for it: a read it has not finished (it may be starved of a CPU for long) is made again by
+//! the check. It allocates nothing while it runs at that priority (see `Queue::read_all`).
+//! Without a thread (a limit on threads) the check reads every state itself, as before.
 //!
 //! Only the reads move: what a state means and what the check does with it (stopping a thread
 //! whose filters must be read: ptrace is per tracer thread) stay on the tracer.
@@ -20,7 +26,10 @@
 
 use super::Mode;
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,32 +51,77 @@ const MAX_STATS: usize = 100;
 type Read = (Option<(Mode, u32)>, Instant, Option<File>);
 
 struct Queue {
-    pid: i32,
     tids: Vec<i32>,
-    /// The first this many threads get their `stat` opened.
-    stats: usize,
-    /// The index of the next thread to read, taken by whichever side reads next.
+    /// Each thread's `status` path, and its `stat` path for the first [`MAX_STATS`] threads:
+    /// made before the reader starts, which allocates nothing (see [`Queue::read_all`]).
+    paths: Vec<(CString, Option<CString>)>,
+    /// The index of the next thread the reader reads.
     next: AtomicUsize,
-    done: Mutex<Vec<(i32, Read)>>,
+    /// What the reader read, by index in `tids` (each slot locked only to be filled or
+    /// emptied; the check passes over one it finds locked).
+    done: Vec<Mutex<Option<Read>>>,
 }
 
+/// A status text fits in this (1.4 KiB here); a longer one is read as far as it goes, and
+/// the fields read come near its end: not read (`None`), the check reads it again.
+const STATUS_MAX: usize = 4096;
+
 impl Queue {
-    /// Reads the states left in the queue, one at a time.
-    fn drain(&self) {
+    /// Thread `i`'s state and `stat`, read with `buf` (at least [`STATUS_MAX`] bytes), through
+    /// system calls that allocate nothing in this process.
+    fn read(&self, i: usize, buf: &mut [u8]) -> Read {
+        let (status, stat) = &self.paths[i];
+        let open = |path: &CString| {
+            // SAFETY: `path` is a NUL-terminated string that lives through the call.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            // SAFETY: a descriptor just opened, owned by nobody else.
+            (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+        };
+        let stat = stat.as_ref().and_then(open);
+        let began = Instant::now();
+        let state = open(status).and_then(|f| {
+            let mut n = 0;
+            while n < buf.len() {
+                match f.read_at(&mut buf[n..], n as u64) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(_) => return None,
+                }
+            }
+            super::status_says(std::str::from_utf8(&buf[..n]).ok()?)
+        });
+        (state, began, stat)
+    }
+
+    /// The reader: reads the threads in turn until the last, or until told to stop, under
+    /// SCHED_IDLE. Nothing is allocated meanwhile (its buffer is made and touched first): a
+    /// thread of so low a priority may wait long for a CPU, and must not do so holding a lock
+    /// of this process that the tracer takes (malloc's, or the address space's, which an
+    /// `mmap` takes). It is back to the default policy before it ends (its stack is freed).
+    fn read_all(&self) {
+        let mut buf = [0u8; STATUS_MAX];
+        std::hint::black_box(&mut buf);
+        let policy = |policy| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler with pid 0 changes the calling thread only, from a
+            // sched_param that lives through the call; lowering a policy needs no privilege,
+            // and a thread may always go back from SCHED_IDLE to SCHED_OTHER (its RLIMIT_NICE
+            // allowing its nice value, which SCHED_IDLE does not change).
+            unsafe { libc::sched_setscheduler(0, policy, &param) }
+        };
+        let idle = policy(libc::SCHED_IDLE) == 0;
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(&tid) = self.tids.get(i) else {
-                return;
-            };
-            let stat = (i < self.stats)
-                .then(|| File::open(format!("/proc/{}/task/{tid}/stat", self.pid)).ok())
-                .flatten();
-            let began = Instant::now();
-            let state = super::status(self.pid, tid);
-            self.done
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((tid, (state, began, stat)));
+            if i >= self.tids.len() {
+                break;
+            }
+            let read = self.read(i, &mut buf);
+            if let Ok(mut slot) = self.done[i].lock() {
+                *slot = Some(read);
+            }
+        }
+        if idle {
+            policy(libc::SCHED_OTHER);
         }
     }
 }
@@ -84,7 +138,6 @@ pub(crate) struct Ahead {
 /// The reads ahead of one attach.
 pub(crate) struct Prefetch {
     queue: Arc<Queue>,
-    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Prefetch {
@@ -92,41 +145,51 @@ impl Prefetch {
     /// own; `None` when no thread can be started.
     pub(crate) fn start(pid: i32) -> Option<Prefetch> {
         let room = crate::process::observe::descriptor_limit().saturating_sub(512) / 4;
+        let tids = crate::process::observe::tasks(pid);
+        let path = |tid: i32, name: &str| CString::new(format!("/proc/{pid}/task/{tid}/{name}"));
+        let paths = tids
+            .iter()
+            .enumerate()
+            .map(|(i, &tid)| {
+                let stat = (i < MAX_STATS.min(room)).then(|| path(tid, "stat").ok());
+                Some((path(tid, "status").ok()?, stat.flatten()))
+            })
+            .collect::<Option<Vec<_>>>()?;
         let queue = Arc::new(Queue {
-            pid,
-            tids: crate::process::observe::tasks(pid),
-            stats: MAX_STATS.min(room),
             next: AtomicUsize::new(0),
-            done: Mutex::new(Vec::new()),
+            done: tids.iter().map(|_| Mutex::new(None)).collect(),
+            tids,
+            paths,
         });
         let q = queue.clone();
-        let reader = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("livepatch-seccomp".into())
             .stack_size(64 * 1024)
-            .spawn(move || q.drain())
+            .spawn(move || q.read_all())
             .ok()?;
-        Some(Prefetch {
-            queue,
-            reader: Some(reader),
-        })
+        Some(Prefetch { queue })
     }
 
-    /// What was read ahead: those left are read here, and the read under way on the other
-    /// thread is waited for. A state whose read began more than [`FRESH`] ago is left out (the
-    /// check reads it again), as is a thread whose status could not be read.
-    pub(crate) fn finish(mut self) -> Ahead {
-        self.queue.drain();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        let now = Instant::now();
-        let done = std::mem::take(&mut *self.queue.done.lock().unwrap_or_else(|e| e.into_inner()));
+    /// What was read ahead: the reader is told to stop, and what it has not read is read here
+    /// (a read under way on it too: it is not waited for). A state whose read began more than
+    /// [`FRESH`] ago is left out (the check reads it again), as is a thread whose status could
+    /// not be read.
+    pub(crate) fn finish(self) -> Ahead {
+        let q = &self.queue;
+        q.next.store(usize::MAX / 2, Ordering::Relaxed);
         let mut ahead = Ahead::default();
-        for (tid, (state, began, stat)) in done {
+        let mut buf = vec![0u8; STATUS_MAX];
+        for (i, &tid) in q.tids.iter().enumerate() {
+            let read = q.done[i]
+                .try_lock()
+                .ok()
+                .and_then(|mut slot| slot.take())
+                .unwrap_or_else(|| q.read(i, &mut buf));
+            let (state, began, stat) = read;
             if let Some(stat) = stat {
                 ahead.stats.insert(tid, stat);
             }
-            if let Some(state) = state.filter(|_| now.duration_since(began) <= FRESH) {
+            if let Some(state) = state.filter(|_| began.elapsed() <= FRESH) {
                 ahead.states.insert(tid, state);
             }
         }
@@ -135,8 +198,8 @@ impl Prefetch {
 }
 
 impl Drop for Prefetch {
-    /// Not finished (the attach failed): the reader is told there is nothing left and not
-    /// waited for (it ends after the one read it may be making).
+    /// Not finished (the attach failed): the reader is told there is nothing left (it ends
+    /// after the read it may be making).
     fn drop(&mut self) {
         self.queue.next.store(usize::MAX / 2, Ordering::Relaxed);
     }
@@ -146,9 +209,10 @@ impl Drop for Prefetch {
 mod tests {
     use super::*;
 
-    /// The threads listed are read by the reader and the finisher together, and what they
-    /// read is what a read of the status says (this thread, which lives throughout, is among
-    /// them), with the thread's own `stat` open; a state read too long ago is left out.
+    /// The threads listed are read (by the reader, or by the check for what the reader has
+    /// not read), and what is read is what a read of the status says (this thread, which lives
+    /// throughout, is among them), with the thread's own `stat` open; a state read too long ago
+    /// is left out, its `stat` kept.
     #[test]
     fn the_threads_are_read_ahead_and_old_reads_are_left_out() {
         let pid = std::process::id() as i32;
@@ -156,13 +220,7 @@ mod tests {
         let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
         let p = Prefetch::start(pid).expect("a thread");
         assert!(p.queue.tids.contains(&me));
-        let listed = p.queue.tids.len();
-        let queue = p.queue.clone();
         let ahead = p.finish();
-        assert!(
-            queue.next.load(Ordering::Relaxed) >= listed,
-            "not all taken"
-        );
         assert_eq!(
             ahead.states.get(&me).copied(),
             super::super::status(pid, me)
@@ -171,8 +229,13 @@ mod tests {
         let n = std::os::unix::fs::FileExt::read_at(&ahead.stats[&me], &mut buf, 0).unwrap();
         let stat = std::str::from_utf8(&buf[..n]).unwrap();
         assert!(stat.starts_with(&format!("{me} (")), "{stat}");
+        // Every slot filled as the reader fills it, then too old.
         let p = Prefetch::start(pid).expect("a thread");
-        p.queue.drain();
+        let mut buf = [0u8; STATUS_MAX];
+        for i in 0..p.queue.tids.len() {
+            let read = p.queue.read(i, &mut buf);
+            *p.queue.done[i].lock().unwrap() = Some(read);
+        }
         std::thread::sleep(FRESH + Duration::from_millis(1));
         let old = p.finish();
         assert!(old.states.is_empty(), "reads older than FRESH were kept");
