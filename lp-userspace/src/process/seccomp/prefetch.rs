@@ -67,6 +67,27 @@ struct Queue {
 const STATUS_MAX: usize = 4096;
 
 impl Queue {
+    /// The queue of process `pid`'s threads (listed now); `None` when a path cannot be made.
+    fn of(pid: i32) -> Option<Queue> {
+        let room = crate::process::observe::descriptor_limit().saturating_sub(512) / 4;
+        let tids = crate::process::observe::tasks(pid);
+        let path = |tid: i32, name: &str| CString::new(format!("/proc/{pid}/task/{tid}/{name}"));
+        let paths = tids
+            .iter()
+            .enumerate()
+            .map(|(i, &tid)| {
+                let stat = (i < MAX_STATS.min(room)).then(|| path(tid, "stat").ok());
+                Some((path(tid, "status").ok()?, stat.flatten()))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Queue {
+            next: AtomicUsize::new(0),
+            done: tids.iter().map(|_| Mutex::new(None)).collect(),
+            tids,
+            paths,
+        })
+    }
+
     /// Thread `i`'s state and `stat`, read with `buf` (at least [`STATUS_MAX`] bytes), through
     /// system calls that allocate nothing in this process.
     fn read(&self, i: usize, buf: &mut [u8]) -> Read {
@@ -96,20 +117,23 @@ impl Queue {
     /// The reader: reads the threads in turn until the last, or until told to stop, under
     /// SCHED_IDLE. Nothing is allocated meanwhile (its buffer is made and touched first): a
     /// thread of so low a priority may wait long for a CPU, and must not do so holding a lock
-    /// of this process that the tracer takes (malloc's, or the address space's, which an
-    /// `mmap` takes). It is back to the default policy before it ends (its stack is freed).
+    /// of this process that the tracer takes (malloc's, or the address space's, which an `mmap`
+    /// takes). It goes back to its policy before it ends (the end frees its stack, under the
+    /// C library's stack lock), so it reads nothing when it could not: a thread leaves
+    /// SCHED_IDLE only with CAP_SYS_NICE or an RLIMIT_NICE that allows its nice value (the
+    /// kernel's rule), as it could not enter it when refused.
     fn read_all(&self) {
         let mut buf = [0u8; STATUS_MAX];
         std::hint::black_box(&mut buf);
         let policy = |policy| {
             let param = libc::sched_param { sched_priority: 0 };
             // SAFETY: sched_setscheduler with pid 0 changes the calling thread only, from a
-            // sched_param that lives through the call; lowering a policy needs no privilege,
-            // and a thread may always go back from SCHED_IDLE to SCHED_OTHER (its RLIMIT_NICE
-            // allowing its nice value, which SCHED_IDLE does not change).
+            // sched_param that lives through the call.
             unsafe { libc::sched_setscheduler(0, policy, &param) }
         };
-        let idle = policy(libc::SCHED_IDLE) == 0;
+        if !may_leave_idle() || policy(libc::SCHED_IDLE) != 0 {
+            return; // not out of the way: the check reads them all, as without this thread
+        }
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= self.tids.len() {
@@ -120,10 +144,51 @@ impl Queue {
                 *slot = Some(read);
             }
         }
-        if idle {
-            policy(libc::SCHED_OTHER);
-        }
+        policy(libc::SCHED_OTHER);
     }
+}
+
+/// Whether the calling thread, once under SCHED_IDLE, may go back to SCHED_OTHER: it has
+/// CAP_SYS_NICE, or its RLIMIT_NICE allows its nice value (20 - nice).
+fn may_leave_idle() -> bool {
+    // SAFETY: getpriority takes no pointer; for PRIO_PROCESS and 0 Linux answers for the
+    // calling thread. getrlimit fills the rlimit it is given.
+    let (nice, lim) = unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if libc::getrlimit(libc::RLIMIT_NICE, &mut lim) != 0 {
+            lim.rlim_cur = 0;
+        }
+        (nice, lim.rlim_cur)
+    };
+    if lim >= (20 - nice.clamp(-20, 19)) as u64 {
+        return true;
+    }
+    // capget, version 3: two 32-bit words per set; CAP_SYS_NICE is bit 23 of the first.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget reads the header and writes two Data records (version 3's layout), both
+    // of which live through the call.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    got == 0 && data[0].effective & (1 << 23) != 0
 }
 
 /// What the reads ahead found, by thread id.
@@ -144,23 +209,7 @@ impl Prefetch {
     /// Starts reading the states of process `pid`'s threads (listed now) on a thread of its
     /// own; `None` when no thread can be started.
     pub(crate) fn start(pid: i32) -> Option<Prefetch> {
-        let room = crate::process::observe::descriptor_limit().saturating_sub(512) / 4;
-        let tids = crate::process::observe::tasks(pid);
-        let path = |tid: i32, name: &str| CString::new(format!("/proc/{pid}/task/{tid}/{name}"));
-        let paths = tids
-            .iter()
-            .enumerate()
-            .map(|(i, &tid)| {
-                let stat = (i < MAX_STATS.min(room)).then(|| path(tid, "stat").ok());
-                Some((path(tid, "status").ok()?, stat.flatten()))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        let queue = Arc::new(Queue {
-            next: AtomicUsize::new(0),
-            done: tids.iter().map(|_| Mutex::new(None)).collect(),
-            tids,
-            paths,
-        });
+        let queue = Arc::new(Queue::of(pid)?);
         let q = queue.clone();
         std::thread::Builder::new()
             .name("livepatch-seccomp".into())
@@ -229,8 +278,10 @@ mod tests {
         let n = std::os::unix::fs::FileExt::read_at(&ahead.stats[&me], &mut buf, 0).unwrap();
         let stat = std::str::from_utf8(&buf[..n]).unwrap();
         assert!(stat.starts_with(&format!("{me} (")), "{stat}");
-        // Every slot filled as the reader fills it, then too old.
-        let p = Prefetch::start(pid).expect("a thread");
+        // Every slot filled as the reader fills it (no reader here), then too old.
+        let p = Prefetch {
+            queue: Arc::new(Queue::of(pid).unwrap()),
+        };
         let mut buf = [0u8; STATUS_MAX];
         for i in 0..p.queue.tids.len() {
             let read = p.queue.read(i, &mut buf);
@@ -243,5 +294,25 @@ mod tests {
             old.stats.contains_key(&me),
             "the files are kept whatever their age"
         );
+    }
+
+    /// What `may_leave_idle` says is what the kernel does: a thread told it may, enters
+    /// SCHED_IDLE and leaves it again.
+    #[test]
+    fn a_thread_that_may_leave_idle_does() {
+        std::thread::spawn(|| {
+            if !may_leave_idle() {
+                return; // nothing to check without the privilege
+            }
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as in `read_all`: this thread's own policy, from a live sched_param.
+            unsafe {
+                assert_eq!(libc::sched_setscheduler(0, libc::SCHED_IDLE, &param), 0);
+                assert_eq!(libc::sched_setscheduler(0, libc::SCHED_OTHER, &param), 0);
+                assert_eq!(libc::sched_getscheduler(0), libc::SCHED_OTHER);
+            }
+        })
+        .join()
+        .unwrap();
     }
 }
