@@ -516,8 +516,8 @@ impl Tracee {
         if std::env::var_os("LIVEPATCH_TRACE").is_some() {
             eprintln!(
                 "livepatch: trace: seccomp checked ({} threads) in {} us ({} us of it stopping \
-                 a thread, which its first remote call would do otherwise; {} of the other \
-                 threads' states read ahead)",
+                 a thread, which its first remote call would do otherwise; {} threads' states read \
+                 ahead by another thread)",
                 self.threads.len(),
                 t0.elapsed().as_micros(),
                 stopping.as_micros(),
@@ -558,12 +558,13 @@ impl Tracee {
         let prefetch::Ahead {
             states: mut ahead,
             mut stats,
+            by_reader,
         } = self
             .seccomp_prefetch
             .take()
             .map(prefetch::Prefetch::finish)
             .unwrap_or_default();
-        self.seccomp_read_ahead = ahead.len();
+        self.seccomp_read_ahead = by_reader;
         // The `stat` files opened meanwhile go with the look's files, for the switch.
         for files in &mut self.looked {
             if let Some(stat) = stats.remove(&files.tid()) {

@@ -198,6 +198,8 @@ pub(crate) struct Ahead {
     pub(crate) states: BTreeMap<i32, (Mode, u32)>,
     /// The threads' `stat` files, open.
     pub(crate) stats: BTreeMap<i32, File>,
+    /// How many threads the reader read (the others were read by [`Prefetch::finish`]).
+    pub(crate) by_reader: usize,
 }
 
 /// The reads ahead of one attach.
@@ -233,6 +235,7 @@ impl Prefetch {
                 .try_lock()
                 .ok()
                 .and_then(|mut slot| slot.take())
+                .inspect(|_| ahead.by_reader += 1)
                 .unwrap_or_else(|| q.read(i, &mut buf));
             let (state, began, stat) = read;
             if let Some(stat) = stat {
