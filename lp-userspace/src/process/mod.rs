@@ -82,7 +82,7 @@ pub struct Tracee {
     /// The threads' seccomp states being read ahead during the attach (single-thread tracee),
     /// for nonstop mode's check of the other threads (`seccomp/prefetch.rs`).
     seccomp_prefetch: Option<seccomp::prefetch::Prefetch>,
-    /// How many of those the check used (for the trace).
+    /// How many of those states the reading thread read (for the trace).
     seccomp_read_ahead: usize,
     /// The process's `statm`, read at every listing of its threads (`proc_dir::main_exited`).
     _statm: proc_dir::KeptStatm,
@@ -187,11 +187,11 @@ impl Tracee {
     /// thread), so a per-process lock is taken too: an abstract unix socket named after the
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
-        // The look starts before the checks and the lock: their time counts as look time.
         // Kept open for the look and the checks before the tracee keeps it (`KeptStatm`).
         let _statm = proc_dir::KeptStatm::open(pid);
         // The threads' seccomp states are read meanwhile, for nonstop mode's check of them.
         let prefetch = seccomp::prefetch::Prefetch::start(pid);
+        // The look starts before the checks and the lock: their time counts as look time.
         let look = borrow::Look::start(pid);
         let mut t = Tracee::open(pid, true, || lock_process_patiently(pid).map(Some))?;
         t.seccomp_prefetch = prefetch;
