@@ -209,9 +209,14 @@ pub(crate) struct Prefetch {
 
 impl Prefetch {
     /// Starts reading the states of process `pid`'s threads (listed now) on a thread of its
-    /// own; `None` when no thread can be started.
+    /// own; `None` when no thread can be started, or the process has one thread only.
     pub(crate) fn start(pid: i32) -> Option<Prefetch> {
         let queue = Arc::new(Queue::of(pid)?);
+        if queue.tids.len() < 2 {
+            // Its one thread is the one borrowed, whose state the check reads after the stop
+            // anyway (`check_seccomp_timed`): no thread is started for nothing.
+            return None;
+        }
         let q = queue.clone();
         std::thread::Builder::new()
             .name("livepatch-seccomp".into())
