@@ -80,6 +80,13 @@ pub struct Tracee {
     /// The files the borrow's look opened (single-thread tracee), kept for the switch's own
     /// looks at the threads ([`Tracee::take_looked_files`]).
     looked: Vec<observe::ThreadFiles>,
+    /// The threads' seccomp states being read ahead during the attach (single-thread tracee),
+    /// for nonstop mode's check of the other threads (`seccomp/prefetch.rs`).
+    seccomp_prefetch: Option<seccomp::prefetch::Prefetch>,
+    /// How many of those states the reading thread read (for the trace).
+    seccomp_read_ahead: usize,
+    /// The process's `statm`, read at every listing of its threads (`proc_dir::main_exited`).
+    _statm: proc_dir::KeptStatm,
 }
 
 impl std::fmt::Debug for Tracee {
@@ -144,6 +151,7 @@ impl Tracee {
         if pid as u32 == std::process::id() {
             return Err(ProcessError::IsSelf(pid));
         }
+        let statm = proc_dir::KeptStatm::open(pid);
         let lock = lock()?;
         let mem = Memory::open(pid)?;
         maps_text::track(pid);
@@ -163,6 +171,9 @@ impl Tracee {
             walks: BTreeMap::new(),
             seccomp: BTreeMap::new(),
             looked: Vec::new(),
+            seccomp_prefetch: None,
+            seccomp_read_ahead: 0,
+            _statm: statm,
         })
     }
 
@@ -177,9 +188,14 @@ impl Tracee {
     /// thread), so a per-process lock is taken too: an abstract unix socket named after the
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
+        // Kept open for the look and the checks before the tracee keeps it (`KeptStatm`).
+        let _statm = proc_dir::KeptStatm::open(pid);
+        // The threads' seccomp states are read meanwhile, for nonstop mode's check of them.
+        let prefetch = seccomp::prefetch::Prefetch::start(pid);
         // The look starts before the checks and the lock: their time counts as look time.
         let look = borrow::Look::start(pid);
         let mut t = Tracee::open(pid, true, || lock_process_patiently(pid).map(Some))?;
+        t.seccomp_prefetch = prefetch;
         t.seize_one(look)?;
         Ok(t)
     }
@@ -364,10 +380,13 @@ impl Tracee {
             // thread that has reported already costs nothing, and the other threads' reports
             // while it stops cost no /proc read each (in a stop window). (A main thread that
             // exits after that look is not seen: a window of microseconds, in which it must
-            // be on its way out while a stop is asked of it.)
+            // be on its way out while a stop is asked of it.) Told by its address space, let go
+            // on the way out before it becomes a zombie (`proc_dir::main_exited`: a `pread` of
+            // the `statm` the tracee keeps open, where its `stat` would be opened at each remote
+            // call).
             if tid == self.pid
                 && !std::mem::replace(&mut looked, true)
-                && proc_dir::thread_exited(self.pid, tid)
+                && proc_dir::main_exited(self.pid)
             {
                 return Ok(WaitStatus::Gone);
             }

@@ -101,6 +101,9 @@ pub struct ThreadFiles {
     syscall: Handle,
     schedstat: Handle,
     status: Option<std::fs::File>,
+    /// The thread's `stat`, opened by another look for a later one to keep (see
+    /// [`ThreadFiles::take_stat`]).
+    stat: Option<std::fs::File>,
     /// Descriptors are kept (see [`ThreadFiles::by_path`] for the other way).
     kept: bool,
 }
@@ -131,6 +134,7 @@ impl ThreadFiles {
             syscall: Handle::Kept(open("syscall")?),
             schedstat: Handle::Kept(open("schedstat")?),
             status: None,
+            stat: None,
             kept: true,
         })
     }
@@ -151,6 +155,7 @@ impl ThreadFiles {
                 syscall: Handle::Path(path("syscall")),
                 schedstat: Handle::Path(path("schedstat")),
                 status: None,
+                stat: None,
                 kept: false,
             })
     }
@@ -158,6 +163,18 @@ impl ThreadFiles {
     /// The thread id.
     pub fn tid(&self) -> i32 {
         self.tid
+    }
+
+    /// Hands on the thread's `stat`, opened by another look (the attach's reads ahead, see
+    /// `seccomp/prefetch.rs`): it must be this thread's, open on /proc/PID/task/TID/stat.
+    pub(crate) fn set_stat(&mut self, stat: std::fs::File) {
+        self.stat = Some(stat);
+    }
+
+    /// The thread's `stat` handed on with these files, if any (the switch's `Threads` keeps it
+    /// open instead of opening it).
+    pub(crate) fn take_stat(&mut self) -> Option<std::fs::File> {
+        self.stat.take()
     }
 
     /// As [`activity`].

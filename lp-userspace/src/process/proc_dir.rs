@@ -31,11 +31,91 @@ pub(crate) fn thread_exited(pid: i32, tid: i32) -> bool {
 /// Whether the main thread of `pid` has exited (the process may run on in its other threads),
 /// or is on its way out, or the process is gone: it has no address space any more. Told by its
 /// `statm`, whose sizes are 0 then (a live address space is never empty), at half the cost of
-/// its `stat` (it is read at every listing of the threads).
+/// its `stat` (it is read at every listing of the threads): read through the descriptor kept
+/// while an operation on `pid` runs ([`KeptStatm`]), else opened.
 pub(crate) fn main_exited(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/statm")).map_or(true, |s| {
-        s.split_whitespace().next().is_none_or(|size| size == "0")
+    if let Some(exited) = kept_statm_says_exited(pid) {
+        return exited;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/statm")).map_or(true, |s| statm_says_exited(&s))
+}
+
+/// Whether a `statm` text is that of a task without an address space (sizes 0, or nothing).
+fn statm_says_exited(statm: &str) -> bool {
+    statm
+        .split_whitespace()
+        .next()
+        .is_none_or(|size| size == "0")
+}
+
+/// The `statm` of each process an operation of ours runs on, open, with the number of
+/// [`KeptStatm`]s holding it.
+static KEPT_STATM: std::sync::Mutex<std::collections::BTreeMap<i32, (usize, std::fs::File)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn kept_statm(
+) -> std::sync::MutexGuard<'static, std::collections::BTreeMap<i32, (usize, std::fs::File)>> {
+    KEPT_STATM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`main_exited`] through the kept descriptor of `pid`'s `statm`; `None` when none is kept.
+fn kept_statm_says_exited(pid: i32) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    let kept = kept_statm();
+    let (_, file) = kept.get(&pid)?;
+    let mut buf = [0u8; 128];
+    Some(match file.read_at(&mut buf, 0) {
+        Ok(n) => std::str::from_utf8(&buf[..n]).map_or(true, statm_says_exited),
+        Err(_) => true, // the process is gone (reaped)
     })
+}
+
+/// Process `pid`'s main-thread `statm` kept open while this lives (an attach and its tracee: an
+/// operation lists the threads a dozen times, each listing asking [`main_exited`]; a read
+/// through a kept descriptor costs a `pread`, not a path walk, an open and a close). It reads
+/// what a fresh open would: the file names the main thread, whose address space each read
+/// looks at anew (gone once it has exited), and fails once the process is reaped — where a
+/// fresh open could find a new process given the same pid.
+pub(crate) struct KeptStatm {
+    pid: i32,
+    held: bool,
+}
+
+impl KeptStatm {
+    /// Keeps `pid`'s `statm` open (or counts one more holder); nothing when it cannot be
+    /// opened (the process is gone: [`main_exited`] opens it at each call, as without this).
+    pub(crate) fn open(pid: i32) -> KeptStatm {
+        let mut kept = kept_statm();
+        let held = match kept.get_mut(&pid) {
+            Some((holders, _)) => {
+                *holders += 1;
+                true
+            }
+            None => match std::fs::File::open(format!("/proc/{pid}/statm")) {
+                Ok(file) => {
+                    kept.insert(pid, (1, file));
+                    true
+                }
+                Err(_) => false,
+            },
+        };
+        KeptStatm { pid, held }
+    }
+}
+
+impl Drop for KeptStatm {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let mut kept = kept_statm();
+        if let Some((holders, _)) = kept.get_mut(&self.pid) {
+            *holders -= 1;
+            if *holders == 0 {
+                kept.remove(&self.pid);
+            }
+        }
+    }
 }
 
 /// How many times a look through the threads is made again when the threads it chose came and
@@ -46,9 +126,11 @@ const TRIES: usize = 4;
 /// Whether the task whose /proc directory is `dir` still has its address space (its `statm`
 /// sizes are not 0). An address space once let go never comes back: true after a file was
 /// opened there means that the file holds it.
-fn has_address_space(dir: &str) -> bool {
-    std::fs::read_to_string(format!("{dir}/statm"))
-        .is_ok_and(|s| s.split_whitespace().next().is_some_and(|size| size != "0"))
+fn has_address_space(pid: i32, dir: &str) -> bool {
+    if dir == format!("/proc/{pid}") {
+        return !main_exited(pid);
+    }
+    std::fs::read_to_string(format!("{dir}/statm")).is_ok_and(|s| !statm_says_exited(&s))
 }
 
 /// The threads process `pid` counts (`num_threads` of its `stat`): its main thread among them,
@@ -81,7 +163,9 @@ fn live_other_thread(pid: i32) -> Option<i32> {
 /// thread is believed when the process counts no thread beside its main one, or else after a
 /// few more listings (threads that exited while traced stay counted until reaped).
 pub(crate) fn exited(pid: i32) -> bool {
-    if !thread_exited(pid, pid) {
+    // A main thread with its address space has not exited (it lets it go on its way out,
+    // before it is a zombie): its `statm`, kept open by an operation, is cheaper than its `stat`.
+    if !main_exited(pid) || !thread_exited(pid, pid) {
         return false;
     }
     for _ in 0..TRIES {
@@ -139,11 +223,18 @@ pub(crate) fn open_shared(
     name: &str,
     options: &std::fs::OpenOptions,
 ) -> std::io::Result<std::fs::File> {
-    let mut last = None;
+    // /proc/PID first, without asking [`dir`] (the main thread's `statm` read twice): the
+    // check after the open tells all the same.
+    let own = format!("/proc/{pid}");
+    let file = options.open(format!("{own}/{name}"));
+    if file.is_ok() && has_address_space(pid, &own) {
+        return file;
+    }
+    let mut last = Some(file);
     for _ in 0..TRIES {
         let through = dir(pid);
         let file = options.open(format!("{through}/{name}"));
-        if file.is_ok() && has_address_space(&through) {
+        if file.is_ok() && has_address_space(pid, &through) {
             return file;
         }
         last = Some(file);
@@ -242,6 +333,36 @@ pub(crate) mod tests {
         assert!(!stat_says_exited("12 (Z) Z) S 1 12"));
         assert!(!stat_says_exited("12 (w) R 1 12"));
         assert!(stat_says_exited(""));
+    }
+
+    /// A `statm` kept open reads what a fresh open would: the address space while the main
+    /// thread lives, none once it has exited (killed, not reaped: a zombie), nothing once the
+    /// process is reaped; the descriptor is closed with its last holder.
+    #[test]
+    fn a_kept_statm_follows_the_main_thread_out() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let pid = child.id() as i32;
+        let kept = KeptStatm::open(pid);
+        let again = KeptStatm::open(pid);
+        assert_eq!(kept_statm_says_exited(pid), Some(false));
+        assert!(!main_exited(pid) && !exited(pid));
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !thread_exited(pid, pid) {
+            assert!(std::time::Instant::now() < deadline, "never exited");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(kept_statm_says_exited(pid), Some(true));
+        assert!(main_exited(pid) && exited(pid));
+        let _ = child.wait();
+        assert_eq!(kept_statm_says_exited(pid), Some(true), "reaped");
+        drop(again);
+        assert!(kept_statm().contains_key(&pid), "closed with a holder left");
+        drop(kept);
+        assert_eq!(kept_statm_says_exited(pid), None, "still open");
     }
 
     /// This process (its main thread alive) is read through /proc/PID, and runs.

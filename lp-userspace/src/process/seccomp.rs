@@ -18,6 +18,7 @@
 
 pub mod bpf;
 pub mod calls;
+pub(crate) mod prefetch;
 
 use super::error::ProcessError;
 use super::Tracee;
@@ -78,6 +79,11 @@ pub enum Mode {
 /// `Seccomp_filters:` in its status); None when its status cannot be read (gone).
 pub fn status(pid: i32, tid: i32) -> Option<(Mode, u32)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    status_says(&status)
+}
+
+/// [`status`] of a status text already read.
+fn status_says(status: &str) -> Option<(Mode, u32)> {
     let field = |name: &str| {
         status
             .lines()
@@ -294,7 +300,12 @@ pub(crate) enum Known {
 
 impl Known {
     fn of(pid: i32, tid: i32) -> Known {
-        match status(pid, tid) {
+        Known::from_status(status(pid, tid))
+    }
+
+    /// What a [`status`] read says.
+    fn from_status(status: Option<(Mode, u32)>) -> Known {
+        match status {
             None | Some((Mode::Disabled, _)) => Known::Disabled,
             Some((Mode::Strict, _)) => Known::Strict,
             Some((Mode::Filter, count)) => Known::Filter {
@@ -501,13 +512,16 @@ impl Tracee {
         if nonstop && r.is_ok() && std::env::var_os(SKIP_CHECK_VAR).is_none() {
             r = self.check_handler_threads(&mut stopping);
         }
+        self.seccomp_prefetch = None;
         if std::env::var_os("LIVEPATCH_TRACE").is_some() {
             eprintln!(
                 "livepatch: trace: seccomp checked ({} threads) in {} us ({} us of it stopping \
-                 a thread, which its first remote call would do otherwise)",
+                 a thread, which its first remote call would do otherwise; {} threads' states read \
+                 ahead by another thread)",
                 self.threads.len(),
                 t0.elapsed().as_micros(),
-                stopping.as_micros()
+                stopping.as_micros(),
+                self.seccomp_read_ahead
             );
         }
         r
@@ -520,6 +534,12 @@ impl Tracee {
     /// from every stack vetted so far is seized and stopped for a moment, its filters read and
     /// the handler's calls ([`calls::TRAP_HANDLER`]) run through them. A thread created later
     /// inherits its creator's filters, which are checked (or it installs its own: not seen).
+    ///
+    /// The threads are listed here. Their states were mostly read ahead, on a thread of ours,
+    /// during the attach (`prefetch.rs`: at most [`prefetch::FRESH`] ago); the others are read
+    /// now. Either is what the thread had at one moment before the first `int3`, as any read
+    /// here is: the threads run on, and one that sandboxes itself after its read is not seen,
+    /// whenever that read was.
     fn check_handler_threads(
         &mut self,
         stopping: &mut std::time::Duration,
@@ -535,11 +555,31 @@ impl Tracee {
                 _ => None,
             })
             .collect();
+        let prefetch::Ahead {
+            states: mut ahead,
+            mut stats,
+            by_reader,
+        } = self
+            .seccomp_prefetch
+            .take()
+            .map(prefetch::Prefetch::finish)
+            .unwrap_or_default();
+        self.seccomp_read_ahead = by_reader;
+        // The `stat` files opened meanwhile go with the look's files, for the switch.
+        for files in &mut self.looked {
+            if let Some(stat) = stats.remove(&files.tid()) {
+                files.set_stat(stat);
+            }
+        }
         for tid in super::observe::tasks(self.pid) {
             if self.seccomp.contains_key(&tid) {
                 continue; // checked already, against every call of the operation
             }
-            let why = match Known::of(self.pid, tid) {
+            let known = match ahead.remove(&tid) {
+                Some(seen) => Known::from_status(Some(seen)),
+                None => Known::of(self.pid, tid),
+            };
+            let why = match known {
                 Known::Disabled => continue,
                 Known::Filter { count, .. } if vetted.contains(&count) => continue,
                 Known::Strict => Blocked::Strict,

@@ -1127,8 +1127,18 @@ fn layout_areas(pid: i32, mem: &Memory) -> Result<Vec<(u64, bool)>, Error> {
     let maps = crate::process::maps_text::ours(pid)
         .map_err(|_| crate::process::ProcessError::Exited(pid))?;
     let me = owner_of(pid);
-    Ok(maps
-        .lines()
+    Ok(areas_in(&maps)
+        .filter(|&(code, _)| {
+            let owner = mem.read_vec(code + th::PAGE + th::OWNER, 16).ok();
+            me.is_some() && owner.as_deref() == me.as_ref().map(|m| &m[..])
+        })
+        .collect())
+}
+
+/// The code pages of the areas of this layout in maps text `maps` (whoever owns them), each
+/// with whether it is this build's: [`layout_areas`] before its owner check.
+fn areas_in(maps: &str) -> impl Iterator<Item = (u64, bool)> + '_ {
+    maps.lines()
         .filter_map(|l| Some((l, area_name::memfd_of(l)?)))
         .filter(|(_, name)| area_name::is_layout(name))
         .filter(|(l, _)| {
@@ -1140,16 +1150,21 @@ fn layout_areas(pid: i32, mem: &Memory) -> Result<Vec<(u64, bool)>, Error> {
             let code = u64::from_str_radix(l.split('-').next()?, 16).ok()?;
             Some((code, name == area_name::own()))
         })
-        .filter(|&(code, _)| {
-            let owner = mem.read_vec(code + th::PAGE + th::OWNER, 16).ok();
-            me.is_some() && owner.as_deref() == me.as_ref().map(|m| &m[..])
-        })
-        .collect())
 }
 
 /// Makes a sync agent that a killed livepatch left in process `pid` harmless before anything
 /// is written (see `sync_agent::quiet_orphan`), in either mode. `maps`: the process's mappings
 /// when the caller has read them already (no area among them: nothing to do, nothing read).
+///
+/// An agent lives in an area only while its tid word is set (clone sets it, the kernel clears
+/// it at the agent's exit: `sync_agent::living_agent`, one 4-byte read). When no area holds
+/// one — every apply and revert but the first after a killed livepatch — there is nothing to
+/// quiet, and nothing more is read: not the maps again (an apply's areas are those among the
+/// mappings `locate` read: areas are never removed, and one made since then is another
+/// livepatch's, made after this look as it could be after the attach), not the owner's stat,
+/// not the page mapped through map_files. Otherwise every check is made as before on maps
+/// read afresh: the area's owner (a forked child sees its parent's area and agent), the tool
+/// still tracing, the agent's program.
 pub(crate) fn quiet_orphaned_agent(
     pid: i32,
     maps: Option<&[crate::maps::Mapping]>,
@@ -1165,6 +1180,26 @@ pub(crate) fn quiet_orphaned_agent(
         return Ok(());
     }
     let mem = Memory::open(pid)?;
+    let text = match maps {
+        Some(_) => None,
+        None => Some(
+            crate::process::maps_text::ours(pid)
+                .map_err(|_| crate::process::ProcessError::Exited(pid))?,
+        ),
+    };
+    let mut codes: Vec<u64> = match (maps, &text) {
+        (Some(maps), _) => maps
+            .iter()
+            .filter(|m| area_mapped(m))
+            .map(|m| m.start)
+            .collect(),
+        (None, Some(text)) => areas_in(text).map(|(code, _)| code).collect(),
+        (None, None) => Vec::new(),
+    };
+    codes.retain(|&code| sync_agent::living_agent(&mem, code).is_some());
+    if codes.is_empty() {
+        return Ok(());
+    }
     // Every area of this layout: one another build of livepatch made may hold an agent its
     // killed tool left too (the words are the same; its code may not be).
     for (code, own) in layout_areas(pid, &mem)? {

@@ -146,14 +146,16 @@ impl Threads {
 
     /// The threads of `pid`, starting from `files` opened earlier (the borrow's look, see
     /// `Tracee::take_looked_files`): those threads' `syscall` and `schedstat` are not opened
-    /// again, only their `stat`. Each is checked at the first [`Threads::current`] like any
+    /// again, nor their `stat` when it came with them (the attach's reads ahead opened it:
+    /// `seccomp/prefetch.rs`), else it is opened here. Each is checked at the first [`Threads::current`] like any
     /// kept entry: one whose thread is gone reads nothing and is dropped.
     pub fn with_files(pid: i32, files: Vec<observe::ThreadFiles>) -> Threads {
         let budget = observe::descriptor_budget();
         let mut kept = BTreeMap::new();
-        for files in files.into_iter().take(budget) {
+        for mut files in files.into_iter().take(budget) {
             let stat_path = format!("/proc/{pid}/task/{}/stat", files.tid());
-            let Ok(stat) = File::open(&stat_path) else {
+            let opened = files.take_stat().map(Ok);
+            let Ok(stat) = opened.unwrap_or_else(|| File::open(&stat_path)) else {
                 continue; // gone, or no descriptor left: opened at the first look if listed
             };
             kept.insert(
@@ -334,8 +336,8 @@ mod tests {
         assert!(threads.get(tid).is_none());
     }
 
-    /// Files opened earlier (the borrow's look) are read by the first look, and dropped with
-    /// their thread once it is gone, like those opened here.
+    /// Files opened earlier (the borrow's look, a `stat` the attach opened) are read by the
+    /// first look, and dropped with their thread once it is gone, like those opened here.
     #[test]
     fn files_handed_on_are_read_and_dropped_with_their_thread() {
         let pid = std::process::id() as i32;
@@ -348,9 +350,15 @@ mod tests {
             let _ = go_rx.recv();
         });
         let tid = trx.recv().unwrap();
-        let files = observe::ThreadFiles::open(pid, tid).unwrap();
+        let mut files = observe::ThreadFiles::open(pid, tid).unwrap();
+        // Its stat, opened ahead (the attach's reads ahead do): kept, not opened again.
+        let stat = File::open(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stat);
+        files.set_stat(stat);
         let mut threads = Threads::with_files(pid, vec![files]);
         assert!(threads.kept.contains_key(&tid), "not taken");
+        let kept = threads.kept[&tid].stat.as_ref();
+        assert_eq!(kept.map(std::os::fd::AsRawFd::as_raw_fd), Some(fd));
         assert!(threads.current(&[]).contains(&tid));
         let t = threads.get(tid).unwrap();
         assert!(t.signals().is_some() && t.files.schedstat().is_some());
