@@ -442,6 +442,7 @@ fn take_out(
         flag,
         &mut begin,
         &mut commit,
+        None,
     ) {
         Ok(s) => s,
         Err(e) => {

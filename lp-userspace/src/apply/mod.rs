@@ -6,7 +6,8 @@
 //!    are the bytes of every direct caller to be retargeted ([`call_sites`]), the patch is not
 //!    applied yet, lp-core accepts every site. Any failure: nothing was touched.
 //! 2. preparation while every thread runs — patch memory mapped within ±2 GiB of the module
-//!    and protected (remote mmap and mprotect) while another thread links the object for that
+//!    and protected (remote mmap and mprotect; in nonstop mode made by the switch's sync agent,
+//!    started first: `switch::Early`) while another thread links the object for that
 //!    place against the target's symbols and builds the trampolines and register-preserving
 //!    thunks; then everything written, the code pages to be patched pre-faulted (copy-on-write
 //!    done now, not during the stop).
@@ -293,19 +294,47 @@ fn apply_here(
         target.module.end(),
         total_len,
     );
-    let (mapped, early) = std::thread::scope(|s| {
+    // Nonstop mode sets up its switch's area and sync agent first (`switch::Early`), meanwhile
+    // too: the agent then makes the preparation's remote calls (a request and its answer
+    // each, where a call through ptrace is two stops of the borrowed thread) and the switch's.
+    let (mapped, planned) = std::thread::scope(|s| {
         let planner = guess.and_then(|at| {
             std::thread::Builder::new()
                 .name("livepatch-plan".into())
                 .spawn_scoped(s, move || (at, plan_at(at)))
                 .ok()
         });
-        let mapped = map_patch_memory(&phase, &mut t, &target, total_len, extra_len, &layout);
-        let early = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        (mapped, early)
+        let early = match opts.mode {
+            Mode::Nonstop => {
+                // The area's code is assembled (unless kept from an earlier switch): asleep
+                // until the encoder's tables are built rather than spinning in iced beside
+                // their builder (see `iced_tables`).
+                iced_tables::need(iced_tables::Tables::Encoder);
+                let early = switch::Early::start(&mut t).map(Some);
+                phase("switch's agent started");
+                early
+            }
+            Mode::Stop => Ok(None),
+        };
+        let mapped = early.and_then(|mut early| {
+            let (statemap, code_addr) = map_patch_memory(
+                &phase,
+                &mut t,
+                early.as_mut(),
+                &target,
+                total_len,
+                extra_len,
+                &layout,
+            )?;
+            Ok((statemap, code_addr, early))
+        });
+        let planned = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        (mapped, planned)
     });
-    let (statemap, code_addr) = mapped?;
-    let prepared = match early {
+    // From here on, a failure that returns drops `early` before `t` (declared after it): its
+    // agent is told to exit and waited for while the borrowed thread is still held.
+    let (statemap, code_addr, early) = mapped?;
+    let prepared = match planned {
         Some((at, planned)) if at == code_addr => planned,
         _ => plan_at(code_addr),
     }
@@ -451,6 +480,7 @@ fn apply_here(
         }),
         &mut begin,
         &mut commit,
+        early,
     );
     drop(primed);
     match names {
@@ -519,10 +549,13 @@ fn apply_here(
 /// of the target module, `extra_len` bytes of trampolines and thunks first, then the image
 /// laid out by `layout`, both protected as they end (remote `mprotect`s): the code is written
 /// afterwards through /proc/PID/mem, which writes into pages of any protection. On failure,
-/// nothing of this stays.
+/// nothing of this stays (but what a sync agent stuck in a call of ours may still make: the
+/// error then says so, see `switch::Early`). Nonstop mode's agent (`early`) makes the calls
+/// when there is one.
 fn map_patch_memory(
     phase: &dyn Fn(&str),
     t: &mut Tracee,
+    mut early: Option<&mut switch::Early>,
     target: &target::LoadedTarget,
     len: u64,
     extra_len: u64,
@@ -530,7 +563,8 @@ fn map_patch_memory(
 ) -> Result<(StateMap, u64), Error> {
     let statemap = StateMap::open_or_create(t)?;
     phase("state mapped");
-    let code_addr = match map_near(t, target, len) {
+    let protections = |at: u64| protections(at, extra_len, layout);
+    let (code_addr, set) = match map_near(t, early.as_deref_mut(), target, len, &protections) {
         Ok(a) => a,
         Err(e) => {
             statemap.remove_if_created(t);
@@ -538,8 +572,13 @@ fn map_patch_memory(
         }
     };
     phase("patch memory mapped");
-    if let Err(e) = protect(t, code_addr, extra_len, layout) {
-        let _ = t.munmap(code_addr, len);
+    if let Err(e) = protect(t, early, &protections(code_addr)[set..]) {
+        // A sync agent stuck in an mprotect of ours may still make it: the memory stays (a
+        // leak) rather than be unmapped under a call that could then hit a mapping of the
+        // program's made in its place.
+        if !matches!(e, Error::Unfinished(_)) {
+            let _ = t.munmap(code_addr, len);
+        }
         statemap.remove_if_created(t);
         return Err(e);
     }
@@ -547,10 +586,27 @@ fn map_patch_memory(
     Ok((statemap, code_addr))
 }
 
-/// Final protections: trampolines/thunks r-x (the whole reserved area, `extra_len` bytes at
-/// `code_addr`), the image's regions (after them) as the linker says; adjacent ranges with the
-/// same protection in one call, and none for what the mapping already is (read-only).
-fn protect(t: &mut Tracee, code_addr: u64, extra_len: u64, layout: &Layout) -> Result<(), Error> {
+/// Sets `protections` ((address, length, protection) each, see [`protections`]): made by
+/// nonstop mode's sync agent when there is one (`early`).
+fn protect(
+    t: &mut Tracee,
+    mut early: Option<&mut switch::Early>,
+    protections: &[(u64, u64, u64)],
+) -> Result<(), Error> {
+    for &(at, len, p) in protections {
+        match early.as_deref_mut() {
+            Some(e) => e.protect(t, at, len, p)?,
+            None => t.mprotect(at, len, p)?,
+        }
+    }
+    Ok(())
+}
+
+/// The final protections of patch memory at `code_addr` (address, length, protection):
+/// trampolines/thunks r-x (the whole reserved area, `extra_len` bytes at `code_addr`), the
+/// image's regions (after them) as the linker says; adjacent ranges with the same protection
+/// in one call, and none for what the mapping already is (read-only).
+fn protections(code_addr: u64, extra_len: u64, layout: &Layout) -> Vec<(u64, u64, u64)> {
     let image_addr = code_addr + extra_len;
     let mut ranges = vec![(code_addr, extra_len, prot::READ | prot::EXEC)];
     for r in layout.regions() {
@@ -564,35 +620,51 @@ fn protect(t: &mut Tracee, code_addr: u64, extra_len: u64, layout: &Layout) -> R
             _ => ranges.push((image_addr + r.offset, r.len, p)),
         }
     }
-    for (at, len, p) in ranges {
-        if len > 0 && p != prot::READ {
-            t.mprotect(at, len, p)?;
-        }
-    }
-    Ok(())
+    ranges.retain(|&(_, len, p)| len > 0 && p != prot::READ);
+    ranges
 }
 
 /// Maps `len` bytes of read-write anonymous memory within reach of the target module, in a
 /// gap of the mappings `locate` read. A mapping made since then may fill that gap: the kernel
 /// then refuses (`MAP_FIXED_NOREPLACE`), and the place is chosen again from fresh mappings.
-fn map_near(t: &mut Tracee, target: &target::LoadedTarget, len: u64) -> Result<u64, Error> {
-    match map_in_gap(t, target, &target.mappings, len) {
+///
+/// Nonstop mode's sync agent (`early`) sets the `protections` for the place chosen too, in the
+/// same request: returns the address and how many of them are set (see `switch::Early`).
+fn map_near(
+    t: &mut Tracee,
+    mut early: Option<&mut switch::Early>,
+    target: &target::LoadedTarget,
+    len: u64,
+    protections: &dyn Fn(u64) -> Vec<(u64, u64, u64)>,
+) -> Result<(u64, usize), Error> {
+    match map_in_gap(
+        t,
+        early.as_deref_mut(),
+        target,
+        &target.mappings,
+        len,
+        protections,
+    ) {
         Err(Error::Process(crate::process::ProcessError::RemoteSyscall { err, .. }))
             if err.raw_os_error() == Some(libc::EEXIST) =>
         {
             let fresh = crate::maps::read(t.pid())?;
-            map_in_gap(t, target, &fresh, len)
+            map_in_gap(t, early, target, &fresh, len, protections)
         }
         r => r,
     }
 }
 
+/// [`map_near`] in a gap of `mappings`: through nonstop mode's sync agent when there is one
+/// (`early`, see `switch::Early::map_patch`: the same call).
 fn map_in_gap(
     t: &mut Tracee,
+    early: Option<&mut switch::Early>,
     target: &target::LoadedTarget,
     mappings: &[crate::maps::Mapping],
     len: u64,
-) -> Result<u64, Error> {
+    protections: &dyn Fn(u64) -> Vec<(u64, u64, u64)>,
+) -> Result<(u64, usize), Error> {
     let lo = target.module.start();
     let hi = target.module.end();
     let addr = crate::maps::find_free_near(mappings, lo, hi, len).ok_or_else(|| {
@@ -604,21 +676,30 @@ fn map_in_gap(
     // Read-only: every write goes through /proc/PID/mem, which writes into a read-only private
     // mapping too; the protections `prepare` sets then need no call for read-only ranges, and
     // one for the code (one remote system call fewer than from read-write).
-    let got = t.mmap(
-        addr,
-        len,
-        prot::READ,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE,
-        -1,
-        0,
-    )?;
+    let (got, set) = match early {
+        Some(e) => e.map_patch(t, addr, len, &protections(addr))?,
+        None => (
+            t.mmap(
+                addr,
+                len,
+                prot::READ,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED_NOREPLACE
+                    | libc::MAP_POPULATE,
+                -1,
+                0,
+            )?,
+            0,
+        ),
+    };
     if got != addr {
         let _ = t.munmap(got, len);
         return Err(Error::Other(format!(
             "mmap placed patch memory at {got:#x} instead of {addr:#x}"
         )));
     }
-    Ok(addr)
+    Ok((addr, set))
 }
 
 /// What [`prepare`] made of a patch, written into the patch memory.

@@ -12,7 +12,7 @@
 mod nonstop;
 mod trap_handler;
 
-pub(crate) use nonstop::{quiet_orphaned_agent, Flag};
+pub(crate) use nonstop::{quiet_orphaned_agent, Early, Flag};
 
 use super::error::Error;
 use super::stacks;
@@ -120,7 +120,8 @@ pub struct SwitchStats {
 /// busy); `commit` records the new state (called while the switch is complete but, in stop
 /// mode, before the threads resume). A switch that fails after `begin` has undone its writes.
 /// `flag`: the patch's dispatch flag (nonstop mode, apply/dispatch.rs), set by an apply's
-/// commit, cleared by a revert before its first write.
+/// commit, cleared by a revert before its first write. `early`: nonstop mode's area and agent
+/// when the caller set them up already (see [`Early`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     t: &mut Tracee,
@@ -131,6 +132,7 @@ pub(crate) fn run(
     flag: Option<Flag>,
     begin: &mut dyn FnMut(&Memory) -> Result<(), Error>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+    early: Option<Early>,
 ) -> Result<SwitchStats, Error> {
     match mode {
         // Every thread is stopped: the sites switch at once, whatever they lead to (a revert
@@ -138,7 +140,7 @@ pub(crate) fn run(
         Mode::Stop => stop_mode(t, sites, busy, timeout, begin, commit),
         Mode::Nonstop => {
             begin(t.mem())?;
-            nonstop::run(t, sites, timeout, flag.as_ref(), commit)
+            nonstop::run(t, sites, timeout, flag.as_ref(), commit, early)
         }
     }
 }

@@ -12,9 +12,13 @@
 //! `revert-written` (the same in a revert: the record still says applied),
 //! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set),
 //! `nonstop-sync` (nonstop: at each sync of an int3 window, the window's bytes as they were),
+//! `uninstall` (nonstop: the switch done, no int3 of ours left, our SIGTRAP action not yet
+//! given back),
 //! `agent-start.N` (nonstop: the sync agent's start-up after its step N, see sync_agent.rs
 //! `start_point`), `agent-call.NR` (nonstop: a system call of ours loaded in the sync agent's
-//! page, not yet asked for: `agent-call.324` is the membarrier registration).
+//! page, not yet asked for: `agent-call.324` is the membarrier registration; `agent-call.9`, a
+//! nonstop apply's preparation: the patch memory's mmap and mprotects, one program of the agent
+//! it starts first, before its state is marked).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

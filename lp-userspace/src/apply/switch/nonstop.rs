@@ -157,7 +157,135 @@ fn trace(what: &str, since: Instant) {
     }
 }
 
+/// What a nonstop apply sets up before its preparation ([`Early::start`]): the areas found,
+/// the handler's area opened, the program's SIGTRAP action read and the sync agent started —
+/// for the preparation's own system calls (the patch memory's mapping and protections:
+/// [`Early::map_patch`], [`Early::protect`]) and then for the switch, which takes it over
+/// ([`run`]).
+///
+/// Why. The agent's start waits for the borrowed thread twice or three times (each a wait
+/// for that ordinary thread to get a CPU: 60–620 µs under load), and so did each remote call
+/// of the preparation; started first, the agent makes those calls (a request and its answer),
+/// while the planner thread links and plans the patch beside (see `apply_here`).
+///
+/// Dropped (a preparation that failed): the agent is told to exit and waited for (its Drop);
+/// the area stays, as every area does (see the module documentation). Signals the borrowed
+/// thread was about to take while it started the agent are held by the tracee at once (sent
+/// again when the thread is let go, in the order they were taken, see [`Tracee::hold`]).
+pub(crate) struct Early {
+    /// The process's areas of this layout as found before the agent started (see
+    /// [`layout_areas`]): the agents living there then are orphans, not ours.
+    areas: Vec<(u64, bool)>,
+    area: Area,
+    current: KAction,
+    agent: Option<SyncAgent>,
+}
+
+impl Early {
+    /// Opens the area, reads the SIGTRAP action and starts the agent on `t`'s borrowed thread
+    /// (see [`Early`]). An error leaves what a switch failing there leaves (an area made stays).
+    pub(crate) fn start(t: &mut Tracee) -> Result<Early, Error> {
+        let t0 = Instant::now();
+        let areas = layout_areas(t.pid(), t.mem())?;
+        let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
+        let area = open_area(t, found)?;
+        trace("area opened (before the preparation)", t0);
+        let current = current_action(t, &area)?;
+        let mut held = Vec::new();
+        let agent = SyncAgent::start(t, area.code, &mut held, false);
+        for (tid, signal) in held {
+            t.hold(tid, signal);
+        }
+        trace(
+            &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
+            t0,
+        );
+        Ok(Early {
+            areas,
+            area,
+            current,
+            agent,
+        })
+    }
+
+    /// Maps an apply's patch memory, `len` bytes exactly at `addr` (see [`sync_agent::Op::Mmap`]:
+    /// read-only, `MAP_FIXED_NOREPLACE`, populated), then sets `protections` in it ((address,
+    /// length, protection) each): through the agent when it answers, as one program (one
+    /// request for all), else the mapping through ptrace. Returns the mapping's address and
+    /// how many of `protections` are set (a prefix: the caller sets the rest, see
+    /// [`Early::protect`]). Every call is vetted against the seccomp filters first, either
+    /// way. An agent stuck in a call is an error (`Unfinished`): it may still make it.
+    pub(crate) fn map_patch(
+        &mut self,
+        t: &mut Tracee,
+        addr: u64,
+        len: u64,
+        protections: &[(u64, u64, u64)],
+    ) -> Result<(u64, usize), Error> {
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_FIXED_NOREPLACE
+            | libc::MAP_POPULATE;
+        if let Some(a) = self.agent.as_mut() {
+            t.vet_ahead(
+                libc::SYS_mmap,
+                [addr, len, prot::READ, flags as u64, u64::MAX, 0],
+            )?;
+            let mut ops = vec![Op::Mmap { addr, len }];
+            for &(at, len, p) in protections
+                .iter()
+                .take_while(|(_, _, p)| sync_agent::MPROTECT_PROTS.contains(p))
+            {
+                t.vet_ahead(libc::SYS_mprotect, [at, len, p, 0, 0, 0])?;
+                ops.push(Op::Mprotect {
+                    addr: at,
+                    len,
+                    prot: p,
+                });
+            }
+            match a.calls(&ops, sync_agent::ANSWER_WAIT) {
+                Ok(Some(c)) if c.done >= 1 => return Ok((addr, c.done - 1)),
+                // Mapped elsewhere than asked (see the agent's code): given back.
+                Ok(Some(c)) if c.mapped > 0 && c.mapped as u64 != addr => {
+                    let _ = t.munmap(c.mapped as u64, len);
+                }
+                // The same call through ptrace tells what is wrong (in its own words).
+                Ok(_) => {}
+                Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
+            }
+        }
+        Ok((t.mmap(addr, len, prot::READ, flags, -1, 0)?, 0))
+    }
+
+    /// `mprotect(addr, len, prot)` in the target, through the agent when it answers and
+    /// `prot` is one its code is vetted for (see [`Early::map_patch`]).
+    pub(crate) fn protect(
+        &mut self,
+        t: &mut Tracee,
+        addr: u64,
+        len: u64,
+        prot: u64,
+    ) -> Result<(), Error> {
+        if let Some(a) = self
+            .agent
+            .as_mut()
+            .filter(|_| sync_agent::MPROTECT_PROTS.contains(&prot))
+        {
+            t.vet_ahead(libc::SYS_mprotect, [addr, len, prot, 0, 0, 0])?;
+            match a.call(Op::Mprotect { addr, len, prot }, sync_agent::ANSWER_WAIT) {
+                Ok(Some(0)) => return Ok(()),
+                Ok(_) => {}
+                Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
+            }
+        }
+        Ok(t.mprotect(addr, len, prot)?)
+    }
+}
+
 /// Carries out the switch of `sites` in nonstop mode (see the module documentation).
+///
+/// `early`: the area, action and agent an apply set up before its preparation ([`Early`]);
+/// without it (a revert, a switch finishing a killed one) they are set up here.
 ///
 /// `timeout`: how long the threads get to leave the bytes behind an `int3` (then the switch
 /// is rolled back: busy), and at least [`MIN_UNINSTALL_WAIT`], to be past our traps before the
@@ -168,6 +296,7 @@ pub(crate) fn run(
     timeout: Duration,
     flag: Option<&Flag>,
     commit: &mut dyn FnMut(&Memory) -> Result<(), Error>,
+    mut early: Option<Early>,
 ) -> Result<SwitchStats, Error> {
     let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
     let precise = timer_slack::Precise::start();
@@ -183,16 +312,30 @@ pub(crate) fn run(
     // signal): it is ours, not a thread of the program that keeps SIGTRAP blocked, and it
     // never runs the program's code: no wait is for it either. The areas are looked for once:
     // only a livepatch makes one, and this one holds the process's lock (see `layout_areas`
-    // for the maps they are looked for in).
-    let areas = layout_areas(t.pid(), t.mem())?;
+    // for the maps they are looked for in). An apply's early agent (see [`Early`]) lives in
+    // this build's area, opened already (perhaps made since the areas were looked for):
+    // listed with the orphans, it is told from the program's threads in any state, as they
+    // are (and skipped twice where the switch's agent is skipped, which changes nothing).
+    let areas = match &early {
+        Some(e) => e.areas.clone(),
+        None => layout_areas(t.pid(), t.mem())?,
+    };
     let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
     let mut agents = Agents {
-        code: found,
+        code: early.as_ref().map(|e| e.area.code).or(found),
         orphans: areas
             .iter()
             .filter_map(|&(code, _)| sync_agent::living_agent(t.mem(), code))
             .collect(),
     };
+    if let Some(tid) = early
+        .as_ref()
+        .and_then(|e| e.agent.as_ref().map(SyncAgent::tid))
+    {
+        if !agents.orphans.contains(&tid) {
+            agents.orphans.push(tid);
+        }
+    }
     // Every thread's /proc files, opened at this first look and read again by the later ones
     // (see `threads.rs`); those the borrow's look opened are not opened again.
     let threads = RefCell::new(Threads::with_files(t.pid(), t.take_looked_files()));
@@ -206,7 +349,13 @@ pub(crate) fn run(
     )?;
     trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
-    let mut area = open_area(t, found)?;
+    let mut area = match &early {
+        Some(e) => Area {
+            code: e.area.code,
+            bank: 0,
+        },
+        None => open_area(t, found)?,
+    };
     agents.code = Some(area.code);
     trace("area opened", began_at);
     // With dispatches the callers and the entries switch in windows of their own: a call
@@ -260,16 +409,28 @@ pub(crate) fn run(
     // membarrier registration, the look at the other actions — and the uninstall's are its
     // requests, not ptrace stops (see `SyncAgent::call`). Without it, they and the syncs go
     // through ptrace.
-    let current = current_action(t, &area);
     let mut held = Vec::new();
-    let mut agent = None;
-    if current.is_ok() {
-        agent = SyncAgent::start(t, area.code, &mut held);
-    }
-    trace(
-        &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
-        t0,
-    );
+    let (current, mut agent) = match early.take() {
+        Some(e) => {
+            trace(
+                &format!("agent kept {:?}", e.agent.as_ref().map(|a| a.tid())),
+                t0,
+            );
+            (Ok(e.current), e.agent)
+        }
+        None => {
+            let current = current_action(t, &area);
+            let mut agent = None;
+            if current.is_ok() {
+                agent = SyncAgent::start(t, area.code, &mut held, true);
+            }
+            trace(
+                &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
+                t0,
+            );
+            (current, agent)
+        }
+    };
     // The signals whose actions `unmasked_handler` looks at: only when there are sites with
     // bytes to settle.
     let caught = if inner_ranges(sites).is_empty() {
@@ -277,10 +438,10 @@ pub(crate) fn run(
     } else {
         threads.borrow_mut().process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP)
     };
-    let mut early = Early::default();
+    let mut made = CallsMade::default();
     let installed = current.and_then(|current| {
-        early = early_calls(t, &mut agent, &area, current, caught)?;
-        install(t, &mut agent, &area, current, early.installed)
+        made = calls_before_int3(t, &mut agent, &area, current, caught)?;
+        install(t, &mut agent, &area, current, made.installed)
     });
     trace(
         &format!("installed (borrowed thread {:?})", t.threads()),
@@ -293,10 +454,10 @@ pub(crate) fn run(
     // and the last look at the threads' signal masks. A failure there has nothing to undo.
     let mut unmasked = false;
     let ready = installed
-        .and_then(|()| register_sync_cores(t, &mut agent, early.registered))
+        .and_then(|()| register_sync_cores(t, &mut agent, made.registered))
         .and_then(|()| {
             unmasked =
-                caught != 0 && unmasked_handler(t, &mut agent, &area, caught, &early.actions)?;
+                caught != 0 && unmasked_handler(t, &mut agent, &area, caught, &made.actions)?;
             trace("ready", t0);
             wait_sigtrap_unblocked(
                 &mut threads.borrow_mut(),
@@ -305,6 +466,7 @@ pub(crate) fn run(
             )
         });
     let wrote = ready.is_ok();
+    trace("masks looked at again", t0);
     // Processes forked from now on may copy the code mid-switch (see finish_children): counted
     // right before the first int3, after the agent's own clone, which would otherwise make
     // every switch look at the target's children.
@@ -715,7 +877,9 @@ fn refuse_if_sigtrap_blocked(
     agents: &Agents,
 ) -> Result<(), Error> {
     let blocked = |t: &Thread| t.blocks(libc::SIGTRAP) && !agents.runs(t);
-    let tids = threads.current(&[]);
+    // Our agents (an apply's, started before its preparation, and orphans) are no threads of
+    // the program: not counted as ones that do not block SIGTRAP either.
+    let tids = threads.current(&agents.orphans);
     let mut suspects: BTreeMap<i32, (u64, Option<u64>)> = BTreeMap::new();
     let mut borrowed_blocks = None;
     let mut some_thread_does_not = false;
@@ -1231,7 +1395,7 @@ fn sigaction(
 
 /// The process's membarrier registration for SYNC_CORE ([`Tracee::register_sync_cores`]),
 /// made by the sync agent when there is one (see [`sigaction`]).
-/// `made`: [`early_calls`] made it already.
+/// `made`: [`calls_before_int3`] made it already.
 fn register_sync_cores(
     t: &mut Tracee,
     agent: &mut Option<SyncAgent>,
@@ -1256,10 +1420,10 @@ fn register_sync_cores(
 /// How long the agent gets for the membarrier registration.
 const REGISTER_WAIT: Duration = Duration::from_secs(1);
 
-/// What [`early_calls`] made: [`install`], [`register_sync_cores`] and [`unmasked_handler`]
+/// What [`calls_before_int3`] made: [`install`], [`register_sync_cores`] and [`unmasked_handler`]
 /// make the rest themselves, as without an agent.
 #[derive(Default)]
-struct Early {
+struct CallsMade {
     installed: bool,
     registered: bool,
     /// The actions of the signals looked at, by signal.
@@ -1274,20 +1438,20 @@ struct Early {
 /// when a vet refuses or when our action cannot be staged: the functions then make their
 /// calls one by one, and say what is wrong in their own words. The only error is an agent
 /// stuck with a call of ours claimed (see [`agent_stuck`]).
-fn early_calls(
+fn calls_before_int3(
     t: &mut Tracee,
     agent: &mut Option<SyncAgent>,
     area: &Area,
     current: KAction,
     caught: u64,
-) -> Result<Early, Error> {
-    let mut early = Early::default();
+) -> Result<CallsMade, Error> {
+    let mut made_now = CallsMade::default();
     let Some(a) = agent.as_mut() else {
-        return Ok(early);
+        return Ok(made_now);
     };
     let data = area.data();
     let Ok(install) = stage_install(t, area, current) else {
-        return Ok(early);
+        return Ok(made_now);
     };
     let mut ops = Vec::new();
     if install {
@@ -1320,22 +1484,24 @@ fn early_calls(
             _ => (libc::SYS_membarrier, [1 << 6, 0, 0, 0, 0, 0]),
         };
         if t.vet_ahead(nr, args).is_err() {
-            return Ok(early);
+            return Ok(made_now);
         }
     }
     let made = a
         .calls(&ops, REGISTER_WAIT)
         .map_err(|stuck| agent_stuck(t.pid(), stuck))?
-        .made;
+        .map_or(0, |c| c.done);
     let first_look = usize::from(install) + 1;
-    early.installed = install && made >= 1;
-    early.registered = made >= first_look;
+    made_now.installed = install && made >= 1;
+    made_now.registered = made >= first_look;
     for (k, &(sig, slot, _)) in looked.iter().enumerate() {
         if made > first_look + k {
-            early.actions.insert(sig, KAction::from_bytes(&a.out(slot)));
+            made_now
+                .actions
+                .insert(sig, KAction::from_bytes(&a.out(slot)));
         }
     }
-    Ok(early)
+    Ok(made_now)
 }
 
 /// The agent claimed a call of ours and stays stopped before making it: it may still make it
@@ -1403,7 +1569,7 @@ fn stage_install(t: &Tracee, area: &Area, current: KAction) -> Result<bool, Erro
 
 /// Makes our handler the SIGTRAP action in place of `current` (see [`current_action`]),
 /// keeping the previous one for the chain and the restore (see [`stage_install`]). `made`:
-/// [`early_calls`] made the `rt_sigaction` already; only its outcome is checked.
+/// [`calls_before_int3`] made the `rt_sigaction` already; only its outcome is checked.
 fn install(
     t: &mut Tracee,
     agent: &mut Option<SyncAgent>,
@@ -1474,13 +1640,8 @@ fn uninstall(
     early: Option<MovedOn<'_>>,
     orphans: &[i32],
 ) -> Result<bool, Error> {
+    crate::process::stop_point::reached("uninstall");
     let data = area.data();
-    sigaction(t, agent, SIGTRAP, 0, data + th::SCRATCH_OLD)?;
-    let current = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
-    if current.handler != area.code {
-        // The process set its own action meanwhile: it owns SIGTRAP now.
-        return Ok(true);
-    }
     let start = Instant::now();
     let deadline = crate::deadline::after(wait);
     let skip = skipped(t, agent, orphans);
@@ -1490,7 +1651,7 @@ fn uninstall(
             &format!("uninstall: thread {tid} not seen past the int3s"),
             start,
         );
-        return Ok(false);
+        return program_owns_sigtrap(t, agent, area);
     }
     // Threads created from now on never executed one of our int3s: the list is final. (Our
     // agents, which block every signal and never run our int3s, are not in it.)
@@ -1517,13 +1678,39 @@ fn uninstall(
                 &format!("uninstall: SIGTRAP pending {pending}, {inside} inside the handler"),
                 start,
             );
-            return Ok(false);
+            return program_owns_sigtrap(t, agent, area);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(UNINSTALL_POLL.max);
     }
-    sigaction(t, agent, SIGTRAP, data + th::OLD_ACT, 0)?;
+    // The previous action back, and the one it replaces read in the same call (one call
+    // through the agent instead of a look first, then the restore: each is a wake-up of the
+    // agent and one of the tool). Not ours: the process set its own action during the
+    // switch, and it is put back at once — it owns SIGTRAP.
+    sigaction(
+        t,
+        agent,
+        SIGTRAP,
+        data + th::OLD_ACT,
+        data + th::SCRATCH_OLD,
+    )?;
+    let replaced = KAction::read(t.mem(), data + th::SCRATCH_OLD)?;
+    if replaced.handler != area.code {
+        sigaction(t, agent, SIGTRAP, data + th::SCRATCH_OLD, 0)?;
+    }
     Ok(true)
+}
+
+/// The uninstall's wait ran out: our handler stays the action (false), unless the process set
+/// its own during the switch — it owns SIGTRAP then (true).
+fn program_owns_sigtrap(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+) -> Result<bool, Error> {
+    let data = area.data();
+    sigaction(t, agent, SIGTRAP, 0, data + th::SCRATCH_OLD)?;
+    Ok(KAction::read(t.mem(), data + th::SCRATCH_OLD)?.handler != area.code)
 }
 
 /// How often the threads are looked at while waiting for them: soon at first (most threads
@@ -2078,6 +2265,7 @@ fn steps(
     // up to the settle, which the tool runs between them.
     let ranges = !inner_ranges(sites).is_empty();
     let mut burst = Burst::new(agent);
+    trace("window's bytes read", w0);
     for i in 0..max_steps {
         let mut needs_sync = false;
         let mut writes: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); runs.len()];
@@ -2324,8 +2512,11 @@ impl Burst {
                     write_run(t.mem(), &writes)?;
                 }
                 // Never in a window's program: the tool's own calls go one at a time
-                // (`sigaction`, `register_sync_cores`).
-                Op::SigAction { .. } | Op::RegisterSyncCore => {}
+                // (`sigaction`, `register_sync_cores`, `Early`'s).
+                Op::SigAction { .. }
+                | Op::RegisterSyncCore
+                | Op::Mmap { .. }
+                | Op::Mprotect { .. } => {}
             }
         }
         if done < ops.len() {
@@ -2342,7 +2533,7 @@ impl Burst {
 /// bytes to settle; a handler installed during the window itself is not seen).
 ///
 /// `caught`: the signals the process handles (SigCgt, SIGTRAP left out); `known`: the actions
-/// [`early_calls`] read already.
+/// [`calls_before_int3`] read already.
 fn unmasked_handler(
     t: &mut Tracee,
     agent: &mut Option<SyncAgent>,

@@ -1,5 +1,7 @@
 //! The sync agent: a thread of ours inside the target that runs nonstop mode's syncs
-//! (`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`) on request, for the few milliseconds of a switch.
+//! (`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`) on request, for the few milliseconds of a switch
+//! (and, in an apply, of its preparation before: the patch memory's mmap and mprotects, see
+//! `nonstop::Early`).
 //!
 //! Why. A sync run on the borrowed thread through ptrace is two round trips (syscall-entry and
 //! syscall-exit stop), each waiting until that ordinary thread gets a CPU back — behind the
@@ -121,6 +123,8 @@ const OP_SYNC: u32 = 2;
 const OP_MERGE: u32 = 3;
 const OP_SIGACTION: u32 = 4;
 const OP_REGISTER: u32 = 5;
+const OP_MMAP: u32 = 6;
+const OP_MPROTECT: u32 = 7;
 const CANCELLED: u32 = 1 << 31;
 const NO_FD: i32 = -libc::EBADF;
 
@@ -150,6 +154,18 @@ const CLONE_CALL: u64 = 54;
 /// registers (CTX).
 const WAY_BACK: u64 = 65;
 
+/// The one mapping the agent makes for the tool: an apply's patch memory, read-only, exactly
+/// where the tool asks or not at all (see `apply::map_in_gap`).
+const MMAP_PROT: u32 = libc::PROT_READ as u32;
+const MMAP_FLAGS: u32 =
+    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE)
+        as u32;
+/// The protections the agent sets for the tool (the patch memory's code, and its writable
+/// data): the only values `mprotect` is vetted for in the agent's code list.
+pub(crate) const MPROTECT_PROTS: [u64; 2] = [
+    (libc::PROT_READ | libc::PROT_EXEC) as u64,
+    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+];
 const MEMBARRIER_SYNC_CORE: u32 = 1 << 5; // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
 const MEMBARRIER_REGISTER_SYNC_CORE: u32 = 1 << 6; // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE
 const CLONE_FLAGS: u32 = (libc::CLONE_VM
@@ -185,6 +201,12 @@ struct Landmarks {
     sigaction_op: u64,
     /// Its `syscall` instruction.
     sigaction_call: u64,
+    /// The first instruction of a mapping's operation, and its `syscall` instruction.
+    mmap_op: u64,
+    mmap_call: u64,
+    /// The same for a protection's.
+    mprotect_op: u64,
+    mprotect_call: u64,
     /// Where a program ends: the answer to the tool.
     publish: u64,
 }
@@ -197,6 +219,8 @@ impl Landmarks {
             || (self.sync_op..=self.sync_call).contains(&rip)
             || (self.merge_op..=self.merge_call).contains(&rip)
             || (self.sigaction_op..=self.sigaction_call).contains(&rip)
+            || (self.mmap_op..=self.mmap_call).contains(&rip)
+            || (self.mprotect_op..=self.mprotect_call).contains(&rip)
     }
 }
 
@@ -227,6 +251,10 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     let mut op_sigaction = a.create_label();
     let mut sigaction_call = a.create_label();
     let mut op_register = a.create_label();
+    let mut op_mmap = a.create_label();
+    let mut mmap_call = a.create_label();
+    let mut op_mprotect = a.create_label();
+    let mut mprotect_call = a.create_label();
 
     // Start-up, run by the borrowed thread with rbx = the agent's page.
     a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
@@ -378,6 +406,10 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.je(op_sigaction)?;
     a.cmp(dword_ptr(r15), OP_REGISTER)?;
     a.je(op_register)?;
+    a.cmp(dword_ptr(r15), OP_MMAP)?;
+    a.je(op_mmap)?;
+    a.cmp(dword_ptr(r15), OP_MPROTECT)?;
+    a.je(op_mprotect)?;
     a.mov(edi, dword_ptr(rbx + FD))?;
     a.lea(rsi, qword_ptr(r15 + 16))?;
     a.mov(edx, dword_ptr(r15 + 4))?;
@@ -459,6 +491,39 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.test(rax, rax)?;
     a.jnz(failed)?;
     a.jmp(op_done)?;
+    // The tool's patch memory (see `SyncAgent::call`): mmap(addr, len, MMAP_PROT, MMAP_FLAGS,
+    // -1, 0), the address in the address word, the length in the data; what it returns
+    // (the mapping's address) in the data's second word. Placed elsewhere (a kernel without
+    // MAP_FIXED_NOREPLACE takes the address for a hint): a failure, EEXIST — the calls after
+    // it in the program are meant for `addr` (the tool unmaps that mapping).
+    a.set_label(&mut op_mmap)?;
+    a.mov(rdi, qword_ptr(r15 + 8))?;
+    a.mov(rsi, qword_ptr(r15 + 16))?;
+    a.mov(edx, MMAP_PROT)?;
+    a.mov(r10d, MMAP_FLAGS)?;
+    a.mov(r8, -1i64)?;
+    a.xor(r9d, r9d)?;
+    a.mov(eax, libc::SYS_mmap as u32)?;
+    a.set_label(&mut mmap_call)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.js(failed)?;
+    a.mov(qword_ptr(r15 + 24), rax)?;
+    a.cmp(rax, rdi)?;
+    a.je(op_done)?;
+    a.mov(rax, -(libc::EEXIST as i64))?;
+    a.jmp(failed)?;
+    // Its protections: mprotect(addr, len, prot), the protection in the length word.
+    a.set_label(&mut op_mprotect)?;
+    a.mov(rdi, qword_ptr(r15 + 8))?;
+    a.mov(rsi, qword_ptr(r15 + 16))?;
+    a.mov(edx, dword_ptr(r15 + 4))?;
+    a.mov(eax, libc::SYS_mprotect as u32)?;
+    a.set_label(&mut mprotect_call)?;
+    a.syscall()?;
+    a.test(rax, rax)?;
+    a.jnz(failed)?;
+    a.jmp(op_done)?;
     a.set_label(&mut op_sync)?;
     a.mov(eax, libc::SYS_membarrier as u32)?;
     a.mov(edi, MEMBARRIER_SYNC_CORE)?;
@@ -501,6 +566,10 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
         merge_call: result.label_ip(&merge_call)?,
         sigaction_op: result.label_ip(&op_sigaction)?,
         sigaction_call: result.label_ip(&sigaction_call)?,
+        mmap_op: result.label_ip(&op_mmap)?,
+        mmap_call: result.label_ip(&mmap_call)?,
+        mprotect_op: result.label_ip(&op_mprotect)?,
+        mprotect_call: result.label_ip(&mprotect_call)?,
         publish: result.label_ip(&publish)?,
     };
     let bytes = result.inner.code_buffer;
@@ -553,9 +622,15 @@ impl Shared {
     }
 
     fn result(&self) -> i64 {
-        // SAFETY: RESULT is 8-aligned and inside the page, as above.
-        unsafe { &*(self.ptr.add(RESULT as usize) as *const AtomicU64) }.load(Ordering::Acquire)
-            as i64
+        self.u64_at(RESULT) as i64
+    }
+
+    /// The u64 at offset `off` (8-aligned) of the page.
+    fn u64_at(&self, off: u64) -> u64 {
+        assert!(off.is_multiple_of(8) && off + 8 <= th::PAGE);
+        // SAFETY: 8-aligned and inside the mapped page (checked above), which lives as long
+        // as self; the agent writes these words only whole, before it counts its operation.
+        unsafe { &*(self.ptr.add(off as usize) as *const AtomicU64) }.load(Ordering::Acquire)
     }
 
     /// Copies the bytes at offset `off` of the page to `buf` (written by the agent before its
@@ -654,6 +729,12 @@ pub(crate) enum Op {
     SigAction { signal: u32, act: u64, old: u64 },
     /// The process's membarrier registration for SYNC_CORE (see [`SyncAgent::call`]).
     RegisterSyncCore,
+    /// An apply's patch memory: `len` bytes at `addr`, read-only, private and anonymous,
+    /// exactly there or not at all (`MAP_FIXED_NOREPLACE`), populated (see
+    /// [`SyncAgent::call`]).
+    Mmap { addr: u64, len: u64 },
+    /// `mprotect(addr, len, prot)`, `prot` one of [`MPROTECT_PROTS`] (see [`SyncAgent::call`]).
+    Mprotect { addr: u64, len: u64, prot: u64 },
 }
 
 impl Op {
@@ -712,21 +793,24 @@ enum Answer {
     Silent(usize),
 }
 
+/// How the tool's calls given to the agent went ([`SyncAgent::calls`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Calls {
+    /// How many of them were made (a prefix) and succeeded.
+    pub done: usize,
+    /// The next one's error (-errno) when the agent made it and it failed; None when it was
+    /// not made (or every call was).
+    pub error: Option<i64>,
+    /// What an [`Op::Mmap`] among the calls returned (its address; one placed elsewhere than
+    /// asked fails with EEXIST, its address here), 0 when it was not made or failed.
+    pub mapped: i64,
+}
+
 /// An agent that took an operation of a cancelled program and neither carried it out nor
 /// answered: it may still carry it out later, so nothing may be written over it.
 #[derive(Debug)]
 pub(crate) struct Stuck {
     pub tid: i32,
-}
-
-/// What a program of calls got done ([`SyncAgent::calls`]).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Calls {
-    /// The first `made` calls were made, and succeeded.
-    pub made: usize,
-    /// The next one was made and failed with this error (-errno). None: it was not made (the
-    /// agent was silent, or had failed before), nor were those after it.
-    pub failed: Option<i64>,
 }
 
 /// Bytes of a call's output slot (see [`SyncAgent::out_slot`]).
@@ -739,10 +823,15 @@ impl SyncAgent {
     /// take meanwhile are added to `held` (tid, signal): the caller sends them again once the
     /// switch is over, as the tracee does with the signals it holds back. The agent runs under
     /// SCHED_FIFO when the tool may set it (see the module documentation).
+    ///
+    /// `settled`: wait (at most [`START_WAIT`]) for the agent's own start-up to be over, for a
+    /// switch whose windows come next; an apply's preparation, which starts it first (see
+    /// `nonstop::Early`), does not: its first request waits for that start-up in the agent.
     pub(crate) fn start(
         t: &mut Tracee,
         code: u64,
         held: &mut Vec<(i32, crate::process::HeldSignal)>,
+        settled: bool,
     ) -> Option<SyncAgent> {
         let shared = Shared::map(t.pid(), code)?;
         // An agent orphaned by a killed livepatch still waits there (it exits at its next
@@ -815,7 +904,8 @@ impl SyncAgent {
         // windows began right after the clone; with six stops the agent had that time). At
         // most START_WAIT: a program queued earlier waits for it (see `run`).
         let deadline = Instant::now() + START_WAIT;
-        while shared.word(FD).load(Ordering::Acquire) as i32 == NO_FD
+        while settled
+            && shared.word(FD).load(Ordering::Acquire) as i32 == NO_FD
             && shared.word(TID).load(Ordering::Acquire) != 0
             && Instant::now() < deadline
         {
@@ -896,49 +986,72 @@ impl SyncAgent {
         }
     }
 
-    /// Makes one system call for the tool ([`Op::SigAction`] or [`Op::RegisterSyncCore`]) in
-    /// the agent: a request and its answer, where the same call through ptrace is two stops
-    /// of the borrowed thread, each waiting until that ordinary thread gets a CPU back
-    /// (100–250 µs each on this project's loaded 2-CPU machine; the agent runs under
-    /// SCHED_FIFO). The call's result (0 or -errno); None when the agent did not make it (an
-    /// earlier failure, gone, or silent for `within`: the caller makes it through ptrace).
+    /// Makes one system call for the tool ([`Op::SigAction`], [`Op::RegisterSyncCore`],
+    /// [`Op::Mmap`] or [`Op::Mprotect`]) in the agent: a request and its answer, where the
+    /// same call through ptrace is two stops of the borrowed thread, each waiting until that
+    /// ordinary thread gets a CPU back (100–250 µs each on this project's loaded 2-CPU
+    /// machine; the agent runs under SCHED_FIFO). The call's result (0 or -errno; a mapping's
+    /// address for [`Op::Mmap`]); None when the agent did not make it (an earlier failure,
+    /// gone, or silent for `within`: the caller makes it through ptrace).
     /// It is claimed and resolved like a program's operation (see [`SyncAgent::run`]): a
     /// call the agent did not make is never made later, or the agent is [`Stuck`].
     pub(crate) fn call(&mut self, op: Op, within: Duration) -> Result<Option<i64>, Stuck> {
-        let done = self.calls(std::slice::from_ref(&op), within)?;
-        Ok(match done {
-            Calls { made: 1, .. } => Some(0),
-            Calls { failed, .. } => failed,
-        })
+        let mmap = matches!(op, Op::Mmap { .. });
+        Ok(self
+            .calls(&[op], within)?
+            .and_then(|c| match (c.done, c.error) {
+                (1, _) if mmap => Some(c.mapped),
+                (1, _) => Some(0),
+                (_, Some(e)) => Some(e),
+                // Not made.
+                _ => None,
+            }))
     }
 
-    /// [`SyncAgent::call`] for several calls, in order, as one program: one request and one
-    /// answer for all (each costs a wake-up of the agent and one of the tool: 50–150 µs per
-    /// call here). The first failure ends the program. What was made: the first
-    /// [`Calls::made`], and whether the next was made and failed (the caller makes the rest,
-    /// through ptrace when the agent is silent or failed).
-    pub(crate) fn calls(&mut self, ops: &[Op], within: Duration) -> Result<Calls, Stuck> {
-        debug_assert!(ops
-            .iter()
-            .all(|op| matches!(op, Op::SigAction { .. } | Op::RegisterSyncCore)));
-        if self.failed || ops.is_empty() {
-            return Ok(Calls::default());
+    /// Makes the system calls `ops` for the tool in the agent, in order, as one program (one
+    /// request and its answer for all of them: see [`SyncAgent::call`]); the first that fails
+    /// ends it. None when the agent did not take it (an earlier failure, gone, or silent for
+    /// `within` before its first call was claimed).
+    pub(crate) fn calls(&mut self, ops: &[Op], within: Duration) -> Result<Option<Calls>, Stuck> {
+        debug_assert!(ops.iter().all(|op| matches!(
+            op,
+            Op::SigAction { .. } | Op::RegisterSyncCore | Op::Mmap { .. } | Op::Mprotect { .. }
+        )));
+        if self.failed || ops.is_empty() || !fits(ops) {
+            return Ok(None);
         }
         self.load(ops);
+        // Each call's point, in order (all of them loaded, none asked for yet).
         for op in ops {
             let nr = match op {
                 Op::SigAction { .. } => libc::SYS_rt_sigaction,
+                Op::Mmap { .. } => libc::SYS_mmap,
+                Op::Mprotect { .. } => libc::SYS_mprotect,
                 _ => libc::SYS_membarrier,
             };
             crate::process::stop_point::reached_with("agent-call", nr);
         }
+        // What a mapping returned: stored in its operation (zeroed by `load`) before it was
+        // counted as done, or failed for its place.
+        let mapped = |s: &Shared, _done: usize| {
+            ops.iter()
+                .position(|op| matches!(op, Op::Mmap { .. }))
+                .map_or(0, |i| s.u64_at(OPS + i as u64 * OP_LEN + 24) as i64)
+        };
         Ok(match self.carry_out(ops, within)? {
-            Answer::Answered(made) if made < ops.len() => Calls {
-                made,
+            Answer::Answered(done) => Some(Calls {
+                done,
                 // Made, and failed: its error (a program's first failure ends it, in RESULT).
-                failed: Some(self.shared.result()).filter(|&r| r < 0),
-            },
-            Answer::Answered(made) | Answer::Silent(made) => Calls { made, failed: None },
+                error: Some(self.shared.result()).filter(|&r| r < 0 && done < ops.len()),
+                mapped: mapped(&self.shared, done),
+            }),
+            Answer::Silent(0) => None,
+            // Silent, the calls counted as done made: the rest was not, and will not be.
+            Answer::Silent(done) => Some(Calls {
+                done,
+                error: None,
+                mapped: mapped(&self.shared, done),
+            }),
         })
     }
 
@@ -990,6 +1103,14 @@ impl SyncAgent {
                     raw[16..24].copy_from_slice(&old.to_le_bytes());
                 }
                 Op::RegisterSyncCore => head(&mut raw, OP_REGISTER, 0, 0),
+                Op::Mmap { addr, len } => {
+                    head(&mut raw, OP_MMAP, 0, *addr);
+                    raw[16..24].copy_from_slice(&len.to_le_bytes());
+                }
+                Op::Mprotect { addr, len, prot } => {
+                    head(&mut raw, OP_MPROTECT, *prot as usize, *addr);
+                    raw[16..24].copy_from_slice(&len.to_le_bytes());
+                }
             }
             s.put(OPS + i as u64 * OP_LEN, &raw);
         }
@@ -1418,6 +1539,21 @@ const SYSCALLS: &[Call] = &[
         libc::SYS_membarrier,
         [MEMBARRIER_REGISTER_SYNC_CORE as u64, 0, 0, 0, 0, 0],
     ),
+    Call::new(
+        "mmap",
+        libc::SYS_mmap,
+        [0, 0, MMAP_PROT as u64, MMAP_FLAGS as u64, u64::MAX, 0],
+    ),
+    Call::new(
+        "mprotect",
+        libc::SYS_mprotect,
+        [0, 0, MPROTECT_PROTS[0], 0, 0, 0],
+    ),
+    Call::new(
+        "mprotect",
+        libc::SYS_mprotect,
+        [0, 0, MPROTECT_PROTS[1], 0, 0, 0],
+    ),
     Call::new("exit", libc::SYS_exit, [0; 6]),
 ];
 
@@ -1552,9 +1688,9 @@ mod tests {
         }
         // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, fstatfs, close
         // (not procfs), futex wait, kill, membarrier (a sync request), pwrite, pread and pwrite
-        // (a merged run), rt_sigaction and membarrier (the tool's calls), membarrier (a
-        // program's sync), futex wake, exit.
-        assert_eq!(syscalls.len(), 18);
+        // (a merged run), rt_sigaction, membarrier, mmap and mprotect (the tool's calls),
+        // membarrier (a program's sync), futex wake, exit.
+        assert_eq!(syscalls.len(), 20);
         // Where the tool puts the starting thread (see `SyncAgent::start`): the clone, right
         // after the first call (CLONE_AT), whose exit stop it expects after the second
         // (CLONE_CALL); the way back, the parent's path after the clone (WAY_BACK), whose
@@ -1619,6 +1755,12 @@ mod tests {
         assert!(l.merge_call < l.sigaction_op && l.sigaction_op < l.sigaction_call);
         assert!(l.before_the_call(l.sigaction_op) && l.before_the_call(l.sigaction_call));
         assert!(!l.before_the_call(l.sigaction_call + 2));
+        // The patch memory's calls: the same.
+        for (op, call) in [(l.mmap_op, l.mmap_call), (l.mprotect_op, l.mprotect_call)] {
+            assert!(syscalls.contains(&call) && op < call);
+            assert!(l.before_the_call(op) && l.before_the_call(call));
+            assert!(!l.before_the_call(call + 2));
+        }
         assert!(!l.before_the_call(l.publish));
     }
 }
