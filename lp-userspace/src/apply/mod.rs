@@ -317,7 +317,7 @@ fn apply_here(
             Mode::Stop => Ok(None),
         };
         let mapped = early.and_then(|mut early| {
-            let (statemap, code_addr) = map_patch_memory(
+            match map_patch_memory(
                 &phase,
                 &mut t,
                 early.as_mut(),
@@ -325,8 +325,15 @@ fn apply_here(
                 total_len,
                 extra_len,
                 &layout,
-            )?;
-            Ok((statemap, code_addr, early))
+            ) {
+                Ok((statemap, code_addr)) => Ok((statemap, code_addr, early)),
+                Err(e) => {
+                    if let Some(early) = early {
+                        early.abandon(&mut t);
+                    }
+                    Err(e)
+                }
+            }
         });
         let planned = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
         (mapped, planned)
@@ -353,6 +360,9 @@ fn apply_here(
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
             statemap.remove_if_created(&mut t);
+            if let Some(early) = early {
+                early.abandon(&mut t);
+            }
             return Err(e);
         }
     };
@@ -391,6 +401,9 @@ fn apply_here(
         Err(e) => {
             let _ = t.munmap(code_addr, total_len);
             statemap.remove_if_created(&mut t);
+            if let Some(early) = early {
+                early.abandon(&mut t);
+            }
             return Err(e);
         }
     };

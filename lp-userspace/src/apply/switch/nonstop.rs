@@ -169,7 +169,9 @@ fn trace(what: &str, since: Instant) {
 /// while the planner thread links and plans the patch beside (see `apply_here`).
 ///
 /// Dropped (a preparation that failed): the agent is told to exit and waited for (its Drop);
-/// the area stays, as every area does (see the module documentation). Signals the borrowed
+/// the area stays, as every area does (see the module documentation) — unless it was made for
+/// this apply: [`Early::abandon`] takes it out again (review 11: a refused apply left it in a
+/// process never patched). Signals the borrowed
 /// thread was about to take while it started the agent are held by the tracee at once (sent
 /// again when the thread is let go, in the order they were taken, see [`Tracee::hold`]).
 pub(crate) struct Early {
@@ -179,6 +181,8 @@ pub(crate) struct Early {
     area: Area,
     current: KAction,
     agent: Option<SyncAgent>,
+    /// The area was made by this apply (none was found).
+    made: bool,
 }
 
 impl Early {
@@ -205,7 +209,19 @@ impl Early {
             area,
             current,
             agent,
+            made: found.is_none(),
         })
+    }
+
+    /// An apply refused in its preparation, before its switch: the agent is told to exit and
+    /// waited for, and an area this apply made is unmapped once no agent lives in it (nothing
+    /// was installed, nothing of the program refers to it): the target is left as it was.
+    pub(crate) fn abandon(mut self, t: &mut Tracee) {
+        drop(self.agent.take());
+        if self.made && sync_agent::living_agent(t.mem(), self.area.code).is_none() {
+            let _ = t.munmap(self.area.code, th::AREA_LEN);
+            crate::process::maps_text::changed(t.pid());
+        }
     }
 
     /// Maps an apply's patch memory, `len` bytes exactly at `addr` (see [`sync_agent::Op::Mmap`]:
@@ -245,6 +261,10 @@ impl Early {
             }
             match a.calls(&ops, sync_agent::ANSWER_WAIT) {
                 Ok(Some(c)) if c.done >= 1 => return Ok((addr, c.done - 1)),
+                // Made, not counted (the agent silent right after it): mapped all the same; the
+                // protections after it were not set (review 11: mapped again elsewhere, this
+                // mapping was left behind for good).
+                Ok(Some(c)) if c.mapped as u64 == addr => return Ok((addr, 0)),
                 // Mapped elsewhere than asked (see the agent's code): given back.
                 Ok(Some(c)) if c.mapped > 0 && c.mapped as u64 != addr => {
                     let _ = t.munmap(c.mapped as u64, len);

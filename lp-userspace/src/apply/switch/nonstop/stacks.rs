@@ -174,26 +174,26 @@ const SAVED_RSP: usize = 48 + 15 * 8;
 /// an alternate stack — their `uc_stack` (the alternate stack the kernel recorded) holds the
 /// frame itself — for a context that ran off it: the frames of that context lie there.
 fn off_stack_contexts(at: u64, stack: &[u8]) -> Vec<u64> {
-    let word = |i: usize| {
-        stack
-            .get(i..i + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
-    (0..stack.len())
-        .step_by(8)
-        .filter_map(|i| {
-            let frame = at + i as u64;
-            let flags = word(i + UC_FLAGS)?;
-            let link = word(i + UC_LINK)?;
-            let ss_flags = word(i + SS_FLAGS)? as u32;
-            let (ss_sp, ss_size, rsp) =
-                (word(i + SS_SP)?, word(i + SS_SIZE)?, word(i + SAVED_RSP)?);
-            let alt = ss_sp..ss_sp.checked_add(ss_size)?;
-            let plausible = flags <= 7
-                && link == 0
-                && ss_flags & !(libc::SS_ONSTACK | libc::SS_DISABLE) as u32 & !(1 << 31) == 0
-                && ss_size != 0;
-            (plausible && alt.contains(&frame) && !alt.contains(&rsp)).then_some(rsp)
+    let words: Vec<u64> = stack
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    let w = |k: usize, off: usize| words[k + off / 8];
+    (0..words.len().saturating_sub(SAVED_RSP / 8))
+        .filter_map(|k| {
+            let frame = at + 8 * k as u64;
+            let (ss_sp, ss_size) = (w(k, SS_SP), w(k, SS_SIZE));
+            // The alternate stack it names holds it (the cheap test first: few words pass).
+            let on_alt = ss_sp <= frame && frame - ss_sp < ss_size;
+            let plausible = on_alt
+                && w(k, UC_FLAGS) <= 7
+                && w(k, UC_LINK) == 0
+                && w(k, SS_FLAGS) as u32
+                    & !(libc::SS_ONSTACK | libc::SS_DISABLE) as u32
+                    & !(1 << 31)
+                    == 0;
+            let rsp = w(k, SAVED_RSP);
+            (plausible && rsp.wrapping_sub(ss_sp) >= ss_size).then_some(rsp)
         })
         .collect()
 }

@@ -204,6 +204,8 @@ struct Landmarks {
     /// The first instruction of a mapping's operation, and its `syscall` instruction.
     mmap_op: u64,
     mmap_call: u64,
+    /// Right after its result is stored in its operation (see [`Landmarks::mmap_unstored`]).
+    mmap_stored: u64,
     /// The same for a protection's.
     mprotect_op: u64,
     mprotect_call: u64,
@@ -221,6 +223,12 @@ impl Landmarks {
             || (self.sigaction_op..=self.sigaction_call).contains(&rip)
             || (self.mmap_op..=self.mmap_call).contains(&rip)
             || (self.mprotect_op..=self.mprotect_call).contains(&rip)
+    }
+
+    /// Whether an agent stopped at `rip` has made a mapping's call and not yet stored what it
+    /// returned (in rax then): a stop signal that came during the mmap stops it right there.
+    fn mmap_unstored(&self, rip: u64) -> bool {
+        (self.mmap_call + 2..self.mmap_stored).contains(&rip)
     }
 }
 
@@ -253,6 +261,7 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     let mut op_register = a.create_label();
     let mut op_mmap = a.create_label();
     let mut mmap_call = a.create_label();
+    let mut mmap_stored = a.create_label();
     let mut op_mprotect = a.create_label();
     let mut mprotect_call = a.create_label();
 
@@ -509,6 +518,7 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.test(rax, rax)?;
     a.js(failed)?;
     a.mov(qword_ptr(r15 + 24), rax)?;
+    a.set_label(&mut mmap_stored)?;
     a.cmp(rax, rdi)?;
     a.je(op_done)?;
     a.mov(rax, -(libc::EEXIST as i64))?;
@@ -568,6 +578,7 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
         sigaction_call: result.label_ip(&sigaction_call)?,
         mmap_op: result.label_ip(&op_mmap)?,
         mmap_call: result.label_ip(&mmap_call)?,
+        mmap_stored: result.label_ip(&mmap_stored)?,
         mprotect_op: result.label_ip(&op_mprotect)?,
         mprotect_call: result.label_ip(&mprotect_call)?,
         publish: result.label_ip(&publish)?,
@@ -802,7 +813,8 @@ pub(crate) struct Calls {
     /// not made (or every call was).
     pub error: Option<i64>,
     /// What an [`Op::Mmap`] among the calls returned (its address; one placed elsewhere than
-    /// asked fails with EEXIST, its address here), 0 when it was not made or failed.
+    /// asked fails with EEXIST, its address here), 0 when it was not made or failed. Set also
+    /// when the agent made it and was silent before it counted it (`done` 0 then).
     pub mapped: i64,
 }
 
@@ -1045,7 +1057,10 @@ impl SyncAgent {
                 error: Some(self.shared.result()).filter(|&r| r < 0 && done < ops.len()),
                 mapped: mapped(&self.shared, done),
             }),
-            Answer::Silent(0) => None,
+            // Nothing counted — but a mapping made and stored, not yet counted (its process
+            // stopped right after the call, say; review 11), is there all the same: the caller
+            // must not map again (its second mmap failed, EEXIST, and the first stayed for good).
+            Answer::Silent(0) if mapped(&self.shared, 0) == 0 => None,
             // Silent, the calls counted as done made: the rest was not, and will not be.
             Answer::Silent(done) => Some(Calls {
                 done,
@@ -1235,6 +1250,14 @@ fn resolve_claim(tid: i32, code: u64, shared: &Shared) -> Result<usize, Stuck> {
     };
     let sent_away = stopped
         && ptrace::get_regs(tid).is_ok_and(|mut regs| {
+            // A mapping made, its address not yet stored: stored for it, so that the tool
+            // knows the mapping is there (review 11: it mapped again elsewhere, and this one
+            // stayed for good). r13 holds the operation's index.
+            if landmarks.mmap_unstored(regs.rip) && (regs.rax as i64) > 0 {
+                if let Some(i) = Some(regs.r13 & 0xffff_ffff).filter(|&i| i < MAX_OPS as u64) {
+                    shared.put(OPS + i * OP_LEN + 24, &regs.rax.to_le_bytes());
+                }
+            }
             !landmarks.before_the_call(regs.rip) || {
                 regs.rip = landmarks.publish;
                 ptrace::set_regs(tid, &regs).is_ok()
@@ -1761,6 +1784,9 @@ mod tests {
             assert!(l.before_the_call(op) && l.before_the_call(call));
             assert!(!l.before_the_call(call + 2));
         }
+        // A mapping's result is stored a few instructions after its call.
+        assert!(l.mmap_unstored(l.mmap_call + 2) && !l.mmap_unstored(l.mmap_stored));
+        assert!(l.mmap_stored > l.mmap_call + 2 && l.mmap_stored < l.mprotect_op);
         assert!(!l.before_the_call(l.publish));
     }
 }
