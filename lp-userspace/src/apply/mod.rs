@@ -448,6 +448,9 @@ fn apply_here(
             debug_info::undo(&mut t, &patch.id, Some(&debug));
             let _ = t.munmap(code_addr, total_len);
             statemap.remove_if_created(&mut t);
+            if let Some(early) = early {
+                early.abandon(&mut t);
+            }
             return Err(e.into());
         }
     };
