@@ -52,74 +52,11 @@ int main(void) {
 }
 "#;
 
-/// The helper: HELPER PID TID_WORD_ADDR (hex). Seizes the agent whose tid the word holds and
-/// follows its system calls to the exit of its next rt_sigaction; then SIGSTOPs the process and
-/// detaches. Prints "armed", then "made" (or why not).
-const HELPER: &str = r#"
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/ptrace.h>
-#include <sys/syscall.h>
-#include <sys/user.h>
-#include <sys/wait.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    int pid = atoi(argv[1]);
-    uint64_t word = strtoull(argv[2], 0, 16);
-    char p[64];
-    snprintf(p, sizeof p, "/proc/%d/mem", pid);
-    int fd = open(p, O_RDONLY);
-    uint32_t tid = 0;
-    if (pread(fd, &tid, 4, word) != 4 || !tid) { printf("no agent\n"); return 1; }
-    if (ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)) { printf("no seize\n"); return 1; }
-    ptrace(PTRACE_INTERRUPT, tid, 0, 0);
-    int st;
-    waitpid(tid, &st, __WALL);
-    ptrace(PTRACE_SYSCALL, tid, 0, 0);
-    printf("armed\n");
-    fflush(stdout);
-    struct user_regs_struct r;
-    for (;;) {
-        if (waitpid(tid, &st, __WALL) < 0 || !WIFSTOPPED(st)) { printf("agent gone\n"); return 1; }
-        if (WSTOPSIG(st) == (SIGTRAP | 0x80)) {
-            ptrace(PTRACE_GETREGS, tid, 0, &r);
-            if (r.orig_rax == SYS_rt_sigaction && r.rax != (unsigned long long)-38) break;
-            ptrace(PTRACE_SYSCALL, tid, 0, 0);
-        } else if ((st >> 16) == PTRACE_EVENT_STOP) {
-            ptrace(PTRACE_SYSCALL, tid, 0, 0);
-        } else {
-            ptrace(PTRACE_SYSCALL, tid, 0, WSTOPSIG(st));
-        }
-    }
-    kill(pid, SIGSTOP);
-    usleep(1000);
-    ptrace(PTRACE_DETACH, tid, 0, 0);
-    printf("made %lld\n", (long long)r.rax);
-    return 0;
-}
-"#;
-
-/// The address of the agent's tid word: the last page of the trap area's data mapping
-/// (agent_watched.h's `agent_page`), word 16.
-fn agent_tid_word(pid: &str) -> u64 {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let line = maps
-        .lines()
-        .find(|l| l.contains("livepatch-trap.4") && l.split_whitespace().nth(1) == Some("rw-s"))
-        .expect("the trap area's data mapping");
-    let hi = line.split(['-', ' ']).nth(1).unwrap();
-    u64::from_str_radix(hi, 16).unwrap() - 4096 + 16
-}
-
 #[test]
 fn review10_an_agent_call_made_but_not_answered_is_not_taken_for_the_program_changing_sigtrap() {
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = compute_target_and_patch(dir.path(), "target", TARGET, &["-pthread"]);
-    let helper = executable_from_source(dir.path(), "helper", HELPER, &[]);
+    let helper = executable_from_source(dir.path(), "helper", AGENT_STOPPER, &[]);
     let mut target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42 action=prog");
@@ -128,7 +65,7 @@ fn review10_an_agent_call_made_but_not_answered_is_not_taken_for_the_program_cha
     // agent-call.13 is the install's), the agent waiting for it.
     let tool = stop_tool_at(&nonstop_apply(&pid, &patch), "agent-call.13");
     let mut h = Command::new(&helper)
-        .args([&pid, &format!("{:x}", agent_tid_word(&pid))])
+        .args([&pid, &format!("{:x}", agent_tid_word(&pid)), "13"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

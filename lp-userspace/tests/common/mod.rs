@@ -9,11 +9,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod agent_stopper;
 pub mod borrow;
 pub mod threads;
 pub mod uprobe;
 pub mod watched;
 
+#[allow(unused_imports)]
+pub use agent_stopper::*;
 #[allow(unused_imports)]
 pub use borrow::*;
 #[allow(unused_imports)]
