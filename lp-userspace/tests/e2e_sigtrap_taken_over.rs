@@ -6,54 +6,8 @@
 mod common;
 use common::*;
 
-/// compute() called by two workers, which print their tids; SIGTRAP handled by on_trap; a
-/// SIGUSR1 makes the thread that takes it set on_trap2 instead (and say so). The main thread
-/// shows the action on each line.
-const TARGET: &str = r#"
-#include <pthread.h>
-#include <signal.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = x * 5;
-    return r;
-}
-static void on_trap(int s) { (void)s; }
-static void on_trap2(int s) { (void)s; }
-static void on_usr1(int s) {
-    (void)s;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_trap2;
-    sigaction(SIGTRAP, &sa, NULL);
-    static const char said[] = "taken over\n";
-    write(1, said, sizeof said - 1);
-}
-static void *worker(void *arg) {
-    (void)arg;
-    printf("worker %ld\n", (long)syscall(SYS_gettid));
-    for (;;) { volatile int v = compute(41); (void)v; usleep(200); }
-    return NULL;
-}
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    signal(SIGTRAP, on_trap);
-    signal(SIGUSR1, on_usr1);
-    pthread_t t;
-    for (int i = 0; i < 2; i++) pthread_create(&t, NULL, worker, NULL);
-    printf("ready\n");
-    for (;;) {
-        struct sigaction sa;
-        sigaction(SIGTRAP, NULL, &sa);
-        printf("value=%d action=%s\n", compute(41),
-               sa.sa_handler == on_trap ? "prog" : sa.sa_handler == on_trap2 ? "prog2" : "other");
-        usleep(20000);
-    }
-}
-"#;
+/// The target: `fixtures/proc/sigtrap_action.c` (its SIGTRAP action shown on each line).
+const TARGET: &str = include_str!("fixtures/proc/sigtrap_action.c");
 
 #[test]
 fn e2e_a_sigtrap_action_the_program_sets_during_a_nonstop_switch_is_kept() {

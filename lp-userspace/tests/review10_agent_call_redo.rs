@@ -17,40 +17,8 @@ use common::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-/// The target: compute() called by two workers, a SIGTRAP handler of its own, its action shown
-/// on each line (prog: its handler; ours: anything else but SIG_DFL).
-const TARGET: &str = r#"
-#include <pthread.h>
-#include <signal.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = x * 5;
-    return r;
-}
-static void on_trap(int s) { (void)s; }
-static void *worker(void *arg) {
-    (void)arg;
-    for (;;) { volatile int v = compute(41); (void)v; usleep(200); }
-    return NULL;
-}
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    signal(SIGTRAP, on_trap);
-    pthread_t t;
-    for (int i = 0; i < 2; i++) pthread_create(&t, NULL, worker, NULL);
-    printf("ready\n");
-    for (;;) {
-        struct sigaction sa;
-        sigaction(SIGTRAP, NULL, &sa);
-        printf("value=%d action=%s\n", compute(41),
-               sa.sa_handler == on_trap ? "prog" : sa.sa_handler == SIG_DFL ? "dfl" : "ours");
-        usleep(20000);
-    }
-}
-"#;
+/// The target: `fixtures/proc/sigtrap_action.c` (its SIGTRAP action shown on each line).
+const TARGET: &str = include_str!("fixtures/proc/sigtrap_action.c");
 
 #[test]
 fn review10_an_agent_call_made_but_not_answered_is_not_taken_for_the_program_changing_sigtrap() {

@@ -1,7 +1,7 @@
 //! Review 11: the sync agent's calls before the first int3 are one program (nonstop.rs
-//! `early_calls`): our SIGTRAP action, the membarrier registration and a look at each handled
-//! signal's action; after the switch the uninstall reads our action back and restores the
-//! program's. The tool killed (SIGKILL) at each `agent-call.NR:k` stop point — the early
+//! `calls_before_int3`): our SIGTRAP action, the membarrier registration and a look at each
+//! handled signal's action; after the switch the uninstall gives the program's action back
+//! (and reads what it replaced) in one call. The tool killed (SIGKILL) at each `agent-call.NR:k` stop point — the early
 //! program's points all come before it is asked for, the uninstall's after the switch — leaves
 //! a target that runs on, with its own SIGTRAP action or ours (which chains to it); the next
 //! nonstop apply and revert then work and give the program its own action back.
@@ -9,42 +9,8 @@
 mod common;
 use common::*;
 
-/// compute() called by two workers; handlers for SIGTRAP, SIGUSR1 and SIGUSR2 (the early
-/// program looks at the latter two); the SIGTRAP action shown on each line.
-const TARGET: &str = r#"
-#include <pthread.h>
-#include <signal.h>
-#include <stdio.h>
-#include <unistd.h>
-int __attribute__((noipa)) compute(int x) {
-    int r = x + 1;
-    if (x > 1000000) r = x * 5;
-    return r;
-}
-static void on_trap(int s) { (void)s; }
-static void on_usr(int s) { (void)s; }
-static void *worker(void *arg) {
-    (void)arg;
-    for (;;) { volatile int v = compute(41); (void)v; usleep(200); }
-    return NULL;
-}
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    signal(SIGTRAP, on_trap);
-    signal(SIGUSR1, on_usr);
-    signal(SIGUSR2, on_usr);
-    pthread_t t;
-    for (int i = 0; i < 2; i++) pthread_create(&t, NULL, worker, NULL);
-    printf("ready\n");
-    for (;;) {
-        struct sigaction sa;
-        sigaction(SIGTRAP, NULL, &sa);
-        printf("value=%d action=%s\n", compute(41),
-               sa.sa_handler == on_trap ? "prog" : sa.sa_handler == SIG_DFL ? "dfl" : "ours");
-        usleep(20000);
-    }
-}
-"#;
+/// The target: `fixtures/proc/sigtrap_action.c` (its SIGTRAP action shown on each line).
+const TARGET: &str = include_str!("fixtures/proc/sigtrap_action.c");
 
 #[test]
 fn review11_the_tool_killed_at_each_agent_call_leaves_a_target_the_next_livepatch_serves() {
@@ -54,7 +20,7 @@ fn review11_the_tool_killed_at_each_agent_call_leaves_a_target_the_next_livepatc
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42 action=prog");
     // 13: rt_sigaction (our action, then the looks at SIGUSR1 and SIGUSR2, then the
-    // uninstall's read and its restore); 324: membarrier (the registration).
+    // uninstall's); 324: membarrier (the registration).
     for point in [
         "agent-call.13:1",
         "agent-call.324:1",
