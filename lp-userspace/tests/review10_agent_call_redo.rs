@@ -14,8 +14,6 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 /// The target: `fixtures/proc/sigtrap_action.c` (its SIGTRAP action shown on each line).
 const TARGET: &str = include_str!("fixtures/proc/sigtrap_action.c");
@@ -32,25 +30,12 @@ fn review10_an_agent_call_made_but_not_answered_is_not_taken_for_the_program_cha
     // The tool stopped with our action's rt_sigaction loaded in the agent's page (the first
     // agent-call.13 is the install's), the agent waiting for it.
     let tool = stop_tool_at(&nonstop_apply(&pid, &patch), "agent-call.13");
-    let mut h = Command::new(&helper)
-        .args([&pid, &format!("{:x}", agent_tid_word(&pid)), "13"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(h.stdout.take().unwrap());
-    let mut line = String::new();
-    said.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "armed");
-    // SAFETY: kill with a valid signal number; the pid is the tool's, a child of this test.
-    unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
-    line.clear();
-    said.read_line(&mut line).unwrap();
+    let line = stop_the_agent_after_call(&helper, &pid, &tool, 13);
     assert_eq!(
         line.trim(),
         "made 0",
         "the agent did not make our rt_sigaction"
     );
-    h.wait().unwrap();
     let out = tool.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     // SAFETY: as above (the target is a child of this test).

@@ -11,8 +11,6 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 /// compute() called by two workers (no handlers of its own).
 const TARGET: &str = r#"
@@ -65,24 +63,11 @@ fn review11_an_agent_mmap_made_but_not_answered_leaves_no_mapping_behind() {
     // The tool stopped with the patch memory's program loaded (agent-call.9), the agent
     // waiting; the helper stops the process at the exit of the agent's mmap.
     let tool = stop_tool_at(&nonstop_apply(&pid, &patch), "agent-call.9");
-    let mut h = Command::new(&helper)
-        .args([&pid, &format!("{:x}", agent_tid_word(&pid)), "9"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(h.stdout.take().unwrap());
-    let mut line = String::new();
-    said.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "armed");
-    // SAFETY: kill with a valid signal number; the pid is the tool's, a child of this test.
-    unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
-    line.clear();
-    said.read_line(&mut line).unwrap();
+    let line = stop_the_agent_after_call(&helper, &pid, &tool, 9);
     assert!(
         line.starts_with("made "),
         "the agent did not make our mmap: {line}"
     );
-    h.wait().unwrap();
     let out = tool.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     // SAFETY: as above (the target is a child of this test).

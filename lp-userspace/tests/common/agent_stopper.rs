@@ -69,3 +69,30 @@ pub fn agent_tid_word(pid: &str) -> u64 {
     let hi = line.split(['-', ' ']).nth(1).unwrap();
     u64::from_str_radix(hi, 16).unwrap() - 4096 + 16
 }
+
+/// Runs the [`AGENT_STOPPER`] built at `helper` on the agent of `pid` for its next call `nr`,
+/// then lets the `tool` (stopped at that call's `agent-call` point) go on; returns the
+/// helper's last line ("made RESULT", or why not) once the helper has ended.
+pub fn stop_the_agent_after_call(
+    helper: &std::path::Path,
+    pid: &str,
+    tool: &std::process::Child,
+    nr: i64,
+) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut h = std::process::Command::new(helper)
+        .args([pid, &format!("{:x}", agent_tid_word(pid)), &nr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(h.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "armed");
+    // SAFETY: kill with a valid signal number; the pid is the tool's, a child of the test.
+    unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) };
+    line.clear();
+    said.read_line(&mut line).unwrap();
+    h.wait().unwrap();
+    line.trim().to_string()
+}
