@@ -605,7 +605,7 @@ impl Tracee {
     }
 
     /// A stopped thread to borrow (stopping one when none is).
-    fn stopped_thread(&mut self) -> Result<i32> {
+    pub(crate) fn stopped_thread(&mut self) -> Result<i32> {
         match self.threads.iter().find(|(_, t)| t.stopped) {
             Some((&tid, _)) => Ok(tid),
             None => self.stop_any(),
@@ -730,6 +730,18 @@ impl Tracee {
             self.set_regs(tid, &saved)?;
         }
         Ok(after?.rax as i64)
+    }
+
+    /// Thread `tid` was run through a system call of ours by its caller (the sync agent's
+    /// clone, see `SyncAgent::start`) and sits in its syscall-exit stop, its own registers
+    /// restored: as after [`Tracee::syscall_raw`], an interrupted call of its own is restarted
+    /// when it runs again ([`Tracee::fix_restart`]). (Marked before its first resume, so a
+    /// caller that gives up half-way errs on the side of the extra round trip, which is
+    /// harmless: an interrupt and a continue from the stop it sits in.)
+    pub(crate) fn runs_syscall_of_ours(&mut self, tid: i32) {
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.after_remote_syscall = true;
+        }
     }
 
     /// Called right before thread `tid` runs its own code again. After a remote system call

@@ -158,7 +158,7 @@ fn trace(what: &str, since: Instant) {
 }
 
 /// What a nonstop apply sets up before its preparation ([`Early::start`]): the areas found,
-/// the handler's area opened, the program's SIGTRAP action read and the sync agent started —
+/// the handler's area opened, the sync agent started and the program's SIGTRAP action read —
 /// for the preparation's own system calls (the patch memory's mapping and protections:
 /// [`Early::map_patch`], [`Early::protect`]) and then for the switch, which takes it over
 /// ([`run`]).
@@ -194,9 +194,8 @@ impl Early {
         let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
         let area = open_area(t, found)?;
         trace("area opened (before the preparation)", t0);
-        let current = current_action(t, &area)?;
         let mut held = Vec::new();
-        let agent = SyncAgent::start(t, area.code, &mut held, false);
+        let mut agent = SyncAgent::start(t, area.code, &mut held, false);
         for (tid, signal) in held {
             t.hold(tid, signal);
         }
@@ -204,6 +203,7 @@ impl Early {
             &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
             t0,
         );
+        let current = current_action(t, &mut agent, &area)?;
         Ok(Early {
             areas,
             area,
@@ -423,12 +423,10 @@ pub(crate) fn run(
     crate::apply::modules::warm_instruction_tables();
     let realtime = realtime_window_wanted();
     let mut boost = None;
-    // The program's SIGTRAP action, read through ptrace: the sync agent's start needs the
-    // borrowed thread to have made a remote call since its stop (see `SyncAgent::start`).
-    // Then the agent: the other system calls before the first int3 — our action, the
-    // membarrier registration, the look at the other actions — and the uninstall's are its
-    // requests, not ptrace stops (see `SyncAgent::call`). Without it, they and the syncs go
-    // through ptrace.
+    // The sync agent first: the system calls before the first int3 — the read of the
+    // program's SIGTRAP action, our action, the membarrier registration, the look at the
+    // other actions — and the uninstall's are its requests, not ptrace stops (see
+    // `SyncAgent::call`). Without it, they and the syncs go through ptrace.
     let mut held = Vec::new();
     let (current, mut agent) = match early.take() {
         Some(e) => {
@@ -439,15 +437,12 @@ pub(crate) fn run(
             (Ok(e.current), e.agent)
         }
         None => {
-            let current = current_action(t, &area);
-            let mut agent = None;
-            if current.is_ok() {
-                agent = SyncAgent::start(t, area.code, &mut held, true);
-            }
+            let mut agent = SyncAgent::start(t, area.code, &mut held, true);
             trace(
                 &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
                 t0,
             );
+            let current = current_action(t, &mut agent, &area);
             (current, agent)
         }
     };
@@ -1568,9 +1563,15 @@ fn agent_stuck(pid: i32, stuck: sync_agent::Stuck) -> Error {
     ))
 }
 
-/// The process's SIGTRAP action now, read through ptrace on the borrowed thread (see `run`).
-fn current_action(t: &mut Tracee, area: &Area) -> Result<KAction, Error> {
-    sigaction(t, &mut None, SIGTRAP, 0, area.data() + th::SCRATCH_OLD)?;
+/// The process's SIGTRAP action now, read by the sync agent (through ptrace on the borrowed
+/// thread without one, see [`sigaction`]). Read after the agent's start: its request is one
+/// wake-up of an agent that runs SCHED_FIFO, where ptrace is two stops of an ordinary thread.
+fn current_action(
+    t: &mut Tracee,
+    agent: &mut Option<SyncAgent>,
+    area: &Area,
+) -> Result<KAction, Error> {
+    sigaction(t, agent, SIGTRAP, 0, area.data() + th::SCRATCH_OLD)?;
     KAction::read(t.mem(), area.data() + th::SCRATCH_OLD)
 }
 

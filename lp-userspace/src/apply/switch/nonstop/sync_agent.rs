@@ -852,7 +852,8 @@ impl SyncAgent {
         if shared.word(TID).load(Ordering::Acquire) != 0 {
             return None;
         }
-        let tid = *t.threads().first()?;
+        // Stopped now if it was not yet (nonstop mode seizes it and stops it at its first use).
+        let tid = t.stopped_thread().ok()?;
         // In a stopped process (SIGSTOP) the agent would join the stop at once: it could
         // neither answer nor exit until SIGCONT.
         if job_stopped(t.pid(), tid) {
@@ -883,6 +884,10 @@ impl SyncAgent {
         // clone (the agent then inherits that mask).
         // (The tests of a killed tool stop it after each step: `agent-start.N`, see
         // `start_point`.)
+        // The clone is a system call of ours on the thread: when it runs its own code again,
+        // a call of its own our stop interrupted must be restarted as after any remote call
+        // (before, a remote call made first — the read of the SIGTRAP action — did that).
+        t.runs_syscall_of_ours(tid);
         t.set_regs(tid, &regs).ok()?;
         start_point(1);
         let clone = set_sigmask(tid, u64::MAX)
