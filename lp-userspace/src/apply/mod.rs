@@ -197,6 +197,8 @@ fn apply_here(
             );
         }
     };
+    // The look for the thread nonstop mode borrows runs meanwhile (see `BorrowLook`).
+    let look = (opts.mode == Mode::Nonstop).then(|| crate::process::BorrowLook::start(pid));
     // 1. Read-only checks.
     // The one read of /proc/PID/maps for this apply (it costs tens of microseconds of the
     // target's kernel time, and more for processes with many mappings). Mappings change while
@@ -212,7 +214,10 @@ fn apply_here(
     switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
     let mut t = match opts.mode {
         Mode::Stop => Tracee::attach(pid)?,
-        Mode::Nonstop => Tracee::attach_one(pid)?,
+        Mode::Nonstop => match look {
+            Some(look) => Tracee::attach_one_looked(look)?,
+            None => Tracee::attach_one(pid)?,
+        },
     };
     t.release_on_drop();
     phase("attached");

@@ -50,6 +50,37 @@ struct Thread {
     deferred: Vec<HeldSignal>,
 }
 
+/// The look for the thread a nonstop operation borrows ([`Tracee::attach_one`]), begun before
+/// the tracee is opened: its first step (300 µs, see `borrow.rs`) runs beside the work that
+/// comes before the attach — the target's module located, the orphan check, the lock —
+/// instead of after it. It stops nothing and changes nothing in the process.
+pub struct BorrowLook {
+    pid: i32,
+    look: borrow::Look,
+    /// The threads' seccomp states, read meanwhile on a thread of ours, for nonstop mode's
+    /// check of them.
+    prefetch: Option<seccomp::prefetch::Prefetch>,
+    /// Kept open for the look and the checks before the tracee keeps it (`KeptStatm`).
+    statm: proc_dir::KeptStatm,
+}
+
+impl BorrowLook {
+    /// Starts looking at the threads of `pid` (a process that is gone or out of reach gives
+    /// an empty look; the attach then reports what is wrong).
+    pub fn start(pid: i32) -> BorrowLook {
+        // The look's clock starts first: what follows counts as look time.
+        let look = borrow::Look::start(pid);
+        let statm = proc_dir::KeptStatm::open(pid);
+        let prefetch = seccomp::prefetch::Prefetch::start(pid);
+        BorrowLook {
+            pid,
+            look,
+            prefetch,
+            statm,
+        }
+    }
+}
+
 /// A traced process.
 pub struct Tracee {
     pid: i32,
@@ -188,12 +219,18 @@ impl Tracee {
     /// thread), so a per-process lock is taken too: an abstract unix socket named after the
     /// pid, released by the kernel when we close it or die.
     pub fn attach_one(pid: i32) -> Result<Tracee> {
-        // Kept open for the look and the checks before the tracee keeps it (`KeptStatm`).
-        let _statm = proc_dir::KeptStatm::open(pid);
-        // The threads' seccomp states are read meanwhile, for nonstop mode's check of them.
-        let prefetch = seccomp::prefetch::Prefetch::start(pid);
-        // The look starts before the checks and the lock: their time counts as look time.
-        let look = borrow::Look::start(pid);
+        Tracee::attach_one_looked(BorrowLook::start(pid))
+    }
+
+    /// [`Tracee::attach_one`] with a look begun earlier ([`BorrowLook::start`]): an apply
+    /// begins it before it locates the target module, whose time then counts as look time.
+    pub fn attach_one_looked(begun: BorrowLook) -> Result<Tracee> {
+        let BorrowLook {
+            pid,
+            look,
+            prefetch,
+            statm: _statm,
+        } = begun;
         let mut t = Tracee::open(pid, true, || lock_process_patiently(pid).map(Some))?;
         t.seccomp_prefetch = prefetch;
         t.seize_one(look)?;
