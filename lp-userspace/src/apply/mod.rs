@@ -41,6 +41,7 @@ use lp_core::plan::plan_apply;
 use lp_core::site::{validate_site, Site};
 use lp_core::trampoline::MAX_TRAMPOLINE_LEN;
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use switch::{BusyRange, SiteSwitch};
 
@@ -302,6 +303,7 @@ fn apply_here(
     // Nonstop mode sets up its switch's area and sync agent first (`switch::Early`), meanwhile
     // too: the agent then makes the preparation's remote calls (a request and its answer
     // each, where a call through ptrace is two stops of the borrowed thread) and the switch's.
+    let mut prefaulted = BTreeSet::new();
     let (mapped, planned) = std::thread::scope(|s| {
         let planner = guess.and_then(|at| {
             std::thread::Builder::new()
@@ -340,6 +342,14 @@ fn apply_here(
                 }
             }
         });
+        // While the planner works on (it usually ends after the mapping): the pages of the
+        // sites, entries and call sites, pre-faulted (see `prefault`). A failure only leaves
+        // them to `install`.
+        if mapped.is_ok() {
+            let entries = sites.iter().map(|s| (s.patch_addr, s.displaced_len));
+            let calls = callers.iter().flatten().map(|c| (c.addr, c.current.len()));
+            let _ = prefault(&symbol_mem, entries.chain(calls), &mut prefaulted);
+        }
         let planned = planner.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
         (mapped, planned)
     });
@@ -350,7 +360,7 @@ fn apply_here(
         Some((at, planned)) if at == code_addr => planned,
         _ => plan_at(code_addr),
     }
-    .and_then(|p| install(&mut t, &p, code_addr, extra_len).map(|()| p));
+    .and_then(|p| install(&mut t, &p, code_addr, extra_len, &mut prefaulted).map(|()| p));
     let Prepared {
         image,
         switches,
@@ -1015,20 +1025,38 @@ fn plan(
 
 /// Writes what [`plan`] made into the patch memory at `code_addr` (mapped and protected by
 /// `map_patch_memory`), then pre-faults the pages the switch will write.
-fn install(t: &mut Tracee, p: &Prepared, code_addr: u64, extra_len: u64) -> Result<(), Error> {
+/// Writes the patch's code, and pre-faults the pages of its switches that `prefaulted` (see
+/// [`prefault`]) did not cover.
+fn install(
+    t: &mut Tracee,
+    p: &Prepared,
+    code_addr: u64,
+    extra_len: u64,
+    prefaulted: &mut BTreeSet<u64>,
+) -> Result<(), Error> {
     t.mem().write(code_addr + extra_len, &p.image.bytes)?;
     if !p.extra.is_empty() {
         t.mem().write(code_addr, &p.extra)?;
     }
-    // Pre-fault the pages we will patch: rewriting their current bytes makes the kernel do the
-    // copy-on-write now, while threads run, instead of during the stop.
-    // One byte per page is enough (call sites share pages with each other and the entries).
-    let mut pages = std::collections::BTreeSet::new();
-    for s in &p.switches {
-        for a in [s.plan.addr(), s.plan.addr() + s.plan.len() as u64 - 1] {
-            if pages.insert(a >> 12) {
-                let cur = t.mem().read_vec(a, 1)?;
-                t.mem().write(a, &cur)?;
+    let ranges = p.switches.iter().map(|s| (s.plan.addr(), s.plan.len()));
+    prefault(t.mem(), ranges, prefaulted)?;
+    Ok(())
+}
+
+/// Pre-faults the pages of `ranges` ((address, length) each) not in `done` (page numbers),
+/// adding them: rewriting one of their bytes as it is makes the kernel do the copy-on-write
+/// now, while threads run, instead of during the switch (the stop, or an int3 window). One
+/// byte per page is enough (call sites share pages with each other and the entries).
+fn prefault(
+    mem: &crate::process::Memory,
+    ranges: impl Iterator<Item = (u64, usize)>,
+    done: &mut BTreeSet<u64>,
+) -> Result<(), Error> {
+    for (addr, len) in ranges {
+        for a in [addr, addr + len.max(1) as u64 - 1] {
+            if done.insert(a >> 12) {
+                let cur = mem.read_vec(a, 1)?;
+                mem.write(a, &cur)?;
             }
         }
     }
