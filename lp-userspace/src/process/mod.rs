@@ -99,6 +99,9 @@ pub struct Tracee {
     /// Only one thread is traced ([`Tracee::attach_one`]): a thread that exits is replaced by
     /// another, and the others are never seized.
     single: bool,
+    /// Dropped once the threads are let go, before the lock below (see
+    /// [`Tracee::keep_until_unlock`]). (Fields drop in their order.)
+    until_unlock: Vec<Box<dyn std::any::Any>>,
     /// Held while a single-thread tracee exists (see [`Tracee::attach_one`]).
     _lock: Option<std::os::fd::OwnedFd>,
     /// Threads let go on their way back into a system call our stop interrupted, followed
@@ -198,6 +201,7 @@ impl Tracee {
             detached: false,
             release_on_drop: false,
             single,
+            until_unlock: Vec::new(),
             _lock: lock,
             walks: BTreeMap::new(),
             seccomp: BTreeMap::new(),
@@ -317,6 +321,8 @@ impl Tracee {
     }
 
     fn seize_new(&mut self) -> Result<usize> {
+        // A sync agent told to exit is gone first: it is no thread of the program to seize.
+        self.until_unlock.clear();
         let mut added = 0;
         for tid in list_tasks(self.pid)? {
             if self.threads.contains_key(&tid) {
@@ -1086,6 +1092,15 @@ impl Tracee {
     /// whose running threads would each have to be stopped first.
     pub fn release(mut self) -> Result<()> {
         self.release_all()
+    }
+
+    /// Keeps `thing` until the threads are let go (the tracee released or dropped), and drops it
+    /// then, before the per-process lock is given up: a nonstop switch's sync agent, told to
+    /// exit, whose exit is waited for there — beside the release of the borrowed thread, not
+    /// before it — and still before another livepatch may find it alive. (Dropped sooner when
+    /// more threads are seized: [`Tracee::attach_rest`] must not find such an agent.)
+    pub(crate) fn keep_until_unlock(&mut self, thing: Box<dyn std::any::Any>) {
+        self.until_unlock.push(thing);
     }
 
     /// Makes dropping this tracee [`Tracee::release`] it instead of detaching (for use inside

@@ -606,8 +606,12 @@ pub(crate) fn run(
             Ok(false)
         };
         trace("uninstalled", t0);
-        // Nothing is left for it: the agent exits (it is waited for).
-        drop(agent.take());
+        // Nothing is left for it: the agent exits. Its exit is waited for when the tracee lets
+        // the borrowed thread go (see `Tracee::keep_until_unlock`).
+        if let Some(mut a) = agent.take() {
+            a.quit();
+            t.keep_until_unlock(Box::new(a));
+        }
         match uninstalled {
             Ok(restored) => kept = !restored,
             // The switch is done and recorded: failing now would make the caller free patch

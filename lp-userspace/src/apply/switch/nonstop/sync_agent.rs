@@ -720,6 +720,8 @@ pub(crate) struct SyncAgent {
     code: u64,
     /// It may still carry out an operation of a cancelled program (see [`Stuck`]).
     stuck: bool,
+    /// It was told to exit ([`SyncAgent::quit`]).
+    quit_sent: bool,
 }
 
 /// One operation of a program (see [`SyncAgent::run`]).
@@ -936,6 +938,7 @@ impl SyncAgent {
             no_writes: false,
             code,
             stuck: false,
+            quit_sent: false,
         })
     }
 
@@ -1206,15 +1209,28 @@ impl SyncAgent {
     }
 }
 
-impl Drop for SyncAgent {
-    /// Tells the agent to exit and waits (at most a second) until it has: the process's
-    /// thread list is its own again when the switch returns.
-    fn drop(&mut self) {
+impl SyncAgent {
+    /// Tells the agent to exit, without waiting: its exit is waited for when it is dropped.
+    /// No request may follow.
+    pub(crate) fn quit(&mut self) {
+        if self.quit_sent {
+            return;
+        }
+        self.quit_sent = true;
         self.seq = self.seq.wrapping_add(1);
         let s = &self.shared;
         s.word(CMD).store(CMD_QUIT, Ordering::Release);
         s.word(REQ).store(self.seq, Ordering::Release);
         s.wake(REQ);
+    }
+}
+
+impl Drop for SyncAgent {
+    /// Tells the agent to exit (unless [`SyncAgent::quit`] did) and waits (at most a second)
+    /// until it has: the process's thread list is its own again.
+    fn drop(&mut self) {
+        self.quit();
+        let s = &self.shared;
         if self.stuck {
             // Stopped: it quits once it runs again.
             return;
