@@ -58,11 +58,14 @@ fn revert_here(
     let t0 = Instant::now();
     // Attached first: the state cannot change under us (one tracer at a time).
     // Nonstop mode traces one thread only during the switch (see apply).
+    // The look for the thread nonstop mode borrows runs meanwhile (see `BorrowLook`).
+    let look = (mode == Mode::Nonstop).then(|| crate::process::BorrowLook::start(pid));
     // An agent a killed nonstop switch left behind may still hold a write of its program.
     switch::quiet_orphaned_agent(pid, None)?;
-    let mut t = match mode {
-        Mode::Stop => Tracee::attach(pid)?,
-        Mode::Nonstop => Tracee::attach_one(pid)?,
+    let mut t = match (mode, look) {
+        (Mode::Nonstop, Some(look)) => Tracee::attach_one_looked(look)?,
+        (Mode::Nonstop, None) => Tracee::attach_one(pid)?,
+        (Mode::Stop, _) => Tracee::attach(pid)?,
     };
     t.release_on_drop();
     t.check_seccomp(mode == Mode::Nonstop)?;
