@@ -41,7 +41,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use sync_agent::{Op, SyncAgent};
+use sync_agent::{Calls, Op, SyncAgent};
 use threads::{Thread, Threads};
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
@@ -179,7 +179,8 @@ pub(crate) struct Early {
     /// [`layout_areas`]): the agents living there then are orphans, not ours.
     areas: Vec<(u64, bool)>,
     area: Area,
-    current: KAction,
+    /// The program's SIGTRAP action, once read (by the preparation's first agent program).
+    current: Option<KAction>,
     agent: Option<SyncAgent>,
     /// The area was made by this apply (none was found).
     made: bool,
@@ -195,7 +196,7 @@ impl Early {
         let area = open_area(t, found)?;
         trace("area opened (before the preparation)", t0);
         let mut held = Vec::new();
-        let mut agent = SyncAgent::start(t, area.code, &mut held, false);
+        let agent = SyncAgent::start(t, area.code, &mut held, false);
         for (tid, signal) in held {
             t.hold(tid, signal);
         }
@@ -203,11 +204,12 @@ impl Early {
             &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
             t0,
         );
-        let current = current_action(t, &mut agent, &area)?;
+        // The program's SIGTRAP action is read by the preparation's first program (see
+        // `Early::map_patch`), or at the switch.
         Ok(Early {
             areas,
             area,
-            current,
+            current: None,
             agent,
             made: found.is_none(),
         })
@@ -243,11 +245,24 @@ impl Early {
             | libc::MAP_FIXED_NOREPLACE
             | libc::MAP_POPULATE;
         if let Some(a) = self.agent.as_mut() {
+            // The program's SIGTRAP action is read first, in the same program: one request
+            // and its answer fewer than a call of its own.
+            let scratch = self.area.data() + th::SCRATCH_OLD;
+            let read = self.current.is_none();
+            let mut ops = Vec::new();
+            if read {
+                t.vet_ahead(libc::SYS_rt_sigaction, [SIGTRAP, 0, scratch, 8, 0, 0])?;
+                ops.push(Op::SigAction {
+                    signal: SIGTRAP as u32,
+                    act: 0,
+                    old: scratch,
+                });
+            }
             t.vet_ahead(
                 libc::SYS_mmap,
                 [addr, len, prot::READ, flags as u64, u64::MAX, 0],
             )?;
-            let mut ops = vec![Op::Mmap { addr, len }];
+            ops.push(Op::Mmap { addr, len });
             for &(at, len, p) in protections
                 .iter()
                 .take_while(|(_, _, p)| sync_agent::MPROTECT_PROTS.contains(p))
@@ -259,7 +274,20 @@ impl Early {
                     prot: p,
                 });
             }
-            match a.calls(&ops, sync_agent::ANSWER_WAIT) {
+            let calls = a.calls(&ops, sync_agent::ANSWER_WAIT);
+            // The action read: kept (else it is read at the switch).
+            let first = usize::from(read);
+            if read && matches!(calls, Ok(Some(c)) if c.done >= 1) {
+                self.current = KAction::read(t.mem(), scratch).ok();
+            }
+            // From here on, `done` counts the mapping and the protections.
+            let calls = calls.map(|c| {
+                c.map(|c| Calls {
+                    done: c.done.saturating_sub(first),
+                    ..c
+                })
+            });
+            match calls {
                 Ok(Some(c)) if c.done >= 1 => return Ok((addr, c.done - 1)),
                 // Made, not counted (the agent silent right after it): mapped all the same; the
                 // protections after it were not set (review 11: mapped again elsewhere, this
@@ -434,7 +462,12 @@ pub(crate) fn run(
                 &format!("agent kept {:?}", e.agent.as_ref().map(|a| a.tid())),
                 t0,
             );
-            (Ok(e.current), e.agent)
+            let mut agent = e.agent;
+            let current = match e.current {
+                Some(c) => Ok(c),
+                None => current_action(t, &mut agent, &area),
+            };
+            (current, agent)
         }
         None => {
             let mut agent = SyncAgent::start(t, area.code, &mut held, true);
