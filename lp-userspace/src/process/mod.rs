@@ -48,8 +48,6 @@ struct Thread {
     /// Signals that arrived while we had the thread busy (with their siginfo); delivered when
     /// we let it go.
     deferred: Vec<HeldSignal>,
-    /// Interrupted right at its seize ([`Tracee::seize_one`]), its stop not waited for yet.
-    interrupted: bool,
 }
 
 /// The look for the thread a nonstop operation borrows ([`Tracee::attach_one`]), begun before
@@ -262,18 +260,7 @@ impl Tracee {
             };
             match ptrace::seize(tid) {
                 Ok(()) => {
-                    // Interrupted now: its first use (the sync agent's start, or a remote call)
-                    // stops it, and the wait for it to get a CPU and reach the stop (50–150 µs
-                    // on a loaded machine) runs beside the checks that come first. It was
-                    // picked as the thread least likely to want a CPU meanwhile.
-                    let interrupted = ptrace::interrupt(tid).is_ok();
-                    self.threads.insert(
-                        tid,
-                        Thread {
-                            interrupted,
-                            ..Thread::default()
-                        },
-                    );
+                    self.threads.insert(tid, Thread::default());
                     self.looked = look.into_files();
                     // Kept (two descriptors each) only while they leave 256 under the
                     // descriptor limit for the preparation (ELF files, /proc reads); the
@@ -480,22 +467,14 @@ impl Tracee {
         if t.stopped {
             return Ok(());
         }
-        // Interrupted at its seize already: its stop is only waited for.
-        let sent = t.interrupted;
-        if !sent {
-            match ptrace::interrupt(tid) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                    // Exited meanwhile: reap it.
-                }
-                Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
+        match ptrace::interrupt(tid) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                // Exited meanwhile: reap it.
             }
+            Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
         }
-        let r = self.wait_stopped(tid);
-        if let Some(t) = self.threads.get_mut(&tid) {
-            t.interrupted = false;
-        }
-        r
+        self.wait_stopped(tid)
     }
 
     /// Stops one thread, preferring one known to run without seccomp (a thread a remote call
