@@ -128,11 +128,17 @@ impl Tracee {
     /// livepatch out only while its one traced thread is seized, not while it re-picks one.
     pub fn attach(pid: i32) -> Result<Tracee> {
         let mut t = Tracee::open(pid, false, || lock_process_patiently(pid).map(Some))?;
-        while t.seize_new()? > 0 {}
-        if t.threads.is_empty() {
-            return Err(ProcessError::NoSuchProcess(pid));
+        loop {
+            while t.seize_new()? > 0 {}
+            if !t.threads.is_empty() {
+                return Ok(t);
+            }
+            // Every thread listed exited before its seize: the process too, or it lives on
+            // in threads started since (see `thread_gone`), listed again.
+            if proc_dir::exited(pid) {
+                return Err(ProcessError::NoSuchProcess(pid));
+            }
         }
-        Ok(t)
     }
 
     /// A tracee of `pid` with no thread seized yet, after the checks every attach makes (the
@@ -298,6 +304,15 @@ impl Tracee {
         Ok(added)
     }
 
+    /// Thread `tid` has exited (and is reaped). An error only when the process has exited.
+    ///
+    /// Every thread traced may be gone while the process lives on in threads started since
+    /// (review 10, H1: a main thread that exited, threads that each live a few milliseconds).
+    /// A thread we hold stopped cannot exit on its own: only running ones are gone, so none
+    /// the caller is using. The set is left empty then, not refilled here: a thread seized
+    /// now would be running, and callers take every traced thread for stopped once
+    /// [`Tracee::stop_all`] has returned; the threads the process has now are seized (and
+    /// stopped) by the next [`Tracee::stop_all`] or [`Tracee::stop_any`], as at the attach.
     fn thread_gone(&mut self, tid: i32) -> Result<()> {
         self.threads.remove(&tid);
         let alive = !proc_dir::exited(self.pid);
@@ -305,7 +320,7 @@ impl Tracee {
         if self.single && self.threads.is_empty() && alive {
             return self.seize_one(borrow::Look::start(self.pid));
         }
-        if self.threads.is_empty() || !alive {
+        if !alive {
             self.threads.clear();
             return Err(ProcessError::Exited(self.pid));
         }
@@ -472,6 +487,21 @@ impl Tracee {
                 .filter(|(_, t)| !t.stopped)
                 .map(|(&tid, _)| tid)
                 .collect();
+            if running.is_empty() {
+                // A thread may have cloned before it stopped: seize the newcomers, stopped in
+                // the next round. So are the threads of a process whose every traced thread
+                // exited while it ran (see `thread_gone`): it lives on in others.
+                if self.seize_new()? > 0 {
+                    continue;
+                }
+                if !self.threads.is_empty() {
+                    return Ok(());
+                }
+                if proc_dir::exited(self.pid) {
+                    return Err(ProcessError::Exited(self.pid));
+                }
+                continue;
+            }
             for &tid in &running {
                 match ptrace::interrupt(tid) {
                     Ok(()) => {}
@@ -481,10 +511,6 @@ impl Tracee {
             }
             for tid in running {
                 self.wait_stopped(tid)?;
-            }
-            // A thread may have cloned before it stopped: seize and stop the newcomers too.
-            if self.seize_new()? == 0 {
-                return Ok(());
             }
         }
     }
