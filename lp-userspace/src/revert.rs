@@ -59,12 +59,17 @@ fn revert_here(
     // Attached first: the state cannot change under us (one tracer at a time).
     // Nonstop mode traces one thread only during the switch (see apply).
     // An agent a killed nonstop switch left behind may still hold a write of its program.
-    switch::quiet_orphaned_agent(pid, None)?;
+    let left_to_its_tool = switch::quiet_orphaned_agent(pid, None)?;
+    crate::process::stop_point::reached("orphan-looked");
     let mut t = match mode {
         Mode::Stop => Tracee::attach(pid)?,
         Mode::Nonstop => Tracee::attach_one(pid)?,
     };
     t.release_on_drop();
+    if left_to_its_tool {
+        // Its tool may have been killed since: looked at again (review 11, L3).
+        switch::quiet_orphaned_agent(pid, None)?;
+    }
     t.check_seccomp(mode == Mode::Nonstop)?;
     let mut current = state::read(pid)?;
     // A livepatch killed in the middle of a switch: that switch is finished first. When it

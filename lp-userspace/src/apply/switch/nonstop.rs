@@ -1185,10 +1185,17 @@ fn areas_in(maps: &str) -> impl Iterator<Item = (u64, bool)> + '_ {
 /// not the page mapped through map_files. Otherwise every check is made as before on maps
 /// read afresh: the area's owner (a forked child sees its parent's area and agent), the tool
 /// still tracing, the agent's program.
+///
+/// Returns whether an agent was left alone because its tool lives: that tool holds the process
+/// and the caller's attach waits for it — but should it be killed before, its agent is an
+/// orphan by the time the caller holds the process, with a program that would be carried out
+/// after the caller's recovery (review 11, L3). The caller looks again once attached then.
+/// (In stop mode the attach seizes the agent too: a claim that must be resolved by hand finds
+/// it traced already, and the look refuses, writing nothing, as for any agent out of reach.)
 pub(crate) fn quiet_orphaned_agent(
     pid: i32,
     maps: Option<&[crate::maps::Mapping]>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let area_mapped = |m: &crate::maps::Mapping| {
         m.exec
             && m.path
@@ -1197,7 +1204,7 @@ pub(crate) fn quiet_orphaned_agent(
                 .is_some_and(|n| area_name::is_layout(n.trim_end_matches(" (deleted)")))
     };
     if maps.is_some_and(|maps| !maps.iter().any(area_mapped)) {
-        return Ok(());
+        return Ok(false);
     }
     let mem = Memory::open(pid)?;
     let text = match maps {
@@ -1218,12 +1225,13 @@ pub(crate) fn quiet_orphaned_agent(
     };
     codes.retain(|&code| sync_agent::living_agent(&mem, code).is_some());
     if codes.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     // Every area of this layout: one another build of livepatch made may hold an agent its
     // killed tool left too (the words are the same; its code may not be).
+    let mut left_to_its_tool = false;
     for (code, own) in layout_areas(pid, &mem)? {
-        sync_agent::quiet_orphan(pid, &mem, code, own).map_err(|e| {
+        left_to_its_tool |= sync_agent::quiet_orphan(pid, &mem, code, own).map_err(|e| {
             Error::Unfinished(format!(
                 "process {pid}: the sync agent (thread {}) of a killed livepatch{} may still carry out a write of its program (it is stopped, or out of our reach): nothing written; continue the process and try again",
                 e.tid,
@@ -1231,7 +1239,7 @@ pub(crate) fn quiet_orphaned_agent(
             ))
         })?;
     }
-    Ok(())
+    Ok(left_to_its_tool)
 }
 
 /// Process `pid`'s identity as an area records it: its pid and its start time (clock ticks
