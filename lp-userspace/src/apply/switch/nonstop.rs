@@ -591,7 +591,8 @@ pub(crate) fn run(
         if was_installed && settled_bytes {
             let mut all = sites.to_vec();
             all.extend(flag.iter().flat_map(|f| f.then.iter().cloned()));
-            finish_children(t.pid(), (forks_before, began), &all, flag, result.is_ok());
+            let forks = (forks_before, began);
+            finish_children(t.pid(), forks, &area, &all, flag, result.is_ok());
         }
         trace("switched", t0);
         // A rollback that failed may have left int3s of ours in the code: the handler stays
@@ -744,7 +745,13 @@ fn tasks_created_so_far() -> Option<u64> {
 /// (session 4's review: it was missed); a process started before the switch has code of its
 /// own, which this switch never touched — it may even be in a switch of its own, which must
 /// not be "finished" from here (review session 5, #10).
-fn descendants_since(pid: i32, since: u64) -> Vec<i32> {
+///
+/// A process forked mid-switch whose parent (itself forked mid-switch) has exited is no longer
+/// linked to `pid` (reparented to init or a subreaper, review 11 L6), but still maps `pid`'s
+/// area (a shared memfd page: its copy is the same page), which names its owner: so a process
+/// started since that is not linked is taken when its memory at `owner_at` holds `owner` (one
+/// read each, for the few processes started during the switch).
+fn descendants_since(pid: i32, since: u64, owner_at: u64, owner: Option<[u8; 16]>) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -763,6 +770,16 @@ fn descendants_since(pid: i32, since: u64) -> Vec<i32> {
         i += 1;
     }
     found.remove(0);
+    if let Some(owner) = owner {
+        let unlinked: Vec<i32> = links
+            .iter()
+            .map(|l| l.0)
+            .filter(|p| *p != pid && !found.contains(p))
+            .collect();
+        found.extend(unlinked.into_iter().filter(|&p| {
+            Memory::open(p).is_ok_and(|mem| mem.read_vec(owner_at, 16).is_ok_and(|o| o == owner))
+        }));
+    }
     found
 }
 
@@ -808,6 +825,7 @@ fn boot_ticks_now() -> u64 {
 fn finish_children(
     pid: i32,
     (forks_before, began): (Option<u64>, u64),
+    area: &Area,
     sites: &[SiteSwitch],
     flag: Option<&Flag>,
     committed: bool,
@@ -825,7 +843,8 @@ fn finish_children(
     if !has_children {
         return;
     }
-    for child in descendants_since(pid, began) {
+    let owner_at = area.data() + th::OWNER;
+    for child in descendants_since(pid, began, owner_at, owner_of(pid)) {
         let Ok(mem) = Memory::open(child) else {
             continue; // gone
         };
