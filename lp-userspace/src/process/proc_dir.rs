@@ -212,6 +212,27 @@ pub(crate) fn dir(pid: i32) -> String {
     format!("/proc/{pid}")
 }
 
+/// Whether process `pid` has no address space left — no `VmSize` in its status, through
+/// [`dir`]: it is on its way out (even before it is a zombie), or gone. A thread picked that
+/// exits before its status is read says nothing of the process (review 10, H1: threads that
+/// live a few milliseconds): another is tried.
+pub(crate) fn no_address_space(pid: i32) -> bool {
+    for _ in 0..TRIES {
+        let through = dir(pid);
+        let status = std::fs::read_to_string(format!("{through}/status"));
+        if status.is_ok_and(|s| s.lines().any(|l| l.starts_with("VmSize:"))) {
+            return false;
+        }
+        let thread = through
+            .rsplit_once("/task/")
+            .and_then(|(_, tid)| tid.parse().ok());
+        if !thread.is_some_and(|tid| thread_exited(pid, tid)) {
+            return true;
+        }
+    }
+    true
+}
+
 /// The text of process `pid`'s `maps`, through [`dir`]. A live address space always has
 /// mappings, so /proc/PID/maps is read first and the main thread's state only looked at when
 /// it reads empty: no cost for a process whose main thread runs.
@@ -340,6 +361,7 @@ pub(crate) mod tests {
         assert_ne!(worker[0], pid);
         assert!(!thread_exited(pid, worker[0]));
         assert!(!exited(pid));
+        assert!(!no_address_space(pid));
         assert_eq!(dir(pid), format!("/proc/{pid}/task/{}", worker[0]));
         assert_eq!(
             std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
@@ -368,6 +390,7 @@ pub(crate) mod tests {
             "reaped"
         );
         assert_eq!(dir(pid), format!("/proc/{pid}"));
+        assert!(no_address_space(pid));
         assert_eq!(maps(pid).unwrap(), "");
         assert!(super::super::observe::tasks(pid).is_empty());
         let _ = child.wait();
