@@ -1375,16 +1375,31 @@ fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
 /// livepatch sees alike, whatever pid namespace it runs in (the pid it sees may differ).
 /// `livepatch-lock-PID` when they cannot be read. `through`: [`proc_dir::dir`] of `pid`.
 fn lock_name(pid: i32, through: &str) -> String {
-    let ns = std::fs::read_link(format!("{through}/ns/pid"))
-        .ok()
-        .and_then(|l| {
-            let l = l
-                .to_str()?
-                .strip_prefix("pid:[")?
-                .strip_suffix(']')?
-                .to_string();
-            l.parse::<u64>().ok()
-        });
+    let ns_through = |through: &str| {
+        std::fs::read_link(format!("{through}/ns/pid"))
+            .ok()
+            .and_then(|l| {
+                let l = l
+                    .to_str()?
+                    .strip_prefix("pid:[")?
+                    .strip_suffix(']')?
+                    .to_string();
+                l.parse::<u64>().ok()
+            })
+    };
+    // A thread read through (the main thread has exited) may exit first, its namespace links
+    // with it: another is tried, or two livepatches would take locks of different names
+    // (review 10, H1: threads that live a few milliseconds).
+    let own = format!("/proc/{pid}");
+    let mut ns = ns_through(through);
+    let mut through = through.to_string();
+    for _ in 0..4 {
+        if ns.is_some() || through == own {
+            break;
+        }
+        through = proc_dir::dir(pid);
+        ns = ns_through(&through);
+    }
     let own_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
