@@ -61,13 +61,18 @@ fn revert_here(
     // The look for the thread nonstop mode borrows runs meanwhile (see `BorrowLook`).
     let look = (mode == Mode::Nonstop).then(|| crate::process::BorrowLook::start(pid));
     // An agent a killed nonstop switch left behind may still hold a write of its program.
-    switch::quiet_orphaned_agent(pid, None)?;
+    let left_to_its_tool = switch::quiet_orphaned_agent(pid, None)?;
+    crate::process::stop_point::reached("orphan-looked");
     let mut t = match (mode, look) {
         (Mode::Nonstop, Some(look)) => Tracee::attach_one_looked(look)?,
         (Mode::Nonstop, None) => Tracee::attach_one(pid)?,
         (Mode::Stop, _) => Tracee::attach(pid)?,
     };
     t.release_on_drop();
+    if left_to_its_tool {
+        // Its tool may have been killed since: looked at again (review 11, L3).
+        switch::quiet_orphaned_agent(pid, None)?;
+    }
     t.check_seccomp(mode == Mode::Nonstop)?;
     let mut current = state::read(pid)?;
     // A livepatch killed in the middle of a switch: that switch is finished first. When it

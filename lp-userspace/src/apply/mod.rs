@@ -212,7 +212,8 @@ fn apply_here(
     // stop or change anything.)
     // Nonstop mode traces one thread only (borrowed for system calls): the others never stop.
     // An agent a killed nonstop switch left behind may still hold a write of its program.
-    switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
+    let left_to_its_tool = switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
+    crate::process::stop_point::reached("orphan-looked");
     let mut t = match opts.mode {
         Mode::Stop => Tracee::attach(pid)?,
         Mode::Nonstop => match look {
@@ -221,6 +222,10 @@ fn apply_here(
         },
     };
     t.release_on_drop();
+    if left_to_its_tool {
+        // Its tool may have been killed since: looked at again (review 11, L3).
+        switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
+    }
     phase("attached");
     t.check_seccomp(opts.mode == Mode::Nonstop)?;
     let existing = crate::state::read_with(pid, t.mem())?;

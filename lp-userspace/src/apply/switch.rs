@@ -254,6 +254,7 @@ fn stop_mode(
     let mut stats = SwitchStats::default();
     loop {
         stats.attempts += 1;
+        crate::process::stop_point::reached("stop-window");
         t.stop_all()?;
         let stopped_at = Instant::now();
         let mut stepped = 0;
@@ -286,6 +287,7 @@ fn stop_mode(
                 t.resume_all()?;
                 stats.stall_us = stall.as_micros() as u64;
                 r?;
+                crate::process::stop_point::reached("stop-resumed");
                 return Ok(stats);
             }
             Verdict::Busy(b) => {

@@ -162,11 +162,17 @@ impl Tracee {
     /// livepatch out only while its one traced thread is seized, not while it re-picks one.
     pub fn attach(pid: i32) -> Result<Tracee> {
         let mut t = Tracee::open(pid, false, || lock_process_patiently(pid).map(Some))?;
-        while t.seize_new()? > 0 {}
-        if t.threads.is_empty() {
-            return Err(ProcessError::NoSuchProcess(pid));
+        loop {
+            while t.seize_new()? > 0 {}
+            if !t.threads.is_empty() {
+                return Ok(t);
+            }
+            // Every thread listed exited before its seize: the process too, or it lives on
+            // in threads started since (see `thread_gone`), listed again.
+            if proc_dir::exited(pid) {
+                return Err(ProcessError::NoSuchProcess(pid));
+            }
         }
-        Ok(t)
     }
 
     /// A tracee of `pid` with no thread seized yet, after the checks every attach makes (the
@@ -341,6 +347,15 @@ impl Tracee {
         Ok(added)
     }
 
+    /// Thread `tid` has exited (and is reaped). An error only when the process has exited.
+    ///
+    /// Every thread traced may be gone while the process lives on in threads started since
+    /// (review 10, H1: a main thread that exited, threads that each live a few milliseconds).
+    /// A thread we hold stopped cannot exit on its own: only running ones are gone, so none
+    /// the caller is using. The set is left empty then, not refilled here: a thread seized
+    /// now would be running, and callers take every traced thread for stopped once
+    /// [`Tracee::stop_all`] has returned; the threads the process has now are seized (and
+    /// stopped) by the next [`Tracee::stop_all`] or [`Tracee::stop_any`], as at the attach.
     fn thread_gone(&mut self, tid: i32) -> Result<()> {
         self.threads.remove(&tid);
         let alive = !proc_dir::exited(self.pid);
@@ -348,7 +363,7 @@ impl Tracee {
         if self.single && self.threads.is_empty() && alive {
             return self.seize_one(borrow::Look::start(self.pid));
         }
-        if self.threads.is_empty() || !alive {
+        if !alive {
             self.threads.clear();
             return Err(ProcessError::Exited(self.pid));
         }
@@ -515,6 +530,21 @@ impl Tracee {
                 .filter(|(_, t)| !t.stopped)
                 .map(|(&tid, _)| tid)
                 .collect();
+            if running.is_empty() {
+                // A thread may have cloned before it stopped: seize the newcomers, stopped in
+                // the next round. So are the threads of a process whose every traced thread
+                // exited while it ran (see `thread_gone`): it lives on in others.
+                if self.seize_new()? > 0 {
+                    continue;
+                }
+                if !self.threads.is_empty() {
+                    return Ok(());
+                }
+                if proc_dir::exited(self.pid) {
+                    return Err(ProcessError::Exited(self.pid));
+                }
+                continue;
+            }
             for &tid in &running {
                 match ptrace::interrupt(tid) {
                     Ok(()) => {}
@@ -524,10 +554,6 @@ impl Tracee {
             }
             for tid in running {
                 self.wait_stopped(tid)?;
-            }
-            // A thread may have cloned before it stopped: seize and stop the newcomers too.
-            if self.seize_new()? == 0 {
-                return Ok(());
             }
         }
     }
@@ -1413,16 +1439,31 @@ fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
 /// livepatch sees alike, whatever pid namespace it runs in (the pid it sees may differ).
 /// `livepatch-lock-PID` when they cannot be read. `through`: [`proc_dir::dir`] of `pid`.
 fn lock_name(pid: i32, through: &str) -> String {
-    let ns = std::fs::read_link(format!("{through}/ns/pid"))
-        .ok()
-        .and_then(|l| {
-            let l = l
-                .to_str()?
-                .strip_prefix("pid:[")?
-                .strip_suffix(']')?
-                .to_string();
-            l.parse::<u64>().ok()
-        });
+    let ns_through = |through: &str| {
+        std::fs::read_link(format!("{through}/ns/pid"))
+            .ok()
+            .and_then(|l| {
+                let l = l
+                    .to_str()?
+                    .strip_prefix("pid:[")?
+                    .strip_suffix(']')?
+                    .to_string();
+                l.parse::<u64>().ok()
+            })
+    };
+    // A thread read through (the main thread has exited) may exit first, its namespace links
+    // with it: another is tried, or two livepatches would take locks of different names
+    // (review 10, H1: threads that live a few milliseconds).
+    let own = format!("/proc/{pid}");
+    let mut ns = ns_through(through);
+    let mut through = through.to_string();
+    for _ in 0..4 {
+        if ns.is_some() || through == own {
+            break;
+        }
+        through = proc_dir::dir(pid);
+        ns = ns_through(&through);
+    }
     let own_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
