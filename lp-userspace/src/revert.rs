@@ -464,22 +464,22 @@ fn take_out(
         patch.code_addr,
         patch.code_addr + patch.code_len,
     )];
+    crate::cli::trace_point("revert switched");
     let free = match mode {
         Mode::Stop => true,
-        Mode::Nonstop => {
-            // After the switch: each thread is stopped once, alone, to see that it is not
-            // running (or returning into) the code about to be unmapped.
-            t.attach_rest()?;
-            let mut u = crate::apply::unwinder(pid)?;
-            switch::wait_threads_outside(t, &area, Some(&mut u), timeout).is_ok()
-        }
+        // After the switch: each thread is seen through /proc, without a stop, not running
+        // (nor returning into) the memory about to be unmapped — or, when it cannot be seen
+        // so soon, stopped once, alone, to check it (see `wait_threads_outside_unstopped`).
+        Mode::Nonstop => switch::wait_threads_outside_unstopped(t, &area, timeout)?,
     };
     // A handler kept installed (its action could not be given back) may still send a late
     // trap to a trampoline in this memory: it stays mapped then. So it does after a killed
     // nonstop switch left int3s, while its handler is still the process's action: a thread
     // that took one may not have run the handler yet (`leftover_traps_may_follow`).
     let free = free && !stats.trap_handler_kept && !(int3_seen && leftover_traps_may_follow(pid));
+    crate::cli::trace_point("revert checked");
     let mut free = crate::debug_info::on_revert(t, &patch, free);
+    crate::cli::trace_point("revert debug info");
     if free {
         match t.munmap(patch.code_addr, patch.code_len) {
             Ok(()) => {}
@@ -491,6 +491,7 @@ fn take_out(
             Err(e) => return Err(e.into()),
         }
     }
+    crate::cli::trace_point("revert unmapped");
     Ok(Reverted {
         pid,
         id: patch.id.clone(),

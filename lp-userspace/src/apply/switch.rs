@@ -12,7 +12,7 @@
 mod nonstop;
 mod trap_handler;
 
-pub(crate) use nonstop::{quiet_orphaned_agent, Early, Flag};
+pub(crate) use nonstop::{quiet_orphaned_agent, wait_threads_outside_unstopped, Early, Flag};
 
 use super::error::Error;
 use super::stacks;
@@ -379,6 +379,18 @@ fn write_all_stopped(
 pub(crate) fn wait_threads_outside(
     t: &mut Tracee,
     ranges: &[CodeRange],
+    unwinder: Option<&mut crate::unwind::Unwinder>,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let tids = t.threads();
+    wait_these_threads_outside(t, &tids, ranges, unwinder, timeout)
+}
+
+/// [`wait_threads_outside`] for threads `tids` (traced) only.
+pub(crate) fn wait_these_threads_outside(
+    t: &mut Tracee,
+    tids: &[i32],
+    ranges: &[CodeRange],
     mut unwinder: Option<&mut crate::unwind::Unwinder>,
     timeout: Duration,
 ) -> Result<(), Error> {
@@ -386,7 +398,7 @@ pub(crate) fn wait_threads_outside(
         return Ok(());
     }
     let deadline = crate::deadline::after(timeout);
-    let mut pending = t.threads();
+    let mut pending = tids.to_vec();
     while !pending.is_empty() {
         let mut still = Vec::new();
         for tid in pending {

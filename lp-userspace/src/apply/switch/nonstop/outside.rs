@@ -1,0 +1,182 @@
+//! After a nonstop revert's switch: waits until no thread is inside, or will return into, the
+//! patch memory about to be unmapped — told from /proc for every thread that can be told so,
+//! with no ptrace stop (review 8, M1: a stop ends a thread's `epoll_wait`, `semtimedop`,
+//! `sigtimedwait`... with EINTR, signal(7)).
+//!
+//! Why a look is enough. Once the switch is done nothing leads into the patch memory (the
+//! sites hold their old bytes, the flag is cleared; a function pointer into it that the patch's
+//! own code handed out is outside what livepatch can know, as before). So a thread seen
+//! outside it, with nothing on its stack that leads back in, stays outside for good. A thread
+//! is seen so when, in this order:
+//! 1. its `schedstat` is read (its run count, bumped at every switch-in);
+//! 2. its `syscall` file shows it blocked in a system call (the kernel reports it only for a
+//!    thread off its CPU), with its pc outside the memory — and the call is not `vfork`,
+//!    `clone` or `clone3`: glibc's `vfork` keeps its return address in a register, not on the
+//!    stack (the child runs on the parent's stack), and a vfork child runs in this memory too;
+//! 3. its stack, from the stack pointer that file gave to the end of its mapping — and, past a
+//!    signal frame a handler on an alternate stack left, the interrupted stack
+//!    (`stack_refers_to`, settle's search, review 11 H1) — holds no 8-byte word inside the
+//!    memory: no return address, no signal frame's saved rip (or register) leading back in;
+//! 4. its run count is read again, unchanged: the thread was not switched in between 1 and 4,
+//!    and so was off its CPU from 2 to 4 — the stack read in 3 is the one it will resume
+//!    with. (The search is conservative: a stale word, or a pointer to the patch's data, is
+//!    taken for a way back.)
+//!
+//! A running thread is looked at again until it is seen so (it leaves the memory when its
+//! calls return, and blocks somewhere, usually soon). Threads that are not seen so within
+//! [`GRACE`] — running all the time, blocked in a call made from the memory (or with a word
+//! in it on the stack), in a vfork, blocked outside a system call — are checked as before:
+//! each stopped alone, its stack unwound with CFI (`switch::wait_these_threads_outside`),
+//! until the timeout; a thread still inside then keeps the memory mapped.
+//!
+//! The threads are those listed once the switch is done, as before: a thread created since
+//! starts at its start routine, outside the memory, and nothing leads it in (a thread made
+//! by a `clone` that shares its creator's stack, as `vfork` does, is seen through its
+//! creator, blocked in that call).
+//!
+//! The borrowed thread is stopped already: its registers are read (the same search on its
+//! stack; the CFI check as before when that finds a word).
+
+use super::stacks::{stack_refers_to, Mappings};
+use super::threads::{Thread, Threads};
+use crate::apply::switch::wait_these_threads_outside;
+use crate::apply::Error;
+use crate::process::observe::Activity;
+use crate::process::{Memory, Tracee};
+use lp_core::consistency::CodeRange;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// How long the threads get to be seen outside without a stop before those that were not are
+/// stopped as before. A thread of a loop that sleeps is seen blocked within a few looks; one
+/// that runs all the time (outside the memory, most likely) only pauses for its stop, which is
+/// not worth a longer wait of the tool.
+const GRACE: Duration = Duration::from_millis(1);
+
+/// The pause between two rounds of looks (a round costs a few µs per thread left).
+const POLL: Duration = Duration::from_micros(50);
+
+/// What one look at a thread found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Outside the memory, with nothing leading back in: for good.
+    Outside,
+    /// Gone.
+    Gone,
+    /// Not shown outside (yet).
+    NotYet,
+}
+
+/// Waits until no thread of `t`'s process is in `ranges` or will return into them (see the
+/// module documentation). Ok(false): a thread was still inside at `timeout` (or could not be
+/// checked): the memory stays mapped.
+pub(crate) fn wait_threads_outside_unstopped(
+    t: &mut Tracee,
+    ranges: &[CodeRange],
+    timeout: Duration,
+) -> Result<bool, Error> {
+    let pid = t.pid();
+    let began = Instant::now();
+    let deadline = crate::deadline::after(timeout);
+    let grace = began + GRACE;
+    let mut maps = Mappings::new(pid);
+    let mut threads = Threads::with_files(pid, t.take_looked_files());
+    // The threads traced (the borrowed one, stopped): their registers tell.
+    let traced = t.threads();
+    let mut doubtful: Vec<i32> = traced
+        .iter()
+        .copied()
+        .filter(|&tid| {
+            t.regs(tid).map_or(true, |r| {
+                ranges.iter().any(|c| c.contains(r.rip))
+                    || stack_refers_to(t.mem(), &mut maps, r.rsp, ranges)
+            })
+        })
+        .collect();
+    trace("borrowed thread looked at", began);
+    let mut pending: BTreeSet<i32> = threads.current(&traced).into_iter().collect();
+    trace("threads listed", began);
+    let mut unwinder = None;
+    let mut rounds = 0u32;
+    loop {
+        rounds += 1;
+        pending.retain(|&tid| match threads.get(tid) {
+            Some(th) => look(t.mem(), &mut maps, th, ranges) == Seen::NotYet,
+            None => false, // gone
+        });
+        if pending.is_empty() && doubtful.is_empty() {
+            trace(&format!("threads outside after {rounds} rounds"), began);
+            return Ok(true);
+        }
+        if threads.process_gone() {
+            return Ok(false); // nothing to unmap
+        }
+        if Instant::now() < grace {
+            std::thread::sleep(POLL);
+            continue;
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        // The rest are checked as before: each stopped alone (every thread seized first, so
+        // that any of them can be). One not seized is gone, or going: looked at again.
+        t.attach_rest()?;
+        let traced_now = t.threads();
+        let (stop, later): (Vec<i32>, Vec<i32>) = pending
+            .iter()
+            .chain(&doubtful)
+            .copied()
+            .partition(|tid| traced_now.contains(tid));
+        trace(&format!("stopping threads {stop:?}"), began);
+        if stop.is_empty() {
+            std::thread::sleep(POLL);
+        } else {
+            if unwinder.is_none() {
+                unwinder = Some(crate::apply::unwinder(pid)?);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if wait_these_threads_outside(t, &stop, ranges, unwinder.as_mut(), left).is_err() {
+                return Ok(false);
+            }
+        }
+        doubtful.clear();
+        pending = later.into_iter().collect();
+    }
+}
+
+/// One look at thread `th` (see the module documentation, 1-4).
+fn look(mem: &Memory, maps: &mut Mappings, th: &Thread, ranges: &[CodeRange]) -> Seen {
+    let before = th.files.schedstat();
+    let Some(activity) = th.files.activity() else {
+        return Seen::Gone;
+    };
+    let (
+        Some(before),
+        Activity::Blocked {
+            syscall: Some(nr),
+            sp,
+            pc,
+        },
+    ) = (before, activity)
+    else {
+        return Seen::NotYet;
+    };
+    let vfork_like = [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3].contains(&nr);
+    if vfork_like || ranges.iter().any(|r| r.contains(pc)) || stack_refers_to(mem, maps, sp, ranges)
+    {
+        return Seen::NotYet;
+    }
+    match th.files.schedstat() {
+        Some(after) if after.run_count == before.run_count => Seen::Outside,
+        _ => Seen::NotYet,
+    }
+}
+
+fn trace(what: &str, since: Instant) {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!(
+            "livepatch: trace: revert check: {what}, +{} us",
+            since.elapsed().as_micros()
+        );
+    }
+}
