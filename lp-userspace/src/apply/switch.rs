@@ -373,20 +373,10 @@ fn write_all_stopped(
     result
 }
 
-/// Checks the threads one at a time (each stopped only for its own check) until none of them
-/// executes in `ranges` — nor, when an unwinder is given, will return into them. Threads found
-/// outside stay outside: the caller has already made the ranges unreachable.
-pub(crate) fn wait_threads_outside(
-    t: &mut Tracee,
-    ranges: &[CodeRange],
-    unwinder: Option<&mut crate::unwind::Unwinder>,
-    timeout: Duration,
-) -> Result<(), Error> {
-    let tids = t.threads();
-    wait_these_threads_outside(t, &tids, ranges, unwinder, timeout)
-}
-
-/// [`wait_threads_outside`] for threads `tids` (traced) only.
+/// Checks threads `tids` (traced) one at a time, each stopped only for its own check, until
+/// none of them executes in `ranges` — nor, when an unwinder is given, will return into them.
+/// Threads found outside stay outside: the caller has already made the ranges unreachable.
+/// (The threads that need it: see `nonstop/outside.rs`, which sees the others from /proc.)
 pub(crate) fn wait_these_threads_outside(
     t: &mut Tracee,
     tids: &[i32],
