@@ -38,17 +38,15 @@
 //! stack; the CFI check as before when that finds a word).
 
 use super::stacks::{stack_refers_to, Mappings};
-use super::threads::{Thread, Threads};
 use crate::apply::switch::wait_these_threads_outside;
 use crate::apply::Error;
-use crate::process::observe::Activity;
+use crate::process::observe::{self, Activity, ThreadFiles};
 use crate::process::{Memory, Tracee};
 use lp_core::consistency::CodeRange;
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-/// How long the threads get to be seen outside without a stop before those that were not are
-/// stopped as before. A thread of a loop that sleeps is seen blocked within a few looks; one
+/// How long the threads get to be seen outside without a stop (from the first look) before
+/// those that were not are stopped as before. A thread of a loop that sleeps is seen blocked within a few looks; one
 /// that runs all the time (outside the memory, most likely) only pauses for its stop, which is
 /// not worth a longer wait of the tool.
 const GRACE: Duration = Duration::from_millis(1);
@@ -78,9 +76,7 @@ pub(crate) fn wait_threads_outside_unstopped(
     let pid = t.pid();
     let began = Instant::now();
     let deadline = crate::deadline::after(timeout);
-    let grace = began + GRACE;
     let mut maps = Mappings::new(pid);
-    let mut threads = Threads::with_files(pid, t.take_looked_files());
     // The threads traced (the borrowed one, stopped): their registers tell.
     let traced = t.threads();
     let mut doubtful: Vec<i32> = traced
@@ -93,22 +89,26 @@ pub(crate) fn wait_threads_outside_unstopped(
             })
         })
         .collect();
-    trace("borrowed thread looked at", began);
-    let mut pending: BTreeSet<i32> = threads.current(&traced).into_iter().collect();
-    trace("threads listed", began);
+    // The others' `syscall` and `schedstat`, opened once (they refer to the thread itself:
+    // once it is gone they read nothing, whatever thread gets its id), or read by path when no
+    // descriptor is left (never skipped: review 9, F1).
+    let mut pending: Vec<ThreadFiles> = observe::tasks(pid)
+        .into_iter()
+        .filter(|tid| !traced.contains(tid))
+        .filter_map(|tid| ThreadFiles::open(pid, tid).or_else(|| ThreadFiles::by_path(pid, tid)))
+        .collect();
+    trace(&format!("{} threads listed", pending.len()), began);
+    let grace = Instant::now() + GRACE;
     let mut unwinder = None;
     let mut rounds = 0u32;
     loop {
         rounds += 1;
-        pending.retain(|&tid| match threads.get(tid) {
-            Some(th) => look(t.mem(), &mut maps, th, ranges) == Seen::NotYet,
-            None => false, // gone
-        });
+        pending.retain(|th| look(t.mem(), &mut maps, th, ranges) == Seen::NotYet);
         if pending.is_empty() && doubtful.is_empty() {
             trace(&format!("threads outside after {rounds} rounds"), began);
             return Ok(true);
         }
-        if threads.process_gone() {
+        if crate::process::is_gone_or_zombie(pid) {
             return Ok(false); // nothing to unmap
         }
         if Instant::now() < grace {
@@ -122,11 +122,14 @@ pub(crate) fn wait_threads_outside_unstopped(
         // that any of them can be). One not seized is gone, or going: looked at again.
         t.attach_rest()?;
         let traced_now = t.threads();
-        let (stop, later): (Vec<i32>, Vec<i32>) = pending
+        let (stop, later): (Vec<ThreadFiles>, Vec<ThreadFiles>) = pending
+            .into_iter()
+            .partition(|th| traced_now.contains(&th.tid()));
+        let stop: Vec<i32> = stop
             .iter()
-            .chain(&doubtful)
-            .copied()
-            .partition(|tid| traced_now.contains(tid));
+            .map(ThreadFiles::tid)
+            .chain(doubtful.drain(..))
+            .collect();
         trace(&format!("stopping threads {stop:?}"), began);
         if stop.is_empty() {
             std::thread::sleep(POLL);
@@ -139,15 +142,14 @@ pub(crate) fn wait_threads_outside_unstopped(
                 return Ok(false);
             }
         }
-        doubtful.clear();
-        pending = later.into_iter().collect();
+        pending = later;
     }
 }
 
 /// One look at thread `th` (see the module documentation, 1-4).
-fn look(mem: &Memory, maps: &mut Mappings, th: &Thread, ranges: &[CodeRange]) -> Seen {
-    let before = th.files.schedstat();
-    let Some(activity) = th.files.activity() else {
+fn look(mem: &Memory, maps: &mut Mappings, th: &ThreadFiles, ranges: &[CodeRange]) -> Seen {
+    let before = th.schedstat();
+    let Some(activity) = th.activity() else {
         return Seen::Gone;
     };
     let (
@@ -166,7 +168,7 @@ fn look(mem: &Memory, maps: &mut Mappings, th: &Thread, ranges: &[CodeRange]) ->
     {
         return Seen::NotYet;
     }
-    match th.files.schedstat() {
+    match th.schedstat() {
         Some(after) if after.run_count == before.run_count => Seen::Outside,
         _ => Seen::NotYet,
     }
