@@ -104,6 +104,7 @@ fn revert_here(
         };
     let done = take_out(&mut t, &current, index, mode, timeout, t0)?;
     t.release()?;
+    trace("released", t0);
     Ok(done)
 }
 
@@ -270,6 +271,7 @@ fn take_out(
     timeout: Duration,
     t0: Instant,
 ) -> Result<Reverted, Error> {
+    trace("attached, state read", t0);
     let pid = t.pid();
     let unfinished = current.unfinished_patch().is_some_and(|(i, _)| i == index);
     let patch = current.patches[index].clone();
@@ -464,7 +466,7 @@ fn take_out(
         patch.code_addr,
         patch.code_addr + patch.code_len,
     )];
-    crate::cli::trace_point("revert switched");
+    trace("switched", t0);
     let free = match mode {
         Mode::Stop => true,
         // After the switch: each thread is seen through /proc, without a stop, not running
@@ -477,9 +479,9 @@ fn take_out(
     // nonstop switch left int3s, while its handler is still the process's action: a thread
     // that took one may not have run the handler yet (`leftover_traps_may_follow`).
     let free = free && !stats.trap_handler_kept && !(int3_seen && leftover_traps_may_follow(pid));
-    crate::cli::trace_point("revert checked");
+    trace("threads checked", t0);
     let mut free = crate::debug_info::on_revert(t, &patch, free);
-    crate::cli::trace_point("revert debug info");
+    trace("debug info withdrawn", t0);
     if free {
         match t.munmap(patch.code_addr, patch.code_len) {
             Ok(()) => {}
@@ -491,7 +493,7 @@ fn take_out(
             Err(e) => return Err(e.into()),
         }
     }
-    crate::cli::trace_point("revert unmapped");
+    trace("memory unmapped", t0);
     Ok(Reverted {
         pid,
         id: patch.id.clone(),
@@ -525,6 +527,17 @@ fn foreign_int3(site: &str, addr: u64, id: &str) -> Error {
 /// its addresses): to the code of a patch below.
 fn leads_elsewhere(addr: u64, saved: &[u8], entry: &[u64]) -> bool {
     lp_core::call_site::decode(addr, saved).is_ok_and(|s| !entry.contains(&s.target))
+}
+
+/// `LIVEPATCH_TRACE`: a step of the revert, `+N us` after its start (the library's callers see
+/// it too, unlike the CLI's trace points).
+fn trace(what: &str, t0: Instant) {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!(
+            "livepatch: trace: revert: {what} +{} us",
+            t0.elapsed().as_micros()
+        );
+    }
 }
 
 fn short(id: &str) -> &str {
