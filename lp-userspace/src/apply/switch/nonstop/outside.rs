@@ -15,12 +15,14 @@
 //!    stack (the child runs on the parent's stack), and a vfork child runs in this memory too;
 //! 3. its stack, from the stack pointer that file gave to the end of its mapping — and, past a
 //!    signal frame a handler on an alternate stack left, the interrupted stack
-//!    (`stack_refers_to`, settle's search, review 11 H1) — holds no 8-byte word inside the
+//!    (`search_stack`, settle's search, review 11 H1) — holds no 8-byte word inside the
 //!    memory: no return address, no signal frame's saved rip (or register) leading back in;
-//! 4. its run count is read again, unchanged: the thread was not switched in between 1 and 4,
-//!    and so was off its CPU from 2 to 4 — the stack read in 3 is the one it will resume
-//!    with. (The search is conservative: a stale word, or a pointer to the patch's data, is
-//!    taken for a way back.)
+//!    and it was searched whole (not so: a stack deeper than settle's 1 MiB bound, one in no
+//!    mapping known, a page that could not be read);
+//! 4. its run count is read again, unchanged (and not 0: a kernel that keeps none shows 0):
+//!    the thread was not switched in between 1 and 4, and so was off its CPU from 2 to 4 —
+//!    the stack read in 3 is the one it will resume with. (The search is conservative: a
+//!    stale word, or a pointer to the patch's data, is taken for a way back.)
 //!
 //! A running thread is looked at again until it is seen so (it leaves the memory when its
 //! calls return, and blocks somewhere, usually soon). Threads that are not seen so within
@@ -37,7 +39,7 @@
 //! The borrowed thread is stopped already: its registers are read (the same search on its
 //! stack; the CFI check as before when that finds a word).
 
-use super::stacks::{stack_refers_to, Mappings};
+use super::stacks::{search_stack, Mappings, Search};
 use crate::apply::switch::wait_these_threads_outside;
 use crate::apply::Error;
 use crate::process::observe::{self, Activity, ThreadFiles};
@@ -85,7 +87,7 @@ pub(crate) fn wait_threads_outside_unstopped(
         .filter(|&tid| {
             t.regs(tid).map_or(true, |r| {
                 ranges.iter().any(|c| c.contains(r.rip))
-                    || stack_refers_to(t.mem(), &mut maps, r.rsp, ranges)
+                    || search_stack(t.mem(), &mut maps, r.rsp, ranges) != Search::Clear
             })
         })
         .collect();
@@ -163,8 +165,15 @@ fn look(mem: &Memory, maps: &mut Mappings, th: &ThreadFiles, ranges: &[CodeRange
     else {
         return Seen::NotYet;
     };
+    // A kernel that keeps no run counts shows "0 0 0" (and a thread that never ran has
+    // nothing to show): no proof then.
+    if before.run_count == 0 {
+        return Seen::NotYet;
+    }
     let vfork_like = [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3].contains(&nr);
-    if vfork_like || ranges.iter().any(|r| r.contains(pc)) || stack_refers_to(mem, maps, sp, ranges)
+    if vfork_like
+        || ranges.iter().any(|r| r.contains(pc))
+        || search_stack(mem, maps, sp, ranges) != Search::Clear
     {
         return Seen::NotYet;
     }
