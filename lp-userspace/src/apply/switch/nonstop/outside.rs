@@ -37,7 +37,7 @@
 //! creator, blocked in that call).
 //!
 //! The borrowed thread is stopped already: its registers are read (the same search on its
-//! stack; the CFI check as before when that finds a word).
+//! stack; where that finds a word, the CFI unwind decides, as before, in that same stop).
 
 use super::stacks::{search_stack, Mappings, Search};
 use crate::apply::switch::wait_these_threads_outside;
@@ -64,8 +64,27 @@ enum Seen {
     Outside,
     /// Gone.
     Gone,
-    /// Not shown outside (yet).
-    NotYet,
+    /// Not shown outside (yet), and why (for the trace).
+    NotYet(Why),
+}
+
+/// Why a look did not show a thread outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// Running, or waiting for a CPU.
+    Running,
+    /// Blocked outside a system call, or its run count unreadable or 0.
+    Unknown,
+    /// Its pc is inside the memory.
+    Inside,
+    /// In vfork, clone or clone3.
+    Vfork,
+    /// A word of its stack is inside the memory.
+    StackWord,
+    /// Its stack was not searched whole.
+    StackPartly,
+    /// It was switched in during the look.
+    Ran,
 }
 
 /// Waits until no thread of `t`'s process is in `ranges` or will return into them (see the
@@ -80,18 +99,33 @@ pub(crate) fn wait_threads_outside_unstopped(
     let began = Instant::now();
     let deadline = crate::deadline::after(timeout);
     let mut maps = Mappings::new(pid);
-    // The threads traced (the borrowed one, stopped): their registers tell.
+    // The threads traced (the borrowed one, stopped): their registers tell, and where the
+    // search finds a word of the memory on the stack (or could not search it whole), the CFI
+    // unwind decides, as before. One found inside must run to leave: stopped and let go as
+    // before (`wait_these_threads_outside`).
     let traced = t.threads();
-    let mut doubtful: Vec<i32> = traced
-        .iter()
-        .copied()
-        .filter(|&tid| {
-            t.regs(tid).map_or(true, |r| {
-                ranges.iter().any(|c| c.contains(r.rip))
-                    || search_stack(t.mem(), &mut maps, r.rsp, ranges) != Search::Clear
-            })
-        })
-        .collect();
+    let mut unwinder = None;
+    let mut doubtful = Vec::new();
+    for &tid in &traced {
+        let inside = |a: u64| ranges.iter().any(|c| c.contains(a));
+        let clear = match t.regs(tid) {
+            Ok(r) if !inside(r.rip) => {
+                search_stack(t.mem(), &mut maps, r.rsp, ranges) == Search::Clear || {
+                    let u = match unwinder.as_mut() {
+                        Some(u) => u,
+                        None => unwinder.insert(crate::apply::unwinder(pid)?),
+                    };
+                    let regs = crate::unwind::Registers::from_user_regs(&r);
+                    let bt = u.unwind(&regs, t.mem(), 512);
+                    !bt.return_addresses.iter().any(|&a| inside(a))
+                }
+            }
+            _ => false,
+        };
+        if !clear {
+            doubtful.push(tid);
+        }
+    }
     // The others' `syscall` and `schedstat`, opened once (they refer to the thread itself:
     // once it is gone they read nothing, whatever thread gets its id), or read by path when no
     // descriptor is left (never skipped: review 9, F1).
@@ -102,11 +136,17 @@ pub(crate) fn wait_threads_outside_unstopped(
         .collect();
     trace(&format!("{} threads listed", pending.len()), began);
     let grace = Instant::now() + GRACE;
-    let mut unwinder = None;
     let mut rounds = 0u32;
     loop {
         rounds += 1;
-        pending.retain(|th| look(t.mem(), &mut maps, th, ranges) == Seen::NotYet);
+        let mut why = Vec::new();
+        pending.retain(|th| match look(t.mem(), &mut maps, th, ranges) {
+            Seen::NotYet(w) => {
+                why.push((th.tid(), w));
+                true
+            }
+            Seen::Outside | Seen::Gone => false,
+        });
         if pending.is_empty() && doubtful.is_empty() {
             trace(&format!("threads outside after {rounds} rounds"), began);
             return Ok(true);
@@ -114,7 +154,8 @@ pub(crate) fn wait_threads_outside_unstopped(
         if crate::process::is_gone_or_zombie(pid) {
             return Ok(false); // nothing to unmap
         }
-        if Instant::now() < grace {
+        // (A stopped thread left alone does not move: no wait for it.)
+        if Instant::now() < grace && !pending.is_empty() {
             std::thread::sleep(POLL);
             continue;
         }
@@ -133,7 +174,10 @@ pub(crate) fn wait_threads_outside_unstopped(
             .map(ThreadFiles::tid)
             .chain(doubtful.drain(..))
             .collect();
-        trace(&format!("stopping threads {stop:?}"), began);
+        trace(
+            &format!("stopping threads {stop:?} (last looks: {why:?})"),
+            began,
+        );
         if stop.is_empty() {
             std::thread::sleep(POLL);
         } else {
@@ -155,32 +199,28 @@ fn look(mem: &Memory, maps: &mut Mappings, th: &ThreadFiles, ranges: &[CodeRange
     let Some(activity) = th.activity() else {
         return Seen::Gone;
     };
-    let (
-        Some(before),
-        Activity::Blocked {
-            syscall: Some(nr),
-            sp,
-            pc,
-        },
-    ) = (before, activity)
-    else {
-        return Seen::NotYet;
+    let Activity::Blocked { syscall, sp, pc } = activity else {
+        return Seen::NotYet(Why::Running);
     };
     // A kernel that keeps no run counts shows "0 0 0" (and a thread that never ran has
     // nothing to show): no proof then.
-    if before.run_count == 0 {
-        return Seen::NotYet;
+    let (Some(nr), Some(before)) = (syscall, before.filter(|b| b.run_count != 0)) else {
+        return Seen::NotYet(Why::Unknown);
+    };
+    if [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3].contains(&nr) {
+        return Seen::NotYet(Why::Vfork);
     }
-    let vfork_like = [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3].contains(&nr);
-    if vfork_like
-        || ranges.iter().any(|r| r.contains(pc))
-        || search_stack(mem, maps, sp, ranges) != Search::Clear
-    {
-        return Seen::NotYet;
+    if ranges.iter().any(|r| r.contains(pc)) {
+        return Seen::NotYet(Why::Inside);
+    }
+    match search_stack(mem, maps, sp, ranges) {
+        Search::Clear => {}
+        Search::Refers => return Seen::NotYet(Why::StackWord),
+        Search::Partly => return Seen::NotYet(Why::StackPartly),
     }
     match th.schedstat() {
         Some(after) if after.run_count == before.run_count => Seen::Outside,
-        _ => Seen::NotYet,
+        _ => Seen::NotYet(Why::Ran),
     }
 }
 

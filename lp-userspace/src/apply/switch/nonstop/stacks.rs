@@ -135,11 +135,16 @@ pub(super) fn search_stack(
         if searched.iter().any(|r| r.contains(&start)) {
             continue;
         }
+        let mapped = maps.end_of(start);
+        // A word that only looked like a signal frame's saved stack pointer (the test of
+        // `off_stack_contexts` is a heuristic): in no mapping, no frame lies there.
+        if mapped.is_none() && !searched.is_empty() {
+            continue;
+        }
         if searched.len() == MAX_STACKS {
             whole = false;
             break;
         }
-        let mapped = maps.end_of(start);
         let end = mapped
             .unwrap_or(start.saturating_add(UNMAPPED_SCAN))
             .min(start.saturating_add(STACK_SCAN_MAX));
