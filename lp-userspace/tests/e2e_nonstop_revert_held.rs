@@ -6,7 +6,10 @@
 //! unmapped under it. The same for a thread whose call made from the patch's code was
 //! interrupted by a signal whose handler blocks on an alternate stack (`sigaltstack`): the
 //! way back into the patch's code is on the thread's own stack, below the signal frame that
-//! the handler's stack holds (review 11, H1: the search follows it there).
+//! the handler's stack holds (review 11, H1: the search follows it there). Either way the
+//! thread waits in `epoll_wait`, which each ptrace stop ends with EINTR: the revert stops it
+//! once to confirm it is inside, not again while it stays blocked there (before session 12:
+//! every 200 µs until `--timeout`, hundreds of EINTRs).
 
 mod common;
 
@@ -14,24 +17,37 @@ use common::*;
 use std::io::Write;
 
 /// A worker calls work(41) and prints it every 20 ms; the patch's work() calls hold() first,
-/// which blocks in read() on the FIFO argv[1] — directly, or (argv[2] given) inside a SIGUSR1
+/// which waits in epoll_wait for the FIFO argv[1] — directly, or (argv[2] given) inside a SIGUSR1
 /// handler it raises, run on the worker's alternate stack — until the test writes a byte.
 const TARGET: &str = r#"
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 static int fifo;
 static int in_handler;
 
+/* Waits in epoll_wait (which a ptrace stop ends with EINTR: "eintr") for the FIFO's byte. */
 static void wait_byte(void) {
-    char c;
-    while (read(fifo, &c, 1) != 1) {
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, fifo, &ev)) _exit(4);
+    for (;;) {
+        int n = epoll_wait(ep, &ev, 1, -1);
+        if (n < 0 && errno == EINTR) {
+            static const char msg[] = "eintr\n";
+            if (write(1, msg, sizeof msg - 1) < 0) _exit(2);
+        }
+        char c;
+        if (n == 1 && read(fifo, &c, 1) == 1) break;
     }
+    close(ep);
 }
 
 static void on_usr1(int sig) {
@@ -120,6 +136,7 @@ fn held_by_a_blocked_call(in_handler: bool, borrow: &str) {
         "parked"
     };
     target.wait_line(|l| l == parked);
+    let parked_at = target.count();
     let revert = [
         "revert",
         &pid,
@@ -136,6 +153,16 @@ fn held_by_a_blocked_call(in_handler: bool, borrow: &str) {
     assert_eq!(
         reverted["code_freed"], false,
         "the patch memory was freed while a thread was in a call made from it: {out}"
+    );
+    // Stopped once (by the revert's check, or as the thread borrowed), not every 200 µs of
+    // the timeout: one EINTR of its epoll_wait at most.
+    let eintrs = target.lines()[parked_at..]
+        .iter()
+        .filter(|l| *l == "eintr")
+        .count();
+    assert!(
+        eintrs <= 1,
+        "the worker, blocked in a call made from the patch's code, was stopped {eintrs} times"
     );
     // Let go: back into the patch's code (1041), then the old code again.
     let mark = target.count();

@@ -28,8 +28,10 @@
 //! calls return, and blocks somewhere, usually soon). Threads that are not seen so within
 //! [`GRACE`] — running all the time, blocked in a call made from the memory (or with a word
 //! in it on the stack), in a vfork, blocked outside a system call — are checked as before:
-//! each stopped alone, its stack unwound with CFI (`switch::wait_these_threads_outside`),
-//! until the timeout; a thread still inside then keeps the memory mapped.
+//! each stopped alone, its stack unwound with CFI (`switch::threads_inside`), until the
+//! timeout; a thread still inside then keeps the memory mapped. One that a stop found inside
+//! is stopped again only once it has run since (200 µs apart at most, as the old loop did):
+//! a thread blocked in a call made from the patch's code is stopped once, not every 200 µs.
 //!
 //! The threads are those listed once the switch is done, as before: a thread created since
 //! starts at its start routine, outside the memory, and nothing leads it in (a thread made
@@ -40,7 +42,7 @@
 //! stack; where that finds a word, the CFI unwind decides, as before, in that same stop).
 
 use super::stacks::{search_stack, Mappings, Search};
-use crate::apply::switch::wait_these_threads_outside;
+use crate::apply::switch::threads_inside;
 use crate::apply::Error;
 use crate::process::observe::{self, Activity, ThreadFiles};
 use crate::process::{Memory, Tracee};
@@ -56,6 +58,21 @@ const GRACE: Duration = Duration::from_millis(1);
 
 /// The pause between two rounds of looks (a round costs a few µs per thread left).
 const POLL: Duration = Duration::from_micros(50);
+
+/// How soon a thread that a stop found inside is stopped again when it has run since (the
+/// pause of the old loop between its stops).
+const RECHECK: Duration = Duration::from_micros(200);
+
+/// A thread not seen outside yet.
+struct Watch {
+    files: ThreadFiles,
+    /// When a stop last found it inside (or returning into) the memory, and the run count it
+    /// was seen blocked with since (None until a look saw it so). While it stays blocked with
+    /// that count it has not run: it is still where that stop found it, and is not stopped
+    /// again (a thread blocked in a call made from the patch's code was stopped every 200 µs
+    /// until the timeout, each stop an EINTR for an `epoll_wait`).
+    inside: Option<(Instant, Option<u64>)>,
+}
 
 /// What one look at a thread found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +118,8 @@ pub(crate) fn wait_threads_outside_unstopped(
     let mut maps = Mappings::new(pid);
     // The threads traced (the borrowed one, stopped): their registers tell, and where the
     // search finds a word of the memory on the stack (or could not search it whole), the CFI
-    // unwind decides, as before. One found inside must run to leave: stopped and let go as
-    // before (`wait_these_threads_outside`).
+    // unwind decides, as before. One found inside must run to leave: let go by the stop loop
+    // below (`threads_inside`), then looked at like the others.
     let traced = t.threads();
     let mut unwinder = None;
     let mut doubtful = Vec::new();
@@ -129,23 +146,46 @@ pub(crate) fn wait_threads_outside_unstopped(
     // The others' `syscall` and `schedstat`, opened once (they refer to the thread itself:
     // once it is gone they read nothing, whatever thread gets its id), or read by path when no
     // descriptor is left (never skipped: review 9, F1).
-    let mut pending: Vec<ThreadFiles> = observe::tasks(pid)
+    let open = |tid: i32| ThreadFiles::open(pid, tid).or_else(|| ThreadFiles::by_path(pid, tid));
+    let mut pending: Vec<Watch> = observe::tasks(pid)
         .into_iter()
         .filter(|tid| !traced.contains(tid))
-        .filter_map(|tid| ThreadFiles::open(pid, tid).or_else(|| ThreadFiles::by_path(pid, tid)))
+        .filter_map(|tid| {
+            Some(Watch {
+                files: open(tid)?,
+                inside: None,
+            })
+        })
         .collect();
     trace(&format!("{} threads listed", pending.len()), began);
     let grace = Instant::now() + GRACE;
     let mut rounds = 0u32;
     loop {
         rounds += 1;
+        let now = Instant::now();
         let mut why = Vec::new();
-        pending.retain(|th| match look(t.mem(), &mut maps, th, ranges) {
-            Seen::NotYet(w) => {
-                why.push((th.tid(), w));
-                true
+        let mut due = Vec::new();
+        pending.retain_mut(|w| {
+            let (seen, quiet) = look(t.mem(), &mut maps, &w.files, ranges);
+            let Seen::NotYet(reason) = seen else {
+                return false; // outside, or gone
+            };
+            why.push((w.files.tid(), reason));
+            let stop = match &mut w.inside {
+                None => true,
+                Some((at, held)) => match (*held, quiet) {
+                    (None, Some(count)) => {
+                        *held = Some(count); // back in its call since that stop
+                        false
+                    }
+                    (Some(was), Some(count)) if was == count => false,
+                    _ => now.duration_since(*at) >= RECHECK,
+                },
+            };
+            if stop {
+                due.push(w.files.tid());
             }
-            Seen::Outside | Seen::Gone => false,
+            true
         });
         if pending.is_empty() && doubtful.is_empty() {
             trace(&format!("threads outside after {rounds} rounds"), began);
@@ -163,64 +203,86 @@ pub(crate) fn wait_threads_outside_unstopped(
             return Ok(false);
         }
         // The rest are checked as before: each stopped alone (every thread seized first, so
-        // that any of them can be). One not seized is gone, or going: looked at again.
-        t.attach_rest()?;
-        let traced_now = t.threads();
-        let (stop, later): (Vec<ThreadFiles>, Vec<ThreadFiles>) = pending
-            .into_iter()
-            .partition(|th| traced_now.contains(&th.tid()));
-        let stop: Vec<i32> = stop
-            .iter()
-            .map(ThreadFiles::tid)
-            .chain(doubtful.drain(..))
-            .collect();
-        trace(
-            &format!("stopping threads {stop:?} (last looks: {why:?})"),
-            began,
-        );
-        if stop.is_empty() {
-            std::thread::sleep(POLL);
-        } else {
+        // that any of them can be), its stack unwound with CFI. One not seized is gone, or
+        // going: looked at again.
+        due.append(&mut doubtful);
+        if !due.is_empty() {
+            t.attach_rest()?;
+            let traced_now = t.threads();
+            due.retain(|tid| traced_now.contains(tid));
+            trace(
+                &format!("stopping threads {due:?} (last looks: {why:?})"),
+                began,
+            );
             if unwinder.is_none() {
                 unwinder = Some(crate::apply::unwinder(pid)?);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if wait_these_threads_outside(t, &stop, ranges, unwinder.as_mut(), left).is_err() {
+            let Ok(inside) = threads_inside(t, &due, ranges, unwinder.as_mut()) else {
                 return Ok(false);
+            };
+            let now = Instant::now();
+            pending.retain_mut(|w| {
+                let tid = w.files.tid();
+                if inside.contains(&tid) {
+                    w.inside = Some((now, None));
+                }
+                !due.contains(&tid) || inside.contains(&tid)
+            });
+            // The borrowed thread, let go by its check, is looked at from now on too.
+            for &tid in &inside {
+                if traced.contains(&tid) {
+                    if let Some(files) = open(tid) {
+                        pending.push(Watch {
+                            files,
+                            inside: Some((now, None)),
+                        });
+                    }
+                }
             }
         }
-        pending = later;
+        std::thread::sleep(POLL);
     }
 }
 
 /// One look at thread `th` (see the module documentation, 1-4).
-fn look(mem: &Memory, maps: &mut Mappings, th: &ThreadFiles, ranges: &[CodeRange]) -> Seen {
+/// One look at thread `th` (see the module documentation, 1-4), and, when it was seen blocked
+/// and did not run during the look, its run count.
+fn look(
+    mem: &Memory,
+    maps: &mut Mappings,
+    th: &ThreadFiles,
+    ranges: &[CodeRange],
+) -> (Seen, Option<u64>) {
     let before = th.schedstat();
     let Some(activity) = th.activity() else {
-        return Seen::Gone;
+        return (Seen::Gone, None);
     };
     let Activity::Blocked { syscall, sp, pc } = activity else {
-        return Seen::NotYet(Why::Running);
+        return (Seen::NotYet(Why::Running), None);
     };
     // A kernel that keeps no run counts shows "0 0 0" (and a thread that never ran has
     // nothing to show): no proof then.
     let (Some(nr), Some(before)) = (syscall, before.filter(|b| b.run_count != 0)) else {
-        return Seen::NotYet(Why::Unknown);
+        return (Seen::NotYet(Why::Unknown), None);
     };
-    if [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3].contains(&nr) {
-        return Seen::NotYet(Why::Vfork);
-    }
-    if ranges.iter().any(|r| r.contains(pc)) {
-        return Seen::NotYet(Why::Inside);
-    }
-    match search_stack(mem, maps, sp, ranges) {
-        Search::Clear => {}
-        Search::Refers => return Seen::NotYet(Why::StackWord),
-        Search::Partly => return Seen::NotYet(Why::StackPartly),
-    }
-    match th.schedstat() {
-        Some(after) if after.run_count == before.run_count => Seen::Outside,
-        _ => Seen::NotYet(Why::Ran),
+    let why = if [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3].contains(&nr) {
+        Some(Why::Vfork)
+    } else if ranges.iter().any(|r| r.contains(pc)) {
+        Some(Why::Inside)
+    } else {
+        match search_stack(mem, maps, sp, ranges) {
+            Search::Clear => None,
+            Search::Refers => Some(Why::StackWord),
+            Search::Partly => Some(Why::StackPartly),
+        }
+    };
+    let quiet = th
+        .schedstat()
+        .is_some_and(|after| after.run_count == before.run_count);
+    match (why, quiet) {
+        (_, false) => (Seen::NotYet(Why::Ran), None),
+        (None, true) => (Seen::Outside, None),
+        (Some(why), true) => (Seen::NotYet(why), Some(before.run_count)),
     }
 }
 
