@@ -112,6 +112,7 @@ fn revert_here(
         };
     let done = take_out(&mut t, &current, index, mode, timeout, t0)?;
     t.release()?;
+    trace("released", t0);
     Ok(done)
 }
 
@@ -278,6 +279,7 @@ fn take_out(
     timeout: Duration,
     t0: Instant,
 ) -> Result<Reverted, Error> {
+    trace("attached, state read", t0);
     let pid = t.pid();
     let unfinished = current.unfinished_patch().is_some_and(|(i, _)| i == index);
     let patch = current.patches[index].clone();
@@ -472,22 +474,22 @@ fn take_out(
         patch.code_addr,
         patch.code_addr + patch.code_len,
     )];
+    trace("switched", t0);
     let free = match mode {
         Mode::Stop => true,
-        Mode::Nonstop => {
-            // After the switch: each thread is stopped once, alone, to see that it is not
-            // running (or returning into) the code about to be unmapped.
-            t.attach_rest()?;
-            let mut u = crate::apply::unwinder(pid)?;
-            switch::wait_threads_outside(t, &area, Some(&mut u), timeout).is_ok()
-        }
+        // After the switch: each thread is seen through /proc, without a stop, not running
+        // (nor returning into) the memory about to be unmapped — or, when it cannot be seen
+        // so soon, stopped once, alone, to check it (see `wait_threads_outside_unstopped`).
+        Mode::Nonstop => switch::wait_threads_outside_unstopped(t, &area, timeout)?,
     };
     // A handler kept installed (its action could not be given back) may still send a late
     // trap to a trampoline in this memory: it stays mapped then. So it does after a killed
     // nonstop switch left int3s, while its handler is still the process's action: a thread
     // that took one may not have run the handler yet (`leftover_traps_may_follow`).
     let free = free && !stats.trap_handler_kept && !(int3_seen && leftover_traps_may_follow(pid));
+    trace("threads checked", t0);
     let mut free = crate::debug_info::on_revert(t, &patch, free);
+    trace("debug info withdrawn", t0);
     if free {
         match t.munmap(patch.code_addr, patch.code_len) {
             Ok(()) => {}
@@ -499,6 +501,7 @@ fn take_out(
             Err(e) => return Err(e.into()),
         }
     }
+    trace("memory unmapped", t0);
     Ok(Reverted {
         pid,
         id: patch.id.clone(),
@@ -532,6 +535,17 @@ fn foreign_int3(site: &str, addr: u64, id: &str) -> Error {
 /// its addresses): to the code of a patch below.
 fn leads_elsewhere(addr: u64, saved: &[u8], entry: &[u64]) -> bool {
     lp_core::call_site::decode(addr, saved).is_ok_and(|s| !entry.contains(&s.target))
+}
+
+/// `LIVEPATCH_TRACE`: a step of the revert, `+N us` after its start (the library's callers see
+/// it too, unlike the CLI's trace points).
+fn trace(what: &str, t0: Instant) {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!(
+            "livepatch: trace: revert: {what} +{} us",
+            t0.elapsed().as_micros()
+        );
+    }
 }
 
 fn short(id: &str) -> &str {

@@ -537,14 +537,12 @@ fn apply_here(
             ) {
                 // Nonstop mode: threads that trapped meanwhile were sent through trampolines in
                 // the patch memory; each must be seen outside it (and not returning into it)
-                // before it goes, or it stays mapped.
+                // before it goes, or it stays mapped (seen as a revert sees them: through
+                // /proc, a thread stopped only when it cannot be seen so).
+                let area = [CodeRange::new(code_addr, code_addr + total_len)];
                 let nobody_inside = opts.mode == Mode::Stop
-                    || (t.attach_rest().is_ok()
-                        && modules::unwinder(pid).is_ok_and(|mut u| {
-                            let area = [CodeRange::new(code_addr, code_addr + total_len)];
-                            switch::wait_threads_outside(&mut t, &area, Some(&mut u), opts.timeout)
-                                .is_ok()
-                        }));
+                    || switch::wait_threads_outside_unstopped(&mut t, &area, opts.timeout)
+                        .unwrap_or(false);
                 if debug_info::undo(&mut t, &patch.id, Some(&debug)) && nobody_inside {
                     let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
                 }

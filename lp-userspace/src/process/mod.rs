@@ -221,7 +221,8 @@ impl Tracee {
     /// Seizes ONE thread of `pid`, to borrow for system calls (nonstop mode): the others are
     /// never traced, so they never stop for us. Preferred: a thread blocked in a system call
     /// other than futex (it was not running anyway, and holds no libc lock), then any thread
-    /// blocked in a system call, then the main thread; within each, the one least likely to
+    /// blocked in a system call, then the main thread, and a thread blocked in a call that a
+    /// stop ends with EINTR (`epoll_wait`...) last; within each, the one least likely to
     /// want a CPU soon by a short look and by its life so far, and not one that blocks SIGTRAP
     /// (see `borrow.rs` for the look and when it ends).
     ///

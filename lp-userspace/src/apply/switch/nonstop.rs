@@ -23,6 +23,7 @@
 //! them (blocked or running, CPU time consumed, SIGTRAP pending) comes from /proc.
 
 mod area_name;
+mod outside;
 mod stacks;
 mod sync_agent;
 mod threads;
@@ -43,6 +44,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use sync_agent::{Calls, Op, SyncAgent};
 use threads::{Thread, Threads};
+
+pub(crate) use outside::wait_threads_outside_unstopped;
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
