@@ -602,27 +602,7 @@ int main(void) {
 /// `LIVEPATCH_BORROW_COMM=forks` borrows the main thread, `=worker` a worker.)
 #[test]
 fn e2e_nonstop_apply_finishes_children_and_grandchildren_forked_before_its_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "forks", FORKS, &["-pthread"]);
-    let patch = compute_patch(dir.path(), &exe);
-    let target = Target::spawn(&exe, &[]);
-    let pid = target.pid();
-    target.expect_steady(2, |l| l == "parent value=42");
-    let mut tool = KilledOnDrop(stop_tool_at(
-        &["apply", &pid, &patch, "--mode", "nonstop"],
-        "dispatch-flag",
-    ));
-    // SIGUSR1 goes to a thread that is not stopped (the borrowed one is), whose handler asks
-    // the workers for a fork; in a child the forking worker is the only thread.
-    let fork_of = |parent: &str| -> String {
-        let mark = target.count();
-        // SAFETY: a signal to a process of this test.
-        unsafe { libc::kill(parent.parse().unwrap(), libc::SIGUSR1) };
-        let line = target.wait_line_after(mark, |l| l.starts_with("child ") && !l.contains('='));
-        line["child ".len()..].to_string()
-    };
-    let child = fork_of(&pid);
-    let grandchild = fork_of(&child);
+    let (_dir, target, mut tool, child, grandchild) = forked_before_the_commit();
     assert_ne!(child, grandchild);
     // Before the commit: the old code everywhere.
     target.expect_steady(3, |l| l.ends_with("value=42"));
@@ -646,25 +626,7 @@ fn e2e_nonstop_apply_finishes_children_and_grandchildren_forked_before_its_commi
 /// the target still has a child, so its descendants are looked for).
 #[test]
 fn review11_a_grandchild_whose_parent_exited_mid_switch_is_finished_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "forks", FORKS, &["-pthread"]);
-    let patch = compute_patch(dir.path(), &exe);
-    let target = Target::spawn(&exe, &[]);
-    let pid = target.pid();
-    target.expect_steady(2, |l| l == "parent value=42");
-    let mut tool = KilledOnDrop(stop_tool_at(
-        &["apply", &pid, &patch, "--mode", "nonstop"],
-        "dispatch-flag",
-    ));
-    let fork_of = |parent: &str| -> String {
-        let mark = target.count();
-        // SAFETY: a signal to a process of this test.
-        unsafe { libc::kill(parent.parse().unwrap(), libc::SIGUSR1) };
-        let line = target.wait_line_after(mark, |l| l.starts_with("child ") && !l.contains('='));
-        line["child ".len()..].to_string()
-    };
-    let child = fork_of(&pid);
-    let grandchild = fork_of(&child);
+    let (_dir, target, mut tool, child, grandchild) = forked_before_the_commit();
     // SAFETY: a signal to a process this test made fork.
     unsafe { libc::kill(child.parse().unwrap(), libc::SIGKILL) };
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -687,6 +649,34 @@ fn review11_a_grandchild_whose_parent_exited_mid_switch_is_finished_too() {
     assert!(!st.contains(") Z"), "the grandchild ended");
     // SAFETY: a signal to a process this test made fork.
     unsafe { libc::kill(grandchild.parse().unwrap(), libc::SIGKILL) };
+}
+
+/// The `forks` target with a nonstop apply stopped right before its commit store (the
+/// dispatches' flag), and a child and a grandchild it forked meanwhile: (its directory, the
+/// target, the stopped tool, the child's pid, the grandchild's). SIGUSR1 goes to a thread
+/// that is not stopped (the borrowed one is), whose handler asks the workers for a fork; in a
+/// child the forking worker is the only thread.
+fn forked_before_the_commit() -> (tempfile::TempDir, Target, KilledOnDrop, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "forks", FORKS, &["-pthread"]);
+    let patch = compute_patch(dir.path(), &exe);
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "parent value=42");
+    let tool = KilledOnDrop(stop_tool_at(
+        &["apply", &pid, &patch, "--mode", "nonstop"],
+        "dispatch-flag",
+    ));
+    let fork_of = |parent: &str| -> String {
+        let mark = target.count();
+        // SAFETY: a signal to a process of this test.
+        unsafe { libc::kill(parent.parse().unwrap(), libc::SIGUSR1) };
+        let line = target.wait_line_after(mark, |l| l.starts_with("child ") && !l.contains('='));
+        line["child ".len()..].to_string()
+    };
+    let child = fork_of(&pid);
+    let grandchild = fork_of(&child);
+    (dir, target, tool, child, grandchild)
 }
 
 /// A tool stopped at a debug stop point, killed when the test ends, failed or not: left
