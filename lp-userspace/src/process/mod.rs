@@ -370,6 +370,13 @@ impl Tracee {
 
     /// Handles one wait report of `tid`. Returns true when the thread is now stopped for us.
     fn handle_report(&mut self, tid: i32, status: WaitStatus) -> Result<bool> {
+        // The interrupt of its seize, if any, is spent: the kernel clears a pending
+        // PTRACE_INTERRUPT at any stop (ptrace_stop). Whichever wait reaps the report (one
+        // for another thread: review 12, H1), the next stop of this thread needs an interrupt
+        // of its own, or it is waited for for ever.
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.interrupted = false;
+        }
         if let Some(walk) = self.walks.remove(&tid) {
             self.walk_on(tid, walk, status)?;
             return Ok(false);
