@@ -407,6 +407,9 @@ fn take_out(
         range: CodeRange::new(patch.code_addr, patch.code_addr + patch.code_len),
         name: format!("patch {} code", short(&patch.id)),
     });
+    // Nothing refuses the revert any more: nonstop mode's borrowed thread may be asked to
+    // stop, beside the state's staging (see `Tracee::interrupt_early`).
+    t.interrupt_early();
     let statemap = StateMap::open(pid)
         .ok_or_else(|| Error::Other(format!("livepatch state of process {pid} vanished")))?;
     let mut new_state = current.clone();

@@ -239,6 +239,9 @@ fn apply_here(
     phase("bytes verified");
     let callers = call_sites::verify(pid, t.mem(), &code, &target, patch, &existing)?;
     phase("callers verified");
+    // Nothing of the process's state refuses the apply any more: the borrowed thread may be
+    // asked to stop, and its stop runs beside what comes until its first use.
+    t.interrupt_early();
     // What needs no instruction tables first: the calling thread is still building them.
     let layout = Layout::of(&patch.object)
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;

@@ -48,7 +48,8 @@ struct Thread {
     /// Signals that arrived while we had the thread busy (with their siginfo); delivered when
     /// we let it go.
     deferred: Vec<HeldSignal>,
-    /// Interrupted right at its seize ([`Tracee::seize_one`]), its stop not waited for yet.
+    /// Interrupted ahead of its first use ([`Tracee::interrupt_early`]), its stop not waited
+    /// for yet.
     interrupted: bool,
 }
 
@@ -262,18 +263,9 @@ impl Tracee {
             };
             match ptrace::seize(tid) {
                 Ok(()) => {
-                    // Interrupted now: its first use (the sync agent's start, or a remote call)
-                    // stops it, and the wait for it to get a CPU and reach the stop (50–150 µs
-                    // on a loaded machine) runs beside the checks that come first. It was
-                    // picked as the thread least likely to want a CPU meanwhile.
-                    let interrupted = ptrace::interrupt(tid).is_ok();
-                    self.threads.insert(
-                        tid,
-                        Thread {
-                            interrupted,
-                            ..Thread::default()
-                        },
-                    );
+                    // Not stopped yet: an operation refused by its checks must not stop it
+                    // (see `Tracee::interrupt_early`).
+                    self.threads.insert(tid, Thread::default());
                     self.looked = look.into_files();
                     // Kept (two descriptors each) only while they leave 256 under the
                     // descriptor limit for the preparation (ELF files, /proc reads); the
@@ -289,6 +281,27 @@ impl Tracee {
             }
         }
         Err(ProcessError::Exited(self.pid))
+    }
+
+    /// A single-thread tracee: asks the borrowed thread to stop (PTRACE_INTERRUPT) without
+    /// waiting. Its first use (the sync agent's start, or a remote call) then only waits for
+    /// the stop, and the wait for it to get a CPU and reach the stop (50–150 µs on a loaded
+    /// machine) runs beside what the caller does meanwhile; the thread was picked as the one
+    /// least likely to want a CPU. For a caller whose checks will not refuse the operation
+    /// any more (save for errors of the patch itself): a stop ends some blocking calls of the
+    /// thread with EINTR even without a signal (epoll_wait, semop, sigtimedwait: signal(7)),
+    /// and a refused operation leaves the process as it was (review 12, M1: interrupted at
+    /// its seize, a thread's epoll_wait returned EINTR for an apply refused as already
+    /// applied).
+    pub fn interrupt_early(&mut self) {
+        if !self.single {
+            return;
+        }
+        for (&tid, t) in self.threads.iter_mut() {
+            if !t.stopped && !t.interrupted {
+                t.interrupted = ptrace::interrupt(tid).is_ok();
+            }
+        }
     }
 
     /// Seizes every other thread too (a single-thread tracee becomes an ordinary one).
@@ -487,7 +500,7 @@ impl Tracee {
         if t.stopped {
             return Ok(());
         }
-        // Interrupted at its seize already: its stop is only waited for.
+        // Interrupted ahead already (`interrupt_early`): its stop is only waited for.
         let sent = t.interrupted;
         if !sent {
             match ptrace::interrupt(tid) {
