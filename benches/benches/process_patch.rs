@@ -8,8 +8,9 @@
 //!       nonstop mode; a call interrupted by the stop). The threads log every call over 2 µs
 //!       with its start; the bench reads CLOCK_MONOTONIC right before and after the library
 //!       call and asks for the longest logged call that overlapped that interval;
-//!       A stop that lands in a thread's sleep (stop mode; a nonstop revert, which stops each
-//!       thread once) is not in any call: see the next figure;
+//!       A stop that lands in a thread's sleep (stop mode; a nonstop revert before session 12,
+//!       which stopped each thread once; since, only a thread it cannot see outside the patch
+//!       memory from /proc) is not in any call: see the next figure;
 //!     - the longest loop iteration that overlapped the apply (the 50 µs sleep, the calls,
 //!       any stop or scheduling delay; iterations over 100 µs are logged likewise);
 //!     - for both, a control in the same round: the same figures with no patching over an

@@ -58,13 +58,21 @@ fn revert_here(
     let t0 = Instant::now();
     // Attached first: the state cannot change under us (one tracer at a time).
     // Nonstop mode traces one thread only during the switch (see apply).
+    // The look for the thread nonstop mode borrows runs meanwhile (see `BorrowLook`).
+    let look = (mode == Mode::Nonstop).then(|| crate::process::BorrowLook::start(pid));
     // An agent a killed nonstop switch left behind may still hold a write of its program.
-    switch::quiet_orphaned_agent(pid, None)?;
-    let mut t = match mode {
-        Mode::Stop => Tracee::attach(pid)?,
-        Mode::Nonstop => Tracee::attach_one(pid)?,
+    let left_to_its_tool = switch::quiet_orphaned_agent(pid, None)?;
+    crate::process::stop_point::reached("orphan-looked");
+    let mut t = match (mode, look) {
+        (Mode::Nonstop, Some(look)) => Tracee::attach_one_looked(look)?,
+        (Mode::Nonstop, None) => Tracee::attach_one(pid)?,
+        (Mode::Stop, _) => Tracee::attach(pid)?,
     };
     t.release_on_drop();
+    if left_to_its_tool {
+        // Its tool may have been killed since: looked at again (review 11, L3).
+        switch::quiet_orphaned_agent(pid, None)?;
+    }
     t.check_seccomp(mode == Mode::Nonstop)?;
     let mut current = state::read(pid)?;
     // A livepatch killed in the middle of a switch: that switch is finished first. When it
@@ -104,6 +112,7 @@ fn revert_here(
         };
     let done = take_out(&mut t, &current, index, mode, timeout, t0)?;
     t.release()?;
+    trace("released", t0);
     Ok(done)
 }
 
@@ -270,6 +279,7 @@ fn take_out(
     timeout: Duration,
     t0: Instant,
 ) -> Result<Reverted, Error> {
+    trace("attached, state read", t0);
     let pid = t.pid();
     let unfinished = current.unfinished_patch().is_some_and(|(i, _)| i == index);
     let patch = current.patches[index].clone();
@@ -407,9 +417,6 @@ fn take_out(
         range: CodeRange::new(patch.code_addr, patch.code_addr + patch.code_len),
         name: format!("patch {} code", short(&patch.id)),
     });
-    // Nothing refuses the revert any more: nonstop mode's borrowed thread may be asked to
-    // stop, beside the state's staging (see `Tracee::interrupt_early`).
-    t.interrupt_early();
     let statemap = StateMap::open(pid)
         .ok_or_else(|| Error::Other(format!("livepatch state of process {pid} vanished")))?;
     let mut new_state = current.clone();
@@ -467,22 +474,22 @@ fn take_out(
         patch.code_addr,
         patch.code_addr + patch.code_len,
     )];
+    trace("switched", t0);
     let free = match mode {
         Mode::Stop => true,
-        Mode::Nonstop => {
-            // After the switch: each thread is stopped once, alone, to see that it is not
-            // running (or returning into) the code about to be unmapped.
-            t.attach_rest()?;
-            let mut u = crate::apply::unwinder(pid)?;
-            switch::wait_threads_outside(t, &area, Some(&mut u), timeout).is_ok()
-        }
+        // After the switch: each thread is seen through /proc, without a stop, not running
+        // (nor returning into) the memory about to be unmapped — or, when it cannot be seen
+        // so soon, stopped once, alone, to check it (see `wait_threads_outside_unstopped`).
+        Mode::Nonstop => switch::wait_threads_outside_unstopped(t, &area, timeout)?,
     };
     // A handler kept installed (its action could not be given back) may still send a late
     // trap to a trampoline in this memory: it stays mapped then. So it does after a killed
     // nonstop switch left int3s, while its handler is still the process's action: a thread
     // that took one may not have run the handler yet (`leftover_traps_may_follow`).
     let free = free && !stats.trap_handler_kept && !(int3_seen && leftover_traps_may_follow(pid));
+    trace("threads checked", t0);
     let mut free = crate::debug_info::on_revert(t, &patch, free);
+    trace("debug info withdrawn", t0);
     if free {
         match t.munmap(patch.code_addr, patch.code_len) {
             Ok(()) => {}
@@ -494,6 +501,7 @@ fn take_out(
             Err(e) => return Err(e.into()),
         }
     }
+    trace("memory unmapped", t0);
     Ok(Reverted {
         pid,
         id: patch.id.clone(),
@@ -527,6 +535,17 @@ fn foreign_int3(site: &str, addr: u64, id: &str) -> Error {
 /// its addresses): to the code of a patch below.
 fn leads_elsewhere(addr: u64, saved: &[u8], entry: &[u64]) -> bool {
     lp_core::call_site::decode(addr, saved).is_ok_and(|s| !entry.contains(&s.target))
+}
+
+/// `LIVEPATCH_TRACE`: a step of the revert, `+N us` after its start (the library's callers see
+/// it too, unlike the CLI's trace points).
+fn trace(what: &str, t0: Instant) {
+    if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+        eprintln!(
+            "livepatch: trace: revert: {what} +{} us",
+            t0.elapsed().as_micros()
+        );
+    }
 }
 
 fn short(id: &str) -> &str {

@@ -553,17 +553,10 @@ fn e2e_nonstop_forked_workers_switch_through_areas_of_their_own() {
     }
 }
 
-/// A child and a grandchild forked while a nonstop apply is between its last site and its
-/// commit store (the dispatches' flag): each has every site written and a copy of the flag
-/// still clear, so it runs the old code. The switch finishes them too — the grandchild
-/// included (session 4's review: only the target's own children were looked at) — and both
-/// run the new code, as the target does. The forks come from one of two worker threads: the
-/// tool keeps the thread it borrowed stopped for the whole switch, and which one it borrows
-/// (the main thread or a worker) is its choice; the other worker forks. (Checked with each:
-/// `LIVEPATCH_BORROW_COMM=forks` borrows the main thread, `=worker` a worker.)
-#[test]
-fn e2e_nonstop_apply_finishes_children_and_grandchildren_forked_before_its_commit() {
-    const TARGET: &str = r#"
+/// Two worker threads print compute(41); on SIGUSR1 one of them forks (in a child the forking
+/// worker is the only thread, and forks again on the child's SIGUSR1), the child printing
+/// "child PID" and then "child value=N".
+const FORKS: &str = r#"
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
@@ -598,8 +591,19 @@ int main(void) {
     for (;;) pause();
 }
 "#;
+
+/// A child and a grandchild forked while a nonstop apply is between its last site and its
+/// commit store (the dispatches' flag): each has every site written and a copy of the flag
+/// still clear, so it runs the old code. The switch finishes them too — the grandchild
+/// included (session 4's review: only the target's own children were looked at) — and both
+/// run the new code, as the target does. The forks come from one of two worker threads: the
+/// tool keeps the thread it borrowed stopped for the whole switch, and which one it borrows
+/// (the main thread or a worker) is its choice; the other worker forks. (Checked with each:
+/// `LIVEPATCH_BORROW_COMM=forks` borrows the main thread, `=worker` a worker.)
+#[test]
+fn e2e_nonstop_apply_finishes_children_and_grandchildren_forked_before_its_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = executable_from_source(dir.path(), "forks", TARGET, &["-pthread"]);
+    let exe = executable_from_source(dir.path(), "forks", FORKS, &["-pthread"]);
     let patch = compute_patch(dir.path(), &exe);
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
@@ -633,6 +637,56 @@ int main(void) {
         // SAFETY: a signal to a process this test made fork.
         unsafe { libc::kill(p.parse().unwrap(), libc::SIGKILL) };
     }
+}
+
+/// Review 11, L6: a grandchild forked mid-switch whose parent, a child forked mid-switch,
+/// exited is reparented (to init or a subreaper): no longer in the target's tree of parent
+/// links, it has the half-switched code all the same, and is finished too (found by the area
+/// it shares with the target). The child is killed and left unreaped by the target (a zombie:
+/// the target still has a child, so its descendants are looked for).
+#[test]
+fn review11_a_grandchild_whose_parent_exited_mid_switch_is_finished_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "forks", FORKS, &["-pthread"]);
+    let patch = compute_patch(dir.path(), &exe);
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "parent value=42");
+    let mut tool = KilledOnDrop(stop_tool_at(
+        &["apply", &pid, &patch, "--mode", "nonstop"],
+        "dispatch-flag",
+    ));
+    let fork_of = |parent: &str| -> String {
+        let mark = target.count();
+        // SAFETY: a signal to a process of this test.
+        unsafe { libc::kill(parent.parse().unwrap(), libc::SIGUSR1) };
+        let line = target.wait_line_after(mark, |l| l.starts_with("child ") && !l.contains('='));
+        line["child ".len()..].to_string()
+    };
+    let child = fork_of(&pid);
+    let grandchild = fork_of(&child);
+    // SAFETY: a signal to a process this test made fork.
+    unsafe { libc::kill(child.parse().unwrap(), libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while task_stat(&grandchild, &grandchild, 4).as_deref() == Some(child.as_str())
+        || task_stat(&child, &child, 3).as_deref() != Some("Z")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    target.expect_steady(3, |l| l.ends_with("value=42"));
+    // SAFETY: SIGCONT to the tool this test started.
+    unsafe { libc::kill(tool.0.id() as i32, libc::SIGCONT) };
+    assert!(tool.0.wait().unwrap().success());
+    // Parent and grandchild: the new code.
+    target.expect_steady(9, |l| l.ends_with("value=1041"));
+    let st = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap();
+    assert!(!st.contains(") Z"), "the grandchild ended");
+    // SAFETY: a signal to a process this test made fork.
+    unsafe { libc::kill(grandchild.parse().unwrap(), libc::SIGKILL) };
 }
 
 /// A tool stopped at a debug stop point, killed when the test ends, failed or not: left

@@ -18,7 +18,7 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const STOPPER: &str = r#"
@@ -107,6 +107,18 @@ fn stopped_with_an_orphan_program(
     dir: &std::path::Path,
     source: &str,
 ) -> (Target, String, String, u64) {
+    let (target, pid, patch, mut tool) = stopped_with_a_program(dir, source);
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    let page = orphan_program_page(&target, &pid);
+    (target, pid, patch, page)
+}
+
+/// `source` started with its area, then a nonstop apply, returned as soon as the watcher holds
+/// the process stopped with the callers' program requested and not started, while the apply
+/// waits for the agent's answer (100 ms: the caller kills or stops it at once, before it could
+/// cancel the program): (the target, its pid, the patch, the apply).
+fn stopped_with_a_program(dir: &std::path::Path, source: &str) -> (Target, String, String, Child) {
     let (target, pid, patch) = watched_target_with_area(dir, "stopper", source);
     target.wait_line(|l| l.starts_with("agent page "));
 
@@ -116,8 +128,6 @@ fn stopped_with_an_orphan_program(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // The watcher stops the process with the callers' program requested; the tool is killed
-    // while it waits for the agent's answer (100 ms), before it could cancel the program.
     let deadline = Instant::now() + PATIENCE;
     while !job_stopped(&pid) {
         assert!(
@@ -128,24 +138,27 @@ fn stopped_with_an_orphan_program(
         assert!(Instant::now() < deadline, "the target never stopped");
         std::thread::sleep(Duration::from_millis(1));
     }
-    tool.kill().unwrap();
-    tool.wait().unwrap();
+    (target, pid, patch, tool)
+}
+
+/// The agent's page, once the apply that gave it its program was killed; asserts the setup.
+fn orphan_program_page(target: &Target, pid: &str) -> u64 {
     let page = target.wait_line(|l| l.starts_with("agent page "));
     let page = u64::from_str_radix(page.trim_start_matches("agent page 0x"), 16).unwrap();
     target.wait_line(|l| l.starts_with("stopping with a program"));
     // The setup: a program requested (REQ != DONE), queued (NOPS), not started nor
     // cancelled (NEXT = 0), and the agent alive (TID).
     let (req, done, nops, next) = (
-        read_u32(&pid, page),
-        read_u32(&pid, page + 4),
-        read_u32(&pid, page + 212),
-        read_u32(&pid, page + 216),
+        read_u32(pid, page),
+        read_u32(pid, page + 4),
+        read_u32(pid, page + 212),
+        read_u32(pid, page + 216),
     );
     assert!(
-        req != done && nops > 0 && next == 0 && read_u32(&pid, page + 16) != 0,
+        req != done && nops > 0 && next == 0 && read_u32(pid, page + 16) != 0,
         "setup: REQ {req} DONE {done} NOPS {nops} NEXT {next:#x}"
     );
-    (target, pid, patch, page)
+    page
 }
 
 /// SIGCONT to the target, which must live on, running its original code.
@@ -205,6 +218,31 @@ fn review10_an_orphan_program_out_of_reach_refuses_the_recovery_until_the_agent_
         std::thread::sleep(Duration::from_millis(5));
     }
     livepatch_ok(&["revert", &pid]);
+    let status = livepatch_ok(&["status", &pid]);
+    assert!(status.contains("no patches applied"), "{status}");
+    continue_and_expect_the_original(&mut target);
+}
+
+/// Review 11, L3: the next livepatch looks for an orphaned agent before it attaches, and leaves
+/// an agent whose tool lives alone (that tool holds the process, its program is its own). A
+/// tool killed between that look and the attach leaves an orphan with its program requested:
+/// the next livepatch looks again once it holds the process, and cancels it.
+#[test]
+fn review11_a_tool_killed_between_the_orphan_look_and_the_attach_leaves_no_program_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut target, pid, _, mut tool) = stopped_with_a_program(dir.path(), STOPPER);
+    // Held, not killed, while it waits for the agent's answer: it lives, tracing its thread.
+    // SAFETY: kill only sends SIGSTOP to the apply.
+    unsafe { libc::kill(tool.id() as i32, libc::SIGSTOP) };
+    let revert = stop_tool_at(&["revert", &pid], "orphan-looked");
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    orphan_program_page(&target, &pid);
+    // SAFETY: kill only sends SIGCONT to the revert.
+    unsafe { libc::kill(revert.id() as i32, libc::SIGCONT) };
+    let out = revert.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "revert: {stderr}");
     let status = livepatch_ok(&["status", &pid]);
     assert!(status.contains("no patches applied"), "{status}");
     continue_and_expect_the_original(&mut target);

@@ -212,7 +212,8 @@ fn apply_here(
     // stop or change anything.)
     // Nonstop mode traces one thread only (borrowed for system calls): the others never stop.
     // An agent a killed nonstop switch left behind may still hold a write of its program.
-    switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
+    let left_to_its_tool = switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
+    crate::process::stop_point::reached("orphan-looked");
     let mut t = match opts.mode {
         Mode::Stop => Tracee::attach(pid)?,
         Mode::Nonstop => match look {
@@ -221,6 +222,10 @@ fn apply_here(
         },
     };
     t.release_on_drop();
+    if left_to_its_tool {
+        // Its tool may have been killed since: looked at again (review 11, L3).
+        switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
+    }
     phase("attached");
     t.check_seccomp(opts.mode == Mode::Nonstop)?;
     let existing = crate::state::read_with(pid, t.mem())?;
@@ -239,9 +244,6 @@ fn apply_here(
     phase("bytes verified");
     let callers = call_sites::verify(pid, t.mem(), &code, &target, patch, &existing)?;
     phase("callers verified");
-    // Nothing of the process's state refuses the apply any more: the borrowed thread may be
-    // asked to stop, and its stop runs beside what comes until its first use.
-    t.interrupt_early();
     // What needs no instruction tables first: the calling thread is still building them.
     let layout = Layout::of(&patch.object)
         .map_err(|e| Error::Unsupported(format!("patch {}: {e}", patch.id)))?;
@@ -535,14 +537,12 @@ fn apply_here(
             ) {
                 // Nonstop mode: threads that trapped meanwhile were sent through trampolines in
                 // the patch memory; each must be seen outside it (and not returning into it)
-                // before it goes, or it stays mapped.
+                // before it goes, or it stays mapped (seen as a revert sees them: through
+                // /proc, a thread stopped only when it cannot be seen so).
+                let area = [CodeRange::new(code_addr, code_addr + total_len)];
                 let nobody_inside = opts.mode == Mode::Stop
-                    || (t.attach_rest().is_ok()
-                        && modules::unwinder(pid).is_ok_and(|mut u| {
-                            let area = [CodeRange::new(code_addr, code_addr + total_len)];
-                            switch::wait_threads_outside(&mut t, &area, Some(&mut u), opts.timeout)
-                                .is_ok()
-                        }));
+                    || switch::wait_threads_outside_unstopped(&mut t, &area, opts.timeout)
+                        .unwrap_or(false);
                 if debug_info::undo(&mut t, &patch.id, Some(&debug)) && nobody_inside {
                     let _ = t.stop_any().and_then(|_| t.munmap(code_addr, total_len));
                 }

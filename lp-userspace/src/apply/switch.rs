@@ -12,7 +12,7 @@
 mod nonstop;
 mod trap_handler;
 
-pub(crate) use nonstop::{quiet_orphaned_agent, Early, Flag};
+pub(crate) use nonstop::{quiet_orphaned_agent, wait_threads_outside_unstopped, Early, Flag};
 
 use super::error::Error;
 use super::stacks;
@@ -254,6 +254,7 @@ fn stop_mode(
     let mut stats = SwitchStats::default();
     loop {
         stats.attempts += 1;
+        crate::process::stop_point::reached("stop-window");
         t.stop_all()?;
         let stopped_at = Instant::now();
         let mut stepped = 0;
@@ -286,6 +287,7 @@ fn stop_mode(
                 t.resume_all()?;
                 stats.stall_us = stall.as_micros() as u64;
                 r?;
+                crate::process::stop_point::reached("stop-resumed");
                 return Ok(stats);
             }
             Verdict::Busy(b) => {
@@ -373,64 +375,51 @@ fn write_all_stopped(
     result
 }
 
-/// Checks the threads one at a time (each stopped only for its own check) until none of them
-/// executes in `ranges` — nor, when an unwinder is given, will return into them. Threads found
-/// outside stay outside: the caller has already made the ranges unreachable.
-pub(crate) fn wait_threads_outside(
+/// Checks threads `tids` (traced) one at a time, each stopped only for its own check, and let
+/// go: returns those that execute in `ranges` — or, when an unwinder is given, will return
+/// into them. Threads found outside stay outside: the caller has already made the ranges
+/// unreachable. (The threads that need it: see `nonstop/outside.rs`, which sees the others
+/// from /proc, and waits.)
+pub(crate) fn threads_inside(
     t: &mut Tracee,
+    tids: &[i32],
     ranges: &[CodeRange],
     mut unwinder: Option<&mut crate::unwind::Unwinder>,
-    timeout: Duration,
-) -> Result<(), Error> {
+) -> Result<Vec<i32>, Error> {
+    let mut still = Vec::new();
     if ranges.is_empty() {
-        return Ok(());
+        return Ok(still);
     }
-    let deadline = crate::deadline::after(timeout);
-    let mut pending = t.threads();
-    while !pending.is_empty() {
-        let mut still = Vec::new();
-        for tid in pending {
-            // A thread blocked in a system call outside the ranges needs no stop: it resumes
-            // there, and nothing leads it back in. (Its stack matters only with an unwinder.)
-            if unwinder.is_none()
-                && t.blocked_in_syscall_at(tid)
-                    .is_some_and(|pc| !ranges.iter().any(|r| r.contains(pc)))
-            {
-                continue;
-            }
-            if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
-                continue; // exited meanwhile
-            }
-            let regs = t.regs(tid)?;
-            // Stopped right after one of our int3s with its SIGTRAP queued: it took the trap
-            // and the trap decision will move it; it is not executing the bytes behind it.
-            let trapped = ranges.iter().any(|r| r.start == regs.rip) && t.sigtrap_pending(tid);
-            let mut addrs = if trapped { vec![] } else { vec![regs.rip] };
-            if let Some(u) = unwinder.as_deref_mut() {
-                let bt = u.unwind(
-                    &crate::unwind::Registers::from_user_regs(&regs),
-                    t.mem(),
-                    512,
-                );
-                addrs.extend(bt.return_addresses);
-            }
-            t.resume_thread(tid)?;
-            t.poll_events()?;
-            if addrs.iter().any(|a| ranges.iter().any(|r| r.contains(*a))) {
-                still.push(tid);
-            }
+    for &tid in tids {
+        // A thread blocked in a system call outside the ranges needs no stop: it resumes
+        // there, and nothing leads it back in. (Its stack matters only with an unwinder.)
+        if unwinder.is_none()
+            && t.blocked_in_syscall_at(tid)
+                .is_some_and(|pc| !ranges.iter().any(|r| r.contains(pc)))
+        {
+            continue;
         }
-        if !still.is_empty() {
-            if Instant::now() > deadline {
-                return Err(Error::Busy {
-                    tid: still[0] as u32,
-                    function: "the code being switched".into(),
-                    waited_ms: timeout.as_millis() as u64,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        if t.stop_thread(tid).is_err() || !t.threads().contains(&tid) {
+            continue; // exited meanwhile
         }
-        pending = still;
+        let regs = t.regs(tid)?;
+        // Stopped right after one of our int3s with its SIGTRAP queued: it took the trap
+        // and the trap decision will move it; it is not executing the bytes behind it.
+        let trapped = ranges.iter().any(|r| r.start == regs.rip) && t.sigtrap_pending(tid);
+        let mut addrs = if trapped { vec![] } else { vec![regs.rip] };
+        if let Some(u) = unwinder.as_deref_mut() {
+            let bt = u.unwind(
+                &crate::unwind::Registers::from_user_regs(&regs),
+                t.mem(),
+                512,
+            );
+            addrs.extend(bt.return_addresses);
+        }
+        t.resume_thread(tid)?;
+        t.poll_events()?;
+        if addrs.iter().any(|a| ranges.iter().any(|r| r.contains(*a))) {
+            still.push(tid);
+        }
     }
-    Ok(())
+    Ok(still)
 }

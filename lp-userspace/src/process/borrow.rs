@@ -4,7 +4,9 @@
 //! The borrowed thread stays stopped for the whole switch (milliseconds), so the look wants
 //! the thread least likely to need a CPU meanwhile. It ranks the threads by
 //! - their class, the preference order of `attach_one`: blocked in a system call other than
-//!   futex, then blocked in any system call, then the main thread, then the others;
+//!   futex, then blocked in any system call, then the main thread, then the others, and last
+//!   a thread blocked in a call that a stop ends with EINTR (`epoll_wait`...: the program
+//!   would see it; a running thread only pauses);
 //! - a thread that blocks SIGTRAP is taken only when every thread does (whatever its class:
 //!   borrowed, it could not unblock it, and the switch would be busy at every try; review 9,
 //!   F2), and comes last in its class (see `History`);
@@ -72,6 +74,29 @@ enum Class {
     Main,
     /// Any other thread, running.
     Other,
+    /// Blocked in a call that a ptrace stop ends with EINTR, never restarted
+    /// ([`ends_with_eintr_when_stopped`]): borrowed, the program would see that EINTR (review
+    /// 8, M1). Taken only when no thread of another class is there: a running thread stopped
+    /// for the switch only pauses.
+    BlockedEintrOnStop,
+}
+
+/// Whether a thread blocked in system call `nr` sees it fail with EINTR once a ptrace stop
+/// interrupts it (signal(7), "Interruption of system calls and library functions by stop
+/// signals": the kernel does not restart these after a stop). A socket call under
+/// `SO_RCVTIMEO`/`SO_SNDTIMEO` does too; it cannot be told from the call's number alone.
+pub(crate) fn ends_with_eintr_when_stopped(nr: i64) -> bool {
+    [
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        libc::SYS_semop,
+        libc::SYS_semtimedop,
+        libc::SYS_rt_sigtimedwait,
+        libc::SYS_io_getevents,
+        333, // io_pgetevents (not in libc's list)
+    ]
+    .contains(&nr)
 }
 
 /// A thread's life so far: what it did before the look.
@@ -269,6 +294,9 @@ impl Look {
                 let class = match t.files.activity()? {
                     Activity::Blocked {
                         syscall: Some(nr), ..
+                    } if ends_with_eintr_when_stopped(nr) => Class::BlockedEintrOnStop,
+                    Activity::Blocked {
+                        syscall: Some(nr), ..
                     } if nr != libc::SYS_futex => Class::BlockedInCall,
                     Activity::Blocked {
                         syscall: Some(_), ..
@@ -364,7 +392,7 @@ impl Look {
         let blocked = match best.class {
             Class::BlockedInCall => true,
             Class::BlockedInFutex => !saw_in_call,
-            Class::Main | Class::Other => false,
+            Class::Main | Class::Other | Class::BlockedEintrOnStop => false,
         };
         let history = self.threads[best.index].history(self.pid);
         if !blocked || history.shunned() {

@@ -93,11 +93,7 @@ impl Memory {
     /// its status — even before it is a zombie), or the error. Checked at once: reads of
     /// unmapped addresses fail too, and callers may expect that.
     fn error(&self, op: &'static str, addr: u64, len: usize, err: std::io::Error) -> ProcessError {
-        let no_mm = || {
-            std::fs::read_to_string(format!("{}/status", super::proc_dir::dir(self.pid)))
-                .map_or(true, |s| !s.lines().any(|l| l.starts_with("VmSize:")))
-        };
-        if super::is_gone_or_zombie(self.pid) || no_mm() {
+        if super::is_gone_or_zombie(self.pid) || super::proc_dir::no_address_space(self.pid) {
             return ProcessError::Exited(self.pid);
         }
         ProcessError::Memory {

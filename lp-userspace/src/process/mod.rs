@@ -48,9 +48,6 @@ struct Thread {
     /// Signals that arrived while we had the thread busy (with their siginfo); delivered when
     /// we let it go.
     deferred: Vec<HeldSignal>,
-    /// Interrupted ahead of its first use ([`Tracee::interrupt_early`]), its stop not waited
-    /// for yet.
-    interrupted: bool,
 }
 
 /// The look for the thread a nonstop operation borrows ([`Tracee::attach_one`]), begun before
@@ -165,11 +162,17 @@ impl Tracee {
     /// livepatch out only while its one traced thread is seized, not while it re-picks one.
     pub fn attach(pid: i32) -> Result<Tracee> {
         let mut t = Tracee::open(pid, false, || lock_process_patiently(pid).map(Some))?;
-        while t.seize_new()? > 0 {}
-        if t.threads.is_empty() {
-            return Err(ProcessError::NoSuchProcess(pid));
+        loop {
+            while t.seize_new()? > 0 {}
+            if !t.threads.is_empty() {
+                return Ok(t);
+            }
+            // Every thread listed exited before its seize: the process too, or it lives on
+            // in threads started since (see `thread_gone`), listed again.
+            if proc_dir::exited(pid) {
+                return Err(ProcessError::NoSuchProcess(pid));
+            }
         }
-        Ok(t)
     }
 
     /// A tracee of `pid` with no thread seized yet, after the checks every attach makes (the
@@ -218,7 +221,8 @@ impl Tracee {
     /// Seizes ONE thread of `pid`, to borrow for system calls (nonstop mode): the others are
     /// never traced, so they never stop for us. Preferred: a thread blocked in a system call
     /// other than futex (it was not running anyway, and holds no libc lock), then any thread
-    /// blocked in a system call, then the main thread; within each, the one least likely to
+    /// blocked in a system call, then the main thread, and a thread blocked in a call that a
+    /// stop ends with EINTR (`epoll_wait`...) last; within each, the one least likely to
     /// want a CPU soon by a short look and by its life so far, and not one that blocks SIGTRAP
     /// (see `borrow.rs` for the look and when it ends).
     ///
@@ -263,8 +267,6 @@ impl Tracee {
             };
             match ptrace::seize(tid) {
                 Ok(()) => {
-                    // Not stopped yet: an operation refused by its checks must not stop it
-                    // (see `Tracee::interrupt_early`).
                     self.threads.insert(tid, Thread::default());
                     self.looked = look.into_files();
                     // Kept (two descriptors each) only while they leave 256 under the
@@ -281,27 +283,6 @@ impl Tracee {
             }
         }
         Err(ProcessError::Exited(self.pid))
-    }
-
-    /// A single-thread tracee: asks the borrowed thread to stop (PTRACE_INTERRUPT) without
-    /// waiting. Its first use (the sync agent's start, or a remote call) then only waits for
-    /// the stop, and the wait for it to get a CPU and reach the stop (50–150 µs on a loaded
-    /// machine) runs beside what the caller does meanwhile; the thread was picked as the one
-    /// least likely to want a CPU. For a caller whose checks will not refuse the operation
-    /// any more (save for errors of the patch itself): a stop ends some blocking calls of the
-    /// thread with EINTR even without a signal (epoll_wait, semop, sigtimedwait: signal(7)),
-    /// and a refused operation leaves the process as it was (review 12, M1: interrupted at
-    /// its seize, a thread's epoll_wait returned EINTR for an apply refused as already
-    /// applied).
-    pub fn interrupt_early(&mut self) {
-        if !self.single {
-            return;
-        }
-        for (&tid, t) in self.threads.iter_mut() {
-            if !t.stopped && !t.interrupted {
-                t.interrupted = ptrace::interrupt(tid).is_ok();
-            }
-        }
     }
 
     /// Seizes every other thread too (a single-thread tracee becomes an ordinary one).
@@ -367,6 +348,15 @@ impl Tracee {
         Ok(added)
     }
 
+    /// Thread `tid` has exited (and is reaped). An error only when the process has exited.
+    ///
+    /// Every thread traced may be gone while the process lives on in threads started since
+    /// (review 10, H1: a main thread that exited, threads that each live a few milliseconds).
+    /// A thread we hold stopped cannot exit on its own: only running ones are gone, so none
+    /// the caller is using. The set is left empty then, not refilled here: a thread seized
+    /// now would be running, and callers take every traced thread for stopped once
+    /// [`Tracee::stop_all`] has returned; the threads the process has now are seized (and
+    /// stopped) by the next [`Tracee::stop_all`] or [`Tracee::stop_any`], as at the attach.
     fn thread_gone(&mut self, tid: i32) -> Result<()> {
         self.threads.remove(&tid);
         let alive = !proc_dir::exited(self.pid);
@@ -374,7 +364,7 @@ impl Tracee {
         if self.single && self.threads.is_empty() && alive {
             return self.seize_one(borrow::Look::start(self.pid));
         }
-        if self.threads.is_empty() || !alive {
+        if !alive {
             self.threads.clear();
             return Err(ProcessError::Exited(self.pid));
         }
@@ -383,13 +373,6 @@ impl Tracee {
 
     /// Handles one wait report of `tid`. Returns true when the thread is now stopped for us.
     fn handle_report(&mut self, tid: i32, status: WaitStatus) -> Result<bool> {
-        // The interrupt of its seize, if any, is spent: the kernel clears a pending
-        // PTRACE_INTERRUPT at any stop (ptrace_stop). Whichever wait reaps the report (one
-        // for another thread: review 12, H1), the next stop of this thread needs an interrupt
-        // of its own, or it is waited for for ever.
-        if let Some(t) = self.threads.get_mut(&tid) {
-            t.interrupted = false;
-        }
         if let Some(walk) = self.walks.remove(&tid) {
             self.walk_on(tid, walk, status)?;
             return Ok(false);
@@ -510,22 +493,14 @@ impl Tracee {
         if t.stopped {
             return Ok(());
         }
-        // Interrupted ahead already (`interrupt_early`): its stop is only waited for.
-        let sent = t.interrupted;
-        if !sent {
-            match ptrace::interrupt(tid) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                    // Exited meanwhile: reap it.
-                }
-                Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
+        match ptrace::interrupt(tid) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                // Exited meanwhile: reap it.
             }
+            Err(e) => return Err(ProcessError::from_ptrace("INTERRUPT", self.pid, tid, e)),
         }
-        let r = self.wait_stopped(tid);
-        if let Some(t) = self.threads.get_mut(&tid) {
-            t.interrupted = false;
-        }
-        r
+        self.wait_stopped(tid)
     }
 
     /// Stops one thread, preferring one known to run without seccomp (a thread a remote call
@@ -566,6 +541,21 @@ impl Tracee {
                 .filter(|(_, t)| !t.stopped)
                 .map(|(&tid, _)| tid)
                 .collect();
+            if running.is_empty() {
+                // A thread may have cloned before it stopped: seize the newcomers, stopped in
+                // the next round. So are the threads of a process whose every traced thread
+                // exited while it ran (see `thread_gone`): it lives on in others.
+                if self.seize_new()? > 0 {
+                    continue;
+                }
+                if !self.threads.is_empty() {
+                    return Ok(());
+                }
+                if proc_dir::exited(self.pid) {
+                    return Err(ProcessError::Exited(self.pid));
+                }
+                continue;
+            }
             for &tid in &running {
                 match ptrace::interrupt(tid) {
                     Ok(()) => {}
@@ -575,10 +565,6 @@ impl Tracee {
             }
             for tid in running {
                 self.wait_stopped(tid)?;
-            }
-            // A thread may have cloned before it stopped: seize and stop the newcomers too.
-            if self.seize_new()? == 0 {
-                return Ok(());
             }
         }
     }
@@ -1464,16 +1450,31 @@ fn lock_process(pid: i32) -> Result<std::os::fd::OwnedFd> {
 /// livepatch sees alike, whatever pid namespace it runs in (the pid it sees may differ).
 /// `livepatch-lock-PID` when they cannot be read. `through`: [`proc_dir::dir`] of `pid`.
 fn lock_name(pid: i32, through: &str) -> String {
-    let ns = std::fs::read_link(format!("{through}/ns/pid"))
-        .ok()
-        .and_then(|l| {
-            let l = l
-                .to_str()?
-                .strip_prefix("pid:[")?
-                .strip_suffix(']')?
-                .to_string();
-            l.parse::<u64>().ok()
-        });
+    let ns_through = |through: &str| {
+        std::fs::read_link(format!("{through}/ns/pid"))
+            .ok()
+            .and_then(|l| {
+                let l = l
+                    .to_str()?
+                    .strip_prefix("pid:[")?
+                    .strip_suffix(']')?
+                    .to_string();
+                l.parse::<u64>().ok()
+            })
+    };
+    // A thread read through (the main thread has exited) may exit first, its namespace links
+    // with it: another is tried, or two livepatches would take locks of different names
+    // (review 10, H1: threads that live a few milliseconds).
+    let own = format!("/proc/{pid}");
+    let mut ns = ns_through(through);
+    let mut through = through.to_string();
+    for _ in 0..4 {
+        if ns.is_some() || through == own {
+            break;
+        }
+        through = proc_dir::dir(pid);
+        ns = ns_through(&through);
+    }
     let own_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

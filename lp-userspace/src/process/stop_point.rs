@@ -8,6 +8,11 @@
 //! `remote-syscall.NR`: system call number NR only; the stub-creating `mmap`, the one remote
 //! call that cannot be guarded, is not a point),
 //! `remote-call` (a borrowed thread stopped with a function call's registers set),
+//! `orphan-looked` (apply, revert: the look for a sync agent a killed livepatch left made,
+//! the process not yet attached),
+//! `stop-window` (stop mode: before each attempt's stop of every thread, the threads seized
+//! and running), `stop-resumed` (stop mode: the switch done and committed, every thread running
+//! again, the caller's work after it not yet done),
 //! `switch-written` (stop mode: every site written, the state not yet committed),
 //! `revert-written` (the same in a revert: the record still says applied),
 //! `dispatch-flag` (nonstop apply: every site leads to its dispatch, the flag not yet set),

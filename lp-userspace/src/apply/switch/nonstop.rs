@@ -23,6 +23,7 @@
 //! them (blocked or running, CPU time consumed, SIGTRAP pending) comes from /proc.
 
 mod area_name;
+mod outside;
 mod stacks;
 mod sync_agent;
 mod threads;
@@ -41,8 +42,10 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use sync_agent::{Op, SyncAgent};
+use sync_agent::{Calls, Op, SyncAgent};
 use threads::{Thread, Threads};
+
+pub(crate) use outside::wait_threads_outside_unstopped;
 
 /// CPU time a thread must have consumed since a sync before it counts as having moved on:
 /// past the few straight-line instructions behind an `int3` (lp-core refuses sites with a
@@ -179,7 +182,8 @@ pub(crate) struct Early {
     /// [`layout_areas`]): the agents living there then are orphans, not ours.
     areas: Vec<(u64, bool)>,
     area: Area,
-    current: KAction,
+    /// The program's SIGTRAP action, once read (by the preparation's first agent program).
+    current: Option<KAction>,
     agent: Option<SyncAgent>,
     /// The area was made by this apply (none was found).
     made: bool,
@@ -195,7 +199,7 @@ impl Early {
         let area = open_area(t, found)?;
         trace("area opened (before the preparation)", t0);
         let mut held = Vec::new();
-        let mut agent = SyncAgent::start(t, area.code, &mut held, false);
+        let agent = SyncAgent::start(t, area.code, &mut held, false);
         for (tid, signal) in held {
             t.hold(tid, signal);
         }
@@ -203,11 +207,12 @@ impl Early {
             &format!("sync agent {:?}", agent.as_ref().map(|a| a.tid())),
             t0,
         );
-        let current = current_action(t, &mut agent, &area)?;
+        // The program's SIGTRAP action is read by the preparation's first program (see
+        // `Early::map_patch`), or at the switch.
         Ok(Early {
             areas,
             area,
-            current,
+            current: None,
             agent,
             made: found.is_none(),
         })
@@ -243,11 +248,24 @@ impl Early {
             | libc::MAP_FIXED_NOREPLACE
             | libc::MAP_POPULATE;
         if let Some(a) = self.agent.as_mut() {
+            // The program's SIGTRAP action is read first, in the same program: one request
+            // and its answer fewer than a call of its own.
+            let scratch = self.area.data() + th::SCRATCH_OLD;
+            let read = self.current.is_none();
+            let mut ops = Vec::new();
+            if read {
+                t.vet_ahead(libc::SYS_rt_sigaction, [SIGTRAP, 0, scratch, 8, 0, 0])?;
+                ops.push(Op::SigAction {
+                    signal: SIGTRAP as u32,
+                    act: 0,
+                    old: scratch,
+                });
+            }
             t.vet_ahead(
                 libc::SYS_mmap,
                 [addr, len, prot::READ, flags as u64, u64::MAX, 0],
             )?;
-            let mut ops = vec![Op::Mmap { addr, len }];
+            ops.push(Op::Mmap { addr, len });
             for &(at, len, p) in protections
                 .iter()
                 .take_while(|(_, _, p)| sync_agent::MPROTECT_PROTS.contains(p))
@@ -259,7 +277,20 @@ impl Early {
                     prot: p,
                 });
             }
-            match a.calls(&ops, sync_agent::ANSWER_WAIT) {
+            let calls = a.calls(&ops, sync_agent::ANSWER_WAIT);
+            // The action read: kept (else it is read at the switch).
+            let first = usize::from(read);
+            if read && matches!(calls, Ok(Some(c)) if c.done >= 1) {
+                self.current = KAction::read(t.mem(), scratch).ok();
+            }
+            // From here on, `done` counts the mapping and the protections.
+            let calls = calls.map(|c| {
+                c.map(|c| Calls {
+                    done: c.done.saturating_sub(first),
+                    ..c
+                })
+            });
+            match calls {
                 Ok(Some(c)) if c.done >= 1 => return Ok((addr, c.done - 1)),
                 // Made, not counted (the agent silent right after it): mapped all the same; the
                 // protections after it were not set (review 11: mapped again elsewhere, this
@@ -434,7 +465,12 @@ pub(crate) fn run(
                 &format!("agent kept {:?}", e.agent.as_ref().map(|a| a.tid())),
                 t0,
             );
-            (Ok(e.current), e.agent)
+            let mut agent = e.agent;
+            let current = match e.current {
+                Some(c) => Ok(c),
+                None => current_action(t, &mut agent, &area),
+            };
+            (current, agent)
         }
         None => {
             let mut agent = SyncAgent::start(t, area.code, &mut held, true);
@@ -586,7 +622,8 @@ pub(crate) fn run(
         if was_installed && settled_bytes {
             let mut all = sites.to_vec();
             all.extend(flag.iter().flat_map(|f| f.then.iter().cloned()));
-            finish_children(t.pid(), (forks_before, began), &all, flag, result.is_ok());
+            let forks = (forks_before, began);
+            finish_children(t.pid(), forks, &area, &all, flag, result.is_ok());
         }
         trace("switched", t0);
         // A rollback that failed may have left int3s of ours in the code: the handler stays
@@ -743,7 +780,13 @@ fn tasks_created_so_far() -> Option<u64> {
 /// (session 4's review: it was missed); a process started before the switch has code of its
 /// own, which this switch never touched — it may even be in a switch of its own, which must
 /// not be "finished" from here (review session 5, #10).
-fn descendants_since(pid: i32, since: u64) -> Vec<i32> {
+///
+/// A process forked mid-switch whose parent (itself forked mid-switch) has exited is no longer
+/// linked to `pid` (reparented to init or a subreaper, review 11 L6), but still maps `pid`'s
+/// area (a shared memfd page: its copy is the same page), which names its owner: so a process
+/// started since that is not linked is taken when its memory at `owner_at` holds `owner` (one
+/// read each, for the few processes started during the switch).
+fn descendants_since(pid: i32, since: u64, owner_at: u64, owner: Option<[u8; 16]>) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -762,6 +805,16 @@ fn descendants_since(pid: i32, since: u64) -> Vec<i32> {
         i += 1;
     }
     found.remove(0);
+    if let Some(owner) = owner {
+        let unlinked: Vec<i32> = links
+            .iter()
+            .map(|l| l.0)
+            .filter(|p| *p != pid && !found.contains(p))
+            .collect();
+        found.extend(unlinked.into_iter().filter(|&p| {
+            Memory::open(p).is_ok_and(|mem| mem.read_vec(owner_at, 16).is_ok_and(|o| o == owner))
+        }));
+    }
     found
 }
 
@@ -807,6 +860,7 @@ fn boot_ticks_now() -> u64 {
 fn finish_children(
     pid: i32,
     (forks_before, began): (Option<u64>, u64),
+    area: &Area,
     sites: &[SiteSwitch],
     flag: Option<&Flag>,
     committed: bool,
@@ -824,7 +878,8 @@ fn finish_children(
     if !has_children {
         return;
     }
-    for child in descendants_since(pid, began) {
+    let owner_at = area.data() + th::OWNER;
+    for child in descendants_since(pid, began, owner_at, owner_of(pid)) {
         let Ok(mem) = Memory::open(child) else {
             continue; // gone
         };
@@ -1184,10 +1239,17 @@ fn areas_in(maps: &str) -> impl Iterator<Item = (u64, bool)> + '_ {
 /// not the page mapped through map_files. Otherwise every check is made as before on maps
 /// read afresh: the area's owner (a forked child sees its parent's area and agent), the tool
 /// still tracing, the agent's program.
+///
+/// Returns whether an agent was left alone because its tool lives: that tool holds the process
+/// and the caller's attach waits for it — but should it be killed before, its agent is an
+/// orphan by the time the caller holds the process, with a program that would be carried out
+/// after the caller's recovery (review 11, L3). The caller looks again once attached then.
+/// (In stop mode the attach seizes the agent too: a claim that must be resolved by hand finds
+/// it traced already, and the look refuses, writing nothing, as for any agent out of reach.)
 pub(crate) fn quiet_orphaned_agent(
     pid: i32,
     maps: Option<&[crate::maps::Mapping]>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let area_mapped = |m: &crate::maps::Mapping| {
         m.exec
             && m.path
@@ -1196,7 +1258,7 @@ pub(crate) fn quiet_orphaned_agent(
                 .is_some_and(|n| area_name::is_layout(n.trim_end_matches(" (deleted)")))
     };
     if maps.is_some_and(|maps| !maps.iter().any(area_mapped)) {
-        return Ok(());
+        return Ok(false);
     }
     let mem = Memory::open(pid)?;
     let text = match maps {
@@ -1217,12 +1279,13 @@ pub(crate) fn quiet_orphaned_agent(
     };
     codes.retain(|&code| sync_agent::living_agent(&mem, code).is_some());
     if codes.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     // Every area of this layout: one another build of livepatch made may hold an agent its
     // killed tool left too (the words are the same; its code may not be).
+    let mut left_to_its_tool = false;
     for (code, own) in layout_areas(pid, &mem)? {
-        sync_agent::quiet_orphan(pid, &mem, code, own).map_err(|e| {
+        left_to_its_tool |= sync_agent::quiet_orphan(pid, &mem, code, own).map_err(|e| {
             Error::Unfinished(format!(
                 "process {pid}: the sync agent (thread {}) of a killed livepatch{} may still carry out a write of its program (it is stopped, or out of our reach): nothing written; continue the process and try again",
                 e.tid,
@@ -1230,7 +1293,7 @@ pub(crate) fn quiet_orphaned_agent(
             ))
         })?;
     }
-    Ok(())
+    Ok(left_to_its_tool)
 }
 
 /// Process `pid`'s identity as an area records it: its pid and its start time (clock ticks

@@ -105,27 +105,62 @@ pub(super) fn stack_refers_to(
     sp: u64,
     ranges: &[CodeRange],
 ) -> bool {
+    search_stack(mem, maps, sp, ranges) == Search::Refers
+}
+
+/// What [`search_stack`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Search {
+    /// A word inside the ranges.
+    Refers,
+    /// None, in the whole of each stack.
+    Clear,
+    /// None in what was searched, but not all was: a stack deeper than [`STACK_SCAN_MAX`], one
+    /// in no mapping known, or more than [`MAX_STACKS`] of them.
+    Partly,
+}
+
+/// [`stack_refers_to`], telling a search that covered every stack whole from one that did not.
+pub(super) fn search_stack(
+    mem: &Memory,
+    maps: &mut Mappings,
+    sp: u64,
+    ranges: &[CodeRange],
+) -> Search {
     let mut todo = vec![sp];
     let mut searched: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut whole = true;
     while let Some(sp) = todo.pop() {
-        if searched.len() == MAX_STACKS {
-            break;
-        }
         let start = sp & !7;
         if searched.iter().any(|r| r.contains(&start)) {
             continue;
         }
-        let end = maps
-            .end_of(start)
+        let mapped = maps.end_of(start);
+        // A word that only looked like a signal frame's saved stack pointer (the test of
+        // `off_stack_contexts` is a heuristic): in no mapping, no frame lies there.
+        if mapped.is_none() && !searched.is_empty() {
+            continue;
+        }
+        if searched.len() == MAX_STACKS {
+            whole = false;
+            break;
+        }
+        let end = mapped
             .unwrap_or(start.saturating_add(UNMAPPED_SCAN))
             .min(start.saturating_add(STACK_SCAN_MAX));
+        whole &= mapped == Some(end);
         let Some(stack) = read_stack(mem, start, end, ranges) else {
-            return true;
+            return Search::Refers;
         };
+        whole &= stack.len() as u64 == end - start; // a page that could not be read
         todo.extend(off_stack_contexts(start, &stack));
         searched.push(start..end);
     }
-    false
+    if whole {
+        Search::Clear
+    } else {
+        Search::Partly
+    }
 }
 
 /// The bytes from `start` to `end` (8-aligned), read in chunks up to the first page that

@@ -1305,12 +1305,15 @@ fn resolve_claim(tid: i32, code: u64, shared: &Shared) -> Result<usize, Stuck> {
 /// upgraded meanwhile) the words are read and cancelled the same way, but a claimed write not
 /// carried out in time is not resolved by hand (that needs the agent's code, see
 /// [`resolve_claim`]): the agent is [`Stuck`] then, and nothing is written.
+///
+/// Returns whether a living agent was left alone because its tool lives (that tool's business,
+/// until it dies: the caller looks again once it holds the process).
 pub(crate) fn quiet_orphan(
     pid: i32,
     mem: &crate::process::Memory,
     code: u64,
     own: bool,
-) -> Result<(), Stuck> {
+) -> Result<bool, Stuck> {
     let Some(s) = Shared::map(pid, code) else {
         // The page cannot be mapped (a process whose main thread has exited has no map_files):
         // an agent living there can be neither cancelled nor resolved, and a program it was
@@ -1319,34 +1322,37 @@ pub(crate) fn quiet_orphan(
             Some(tid) if !tool_still_tracing(pid, agent_word(mem, code, TOOL)) => {
                 Err(Stuck { tid })
             }
-            _ => Ok(()),
+            agent => Ok(agent.is_some()),
         };
     };
     let tid = s.word(TID).load(Ordering::Acquire) as i32;
-    if tid == 0 || tool_still_tracing(pid, s.word(TOOL).load(Ordering::Acquire)) {
-        // No agent, or one whose tool lives: that tool holds the process (the attach that
-        // follows is refused), and its program is its own business (review 7, finding 6).
-        return Ok(());
+    if tid == 0 {
+        return Ok(false);
+    }
+    if tool_still_tracing(pid, s.word(TOOL).load(Ordering::Acquire)) {
+        // One whose tool lives: that tool holds the process (the attach that follows waits
+        // for it), and its program is its own business (review 7, finding 6).
+        return Ok(true);
     }
     let claimed = s.word(NEXT).fetch_or(CANCELLED, Ordering::AcqRel) & !CANCELLED;
     let deadline = Instant::now() + Duration::from_millis(100);
     loop {
         let done = s.word(COMPLETED).load(Ordering::Acquire);
         if done >= claimed || s.word(TID).load(Ordering::Acquire) == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let op = OPS + u64::from(done) * OP_LEN;
         if done + 1 == claimed
             && (done as usize) < MAX_OPS
             && s.word(op).load(Ordering::Acquire) == OP_SYNC
         {
-            return Ok(());
+            return Ok(false);
         }
         if Instant::now() > deadline {
             if !own {
                 return Err(Stuck { tid });
             }
-            return resolve_claim(tid, code, &s).map(drop);
+            return resolve_claim(tid, code, &s).map(|_| false);
         }
         std::thread::sleep(Duration::from_micros(200));
     }
