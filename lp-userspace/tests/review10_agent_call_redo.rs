@@ -27,9 +27,10 @@ fn review10_an_agent_call_made_but_not_answered_is_not_taken_for_the_program_cha
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42 action=prog");
 
-    // The tool stopped with our action's rt_sigaction loaded in the agent's page (the first
-    // agent-call.13 is the install's), the agent waiting for it.
-    let tool = stop_tool_at(&nonstop_apply(&pid, &patch), "agent-call.13");
+    // The tool stopped with our action's rt_sigaction loaded in the agent's page (the second
+    // agent-call.13 is the install's: the first, since paced 9ed698a, is the agent's read of
+    // the program's action, whose redo is harmless), the agent waiting for it.
+    let tool = stop_tool_at(&nonstop_apply(&pid, &patch), "agent-call.13:2");
     let line = stop_the_agent_after_call(&helper, &pid, &tool, 13);
     assert_eq!(
         line.trim(),

@@ -8,37 +8,13 @@
 
 mod common;
 use common::*;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const ORIGINAL: &str = "direct=42 tail=100021 pointer=42";
 const NEW: &str = "direct=1041 tail=101020 pointer=1041";
 
-/// Runs livepatch `args`; if it has not ended after [`PATIENCE`] (it hung), kills it and
-/// fails. Returns (exit code, stderr).
+/// Runs livepatch `args` (bounded: a hang fails); returns (exit code, stderr).
 fn run_bounded(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(livepatch_bin())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "livepatch {args:?} hung (killed after {PATIENCE:?}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = livepatch_bounded(args, &[]);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

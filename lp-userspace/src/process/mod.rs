@@ -463,10 +463,20 @@ impl Tracee {
         }
     }
 
+    /// Waits until `tid`, asked to stop (PTRACE_INTERRUPT), is stopped for us.
     fn wait_stopped(&mut self, tid: i32) -> Result<()> {
         while self.threads.get(&tid).is_some_and(|t| !t.stopped) {
             let st = self.wait_for(tid)?;
+            let signal_stop = matches!(st, WaitStatus::Signal(_));
             self.handle_report(tid, st)?;
+            // Any ptrace stop spends a pending interrupt (`ptrace_stop`): a thread that was
+            // already on its way to take a signal when asked stops for the signal instead,
+            // and once continued with it would never stop for us (review 12, L3: a window of
+            // a few instructions). Asked again; when the interrupt came during that stop it
+            // is still pending, and asking again changes nothing.
+            if signal_stop && self.threads.get(&tid).is_some_and(|t| !t.stopped) {
+                let _ = ptrace::interrupt(tid);
+            }
         }
         Ok(())
     }

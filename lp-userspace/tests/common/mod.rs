@@ -109,6 +109,31 @@ pub fn livepatch_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run livepatch")
 }
 
+/// Runs `livepatch args...` with extra environment variables; if it has not ended after
+/// [`PATIENCE`] (it hung), kills it and fails.
+pub fn livepatch_bounded(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(livepatch_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run livepatch");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("wait for livepatch").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait for livepatch");
+            panic!(
+                "livepatch {args:?} hung (killed after {PATIENCE:?}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait for livepatch")
+}
+
 /// Runs `livepatch args...` with `LIVEPATCH_TRACE`, asserts success; returns its trace.
 pub fn traced(args: &[&str]) -> String {
     let out = livepatch_env(args, &[("LIVEPATCH_TRACE", "1")]);
