@@ -327,9 +327,15 @@ impl Tracee {
         self.trap_hook = hook;
     }
 
+    /// Drops what [`Tracee::keep_until_unlock`] kept now: a sync agent told to exit is waited
+    /// for (at most a second), so that a look at the process's threads does not find it.
+    pub(crate) fn drop_kept(&mut self) {
+        self.until_unlock.clear();
+    }
+
     fn seize_new(&mut self) -> Result<usize> {
         // A sync agent told to exit is gone first: it is no thread of the program to seize.
-        self.until_unlock.clear();
+        self.drop_kept();
         let mut added = 0;
         for tid in list_tasks(self.pid)? {
             if self.threads.contains_key(&tid) {
@@ -1135,7 +1141,8 @@ impl Tracee {
     /// then, before the per-process lock is given up: a nonstop switch's sync agent, told to
     /// exit, whose exit is waited for there — beside the release of the borrowed thread, not
     /// before it — and still before another livepatch may find it alive. (Dropped sooner when
-    /// more threads are seized: [`Tracee::attach_rest`] must not find such an agent.)
+    /// more threads are seized — [`Tracee::attach_rest`] must not find such an agent — or
+    /// threads are looked at: [`Tracee::drop_kept`].)
     pub(crate) fn keep_until_unlock(&mut self, thing: Box<dyn std::any::Any>) {
         self.until_unlock.push(thing);
     }

@@ -112,6 +112,9 @@ pub(crate) fn wait_threads_outside_unstopped(
     ranges: &[CodeRange],
     timeout: Duration,
 ) -> Result<bool, Error> {
+    // The switch's sync agent, told to exit, is gone first: listed, it would be looked at
+    // (and stopped, when it runs on) as a thread of the program (review 12's merge note).
+    t.drop_kept();
     let pid = t.pid();
     let began = Instant::now();
     let deadline = crate::deadline::after(timeout);
