@@ -9,7 +9,8 @@
 //!   would see it; a running thread only pauses);
 //! - a thread that blocks SIGTRAP is taken only when every thread does (whatever its class:
 //!   borrowed, it could not unblock it, and the switch would be busy at every try; review 9,
-//!   F2), and comes last in its class (see `History`);
+//!   F2), and comes last in its class (see `History`); so is a thread under a real-time
+//!   policy (the program wants its wake-ups served at once; session 12);
 //! - then the CPU each used *or waited for* during the look (schedstat's runtime + run_delay:
 //!   on a loaded machine a busy thread may get little CPU in the look; review 8, B1), or what
 //!   its history says a look this long shows of it (its share of a CPU over its life, see
@@ -106,6 +107,12 @@ struct History {
     /// clone; a thread that waits in sigwait): borrowed, it could not unblock it before the
     /// switch, which then refuses the process as busy (nsio's request, session 9).
     sigtrap_blocked: bool,
+    /// It runs under a real-time policy (SCHED_FIFO, SCHED_RR, SCHED_DEADLINE): the program
+    /// made it so because its wake-ups must be served at once, and a borrowed thread waits
+    /// for the whole switch. Taken only when every thread is one (as a thread that blocks
+    /// SIGTRAP). (Review 7's watcher threads, SCHED_FIFO and blocked in a futex, were borrowed
+    /// when the look ended early on them: each then watched nothing — session 12.)
+    realtime: bool,
     /// The share of a CPU it used over its life, in parts per million (start-up included),
     /// or the share it used *or waited for* when it ran in stretches longer than
     /// [`LONG_STRETCH_NS`] on average (each time it was switched in). The wait counts, as in
@@ -128,9 +135,14 @@ impl History {
         self.share_ppm > BUSY_SHARE_PPM
     }
 
-    /// Not to be taken before the last step of the look: busy, or blocking SIGTRAP.
+    /// Not to be taken before the last step of the look: busy, blocking SIGTRAP, or real-time.
     fn shunned(&self) -> bool {
-        self.busy() || self.sigtrap_blocked
+        self.busy() || self.sigtrap_blocked || self.realtime
+    }
+
+    /// Taken only when every thread is so (see [`Look::best`]).
+    fn last_resort(&self) -> bool {
+        self.sigtrap_blocked || self.realtime
     }
 
     /// What a look of `look_ns` should have seen of this thread, by its history.
@@ -171,9 +183,9 @@ impl Looked {
         *self.history.get_or_init(|| {
             let tid = self.files.tid();
             let now = self.files.schedstat();
-            match (now, observe::age_and_blocked(pid, tid)) {
-                (Some(now), Some((age, blocked))) => {
-                    let age = age.max(MIN_AGE_NS) as u128;
+            match (now, observe::life(pid, tid)) {
+                (Some(now), Some(life)) => {
+                    let age = life.age_ns.max(MIN_AGE_NS) as u128;
                     let per =
                         |v: u64, unit: u128| (v as u128 * unit / age).min(u64::MAX as u128) as u64;
                     let stretch = now.runtime_ns / now.run_count.max(1);
@@ -183,7 +195,8 @@ impl Looked {
                         now.runtime_ns
                     };
                     History {
-                        sigtrap_blocked: blocked & observe::bit(libc::SIGTRAP) != 0,
+                        sigtrap_blocked: life.blocked & observe::bit(libc::SIGTRAP) != 0,
+                        realtime: life.realtime,
                         share_ppm: per(counted, 1_000_000),
                         wakes_per_s: per(now.run_count, 1_000_000_000),
                     }
@@ -191,6 +204,7 @@ impl Looked {
                 // Gone: ranked last, never taken early.
                 _ => History {
                     sigtrap_blocked: true,
+                    realtime: true,
                     share_ppm: u64::MAX,
                     wakes_per_s: u64::MAX,
                 },
@@ -342,7 +356,7 @@ impl Look {
             let Some(b) = self.best_of_class(seen, class, look_ns) else {
                 continue;
             };
-            if !self.threads[b.index].history(self.pid).sigtrap_blocked {
+            if !self.threads[b.index].history(self.pid).last_resort() {
                 return Some(b);
             }
             fallback.get_or_insert(b);
@@ -366,7 +380,7 @@ impl Look {
             let t = &self.threads[s.index];
             let h = t.history(self.pid);
             (
-                h.sigtrap_blocked,
+                h.last_resort(),
                 bucket(s.used.max(h.expected_ns(look_ns))),
                 h.wakes_per_s,
                 t.files.tid(),

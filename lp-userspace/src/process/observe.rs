@@ -323,17 +323,34 @@ pub fn age_ns(pid: i32, tid: i32) -> Option<u64> {
     Some(now.saturating_sub(start_ticks * (1_000_000_000 / hz)))
 }
 
-/// How long thread `tid` has existed, in nanoseconds (as [`age_ns`]), and the signals among
-/// 1–32 it blocks (field 32 of its stat, the low half of its status SigBlk), from one read of
-/// its stat; `None` when it is gone.
-pub fn age_and_blocked(pid: i32, tid: i32) -> Option<(u64, u64)> {
+/// What one read of a thread's stat tells of its life ([`life`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Life {
+    /// How long it has existed, in nanoseconds (as [`age_ns`]).
+    pub age_ns: u64,
+    /// The signals among 1–32 it blocks (field 32, the low half of its status SigBlk).
+    pub blocked: u64,
+    /// It runs under a real-time policy (field 41: SCHED_FIFO, SCHED_RR or SCHED_DEADLINE).
+    pub realtime: bool,
+}
+
+/// Thread `tid`'s [`Life`], from one read of its stat; `None` when it is gone.
+pub fn life(pid: i32, tid: i32) -> Option<Life> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let start_ticks: u64 = fields.nth(19)?.parse().ok()?;
     let blocked: u64 = fields.nth(9)?.parse().ok()?;
-    Some((age_since(start_ticks), blocked))
+    let policy: i32 = fields.nth(8)?.parse().ok()?;
+    Some(Life {
+        age_ns: age_since(start_ticks),
+        blocked,
+        realtime: matches!(policy, libc::SCHED_FIFO | libc::SCHED_RR | SCHED_DEADLINE),
+    })
 }
+
+/// Linux's SCHED_DEADLINE (not in every libc).
+const SCHED_DEADLINE: i32 = 6;
 
 /// Nanoseconds since `start_ticks` clock ticks after boot.
 fn age_since(start_ticks: u64) -> u64 {
