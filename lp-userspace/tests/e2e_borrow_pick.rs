@@ -23,6 +23,10 @@ static volatile int started;
 
 static void *poller(void *arg) {
     (void)arg;
+#ifdef RT_POLLER
+    struct sched_param rt = {.sched_priority = 1};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &rt) != 0) printf("no SCHED_FIFO\n");
+#endif
     printf("poller %ld\n", (long)syscall(SYS_gettid));
     __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
     for (;;) poll(NULL, 0, -1);
@@ -75,6 +79,33 @@ fn e2e_borrow_a_thread_waiting_for_input_not_one_that_wakes_every_millisecond() 
         "threads other than the poller {poller} were borrowed {} times of {rounds}: {others:?} \
          (the main thread is {pid})",
         others.len()
+    );
+}
+
+/// The same server whose poller runs under SCHED_FIFO (a thread the program wants served at
+/// once): it is never borrowed while a thread of the default policy is there — here the main
+/// thread and the futex waiters (without the rule it is borrowed every time, as above).
+#[test]
+fn e2e_borrow_not_a_real_time_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable_from_source(dir.path(), "server", SERVER, &["-pthread", "-DRT_POLLER"]);
+    let target = Target::spawn(&exe, &[]);
+    let pid: i32 = target.pid().parse().unwrap();
+    target.wait_line(|l| l.starts_with("ready"));
+    if target.lines().iter().any(|l| l == "no SCHED_FIFO") {
+        eprintln!("skipped: SCHED_FIFO refused here");
+        return;
+    }
+    let poller: i32 = target.wait_line(|l| l.starts_with("poller "))["poller ".len()..]
+        .parse()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let rounds = 20;
+    let picks = borrow_picks(pid, rounds, (137, 1000), || wait_blocked(pid, poller));
+    let rt = picks.iter().filter(|&&p| p == poller).count();
+    assert_eq!(
+        rt, 0,
+        "the SCHED_FIFO poller {poller} was borrowed {rt} times of {rounds}"
     );
 }
 
