@@ -63,10 +63,10 @@ fn revert_here(
     // An agent a killed nonstop switch left behind may still hold a write of its program.
     let left_to_its_tool = switch::quiet_orphaned_agent(pid, None)?;
     crate::process::stop_point::reached("orphan-looked");
-    let mut t = match (mode, look) {
-        (Mode::Nonstop, Some(look)) => Tracee::attach_one_looked(look)?,
-        (Mode::Nonstop, None) => Tracee::attach_one(pid)?,
-        (Mode::Stop, _) => Tracee::attach(pid)?,
+    // A look, in nonstop mode only: one thread is borrowed; stop mode attaches every thread.
+    let mut t = match look {
+        Some(look) => Tracee::attach_one_looked(look)?,
+        None => Tracee::attach(pid)?,
     };
     t.release_on_drop();
     if left_to_its_tool {

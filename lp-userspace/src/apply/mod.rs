@@ -214,12 +214,10 @@ fn apply_here(
     // An agent a killed nonstop switch left behind may still hold a write of its program.
     let left_to_its_tool = switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
     crate::process::stop_point::reached("orphan-looked");
-    let mut t = match opts.mode {
-        Mode::Stop => Tracee::attach(pid)?,
-        Mode::Nonstop => match look {
-            Some(look) => Tracee::attach_one_looked(look)?,
-            None => Tracee::attach_one(pid)?,
-        },
+    // A look, in nonstop mode only: one thread is borrowed; stop mode attaches every thread.
+    let mut t = match look {
+        Some(look) => Tracee::attach_one_looked(look)?,
+        None => Tracee::attach(pid)?,
     };
     t.release_on_drop();
     if left_to_its_tool {
