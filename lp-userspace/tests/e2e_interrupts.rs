@@ -1,8 +1,11 @@
 //! An operator's Ctrl-C (or a SIGTERM from a service manager) in the middle of a switch must not
 //! leave the target half-patched: `livepatch apply` holds those signals back until the switch is
 //! done, then dies of the signal as usual. The signal is sent while the tool is inside the
-//! switch — trap handler installed in the target, int3s about to be written (the nonstop trace
-//! line) — and the target must end up wholly patched, with its own SIGTRAP action back.
+//! switch — trap handler installed in the target, every site leading to its dispatch, the
+//! commit not yet made: the tool stopped there (`LIVEPATCH_DEBUG_STOP=dispatch-flag`), sent the
+//! signal, then continued — and the target must end up wholly patched, with its own SIGTRAP
+//! action back. (Sent on a trace line instead, the signal came too late once the tool ran
+//! real-time: the switch was over and the tool gone by then.)
 
 mod common;
 use common::*;
@@ -34,6 +37,7 @@ fn interrupted_mid_switch(signal: i32) {
     let mut tool = Command::new(livepatch_bin())
         .args(["apply", &pid, patch.to_str().unwrap(), "--mode", "nonstop"])
         .env("LIVEPATCH_TRACE", "1")
+        .env("LIVEPATCH_DEBUG_STOP", "dispatch-flag")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -43,14 +47,17 @@ fn interrupted_mid_switch(signal: i32) {
     loop {
         line.clear();
         let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "the tool ended before installing its trap handler");
-        if line.contains("nonstop installed") {
+        assert!(n > 0, "the tool ended before it reached the commit");
+        if line.contains("livepatch: debug: stopped at dispatch-flag") {
             break;
         }
     }
-    // Inside the switch: our handler is in the target, no int3 written yet.
-    // SAFETY: a plain kill(2) of the child we started.
+    // Inside the switch (the tool stopped): our handler is in the target, every site leads to
+    // its dispatch, the flag is not set. The signal comes, then the tool goes on.
+    // SAFETY: plain kill(2)s of the child we started.
     assert_eq!(unsafe { libc::kill(tool.id() as i32, signal) }, 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) }, 0);
     let rest: Vec<String> = stderr.lines().map_while(Result::ok).collect();
     let status = tool.wait().unwrap();
     assert_eq!(

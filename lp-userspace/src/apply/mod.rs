@@ -189,7 +189,12 @@ fn apply_here(
     report: &mut dyn FnMut(&Result<Applied, Error>),
 ) -> Result<Applied, Error> {
     let t0 = Instant::now();
+    // The tracer gets a CPU as soon as it wakes (see `process/realtime.rs`).
+    let realtime = crate::process::realtime::RealTime::start();
     let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
+    if trace {
+        eprintln!("livepatch: trace: tracer real-time: {}", realtime.raised());
+    }
     let phase = |what: &str| {
         if trace {
             eprintln!(
@@ -311,7 +316,10 @@ fn apply_here(
         let planner = guess.and_then(|at| {
             std::thread::Builder::new()
                 .name("livepatch-plan".into())
-                .spawn_scoped(s, move || (at, plan_at(at)))
+                .spawn_scoped(s, move || {
+                    crate::process::realtime::favour_helper();
+                    (at, plan_at(at))
+                })
                 .ok()
         });
         let early = match opts.mode {
@@ -320,7 +328,7 @@ fn apply_here(
                 // until the encoder's tables are built rather than spinning in iced beside
                 // their builder (see `iced_tables`).
                 iced_tables::need(iced_tables::Tables::Encoder);
-                let early = switch::Early::start(&mut t).map(Some);
+                let early = switch::Early::start(&mut t, opts.timeout).map(Some);
                 phase("switch's agent started");
                 early
             }

@@ -15,6 +15,7 @@ mod mem;
 pub mod observe;
 pub(crate) mod proc_dir;
 pub mod ptrace;
+pub(crate) mod realtime;
 pub mod remote_call;
 mod restart;
 pub mod seccomp;

@@ -187,12 +187,17 @@ pub(crate) struct Early {
     agent: Option<SyncAgent>,
     /// The area was made by this apply (none was found).
     made: bool,
+    /// The switch's wait for a thread keeping SIGTRAP blocked ([`refuse_if_sigtrap_blocked`]).
+    timeout: Duration,
+    /// The switch's first look at the threads, taken while the agent maps the patch memory
+    /// (see [`FirstLook`]).
+    first_look: Option<FirstLook>,
 }
 
 impl Early {
     /// Opens the area, reads the SIGTRAP action and starts the agent on `t`'s borrowed thread
     /// (see [`Early`]). An error leaves what a switch failing there leaves (an area made stays).
-    pub(crate) fn start(t: &mut Tracee) -> Result<Early, Error> {
+    pub(crate) fn start(t: &mut Tracee, timeout: Duration) -> Result<Early, Error> {
         let t0 = Instant::now();
         let areas = layout_areas(t.pid(), t.mem())?;
         let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
@@ -215,6 +220,8 @@ impl Early {
             current: None,
             agent,
             made: found.is_none(),
+            timeout,
+            first_look: None,
         })
     }
 
@@ -277,7 +284,22 @@ impl Early {
                     prot: p,
                 });
             }
-            let calls = a.calls(&ops, sync_agent::ANSWER_WAIT);
+            // The switch's first look at the threads is taken meanwhile, once: the tool would
+            // only wait (the planner is usually done by now).
+            let mut first = None;
+            let calls = {
+                let (areas, code, agent, timeout) =
+                    (&self.areas, self.area.code, a.tid(), self.timeout);
+                let wanted = self.first_look.is_none();
+                a.calls_meanwhile(&ops, sync_agent::ANSWER_WAIT, &mut || {
+                    if wanted {
+                        first = Some(FirstLook::take(t, areas, Some(code), Some(agent), timeout));
+                    }
+                })
+            };
+            if first.is_some() {
+                self.first_look = first;
+            }
             // The action read: kept (else it is read at the switch).
             let first = usize::from(read);
             if read && matches!(calls, Ok(Some(c)) if c.done >= 1) {
@@ -350,7 +372,7 @@ pub(crate) fn run(
     mut early: Option<Early>,
 ) -> Result<SwitchStats, Error> {
     let (began_at, cpu_at) = (Instant::now(), thread_cpu_us());
-    let precise = timer_slack::Precise::start();
+    let _precise = timer_slack::Precise::start();
     verify_expected(t.mem(), sites)?;
     if sites.len() > th::MAX_SITES {
         return Err(Error::Unsupported(format!(
@@ -367,37 +389,28 @@ pub(crate) fn run(
     // this build's area, opened already (perhaps made since the areas were looked for):
     // listed with the orphans, it is told from the program's threads in any state, as they
     // are (and skipped twice where the switch's agent is skipped, which changes nothing).
-    let areas = match &early {
-        Some(e) => e.areas.clone(),
-        None => layout_areas(t.pid(), t.mem())?,
-    };
-    let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
-    let mut agents = Agents {
-        code: early.as_ref().map(|e| e.area.code).or(found),
-        orphans: areas
-            .iter()
-            .filter_map(|&(code, _)| sync_agent::living_agent(t.mem(), code))
-            .collect(),
-    };
-    if let Some(tid) = early
-        .as_ref()
-        .and_then(|e| e.agent.as_ref().map(SyncAgent::tid))
-    {
-        if !agents.orphans.contains(&tid) {
-            agents.orphans.push(tid);
+    let (found, first) = match early.as_mut() {
+        Some(e) => {
+            let first = e.first_look.take().unwrap_or_else(|| {
+                let agent = e.agent.as_ref().map(SyncAgent::tid);
+                FirstLook::take(t, &e.areas, Some(e.area.code), agent, timeout)
+            });
+            (None, first)
         }
-    }
-    // Every thread's /proc files, opened at this first look and read again by the later ones
-    // (see `threads.rs`); those the borrow's look opened are not opened again.
-    let threads = RefCell::new(Threads::with_files(t.pid(), t.take_looked_files()));
+        None => {
+            let areas = layout_areas(t.pid(), t.mem())?;
+            let found = areas.iter().find_map(|&(code, own)| own.then_some(code));
+            (found, FirstLook::take(t, &areas, found, None, timeout))
+        }
+    };
+    let FirstLook {
+        mut agents,
+        threads,
+        checked,
+    } = first;
+    let threads = RefCell::new(threads);
     trace("area looked for", began_at);
-    refuse_if_sigtrap_blocked(
-        &mut threads.borrow_mut(),
-        t.pid(),
-        &t.threads(),
-        timeout,
-        &agents,
-    )?;
+    checked?;
     trace("signal masks checked", began_at);
     let columns = decisions(sites)?;
     let mut area = match &early {
@@ -443,17 +456,11 @@ pub(crate) fn run(
     })));
 
     let t0 = Instant::now();
-    // From the first int3 to the last, every call of a switched function costs a trap: the
-    // tool must not wait behind the trapping threads for a CPU.
-    // Only the tool's own thread: a boosted thread of the target would stay SCHED_FIFO for
-    // good if the tool were killed mid-switch, and a busy one would then starve its CPU
-    // (review session 3, R1). iced-x86's tables (settle decodes) are built first: they are
-    // built under a spinning lock, and a SCHED_FIFO thread spinning on it while another thread
-    // of ours builds them can keep that one from a CPU (review R4; a library caller's warm-up
-    // thread may still be at it).
+    // iced-x86's tables (settle decodes) are built first, waited for asleep: they are built
+    // under a spinning lock, and a thread of ours spinning on it while another one builds them
+    // can keep that one from a CPU — the tracer runs SCHED_FIFO (`process/realtime.rs`;
+    // review R4; a library caller's warm-up thread may still be at it).
     crate::apply::modules::warm_instruction_tables();
-    let realtime = realtime_window_wanted();
-    let mut boost = None;
     // The sync agent first: the system calls before the first int3 — the read of the
     // program's SIGTRAP action, our action, the membarrier registration, the look at the
     // other actions — and the uninstall's are its requests, not ptrace stops (see
@@ -527,12 +534,6 @@ pub(crate) fn run(
     // writes nothing: its sites, and those of windows after it, are not rolled back).
     let mut started = Started::default();
     let mut result = ready.and_then(|()| {
-        // From the first int3 only, and only when asked (see `realtime_window_wanted`):
-        // before, the tool mostly waits for the borrowed thread, and a SCHED_FIFO tool
-        // preempts a thread of the target (in the middle of a call) at each of its wake-ups.
-        if realtime {
-            boost = Some(RtBoost::start(0));
-        }
         let rules = SettleRules {
             timeout,
             unmasked_handler: unmasked,
@@ -615,10 +616,6 @@ pub(crate) fn run(
             watch.look(t.mem(), &mut threads);
             watch
         });
-        drop(boost);
-        // Back from SCHED_FIFO the kernel gives the thread its default slack again (a real-time
-        // thread has none): the uninstall's sleeps are to be as short as asked too.
-        precise.renew();
         if was_installed && settled_bytes {
             let mut all = sites.to_vec();
             all.extend(flag.iter().flat_map(|f| f.then.iter().cloned()));
@@ -682,81 +679,6 @@ pub(crate) fn run(
         traps: hits + t.traps_handled,
         trap_handler_kept: kept,
     })
-}
-
-/// Whether the tool's thread runs the int3 window at real-time priority (SCHED_FIFO): only
-/// when the caller runs at a raised priority itself (a negative nice, as `livepatch --boost`
-/// sets; the tool's threads inherit it). (The sync agent always does: its bursts are a few
-/// µs, see sync_agent.rs.)
-///
-/// Why not always. Real-time priority shortens the window on a busy machine (fewer traps),
-/// but each wake-up of a SCHED_FIFO thread preempts a thread of the target at once, in the
-/// middle of a call if need be, for the whole of the tool's burst (its looks at /proc while
-/// settling). On this project's 2-CPU machine the longest single call of the process_patch
-/// bench during a nonstop apply (the stall figure) was ~1.7x longer with it: A/B at
-/// load 1.3-1.6, 30 rounds each, medians 395-533 us with, 207-327 us without (session 4),
-/// although it took 3x fewer traps.
-fn realtime_window_wanted() -> bool {
-    // SAFETY: plain system calls with no memory arguments; 0 names the calling thread
-    // (Linux keeps a nice value per thread). -1 is a valid nice, hence the errno check.
-    unsafe {
-        *libc::__errno_location() = 0;
-        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
-        nice < 0 && *libc::__errno_location() == 0
-    }
-}
-
-/// A thread runs under SCHED_FIFO while this lives, and gets its scheduling policy back when
-/// it is dropped. Used for the tool's own thread during the int3 window (its writes and its
-/// looks at /proc): under the default policy, on a small or busy machine, the trapping threads
-/// (and everything else) take the CPU from it, and the window — with the traps it costs —
-/// grows. It sleeps between its steps, so it never keeps a CPU for long. Without the
-/// privilege (CAP_SYS_NICE) nothing changes. Never used on a thread of the target: a tool
-/// killed meanwhile could not give it back.
-struct RtBoost {
-    tid: i32,
-    saved: Option<(i32, libc::sched_param)>,
-}
-
-impl RtBoost {
-    /// Boosts thread `tid` (0: the calling thread).
-    fn start(tid: i32) -> RtBoost {
-        const RESET_ON_FORK: i32 = 0x4000_0000;
-        let none = RtBoost { tid, saved: None };
-        // SAFETY: sched_param is plain old data; all-zero is a valid value.
-        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-        // SAFETY: plain system calls on a thread id; param is a valid sched_param to fill.
-        let policy = unsafe { libc::sched_getscheduler(tid) };
-        // SAFETY: as above.
-        if policy < 0 || unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
-            return none;
-        }
-        let base = policy & !RESET_ON_FORK;
-        if base == libc::SCHED_FIFO || base == libc::SCHED_RR {
-            return none;
-        }
-        let rt = libc::sched_param { sched_priority: 1 };
-        // SAFETY: a plain system call; rt is a valid sched_param.
-        if unsafe {
-            libc::sched_setscheduler(tid, libc::SCHED_FIFO | (policy & RESET_ON_FORK), &rt)
-        } != 0
-        {
-            return none;
-        }
-        RtBoost {
-            tid,
-            saved: Some((policy, param)),
-        }
-    }
-}
-
-impl Drop for RtBoost {
-    fn drop(&mut self) {
-        if let Some((policy, param)) = self.saved {
-            // SAFETY: a plain system call; param was filled by sched_getparam.
-            unsafe { libc::sched_setscheduler(self.tid, policy, &param) };
-        }
-    }
 }
 
 /// The last process or thread id handed out in our pid namespace (/proc/loadavg's last
@@ -1315,6 +1237,49 @@ fn owner_of(pid: i32) -> Option<[u8; 16]> {
 
 /// Tells our sync agents (this switch's, or ones orphaned by killed livepatches) from the
 /// program's threads: they block every signal, SIGTRAP included.
+/// A switch's first look at the threads: the agents told apart (see [`Agents`]), every
+/// thread's /proc files opened (read again by the later looks, see `threads.rs`; those the
+/// borrow's look opened are not opened again), and the refusal of a thread that keeps SIGTRAP
+/// blocked ([`refuse_if_sigtrap_blocked`]), which the switch returns before it changes
+/// anything. An apply takes it while its agent maps the patch memory ([`Early::map_patch`]):
+/// 0.1-0.3 ms of reads here, in time the tool would only wait.
+struct FirstLook {
+    agents: Agents,
+    threads: Threads,
+    checked: Result<(), Error>,
+}
+
+impl FirstLook {
+    /// `areas`: the process's areas (see [`layout_areas`]); `code`: this build's area, if
+    /// there is one; `agent`: our agent's tid, if it runs already (an apply's early one).
+    fn take(
+        t: &mut Tracee,
+        areas: &[(u64, bool)],
+        code: Option<u64>,
+        agent: Option<i32>,
+        timeout: Duration,
+    ) -> FirstLook {
+        let mut agents = Agents {
+            code,
+            orphans: areas
+                .iter()
+                .filter_map(|&(code, _)| sync_agent::living_agent(t.mem(), code))
+                .collect(),
+        };
+        if let Some(tid) = agent.filter(|tid| !agents.orphans.contains(tid)) {
+            agents.orphans.push(tid);
+        }
+        let mut threads = Threads::with_files(t.pid(), t.take_looked_files());
+        let checked =
+            refuse_if_sigtrap_blocked(&mut threads, t.pid(), &t.threads(), timeout, &agents);
+        FirstLook {
+            agents,
+            threads,
+            checked,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Agents {
     /// The code page of this build's area, if there is one: a thread blocked in its agent's
@@ -2366,6 +2331,10 @@ fn steps(
         .unwrap_or(0);
     let mut committed = false;
     let mut settled = false;
+    let inner = inner_ranges(sites);
+    if !inner.is_empty() {
+        borrowed_thread_clear(t, sites, &inner)?;
+    }
     let w0 = Instant::now();
     // Sites close together in a page are written as one run (each /proc/PID/mem write costs
     // ~10-20 µs here, and every µs of a window is a µs in which calls trap): a step reads the
@@ -2386,7 +2355,7 @@ fn steps(
     }
     // The writes and syncs go to the sync agent as one program where they can (see Burst),
     // up to the settle, which the tool runs between them.
-    let ranges = !inner_ranges(sites).is_empty();
+    let ranges = !inner.is_empty();
     let mut burst = Burst::new(agent);
     trace("window's bytes read", w0);
     for i in 0..max_steps {
@@ -2712,8 +2681,8 @@ fn skipped(t: &Tracee, agent: &Option<SyncAgent>, orphans: &[i32]) -> Vec<i32> {
 }
 
 /// Waits until no thread is between the instructions behind an int3 (see [`MovedOn`]).
-/// The borrowed thread is stopped: its registers are looked at, and it is stepped out.
-/// `skip`: the borrowed thread and the sync agent.
+/// `skip`: the borrowed thread (stepped out before the window, see
+/// [`borrowed_thread_clear`]) and the sync agent.
 fn settle(
     t: &mut Tracee,
     sites: &[SiteSwitch],
@@ -2742,25 +2711,9 @@ fn settle(
         epoch,
         unmasked_handler,
     };
-    // The threads to wait for are listed first, so that the mappings, read once for the
-    // borrowed thread's stack and theirs, were read after each of them had its stack (see
-    // `Mappings`).
-    let mut watch = MovedOn::start(&mut threads.borrow_mut(), skip, &ranges, Some(traps));
-    let borrowed = t.threads();
-    for &tid in &borrowed {
-        if !super::step_out(t, tid, &ranges)? {
-            return Err(busy(tid, sites, &ranges, t.regs(tid)?.rip));
-        }
-        // Stopped: it cannot leave a signal handler whose interrupted context is inside, nor
-        // return from a callee of a displaced call (see MovedOn).
-        if stack_refers_to(t.mem(), &mut watch.maps, t.regs(tid)?.rsp, &ranges) {
-            return Err(Error::Busy {
-                tid: tid as u32,
-                function: "a signal handler or call interrupting the first instructions of a function being switched".into(),
-                waited_ms: 0,
-            });
-        }
-    }
+    // The borrowed thread was stepped out before the window began (see
+    // [`borrowed_thread_clear`]).
+    let watch = MovedOn::start(&mut threads.borrow_mut(), skip, &ranges, Some(traps));
     let deadline = crate::deadline::after(timeout);
     match watch.wait(t.mem(), &mut threads.borrow_mut(), deadline, SETTLE_POLL)? {
         None => Ok(()),
@@ -2774,6 +2727,35 @@ fn settle(
             waited_ms: timeout.as_millis() as u64,
         }),
     }
+}
+
+/// The borrowed thread, stopped from before the window to its end, is outside the bytes behind
+/// the window's int3s (`ranges`): stepped out of them when its pc is inside (busy when that
+/// cannot be done in a few instructions), and busy when its stack refers to them — stopped, it
+/// cannot leave a signal handler whose interrupted context is inside, nor return from a callee
+/// of a displaced call (see [`MovedOn`]). Looked at before the window's first write rather than
+/// in its settle: it stays as it is meanwhile (the syncs the tool makes through it without an
+/// agent put its registers back), and the int3 window is shorter by these reads (30-120 µs
+/// here).
+fn borrowed_thread_clear(
+    t: &mut Tracee,
+    sites: &[SiteSwitch],
+    ranges: &[CodeRange],
+) -> Result<(), Error> {
+    let mut maps = Mappings::new(t.pid());
+    for tid in t.threads() {
+        if !super::step_out(t, tid, ranges)? {
+            return Err(busy(tid, sites, ranges, t.regs(tid)?.rip));
+        }
+        if stack_refers_to(t.mem(), &mut maps, t.regs(tid)?.rsp, ranges) {
+            return Err(Error::Busy {
+                tid: tid as u32,
+                function: "a signal handler or call interrupting the first instructions of a function being switched".into(),
+                waited_ms: 0,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn busy(tid: i32, sites: &[SiteSwitch], ranges: &[CodeRange], rip: u64) -> Error {

@@ -966,7 +966,7 @@ impl SyncAgent {
             return false;
         }
         self.seq = self.seq.wrapping_add(1);
-        let done = self.request(CMD_SYNC, ANSWER_WAIT);
+        let done = self.request(CMD_SYNC, ANSWER_WAIT, &mut || {});
         self.failed = !done || self.shared.result() != 0;
         !self.failed
     }
@@ -995,7 +995,7 @@ impl SyncAgent {
             return Ok(0);
         }
         self.load(ops);
-        match self.carry_out(ops, ANSWER_WAIT)? {
+        match self.carry_out(ops, ANSWER_WAIT, &mut || {})? {
             Answer::Answered(done) => {
                 if self.shared.result() != 0 {
                     self.no_writes = true;
@@ -1033,6 +1033,18 @@ impl SyncAgent {
     /// ends it. None when the agent did not take it (an earlier failure, gone, or silent for
     /// `within` before its first call was claimed).
     pub(crate) fn calls(&mut self, ops: &[Op], within: Duration) -> Result<Option<Calls>, Stuck> {
+        self.calls_meanwhile(ops, within, &mut || {})
+    }
+
+    /// [`SyncAgent::calls`], with `meanwhile` run by the tool while the agent makes them (once,
+    /// right after the request; `within` counts from its end): work of the tool's own that
+    /// needs none of the calls' results, in the time it would spend waiting for them.
+    pub(crate) fn calls_meanwhile(
+        &mut self,
+        ops: &[Op],
+        within: Duration,
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Option<Calls>, Stuck> {
         debug_assert!(ops.iter().all(|op| matches!(
             op,
             Op::SigAction { .. } | Op::RegisterSyncCore | Op::Mmap { .. } | Op::Mprotect { .. }
@@ -1058,7 +1070,7 @@ impl SyncAgent {
                 .position(|op| matches!(op, Op::Mmap { .. }))
                 .map_or(0, |i| s.u64_at(OPS + i as u64 * OP_LEN + 24) as i64)
         };
-        Ok(match self.carry_out(ops, within)? {
+        Ok(match self.carry_out(ops, within, meanwhile)? {
             Answer::Answered(done) => Some(Calls {
                 done,
                 // Made, and failed: its error (a program's first failure ends it, in RESULT).
@@ -1146,9 +1158,14 @@ impl SyncAgent {
     /// its answer. Silent: no more claims (the agent is not asked anything again); the claimed
     /// operation, if any, is a few instructions away from its end unless the agent is stopped
     /// (a stopped process), and is waited for, then resolved.
-    fn carry_out(&mut self, ops: &[Op], within: Duration) -> Result<Answer, Stuck> {
+    fn carry_out(
+        &mut self,
+        ops: &[Op],
+        within: Duration,
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Answer, Stuck> {
         self.seq = self.seq.wrapping_add(1);
-        let answered = self.request(CMD_RUN, within);
+        let answered = self.request(CMD_RUN, within, meanwhile);
         let s = &self.shared;
         if answered {
             let done = s.word(COMPLETED).load(Ordering::Acquire) as usize;
@@ -1190,11 +1207,14 @@ impl SyncAgent {
         resolve_claim(self.tid, self.code, &self.shared)
     }
 
-    fn request(&mut self, cmd: u32, within: Duration) -> bool {
+    /// Asks for `cmd` and waits `within` for its answer, after `meanwhile` (see
+    /// [`SyncAgent::calls_meanwhile`]).
+    fn request(&mut self, cmd: u32, within: Duration, meanwhile: &mut dyn FnMut()) -> bool {
         let s = &self.shared;
         s.word(CMD).store(cmd, Ordering::Release);
         s.word(REQ).store(self.seq, Ordering::Release);
         s.wake(REQ);
+        meanwhile();
         let deadline = Instant::now() + within;
         loop {
             let done = s.word(DONE).load(Ordering::Acquire);

@@ -6,7 +6,8 @@
 //! thread that is blocked only now and then (a loop that sleeps 50 µs per round) was caught
 //! blocked later — every µs of the settle keeps `int3`s in place. While a [`Precise`] lives,
 //! the calling thread's slack is 1 ns; it gets its own back when it is dropped (the thread
-//! may be a library caller's).
+//! may be a library caller's). A real-time thread (the tracer, when it may be one:
+//! `process/realtime.rs`) has no slack: nothing is changed then.
 
 /// The calling thread's timer slack, held at 1 ns until this is dropped.
 pub(super) struct Precise {
@@ -23,16 +24,6 @@ impl Precise {
                 .then_some(now as libc::c_ulong)
         };
         Precise { saved }
-    }
-
-    /// Sets the 1 ns again: a thread whose policy went from real-time (which has no slack)
-    /// back to an ordinary one gets its default slack back from the kernel (Linux 6.7+), as
-    /// after [`super::RtBoost`]'s end.
-    pub(super) fn renew(&self) {
-        if self.saved.is_some() {
-            // SAFETY: as in `start`: a value, no pointer.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-        }
     }
 }
 
@@ -58,22 +49,6 @@ mod tests {
             let _p = Precise::start();
             assert_eq!(get(), 1);
         }
-        assert_eq!(get(), before);
-    }
-
-    /// A thread boosted to SCHED_FIFO and back (as `RtBoost` does) has its default slack
-    /// again (Linux 6.7+); `renew` makes it 1 ns again, and the end gives the old one back.
-    #[test]
-    fn the_slack_is_1_ns_again_after_a_real_time_stretch() {
-        // SAFETY: as above.
-        let get = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
-        let before = get();
-        let p = Precise::start();
-        let boost = super::super::RtBoost::start(0);
-        drop(boost);
-        p.renew();
-        assert_eq!(get(), 1);
-        drop(p);
         assert_eq!(get(), before);
     }
 }

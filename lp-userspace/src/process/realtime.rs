@@ -1,0 +1,160 @@
+//! The tracer thread under SCHED_FIFO while it works on a target ([`RealTime`]).
+//!
+//! Why. On a small or busy machine the tracer, an ordinary thread, waits for a CPU behind the
+//! target's threads after each of its sleeps: its waits for the borrowed thread, for the sync
+//! agent's answers, between its looks at /proc. Measured in session 13 on this project's 2-CPU
+//! VM (the `process_patch` bench, an 8-thread target, nonstop apply): of a ~2.4 ms switch the
+//! tracer spent ~1.3 ms on its CPU and ~0.75 ms runnable without one (its schedstat's run
+//! delay). Under SCHED_FIFO it gets a CPU as soon as it wakes.
+//!
+//! What it costs the target. Each wake-up of a real-time thread preempts a thread of the
+//! target at once when no CPU is idle, for the length of the tracer's burst. Session 4 measured
+//! the longest call during a nonstop apply ~1.7x longer with the window boosted, when the tracer
+//! still wrote every byte itself; since the sync agent carries out the windows (session 5) and
+//! the looks were made shorter, session 13's A/B found the opposite: the longest call
+//! overlapping the apply no longer (see docs/dev-notes/session-13/lead.md for the figures) —
+//! the window is shorter, and a shorter window costs fewer traps.
+//!
+//! What it never does. The target's threads keep their policies (a tool killed meanwhile could
+//! not give a target's thread its own back). Threads the tracer starts (the planner, the
+//! read-ahead, the names' writer) run under the default policy (`SCHED_RESET_ON_FORK`). The
+//! tracer sleeps between its steps and never spins on a lock another thread of ours holds
+//! (iced-x86's tables are waited for asleep, `apply/iced_tables.rs`). Without the privilege
+//! (CAP_SYS_NICE, or an RLIMIT_RTPRIO) nothing changes, and a thread already real-time keeps
+//! its policy and priority.
+
+/// `SCHED_RESET_ON_FORK`: threads started by a thread with it run under the default policy.
+const RESET_ON_FORK: i32 = 0x4000_0000;
+
+/// The calling thread runs under SCHED_FIFO (priority 1) while this lives, and gets its own
+/// policy back when it is dropped (the thread may be a library caller's).
+pub(crate) struct RealTime {
+    /// The policy and priority, and the timer slack (which the kernel sets to 0 for a
+    /// real-time thread and to the default when it is an ordinary one again).
+    saved: Option<(i32, libc::sched_param, libc::c_int)>,
+    /// Dropped on the thread it changed (a raw pointer makes it neither Send nor Sync).
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl RealTime {
+    /// Makes the calling thread real-time, when it may be and is not already.
+    pub(crate) fn start() -> RealTime {
+        let none = RealTime {
+            saved: None,
+            _this_thread: std::marker::PhantomData,
+        };
+        // SAFETY: sched_param is plain old data; all-zero is a valid value.
+        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+        // SAFETY: plain system calls on the calling thread (0); param is a valid sched_param to
+        // fill.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        // SAFETY: as above.
+        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+            return none;
+        }
+        let base = policy & !RESET_ON_FORK;
+        if base == libc::SCHED_FIFO || base == libc::SCHED_RR {
+            return none;
+        }
+        // SAFETY: prctl with PR_GET_TIMERSLACK takes no pointer.
+        let slack = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+        let rt = libc::sched_param { sched_priority: 1 };
+        // SAFETY: a plain system call; rt is a valid sched_param.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO | RESET_ON_FORK, &rt) } != 0 {
+            return none;
+        }
+        RealTime {
+            saved: Some((policy, param, slack)),
+            _this_thread: std::marker::PhantomData,
+        }
+    }
+
+    /// Whether the calling thread was made real-time (false: no privilege, or it was already).
+    pub(crate) fn raised(&self) -> bool {
+        self.saved.is_some()
+    }
+}
+
+impl Drop for RealTime {
+    fn drop(&mut self) {
+        if let Some((policy, param, slack)) = self.saved {
+            // SAFETY: plain system calls on the calling thread; param was filled by
+            // sched_getparam; PR_SET_TIMERSLACK takes a value. (On the thread it changed:
+            // `_this_thread`.)
+            unsafe {
+                libc::sched_setscheduler(0, policy, &param);
+                if slack > 0 {
+                    libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong, 0, 0, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Raises the calling thread, a helper the tracer waits for (the planner), to nice -20 when
+/// it may (no change without CAP_SYS_NICE). Not real-time: a helper may meet iced-x86's tables
+/// being built by another thread and spin on their lock, and a real-time spinner can keep the
+/// builder from a CPU for good on a machine with one; at nice -20 it is only favoured. Under
+/// the tracer's `SCHED_RESET_ON_FORK` it would otherwise wait behind the target's threads:
+/// session 13 measured the planner ~0.4 ms later at the default nice (the bench's 8-thread
+/// target), the tracer waiting for it. Its thread ends with its work: nothing is given back.
+pub(crate) fn favour_helper() {
+    // SAFETY: a plain system call on the calling thread (Linux keeps a nice value per thread).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -20) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> i32 {
+        // SAFETY: a plain system call on the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
+    /// Root here: the thread is real-time while it lives, its threads are not, and it gets its
+    /// policy back.
+    #[test]
+    fn the_thread_is_fifo_while_held_its_threads_are_not_and_it_gets_its_policy_back() {
+        std::thread::spawn(|| {
+            let before = policy();
+            // SAFETY: PR_SET/GET_TIMERSLACK take a value, no pointer.
+            let slack = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+            // SAFETY: as above.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 7000 as libc::c_ulong, 0, 0, 0) };
+            let rt = RealTime::start();
+            assert!(rt.raised(), "root may make a thread real-time");
+            assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_FIFO);
+            let child = std::thread::spawn(policy).join().unwrap();
+            assert_eq!(
+                child,
+                libc::SCHED_OTHER,
+                "a thread it starts runs ordinarily"
+            );
+            drop(rt);
+            assert_eq!(policy(), before);
+            assert_eq!(slack(), 7000, "its own timer slack back");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A thread real-time already is left as it is (and as it is after).
+    #[test]
+    fn a_real_time_thread_keeps_its_own_priority() {
+        std::thread::spawn(|| {
+            let p = libc::sched_param { sched_priority: 3 };
+            // SAFETY: a plain system call; p is a valid sched_param.
+            assert_eq!(
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &p) },
+                0
+            );
+            let rt = RealTime::start();
+            assert!(!rt.raised());
+            drop(rt);
+            assert_eq!(policy(), libc::SCHED_RR);
+        })
+        .join()
+        .unwrap();
+    }
+}
