@@ -497,8 +497,18 @@ pub(crate) fn run(
         threads.borrow_mut().process_signal_mask(&["SigCgt"]) & !observe::bit(libc::SIGTRAP)
     };
     let mut made = CallsMade::default();
+    // The last look at the threads' signal masks before the first int3 is taken while the
+    // agent makes those calls (see `wait_sigtrap_unblocked`), or after them without an agent.
+    let skip = skipped(t, &agent, &agents.orphans);
+    let mut unblocked = None;
     let installed = current.and_then(|current| {
-        made = calls_before_int3(t, &mut agent, &area, current, caught)?;
+        made = calls_before_int3(t, &mut agent, &area, current, caught, &mut || {
+            unblocked = Some(wait_sigtrap_unblocked(
+                &mut threads.borrow_mut(),
+                &skip,
+                &agents,
+            ));
+        })?;
         install(t, &mut agent, &area, current, made.installed)
     });
     trace(
@@ -517,11 +527,9 @@ pub(crate) fn run(
             unmasked =
                 caught != 0 && unmasked_handler(t, &mut agent, &area, caught, &made.actions)?;
             trace("ready", t0);
-            wait_sigtrap_unblocked(
-                &mut threads.borrow_mut(),
-                &skipped(t, &agent, &agents.orphans),
-                &agents,
-            )
+            unblocked.take().unwrap_or_else(|| {
+                wait_sigtrap_unblocked(&mut threads.borrow_mut(), &skip, &agents)
+            })
         });
     let wrote = ready.is_ok();
     trace("masks looked at again", t0);
@@ -959,7 +967,9 @@ const UNBLOCK_WAIT: Duration = Duration::from_millis(100);
 /// — milliseconds have passed since that first check (the handler's area, its table, the
 /// remote rt_sigaction calls). The window left is a thread that starts blocking SIGTRAP
 /// during the int3 window itself and reaches a site before it unblocks it (a limit). The
-/// borrowed thread (`skip`) stays stopped through the window.
+/// borrowed thread (`skip`) stays stopped through the window. With the sync agent, the look
+/// is taken while the agent installs our action ([`calls_before_int3`]'s `meanwhile`): the
+/// first int3 follows within ~0.1 ms either way, and the tool would only wait meanwhile.
 ///
 /// The threads are listed again (one may have come since the first look); their kept files
 /// are read, those of a new thread opened.
@@ -1519,13 +1529,15 @@ struct CallsMade {
 /// Each call is vetted against seccomp first, as alone. Nothing is made without an agent,
 /// when a vet refuses or when our action cannot be staged: the functions then make their
 /// calls one by one, and say what is wrong in their own words. The only error is an agent
-/// stuck with a call of ours claimed (see [`agent_stuck`]).
+/// stuck with a call of ours claimed (see [`agent_stuck`]). `meanwhile` runs while the agent
+/// makes them (not at all when it makes nothing).
 fn calls_before_int3(
     t: &mut Tracee,
     agent: &mut Option<SyncAgent>,
     area: &Area,
     current: KAction,
     caught: u64,
+    meanwhile: &mut dyn FnMut(),
 ) -> Result<CallsMade, Error> {
     let mut made_now = CallsMade::default();
     let Some(a) = agent.as_mut() else {
@@ -1570,7 +1582,7 @@ fn calls_before_int3(
         }
     }
     let made = a
-        .calls(&ops, REGISTER_WAIT)
+        .calls_meanwhile(&ops, REGISTER_WAIT, meanwhile)
         .map_err(|stuck| agent_stuck(t.pid(), stuck))?
         .map_or(0, |c| c.done);
     let first_look = usize::from(install) + 1;
