@@ -2057,6 +2057,8 @@ impl<'r> MovedOn<'r> {
         poll: Poll,
     ) -> Result<Option<(i32, bool)>, Error> {
         let mut pause = poll.first;
+        // Its looks must not preempt the threads it waits for (see `Ordinary`).
+        let _ordinary = crate::process::realtime::Ordinary::during();
         loop {
             let Some(late) = self.look(mem, threads) else {
                 return Ok(None);
