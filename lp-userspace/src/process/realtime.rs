@@ -5,7 +5,8 @@
 //! agent's answers, between its looks at /proc. Measured in session 13 on this project's 2-CPU
 //! VM (the `process_patch` bench, an 8-thread target, nonstop apply): of a ~2.4 ms switch the
 //! tracer spent ~1.3 ms on its CPU and ~0.75 ms runnable without one (its schedstat's run
-//! delay). Under SCHED_FIFO it gets a CPU as soon as it wakes.
+//! delay). Under SCHED_FIFO it gets a CPU as soon as it wakes — except in its waits on the
+//! target's threads, which must not preempt them ([`Ordinary`]).
 //!
 //! What it costs the target. Each wake-up of a real-time thread preempts a thread of the
 //! target at once when no CPU is idle, for the length of the tracer's burst. Session 4 measured
