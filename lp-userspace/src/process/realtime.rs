@@ -6,7 +6,8 @@
 //! VM (the `process_patch` bench, an 8-thread target, nonstop apply): of a ~2.4 ms switch the
 //! tracer spent ~1.3 ms on its CPU and ~0.75 ms runnable without one (its schedstat's run
 //! delay). Under SCHED_FIFO it gets a CPU as soon as it wakes — except in its waits on the
-//! target's threads, which must not preempt them ([`Ordinary`]).
+//! target's threads and in nonstop mode's int3 windows, where it must not preempt them
+//! ([`Ordinary`]).
 //!
 //! What it costs the target. Each wake-up of a real-time thread preempts a thread of the
 //! target at once when no CPU is idle, for the length of the tracer's burst. Session 4 measured
@@ -93,7 +94,9 @@ impl Drop for RealTime {
 }
 
 /// The calling thread, if real-time, runs under the default policy while this lives (and is
-/// real-time again when it is dropped): for the tracer's waits on the target's threads.
+/// real-time again when it is dropped): for the tracer's waits on the target's threads, and
+/// nonstop mode's int3 windows (whose trapping threads it must not preempt: see
+/// `apply/switch/nonstop.rs`, `run`).
 ///
 /// Why. A wait that looks at the threads again and again (nonstop mode's settle and uninstall:
 /// until every thread is seen blocked, or trapped, or to have run on) must not preempt them.
