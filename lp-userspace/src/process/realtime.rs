@@ -28,6 +28,17 @@
 /// `SCHED_RESET_ON_FORK`: threads started by a thread with it run under the default policy.
 const RESET_ON_FORK: i32 = 0x4000_0000;
 
+/// The calling thread's policy (with its `SCHED_RESET_ON_FORK` bit) and priority.
+fn scheduling() -> Option<(i32, libc::sched_param)> {
+    // SAFETY: sched_param is plain old data; all-zero is a valid value.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    // SAFETY: plain system calls on the calling thread (0); param is a valid sched_param to
+    // fill.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    // SAFETY: as above.
+    (policy >= 0 && unsafe { libc::sched_getparam(0, &mut param) } == 0).then_some((policy, param))
+}
+
 /// The calling thread runs under SCHED_FIFO (priority 1) while this lives, and gets its own
 /// policy back when it is dropped (the thread may be a library caller's).
 pub(crate) struct RealTime {
@@ -45,15 +56,9 @@ impl RealTime {
             saved: None,
             _this_thread: std::marker::PhantomData,
         };
-        // SAFETY: sched_param is plain old data; all-zero is a valid value.
-        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-        // SAFETY: plain system calls on the calling thread (0); param is a valid sched_param to
-        // fill.
-        let policy = unsafe { libc::sched_getscheduler(0) };
-        // SAFETY: as above.
-        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+        let Some((policy, param)) = scheduling() else {
             return none;
-        }
+        };
         let base = policy & !RESET_ON_FORK;
         if base == libc::SCHED_FIFO || base == libc::SCHED_RR {
             return none;
@@ -118,15 +123,9 @@ impl Ordinary {
             saved: None,
             _this_thread: std::marker::PhantomData,
         };
-        // SAFETY: sched_param is plain old data; all-zero is a valid value.
-        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-        // SAFETY: plain system calls on the calling thread; param is a valid sched_param to
-        // fill.
-        let policy = unsafe { libc::sched_getscheduler(0) };
-        // SAFETY: as above.
-        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+        let Some((policy, param)) = scheduling() else {
             return ordinary;
-        }
+        };
         if policy & !RESET_ON_FORK != libc::SCHED_FIFO {
             return ordinary;
         }
