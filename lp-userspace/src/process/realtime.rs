@@ -82,7 +82,12 @@ impl Drop for RealTime {
             // sched_getparam; PR_SET_TIMERSLACK takes a value. (On the thread it changed:
             // `_this_thread`.)
             unsafe {
-                libc::sched_setscheduler(0, policy, &param);
+                // Without CAP_SYS_NICE (real-time through an RLIMIT_RTPRIO) the kernel lets a
+                // thread leave SCHED_FIFO but not clear SCHED_RESET_ON_FORK: refused whole, the
+                // thread would stay real-time. Its policy back, the flag kept, then.
+                if libc::sched_setscheduler(0, policy, &param) != 0 {
+                    libc::sched_setscheduler(0, policy | RESET_ON_FORK, &param);
+                }
                 if slack > 0 {
                     libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong, 0, 0, 0);
                 }
@@ -137,6 +142,75 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Real-time through an RLIMIT_RTPRIO, without CAP_SYS_NICE (an unprivileged user whose
+    /// limits allow it): the thread is an ordinary one again at the end, though the kernel
+    /// refuses such a thread to clear SCHED_RESET_ON_FORK.
+    #[test]
+    fn a_thread_real_time_by_its_rlimit_gets_its_policy_back() {
+        std::thread::spawn(|| {
+            let before = policy();
+            // SAFETY: getrlimit/setrlimit fill and read an rlimit that lives through the call.
+            let saved = unsafe {
+                let mut old: libc::rlimit = std::mem::zeroed();
+                assert_eq!(libc::getrlimit(libc::RLIMIT_RTPRIO, &mut old), 0);
+                let one = libc::rlimit {
+                    rlim_cur: 1,
+                    rlim_max: old.rlim_max.max(1),
+                };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_RTPRIO, &one), 0);
+                old
+            };
+            drop_cap_sys_nice_here();
+            let rt = RealTime::start();
+            assert!(rt.raised(), "RLIMIT_RTPRIO 1 allows SCHED_FIFO 1");
+            drop(rt);
+            // SAFETY: as above (the limit is the process's: put back).
+            unsafe { libc::setrlimit(libc::RLIMIT_RTPRIO, &saved) };
+            assert_eq!(
+                policy() & !RESET_ON_FORK,
+                before,
+                "the thread stayed real-time"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Takes CAP_SYS_NICE out of the calling thread's effective capabilities (Linux keeps them
+    /// per thread: the test's other threads keep theirs).
+    fn drop_cap_sys_nice_here() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset read the header and two Data records (version 3's layout),
+        // which live through the calls; pid 0 is the calling thread.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << 23); // CAP_SYS_NICE
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0
+            );
+        }
     }
 
     /// A thread real-time already is left as it is (and as it is after).
