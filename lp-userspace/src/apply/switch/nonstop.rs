@@ -1245,8 +1245,6 @@ fn owner_of(pid: i32) -> Option<[u8; 16]> {
     Some(b)
 }
 
-/// Tells our sync agents (this switch's, or ones orphaned by killed livepatches) from the
-/// program's threads: they block every signal, SIGTRAP included.
 /// A switch's first look at the threads: the agents told apart (see [`Agents`]), every
 /// thread's /proc files opened (read again by the later looks, see `threads.rs`; those the
 /// borrow's look opened are not opened again), and the refusal of a thread that keeps SIGTRAP
@@ -1290,6 +1288,8 @@ impl FirstLook {
     }
 }
 
+/// Tells our sync agents (this switch's, or ones orphaned by killed livepatches) from the
+/// program's threads: they block every signal, SIGTRAP included.
 #[derive(Debug)]
 struct Agents {
     /// The code page of this build's area, if there is one: a thread blocked in its agent's
