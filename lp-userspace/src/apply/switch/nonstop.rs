@@ -225,6 +225,16 @@ impl Early {
         })
     }
 
+    /// The refusal of the switch's first look (a thread keeping SIGTRAP blocked, see
+    /// [`FirstLook`]), taken while the agent mapped the patch memory: the apply is refused
+    /// there, as in its preparation ([`Early::abandon`]), rather than after the patch is
+    /// planned and written, and without leaving an area it made (the switch's own refusal
+    /// returns with the agent dropped, not abandoned).
+    pub(crate) fn refusal(&mut self) -> Option<Error> {
+        let look = self.first_look.as_mut()?;
+        std::mem::replace(&mut look.checked, Ok(())).err()
+    }
+
     /// An apply refused in its preparation, before its switch: the agent is told to exit and
     /// waited for, and an area this apply made is unmapped once no agent lives in it (nothing
     /// was installed, nothing of the program refers to it): the target is left as it was.
