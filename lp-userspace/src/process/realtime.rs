@@ -20,8 +20,8 @@
 //! read-ahead, the names' writer) run under the default policy (`SCHED_RESET_ON_FORK`). The
 //! tracer sleeps between its steps and never spins on a lock another thread of ours holds
 //! (iced-x86's tables are waited for asleep, `apply/iced_tables.rs`). Without the privilege
-//! (CAP_SYS_NICE, or an RLIMIT_RTPRIO) nothing changes, and a thread already real-time keeps
-//! its policy and priority.
+//! (CAP_SYS_NICE, or an RLIMIT_RTPRIO) nothing changes, nor on one CPU (see `several_cpus`),
+//! and a thread already real-time keeps its policy and priority.
 
 /// `SCHED_RESET_ON_FORK`: threads started by a thread with it run under the default policy.
 const RESET_ON_FORK: i32 = 0x4000_0000;
@@ -37,7 +37,8 @@ pub(crate) struct RealTime {
 }
 
 impl RealTime {
-    /// Makes the calling thread real-time, when it may be and is not already.
+    /// Makes the calling thread real-time, when it may be, is not already, and may run on more
+    /// than one CPU.
     pub(crate) fn start() -> RealTime {
         let none = RealTime {
             saved: None,
@@ -53,7 +54,7 @@ impl RealTime {
             return none;
         }
         let base = policy & !RESET_ON_FORK;
-        if base == libc::SCHED_FIFO || base == libc::SCHED_RR {
+        if base == libc::SCHED_FIFO || base == libc::SCHED_RR || !several_cpus() {
             return none;
         }
         // SAFETY: prctl with PR_GET_TIMERSLACK takes no pointer.
@@ -93,6 +94,24 @@ impl Drop for RealTime {
                 }
             }
         }
+    }
+}
+
+/// Whether the calling thread may run on more than one CPU. On one (a one-CPU machine, or a
+/// tool confined to one by `taskset`) a real-time thread of the same or a higher priority that
+/// never sleeps there — a busy thread of a real-time target, say — would keep the tracer from
+/// it for good: the kernel guarantees ordinary threads a share of a CPU under real-time load
+/// (5% by default), not real-time ones of lower or equal priority. Measured in review 13 with
+/// both pinned to one CPU: a nonstop apply beside a `SCHED_FIFO` busy thread never ended with
+/// the tracer real-time (its timeouts never ran either); ordinary, it ended. With a second CPU
+/// the kernel moves a woken real-time thread to a CPU not running a higher-priority one.
+fn several_cpus() -> bool {
+    // SAFETY: cpu_set_t is plain old data; sched_getaffinity fills the set it is given (its
+    // size passed), for the calling thread (0); CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+            && libc::CPU_COUNT(&set) > 1
     }
 }
 
@@ -146,28 +165,17 @@ mod tests {
 
     /// Real-time through an RLIMIT_RTPRIO, without CAP_SYS_NICE (an unprivileged user whose
     /// limits allow it): the thread is an ordinary one again at the end, though the kernel
-    /// refuses such a thread to clear SCHED_RESET_ON_FORK.
+    /// refuses such a thread to clear SCHED_RESET_ON_FORK. (Here the thread is made real-time
+    /// with the capability, then drops it: the same state at the end, where raising the limit
+    /// needs CAP_SYS_RESOURCE, which root may not have.)
     #[test]
-    fn a_thread_real_time_by_its_rlimit_gets_its_policy_back() {
+    fn a_thread_without_cap_sys_nice_at_the_end_gets_its_policy_back() {
         std::thread::spawn(|| {
             let before = policy();
-            // SAFETY: getrlimit/setrlimit fill and read an rlimit that lives through the call.
-            let saved = unsafe {
-                let mut old: libc::rlimit = std::mem::zeroed();
-                assert_eq!(libc::getrlimit(libc::RLIMIT_RTPRIO, &mut old), 0);
-                let one = libc::rlimit {
-                    rlim_cur: 1,
-                    rlim_max: old.rlim_max.max(1),
-                };
-                assert_eq!(libc::setrlimit(libc::RLIMIT_RTPRIO, &one), 0);
-                old
-            };
-            drop_cap_sys_nice_here();
             let rt = RealTime::start();
-            assert!(rt.raised(), "RLIMIT_RTPRIO 1 allows SCHED_FIFO 1");
+            assert!(rt.raised(), "root may make a thread real-time");
+            drop_cap_sys_nice_here();
             drop(rt);
-            // SAFETY: as above (the limit is the process's: put back).
-            unsafe { libc::setrlimit(libc::RLIMIT_RTPRIO, &saved) };
             assert_eq!(
                 policy() & !RESET_ON_FORK,
                 before,
@@ -211,6 +219,31 @@ mod tests {
                 0
             );
         }
+    }
+
+    /// Confined to one CPU (see `several_cpus`), the thread stays an ordinary one.
+    #[test]
+    fn a_thread_confined_to_one_cpu_stays_ordinary() {
+        std::thread::spawn(|| {
+            // SAFETY: sched_getcpu takes nothing; cpu_set_t is plain old data, filled by
+            // CPU_SET and read by sched_setaffinity (its size passed) for the calling thread.
+            unsafe {
+                let cpu = libc::sched_getcpu();
+                assert!(cpu >= 0);
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu as usize, &mut one);
+                assert_eq!(
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one),
+                    0
+                );
+            }
+            let before = policy();
+            let rt = RealTime::start();
+            assert!(!rt.raised(), "made real-time on one CPU");
+            assert_eq!(policy(), before);
+        })
+        .join()
+        .unwrap();
     }
 
     /// A thread real-time already is left as it is (and as it is after).
