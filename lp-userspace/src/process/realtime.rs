@@ -5,7 +5,9 @@
 //! agent's answers, between its looks at /proc. Measured in session 13 on this project's 2-CPU
 //! VM (the `process_patch` bench, an 8-thread target, nonstop apply): of a ~2.4 ms switch the
 //! tracer spent ~1.3 ms on its CPU and ~0.75 ms runnable without one (its schedstat's run
-//! delay). Under SCHED_FIFO it gets a CPU as soon as it wakes.
+//! delay). Under SCHED_FIFO it gets a CPU as soon as it wakes — except in its waits on the
+//! target's threads and in nonstop mode's int3 windows, where it must not preempt them
+//! ([`Ordinary`]).
 //!
 //! What it costs the target. Each wake-up of a real-time thread preempts a thread of the
 //! target at once when no CPU is idle, for the length of the tracer's burst. Session 4 measured
@@ -26,6 +28,17 @@
 /// `SCHED_RESET_ON_FORK`: threads started by a thread with it run under the default policy.
 const RESET_ON_FORK: i32 = 0x4000_0000;
 
+/// The calling thread's policy (with its `SCHED_RESET_ON_FORK` bit) and priority.
+fn scheduling() -> Option<(i32, libc::sched_param)> {
+    // SAFETY: sched_param is plain old data; all-zero is a valid value.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    // SAFETY: plain system calls on the calling thread (0); param is a valid sched_param to
+    // fill.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    // SAFETY: as above.
+    (policy >= 0 && unsafe { libc::sched_getparam(0, &mut param) } == 0).then_some((policy, param))
+}
+
 /// The calling thread runs under SCHED_FIFO (priority 1) while this lives, and gets its own
 /// policy back when it is dropped (the thread may be a library caller's).
 pub(crate) struct RealTime {
@@ -44,15 +57,9 @@ impl RealTime {
             saved: None,
             _this_thread: std::marker::PhantomData,
         };
-        // SAFETY: sched_param is plain old data; all-zero is a valid value.
-        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-        // SAFETY: plain system calls on the calling thread (0); param is a valid sched_param to
-        // fill.
-        let policy = unsafe { libc::sched_getscheduler(0) };
-        // SAFETY: as above.
-        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+        let Some((policy, param)) = scheduling() else {
             return none;
-        }
+        };
         let base = policy & !RESET_ON_FORK;
         if base == libc::SCHED_FIFO || base == libc::SCHED_RR || !several_cpus() {
             return none;
@@ -112,6 +119,57 @@ fn several_cpus() -> bool {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
             && libc::CPU_COUNT(&set) > 1
+    }
+}
+
+/// The calling thread, if real-time, runs under the default policy while this lives (and is
+/// real-time again when it is dropped): for the tracer's waits on the target's threads, and
+/// nonstop mode's int3 windows (whose trapping threads it must not preempt: see
+/// `apply/switch/nonstop.rs`, `run`).
+///
+/// Why. A wait that looks at the threads again and again (nonstop mode's settle and uninstall:
+/// until every thread is seen blocked, or trapped, or to have run on) must not preempt them.
+/// A real-time tracer waking for each look preempts whatever thread of the target runs on its
+/// CPU, in the middle of its work: that thread is then runnable at the look, and at the next,
+/// and never seen blocked. Session 13, with a compiler busy on the other CPU: the entries'
+/// settle of the bench's apply took 8.2 ms (median) with a real-time tracer, against 0.8 ms at
+/// the default policy, and the longest call overlapping the apply 130-225 µs against 11-47.
+/// At the default policy the tracer's wake-ups wait for those threads' short bursts to end.
+pub(crate) struct Ordinary {
+    saved: Option<(i32, libc::sched_param)>,
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Ordinary {
+    /// Makes the calling thread ordinary if it runs under SCHED_FIFO.
+    pub(crate) fn during() -> Ordinary {
+        let mut ordinary = Ordinary {
+            saved: None,
+            _this_thread: std::marker::PhantomData,
+        };
+        let Some((policy, param)) = scheduling() else {
+            return ordinary;
+        };
+        if policy & !RESET_ON_FORK != libc::SCHED_FIFO {
+            return ordinary;
+        }
+        let plain = libc::sched_param { sched_priority: 0 };
+        let other = libc::SCHED_OTHER | (policy & RESET_ON_FORK);
+        // SAFETY: a plain system call on the calling thread; plain is a valid sched_param.
+        if unsafe { libc::sched_setscheduler(0, other, &plain) } == 0 {
+            ordinary.saved = Some((policy, param));
+        }
+        ordinary
+    }
+}
+
+impl Drop for Ordinary {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.saved {
+            // SAFETY: a plain system call on the calling thread; param was filled by
+            // sched_getparam. (On the thread it changed: `_this_thread`.)
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
     }
 }
 
@@ -241,6 +299,26 @@ mod tests {
             let rt = RealTime::start();
             assert!(!rt.raised(), "made real-time on one CPU");
             assert_eq!(policy(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A real-time thread is ordinary while an `Ordinary` lives, real-time again after; an
+    /// ordinary thread stays as it is.
+    #[test]
+    fn ordinary_for_a_while() {
+        std::thread::spawn(|| {
+            let plain = policy();
+            drop(Ordinary::during());
+            assert_eq!(policy(), plain);
+            let rt = RealTime::start();
+            assert!(rt.raised());
+            {
+                let _o = Ordinary::during();
+                assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_OTHER);
+            }
+            assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_FIFO);
         })
         .join()
         .unwrap();

@@ -115,6 +115,8 @@ pub(crate) fn wait_threads_outside_unstopped(
     // The switch's sync agent, told to exit, is gone first: listed, it would be looked at
     // (and stopped, when it runs on) as a thread of the program (review 12's merge note).
     t.drop_kept();
+    // Its looks must not preempt the threads it waits for (see `realtime::Ordinary`).
+    let _ordinary = crate::process::realtime::Ordinary::during();
     let pid = t.pid();
     let began = Instant::now();
     let deadline = crate::deadline::after(timeout);
