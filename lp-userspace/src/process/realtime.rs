@@ -158,6 +158,12 @@ impl Ordinary {
         // SAFETY: a plain system call on the calling thread; plain is a valid sched_param.
         if unsafe { libc::sched_setscheduler(0, other, &plain) } == 0 {
             ordinary.saved = Some((policy, param));
+            // Back from real-time the kernel gives the thread the default timer slack (50 µs),
+            // which stretched each sleep between the looks these waits take: 1 ns, as
+            // `timer_slack::Precise` holds it for an ordinary tracer (a real-time one has none;
+            // real-time again at the end, it has none again).
+            // SAFETY: PR_SET_TIMERSLACK takes a value, no pointer.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
         }
         ordinary
     }
@@ -319,6 +325,27 @@ mod tests {
                 assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_OTHER);
             }
             assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_FIFO);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// While an `Ordinary` lives the tracer's sleeps stay as short as asked: back from
+    /// real-time, a thread gets the default timer slack (50 µs) from the kernel, which
+    /// stretched every sleep of the settle's and the uninstall's looks (see
+    /// `apply/switch/nonstop/timer_slack.rs`, whose 1 ns a real-time thread cannot hold).
+    #[test]
+    fn an_ordinary_stretch_sleeps_precisely() {
+        std::thread::spawn(|| {
+            // SAFETY: PR_GET_TIMERSLACK takes no pointer.
+            let slack = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+            let rt = RealTime::start();
+            assert!(rt.raised());
+            {
+                let _o = Ordinary::during();
+                assert_eq!(slack(), 1, "the default slack while ordinary");
+            }
+            drop(rt);
         })
         .join()
         .unwrap();
