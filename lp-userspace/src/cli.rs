@@ -76,9 +76,9 @@ pub enum Command {
         json: bool,
         /// Run this tool at the highest CFS priority (nice -20) while it works, so that the
         /// target's own threads and other load preempt it less: a shorter apply on a busy
-        /// machine. In nonstop mode the int3 window also runs at real-time priority (fewer
-        /// traps, but a thread of the target preempted by it waits longer). Needs root or
-        /// CAP_SYS_NICE; the priority of the target's own threads is not changed.
+        /// machine. (The tracer thread runs real-time, SCHED_FIFO, whenever it may, with or
+        /// without this.) Needs root or CAP_SYS_NICE; the priority of the target's own threads
+        /// is not changed.
         #[arg(long)]
         boost: bool,
     },
@@ -503,16 +503,19 @@ pub fn load_patch(path: &std::path::Path) -> Result<crate::patchfile::Patch, Err
 }
 
 /// `--boost`: nice -20 for this thread, and so for every thread it starts afterwards (the
-/// tracer, the warm-up) — Linux keeps a nice value per thread and new threads inherit it.
+/// tracer, the warm-up) — Linux keeps a nice value per thread and new threads inherit it. (Not
+/// the threads the tracer starts once it runs real-time: `SCHED_RESET_ON_FORK` starts them at
+/// nice 0, see `process/realtime.rs`; the planner raises itself.)
 /// Only this short-lived process changes: the target's threads keep their priority. Under
 /// the CFS scheduler a thread at nice -20 weighs ~87 times one at 0, so the target's threads
 /// waking up every few microseconds (and other work) no longer preempt the tool between
 /// every two system calls; they still run, at a smaller share, while it works.
 ///
-/// Not a real-time class on purpose: SCHED_FIFO measured a little faster, but iced-x86 builds
-/// its tables under a spinning `Once`, and a real-time thread spinning on it while the
-/// initializing thread waits for the same CPU never yields — a run of the tool at SCHED_FIFO
-/// with three threads on two CPUs spun for minutes. Fails with a warning when not allowed.
+/// Not a real-time class for every thread on purpose: iced-x86 builds its tables under a
+/// spinning `Once`, and a real-time thread spinning on it while the initializing thread waits
+/// for the same CPU never yields — a run of the tool at SCHED_FIFO with three threads on two
+/// CPUs spun for minutes. (The tracer thread alone runs SCHED_FIFO since session 13: it waits
+/// for the tables asleep, `process/realtime.rs`.) Fails with a warning when not allowed.
 fn raise_priority() {
     // `early_apply` may have raised it already on the thread that started this one (which
     // inherited it), or failed to: once is enough, and so is one warning.

@@ -9,9 +9,7 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
 
 /// Whether a thread of process `pid` has a handler of its own for SIGTRAP (`SigCgt`).
 fn catches_sigtrap(pid: &str) -> bool {
@@ -34,32 +32,21 @@ fn interrupted_mid_switch(signal: i32) {
     target.expect_steady(2, |l| l == "value=42");
     assert!(!catches_sigtrap(&pid));
 
-    let mut tool = Command::new(livepatch_bin())
-        .args(["apply", &pid, patch.to_str().unwrap(), "--mode", "nonstop"])
-        .env("LIVEPATCH_TRACE", "1")
-        .env("LIVEPATCH_DEBUG_STOP", "dispatch-flag")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(tool.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "the tool ended before it reached the commit");
-        if line.contains("livepatch: debug: stopped at dispatch-flag") {
-            break;
-        }
-    }
+    // Stopped there: `stop_tool_at` waits for the stop itself, not only for the line printed
+    // right before it (a SIGCONT sent in between would come before the tool's own SIGSTOP, which
+    // would then keep it stopped for good, and this test waiting on it).
+    let tool = stop_tool_at(
+        &["apply", &pid, patch.to_str().unwrap(), "--mode", "nonstop"],
+        "dispatch-flag",
+    );
     // Inside the switch (the tool stopped): our handler is in the target, every site leads to
     // its dispatch, the flag is not set. The signal comes, then the tool goes on.
     // SAFETY: plain kill(2)s of the child we started.
     assert_eq!(unsafe { libc::kill(tool.id() as i32, signal) }, 0);
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(tool.id() as i32, libc::SIGCONT) }, 0);
-    let rest: Vec<String> = stderr.lines().map_while(Result::ok).collect();
-    let status = tool.wait().unwrap();
+    let out = tool.wait_with_output().unwrap();
+    let (status, rest) = (out.status, String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         status.signal(),
         Some(signal),

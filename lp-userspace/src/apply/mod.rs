@@ -344,7 +344,22 @@ fn apply_here(
                 extra_len,
                 &layout,
             ) {
-                Ok((statemap, code_addr)) => Ok((statemap, code_addr, early)),
+                Ok((statemap, code_addr)) => {
+                    // A thread keeping SIGTRAP blocked, seen by the switch's first look while
+                    // the memory was mapped: refused now, as the preparation's own refusals
+                    // (the area this apply made goes too), before the sites are pre-faulted.
+                    match early.as_mut().and_then(switch::Early::refusal) {
+                        None => Ok((statemap, code_addr, early)),
+                        Some(e) => {
+                            let _ = t.munmap(code_addr, total_len);
+                            statemap.remove_if_created(&mut t);
+                            if let Some(early) = early {
+                                early.abandon(&mut t);
+                            }
+                            Err(e)
+                        }
+                    }
+                }
                 Err(e) => {
                     if let Some(early) = early {
                         early.abandon(&mut t);

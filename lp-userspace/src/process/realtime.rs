@@ -22,8 +22,8 @@
 //! read-ahead, the names' writer) run under the default policy (`SCHED_RESET_ON_FORK`). The
 //! tracer sleeps between its steps and never spins on a lock another thread of ours holds
 //! (iced-x86's tables are waited for asleep, `apply/iced_tables.rs`). Without the privilege
-//! (CAP_SYS_NICE, or an RLIMIT_RTPRIO) nothing changes, and a thread already real-time keeps
-//! its policy and priority.
+//! (CAP_SYS_NICE, or an RLIMIT_RTPRIO) nothing changes, nor on one CPU (see `several_cpus`),
+//! and a thread already real-time keeps its policy and priority.
 
 /// `SCHED_RESET_ON_FORK`: threads started by a thread with it run under the default policy.
 const RESET_ON_FORK: i32 = 0x4000_0000;
@@ -50,7 +50,8 @@ pub(crate) struct RealTime {
 }
 
 impl RealTime {
-    /// Makes the calling thread real-time, when it may be and is not already.
+    /// Makes the calling thread real-time, when it may be, is not already, and may run on more
+    /// than one CPU.
     pub(crate) fn start() -> RealTime {
         let none = RealTime {
             saved: None,
@@ -60,7 +61,7 @@ impl RealTime {
             return none;
         };
         let base = policy & !RESET_ON_FORK;
-        if base == libc::SCHED_FIFO || base == libc::SCHED_RR {
+        if base == libc::SCHED_FIFO || base == libc::SCHED_RR || !several_cpus() {
             return none;
         }
         // SAFETY: prctl with PR_GET_TIMERSLACK takes no pointer.
@@ -89,12 +90,35 @@ impl Drop for RealTime {
             // sched_getparam; PR_SET_TIMERSLACK takes a value. (On the thread it changed:
             // `_this_thread`.)
             unsafe {
-                libc::sched_setscheduler(0, policy, &param);
+                // Without CAP_SYS_NICE (real-time through an RLIMIT_RTPRIO) the kernel lets a
+                // thread leave SCHED_FIFO but not clear SCHED_RESET_ON_FORK: refused whole, the
+                // thread would stay real-time. Its policy back, the flag kept, then.
+                if libc::sched_setscheduler(0, policy, &param) != 0 {
+                    libc::sched_setscheduler(0, policy | RESET_ON_FORK, &param);
+                }
                 if slack > 0 {
                     libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong, 0, 0, 0);
                 }
             }
         }
+    }
+}
+
+/// Whether the calling thread may run on more than one CPU. On one (a one-CPU machine, or a
+/// tool confined to one by `taskset`) a real-time thread of the same or a higher priority that
+/// never sleeps there — a busy thread of a real-time target, say — would keep the tracer from
+/// it for good: the kernel guarantees ordinary threads a share of a CPU under real-time load
+/// (5% by default), not real-time ones of lower or equal priority. Measured in review 13 with
+/// both pinned to one CPU: a nonstop apply beside a `SCHED_FIFO` busy thread never ended with
+/// the tracer real-time (its timeouts never ran either); ordinary, it ended. With a second CPU
+/// the kernel moves a woken real-time thread to a CPU not running a higher-priority one.
+fn several_cpus() -> bool {
+    // SAFETY: cpu_set_t is plain old data; sched_getaffinity fills the set it is given (its
+    // size passed), for the calling thread (0); CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+            && libc::CPU_COUNT(&set) > 1
     }
 }
 
@@ -134,6 +158,12 @@ impl Ordinary {
         // SAFETY: a plain system call on the calling thread; plain is a valid sched_param.
         if unsafe { libc::sched_setscheduler(0, other, &plain) } == 0 {
             ordinary.saved = Some((policy, param));
+            // Back from real-time the kernel gives the thread the default timer slack (50 µs),
+            // which stretched each sleep between the looks these waits take: 1 ns, as
+            // `timer_slack::Precise` holds it for an ordinary tracer (a real-time one has none;
+            // real-time again at the end, it has none again).
+            // SAFETY: PR_SET_TIMERSLACK takes a value, no pointer.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
         }
         ordinary
     }
@@ -197,6 +227,89 @@ mod tests {
         .unwrap();
     }
 
+    /// Real-time through an RLIMIT_RTPRIO, without CAP_SYS_NICE (an unprivileged user whose
+    /// limits allow it): the thread is an ordinary one again at the end, though the kernel
+    /// refuses such a thread to clear SCHED_RESET_ON_FORK. (Here the thread is made real-time
+    /// with the capability, then drops it: the same state at the end, where raising the limit
+    /// needs CAP_SYS_RESOURCE, which root may not have.)
+    #[test]
+    fn a_thread_without_cap_sys_nice_at_the_end_gets_its_policy_back() {
+        std::thread::spawn(|| {
+            let before = policy();
+            let rt = RealTime::start();
+            assert!(rt.raised(), "root may make a thread real-time");
+            drop_cap_sys_nice_here();
+            drop(rt);
+            assert_eq!(
+                policy() & !RESET_ON_FORK,
+                before,
+                "the thread stayed real-time"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Takes CAP_SYS_NICE out of the calling thread's effective capabilities (Linux keeps them
+    /// per thread: the test's other threads keep theirs).
+    fn drop_cap_sys_nice_here() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset read the header and two Data records (version 3's layout),
+        // which live through the calls; pid 0 is the calling thread.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << 23); // CAP_SYS_NICE
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0
+            );
+        }
+    }
+
+    /// Confined to one CPU (see `several_cpus`), the thread stays an ordinary one.
+    #[test]
+    fn a_thread_confined_to_one_cpu_stays_ordinary() {
+        std::thread::spawn(|| {
+            // SAFETY: sched_getcpu takes nothing; cpu_set_t is plain old data, filled by
+            // CPU_SET and read by sched_setaffinity (its size passed) for the calling thread.
+            unsafe {
+                let cpu = libc::sched_getcpu();
+                assert!(cpu >= 0);
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu as usize, &mut one);
+                assert_eq!(
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one),
+                    0
+                );
+            }
+            let before = policy();
+            let rt = RealTime::start();
+            assert!(!rt.raised(), "made real-time on one CPU");
+            assert_eq!(policy(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
     /// A real-time thread is ordinary while an `Ordinary` lives, real-time again after; an
     /// ordinary thread stays as it is.
     #[test]
@@ -212,6 +325,27 @@ mod tests {
                 assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_OTHER);
             }
             assert_eq!(policy() & !RESET_ON_FORK, libc::SCHED_FIFO);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// While an `Ordinary` lives the tracer's sleeps stay as short as asked: back from
+    /// real-time, a thread gets the default timer slack (50 µs) from the kernel, which
+    /// stretched every sleep of the settle's and the uninstall's looks (see
+    /// `apply/switch/nonstop/timer_slack.rs`, whose 1 ns a real-time thread cannot hold).
+    #[test]
+    fn an_ordinary_stretch_sleeps_precisely() {
+        std::thread::spawn(|| {
+            // SAFETY: PR_GET_TIMERSLACK takes no pointer.
+            let slack = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+            let rt = RealTime::start();
+            assert!(rt.raised());
+            {
+                let _o = Ordinary::during();
+                assert_eq!(slack(), 1, "the default slack while ordinary");
+            }
+            drop(rt);
         })
         .join()
         .unwrap();

@@ -225,6 +225,16 @@ impl Early {
         })
     }
 
+    /// The refusal of the switch's first look (a thread keeping SIGTRAP blocked, see
+    /// [`FirstLook`]), taken while the agent mapped the patch memory: the apply is refused
+    /// there, as in its preparation ([`Early::abandon`]), rather than after the patch is
+    /// planned and written, and without leaving an area it made (the switch's own refusal
+    /// returns with the agent dropped, not abandoned).
+    pub(crate) fn refusal(&mut self) -> Option<Error> {
+        let look = self.first_look.as_mut()?;
+        std::mem::replace(&mut look.checked, Ok(())).err()
+    }
+
     /// An apply refused in its preparation, before its switch: the agent is told to exit and
     /// waited for, and an area this apply made is unmapped once no agent lives in it (nothing
     /// was installed, nothing of the program refers to it): the target is left as it was.
@@ -1252,8 +1262,6 @@ fn owner_of(pid: i32) -> Option<[u8; 16]> {
     Some(b)
 }
 
-/// Tells our sync agents (this switch's, or ones orphaned by killed livepatches) from the
-/// program's threads: they block every signal, SIGTRAP included.
 /// A switch's first look at the threads: the agents told apart (see [`Agents`]), every
 /// thread's /proc files opened (read again by the later looks, see `threads.rs`; those the
 /// borrow's look opened are not opened again), and the refusal of a thread that keeps SIGTRAP
@@ -1297,6 +1305,8 @@ impl FirstLook {
     }
 }
 
+/// Tells our sync agents (this switch's, or ones orphaned by killed livepatches) from the
+/// program's threads: they block every signal, SIGTRAP included.
 #[derive(Debug)]
 struct Agents {
     /// The code page of this build's area, if there is one: a thread blocked in its agent's

@@ -12,9 +12,9 @@
 //! wakes the tool: one wake-up each way. The agent runs under SCHED_FIFO (set by the tool;
 //! without the privilege it stays an ordinary thread), so it gets a CPU at once: behind the
 //! target's trapping threads an ordinary agent waited up to 0.5 ms per sync (session 5), and
-//! every µs of the window costs the calls that trap meanwhile. Unlike the tool (real-time only
-//! with `--boost`, see nonstop.rs), it preempts a thread of the target for a few µs only: a
-//! membarrier and a futex wake per request.
+//! every µs of the window costs the calls that trap meanwhile. Each of its bursts preempts a
+//! thread of the target for a few µs only: a membarrier and a futex wake per request. (The
+//! tool's tracer thread runs real-time too since session 13: `process/realtime.rs`.)
 //!
 //! Started by the borrowed thread (stopped for us anyway), through a few instructions of ours
 //! in the area's code page: with every signal blocked (the new thread inherits that mask: no
