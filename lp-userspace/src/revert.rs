@@ -57,7 +57,7 @@ fn revert_here(
 ) -> Result<Reverted, Error> {
     let t0 = Instant::now();
     // The tracer gets a CPU as soon as it wakes (see `process/realtime.rs`).
-    let _realtime = crate::process::realtime::RealTime::start();
+    let _realtime = crate::process::realtime::RealTime::beside(pid);
     // Attached first: the state cannot change under us (one tracer at a time).
     // Nonstop mode traces one thread only during the switch (see apply).
     // The look for the thread nonstop mode borrows runs meanwhile (see `BorrowLook`).

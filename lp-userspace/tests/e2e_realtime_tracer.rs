@@ -71,3 +71,35 @@ fn e2e_the_tracer_runs_real_time_the_target_never_does() {
     target.wait_line(|l| l == "value=1041");
     assert!(program.iter().all(|t| policy(&pid, t) == 0));
 }
+
+/// A target with a real-time thread of its own: the tracer stays ordinary (a busy one would
+/// keep a real-time tracer of no higher priority from its CPU for good).
+#[test]
+fn e2e_beside_a_real_time_thread_the_tracer_stays_ordinary() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = executable(dir.path(), &["busy.c"], "busy", &["-pthread"]);
+    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
+    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
+    let patch = patch.to_str().unwrap();
+    let target = Target::spawn(&exe, &[]);
+    let pid = target.pid();
+    target.expect_steady(2, |l| l == "value=42");
+    // The main thread, which prints and sleeps, made SCHED_FIFO (priority 1) by us.
+    let rt = libc::sched_param { sched_priority: 1 };
+    let tid: i32 = pid.parse().unwrap();
+    // SAFETY: a plain system call on a thread of our child; rt is a valid sched_param.
+    assert_eq!(
+        unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &rt) },
+        0
+    );
+    let tool = stop_tool_at(&nonstop_apply(&pid, patch), "agent-call.9");
+    let me = tool.id().to_string();
+    let tracer = policy(&me, &me);
+    finish(tool);
+    assert_eq!(
+        tracer, 0,
+        "the tracer stays ordinary beside a real-time thread"
+    );
+    target.wait_line(|l| l == "value=1041");
+    assert_eq!(policy(&pid, &pid), 1, "the program's own policy is its own");
+}

@@ -190,7 +190,7 @@ fn apply_here(
 ) -> Result<Applied, Error> {
     let t0 = Instant::now();
     // The tracer gets a CPU as soon as it wakes (see `process/realtime.rs`).
-    let realtime = crate::process::realtime::RealTime::start();
+    let realtime = crate::process::realtime::RealTime::beside(pid);
     let trace = std::env::var_os("LIVEPATCH_TRACE").is_some();
     if trace {
         eprintln!("livepatch: trace: tracer real-time: {}", realtime.raised());

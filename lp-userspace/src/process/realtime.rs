@@ -77,6 +77,25 @@ impl RealTime {
         }
     }
 
+    /// [`RealTime::start`] for the tracer of process `pid`: not when a thread of `pid` runs
+    /// under a real-time policy itself. Such a thread, busy, would keep the tracer (priority 1,
+    /// not above it) from its CPU — on every CPU it may use, for good: the kernel's share for
+    /// threads under real-time load goes to ordinary threads only. Looked at once, at the
+    /// start (one `stat` read per thread); a thread made real-time later is not seen (nor is
+    /// another process's real-time thread busy on every CPU: a limit).
+    pub(crate) fn beside(pid: i32) -> RealTime {
+        let realtime_thread = super::observe::tasks(pid)
+            .into_iter()
+            .any(|tid| super::observe::life(pid, tid).is_some_and(|l| l.realtime));
+        if realtime_thread {
+            return RealTime {
+                saved: None,
+                _this_thread: std::marker::PhantomData,
+            };
+        }
+        RealTime::start()
+    }
+
     /// Whether the calling thread was made real-time (false: no privilege, or it was already).
     pub(crate) fn raised(&self) -> bool {
         self.saved.is_some()
