@@ -513,11 +513,8 @@ pub(crate) fn run(
     let mut unblocked = None;
     let installed = current.and_then(|current| {
         made = calls_before_int3(t, &mut agent, &area, current, caught, &mut || {
-            unblocked = Some(wait_sigtrap_unblocked(
-                &mut threads.borrow_mut(),
-                &skip,
-                &agents,
-            ));
+            let look = wait_sigtrap_unblocked(&mut threads.borrow_mut(), &skip, &agents);
+            unblocked = Some((look, Instant::now()));
         })?;
         install(t, &mut agent, &area, current, made.installed)
     });
@@ -537,9 +534,12 @@ pub(crate) fn run(
             unmasked =
                 caught != 0 && unmasked_handler(t, &mut agent, &area, caught, &made.actions)?;
             trace("ready", t0);
-            unblocked.take().unwrap_or_else(|| {
-                wait_sigtrap_unblocked(&mut threads.borrow_mut(), &skip, &agents)
-            })
+            // Taken again when the agent's calls took long (a process's first membarrier
+            // registration can take ~0.1 s): the look is to be close to the first int3.
+            match unblocked.take() {
+                Some((look, at)) if at.elapsed() < FRESH_MASK_LOOK => look,
+                _ => wait_sigtrap_unblocked(&mut threads.borrow_mut(), &skip, &agents),
+            }
         });
     let wrote = ready.is_ok();
     trace("masks looked at again", t0);
@@ -966,6 +966,10 @@ fn refuse_if_sigtrap_blocked(
     }
 }
 
+/// How old the last look at the threads' SIGTRAP masks, taken while the agent made the calls
+/// before the first int3, may be when that int3 comes (see `wait_sigtrap_unblocked`).
+const FRESH_MASK_LOOK: Duration = Duration::from_millis(1);
+
 const SIGTRAP_BLOCKED_NOW: &str = "a moment with SIGTRAP blocked (at the first int3)";
 
 /// How long a thread seen with SIGTRAP blocked right before the first int3 gets to unblock it
@@ -985,8 +989,10 @@ const UNBLOCK_WAIT: Duration = Duration::from_millis(100);
 /// remote rt_sigaction calls). The window left is a thread that starts blocking SIGTRAP
 /// during the int3 window itself and reaches a site before it unblocks it (a limit). The
 /// borrowed thread (`skip`) stays stopped through the window. With the sync agent, the look
-/// is taken while the agent installs our action ([`calls_before_int3`]'s `meanwhile`): the
-/// first int3 follows within ~0.1 ms either way, and the tool would only wait meanwhile.
+/// is taken while the agent installs our action ([`calls_before_int3`]'s `meanwhile`), where
+/// the tool would only wait: the first int3 usually follows within ~0.1 ms, and the look is
+/// taken again when it is older than [`FRESH_MASK_LOOK`] by then (a process's first
+/// membarrier registration, in the same program, can take ~0.1 s: review 13).
 ///
 /// The threads are listed again (one may have come since the first look); their kept files
 /// are read, those of a new thread opened.
