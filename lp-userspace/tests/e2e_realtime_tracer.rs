@@ -20,16 +20,23 @@ fn finish(mut tool: std::process::Child) {
     assert!(status.success(), "the tool failed: {status:?}");
 }
 
-#[test]
-fn e2e_the_tracer_runs_real_time_the_target_never_does() {
+/// The busy fixture running (value=42) and the new_compute.c patch packed for it (its path);
+/// the directory holds both.
+fn busy_target() -> (tempfile::TempDir, Target, String) {
     let dir = tempfile::tempdir().unwrap();
     let exe = executable(dir.path(), &["busy.c"], "busy", &["-pthread"]);
     let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
     let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.to_str().unwrap();
     let target = Target::spawn(&exe, &[]);
-    let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");
+    (dir, target, patch.display().to_string())
+}
+
+#[test]
+fn e2e_the_tracer_runs_real_time_the_target_never_does() {
+    let (_dir, target, patch) = busy_target();
+    let patch = patch.as_str();
+    let pid = target.pid();
     let program: Vec<String> = tasks(&pid);
     assert!(program.iter().all(|t| policy(&pid, t) == 0));
 
@@ -76,14 +83,9 @@ fn e2e_the_tracer_runs_real_time_the_target_never_does() {
 /// keep a real-time tracer of no higher priority from its CPU for good).
 #[test]
 fn e2e_beside_a_real_time_thread_the_tracer_stays_ordinary() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = executable(dir.path(), &["busy.c"], "busy", &["-pthread"]);
-    let obj = object(dir.path(), "new_compute.c", "new.o", &[]);
-    let (patch, _) = pack(dir.path(), &exe, &obj, &[], "p.lp");
-    let patch = patch.to_str().unwrap();
-    let target = Target::spawn(&exe, &[]);
+    let (_dir, target, patch) = busy_target();
+    let patch = patch.as_str();
     let pid = target.pid();
-    target.expect_steady(2, |l| l == "value=42");
     // The main thread, which prints and sleeps, made SCHED_FIFO (priority 1) by us.
     let rt = libc::sched_param { sched_priority: 1 };
     let tid: i32 = pid.parse().unwrap();

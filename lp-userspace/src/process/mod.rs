@@ -7,6 +7,7 @@
 //! whole-process stop ([`Tracee::stop_all`]) lasts only as long as the switch itself.
 
 mod borrow;
+mod capabilities;
 mod error;
 mod gaps;
 mod held_signal;

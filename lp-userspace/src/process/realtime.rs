@@ -257,7 +257,7 @@ mod tests {
             let before = policy();
             let rt = RealTime::start();
             assert!(rt.raised(), "root may make a thread real-time");
-            drop_cap_sys_nice_here();
+            assert!(crate::process::capabilities::drop_sys_nice());
             drop(rt);
             assert_eq!(
                 policy() & !RESET_ON_FORK,
@@ -267,41 +267,6 @@ mod tests {
         })
         .join()
         .unwrap();
-    }
-
-    /// Takes CAP_SYS_NICE out of the calling thread's effective capabilities (Linux keeps them
-    /// per thread: the test's other threads keep theirs).
-    fn drop_cap_sys_nice_here() {
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy, Default)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let mut header = Header {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let mut data = [Data::default(); 2];
-        // SAFETY: capget/capset read the header and two Data records (version 3's layout),
-        // which live through the calls; pid 0 is the calling thread.
-        unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
-                0
-            );
-            data[0].effective &= !(1 << 23); // CAP_SYS_NICE
-            assert_eq!(
-                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
-                0
-            );
-        }
     }
 
     /// Confined to one CPU (see `several_cpus`), the thread stays an ordinary one.

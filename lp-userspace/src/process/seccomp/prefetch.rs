@@ -167,28 +167,7 @@ fn may_leave_idle() -> bool {
     if lim >= (20 - nice.clamp(-20, 19)) as u64 {
         return true;
     }
-    // capget, version 3: two 32-bit words per set; CAP_SYS_NICE is bit 23 of the first.
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget reads the header and writes two Data records (version 3's layout), both
-    // of which live through the call.
-    let got = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    got == 0 && data[0].effective & (1 << 23) != 0
+    crate::process::capabilities::has_sys_nice()
 }
 
 /// What the reads ahead found, by thread id.
