@@ -73,19 +73,9 @@ fn review11_a_nonstop_apply_refused_for_want_of_room_leaves_no_area() {
     let target = Target::spawn(&exe, &[]);
     let pid = target.pid();
     target.expect_steady(2, |l| l == "value=42");
-    let maps = || std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let before = maps();
+    let before = maps_of(&pid);
     let (_, err) = livepatch_err(&nonstop_apply(&pid, &patch));
     assert!(err.contains("no free address space"), "{err}");
-    let after = maps();
-    // (The remote-call stub, process/stub.rs, stays by design: the first remote call makes it.)
-    let added: Vec<&str> = after
-        .lines()
-        .filter(|l| !before.contains(*l) && l.contains("livepatch-trap"))
-        .collect();
-    assert!(
-        added.is_empty(),
-        "the refused apply left its trap area in the target: {added:?}"
-    );
+    assert_no_trap_area_added(&pid, &before);
     target.expect_steady(2, |l| l == "value=42");
 }

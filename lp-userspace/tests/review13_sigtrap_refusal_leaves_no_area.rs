@@ -16,22 +16,12 @@ fn review13_a_nonstop_apply_refused_for_a_sigtrap_blocker_leaves_no_area() {
     let patch = compute_patch(dir.path(), &exe);
     let target = Target::spawn_niced(&exe, &["blocker"]);
     let pid = target.pid();
-    let maps = || std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let before = maps();
+    let before = maps_of(&pid);
     assert!(!before.contains("livepatch-trap"), "{before}");
     let (code, err) = livepatch_err(&nonstop_apply(&pid, &patch));
     assert_eq!(code, 10, "{err}");
     assert!(err.contains("keeps SIGTRAP blocked"), "{err}");
-    let after = maps();
-    // (The remote-call stub, process/stub.rs, stays by design: the first remote call makes it.)
-    let added: Vec<&str> = after
-        .lines()
-        .filter(|l| !before.contains(*l) && l.contains("livepatch-trap"))
-        .collect();
-    assert!(
-        added.is_empty(),
-        "the refused apply left its trap area in the target: {added:?}"
-    );
+    assert_no_trap_area_added(&pid, &before);
     // Nothing else of the apply either: no patch recorded, and stop mode still patches it.
     let st = lp_userspace::status::status(Some(target.child.id() as i32)).unwrap();
     assert!(st.iter().all(|p| p.patches.is_empty()), "{st:?}");

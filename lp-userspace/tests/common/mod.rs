@@ -358,6 +358,28 @@ pub fn pack(
     (out, id)
 }
 
+/// Process `pid`'s /proc maps text.
+#[allow(dead_code)]
+pub fn maps_of(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap()
+}
+
+/// Asserts that process `pid` has no trap area (`livepatch-trap` memfd) that its maps text
+/// `before` did not have: a refused apply takes out the area it made. (The remote-call stub,
+/// process/stub.rs, stays by design: the first remote call makes it.)
+#[allow(dead_code)]
+pub fn assert_no_trap_area_added(pid: &str, before: &str) {
+    let after = maps_of(pid);
+    let added: Vec<&str> = after
+        .lines()
+        .filter(|l| !before.contains(*l) && l.contains("livepatch-trap"))
+        .collect();
+    assert!(
+        added.is_empty(),
+        "the refused apply left its trap area in the target: {added:?}"
+    );
+}
+
 /// `livepatch status PID --json`, parsed.
 pub fn status_json(pid: &str) -> serde_json::Value {
     let out = livepatch_ok(&["status", pid, "--json"]);
