@@ -350,7 +350,7 @@ pub fn life(pid: i32, tid: i32) -> Option<Life> {
 }
 
 /// Linux's SCHED_DEADLINE (not in every libc).
-const SCHED_DEADLINE: i32 = 6;
+pub(super) const SCHED_DEADLINE: i32 = 6;
 
 /// Nanoseconds since `start_ticks` clock ticks after boot.
 fn age_since(start_ticks: u64) -> u64 {
