@@ -212,3 +212,30 @@ fn review8_nonstop_revert_runs_munmap_on_an_unchecked_thread() {
         target.expect_steady(3, |l| l == "main=1041");
     }
 }
+
+/// S1 as refused since session 14, where the check of the threads the handler may run in is
+/// made in the switch's first look, while the sync agent maps the patch memory (no longer
+/// right after the attach): the refusal names seccomp, comes before anything of the patch is
+/// written, and takes out what the apply made meanwhile — no trap area, no patch recorded —
+/// and the target runs on unchanged (stop mode, which runs no handler, still patches it).
+#[test]
+fn review8_a_nonstop_apply_refused_for_a_filtered_worker_leaves_the_target_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = build(dir.path());
+    let mut target = Target::spawn(&exe, &["thread"]);
+    let pid = target.pid();
+    target.expect_steady(3, |l| l == "main=42" || l == "worker=42");
+    let before = maps_of(&pid);
+    assert!(!before.contains("livepatch-trap"), "{before}");
+    let (code, err) = livepatch_err(&nonstop_apply(&pid, &patch));
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("seccomp"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!target.dies_within(Duration::from_millis(300)));
+    assert_no_trap_area_added(&pid, &before);
+    let st = lp_userspace::status::status(Some(target.child.id() as i32)).unwrap();
+    assert!(st.iter().all(|p| p.patches.is_empty()), "{st:?}");
+    target.expect_steady(3, |l| l == "main=42" || l == "worker=42");
+    livepatch_ok(&["apply", &pid, &patch, "--timeout", "60"]);
+    target.expect_steady(3, |l| l == "main=1041" || l == "worker=1041");
+}

@@ -230,7 +230,12 @@ fn apply_here(
         switch::quiet_orphaned_agent(pid, Some(&target.mappings))?;
     }
     phase("attached");
-    t.check_seccomp(opts.mode == Mode::Nonstop)?;
+    match opts.mode {
+        // The threads the handler may run in are checked in the switch's first look, taken
+        // while the sync agent maps the patch memory (see `switch::Early::refusal`).
+        Mode::Nonstop => t.check_seccomp_handler_threads_later()?,
+        Mode::Stop => t.check_seccomp(false)?,
+    }
     let existing = crate::state::read_with(pid, t.mem())?;
     // A livepatch killed in the middle of a switch: its patch comes out first (state.rs).
     let existing = crate::revert::finish_unfinished(&mut t, existing, opts.timeout)?;
@@ -345,9 +350,10 @@ fn apply_here(
                 &layout,
             ) {
                 Ok((statemap, code_addr)) => {
-                    // A thread keeping SIGTRAP blocked, seen by the switch's first look while
-                    // the memory was mapped: refused now, as the preparation's own refusals
-                    // (the area this apply made goes too), before the sites are pre-faulted.
+                    // A thread whose seccomp filters stop the handler's calls, or keeping
+                    // SIGTRAP blocked, seen by the switch's first look while the memory was
+                    // mapped: refused now, as the preparation's own refusals (the area this
+                    // apply made goes too), before the sites are pre-faulted.
                     match early.as_mut().and_then(switch::Early::refusal) {
                         None => Ok((statemap, code_addr, early)),
                         Some(e) => {

@@ -121,6 +121,9 @@ pub struct Tracee {
     seccomp_prefetch: Option<seccomp::prefetch::Prefetch>,
     /// How many of those states the reading thread read (for the trace).
     seccomp_read_ahead: usize,
+    /// Nonstop mode's check of the threads its handler may run in is left to the switch's
+    /// first look ([`Tracee::check_seccomp_handler_threads_later`]).
+    handler_threads_left: bool,
     /// The process's `statm`, read at every listing of its threads (`proc_dir::main_exited`).
     _statm: proc_dir::KeptStatm,
 }
@@ -216,6 +219,7 @@ impl Tracee {
             looked: Vec::new(),
             seccomp_prefetch: None,
             seccomp_read_ahead: 0,
+            handler_threads_left: false,
             _statm: statm,
         })
     }

@@ -504,15 +504,65 @@ impl Tracee {
     /// on the threads that will be borrowed for them. Without seccomp that costs a status read
     /// per such thread (one or two); the filters of the thread borrowed first are read (it is
     /// stopped, and stays so for the calls), and those of the other only when their number
-    /// differs. Run before the first remote call.
+    /// differs. Run before the first remote call. In nonstop mode the threads our SIGTRAP
+    /// handler may run in are checked too (see `check_handler_threads`).
     pub fn check_seccomp(&mut self, nonstop: bool) -> Result<(), SeccompError> {
+        self.check_seccomp_then(nonstop, nonstop)
+    }
+
+    /// [`Tracee::check_seccomp`] for a nonstop apply, whose switch checks the threads its
+    /// handler may run in later ([`Tracee::check_handler_threads_left`]), before its first
+    /// `int3`: in its first look, while the sync agent maps the patch memory, when the tracer
+    /// would only wait (one `status` read per thread, ~20 µs each here: 0.15-0.2 ms of an
+    /// 8-thread target's apply were spent on them right after the attach, session 14). The
+    /// seccomp reader (`prefetch.rs`) has that much longer to read them ahead, too.
+    pub fn check_seccomp_handler_threads_later(&mut self) -> Result<(), SeccompError> {
+        let r = self.check_seccomp_then(true, false);
+        self.handler_threads_left = r.is_ok();
+        r
+    }
+
+    /// The check of the handler's threads that [`Tracee::check_seccomp_handler_threads_later`]
+    /// left, once; nothing when none was left.
+    pub(crate) fn check_handler_threads_left(&mut self) -> Result<(), SeccompError> {
+        if !std::mem::take(&mut self.handler_threads_left) {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let mut stopping = std::time::Duration::ZERO;
+        let r = if std::env::var_os(SKIP_CHECK_VAR).is_none() {
+            self.check_handler_threads(&mut stopping)
+        } else {
+            Ok(())
+        };
+        self.seccomp_prefetch = None;
+        if std::env::var_os("LIVEPATCH_TRACE").is_some() {
+            eprintln!(
+                "livepatch: trace: seccomp of the handler's threads checked in {} us ({} us of \
+                 it stopping threads; {} threads' states read ahead by another thread)",
+                t0.elapsed().as_micros(),
+                stopping.as_micros(),
+                self.seccomp_read_ahead
+            );
+        }
+        r
+    }
+
+    /// [`Tracee::check_seccomp`], with the handler's threads checked or not.
+    fn check_seccomp_then(
+        &mut self,
+        nonstop: bool,
+        handler_threads: bool,
+    ) -> Result<(), SeccompError> {
         let t0 = std::time::Instant::now();
         let mut stopping = std::time::Duration::ZERO;
         let mut r = self.check_seccomp_timed(&calls::for_operation(nonstop), &mut stopping);
-        if nonstop && r.is_ok() && std::env::var_os(SKIP_CHECK_VAR).is_none() {
+        if handler_threads && r.is_ok() && std::env::var_os(SKIP_CHECK_VAR).is_none() {
             r = self.check_handler_threads(&mut stopping);
         }
-        self.seccomp_prefetch = None;
+        if handler_threads || r.is_err() {
+            self.seccomp_prefetch = None;
+        }
         if std::env::var_os("LIVEPATCH_TRACE").is_some() {
             eprintln!(
                 "livepatch: trace: seccomp checked ({} threads) in {} us ({} us of it stopping \

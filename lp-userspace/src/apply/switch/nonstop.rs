@@ -225,11 +225,12 @@ impl Early {
         })
     }
 
-    /// The refusal of the switch's first look (a thread keeping SIGTRAP blocked, see
-    /// [`FirstLook`]), taken while the agent mapped the patch memory: the apply is refused
-    /// there, as in its preparation ([`Early::abandon`]), rather than after the patch is
-    /// planned and written, and without leaving an area it made (the switch's own refusal
-    /// returns with the agent dropped, not abandoned).
+    /// The refusal of the switch's first look (a thread whose seccomp filters stop our
+    /// handler's calls, or that keeps SIGTRAP blocked, see [`FirstLook`]), taken while the
+    /// patch memory was mapped: the apply is refused there, as in its preparation
+    /// ([`Early::abandon`]), rather than after the patch is planned and written, and without
+    /// leaving an area it made (the switch's own refusal returns with the agent dropped, not
+    /// abandoned).
     pub(crate) fn refusal(&mut self) -> Option<Error> {
         let look = self.first_look.as_mut()?;
         std::mem::replace(&mut look.checked, Ok(())).err()
@@ -336,6 +337,13 @@ impl Early {
                 Ok(_) => {}
                 Err(stuck) => return Err(agent_stuck(t.pid(), stuck)),
             }
+        }
+        // Without the agent the first look is taken here all the same: its refusal comes
+        // before the switch (see `Early::refusal`), as when the agent maps.
+        if self.first_look.is_none() {
+            let agent = self.agent.as_ref().map(SyncAgent::tid);
+            let (areas, code) = (&self.areas, self.area.code);
+            self.first_look = Some(FirstLook::take(t, areas, Some(code), agent, self.timeout));
         }
         Ok((t.mmap(addr, len, prot::READ, flags, -1, 0)?, 0))
     }
@@ -1270,10 +1278,12 @@ fn owner_of(pid: i32) -> Option<[u8; 16]> {
 
 /// A switch's first look at the threads: the agents told apart (see [`Agents`]), every
 /// thread's /proc files opened (read again by the later looks, see `threads.rs`; those the
-/// borrow's look opened are not opened again), and the refusal of a thread that keeps SIGTRAP
-/// blocked ([`refuse_if_sigtrap_blocked`]), which the switch returns before it changes
-/// anything. An apply takes it while its agent maps the patch memory ([`Early::map_patch`]):
-/// 0.1-0.3 ms of reads here, in time the tool would only wait.
+/// borrow's look opened are not opened again), and the refusal of a thread whose seccomp
+/// filters would not let our handler's calls through (an apply's check, left to this look:
+/// [`Tracee::check_handler_threads_left`]) or that keeps SIGTRAP blocked
+/// ([`refuse_if_sigtrap_blocked`]), which the switch returns before it changes anything. An
+/// apply takes it while its agent maps the patch memory ([`Early::map_patch`]): 0.2-0.5 ms of
+/// reads here, in time the tool would only wait.
 struct FirstLook {
     agents: Agents,
     threads: Threads,
@@ -1300,9 +1310,12 @@ impl FirstLook {
         if let Some(tid) = agent.filter(|tid| !agents.orphans.contains(tid)) {
             agents.orphans.push(tid);
         }
+        // First: its reads hand the `stat` files opened ahead on to the looked files.
+        let seccomp = t.check_handler_threads_left().map_err(Error::from);
         let mut threads = Threads::with_files(t.pid(), t.take_looked_files());
-        let checked =
-            refuse_if_sigtrap_blocked(&mut threads, t.pid(), &t.threads(), timeout, &agents);
+        let checked = seccomp.and_then(|()| {
+            refuse_if_sigtrap_blocked(&mut threads, t.pid(), &t.threads(), timeout, &agents)
+        });
         FirstLook {
             agents,
             threads,
