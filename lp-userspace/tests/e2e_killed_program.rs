@@ -651,10 +651,19 @@ fn a_starved_orphan_agent_is_known_for_ours_and_the_recovery_finishes_without_it
         return;
     };
     let (_, mark) = kill_at(&u, Cmd::Apply, ("callers", 1), "requested-starved");
+    // The fixture holds the orphan 20 s after the cancel: a run that failed below once in CI
+    // (session 13) had let it go by then. What took that long is told by the revert's trace
+    // and the times, should it happen again.
+    let began = Instant::now();
     assert!(u.target.alive(), "the target died after the kill");
     runs_unfinished(&u, Cmd::Apply, OLD);
     let pid = u.pid.clone();
-    let out = livepatch(&["revert", &pid, "--mode", "nonstop", "--timeout", "1"]);
+    let unfinished_seen = began.elapsed();
+    let out = livepatch_env(
+        &["revert", &pid, "--mode", "nonstop", "--timeout", "1"],
+        &[("LIVEPATCH_TRACE", "1")],
+    );
+    let reverted = began.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stderr.contains("taken out"),
@@ -670,11 +679,14 @@ fn a_starved_orphan_agent_is_known_for_ours_and_the_recovery_finishes_without_it
         .wait_line_after(mark, |l| l.starts_with("released: "));
     assert!(released.starts_with("released: cancelled"), "{released}");
     // Still held: the revert did not need the orphan to run.
-    assert!(!u
-        .target
-        .lines()
-        .iter()
-        .any(|l| l.starts_with("starved agent")));
+    let lines = u.target.lines();
+    assert!(
+        !lines.iter().any(|l| l.starts_with("starved agent")),
+        "the orphan was let go before the revert's checks were over ({:?} after the kill; \
+         unfinished state seen at {unfinished_seen:?}, revert done at {reverted:?}): {lines:?}\n\
+         the revert's trace:\n{stderr}",
+        began.elapsed()
+    );
     steady(&u.target, OLD);
     std::fs::write(u.dir.path().join("ctl.release"), "").unwrap();
     let let_go = u
