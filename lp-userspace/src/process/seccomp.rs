@@ -177,7 +177,7 @@ pub enum SeccompError {
     /// the SIGTRAP handler's calls through.
     #[error(
         "{why} (process {pid}, thread {tid}, in which nonstop mode's trap handler may run); \
-         nothing was changed: use --mode stop"
+         the program was not changed: use --mode stop"
     )]
     Handler {
         /// The process.
