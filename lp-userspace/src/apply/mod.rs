@@ -319,6 +319,9 @@ fn apply_here(
     let mut prefaulted = BTreeSet::new();
     let (mapped, planned) = std::thread::scope(|s| {
         let planner = guess.and_then(|at| {
+            // It begins real-time, to run at once (see `HelperStartsRealTime`), and goes on
+            // under the default policy at nice -20.
+            let _starts = crate::process::realtime::HelperStartsRealTime::during();
             std::thread::Builder::new()
                 .name("livepatch-plan".into())
                 .spawn_scoped(s, move || {

@@ -19,7 +19,9 @@
 //!
 //! What it never does. The target's threads keep their policies (a tool killed meanwhile could
 //! not give a target's thread its own back). Threads the tracer starts (the planner, the
-//! read-ahead, the names' writer) run under the default policy (`SCHED_RESET_ON_FORK`). The
+//! read-ahead, the names' writer) run under the default policy (`SCHED_RESET_ON_FORK`; the
+//! planner begins real-time and goes to the default policy as its first step,
+//! [`HelperStartsRealTime`]). The
 //! tracer sleeps between its steps and never spins on a lock another thread of ours holds
 //! (iced-x86's tables are waited for asleep, `apply/iced_tables.rs`). Without the privilege
 //! (CAP_SYS_NICE, or an RLIMIT_RTPRIO) nothing changes, nor on one CPU (see `several_cpus`),
@@ -211,15 +213,69 @@ impl Drop for Ordinary {
 }
 
 /// Raises the calling thread, a helper the tracer waits for (the planner), to nice -20 when
-/// it may (no change without CAP_SYS_NICE). Not real-time: a helper may meet iced-x86's tables
+/// it may (no change without CAP_SYS_NICE), under the default policy — also when it began
+/// real-time ([`HelperStartsRealTime`]). Not real-time: a helper may meet iced-x86's tables
 /// being built by another thread and spin on their lock, and a real-time spinner can keep the
 /// builder from a CPU for good on a machine with one; at nice -20 it is only favoured. Under
 /// the tracer's `SCHED_RESET_ON_FORK` it would otherwise wait behind the target's threads:
 /// session 13 measured the planner ~0.4 ms later at the default nice (the bench's 8-thread
 /// target), the tracer waiting for it. Its thread ends with its work: nothing is given back.
 pub(crate) fn favour_helper() {
+    if let Some((policy, _)) = scheduling() {
+        if policy & !RESET_ON_FORK == libc::SCHED_FIFO {
+            let plain = libc::sched_param { sched_priority: 0 };
+            // SAFETY: a plain system call on the calling thread; plain is a valid sched_param.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER | RESET_ON_FORK, &plain) };
+        }
+    }
     // SAFETY: a plain system call on the calling thread (Linux keeps a nice value per thread).
     unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -20) };
+}
+
+/// While this lives, a thread the calling thread starts begins under its real-time policy:
+/// the calling thread, real-time with `SCHED_RESET_ON_FORK`, drops the flag. For the planner,
+/// which goes to the default policy (nice -20) as its first step ([`favour_helper`]).
+///
+/// Why. A thread started under the default policy waits for its first turn on a CPU behind
+/// whatever runs there: traced in session 14 (the bench's 8-thread target, nonstop apply), the
+/// planner's run delay was 120–600 µs, most of it before its first instruction (it ran once,
+/// never preempted), while the tracer waited for its plan. Started real-time it runs at once.
+/// Nothing changes when the flag cannot be dropped (real-time through an RLIMIT_RTPRIO,
+/// without CAP_SYS_NICE) or the thread is not real-time.
+pub(crate) struct HelperStartsRealTime {
+    saved: Option<(i32, libc::sched_param)>,
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl HelperStartsRealTime {
+    pub(crate) fn during() -> HelperStartsRealTime {
+        let mut inherit = HelperStartsRealTime {
+            saved: None,
+            _this_thread: std::marker::PhantomData,
+        };
+        let Some((policy, param)) = scheduling() else {
+            return inherit;
+        };
+        if policy & !RESET_ON_FORK != libc::SCHED_FIFO || policy & RESET_ON_FORK == 0 {
+            return inherit;
+        }
+        // SAFETY: a plain system call on the calling thread; param was filled by
+        // sched_getparam.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+            inherit.saved = Some((policy, param));
+        }
+        inherit
+    }
+}
+
+impl Drop for HelperStartsRealTime {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.saved {
+            // SAFETY: a plain system call on the calling thread; param was filled by
+            // sched_getparam. (On the thread it changed: `_this_thread`.)
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -276,6 +332,42 @@ mod tests {
                 before,
                 "the thread stayed real-time"
             );
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A helper started under `HelperStartsRealTime` begins real-time, and `favour_helper`
+    /// makes it an ordinary thread at nice -20; the starting thread gets its
+    /// `SCHED_RESET_ON_FORK` back, and threads it starts afterwards begin ordinary again.
+    #[test]
+    fn a_helper_begins_real_time_then_is_favoured_under_the_default_policy() {
+        std::thread::spawn(|| {
+            let rt = RealTime::start();
+            assert!(rt.raised(), "root may make a thread real-time");
+            let before = policy();
+            assert_ne!(before & RESET_ON_FORK, 0);
+            let (first, favoured, nice) = {
+                let _starts = HelperStartsRealTime::during();
+                assert_eq!(policy(), libc::SCHED_FIFO, "the flag dropped meanwhile");
+                std::thread::spawn(|| {
+                    let first = policy();
+                    favour_helper();
+                    // SAFETY: plain system calls on the calling thread.
+                    let nice = unsafe {
+                        libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t)
+                    };
+                    (first, policy(), nice)
+                })
+                .join()
+                .unwrap()
+            };
+            assert_eq!(first, libc::SCHED_FIFO, "the helper began real-time");
+            assert_eq!(favoured & !RESET_ON_FORK, libc::SCHED_OTHER);
+            assert_eq!(nice, -20);
+            assert_eq!(policy(), before, "the starting thread's flag back");
+            let later = std::thread::spawn(policy).join().unwrap();
+            assert_eq!(later, libc::SCHED_OTHER, "a thread started afterwards");
         })
         .join()
         .unwrap();
