@@ -169,28 +169,17 @@ fn several_cpus() -> bool {
 /// the default policy, and the longest call overlapping the apply 130-225 µs against 11-47.
 /// At the default policy the tracer's wake-ups wait for those threads' short bursts to end.
 pub(crate) struct Ordinary {
-    saved: Option<(i32, libc::sched_param)>,
-    _this_thread: std::marker::PhantomData<*const ()>,
+    _back: PolicyBack,
 }
 
 impl Ordinary {
     /// Makes the calling thread ordinary if it runs under SCHED_FIFO.
     pub(crate) fn during() -> Ordinary {
-        let mut ordinary = Ordinary {
-            saved: None,
-            _this_thread: std::marker::PhantomData,
-        };
-        let Some((policy, param)) = scheduling() else {
-            return ordinary;
-        };
-        if policy & !RESET_ON_FORK != libc::SCHED_FIFO {
-            return ordinary;
-        }
-        let plain = libc::sched_param { sched_priority: 0 };
-        let other = libc::SCHED_OTHER | (policy & RESET_ON_FORK);
-        // SAFETY: a plain system call on the calling thread; plain is a valid sched_param.
-        if unsafe { libc::sched_setscheduler(0, other, &plain) } == 0 {
-            ordinary.saved = Some((policy, param));
+        let back = PolicyBack::change_fifo(|policy, _| {
+            let plain = libc::sched_param { sched_priority: 0 };
+            Some((libc::SCHED_OTHER | (policy & RESET_ON_FORK), plain))
+        });
+        if back.saved.is_some() {
             // Back from real-time the kernel gives the thread the default timer slack (50 µs),
             // which stretched each sleep between the looks these waits take: 1 ns, as
             // `timer_slack::Precise` holds it for an ordinary tracer (a real-time one has none;
@@ -198,11 +187,47 @@ impl Ordinary {
             // SAFETY: PR_SET_TIMERSLACK takes a value, no pointer.
             unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
         }
-        ordinary
+        Ordinary { _back: back }
     }
 }
 
-impl Drop for Ordinary {
+/// A change of the calling thread's policy, undone when this is dropped (on the thread it
+/// changed: a raw pointer makes it neither Send nor Sync).
+struct PolicyBack {
+    /// The policy (with its `SCHED_RESET_ON_FORK` bit) and priority before the change.
+    saved: Option<(i32, libc::sched_param)>,
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl PolicyBack {
+    /// When the calling thread runs under SCHED_FIFO: the policy and priority `to` gives for
+    /// its own (none: no change), set; nothing either when the kernel refuses.
+    fn change_fifo(
+        to: impl FnOnce(i32, libc::sched_param) -> Option<(i32, libc::sched_param)>,
+    ) -> PolicyBack {
+        let mut back = PolicyBack {
+            saved: None,
+            _this_thread: std::marker::PhantomData,
+        };
+        let Some((policy, param)) = scheduling() else {
+            return back;
+        };
+        if policy & !RESET_ON_FORK != libc::SCHED_FIFO {
+            return back;
+        }
+        let Some((new, new_param)) = to(policy, param) else {
+            return back;
+        };
+        // SAFETY: a plain system call on the calling thread; new_param is a valid
+        // sched_param.
+        if unsafe { libc::sched_setscheduler(0, new, &new_param) } == 0 {
+            back.saved = Some((policy, param));
+        }
+        back
+    }
+}
+
+impl Drop for PolicyBack {
     fn drop(&mut self) {
         if let Some((policy, param)) = self.saved {
             // SAFETY: a plain system call on the calling thread; param was filled by
@@ -243,37 +268,15 @@ pub(crate) fn favour_helper() {
 /// Nothing changes when the flag cannot be dropped (real-time through an RLIMIT_RTPRIO,
 /// without CAP_SYS_NICE) or the thread is not real-time.
 pub(crate) struct HelperStartsRealTime {
-    saved: Option<(i32, libc::sched_param)>,
-    _this_thread: std::marker::PhantomData<*const ()>,
+    _back: PolicyBack,
 }
 
 impl HelperStartsRealTime {
     pub(crate) fn during() -> HelperStartsRealTime {
-        let mut inherit = HelperStartsRealTime {
-            saved: None,
-            _this_thread: std::marker::PhantomData,
-        };
-        let Some((policy, param)) = scheduling() else {
-            return inherit;
-        };
-        if policy & !RESET_ON_FORK != libc::SCHED_FIFO || policy & RESET_ON_FORK == 0 {
-            return inherit;
-        }
-        // SAFETY: a plain system call on the calling thread; param was filled by
-        // sched_getparam.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
-            inherit.saved = Some((policy, param));
-        }
-        inherit
-    }
-}
-
-impl Drop for HelperStartsRealTime {
-    fn drop(&mut self) {
-        if let Some((policy, param)) = self.saved {
-            // SAFETY: a plain system call on the calling thread; param was filled by
-            // sched_getparam. (On the thread it changed: `_this_thread`.)
-            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        HelperStartsRealTime {
+            _back: PolicyBack::change_fifo(|policy, param| {
+                (policy & RESET_ON_FORK != 0).then_some((libc::SCHED_FIFO, param))
+            }),
         }
     }
 }
