@@ -37,12 +37,6 @@ const TARGET: &str = r#"
 #include <pthread.h>
 #include <string.h>
 
-static long ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1000000000L + t.tv_nsec;
-}
-
 static int thread_filter;
 static volatile int worker_ready;
 
@@ -51,19 +45,7 @@ static void *worker(void *arg) {
     if (thread_filter) /* This thread's own sandbox: no TSYNC, the other threads are not filtered. */
         filter_one_call(SYS_gettid, SECCOMP_RET_KILL_PROCESS, 0);
     worker_ready = 1;
-    struct timespec nap = {0, 200000};
-    long last = ns();
-    unsigned acc = 0;
-    for (;;) {
-        for (int i = 0; i < 1000; i++) acc += compute(41);
-        if (ns() - last > 20000000L) {
-            char buf[64];
-            int len = snprintf(buf, sizeof buf, "worker=%d\n", compute(41));
-            if (write(1, buf, len) != len) exit(3);
-            last = ns();
-        }
-        if (!thread_filter) nanosleep(&nap, NULL);
-    }
+    burst_compute_forever("worker", thread_filter ? 0 : 200000);
     return NULL;
 }
 
