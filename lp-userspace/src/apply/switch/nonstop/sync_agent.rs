@@ -72,6 +72,9 @@ const TOOL: u64 = 12;
 /// The agent's tid (u32): written by clone (CLONE_PARENT_SETTID), cleared by the kernel and
 /// woken when the agent exits (CLONE_CHILD_CLEARTID).
 const TID: u64 = 16;
+/// 1 while the agent's start-up registers the process for membarrier's SYNC_CORE (u32; see
+/// [`assemble`]): the tool waits longer for a first answer meanwhile ([`SyncAgent::request`]).
+const REGISTERING: u64 = 20;
 /// The membarrier's result (u64).
 const RESULT: u64 = 24;
 /// The agent's futex timeout (struct timespec).
@@ -348,6 +351,19 @@ fn assemble(code: u64) -> Result<(Vec<u8>, Landmarks), IcedError> {
     a.mov(eax, -libc::ENOTSUP)?;
     a.set_label(&mut opened)?;
     a.mov(dword_ptr(rbx + FD), eax)?;
+    // The process's membarrier registration for SYNC_CORE, which the switch needs before its
+    // first int3 (its install registers again: at once then, or the error it reports). The
+    // first in a process makes the kernel wait for an RCU grace period (3-24 ms here, session
+    // 14): made here, as the agent starts, it overlaps the tool's preparation (the state
+    // mapping's remote calls, the plan) instead of lengthening the switch. Requests wait
+    // behind it (see `SyncAgent::request`).
+    a.mov(dword_ptr(rbx + REGISTERING), 1u32)?;
+    a.mov(eax, libc::SYS_membarrier as u32)?;
+    a.mov(edi, MEMBARRIER_REGISTER_SYNC_CORE)?;
+    a.xor(esi, esi)?;
+    a.xor(edx, edx)?;
+    a.syscall()?;
+    a.mov(dword_ptr(rbx + REGISTERING), 0u32)?;
     a.xor(r14d, r14d)?; // timeouts in a row
     a.set_label(&mut wait)?;
     a.mov(eax, dword_ptr(rbx + REQ))?;
@@ -1215,13 +1231,21 @@ impl SyncAgent {
         s.word(REQ).store(self.seq, Ordering::Release);
         s.wake(REQ);
         meanwhile();
-        let deadline = Instant::now() + within;
+        let now = Instant::now();
+        let deadline = now + within;
+        // An agent still in its start-up's membarrier registration (see `assemble`) takes the
+        // request after it: that long is waited for too, up to what the install's own
+        // registration gets (150 ms were seen on a loaded machine).
+        let registering = now + super::REGISTER_WAIT;
         loop {
             let done = s.word(DONE).load(Ordering::Acquire);
             if done == self.seq {
                 return true;
             }
-            if s.word(TID).load(Ordering::Acquire) == 0 || Instant::now() > deadline {
+            let now = Instant::now();
+            let waited_out = now > deadline
+                && !(s.word(REGISTERING).load(Ordering::Acquire) != 0 && now < registering);
+            if s.word(TID).load(Ordering::Acquire) == 0 || waited_out {
                 return false;
             }
             s.wait(DONE, done, 1_000_000);
@@ -1757,10 +1781,10 @@ mod tests {
             }
         }
         // start-up: sigprocmask, clone, sigprocmask; agent: close_range, open, fstatfs, close
-        // (not procfs), futex wait, kill, membarrier (a sync request), pwrite, pread and pwrite
-        // (a merged run), rt_sigaction, membarrier, mmap and mprotect (the tool's calls),
-        // membarrier (a program's sync), futex wake, exit.
-        assert_eq!(syscalls.len(), 20);
+        // (not procfs), membarrier (the registration), futex wait, kill, membarrier (a sync
+        // request), pwrite, pread and pwrite (a merged run), rt_sigaction, membarrier, mmap and
+        // mprotect (the tool's calls), membarrier (a program's sync), futex wake, exit.
+        assert_eq!(syscalls.len(), 21);
         // Where the tool puts the starting thread (see `SyncAgent::start`): the clone, right
         // after the first call (CLONE_AT), whose exit stop it expects after the second
         // (CLONE_CALL); the way back, the parent's path after the clone (WAY_BACK), whose
