@@ -1627,7 +1627,9 @@ const SYSCALLS: &[Call] = &[
     ),
     Call::new("pwrite64", libc::SYS_pwrite64, [0; 6]),
     Call::new("pread64", libc::SYS_pread64, [0; 6]),
-    // The tool's calls (`SyncAgent::call`; each is vetted again with its own arguments).
+    // The tool's calls (`SyncAgent::call`; each is vetted again with its own arguments). The
+    // registration is also the agent's own, made as it starts (see `assemble`): vetted here
+    // only, before the start.
     Call::new(
         "rt_sigaction",
         libc::SYS_rt_sigaction,
