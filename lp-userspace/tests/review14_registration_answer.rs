@@ -10,12 +10,27 @@
 //! first in its registration (or at its entry), until the tool's request has waited more than
 //! 100 ms; then, the registration over and the word cleared, at its first call of the request
 //! for a moment (20 ms). The tool must not cancel the program meanwhile.
+//!
+//! The holds are margins, not measures: an attempt whose premises a loaded machine spoiled (the
+//! registration over before the test held the agent; the test itself kept from a CPU so long
+//! that the tool's waits ran out by design) proves nothing either way, and is made again with
+//! a fresh process, up to five times.
 
 mod common;
 use common::*;
 use lp_userspace::process::ptrace::{self, WaitStatus};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
+
+/// A fresh process (never registered for membarrier): prints `main=compute(41)` every 20 ms.
+const TARGET: &str = r#"
+#include "compute_loop.h"
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    print_compute_forever("main");
+}
+"#;
 
 // The agent's page words (lp-userspace/src/apply/switch/nonstop/sync_agent.rs).
 const REQ: u64 = 0;
@@ -57,20 +72,21 @@ fn stopped(tid: i32) -> Result<WaitStatus, String> {
     }
 }
 
-/// What the test saw of the agent it held (see the module documentation).
-struct Held {
-    /// NEXT before the registration's end (the tool's request waited more than 100 ms).
-    before: u32,
-    /// The agent had answered when it was held again.
-    answered_early: bool,
-    /// The tool cancelled the program while the agent was held after its registration.
-    cancelled: bool,
+/// How an attempt went (see the module documentation).
+enum Attempt {
+    /// The tool waited for the agent: its program was not cancelled.
+    Waited,
+    /// The tool cancelled the agent's program this long after the test let the agent end its
+    /// registration.
+    Cancelled(Duration),
+    /// The premises did not hold: why.
+    Inconclusive(String),
 }
 
 /// Holds the agent `agent` (seized and interrupted by the caller) as the module documentation
 /// says. Every return leaves it stopped: the caller detaches it before it asserts anything (a
 /// test that panics with a thread of the target traced could not reap the target).
-fn hold(agent: i32, mem: &std::fs::File, page: u64) -> Result<Held, String> {
+fn hold(agent: i32, mem: &std::fs::File, page: u64) -> Result<Attempt, String> {
     // In its registration (a process's first makes the kernel wait for an RCU grace period,
     // 3-24 ms here), it stops at its end, the word still set; before it, it is taken to the
     // registration's entry.
@@ -79,7 +95,9 @@ fn hold(agent: i32, mem: &std::fs::File, page: u64) -> Result<Held, String> {
     while word(mem, page, REGISTERING) == 0 {
         let regs = ptrace::get_regs(agent).map_err(|e| e.to_string())?;
         if st == WaitStatus::Syscall && regs.orig_rax as i64 == libc::SYS_futex {
-            return Err("the agent's registration was over before the test held it".into());
+            return Ok(Attempt::Inconclusive(
+                "the agent's registration was over before the test held it".into(),
+            ));
         }
         stops += 1;
         if stops > 32 {
@@ -88,7 +106,8 @@ fn hold(agent: i32, mem: &std::fs::File, page: u64) -> Result<Held, String> {
         ptrace::syscall(agent).map_err(|e| e.to_string())?;
         st = stopped(agent)?;
     }
-    // The tool's request, made behind the registration: waited for more than its 100 ms.
+    // The tool's request, made behind the registration: waited for more than its 100 ms, less
+    // than the registration's 1 s.
     let deadline = Instant::now() + PATIENCE;
     while word(mem, page, REQ) == 0 {
         if Instant::now() > deadline {
@@ -97,45 +116,45 @@ fn hold(agent: i32, mem: &std::fs::File, page: u64) -> Result<Held, String> {
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let before = word(mem, page, NEXT);
+    if word(mem, page, NEXT) & CANCELLED != 0 {
+        return Ok(Attempt::Inconclusive(
+            "the tool gave up during the registration (the test was kept from a CPU for 1 s?)"
+                .into(),
+        ));
+    }
     // The registration ends (or is made now), the word is cleared, and the agent is held again
-    // at the first system call of the request's program.
+    // at the first system call of the request's program. `resumed`: when it was last let go
+    // before that; the word was cleared after it.
+    let mut resumed;
     loop {
+        resumed = Instant::now();
         ptrace::syscall(agent).map_err(|e| e.to_string())?;
         st = stopped(agent)?;
         if st == WaitStatus::Syscall && word(mem, page, REGISTERING) == 0 {
             break;
         }
     }
-    let answered_early = word(mem, page, DONE) == word(mem, page, REQ);
+    if word(mem, page, DONE) == word(mem, page, REQ) {
+        return Err("the agent had answered before it was held again".into());
+    }
     let held_until = Instant::now() + Duration::from_millis(20);
-    let mut cancelled = false;
-    while Instant::now() < held_until && !cancelled {
-        cancelled = word(mem, page, NEXT) & CANCELLED != 0;
+    while Instant::now() < held_until {
+        if word(mem, page, NEXT) & CANCELLED != 0 {
+            return Ok(Attempt::Cancelled(resumed.elapsed()));
+        }
         std::thread::sleep(Duration::from_micros(500));
     }
-    Ok(Held {
-        before,
-        answered_early,
-        cancelled,
-    })
+    Ok(Attempt::Waited)
 }
 
-#[test]
-fn review14_a_request_behind_a_long_registration_gets_its_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let (exe, patch) = compute_target_and_patch(
-        dir.path(),
-        "registers",
-        "#include \"compute_loop.h\"\nint main(void) {\n    setvbuf(stdout, NULL, _IOLBF, 0);\n    printf(\"ready %d\\n\", getpid());\n    print_compute_forever(\"main\");\n}\n",
-        &[],
-    );
-    let target = Target::spawn(&exe, &[]);
+/// One attempt on a fresh process (see the module documentation).
+fn attempt(exe: &std::path::Path, patch: &str) -> Attempt {
+    let target = Target::spawn(exe, &[]);
     let pid = target.pid();
     target.expect_steady(3, |l| l == "main=42");
 
     // The tool in the agent's clone (its entry stop): the area is there, the agent not yet.
-    let tool = stop_tool_at(&nonstop_apply(&pid, &patch), "agent-start.4");
+    let tool = stop_tool_at(&nonstop_apply(&pid, patch), "agent-start.4");
     // Read while the tool is stopped, asserted once it has gone on: a stopped tracer would
     // keep the target from being reaped.
     let page = agent_page(&pid);
@@ -164,16 +183,30 @@ fn review14_a_request_behind_a_long_registration_gets_its_answer() {
         String::from_utf8_lossy(&out.stderr)
     );
     target.wait_line(|l| l == "main=1041");
-    let held = held.unwrap();
-    assert_eq!(
-        held.before & CANCELLED,
-        0,
-        "the tool gave up during the registration"
-    );
-    assert!(!held.answered_early, "held after the agent answered");
-    assert!(
-        !held.cancelled,
-        "the tool cancelled the agent's program right after its registration (the agent was \
-         in the middle of it)"
-    );
+    held.unwrap()
+}
+
+#[test]
+fn review14_a_request_behind_a_long_registration_gets_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exe, patch) = compute_target_and_patch(dir.path(), "registers", TARGET, &[]);
+    let mut spoiled = Vec::new();
+    for _ in 0..5 {
+        match attempt(&exe, &patch) {
+            Attempt::Waited => return,
+            // The tool may give up `ANSWER_WAIT` (100 ms) after the registration's end, by
+            // design: sooner, it did not wait for the agent (it gave up at its first look
+            // after the word was cleared, within a millisecond).
+            Attempt::Cancelled(after) if after < Duration::from_millis(60) => panic!(
+                "the tool cancelled the agent's program {after:?} after its registration's \
+                 end (the agent was in the middle of it)"
+            ),
+            Attempt::Cancelled(after) => spoiled.push(format!(
+                "cancelled {after:?} after the registration's end (the test was kept from a \
+                 CPU?)"
+            )),
+            Attempt::Inconclusive(why) => spoiled.push(why),
+        }
+    }
+    panic!("no attempt held the agent as planned: {spoiled:?}");
 }
