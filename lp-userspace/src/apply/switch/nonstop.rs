@@ -238,7 +238,10 @@ impl Early {
 
     /// An apply refused in its preparation, before its switch: the agent is told to exit and
     /// waited for, and an area this apply made is unmapped once no agent lives in it (nothing
-    /// was installed, nothing of the program refers to it): the target is left as it was.
+    /// was installed, nothing of the program refers to it): the target is left as it was, but
+    /// for the process's membarrier registration for SYNC_CORE, which the agent made as it
+    /// started (see `sync_agent::assemble`), which the kernel keeps for the process's life
+    /// (the program's own SYNC_CORE barriers, refused before, are then served).
     pub(crate) fn abandon(mut self, t: &mut Tracee) {
         drop(self.agent.take());
         if self.made && sync_agent::living_agent(t.mem(), self.area.code).is_none() {
