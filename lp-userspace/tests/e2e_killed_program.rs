@@ -703,20 +703,11 @@ fn a_starved_orphan_agent_is_known_for_ours_and_the_recovery_finishes_without_it
 /// sees its moment.
 #[test]
 fn the_fixtures_agent_page_layout_is_the_agents() {
-    let agent = include_str!("../src/apply/switch/nonstop/sync_agent.rs");
     let area_name = include_str!("../src/apply/switch/nonstop/area_name.rs");
     let trap = include_str!("../src/apply/switch/trap_handler.rs");
     let fixture = include_str!("fixtures/proc/killed_program.c");
     let watched = include_str!("fixtures/proc/agent_watched.h");
-    // `[pub(crate)] const NAME: TYPE = VALUE;`
-    let rust: BTreeMap<&str, &str> = agent
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim().strip_prefix("pub(crate) ").unwrap_or(l.trim());
-            let (name, rest) = l.strip_prefix("const ")?.split_once(':')?;
-            Some((name, rest.split_once('=')?.1.trim().strip_suffix(';')?))
-        })
-        .collect();
+    // The fixture's `#define NAME VALUE` (a number or `(A << B)`).
     let eval = |v: &str| -> Option<u64> {
         let v = v.trim().trim_start_matches('(').trim_end_matches(')');
         match v.split_once("<<") {
@@ -735,12 +726,10 @@ fn the_fixtures_agent_page_layout_is_the_agents() {
         if ["OLD_VALUE", "NEW_VALUE", "HOLD_CPU"].contains(&name) {
             continue;
         }
-        let theirs = rust
-            .get(name)
-            .unwrap_or_else(|| panic!("sync_agent.rs has no constant {name}"));
+        let theirs = agent_constant(name);
         assert_eq!(
             eval(value),
-            eval(theirs),
+            Some(theirs),
             "{name}: the fixture has {value}, sync_agent.rs {theirs}"
         );
         checked += 1;

@@ -32,7 +32,8 @@ int main(void) {
 }
 "#;
 
-// The agent's page words (lp-userspace/src/apply/switch/nonstop/sync_agent.rs).
+// The agent's page words (lp-userspace/src/apply/switch/nonstop/sync_agent.rs; checked
+// against it by the test).
 const REQ: u64 = 0;
 const DONE: u64 = 4;
 const TID: u64 = 16;
@@ -188,6 +189,17 @@ fn attempt(exe: &std::path::Path, patch: &str) -> Attempt {
 
 #[test]
 fn review14_a_request_behind_a_long_registration_gets_its_answer() {
+    // This test's copy of the agent page's layout is the agent's.
+    for (name, value) in [
+        ("REQ", REQ),
+        ("DONE", DONE),
+        ("TID", TID),
+        ("REGISTERING", REGISTERING),
+        ("NEXT", NEXT),
+        ("CANCELLED", u64::from(CANCELLED)),
+    ] {
+        assert_eq!(agent_constant(name), value, "{name}");
+    }
     let dir = tempfile::tempdir().unwrap();
     let (exe, patch) = compute_target_and_patch(dir.path(), "registers", TARGET, &[]);
     let mut spoiled = Vec::new();

@@ -538,3 +538,25 @@ pub fn revert_syncs_before(pid: &str, marker: &str) -> usize {
         .unwrap_or_else(|| panic!("no {marker:?} in the revert's trace: {trace}"));
     trace[..at].matches(" synced").count()
 }
+
+/// The value of `const NAME: TYPE = VALUE;` (VALUE a number or `A << B`) in the sync agent's
+/// source, `src/apply/switch/nonstop/sync_agent.rs`: the agent page's layout, for a test that
+/// reads or holds the page itself and keeps its own copy of the offsets (checked against this).
+#[allow(dead_code)]
+pub fn agent_constant(name: &str) -> u64 {
+    let source = include_str!("../../src/apply/switch/nonstop/sync_agent.rs");
+    let value = source
+        .lines()
+        .find_map(|l| {
+            let l = l.trim().strip_prefix("pub(crate) ").unwrap_or(l.trim());
+            let (n, rest) = l.strip_prefix("const ")?.split_once(':')?;
+            (n == name).then_some(rest.split_once('=')?.1.trim().strip_suffix(';')?)
+        })
+        .unwrap_or_else(|| panic!("sync_agent.rs has no constant {name}"));
+    let number = |v: &str| v.trim().trim_end_matches('u').parse::<u64>().ok();
+    match value.split_once("<<") {
+        Some((a, b)) => number(a).zip(number(b)).map(|(a, b)| a << b),
+        None => number(value),
+    }
+    .unwrap_or_else(|| panic!("{name} = {value}: not a number"))
+}
